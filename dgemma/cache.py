@@ -1,0 +1,195 @@
+"""The KV cache: an explicit, preallocated object the encoder writes and the decoder reads.
+
+Layout. Every row of the batch has its own sequence of *slots*; a slot's index is also the token's RoPE position.
+Rows may hold different lengths (`lengths[b]` is the next free slot of row b), so requests of different sizes share
+one batch without left padding. Each layer stores keys/values in a buffer of `cap` entries plus one trash entry:
+
+- full-attention layers: `cap = max_len`, slot p lives at entry p;
+- sliding layers: a ring of `cap = sliding_window - 1` entries (all the decoder and the next encoder call can see),
+  slot p lives at entry p % cap, so memory stays bounded however long the context grows.
+
+`pos[b, e]` records which slot an entry holds (-1: empty or invisible, e.g. a padding token), which is all the
+attention masks need: a key is visible iff `pos >= 0` and, on sliding layers, it lies in the window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import TextConfig
+
+
+@dataclass
+class LayerKV:
+    k: torch.Tensor  # (B, Hkv, cap + 1, D); entry `cap` is a trash slot for writes that must not land
+    v: torch.Tensor  # (B, Hkv, cap + 1, D)
+    sliding: bool
+
+    @property
+    def cap(self) -> int:
+        return self.k.shape[2] - 1
+
+
+class KVCache:
+    """Preallocated per-layer key/value buffers plus per-row lengths (see module docstring)."""
+
+    def __init__(self, config: TextConfig, batch_size: int, max_len: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu", slack: int = 0):
+        if batch_size < 1 or max_len < 1:
+            raise ValueError(f"cache needs batch_size >= 1 and max_len >= 1, got {batch_size}, {max_len}")
+        self.config = config
+        self.max_len = max_len
+        self.window = config.sliding_window
+        # The ring keeps `slack` entries beyond the window so a row can be truncated (prefix reuse) by that much.
+        ring = max(1, min(max_len, config.sliding_window - 1 + slack))
+        self.layers: list[LayerKV] = []
+        # Layers of the same kind share one `pos` table: they hold the same slots.
+        self.pos = {True: torch.full((batch_size, ring + 1), -1, dtype=torch.long, device=device),
+                    False: torch.full((batch_size, max_len + 1), -1, dtype=torch.long, device=device)}
+        for i in range(config.num_hidden_layers):
+            sliding = config.is_sliding(i)
+            cap = ring if sliding else max_len
+            shape = (batch_size, config.layer_kv_heads(i), cap + 1, config.layer_head_dim(i))
+            self.layers.append(LayerKV(torch.zeros(shape, dtype=dtype, device=device),
+                                       torch.zeros(shape, dtype=dtype, device=device), sliding))
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    @property
+    def batch_size(self) -> int:
+        return self.lengths.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.lengths.device
+
+    def nbytes(self) -> int:
+        return sum(l.k.numel() * l.k.element_size() * 2 for l in self.layers)
+
+    def reset_rows(self, rows: torch.Tensor | list[int] | None = None) -> None:
+        """Empty the given rows (all rows if None) so new requests can reuse their slots."""
+        idx = slice(None) if rows is None else torch.as_tensor(rows, dtype=torch.long, device=self.device)
+        self.lengths[idx] = 0
+        for p in self.pos.values():
+            p[idx] = -1
+
+    @staticmethod
+    def rows_of(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """Rows of a per-row tensor: a view for all rows, a gathered copy for a subset."""
+        return t if rows is None else t[rows]
+
+    def used(self, sliding: bool, rows: torch.Tensor | None = None) -> int:
+        """How many buffer entries can hold visible keys (the attention span over the cache)."""
+        if sliding:
+            return min(self.pos[True].shape[1] - 1, int(self.rows_of(self.lengths, rows).max().item()))
+        return int(self.rows_of(self.lengths, rows).max().item())
+
+    def kv(self, layer: int, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached keys/values (R, Hkv, used, D) of one layer for the given rows."""
+        L = self.layers[layer]
+        used = self.used(L.sliding, rows)
+        if rows is None:
+            return L.k[:, :, :used], L.v[:, :, :used]
+        return L.k[rows, :, :used], L.v[rows, :, :used]
+
+    # -- masks -------------------------------------------------------------------------------------------------
+    def encoder_masks(self, positions: torch.Tensor, visible: torch.Tensor,
+                      rows: torch.Tensor | None = None) -> dict[bool, torch.Tensor]:
+        """Boolean masks (B, 1, T, used + T) for a causal pass of T new tokens at `positions` (B, T).
+
+        Keys are the cached entries followed by the new tokens. A query sees keys at slots <= its own (and, on
+        sliding layers, within the window); invisible new tokens (padding) are hidden from everyone but themselves,
+        so no row of the softmax is empty.
+        """
+        T = positions.shape[1]
+        new_pos = torch.where(visible, positions, torch.full_like(positions, -1))  # (B, T)
+        q = positions[:, None, :, None]  # (B, 1, T, 1)
+        eye = torch.eye(T, dtype=torch.bool, device=positions.device)[None, None]
+        masks = {}
+        for sliding in (True, False):
+            used = self.used(sliding, rows)
+            kpos = torch.cat([self.rows_of(self.pos[sliding], rows)[:, :used], new_pos], dim=1)[:, None, None, :]
+            m = (kpos >= 0) & (kpos <= q)
+            if sliding:
+                m &= kpos > q - self.window
+            m[..., used:] |= eye
+            masks[sliding] = m
+        return masks
+
+    def decoder_masks(self, canvas_length: int, rows: torch.Tensor | None = None) -> dict[bool, torch.Tensor]:
+        """Boolean masks (B, 1, 1, used + C) for a bidirectional canvas pass: the canvas sees itself and the cache.
+
+        On sliding layers the canvas sees the last `window - 1` cached slots (as transformers' sliding cache keeps),
+        whatever the canvas length.
+        """
+        masks = {}
+        for sliding in (True, False):
+            used = self.used(sliding, rows)
+            kpos = self.rows_of(self.pos[sliding], rows)[:, :used]
+            m = kpos >= 0
+            if sliding:
+                m &= kpos >= (self.rows_of(self.lengths, rows)[:, None] - (self.window - 1))
+            ones = torch.ones(m.shape[0], canvas_length, dtype=torch.bool, device=m.device)
+            masks[sliding] = torch.cat([m, ones], dim=1)[:, None, None, :]
+        return masks
+
+    # -- writes ------------------------------------------------------------------------------------------------
+    def write_plan(self, positions: torch.Tensor, n_new: torch.Tensor,
+                   rows: torch.Tensor | None = None) -> dict[bool, torch.Tensor]:
+        """Buffer entry index (R, T) for each new token per layer kind; tokens that must not land go to trash."""
+        plan = {}
+        end = self.rows_of(self.lengths, rows) + n_new  # (R,)
+        keep = torch.arange(positions.shape[1], device=positions.device)[None, :] < n_new[:, None]
+        for sliding in (True, False):
+            cap = self.pos[sliding].shape[1] - 1
+            if sliding:  # only the last cap slots survive in the ring; earlier ones would collide
+                ok = keep & (positions >= (end[:, None] - cap))
+            else:
+                ok = keep & (positions < cap)
+            plan[sliding] = torch.where(ok, positions % cap, torch.full_like(positions, cap))
+        return plan
+
+    def write_layer(self, layer: int, plan: dict[bool, torch.Tensor], k: torch.Tensor, v: torch.Tensor,
+                    rows: torch.Tensor | None = None) -> None:
+        """Store new keys/values (R, Hkv, T, D) of one layer at the planned entries of the given rows."""
+        L = self.layers[layer]
+        idx = plan[L.sliding]  # (R, T)
+        if rows is None:
+            idx4 = idx[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+            L.k.scatter_(2, idx4, k.to(L.k.dtype))
+            L.v.scatter_(2, idx4, v.to(L.v.dtype))
+        else:  # advanced indexing: (R, T) row/entry pairs select (R, T, Hkv, D) slices
+            r = rows[:, None].expand_as(idx)
+            L.k[r, :, idx] = k.transpose(1, 2).to(L.k.dtype)
+            L.v[r, :, idx] = v.transpose(1, 2).to(L.v.dtype)
+
+    def commit(self, plan: dict[bool, torch.Tensor], positions: torch.Tensor, visible: torch.Tensor,
+               n_new: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """After all layers are written: record which slot each entry holds and advance the lengths."""
+        for sliding, idx in plan.items():
+            cap = self.pos[sliding].shape[1] - 1
+            # Entries overwritten by an invisible token become invisible: they get -1 too.
+            val = torch.where(visible, positions, torch.full_like(positions, -1))
+            if rows is None:
+                self.pos[sliding].scatter_(1, idx, val)
+            else:
+                self.pos[sliding][rows[:, None].expand_as(idx), idx] = val
+            self.pos[sliding][:, cap] = -1
+        if rows is None:
+            self.lengths += n_new
+        else:
+            self.lengths[rows] += n_new
+
+    def truncate(self, row: int, length: int) -> bool:
+        """Forget row `row` beyond `length` tokens; False if the sliding ring no longer holds what it would need."""
+        cur = int(self.lengths[row])
+        if length > cur:
+            return False
+        ring = self.pos[True].shape[1] - 1
+        if cur - length > ring - (self.window - 1) and length > 0:
+            return False  # the window before `length` was overwritten
+        for p in self.pos.values():
+            p[row][p[row] >= length] = -1
+        self.lengths[row] = length
+        return True

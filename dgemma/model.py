@@ -1,0 +1,367 @@
+"""The DiffusionGemma text model, top to bottom.
+
+One stack of Gemma 4 layers serves two passes that share every weight:
+
+- `encode(tokens, cache)`: causal pass over new tokens (a prompt chunk or a committed canvas). It appends their
+  keys/values to the `KVCache` and returns hidden states, which the LM head turns into next-token logits, so the
+  encoder doubles as an ordinary causal LM (the AR baseline and the encoder loss use that).
+- `denoise(canvas, cache, self_cond)`: bidirectional pass over a canvas that reads the cache without writing it.
+  The canvas embeddings are self-conditioned on the previous step's logits. Returns canvas logits.
+
+Parameter names follow the HF checkpoint (`layers.3.self_attn.q_proj.weight` is
+`model.decoder.layers.3.self_attn.q_proj.weight` there); `checkpoint.py` holds the one mapping table.
+The model knows nothing of requests, text or sampling.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import KVCache
+from .config import ModelConfig, TextConfig
+
+ACT = {
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "silu": F.silu,
+}
+
+
+class RMSNorm(nn.Module):
+    """Gemma RMSNorm computed in float32: x * (mean(x^2) + eps)^-1/2 * weight (no weight when `scale=False`)."""
+
+    def __init__(self, dim: int, eps: float, scale: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if scale else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+        if self.weight is not None:
+            h = h * self.weight.float()
+        return h.type_as(x)
+
+
+def rope_inv_freq(text: TextConfig, sliding: bool) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,) for a layer kind: default RoPE, or proportional partial RoPE."""
+    params = text.rope_parameters["sliding_attention" if sliding else "full_attention"]
+    head_dim = text.head_dim if sliding else text.global_head_dim
+    base, partial = float(params["rope_theta"]), float(params.get("partial_rotary_factor", 1.0))
+    if params.get("rope_type", "default") == "proportional":
+        # Only the first partial*head_dim/2 frequencies rotate (exponents over the full head_dim); the rest are 0.
+        n_rot = int(partial * head_dim // 2)
+        inv = 1.0 / (base ** (torch.arange(0, 2 * n_rot, 2, dtype=torch.int64).float() / head_dim))
+        inv = torch.cat([inv, torch.zeros(head_dim // 2 - n_rot)])
+        return inv / float(params.get("factor", 1.0))
+    dim = int(head_dim * partial)
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, T, H, D); cos/sin (B, T, 1, D). Rotate-half convention."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, text: TextConfig, layer: int):
+        super().__init__()
+        self.sliding = text.is_sliding(layer)
+        self.head_dim = text.layer_head_dim(layer)
+        self.n_heads, self.n_kv = text.num_attention_heads, text.layer_kv_heads(layer)
+        h, b = text.hidden_size, text.attention_bias
+        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=b)
+        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=b)
+        # Full layers have no v_proj: values are the (unrotated, v-normed) keys ("k_eq_v").
+        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=b) if self.sliding else None
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=b)
+        self.q_norm = RMSNorm(self.head_dim, text.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, text.rms_norm_eps)
+        self.v_norm = RMSNorm(self.head_dim, text.rms_norm_eps, scale=False)
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x (B, T, hidden) -> q (B, H, T, D), k and v (B, Hkv, T, D)."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k_raw = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim) if self.v_proj is not None else k_raw
+        q = apply_rope(self.q_norm(q), cos, sin).transpose(1, 2)
+        k = apply_rope(self.k_norm(k_raw), cos, sin).transpose(1, 2)
+        v = self.v_norm(v).transpose(1, 2)
+        return q, k, v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Scaled dot-product attention with scaling 1.0 (q/k are RMS-normed); returns (B, T, hidden)."""
+        if self.n_kv != self.n_heads:  # GQA: repeat kv heads (the fused enable_gqa path is slower on CPU)
+            rep = self.n_heads // self.n_kv
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+        B, _, T, _ = o.shape
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """Gated MLP: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, hidden: int, inter: int, act: str):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+        self.act = ACT[act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SelfConditioning(MLP):
+    """Gated MLP over the previous step's soft embeddings, with a scaled pre-norm and an unscaled post-norm."""
+
+    def __init__(self, text: TextConfig):
+        super().__init__(text.hidden_size, text.intermediate_size, text.hidden_activation)
+        self.pre_norm = RMSNorm(text.hidden_size, text.rms_norm_eps)
+        self.post_norm = RMSNorm(text.hidden_size, text.rms_norm_eps, scale=False)
+
+
+class Router(nn.Module):
+    def __init__(self, text: TextConfig):
+        super().__init__()
+        self.top_k = text.top_k_experts
+        self.norm = RMSNorm(text.hidden_size, text.rms_norm_eps, scale=False)
+        self.proj = nn.Linear(text.hidden_size, text.num_experts, bias=False)
+        self.scale = nn.Parameter(torch.ones(text.hidden_size))
+        self.per_expert_scale = nn.Parameter(torch.ones(text.num_experts))
+        self.root = text.hidden_size ** -0.5
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (N, hidden) -> top-k weights (N, K) float32 (renormalised, per-expert scaled), indices (N, K)."""
+        scores = self.proj(self.norm(x) * self.scale * self.root)
+        probs = scores.softmax(dim=-1, dtype=torch.float32)
+        w, idx = torch.topk(probs, self.top_k, dim=-1)
+        w = w / w.sum(dim=-1, keepdim=True)
+        return w * self.per_expert_scale[idx], idx
+
+
+class Experts(nn.Module):
+    """Packed expert weights: gate_up_proj (E, 2I, hidden), down_proj (E, hidden, I)."""
+
+    def __init__(self, text: TextConfig):
+        super().__init__()
+        e, h, i = text.num_experts, text.hidden_size, text.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
+        self.down_proj = nn.Parameter(torch.empty(e, h, i))
+        self.act = ACT[text.hidden_activation]
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """x (N, hidden); weights/idx (N, K). Tokens are grouped by expert so each expert runs one matmul."""
+        N, K = idx.shape
+        out = torch.zeros_like(x)
+        flat = idx.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
+        token_of = order // K  # (N*K,) source token for each sorted assignment
+        w_sorted = weights.reshape(-1)[order]
+        start = 0
+        for e, c in enumerate(counts):
+            if c == 0:
+                continue
+            tok = token_of[start:start + c]
+            gate, up = F.linear(x[tok], self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = F.linear(self.act(gate) * up, self.down_proj[e]) * w_sorted[start:start + c, None]
+            out.index_add_(0, tok, y.to(out.dtype))
+            start += c
+        return out
+
+
+class Layer(nn.Module):
+    """A Gemma 4 layer: attention, then a dense GeGLU MLP and an MoE branch in parallel, a per-layer scalar."""
+
+    def __init__(self, text: TextConfig, layer: int):
+        super().__init__()
+        h, eps = text.hidden_size, text.rms_norm_eps
+        self.self_attn = Attention(text, layer)
+        self.mlp = MLP(h, text.intermediate_size, text.hidden_activation)
+        self.router = Router(text)
+        self.experts = Experts(text)
+        self.input_layernorm = RMSNorm(h, eps)
+        self.post_attention_layernorm = RMSNorm(h, eps)
+        self.pre_feedforward_layernorm = RMSNorm(h, eps)
+        self.post_feedforward_layernorm = RMSNorm(h, eps)
+        self.post_feedforward_layernorm_1 = RMSNorm(h, eps)
+        self.pre_feedforward_layernorm_2 = RMSNorm(h, eps)
+        self.post_feedforward_layernorm_2 = RMSNorm(h, eps)
+        # The checkpoint stores the scalar separately for the decoder and the encoder (buffers are not tied).
+        self.register_buffer("layer_scalar", torch.ones(1))
+        self.register_buffer("encoder_layer_scalar", torch.ones(1))
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x is the post-attention residual (B, T, hidden); returns the residual after the FFN block."""
+        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
+        flat = x.reshape(-1, x.shape[-1])
+        w, idx = self.router(flat)  # routing reads the raw residual; the experts read its own pre-norm
+        moe = self.experts(self.pre_feedforward_layernorm_2(flat), w, idx).reshape(x.shape)
+        moe = self.post_feedforward_layernorm_2(moe)
+        return x + self.post_feedforward_layernorm(dense + moe)
+
+
+class DiffusionGemma(nn.Module):
+    """The DiffusionGemma text model (HF `DiffusionGemmaForBlockDiffusion`, text only)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        text = self.text = config.text
+        self.embed_tokens = nn.Embedding(text.vocab_size, text.hidden_size)
+        self.layers = nn.ModuleList(Layer(text, i) for i in range(text.num_hidden_layers))
+        self.norm = RMSNorm(text.hidden_size, text.rms_norm_eps)
+        # Self-conditioning: gated MLP over soft embeddings, pre-norm with scale, post-norm without.
+        self.self_conditioning = SelfConditioning(text)
+        self.register_buffer("inv_freq_sliding", rope_inv_freq(text, True), persistent=False)
+        self.register_buffer("inv_freq_full", rope_inv_freq(text, False), persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Recompute the non-weight buffers (after building on the meta device and `to_empty`)."""
+        self.inv_freq_sliding = rope_inv_freq(self.text, True).to(self.device)
+        self.inv_freq_full = rope_inv_freq(self.text, False).to(self.device)
+        for layer in self.layers:
+            layer.layer_scalar.fill_(1.0)
+            layer.encoder_layer_scalar.fill_(1.0)
+
+    # -- weights ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self, std: float | None = None) -> None:
+        """Random init as transformers does it: normal(0, initializer_range) linears/embeddings, ones for norms."""
+        std = self.text.initializer_range if std is None else std
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("router.scale") or name.endswith("per_expert_scale"):
+                p.fill_(1.0)
+            elif p.ndim >= 2:
+                p.normal_(0.0, std)
+            else:
+                p.zero_()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def new_cache(self, batch_size: int, max_len: int, slack: int = 0) -> KVCache:
+        """A preallocated cache for `batch_size` rows of up to `max_len` tokens each, in the model's dtype."""
+        return KVCache(self.text, batch_size, max_len, dtype=self.dtype, device=self.device, slack=slack)
+
+    # -- pieces -----------------------------------------------------------------------------------------------
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        # Scale by sqrt(hidden) rounded to the weight dtype, as the reference does.
+        scale = torch.tensor(self.text.hidden_size ** 0.5, dtype=self.dtype)
+        return self.embed_tokens(tokens) * scale.to(self.device)
+
+    def rope(self, positions: torch.Tensor) -> dict[bool, tuple[torch.Tensor, torch.Tensor]]:
+        """positions (B, T) -> per layer kind, cos/sin (B, T, 1, D) in the model dtype."""
+        out = {}
+        for sliding in (True, False):
+            inv = self.inv_freq_sliding if sliding else self.inv_freq_full
+            f = positions[..., None].float() * inv.float()
+            emb = torch.cat((f, f), dim=-1)[:, :, None, :]
+            out[sliding] = (emb.cos().to(self.dtype), emb.sin().to(self.dtype))
+        return out
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Tied LM head and soft-capping; float32 logits (..., V)."""
+        x = F.linear(hidden, self.embed_tokens.weight).float()
+        cap = self.text.final_logit_softcapping
+        return torch.tanh(x / cap) * cap if cap is not None else x
+
+    # -- passes -----------------------------------------------------------------------------------------------
+    def encode(self, tokens: torch.Tensor, cache: KVCache, n_new: torch.Tensor | None = None,
+               visible: torch.Tensor | None = None, last_only: bool = False,
+               rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal pass over `tokens` (B, T) appended to each row of `cache`; returns hidden states (B, T, hidden).
+
+        `n_new` (B,): how many of the T tokens each row really appends (right padding beyond; default all T).
+        `visible` (B, T): tokens that occupy a slot but are never attended to (left padding), default all.
+        With `last_only`, only the last position's hidden state is normed and returned (B, 1, hidden).
+        `rows` (B,): which cache rows the B token rows extend (default: all rows, in order).
+        """
+        B, T = tokens.shape
+        expected = cache.batch_size if rows is None else rows.shape[0]
+        if B != expected:
+            raise ValueError(f"tokens have batch {B} but {expected} cache rows were given")
+        dev = tokens.device
+        if n_new is None:
+            n_new = torch.full((B,), T, dtype=torch.long, device=dev)
+        lengths = cache.rows_of(cache.lengths, rows)
+        if int((lengths + n_new).max()) > cache.max_len:
+            raise ValueError(f"cache overflow: {int((lengths + n_new).max())} tokens > max_len {cache.max_len}")
+        if visible is None:
+            visible = torch.ones(B, T, dtype=torch.bool, device=dev)
+        visible = visible & (torch.arange(T, device=dev)[None, :] < n_new[:, None])
+        positions = lengths[:, None] + torch.arange(T, device=dev)[None, :]  # (B, T)
+        masks = cache.encoder_masks(positions, visible, rows)
+        plan = cache.write_plan(positions, n_new, rows)
+        rope = self.rope(positions)
+        x = self.embed(tokens)
+        for i, layer in enumerate(self.layers):
+            sliding = cache.layers[i].sliding
+            attn = layer.self_attn
+            q, k, v = attn.project(layer.input_layernorm(x), *rope[sliding])
+            ck, cv = cache.kv(i, rows)
+            K, V = torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)
+            cache.write_layer(i, plan, k, v, rows)
+            x = x + layer.post_attention_layernorm(attn.attend(q, K, V, masks[sliding]))
+            x = layer.feed_forward(x) * layer.encoder_layer_scalar
+        cache.commit(plan, positions, visible, n_new, rows)
+        if last_only:
+            x = x.gather(1, (n_new - 1).clamp(min=0)[:, None, None].expand(-1, 1, x.shape[-1]))
+        return self.norm(x)
+
+    def denoise(self, canvas: torch.Tensor, cache: KVCache, self_cond: torch.Tensor | None = None,
+                self_cond_mask: torch.Tensor | None = None, masks: dict[bool, torch.Tensor] | None = None,
+                rows: torch.Tensor | None = None, self_cond_probs: torch.Tensor | None = None) -> torch.Tensor:
+        """Bidirectional pass over `canvas` (B, C) after each row's cached context; returns logits (B, C, V).
+
+        `self_cond`: the previous step's (processed) logits (B, C, V), or None on the first step (zero signal).
+        `self_cond_mask` (B,): rows whose signal is zeroed (training). `masks`: from `cache.decoder_masks`, to
+        build them once per canvas instead of once per step. `rows`: which cache rows the canvases extend.
+        `self_cond_probs`: the previous step's softmax instead of its logits (saves a softmax). The cache is only read.
+        """
+        B, C = canvas.shape
+        positions = cache.rows_of(cache.lengths, rows)[:, None] + torch.arange(C, device=canvas.device)[None, :]
+        if masks is None:
+            masks = cache.decoder_masks(C, rows)
+        rope = self.rope(positions)
+        x = self.embed(canvas)
+        sc = self.self_conditioning
+        if self_cond is not None or self_cond_probs is not None:
+            if self_cond_probs is None:
+                self_cond_probs = self_cond.softmax(dim=-1, dtype=torch.float32)
+            scale = torch.tensor(self.text.hidden_size ** 0.5, dtype=self.dtype, device=self.device)
+            soft = (self_cond_probs.to(self.dtype) @ self.embed_tokens.weight) * scale
+            if self_cond_mask is not None:
+                soft = soft * self_cond_mask.to(soft.dtype)[:, None, None]
+            x = x + sc(sc.pre_norm(soft))
+        # With no signal the MLP sees zeros and outputs zeros, so only the post-norm remains.
+        x = sc.post_norm(x)
+        for i, layer in enumerate(self.layers):
+            sliding = cache.layers[i].sliding
+            attn = layer.self_attn
+            q, k, v = attn.project(layer.input_layernorm(x), *rope[sliding])
+            ck, cv = cache.kv(i, rows)
+            K, V = torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)
+            x = x + layer.post_attention_layernorm(attn.attend(q, K, V, masks[sliding]))
+            x = layer.feed_forward(x) * layer.layer_scalar
+        return self.logits(self.norm(x))
+
+    def forward_ar(self, tokens: torch.Tensor, cache: KVCache, n_new: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal LM step: encode `tokens` and return next-token logits (B, T, V)."""
+        return self.logits(self.encode(tokens, cache, n_new=n_new))

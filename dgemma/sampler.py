@@ -1,0 +1,271 @@
+"""The block-diffusion sampler: denoise one canvas with entropy-bound acceptance, uniform re-noising,
+self-conditioning and adaptive stopping (the published DiffusionGemma recipe).
+
+The sampler only needs a `denoise(canvas, self_cond_probs) -> logits` callable; it knows nothing about the model,
+the cache or requests. Its three strategies (temperature schedule, acceptance rule, stop rule) are small classes
+picked by name from registries, so new ones can be added without touching the loop.
+
+Shapes: B rows, C canvas positions, V vocabulary. Logits are float32 (B, C, V).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Literal, Protocol
+
+import torch
+
+Mode = Literal["diffusion", "ar"]
+
+
+# -- parameters ---------------------------------------------------------------------------------------------------
+@dataclass
+class SamplingParams:
+    """Per-request generation settings (vLLM-style). Unset diffusion knobs come from generation_config.json."""
+
+    max_new_tokens: int = 256
+    seed: int | None = None
+    mode: Mode = "diffusion"
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    # diffusion knobs (None: checkpoint default, then the published default)
+    max_denoising_steps: int | None = None
+    t_min: float | None = None
+    t_max: float | None = None
+    entropy_bound: float | None = None
+    stability_threshold: int | None = None
+    confidence_threshold: float | None = None
+    fixed_steps: bool = False  # run exactly max_denoising_steps per canvas (no adaptive stop)
+    schedule: str = "linear"
+    acceptance: str = "entropy_bound"
+    stopping: str = "stable_confident"
+    # autoregressive knobs (mode="ar"): temperature 0 is greedy
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def validate(self, vocab_size: int | None = None) -> "SamplingParams":
+        """Raise ValueError naming the first invalid field; returns self."""
+        def bad(name: str, why: str) -> None:
+            raise ValueError(f"invalid {name}={getattr(self, name)!r}: {why}")
+
+        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
+            bad("max_new_tokens", "must be a positive integer")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 63):
+            bad("seed", "must be a non-negative integer below 2**63")
+        if self.mode not in ("diffusion", "ar"):
+            bad("mode", "must be 'diffusion' or 'ar'")
+        if self.max_denoising_steps is not None and (
+                not isinstance(self.max_denoising_steps, int) or not 1 <= self.max_denoising_steps <= 10_000):
+            bad("max_denoising_steps", "must be an integer in [1, 10000]")
+        for name in ("t_min", "t_max"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0 or v > 100):
+                bad(name, "must be a number in (0, 100]")
+        if self.t_min is not None and self.t_max is not None and self.t_max < self.t_min:
+            bad("t_max", f"must be >= t_min ({self.t_min})")
+        if self.entropy_bound is not None and (
+                not isinstance(self.entropy_bound, (int, float)) or not math.isfinite(self.entropy_bound)
+                or self.entropy_bound <= 0):
+            bad("entropy_bound", "must be a positive number")
+        if self.stability_threshold is not None and (
+                not isinstance(self.stability_threshold, int) or not 0 <= self.stability_threshold <= 1000):
+            bad("stability_threshold", "must be an integer in [0, 1000]")
+        if self.confidence_threshold is not None and (
+                not isinstance(self.confidence_threshold, (int, float)) or not self.confidence_threshold > 0):
+            bad("confidence_threshold", "must be a positive number")
+        if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature <= 100:
+            bad("temperature", "must be a number in [0, 100]")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            bad("top_k", "must be a non-negative integer")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            bad("top_p", "must be in (0, 1]")
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
+            bad("stop", "must be a list of non-empty strings")
+        if not isinstance(self.stop_token_ids, list) or not all(
+                isinstance(t, int) and (vocab_size is None or 0 <= t < vocab_size) for t in self.stop_token_ids):
+            bad("stop_token_ids", "must be a list of token ids inside the vocabulary")
+        if self.schedule not in SCHEDULES:
+            bad("schedule", f"must be one of {sorted(SCHEDULES)}")
+        if self.acceptance not in ACCEPTANCE:
+            bad("acceptance", f"must be one of {sorted(ACCEPTANCE)}")
+        if self.stopping not in STOPPING:
+            bad("stopping", f"must be one of {sorted(STOPPING)}")
+        return self
+
+
+# The published defaults (transformers' DiffusionGemmaGenerationConfig).
+DEFAULTS: dict[str, Any] = dict(max_denoising_steps=48, t_min=0.4, t_max=0.8, entropy_bound=0.1,
+                                stability_threshold=1, confidence_threshold=0.005)
+
+
+def resolve(params: SamplingParams, generation_config: dict[str, Any] | None = None) -> SamplingParams:
+    """Fill unset diffusion knobs from generation_config.json (HF layout), then the published defaults."""
+    gen = dict(generation_config or {})
+    sc = gen.get("sampler_config")
+    if isinstance(sc, dict) and "entropy_bound" in sc:
+        gen["entropy_bound"] = sc["entropy_bound"]
+    out = SamplingParams(**{f.name: getattr(params, f.name) for f in fields(params)})
+    for k, v in DEFAULTS.items():
+        if getattr(out, k) is None:
+            setattr(out, k, gen[k] if gen.get(k) is not None else v)
+    return out
+
+
+# -- strategies ---------------------------------------------------------------------------------------------------
+class Schedule(Protocol):
+    def __call__(self, n: torch.Tensor, N: torch.Tensor, t_min: torch.Tensor, t_max: torch.Tensor) -> torch.Tensor:
+        """Temperature (R,) at remaining-step counter n (R,) of N."""
+
+
+def linear_schedule(n, N, t_min, t_max):
+    return t_min + (t_max - t_min) * (n / N)
+
+
+def cosine_schedule(n, N, t_min, t_max):
+    return t_min + (t_max - t_min) * 0.5 * (1 - torch.cos(math.pi * n / N))
+
+
+SCHEDULES: dict[str, Callable] = {"linear": linear_schedule, "cosine": cosine_schedule}
+
+
+def entropy_bound_accept(entropy: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """Accept the lowest-entropy positions whose (cumulative entropy - its largest entropy) <= bound.
+
+    entropy (R, C), bound (R,) -> accept mask (R, C). The lowest-entropy position is always accepted.
+    """
+    s, order = torch.sort(entropy, dim=-1)
+    keep = (torch.cumsum(s, dim=-1) - s) <= bound[:, None]
+    return torch.zeros_like(keep).scatter(-1, order, keep)
+
+
+def confidence_accept(entropy: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """A simpler rule: accept every position whose own entropy is below the bound (at least the best one)."""
+    keep = entropy <= bound[:, None]
+    best = entropy.argmin(dim=-1, keepdim=True)
+    return keep.scatter(-1, best, True)
+
+
+ACCEPTANCE: dict[str, Callable] = {"entropy_bound": entropy_bound_accept, "confidence": confidence_accept}
+
+
+class StableConfident:
+    """Stop a row when its argmax canvas is unchanged for `stability` steps and mean entropy < `confidence`."""
+
+    def __init__(self, rows: int, canvas: int, stability: torch.Tensor, confidence: torch.Tensor, device):
+        self.stability, self.confidence = stability, confidence  # (R,)
+        depth = max(1, int(stability.max().item()) if stability.numel() else 1)
+        self.history = torch.full((depth, rows, canvas), -1, dtype=torch.long, device=device)
+
+    def __call__(self, rows: torch.Tensor, argmax: torch.Tensor, mean_entropy: torch.Tensor) -> torch.Tensor:
+        hist = self.history[:, rows]  # (depth, R, C)
+        same = (hist == argmax[None]).all(dim=-1)  # (depth, R)
+        depth = hist.shape[0]
+        # A row with threshold s looks at its last s argmax canvases (the newest are at the end).
+        use = torch.arange(depth, device=argmax.device)[:, None] >= (depth - self.stability)[None, :]
+        stable = (same | ~use).all(dim=0)
+        hist = torch.roll(hist, -1, dims=0)
+        hist[-1] = argmax
+        self.history[:, rows] = hist
+        return stable & (mean_entropy < self.confidence)
+
+
+class NeverStop:
+    """Fixed number of steps: the canvas runs all max_denoising_steps."""
+
+    def __init__(self, rows, canvas, stability, confidence, device):
+        pass
+
+    def __call__(self, rows, argmax, mean_entropy):
+        return torch.zeros_like(mean_entropy, dtype=torch.bool)
+
+
+STOPPING: dict[str, type] = {"stable_confident": StableConfident, "none": NeverStop}
+
+
+# -- one denoising step on a batch of rows --------------------------------------------------------------------------
+@dataclass
+class StepOut:
+    canvas: torch.Tensor  # (R, C) next canvas (accepted tokens kept, the rest redrawn)
+    argmax: torch.Tensor  # (R, C) current draft
+    probs: torch.Tensor  # (R, C, V) softmax of temperature-scaled logits: the next step's self-conditioning
+    accepted: torch.Tensor  # (R,) number of accepted positions
+    mean_entropy: torch.Tensor  # (R,)
+
+
+def sample_step(logits: torch.Tensor, canvas: torch.Tensor, temperature: torch.Tensor, bound: torch.Tensor,
+                accept: Callable, generators: list[torch.Generator | None], vocab_size: int,
+                template: torch.Tensor | None = None) -> StepOut:
+    """One sampler step. logits (R, C, V) float32, canvas (R, C), temperature/bound (R,).
+
+    Each row draws from its own generator so a request's tokens do not depend on its batch neighbours.
+    `template` (R, C) holds fixed token ids (-1 where free): fixed positions are always accepted and never redrawn.
+    """
+    R, C, V = logits.shape
+    logp = torch.log_softmax(logits / temperature[:, None, None], dim=-1)  # (R, C, V)
+    probs = logp.exp()
+    entropy = -(probs * logp).sum(-1)  # (R, C)
+    argmax = logp.argmax(dim=-1)
+    draws, noise = [], []
+    for r in range(R):
+        g = generators[r]
+        draws.append(torch.multinomial(probs[r], 1, generator=g).squeeze(-1))
+        noise.append(torch.randint(0, vocab_size, (C,), generator=g, device=logits.device))
+    draw, noise_t = torch.stack(draws), torch.stack(noise)
+    mask = accept(entropy, bound)
+    nxt = torch.where(mask, draw, noise_t)
+    if template is not None:
+        fixed = template >= 0
+        nxt = torch.where(fixed, template, nxt)
+        argmax = torch.where(fixed, template, argmax)
+        mask = mask | fixed
+    return StepOut(nxt, argmax, probs, mask.sum(-1), entropy.mean(-1))
+
+
+# -- the transformers-compatible loop --------------------------------------------------------------------------------
+def reference_denoise(denoise: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], batch: int, canvas: int,
+                      vocab_size: int, p: SamplingParams, device, sc_dtype: torch.dtype,
+                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Denoise one canvas exactly as transformers' `generate` does (same random-number order, all rows every step).
+
+    `denoise(canvas, self_cond_logits)` returns logits (B, C, V). Returns the argmax canvas (B, C) and the number of
+    decoder passes each row needed (B,).
+    """
+    N = p.max_denoising_steps
+    current = torch.randint(0, vocab_size, (batch, canvas), device=device, generator=generator)
+    argmax = current
+    sc = None
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    passes = torch.zeros(batch, dtype=torch.long, device=device)
+    stop = None if p.fixed_steps else StableConfident(
+        batch, canvas, torch.full((batch,), p.stability_threshold, device=device),
+        torch.full((batch,), float(p.confidence_threshold), device=device), device)
+    if stop is not None and p.stability_threshold == 0:
+        stop.stability = torch.zeros(batch, dtype=torch.long, device=device)
+    for n in range(N, 0, -1):
+        passes += ~finished
+        raw = denoise(current, sc)
+        temp = p.t_min + (p.t_max - p.t_min) * (torch.tensor(n, dtype=torch.int32) / N)
+        logits = raw / temp
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        draw = torch.multinomial(probs.view(-1, vocab_size), 1, generator=generator).view(batch, canvas)
+        new_argmax = logits.argmax(dim=-1)
+        ent = torch.distributions.Categorical(logits=logits).entropy()
+        mask = entropy_bound_accept(ent, torch.full((batch,), float(p.entropy_bound), device=device))
+        accepted = torch.where(mask, draw, current)
+        noise = torch.randint(0, vocab_size, (batch, canvas), device=device, generator=generator)
+        new_current = torch.where(~mask, noise, accepted)
+        if stop is not None:
+            if finished.any():
+                new_argmax = torch.where(finished[:, None], argmax, new_argmax)
+                new_current = torch.where(finished[:, None], current, new_current)
+                logits = torch.where(finished[:, None, None], sc, logits)
+            mean_ent = torch.distributions.Categorical(logits=logits).entropy().mean(-1)
+            finished |= stop(torch.arange(batch, device=device), new_argmax, mean_ent)
+        sc = logits.to(sc_dtype)
+        current, argmax = new_current, new_argmax
+        if bool(finished.all()):
+            break
+    return argmax, passes
