@@ -95,8 +95,9 @@ class KVCache:
 
     # -- masks -------------------------------------------------------------------------------------------------
     def encoder_masks(self, positions: torch.Tensor, visible: torch.Tensor,
-                      rows: torch.Tensor | None = None) -> dict[bool, torch.Tensor]:
-        """Boolean masks (B, 1, T, used + T) for a causal pass of T new tokens at `positions` (B, T).
+                      rows: torch.Tensor | None = None) -> dict[bool, torch.Tensor | str]:
+        """Boolean masks (B, 1, T, used + T) for a causal pass of T new tokens at `positions` (B, T), or "causal"
+        when a plain causal mask is exact.
 
         Keys are the cached entries followed by the new tokens. A query sees keys at slots <= its own (and, on
         sliding layers, within the window); invisible new tokens (padding) are hidden from everyone but themselves,
@@ -114,11 +115,14 @@ class KVCache:
             if sliding:
                 m &= kpos > q - self.window
             m[..., used:] |= eye
-            masks[sliding] = m
+            # No cache, no padding, short enough: a plain causal pass (the fused kernel, and transformers' choice).
+            plain = used == 0 and bool(visible.all()) and (not sliding or T < self.window)
+            masks[sliding] = "causal" if plain else m
         return masks
 
-    def decoder_masks(self, canvas_length: int, rows: torch.Tensor | None = None) -> dict[bool, torch.Tensor]:
-        """Boolean masks (B, 1, 1, used + C) for a bidirectional canvas pass: the canvas sees itself and the cache.
+    def decoder_masks(self, canvas_length: int, rows: torch.Tensor | None = None) -> dict[bool, torch.Tensor | None]:
+        """Boolean masks (B, 1, 1, used + C) for a bidirectional canvas pass: the canvas sees itself and the cache
+        (None when every key is visible).
 
         On sliding layers the canvas sees the last `window - 1` cached slots (as transformers' sliding cache keeps),
         whatever the canvas length.
@@ -130,6 +134,9 @@ class KVCache:
             m = kpos >= 0
             if sliding:
                 m &= kpos >= (self.rows_of(self.lengths, rows)[:, None] - (self.window - 1))
+            if bool(m.all()):
+                masks[sliding] = None  # everything visible: no mask at all (faster kernel, as transformers does)
+                continue
             ones = torch.ones(m.shape[0], canvas_length, dtype=torch.bool, device=m.device)
             masks[sliding] = torch.cat([m, ones], dim=1)[:, None, None, :]
         return masks

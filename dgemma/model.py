@@ -95,13 +95,22 @@ class Attention(nn.Module):
         v = self.v_norm(v).transpose(1, 2)
         return q, k, v
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Scaled dot-product attention with scaling 1.0 (q/k are RMS-normed); returns (B, T, hidden)."""
-        if self.n_kv != self.n_heads:  # GQA: repeat kv heads (the fused enable_gqa path is slower on CPU)
-            rep = self.n_heads // self.n_kv
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | str | None) -> torch.Tensor:
+        """Scaled dot-product attention with scaling 1.0 (q/k are RMS-normed); returns (B, T, hidden).
+
+        `mask`: a boolean (B, 1, T|1, K) mask, "causal", or None (all visible). The kernel choices mirror
+        transformers' so that results agree to the last bit where the key layout is the same.
+        """
+        if mask is None or isinstance(mask, str):
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=mask == "causal" and q.shape[2] > 1, scale=1.0,
+                                               enable_gqa=self.n_kv != self.n_heads)
+        else:
+            if self.n_kv != self.n_heads:
+                rep = self.n_heads // self.n_kv
+                k = k[:, :, None].expand(-1, -1, rep, -1, -1).reshape(k.shape[0], -1, k.shape[2], k.shape[3])
+                v = v[:, :, None].expand(-1, -1, rep, -1, -1).reshape(v.shape[0], -1, v.shape[2], v.shape[3])
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
         B, _, T, _ = o.shape
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
 
@@ -159,24 +168,36 @@ class Experts(nn.Module):
         self.act = ACT[text.hidden_activation]
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """x (N, hidden); weights/idx (N, K). Tokens are grouped by expert so each expert runs one matmul."""
+        """x (N, hidden); weights/idx (N, K) -> (N, hidden).
+
+        Assignments are sorted by expert and run as one grouped matmul per projection (a loop of matmuls where
+        torch lacks `grouped_mm`); the K contributions of a token are summed in slot order. This is the reference's
+        arithmetic, so results agree to the last bit.
+        """
         N, K = idx.shape
-        out = torch.zeros_like(x)
-        flat = idx.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
-        token_of = order // K  # (N*K,) source token for each sorted assignment
-        w_sorted = weights.reshape(-1)[order]
-        start = 0
-        for e, c in enumerate(counts):
-            if c == 0:
-                continue
-            tok = token_of[start:start + c]
-            gate, up = F.linear(x[tok], self.gate_up_proj[e]).chunk(2, dim=-1)
-            y = F.linear(self.act(gate) * up, self.down_proj[e]) * w_sorted[start:start + c, None]
-            out.index_add_(0, tok, y.to(out.dtype))
-            start += c
-        return out
+        experts, order = torch.sort(idx.reshape(-1))  # (N*K,)
+        offs = torch.cumsum(torch.bincount(experts, minlength=self.gate_up_proj.shape[0]), 0).to(torch.int32)
+        h = _grouped(x[order // K], self.gate_up_proj.transpose(-2, -1), offs)  # (N*K, 2I)
+        gate, up = h.chunk(2, dim=-1)
+        y = _grouped(self.act(gate) * up, self.down_proj.transpose(-2, -1), offs)  # (N*K, hidden)
+        y = y * weights.reshape(-1)[order][:, None]
+        inv = torch.empty_like(order)
+        inv[order] = torch.arange(order.numel(), device=order.device)
+        return y[inv].view(N, K, -1).sum(dim=1).to(x.dtype)
+
+
+def _grouped(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Rows of x (S, in) grouped by `offs` (E,) cumulative counts, group e times w[e] (in, out) -> (S, out)."""
+    if hasattr(F, "grouped_mm") and x.device.type == "cpu" or x.is_cuda and w.dtype == torch.bfloat16 \
+            and hasattr(F, "grouped_mm"):
+        return F.grouped_mm(x.to(w.dtype), w, offs=offs)
+    out = x.new_zeros(x.shape[0], w.shape[2])
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        if end > start:
+            torch.mm(x[start:end], w[e], out=out[start:end])
+        start = end
+    return out
 
 
 class Layer(nn.Module):

@@ -227,11 +227,12 @@ def sample_step(logits: torch.Tensor, canvas: torch.Tensor, temperature: torch.T
 # -- the transformers-compatible loop --------------------------------------------------------------------------------
 def reference_denoise(denoise: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], batch: int, canvas: int,
                       vocab_size: int, p: SamplingParams, device, sc_dtype: torch.dtype,
-                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      generator: torch.Generator | None = None,
+                      skip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Denoise one canvas exactly as transformers' `generate` does (same random-number order, all rows every step).
 
     `denoise(canvas, self_cond_logits)` returns logits (B, C, V). Returns the argmax canvas (B, C) and the number of
-    decoder passes each row needed (B,).
+    decoder passes each row needed (B,), not counting rows in `skip` (already finished sequences).
     """
     N = p.max_denoising_steps
     current = torch.randint(0, vocab_size, (batch, canvas), device=device, generator=generator)
@@ -245,7 +246,7 @@ def reference_denoise(denoise: Callable[[torch.Tensor, torch.Tensor | None], tor
     if stop is not None and p.stability_threshold == 0:
         stop.stability = torch.zeros(batch, dtype=torch.long, device=device)
     for n in range(N, 0, -1):
-        passes += ~finished
+        passes += ~(finished | skip) if skip is not None else ~finished
         raw = denoise(current, sc)
         temp = p.t_min + (p.t_max - p.t_min) * (torch.tensor(n, dtype=torch.int32) / N)
         logits = raw / temp

@@ -1,0 +1,401 @@
+"""The engine: token ids in, a stream of events out.
+
+A step machine over a fixed pool of cache rows. `add_request` queues work; each `step()` admits waiting requests
+into free rows, prefills one prompt chunk per prefilling row, runs ONE batched denoising step for every row that is
+denoising a canvas (rows may be at different steps: a request joins at the next step, a finished one leaves without
+stalling the others), and one batched token step for rows in autoregressive mode. A canvas that has converged is
+committed: its argmax tokens are emitted and encoded into the cache, and a new canvas starts from noise.
+
+Everything non-streaming (`generate`) is built on `stream`, which is built on `step`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Literal
+
+import torch
+
+from .model import DiffusionGemma
+from .sampler import ACCEPTANCE, SCHEDULES, STOPPING, SamplingParams, reference_denoise, resolve, sample_step
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+@dataclass
+class Event:
+    """One thing that happened to a request. `kind`: 'draft' (current argmax canvas, not final), 'tokens' (newly
+    committed tokens), 'finished' (last event of the request, with its finish_reason and metrics)."""
+
+    request_id: str
+    kind: Literal["draft", "tokens", "finished"]
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Req:
+    id: str
+    prompt: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    template: torch.Tensor | None = None  # (n_template,) fixed ids per canvas position, -1 free
+    row: int = -1
+    state: Literal["waiting", "prefill", "denoise", "ar", "done"] = "waiting"
+    prefilled: int = 0
+    output: list[int] = field(default_factory=list)
+    canvas: torch.Tensor | None = None
+    probs: torch.Tensor | None = None
+    steps_left: int = 0
+    passes: int = 0
+    canvases: int = 0
+    ar_steps: int = 0
+    next_token: int | None = None
+    t_arrival: float = 0.0
+    t_first: float | None = None
+    want_drafts: bool = False
+    stopper: Any = None
+
+
+class Engine:
+    """Continuous-batching generation over one `DiffusionGemma` model and one preallocated `KVCache`."""
+
+    def __init__(self, model: DiffusionGemma, generation_config: dict[str, Any] | None = None, max_batch: int = 8,
+                 max_model_len: int | None = None, prefill_chunk: int = 1024):
+        self.model = model
+        self.config = model.config
+        self.gen_config = dict(generation_config or {})
+        self.canvas_length = self.config.canvas_length
+        self.vocab_size = self.config.text.vocab_size
+        self.max_model_len = max_model_len or min(self.config.text.max_position_embeddings, 8192)
+        self.max_batch = max_batch
+        self.prefill_chunk = prefill_chunk
+        # One canvas of headroom past the context limit: the last canvas is encoded only if generation goes on.
+        self.cache = model.new_cache(max_batch, self.max_model_len, slack=self.canvas_length)
+        self.eos = set(self.config.text.eos_token_ids)
+        g_eos = self.gen_config.get("eos_token_id")
+        if g_eos is not None:
+            self.eos |= set(g_eos if isinstance(g_eos, list) else [g_eos])
+        self.waiting: deque[_Req] = deque()
+        self.rows: list[_Req | None] = [None] * max_batch
+        self.row_tokens: list[list[int]] = [[] for _ in range(max_batch)]  # tokens held in each cache row
+        self._ids = itertools.count()
+        self.stats = {"decoder_passes": 0, "encoder_passes": 0, "steps": 0}
+
+    # -- requests ---------------------------------------------------------------------------------------------
+    def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None, request_id: str | None = None,
+                    template: list[int] | None = None, stream_drafts: bool = False) -> str:
+        """Queue a request; raises ValueError for a bad prompt or parameters (the engine state is unchanged)."""
+        params = resolve((params or SamplingParams()).validate(self.vocab_size), self.gen_config)
+        if not isinstance(prompt_ids, (list, tuple)) or not prompt_ids:
+            raise ValueError("prompt must be a non-empty list of token ids")
+        if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size})")
+        limit = self.max_model_len
+        if len(prompt_ids) + params.max_new_tokens > limit + self.canvas_length:
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
+                             f"the context length ({limit} tokens)")
+        if len(prompt_ids) >= limit:
+            raise ValueError(f"prompt has {len(prompt_ids)} tokens; the context length is {limit}")
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        g = torch.Generator(device=self.model.device)
+        g.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2 ** 62, (1,)).item()))
+        tmpl = None
+        if template is not None:
+            if len(template) > self.canvas_length or not all(
+                    isinstance(t, int) and -1 <= t < self.vocab_size for t in template):
+                raise ValueError(f"template must be at most {self.canvas_length} ids in [-1, {self.vocab_size})")
+            tmpl = torch.full((self.canvas_length,), -1, dtype=torch.long, device=self.model.device)
+            tmpl[:len(template)] = torch.tensor(template, dtype=torch.long)
+        self.waiting.append(_Req(rid, list(prompt_ids), params, g, template=tmpl, t_arrival=time.perf_counter(),
+                                 want_drafts=stream_drafts))
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request wherever it is; its row is freed at once. Returns False if it is unknown."""
+        for r in list(self.waiting):
+            if r.id == request_id:
+                self.waiting.remove(r)
+                return True
+        for i, r in enumerate(self.rows):
+            if r is not None and r.id == request_id:
+                self._release(r)
+                return True
+        return False
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting) or any(r is not None for r in self.rows)
+
+    @property
+    def num_running(self) -> int:
+        return sum(r is not None for r in self.rows)
+
+    # -- the step ---------------------------------------------------------------------------------------------
+    def step(self) -> list[Event]:
+        """Advance every running request by one unit of work; returns the events produced."""
+        events: list[Event] = []
+        self._admit()
+        with torch.inference_mode():
+            self._prefill(events)
+            self._denoise(events)
+            self._ar(events)
+        self.stats["steps"] += 1
+        return events
+
+    def stream(self) -> Iterator[Event]:
+        """Run until every queued request has finished, yielding events as they happen."""
+        while self.has_unfinished():
+            yield from self.step()
+
+    # -- admission & prefix reuse -------------------------------------------------------------------------------
+    def _admit(self) -> None:
+        while self.waiting and None in self.rows:
+            req = self.waiting.popleft()
+            free = [i for i, r in enumerate(self.rows) if r is None]
+            # Prefer the free row whose cached tokens are the longest prefix of this prompt (multi-turn chat).
+            best, best_len = free[0], 0
+            for i in free:
+                toks = self.row_tokens[i]
+                n = len(toks)
+                if 0 < n < len(req.prompt) and n > best_len and req.prompt[:n] == toks:
+                    best, best_len = i, n
+            req.row = best
+            if best_len == 0:
+                self.cache.reset_rows([best])
+                self.row_tokens[best] = []
+            req.prefilled = best_len
+            req.state = "prefill"
+            self.rows[best] = req
+
+    def _release(self, req: _Req) -> None:
+        req.state = "done"
+        self.rows[req.row] = None
+
+    # -- prefill --------------------------------------------------------------------------------------------------
+    def _prefill(self, events: list[Event]) -> None:
+        reqs = [r for r in self.rows if r is not None and r.state == "prefill"]
+        if not reqs:
+            return
+        chunks = [r.prompt[r.prefilled:r.prefilled + self.prefill_chunk] for r in reqs]
+        T = max(len(c) for c in chunks)
+        dev = self.model.device
+        tokens = torch.zeros(len(reqs), T, dtype=torch.long, device=dev)
+        for i, c in enumerate(chunks):
+            tokens[i, :len(c)] = torch.tensor(c, dtype=torch.long)
+        n_new = torch.tensor([len(c) for c in chunks], dtype=torch.long, device=dev)
+        rows = torch.tensor([r.row for r in reqs], dtype=torch.long, device=dev)
+        need_logits = any(r.params.mode == "ar" and r.prefilled + len(c) == len(r.prompt) for r, c in zip(reqs, chunks))
+        hidden = self.model.encode(tokens, self.cache, n_new=n_new, rows=rows, last_only=True)
+        self.stats["encoder_passes"] += 1
+        logits = self.model.logits(hidden)[:, 0] if need_logits else None
+        for i, (r, c) in enumerate(zip(reqs, chunks)):
+            r.prefilled += len(c)
+            self.row_tokens[r.row].extend(c)
+            if r.prefilled < len(r.prompt):
+                continue
+            if r.params.mode == "ar":
+                r.state = "ar"
+                self._ar_emit(r, logits[i:i + 1], events)
+            else:
+                self._new_canvas(r)
+
+    def _new_canvas(self, r: _Req) -> None:
+        r.state = "denoise"
+        r.canvas = torch.randint(0, self.vocab_size, (self.canvas_length,), generator=r.generator,
+                                 device=self.model.device)
+        if r.template is not None:
+            r.canvas = torch.where(r.template >= 0, r.template, r.canvas)
+        r.probs = None
+        r.steps_left = r.params.max_denoising_steps
+        r.stopper = STOPPING["none" if r.params.fixed_steps else r.params.stopping](
+            1, self.canvas_length, torch.tensor([r.params.stability_threshold]),
+            torch.tensor([float(r.params.confidence_threshold)]), self.model.device)
+
+    # -- diffusion ------------------------------------------------------------------------------------------------
+    def _denoise(self, events: list[Event]) -> None:
+        reqs = [r for r in self.rows if r is not None and r.state == "denoise"]
+        if not reqs:
+            return
+        dev = self.model.device
+        rows = torch.tensor([r.row for r in reqs], dtype=torch.long, device=dev)
+        all_rows = len(reqs) == self.max_batch and all(r.row == i for i, r in enumerate(reqs))
+        rows_arg = None if all_rows else rows
+        canvas = torch.stack([r.canvas for r in reqs])
+        probs = None
+        if any(r.probs is not None for r in reqs):
+            # A row on its first step has no self-conditioning signal: zero probabilities give a zero soft embedding.
+            probs = torch.stack([r.probs if r.probs is not None else
+                                 torch.zeros(self.canvas_length, self.vocab_size, device=dev) for r in reqs])
+        logits = self.model.denoise(canvas, self.cache, self_cond_probs=probs, rows=rows_arg)
+        self.stats["decoder_passes"] += 1
+        p0 = [r.params for r in reqs]
+        N = torch.tensor([p.max_denoising_steps for p in p0], dtype=torch.float32)
+        n = torch.tensor([r.steps_left for r in reqs], dtype=torch.float32)
+        temp = torch.stack([SCHEDULES[p.schedule](n[i], N[i], torch.tensor(p.t_min), torch.tensor(p.t_max))
+                            for i, p in enumerate(p0)]).to(dev)
+        bound = torch.tensor([p.entropy_bound for p in p0], device=dev)
+        template = None
+        if any(r.template is not None for r in reqs):
+            template = torch.stack([r.template if r.template is not None else
+                                    torch.full((self.canvas_length,), -1, dtype=torch.long, device=dev) for r in reqs])
+        # Rows sharing one acceptance rule are sampled together (the common case: all of them).
+        out = sample_step(logits, canvas, temp, bound, ACCEPTANCE[p0[0].acceptance], [r.generator for r in reqs],
+                          self.vocab_size, template) if len({p.acceptance for p in p0}) == 1 else None
+        if out is None:
+            raise ValueError("mixed acceptance rules in one batch are not supported")
+        for i, r in enumerate(reqs):
+            r.passes += 1
+            r.steps_left -= 1
+            r.canvas = out.canvas[i]
+            r.probs = out.probs[i]
+            done = bool(r.stopper(torch.tensor([0]), out.argmax[i:i + 1], out.mean_entropy[i:i + 1])[0])
+            if r.want_drafts:
+                events.append(Event(r.id, "draft", out.argmax[i].tolist()))
+            if done or r.steps_left == 0:
+                self._commit(r, out.argmax[i], events)
+
+    def _commit(self, r: _Req, argmax: torch.Tensor, events: list[Event]) -> None:
+        """A canvas has converged: emit its tokens, then either finish or encode it and start the next canvas."""
+        r.canvases += 1
+        toks = argmax.tolist()
+        stop_ids = set(r.params.stop_token_ids) | (set() if r.params.ignore_eos else self.eos)
+        budget = r.params.max_new_tokens - len(r.output)
+        reason: FinishReason | None = None
+        cut = next((j for j, t in enumerate(toks) if t in stop_ids), None)
+        if cut is not None and cut < budget:
+            toks, reason = toks[:cut], "stop"
+        elif len(toks) >= budget:
+            toks, reason = toks[:budget], "length"
+        elif len(r.prompt) + len(r.output) + 2 * self.canvas_length > self.max_model_len + self.canvas_length:
+            reason = "length"  # no room to encode this canvas and denoise another
+        self._emit(r, toks, events)
+        if reason is not None:
+            self._finish(r, reason, events)
+            return
+        # Encode the committed canvas (one encoder pass), so the next canvas sees it as context.
+        rows = torch.tensor([r.row], dtype=torch.long, device=self.model.device)
+        self.model.encode(argmax[None], self.cache, rows=rows, last_only=True)
+        self.stats["encoder_passes"] += 1
+        self.row_tokens[r.row].extend(argmax.tolist())
+        self._new_canvas(r)
+
+    def _emit(self, r: _Req, toks: list[int], events: list[Event]) -> None:
+        if r.t_first is None:
+            r.t_first = time.perf_counter()
+        r.output.extend(toks)
+        if toks:
+            events.append(Event(r.id, "tokens", toks))
+
+    def _finish(self, r: _Req, reason: FinishReason, events: list[Event]) -> None:
+        now = time.perf_counter()
+        forwards = r.passes if r.params.mode == "diffusion" else r.ar_steps
+        events.append(Event(r.id, "finished", [], reason, {
+            "prompt_tokens": len(r.prompt),
+            "completion_tokens": len(r.output),
+            "decoder_passes": r.passes,
+            "canvases": r.canvases,
+            "denoising_steps": r.passes,
+            "steps_per_canvas": r.passes / r.canvases if r.canvases else 0.0,
+            "tokens_per_forward": len(r.output) / forwards if forwards else 0.0,
+            "ttft_s": (r.t_first or now) - r.t_arrival,
+            "latency_s": now - r.t_arrival,
+            "mode": r.params.mode,
+        }))
+        self._release(r)
+
+    # -- autoregressive baseline -----------------------------------------------------------------------------------
+    def _ar(self, events: list[Event]) -> None:
+        reqs = [r for r in self.rows if r is not None and r.state == "ar" and r.next_token is not None]
+        if not reqs:
+            return
+        dev = self.model.device
+        rows = torch.tensor([r.row for r in reqs], dtype=torch.long, device=dev)
+        tokens = torch.tensor([[r.next_token] for r in reqs], dtype=torch.long, device=dev)
+        logits = self.model.logits(self.model.encode(tokens, self.cache, rows=rows))[:, -1]
+        self.stats["encoder_passes"] += 1
+        for i, r in enumerate(reqs):
+            self.row_tokens[r.row].append(r.next_token)
+            self._ar_emit(r, logits[i:i + 1], events)
+
+    def _ar_emit(self, r: _Req, logits: torch.Tensor, events: list[Event]) -> None:
+        """Pick the next token from next-token logits (1, V); emit it or finish."""
+        r.ar_steps += 1
+        p = r.params
+        if p.temperature == 0:
+            tok = int(logits.argmax(-1))
+        else:
+            lg = logits[0] / p.temperature
+            if p.top_k:
+                kth = torch.topk(lg, min(p.top_k, lg.numel())).values[-1]
+                lg = lg.masked_fill(lg < kth, float("-inf"))
+            if p.top_p < 1.0:
+                sp, si = torch.sort(lg.softmax(-1), descending=True)
+                drop = (sp.cumsum(-1) - sp) > p.top_p
+                lg[si[drop]] = float("-inf")
+            tok = int(torch.multinomial(lg.softmax(-1), 1, generator=r.generator))
+        stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos)
+        if tok in stop_ids:
+            self._finish(r, "stop", events)
+            return
+        self._emit(r, [tok], events)
+        if len(r.output) >= p.max_new_tokens or len(r.prompt) + len(r.output) >= self.max_model_len:
+            self._finish(r, "length", events)
+            return
+        r.next_token = tok
+
+
+def reference_generate(model: DiffusionGemma, prompts: list[list[int]], params: SamplingParams, pad_id: int,
+                       eos_ids: Iterable[int], generator: torch.Generator | None = None
+                       ) -> list[tuple[list[int], FinishReason, int]]:
+    """Generate exactly as transformers' `DiffusionGemmaForBlockDiffusion.generate` does: one left-padded batch,
+    every row denoised at every step, the same random-number order. With the same seed on CPU in float32 the tokens
+    are identical. Returns per prompt (token ids without EOS/padding, finish reason, decoder passes).
+    """
+    dev, C, V = model.device, model.config.canvas_length, model.config.vocab_size
+    B, T = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((B, T), pad_id, dtype=torch.long, device=dev)
+    visible = torch.zeros(B, T, dtype=torch.bool, device=dev)
+    for i, p in enumerate(prompts):  # left padding, as the reference expects; pads still take a position
+        ids[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
+        visible[i, T - len(p):] = True
+    n_canvases = -(-params.max_new_tokens // C)
+    cache = model.new_cache(B, T + n_canvases * C)
+    eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=dev)
+    outputs: list[list[int]] = [[] for _ in range(B)]
+    reasons: list[FinishReason] = ["length"] * B
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    passes = torch.zeros(B, dtype=torch.long, device=dev)
+    with torch.inference_mode():
+        model.encode(ids, cache, visible=visible)
+        for _ in range(n_canvases):
+            masks = cache.decoder_masks(C)
+            argmax, p = reference_denoise(lambda c, sc: model.denoise(c, cache, self_cond=sc, masks=masks),
+                                          B, C, V, params, dev, model.dtype, generator, skip=done)
+            passes += p
+            committed = argmax.clone()
+            for i in range(B):
+                if done[i]:  # finished rows keep running (same random numbers) but commit padding
+                    committed[i] = pad_id
+                    continue
+                toks = argmax[i].tolist()
+                hit = torch.isin(argmax[i], eos).nonzero() if eos.numel() else []
+                if len(hit):
+                    toks = toks[:int(hit[0])]
+                    committed[i, int(hit[0]) + 1:] = pad_id  # the reference pads after EOS before encoding
+                    done[i] = True
+                    reasons[i] = "stop"
+                outputs[i].extend(toks)
+            if bool(done.all()):
+                break
+            model.encode(committed, cache)
+    result = []
+    for i in range(B):
+        toks = outputs[i]
+        if len(toks) >= params.max_new_tokens:
+            toks, reasons[i] = toks[:params.max_new_tokens], "length"
+        result.append((toks, reasons[i], int(passes[i])))
+    return result
