@@ -247,6 +247,7 @@ class Engine:
                           self.vocab_size, template) if len({p.acceptance for p in p0}) == 1 else None
         if out is None:
             raise ValueError("mixed acceptance rules in one batch are not supported")
+        commits: list[tuple[_Req, torch.Tensor]] = []
         for i, r in enumerate(reqs):
             r.passes += 1
             r.steps_left -= 1
@@ -256,10 +257,19 @@ class Engine:
             if r.want_drafts:
                 events.append(Event(r.id, "draft", out.argmax[i].tolist()))
             if done or r.steps_left == 0:
-                self._commit(r, out.argmax[i], events)
+                if self._emit_canvas(r, out.argmax[i], events):
+                    commits.append((r, out.argmax[i]))
+        if commits:
+            # Encode all committed canvases in one encoder pass, so the next canvases see them as context.
+            rows = torch.tensor([r.row for r, _ in commits], dtype=torch.long, device=dev)
+            self.model.encode(torch.stack([a for _, a in commits]), self.cache, rows=rows, last_only=True)
+            self.stats["encoder_passes"] += 1
+            for r, a in commits:
+                self.row_tokens[r.row].extend(a.tolist())
+                self._new_canvas(r)
 
-    def _commit(self, r: _Req, argmax: torch.Tensor, events: list[Event]) -> None:
-        """A canvas has converged: emit its tokens, then either finish or encode it and start the next canvas."""
+    def _emit_canvas(self, r: _Req, argmax: torch.Tensor, events: list[Event]) -> bool:
+        """A canvas has converged: emit its tokens; True if generation goes on (the canvas must be committed)."""
         r.canvases += 1
         toks = argmax.tolist()
         stop_ids = set(r.params.stop_token_ids) | (set() if r.params.ignore_eos else self.eos)
@@ -275,13 +285,8 @@ class Engine:
         self._emit(r, toks, events)
         if reason is not None:
             self._finish(r, reason, events)
-            return
-        # Encode the committed canvas (one encoder pass), so the next canvas sees it as context.
-        rows = torch.tensor([r.row], dtype=torch.long, device=self.model.device)
-        self.model.encode(argmax[None], self.cache, rows=rows, last_only=True)
-        self.stats["encoder_passes"] += 1
-        self.row_tokens[r.row].extend(argmax.tolist())
-        self._new_canvas(r)
+            return False
+        return True
 
     def _emit(self, r: _Req, toks: list[int], events: list[Event]) -> None:
         if r.t_first is None:

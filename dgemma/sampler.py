@@ -198,29 +198,35 @@ class StepOut:
 def sample_step(logits: torch.Tensor, canvas: torch.Tensor, temperature: torch.Tensor, bound: torch.Tensor,
                 accept: Callable, generators: list[torch.Generator | None], vocab_size: int,
                 template: torch.Tensor | None = None) -> StepOut:
-    """One sampler step. logits (R, C, V) float32, canvas (R, C), temperature/bound (R,).
+    """One sampler step. logits (R, C, V) float32 (consumed: scaled in place), canvas (R, C), temperature/bound (R,).
 
     Each row draws from its own generator so a request's tokens do not depend on its batch neighbours.
-    `template` (R, C) holds fixed token ids (-1 where free): fixed positions are always accepted and never redrawn.
+    Only accepted positions keep their sampled token, so only those are sampled (inverse CDF, one uniform each):
+    the same distribution as sampling every position and discarding most draws, without V random numbers per
+    position. `template` (R, C) holds fixed token ids (-1 where free): fixed positions are always accepted and
+    never redrawn.
     """
     R, C, V = logits.shape
-    logp = torch.log_softmax(logits / temperature[:, None, None], dim=-1)  # (R, C, V)
+    logp = torch.log_softmax(logits.div_(temperature[:, None, None]), dim=-1)  # (R, C, V)
     probs = logp.exp()
-    entropy = -(probs * logp).sum(-1)  # (R, C)
+    entropy = -torch.einsum("rcv,rcv->rc", probs, logp)  # (R, C)
     argmax = logp.argmax(dim=-1)
-    draws, noise = [], []
-    for r in range(R):
-        g = generators[r]
-        draws.append(torch.multinomial(probs[r], 1, generator=g).squeeze(-1))
-        noise.append(torch.randint(0, vocab_size, (C,), generator=g, device=logits.device))
-    draw, noise_t = torch.stack(draws), torch.stack(noise)
     mask = accept(entropy, bound)
-    nxt = torch.where(mask, draw, noise_t)
     if template is not None:
         fixed = template >= 0
+        mask = mask | fixed
+    nxt = torch.empty_like(canvas)
+    for r in range(R):
+        g = generators[r]
+        pos = mask[r].nonzero().squeeze(-1)  # (k,)
+        cdf = probs[r, pos].cumsum(-1)  # (k, V)
+        u = torch.rand(pos.shape[0], 1, generator=g, device=logits.device) * cdf[:, -1:]
+        draw = torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=V - 1)
+        nxt[r] = torch.randint(0, vocab_size, (C,), generator=g, device=logits.device)
+        nxt[r, pos] = draw
+    if template is not None:
         nxt = torch.where(fixed, template, nxt)
         argmax = torch.where(fixed, template, argmax)
-        mask = mask | fixed
     return StepOut(nxt, argmax, probs, mask.sum(-1), entropy.mean(-1))
 
 
