@@ -28,7 +28,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 # HF key prefix -> our parameter name prefix. Encoder and decoder share every weight but the layer scalar buffers.
 DECODER = "model.decoder."
 ENCODER = "model.encoder.language_model."
-SKIPPED = ("model.encoder.vision_tower.", "model.encoder.embed_vision.", "lm_head.")
+SKIPPED = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+LM_HEAD = "lm_head.weight"
 _ENC_SCALAR = re.compile(r"^layers\.(\d+)\.layer_scalar$")
 
 # A tiny vision config written when a checkpoint has none, so that transformers (which always builds a vision
@@ -46,6 +47,8 @@ def hf_to_ours(key: str) -> str | None:
     """Map an HF checkpoint key to our parameter name; None for keys we deliberately skip."""
     if key.startswith(SKIPPED):
         return None
+    if key == LM_HEAD:  # tied to the embeddings: checked against them, not stored
+        return "embed_tokens.weight"
     if key.startswith(DECODER):
         return key[len(DECODER):]
     if key.startswith(ENCODER):
@@ -91,9 +94,14 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
                     if name is None:
                         skipped += key.startswith(SKIPPED[:2])
                         continue
-                    # Decoder and encoder copies are tied: keep the first (decoder keys sort first).
-                    if name not in state or key.startswith(DECODER):
-                        state[name] = fh.get_tensor(key)
+                    t = fh.get_tensor(key)
+                    # Encoder, decoder (and LM head) copies are tied: store once, refuse copies that differ.
+                    if name in state:
+                        if state[name].shape != t.shape or not torch.equal(state[name], t):
+                            raise CheckpointError(f"{f}: {key} differs from its tied copy; dgemma needs the encoder, "
+                                                  "decoder and LM head weights tied")
+                        continue
+                    state[name] = t
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{f} is truncated or corrupt: {e}") from None
     if skipped:
@@ -130,6 +138,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
     """Build the model described by `path/config.json` and fill it from the safetensors weights."""
     path = Path(path)
     config = load_config(path)
+    if config.extra.get("tie_word_embeddings") is False:
+        raise CheckpointError(f"{path}: tie_word_embeddings=false (untied encoder/decoder/LM head) is not supported")
     state = read_state(path)
     with torch.device("meta"):
         model = DiffusionGemma(config)

@@ -115,6 +115,8 @@ class TextConfig:
         bad = [t for t in self.layer_types if t not in ("sliding_attention", "full_attention")]
         if bad:
             raise ConfigError(f"text_config.layer_types has unknown layer type(s) {sorted(set(bad))}")
+        if self.layer_types[-1] != "full_attention":
+            raise ConfigError("text_config.layer_types: the last layer must be full_attention (as in Gemma 4)")
         for i in range(self.num_hidden_layers):
             kv = self.layer_kv_heads(i)
             if self.num_attention_heads % kv:
@@ -157,6 +159,9 @@ class TextConfig:
         known = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in known}
         layer_types = kwargs.get("layer_types")
+        if layer_types is not None and (not isinstance(layer_types, list)
+                                        or not all(isinstance(t, str) for t in layer_types)):
+            raise ConfigError(f"text_config.layer_types must be a list of layer type names, got {layer_types!r}")
         n_layers = kwargs.get("num_hidden_layers", cls.num_hidden_layers)
         # HF serialises the full-layer overrides as `per_layer_config: {"<idx>": {"head_dim": .., ...}}`.
         plc = d.get("per_layer_config") or {}
@@ -183,10 +188,17 @@ class TextConfig:
         if len(full_dims) > 1 or len(full_kv) > 1:
             raise ConfigError("text_config.per_layer_config: all full-attention layers must share head_dim and "
                               "num_key_value_heads")
-        if full_dims:
+        if "per_layer_config" in d and "global_head_dim" not in kwargs:
+            # Full layers without a head_dim override use the global head_dim (transformers omits equal values).
+            base = kwargs.get("head_dim", cls.head_dim)
+            full = [i for i, t in enumerate(layer_types or [])
+                    if t == "full_attention" and isinstance(n_layers, int) and i < n_layers]
+            dims = {plc.get(str(i), plc.get(i, {})).get("head_dim", base) for i in full} or full_dims or {base}
+            if len(dims) > 1:
+                raise ConfigError("text_config.per_layer_config: all full-attention layers must share head_dim")
+            kwargs["global_head_dim"] = dims.pop()
+        elif full_dims:
             kwargs["global_head_dim"] = full_dims.pop()
-        elif "global_head_dim" not in kwargs and plc == {} and "per_layer_config" in d:
-            kwargs["global_head_dim"] = kwargs.get("head_dim", cls.head_dim)
         if full_kv:
             kwargs["num_global_key_value_heads"] = full_kv.pop()
         try:

@@ -247,6 +247,15 @@ class DiffusionGemma(nn.Module):
         self.register_buffer("inv_freq_full", rope_inv_freq(text, False), persistent=False)
         self.reset_parameters()
 
+    def _apply(self, fn, recurse=True):
+        # RoPE frequencies stay float32 whatever dtype the weights are cast to (as the loader builds them).
+        super()._apply(fn, recurse)
+        dev = self.embed_tokens.weight.device
+        if dev.type != "meta":
+            self.inv_freq_sliding = rope_inv_freq(self.text, True).to(dev)
+            self.inv_freq_full = rope_inv_freq(self.text, False).to(dev)
+        return self
+
     @torch.no_grad()
     def init_buffers(self) -> None:
         """Recompute the non-weight buffers (after building on the meta device and `to_empty`)."""
