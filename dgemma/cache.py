@@ -55,6 +55,7 @@ class KVCache:
             self.layers.append(LayerKV(torch.zeros(shape, dtype=dtype, device=device),
                                        torch.zeros(shape, dtype=dtype, device=device), sliding))
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.version = 0  # bumped on every change of contents, so masks can be built once and reused
 
     @property
     def batch_size(self) -> int:
@@ -70,6 +71,7 @@ class KVCache:
     def reset_rows(self, rows: torch.Tensor | list[int] | None = None) -> None:
         """Empty the given rows (all rows if None) so new requests can reuse their slots."""
         idx = slice(None) if rows is None else torch.as_tensor(rows, dtype=torch.long, device=self.device)
+        self.version += 1
         self.lengths[idx] = 0
         for p in self.pos.values():
             p[idx] = -1
@@ -187,6 +189,7 @@ class KVCache:
             self.lengths += n_new
         else:
             self.lengths[rows] += n_new
+        self.version += 1
 
     def truncate(self, row: int, length: int) -> bool:
         """Forget row `row` beyond `length` tokens; False if the sliding ring no longer holds what it would need."""
@@ -199,4 +202,5 @@ class KVCache:
         for p in self.pos.values():
             p[row][p[row] >= length] = -1
         self.lengths[row] = length
+        self.version += 1
         return True

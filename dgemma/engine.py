@@ -85,6 +85,8 @@ class Engine:
         self.row_tokens: list[list[int]] = [[] for _ in range(max_batch)]  # tokens held in each cache row
         self._ids = itertools.count()
         self.stats = {"decoder_passes": 0, "encoder_passes": 0, "steps": 0}
+        self._mask_key: tuple | None = None
+        self._masks: dict | None = None
 
     # -- requests ---------------------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None, request_id: str | None = None,
@@ -230,7 +232,10 @@ class Engine:
             # A row on its first step has no self-conditioning signal: zero probabilities give a zero soft embedding.
             probs = torch.stack([r.probs if r.probs is not None else
                                  torch.zeros(self.canvas_length, self.vocab_size, device=dev) for r in reqs])
-        logits = self.model.denoise(canvas, self.cache, self_cond_probs=probs, rows=rows_arg)
+        key = (tuple(r.row for r in reqs), self.cache.version)
+        if key != self._mask_key:  # masks change only when rows join/leave or the cache grows
+            self._mask_key, self._masks = key, self.cache.decoder_masks(self.canvas_length, rows_arg)
+        logits = self.model.denoise(canvas, self.cache, self_cond_probs=probs, rows=rows_arg, masks=self._masks)
         self.stats["decoder_passes"] += 1
         p0 = [r.params for r in reqs]
         N = torch.tensor([p.max_denoising_steps for p in p0], dtype=torch.float32)
