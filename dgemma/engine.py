@@ -129,6 +129,19 @@ class Engine:
                 return True
         return False
 
+    def finish_request(self, request_id: str, reason: FinishReason = "stop",
+                       completion_tokens: int | None = None) -> Event | None:
+        """End a running request now (e.g. a stop string matched); returns its 'finished' event with metrics."""
+        for r in self.rows:
+            if r is not None and r.id == request_id:
+                if completion_tokens is not None:
+                    del r.output[completion_tokens:]
+                events: list[Event] = []
+                self._finish(r, reason, events)
+                return events[0]
+        self.abort(request_id)
+        return None
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting) or any(r is not None for r in self.rows)
 
@@ -379,7 +392,7 @@ def reference_generate(model: DiffusionGemma, prompts: list[list[int]], params: 
     reasons: list[FinishReason] = ["length"] * B
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     passes = torch.zeros(B, dtype=torch.long, device=dev)
-    with torch.inference_mode():
+    with torch.inference_mode(), model.reference_kernels():
         model.encode(ids, cache, visible=visible)
         for _ in range(n_canvases):
             masks = cache.decoder_masks(C)

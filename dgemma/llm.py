@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Sequence, Union
 
 import torch
 
@@ -49,6 +49,70 @@ class StreamDelta:
     finished: bool = False
     finish_reason: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class TextAssembler:
+    """Committed token ids -> text that is safe to print now.
+
+    Holds back a trailing incomplete UTF-8 character (U+FFFD that later bytes may complete) and a trailing partial
+    match of a stop string; cuts the text at the first stop string. The concatenation of everything `push` and
+    `finish` return equals `text` after `finish`.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], stops: Iterable[str] = ()) -> None:
+        self.decode = decode
+        self.stops = [s for s in stops if s]
+        self.tokens: list[int] = []
+        self.printed = ""
+        self.text = ""
+
+    @property
+    def stopped(self) -> bool:
+        """True once the text contains a stop string."""
+        return self._stop_at(self.decode(self.tokens)) is not None
+
+    def _stop_at(self, text: str) -> int | None:
+        found = [text.find(s) for s in self.stops if s in text]
+        return min(found) if found else None
+
+    def _advance(self, safe: str) -> str:
+        if not safe.startswith(self.printed):  # the decoder revised printed text: cannot unprint, print nothing
+            return ""
+        delta, self.printed = safe[len(self.printed):], safe
+        return delta
+
+    def push(self, ids: Iterable[int]) -> str:
+        self.tokens.extend(ids)
+        full = self.decode(self.tokens)
+        hit = self._stop_at(full)
+        if hit is not None:
+            return self._advance(full[:hit])
+        safe = full.rstrip("\ufffd")
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(safe)), hold, -1):
+                if safe.endswith(s[:k]):
+                    hold = k
+                    break
+        return self._advance(safe[:len(safe) - hold])
+
+    def finish(self) -> str:
+        full = self.decode(self.tokens)
+        hit = self._stop_at(full)
+        self.text = full[:hit] if hit is not None else full
+        if not self.text.startswith(self.printed):
+            return ""
+        delta, self.printed = self.text[len(self.printed):], self.text
+        return delta
+
+
+def _stop_prefix(tokens: list[int], decode: Callable[[list[int]], str], stops: list[str]) -> int:
+    """The shortest token prefix whose text contains a stop string (len(tokens) if none does)."""
+    for k in range(1, len(tokens) + 1):
+        text = decode(tokens[:k])
+        if any(x in text for x in stops):
+            return k
+    return len(tokens)
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -119,7 +183,8 @@ class LLM:
             for rid in ids:
                 self.engine.abort(rid)
             raise
-        state = {rid: {"tokens": [], "text": "", "stopped": False} for rid in ids}
+        state = {rid: {"asm": TextAssembler(self.decode if self.tokenizer else (lambda t: ""), sp.stop),
+                       "stopped": False} for rid, sp in zip(ids, params_list)}
         try:
             while any(not s["stopped"] for s in state.values()):
                 if not self.engine.has_unfinished():
@@ -127,43 +192,37 @@ class LLM:
                 for ev in self.engine.step():
                     if ev.request_id not in ids:
                         continue
-                    yield from self._on_event(ev, ids[ev.request_id], params_list[ids[ev.request_id]], state)
+                    yield from self._on_event(ev, ids[ev.request_id], state)
         finally:  # a consumer that stops early (or a disconnect) frees the rows
             for rid, s in state.items():
                 if not s["stopped"]:
                     self.engine.abort(rid)
 
-    def _on_event(self, ev: Event, index: int, sp: SamplingParams, state: dict) -> Iterator[StreamDelta]:
+    def _on_event(self, ev: Event, index: int, state: dict) -> Iterator[StreamDelta]:
         s = state[ev.request_id]
         if s["stopped"]:
             return
+        asm: TextAssembler = s["asm"]
         if ev.kind == "draft":
             yield StreamDelta(index, ev.request_id, draft_token_ids=ev.token_ids)
         elif ev.kind == "tokens":
-            s["tokens"].extend(ev.token_ids)
-            text = self.decode(s["tokens"])
-            hit = self._find_stop(text, sp.stop)
-            if hit is not None:
+            before = len(asm.tokens)
+            delta = asm.push(ev.token_ids)
+            if asm.stopped:
                 # Keep the shortest token prefix whose text reaches the stop string; the text ends before it.
-                cut = next(k for k in range(1, len(s["tokens"]) + 1)
-                           if self._find_stop(self.decode(s["tokens"][:k]), sp.stop) is not None)
-                new_ids = s["tokens"][len(s["tokens"]) - len(ev.token_ids):cut]
-                s["tokens"] = s["tokens"][:cut]
-                self.engine.abort(ev.request_id)
+                cut = _stop_prefix(asm.tokens, self.decode, asm.stops)
+                new_ids = asm.tokens[before:cut]
+                del asm.tokens[cut:]
                 s["stopped"] = True
-                yield StreamDelta(index, ev.request_id, text[len(s["text"]):hit], new_ids, finished=True,
-                                  finish_reason="stop", metrics={"completion_tokens": len(s["tokens"])})
+                done = self.engine.finish_request(ev.request_id, "stop", completion_tokens=cut)
+                yield StreamDelta(index, ev.request_id, delta + asm.finish(), new_ids, finished=True,
+                                  finish_reason="stop", metrics=done.metrics if done else {})
                 return
-            delta, s["text"] = text[len(s["text"]):], text
             yield StreamDelta(index, ev.request_id, delta, ev.token_ids)
         elif ev.kind == "finished":
             s["stopped"] = True
-            yield StreamDelta(index, ev.request_id, finished=True, finish_reason=ev.finish_reason, metrics=ev.metrics)
-
-    @staticmethod
-    def _find_stop(text: str, stops: list[str]) -> int | None:
-        found = [text.find(x) for x in stops if x in text]
-        return min(found) if found else None
+            yield StreamDelta(index, ev.request_id, asm.finish(), finished=True, finish_reason=ev.finish_reason,
+                              metrics=ev.metrics)
 
     def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
                  reference_sampling: bool = False) -> list[RequestOutput]:
@@ -177,12 +236,13 @@ class LLM:
         if reference_sampling:
             return self._generate_reference(encoded, params_list)
         t0 = time.perf_counter()
-        results: dict[int, dict[str, Any]] = {i: {"tokens": [], "reason": None, "metrics": {}, "id": ""}
+        results: dict[int, dict[str, Any]] = {i: {"tokens": [], "text": "", "reason": None, "metrics": {}, "id": ""}
                                               for i in range(len(plist))}
         for d in self.generate_stream(plist, params_list):
             r = results[d.index]
             r["id"] = d.request_id
             r["tokens"].extend(d.token_ids)
+            r["text"] += d.text
             if d.finished:
                 r["reason"] = d.finish_reason
                 r["metrics"] = dict(d.metrics)
@@ -192,8 +252,8 @@ class LLM:
             m = r["metrics"]
             m.setdefault("completion_tokens", len(r["tokens"]))
             m["wall_s"] = time.perf_counter() - t0
-            outs.append(RequestOutput(r["id"], text, ids, [CompletionOutput(0, self.decode(r["tokens"]), r["tokens"],
-                                                                           r["reason"])], True, m))
+            outs.append(RequestOutput(r["id"], text, ids, [CompletionOutput(0, r["text"], r["tokens"], r["reason"])],
+                                      True, m))
         return outs
 
     def _generate_reference(self, encoded, params_list) -> list[RequestOutput]:
@@ -201,18 +261,40 @@ class LLM:
         if any(p != sp for p in params_list):
             raise ValueError("reference_sampling needs the same SamplingParams for every prompt (one batch)")
         sp = resolve(sp.validate(self.model.config.vocab_size), self.generation_config)
+        odd = [f for f, default in (("mode", "diffusion"), ("schedule", "linear"), ("acceptance", "entropy_bound"),
+                                    ("stopping", "stable_confident")) if getattr(sp, f) != default]
+        if odd:
+            raise ValueError(f"reference_sampling runs transformers' exact algorithm; it does not support "
+                             f"non-default {', '.join(odd)}")
+        limit, C = self.engine.max_model_len, self.engine.canvas_length
+        for _, ids in encoded:
+            if not ids:
+                raise ValueError("prompt must be a non-empty list of token ids")
+            if len(ids) >= limit or len(ids) + sp.max_new_tokens > limit + C:
+                raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({sp.max_new_tokens}) exceeds the "
+                                 f"context length ({limit} tokens)")
         gen = torch.Generator(device=self.device)
         gen.manual_seed(sp.seed if sp.seed is not None else int(torch.randint(0, 2 ** 62, (1,)).item()))
         pad = self.model.config.text.pad_token_id or 0
         t0 = time.perf_counter()
-        res = reference_generate(self.model, [ids for _, ids in encoded], sp, pad,
-                                 sorted(self.engine.eos | set(sp.stop_token_ids)), gen)
+        eos = set(sp.stop_token_ids) | (set() if sp.ignore_eos else self.engine.eos)
+        res = reference_generate(self.model, [ids for _, ids in encoded], sp, pad, sorted(eos), gen)
         wall = time.perf_counter() - t0
-        return [RequestOutput(f"ref-{i}", text, ids,
-                              [CompletionOutput(0, self.decode(toks), toks, reason)],
-                              True, {"completion_tokens": len(toks), "decoder_passes": passes,
-                                     "tokens_per_forward": len(toks) / passes if passes else 0.0, "wall_s": wall})
-                for i, ((text, ids), (toks, reason, passes)) in enumerate(zip(encoded, res))]
+        outs = []
+        for i, ((text, ids), (toks, reason, passes)) in enumerate(zip(encoded, res)):
+            out_text = self.decode(toks)
+            if sp.stop and self.tokenizer is not None:  # stop strings cut the finished output
+                asm = TextAssembler(self.decode, sp.stop)
+                asm.push(toks)
+                if asm.stopped:
+                    toks, reason = toks[:_stop_prefix(toks, self.decode, sp.stop)], "stop"
+                asm.finish()
+                out_text = asm.text
+            outs.append(RequestOutput(f"ref-{i}", text, ids, [CompletionOutput(0, out_text, toks, reason)], True, {
+                "prompt_tokens": len(ids), "completion_tokens": len(toks), "decoder_passes": passes,
+                "denoising_steps": passes, "tokens_per_forward": len(toks) / passes if passes else 0.0,
+                "wall_s": wall}))
+        return outs
 
     def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None) -> RequestOutput:
         return self.generate([messages], params)[0]

@@ -15,7 +15,9 @@ The model knows nothing of requests, text or sampling.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -167,6 +169,9 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
         self.act = ACT[text.hidden_activation]
 
+    # Which matmul kernel runs the experts: the grouped one matches transformers bit for bit (reference mode).
+    grouped_kernel = False
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x (N, hidden); weights/idx (N, K) -> (N, hidden).
 
@@ -177,9 +182,10 @@ class Experts(nn.Module):
         N, K = idx.shape
         experts, order = torch.sort(idx.reshape(-1))  # (N*K,)
         offs = torch.cumsum(torch.bincount(experts, minlength=self.gate_up_proj.shape[0]), 0).to(torch.int32)
-        h = _grouped(x[order // K], self.gate_up_proj.transpose(-2, -1), offs)  # (N*K, 2I)
+        mm = _grouped if self.grouped_kernel else _looped
+        h = mm(x[order // K], self.gate_up_proj.transpose(-2, -1), offs)  # (N*K, 2I)
         gate, up = h.chunk(2, dim=-1)
-        y = _grouped(self.act(gate) * up, self.down_proj.transpose(-2, -1), offs)  # (N*K, hidden)
+        y = mm(self.act(gate) * up, self.down_proj.transpose(-2, -1), offs)  # (N*K, hidden)
         y = y * weights.reshape(-1)[order][:, None]
         inv = torch.empty_like(order)
         inv[order] = torch.arange(order.numel(), device=order.device)
@@ -187,10 +193,15 @@ class Experts(nn.Module):
 
 
 def _grouped(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """Rows of x (S, in) grouped by `offs` (E,) cumulative counts, group e times w[e] (in, out) -> (S, out)."""
-    if hasattr(F, "grouped_mm") and x.device.type == "cpu" or x.is_cuda and w.dtype == torch.bfloat16 \
-            and hasattr(F, "grouped_mm"):
+    """Rows of x (S, in) grouped by `offs` (E,) cumulative counts, group e times w[e] (in, out) -> (S, out),
+    with torch's grouped matmul (the kernel transformers uses) where it exists."""
+    if hasattr(F, "grouped_mm") and (x.device.type == "cpu" or w.dtype == torch.bfloat16):
         return F.grouped_mm(x.to(w.dtype), w, offs=offs)
+    return _looped(x, w, offs)
+
+
+def _looped(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """As `_grouped`, one matmul per expert that has rows (faster than grouped_mm on CPU in float32)."""
     out = x.new_zeros(x.shape[0], w.shape[2])
     start = 0
     for e, end in enumerate(offs.tolist()):
@@ -285,6 +296,18 @@ class DiffusionGemma(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.embed_tokens.weight.device
+
+    @contextlib.contextmanager
+    def reference_kernels(self) -> Iterator[None]:
+        """Run with the kernels transformers uses (grouped expert matmuls), for bit-identical results."""
+        old = [layer.experts.grouped_kernel for layer in self.layers]
+        for layer in self.layers:
+            layer.experts.grouped_kernel = True
+        try:
+            yield
+        finally:
+            for layer, o in zip(self.layers, old):
+                layer.experts.grouped_kernel = o
 
     def new_cache(self, batch_size: int, max_len: int, slack: int = 0) -> KVCache:
         """A preallocated cache for `batch_size` rows of up to `max_len` tokens each, in the model's dtype."""

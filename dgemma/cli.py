@@ -1,0 +1,674 @@
+"""The `dgemma` command line: `dgemma generate` (one prompt) and `dgemma chat` (an interactive conversation).
+
+    dgemma generate --model ./ckpt --prompt "Write a haiku about rain" --max-new-tokens 64
+    dgemma generate --model ./ckpt --prompt-ids 2,651,1234 --seed 0 --json
+    dgemma chat --model ./ckpt
+
+Subcommands live in the `SUBCOMMANDS` registry; another module adds one with
+`register(name, help, add_arguments, run)`. A module listed in `PLUGINS` (e.g. `dgemma.serve`) is imported before the
+parser is built, so registering at import time is enough for `dgemma <name>` to appear. Such a module should import
+heavy optional dependencies inside its `run`, not at import time.
+
+User errors (bad paths, malformed checkpoints, invalid sampling knobs, prompts that do not fit) print one line,
+`dgemma: error: ...`, on stderr and exit with status 2, like argparse usage errors. Ctrl-C exits with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import shutil
+import sys
+import time
+import unicodedata
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterable, NamedTuple, TextIO
+
+if TYPE_CHECKING:  # imported lazily at run time: `dgemma --help` should not wait for torch more than needed
+    from .llm import LLM
+    from .sampler import SamplingParams
+
+PROG = "dgemma"
+EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130
+
+# Modules imported (if installed) before the parser is built, so that they can `register` their subcommands.
+PLUGINS: list[str] = ["dgemma.serve"]
+
+# Chat turns end with one of these tokens (when the tokenizer has it): generation stops there.
+END_OF_TURN_TOKENS = ("<end_of_turn>",)
+
+
+class CLIError(ValueError):
+    """A user error found by the command line itself; reported as `dgemma: error: <message>` with exit status 2."""
+
+
+# -- the subcommand registry ------------------------------------------------------------------------------------------
+class Subcommand(NamedTuple):
+    """One `dgemma <name>` command: `add_arguments(parser)` declares its options, `run(args) -> int` executes it."""
+
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    help: str = ""
+    description: str | None = None
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {}
+
+
+def register(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None],
+             run: Callable[[argparse.Namespace], int], description: str | None = None,
+             replace: bool = False) -> Subcommand:
+    """Add the subcommand `dgemma <name>`.
+
+    `help` is the one-line summary shown by `dgemma --help`; `description` (default: `help`) heads
+    `dgemma <name> --help`. `add_arguments(parser)` adds the command's options to its argparse parser (the helpers
+    `add_model_arguments` and `add_sampling_arguments` give the shared ones). `run(args)` returns the exit status;
+    it may raise ValueError (or CLIError) for user errors, which `main` reports as one line with status 2.
+    Registering a taken name raises ValueError unless `replace=True`.
+    """
+    if not name or not name.replace("-", "").replace("_", "").isalnum():
+        raise ValueError(f"invalid subcommand name {name!r}")
+    if name in SUBCOMMANDS and not replace:
+        raise ValueError(f"subcommand {name!r} is already registered")
+    SUBCOMMANDS[name] = Subcommand(add_arguments, run, help, description)
+    return SUBCOMMANDS[name]
+
+
+_plugins_loaded = False
+
+
+def _load_plugins() -> None:
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    for mod in PLUGINS:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:  # the plugin exists but one of its imports is missing
+                print(f"{PROG}: warning: cannot load {mod}: {e}", file=sys.stderr)
+        except Exception as e:  # a broken plugin must not take `dgemma generate` down with it
+            print(f"{PROG}: warning: cannot load {mod}: {type(e).__name__}: {e}", file=sys.stderr)
+
+
+# -- shared options ---------------------------------------------------------------------------------------------------
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=34, width=min(110, shutil.get_terminal_size((100, 24)).columns))
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return v
+
+
+def _token_ids(s: str) -> list[int]:
+    """'1,2,3' (spaces allowed) -> [1, 2, 3]."""
+    parts = [p for p in s.replace(",", " ").split()]
+    if not parts:
+        raise argparse.ArgumentTypeError("expected comma-separated token ids, e.g. 2,651,1234")
+    try:
+        ids = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integer token ids, got {s!r}") from None
+    if any(i < 0 for i in ids):
+        raise argparse.ArgumentTypeError(f"token ids must be non-negative, got {s!r}")
+    return ids
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """--model, --dtype, --device, --max-model-len, --threads."""
+    g = p.add_argument_group("model")
+    g.add_argument("--model", "-m", required=True, metavar="PATH",
+                   help="checkpoint directory in the Hugging Face format (config.json, model.safetensors or a "
+                        "sharded index, optional generation_config.json and tokenizer files)")
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="weight and activation dtype (default: %(default)s; bfloat16 halves memory, float32 is "
+                        "needed to reproduce transformers bit for bit)")
+    g.add_argument("--device", default="cpu",
+                   help="torch device to run on, e.g. cpu, cuda, cuda:1 (default: %(default)s)")
+    g.add_argument("--max-model-len", type=_positive_int, default=None, metavar="N",
+                   help="context length in tokens (prompt + generated) that the KV cache is sized for "
+                        "(default: the checkpoint's max_position_embeddings, at most 8192)")
+    g.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="CPU threads for torch (default: torch's choice, usually one per core)")
+
+
+# SamplingParams fields that only one mode uses: giving one with the other --mode is a usage error.
+_DIFFUSION_FLAGS = ("max_denoising_steps", "t_min", "t_max", "entropy_bound", "stability_threshold",
+                    "confidence_threshold", "fixed_steps", "schedule", "acceptance", "stopping")
+_AR_FLAGS = ("temperature", "top_k", "top_p")
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    """Every SamplingParams knob as an option (unset diffusion knobs come from the checkpoint)."""
+    from .sampler import ACCEPTANCE, DEFAULTS, SCHEDULES, STOPPING
+
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=_positive_int, default=256, metavar="N",
+                   help="most tokens to generate (default: %(default)s); diffusion commits whole canvases and "
+                        "trims the last one")
+    g.add_argument("--seed", type=int, default=None, metavar="S",
+                   help="random seed; the same seed, prompt and options give the same tokens (default: random)")
+    g.add_argument("--mode", choices=["diffusion", "ar"], default="diffusion",
+                   help="diffusion: denoise a canvas of tokens at a time (the model's native mode); ar: one token "
+                        "per forward pass, for comparison (default: %(default)s)")
+    g.add_argument("--stop", action="append", default=None, metavar="STR",
+                   help="stop when the generated text contains STR (repeatable); the text ends before it. "
+                        "Needs a tokenizer")
+    g.add_argument("--stop-token-id", action="append", type=int, default=None, metavar="ID",
+                   help="stop at this token id, as at EOS (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true",
+                   help="keep generating past the checkpoint's EOS tokens, up to --max-new-tokens")
+
+    d = p.add_argument_group(
+        "diffusion sampler (--mode diffusion)",
+        "Unset knobs come from the checkpoint's generation_config.json, then the published defaults:\n"
+        f"max_denoising_steps={DEFAULTS['max_denoising_steps']}, t_min={DEFAULTS['t_min']}, "
+        f"t_max={DEFAULTS['t_max']}, entropy_bound={DEFAULTS['entropy_bound']},\n"
+        f"stability_threshold={DEFAULTS['stability_threshold']}, "
+        f"confidence_threshold={DEFAULTS['confidence_threshold']}.")
+    d.add_argument("--max-denoising-steps", type=int, default=None, metavar="N",
+                   help="most denoising steps per canvas, 1..10000")
+    d.add_argument("--t-min", type=float, default=None, metavar="F",
+                   help="sampling temperature at the last step, in (0, 100]")
+    d.add_argument("--t-max", type=float, default=None, metavar="F",
+                   help="sampling temperature at the first step, in (0, 100] and >= --t-min "
+                        "(the temperature falls from t-max to t-min over the steps)")
+    d.add_argument("--entropy-bound", type=float, default=None, metavar="F",
+                   help="per step, accept the lowest-entropy positions while their summed entropy stays within F "
+                        "(> 0); larger accepts more tokens per step: faster, less careful")
+    d.add_argument("--stability-threshold", type=int, default=None, metavar="N",
+                   help="adaptive stop: the canvas's argmax must be unchanged for N steps, 0..1000")
+    d.add_argument("--confidence-threshold", type=float, default=None, metavar="F",
+                   help="adaptive stop: and its mean entropy must be below F (> 0)")
+    d.add_argument("--fixed-steps", action="store_true",
+                   help="no adaptive stop: run exactly --max-denoising-steps steps per canvas")
+    d.add_argument("--schedule", choices=sorted(SCHEDULES), default="linear",
+                   help="temperature schedule from t-max to t-min (default: %(default)s)")
+    d.add_argument("--acceptance", choices=sorted(ACCEPTANCE), default="entropy_bound",
+                   help="which positions keep their sampled token each step (default: %(default)s)")
+    d.add_argument("--stopping", choices=sorted(STOPPING), default="stable_confident",
+                   help="adaptive stop rule; 'none' is the same as --fixed-steps (default: %(default)s)")
+
+    a = p.add_argument_group("autoregressive sampler (--mode ar)")
+    a.add_argument("--temperature", type=float, default=None, metavar="F",
+                   help="sampling temperature in [0, 100]; 0 is greedy (default: 0)")
+    a.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help="sample among the K most likely tokens; 0 disables (default: 0)")
+    a.add_argument("--top-p", type=float, default=None, metavar="P",
+                   help="nucleus sampling: the smallest set of tokens with probability >= P, in (0, 1] "
+                        "(default: 1, disabled)")
+
+
+def sampling_params_from_args(args: argparse.Namespace) -> SamplingParams:
+    """Build and validate SamplingParams from `add_sampling_arguments` options (raises ValueError naming the field)."""
+    from .sampler import SamplingParams
+
+    def given(name: str) -> bool:
+        v = getattr(args, name)
+        defaults = {"fixed_steps": False, "schedule": "linear", "acceptance": "entropy_bound",
+                    "stopping": "stable_confident"}
+        return v != defaults[name] if name in defaults else v is not None
+
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    if args.mode == "ar":
+        bad = [flag(n) for n in _DIFFUSION_FLAGS if given(n)]
+        if bad:
+            raise CLIError(f"{', '.join(bad)} {'applies' if len(bad) == 1 else 'apply'} only to --mode diffusion")
+    else:
+        bad = [flag(n) for n in _AR_FLAGS if given(n)]
+        if bad:
+            raise CLIError(f"{', '.join(bad)} {'applies' if len(bad) == 1 else 'apply'} only to --mode ar")
+    kw: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, seed=args.seed, mode=args.mode,
+                              stop=list(args.stop or []), stop_token_ids=list(args.stop_token_id or []),
+                              ignore_eos=args.ignore_eos)
+    for name in _DIFFUSION_FLAGS + _AR_FLAGS:
+        v = getattr(args, name)
+        if v is not None:
+            kw[name] = v
+    return SamplingParams(**kw).validate()
+
+
+def load_llm(args: argparse.Namespace, max_batch: int = 1) -> LLM:
+    """The LLM for `add_model_arguments` options."""
+    import torch
+
+    from .llm import LLM
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        dev = torch.device(args.device)
+    except RuntimeError as e:
+        raise CLIError(f"invalid --device {args.device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {args.device}: CUDA is not available on this machine")
+    return LLM(args.model, device=args.device, dtype=args.dtype, max_batch=max_batch,
+               max_model_len=args.max_model_len)
+
+
+# -- output -----------------------------------------------------------------------------------------------------------
+def _printable(text: str) -> str:
+    """One display line: newlines shown as ⏎, other control characters as spaces (so drafts cannot move the cursor)."""
+    out = []
+    for ch in text:
+        if ch == "\n":
+            out.append("⏎")
+        elif unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):
+            out.append(" ")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def terminal_safe(text: str) -> str:
+    """Model text for a terminal: control characters other than newline and tab (escape sequences, carriage
+    returns, ...) become U+FFFD, so generated text cannot move the cursor or restyle the terminal."""
+    return "".join("\ufffd" if unicodedata.category(ch) == "Cc" and ch not in "\n\t" else ch for ch in text)
+
+
+class DraftLine:
+    """Shows the canvas being denoised, live, after the committed text on the current terminal line.
+
+    The committed text goes to stdout; the draft is drawn on stderr by returning to the line start (`\\r`),
+    re-echoing the committed part of the line, then the dimmed draft truncated to the terminal width. `clear()`
+    restores the line to just the committed text, so stdout can continue from there.
+    """
+
+    DIM, RESET, ERASE = "\x1b[2m", "\x1b[0m", "\x1b[K"
+
+    def __init__(self, out: TextIO, err: TextIO) -> None:
+        self.out, self.err = out, err
+        self.tail = ""  # committed text on the current terminal line
+        self.active = False
+
+    def _visible_tail(self, width: int) -> str:
+        return self.tail[len(self.tail) - len(self.tail) % width:] if width > 0 else self.tail
+
+    def committed(self, text: str) -> None:
+        self.tail = text.rsplit("\n", 1)[1] if "\n" in text else self.tail + text
+
+    def show(self, draft: str) -> None:
+        width = shutil.get_terminal_size((80, 24)).columns
+        tail = self._visible_tail(width)
+        room = max(0, width - 1 - len(tail))
+        self.out.flush()
+        self.err.write("\r" + tail + self.DIM + _printable(draft)[:room] + self.RESET + self.ERASE)
+        self.err.flush()
+        self.active = True
+
+    def clear(self) -> None:
+        if self.active:
+            width = shutil.get_terminal_size((80, 24)).columns
+            self.err.write("\r" + self.ERASE + self._visible_tail(width))
+            self.err.flush()
+            self.active = False
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int] = field(default_factory=list)
+    text: str | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        m = self.metrics
+        out: dict[str, Any] = {"token_ids": self.token_ids}
+        if self.text is not None:
+            out["text"] = self.text
+        out.update(finish_reason=self.finish_reason, tokens_per_forward=m.get("tokens_per_forward"),
+                   denoising_steps=m.get("denoising_steps"), prompt_tokens=self.prompt_tokens,
+                   completion_tokens=len(self.token_ids), timings=self.timings)
+        return out
+
+
+def generate_one(llm: LLM, prompt_ids: list[int], params: SamplingParams, *, out: TextIO | None = None,
+                 drafts: DraftLine | None = None, terminal: bool = False,
+                 reference_sampling: bool = False) -> GenerationResult:
+    """Generate for one tokenized prompt. Text (or, without a tokenizer, token ids) is written to `out` as each
+    canvas commits; `drafts`, if given, shows the canvas being denoised; `terminal` writes control characters as
+    U+FFFD (see `terminal_safe`). Returns tokens, text (unaltered), finish reason and metrics."""
+    show = terminal_safe if terminal else (lambda t: t)
+    res = GenerationResult(prompt_tokens=len(prompt_ids))
+    tok = llm.tokenizer
+    pieces: list[str] = []
+
+    def emit(text: str, ids: list[int]) -> None:
+        piece = text if tok is not None else ("" if not res.token_ids else " ") + " ".join(map(str, ids))
+        res.token_ids.extend(ids)
+        pieces.append(text)
+        if out is None or not piece:
+            return
+        if drafts is not None:
+            drafts.clear()
+        piece = show(piece)
+        out.write(piece)
+        out.flush()
+        if drafts is not None:
+            drafts.committed(piece)
+
+    t0 = time.perf_counter()
+    prompt = [{"prompt_token_ids": prompt_ids}]
+    if reference_sampling:
+        o = llm.generate(prompt, params, reference_sampling=True)[0]
+        res.metrics, res.finish_reason = dict(o.metrics), o.outputs[0].finish_reason
+        res.timings["ttft_s"] = time.perf_counter() - t0
+        emit(o.outputs[0].text, o.outputs[0].token_ids)
+    else:
+        stream = llm.generate_stream(prompt, params, stream_drafts=drafts is not None)
+        try:
+            for d in stream:
+                if d.draft_token_ids is not None:
+                    drafts.show(llm.decode(d.draft_token_ids) if tok is not None
+                                else " ".join(map(str, d.draft_token_ids)))
+                    continue
+                if d.token_ids and "ttft_s" not in res.timings:
+                    res.timings["ttft_s"] = time.perf_counter() - t0
+                if d.token_ids or d.text:
+                    emit(d.text, d.token_ids)
+                if d.finished:
+                    res.finish_reason = d.finish_reason
+                    res.metrics = dict(d.metrics)
+        finally:
+            stream.close()  # on Ctrl-C or an error, free the engine row at once
+    if drafts is not None:
+        drafts.clear()
+    res.text = "".join(pieces) if tok is not None else None
+    res.timings["generate_s"] = time.perf_counter() - t0
+    res.timings.setdefault("ttft_s", res.timings["generate_s"])
+    return res
+
+
+def _want_drafts(args: argparse.Namespace) -> bool:
+    return not getattr(args, "no_drafts", False) and sys.stdout.isatty()
+
+
+def _end_of_turn_ids(llm: LLM) -> list[int]:
+    ids = [llm.tokenizer.token_to_id(t) for t in END_OF_TURN_TOKENS] if llm.tokenizer is not None else []
+    return [i for i in ids if i is not None and i < llm.model.config.vocab_size]
+
+
+# -- dgemma generate --------------------------------------------------------------------------------------------------
+GENERATE_DESCRIPTION = """\
+Generate a completion for one prompt.
+
+Without --json the text is written to stdout as it is committed (one canvas at a time); on a terminal the canvas
+being denoised is shown live on stderr, and control characters in the text are shown as U+FFFD. A checkpoint
+without a tokenizer prints token ids, space-separated.
+
+--json prints one JSON object instead:
+  {"token_ids": [...], "text": "..." (checkpoints with a tokenizer), "finish_reason": "stop" | "length",
+   "tokens_per_forward": F, "denoising_steps": N, "prompt_tokens": N, "completion_tokens": N,
+   "timings": {"load_s": F, "ttft_s": F, "generate_s": F, "total_s": F}}   (wall-clock seconds)
+
+examples:
+  dgemma generate -m ./ckpt --prompt "The capital of France is" --max-new-tokens 32
+  dgemma generate -m ./ckpt --prompt "Tell me a joke" --chat --seed 0
+  dgemma generate -m ./ckpt --prompt-ids 2,651,1234 --json
+"""
+
+
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    g = p.add_argument_group("prompt (one of)")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", "-p", metavar="TEXT",
+                     help="prompt text, tokenized with the checkpoint's tokenizer (BOS prepended); '-' reads it "
+                          "from stdin")
+    src.add_argument("--prompt-ids", type=_token_ids, metavar="IDS",
+                     help="prompt as comma-separated token ids, e.g. 2,651,1234 (works without a tokenizer)")
+    g.add_argument("--chat", action="store_true",
+                   help="wrap --prompt as a user message and apply the checkpoint's chat template (Gemma turns if "
+                        "it has none); generation also stops at <end_of_turn>")
+    add_sampling_arguments(p)
+    o = p.add_argument_group("output")
+    o.add_argument("--reference-sampling", action="store_true",
+                   help="run transformers' exact sampling loop and random-number order instead of the fast engine: "
+                        "with the same --seed on CPU in float32 it reproduces transformers' generate() token for "
+                        "token (slower; output is printed when done)")
+    o.add_argument("--json", action="store_true",
+                   help="print one JSON object with the tokens, text, finish reason and statistics (see above)")
+    o.add_argument("--no-drafts", action="store_true",
+                   help="do not show the canvas being denoised (shown on stderr only when stdout is a terminal)")
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    if args.chat and args.prompt_ids is not None:
+        raise CLIError("--chat needs a text --prompt, not --prompt-ids")
+    params = sampling_params_from_args(args)
+    text = args.prompt
+    if text == "-":
+        text = sys.stdin.read()
+    t0 = time.perf_counter()
+    llm = load_llm(args)
+    load_s = time.perf_counter() - t0
+    if llm.tokenizer is None:
+        if text is not None:
+            raise CLIError(f"{args.model} has no tokenizer.json: pass the prompt with --prompt-ids")
+        if params.stop:
+            raise CLIError(f"--stop needs a tokenizer, and {args.model} has no tokenizer.json "
+                           "(use --stop-token-id)")
+    if text is not None:
+        _, ids = llm.encode_prompt([{"role": "user", "content": text}] if args.chat else text)
+    else:
+        _, ids = llm.encode_prompt({"prompt_token_ids": args.prompt_ids})
+    if args.chat:
+        params.stop_token_ids = sorted(set(params.stop_token_ids) | set(_end_of_turn_ids(llm)))
+    if args.json:
+        res = generate_one(llm, ids, params, reference_sampling=args.reference_sampling)
+    else:
+        drafts = DraftLine(sys.stdout, sys.stderr) if _want_drafts(args) else None
+        res = generate_one(llm, ids, params, out=sys.stdout, drafts=drafts, terminal=sys.stdout.isatty(),
+                           reference_sampling=args.reference_sampling)
+    res.timings = {"load_s": load_s, **res.timings, "total_s": time.perf_counter() - t0}
+    if args.json:
+        sys.stdout.write(json.dumps(res.to_json(), ensure_ascii=False) + "\n")
+    else:
+        sys.stdout.write("\n")
+    sys.stdout.flush()
+    return EXIT_OK
+
+
+# -- dgemma chat ------------------------------------------------------------------------------------------------------
+CHAT_DESCRIPTION = """\
+Chat with the model. Each line read from stdin is a user message; the reply is streamed to stdout. The whole
+conversation is formatted with the checkpoint's chat template (Gemma turns if it has none) for every reply.
+
+commands:
+  /reset   forget the conversation so far
+  /exit    quit (so does end of input, Ctrl-D)
+Ctrl-C while a reply is generated cancels that reply; at the prompt it quits.
+"""
+
+CHAT_HELP = "commands: /reset forgets the conversation, /exit quits"
+
+
+def add_chat_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--system", metavar="TEXT", default=None,
+                   help="a system message placed before the conversation (kept across /reset)")
+    add_sampling_arguments(p)
+    p.add_argument("--no-drafts", action="store_true",
+                   help="do not show the canvas being denoised (shown on stderr only when stdout is a terminal)")
+
+
+def _read_line(interactive: bool) -> str | None:
+    if interactive:
+        try:
+            return input("> ")
+        except EOFError:
+            return None
+    line = sys.stdin.readline()
+    return line if line else None
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    params = sampling_params_from_args(args)
+    llm = load_llm(args)
+    if llm.tokenizer is None:
+        raise CLIError(f"{args.model} has no tokenizer.json; chat needs a tokenizer (use `dgemma generate "
+                       f"--prompt-ids` instead)")
+    params.stop_token_ids = sorted(set(params.stop_token_ids) | set(_end_of_turn_ids(llm)))
+    interactive = sys.stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:  # pragma: no cover - e.g. Windows
+            pass
+        print(f"{PROG} chat: {args.model} ({CHAT_HELP})", file=sys.stderr)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict[str, str]] = []
+    while True:
+        line = _read_line(interactive)
+        if line is None:
+            if interactive:
+                sys.stderr.write("\n")
+            break
+        msg = line.rstrip("\r\n")
+        cmd = msg.strip()
+        if not cmd:
+            continue
+        if cmd in ("/exit", "/quit"):
+            break
+        if cmd == "/reset":
+            history.clear()
+            if interactive:
+                print("(conversation cleared)", file=sys.stderr)
+            continue
+        if cmd.startswith("/") and " " not in cmd:
+            print(f"{PROG}: unknown command {cmd} ({CHAT_HELP})", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": msg})
+        drafts = DraftLine(sys.stdout, sys.stderr) if _want_drafts(args) else None
+        try:
+            _, ids = llm.encode_prompt(system + history)
+            res = generate_one(llm, ids, params, out=sys.stdout, drafts=drafts, terminal=sys.stdout.isatty())
+        except KeyboardInterrupt:
+            if drafts is not None:
+                drafts.clear()
+            sys.stdout.write("\n")
+            print("(reply cancelled)", file=sys.stderr)
+            history.pop()
+            continue
+        except ValueError as e:
+            sys.stdout.flush()
+            print(f"{PROG}: error: {_one_line(e)}" + (" (/reset starts over)" if history[:-1] else ""),
+                  file=sys.stderr)
+            history.pop()
+            continue
+        history.append({"role": "assistant", "content": res.text or ""})
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    return EXIT_OK
+
+
+register("generate", "generate a completion for one prompt", add_generate_arguments, run_generate,
+         GENERATE_DESCRIPTION)
+register("chat", "chat interactively (reads user messages from stdin)", add_chat_arguments, run_chat,
+         CHAT_DESCRIPTION)
+
+
+def add_init_random_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out", metavar="OUT", help="directory to write the checkpoint to (created if missing)")
+    p.add_argument("--params", type=float, default=5e6,
+                   help="approximate parameter count of the Gemma-4-shaped model (default: 5e6)")
+    p.add_argument("--vocab", type=_positive_int, default=4096, help="vocabulary size (default: 4096)")
+    p.add_argument("--canvas-length", type=_positive_int, default=64, help="canvas length (default: 64)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for the weights (default: 0)")
+
+
+def run_init_random(args: argparse.Namespace) -> int:
+    """Write a random-weights DiffusionGemma checkpoint in the HF format (for demos, tests and benchmarks)."""
+    import torch
+
+    from .checkpoint import save_model
+    from .config import sized_config
+    from .model import DiffusionGemma
+
+    if not 1e4 <= args.params <= 5e9:
+        raise CLIError(f"--params {args.params:g} is outside [1e4, 5e9]")
+    cfg = sized_config(args.params, vocab_size=args.vocab, canvas_length=args.canvas_length)
+    torch.manual_seed(args.seed)
+    path = save_model(DiffusionGemma(cfg), args.out)
+    print(f"wrote a random {cfg.text.num_parameters() / 1e6:.1f}M-parameter DiffusionGemma to {path}")
+    return EXIT_OK
+
+
+register("init-random", "write a random-weights model in the HF checkpoint format", add_init_random_arguments,
+         run_init_random, "Write a random-weights DiffusionGemma checkpoint (config.json, model.safetensors,\n"
+         "generation_config.json) for demos, tests and benchmarks: no weights are downloaded.")
+
+
+# -- main -------------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    _load_plugins()
+    parser = argparse.ArgumentParser(
+        prog=PROG, formatter_class=_Formatter,
+        description="dgemma: run DiffusionGemma block-diffusion language models.",
+        epilog=f"Run '{PROG} COMMAND --help' for a command's options.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    for name, cmd in SUBCOMMANDS.items():
+        sp = sub.add_parser(name, help=cmd.help, description=cmd.description or cmd.help, formatter_class=_Formatter)
+        cmd.add_arguments(sp)
+        sp.set_defaults(_run=cmd.run)
+    return parser
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e).strip() or type(e).__name__
+    return " ".join(msg.split())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `dgemma` console script; returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version (0) and usage errors (2)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
+    if getattr(args, "_run", None) is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        code = args._run(args)
+        return EXIT_OK if code is None else int(code)
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+        sys.stderr.write("\n")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # e.g. `dgemma generate ... | head -c 10`
+        try:
+            import os
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        return 1
+    except (ValueError, OSError) as e:  # ConfigError, CheckpointError, TokenizerError, bad knobs and prompts
+        try:
+            sys.stdout.flush()
+        except (OSError, ValueError):
+            pass
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    # Run the canonical `dgemma.cli` module, not this `__main__` copy, so that plugins that
+    # `from dgemma.cli import register` register into the registry that main() reads.
+    from dgemma.cli import main as _main
+
+    sys.exit(_main())

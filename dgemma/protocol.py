@@ -1,0 +1,223 @@
+"""Request/response schemas of the OpenAI-compatible server (`dgemma.server`), following vLLM's conventions.
+
+Requests are validated strictly (no "5" -> 5 coercion, no bool for int, no NaN/inf): a wrong type is a client
+mistake and is answered with HTTP 400 and an OpenAI error body, never 422 or 500. Unknown fields are ignored (as
+in vLLM), but OpenAI features this server does not implement (logprobs, n > 1, echo, best_of > 1, suffix,
+response_format other than text, tools, penalties, logit_bias) are rejected with 400 rather than silently ignored.
+
+Sampling fields:
+
+* `max_tokens` (chat: also `max_completion_tokens`): tokens to generate; unset means "up to the context length".
+* `seed`: per-request seed; the same seed gives the same tokens whether the request runs alone or batched.
+* `stop` (str or list), `stop_token_ids`, `ignore_eos`.
+* `temperature`, `top_p`, `top_k`: used in `mode="ar"` only (unset temperature = greedy). **In diffusion mode
+  (the default) they are ignored**: the denoising temperature follows a schedule from `t_max` down to `t_min`.
+* diffusion knobs (top-level JSON fields; the `openai` client's `extra_body` puts them there): `mode`
+  ("diffusion" | "ar"), `max_denoising_steps`, `t_min`, `t_max`, `entropy_bound`, `stability_threshold`,
+  `confidence_threshold`, `fixed_steps`; unset ones come from the checkpoint's generation_config.json.
+* `stream_drafts` (streaming only): extra chunks whose top-level `draft` field holds the decoded argmax of the
+  canvas being denoised (not final text), off by default.
+
+Usage carries `tokens_per_forward` (completion tokens per decoder pass; per encoder step in AR mode) and
+`denoising_steps` (decoder passes) next to the OpenAI token counts.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# Prompts are either text or token ids; a list holding exactly one of those is accepted too (OpenAI's batch form).
+PromptInput = Union[str, list[int]]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False  # accepted for vLLM compatibility; usage is only sent at the end
+
+
+class _SamplingFields(_Strict):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+
+    model: Optional[str] = None
+    max_tokens: Optional[int] = Field(default=None, ge=1)
+    temperature: Optional[float] = Field(default=None, ge=0)
+    top_p: Optional[float] = Field(default=None, gt=0, le=1)
+    top_k: Optional[int] = Field(default=None, ge=0)
+    n: Optional[int] = None
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    stop: Optional[Union[str, list[str]]] = None
+    seed: Optional[int] = Field(default=None, ge=0, le=2 ** 63 - 1)
+    user: Optional[str] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    logit_bias: Optional[dict[str, Any]] = None
+    # diffusion / engine knobs (vLLM-style extra parameters)
+    mode: Literal["diffusion", "ar"] = "diffusion"
+    stop_token_ids: Optional[list[int]] = None
+    ignore_eos: bool = False
+    max_denoising_steps: Optional[int] = Field(default=None, ge=1, le=10_000)
+    t_min: Optional[float] = Field(default=None, gt=0, le=100)
+    t_max: Optional[float] = Field(default=None, gt=0, le=100)
+    entropy_bound: Optional[float] = Field(default=None, gt=0)
+    stability_threshold: Optional[int] = Field(default=None, ge=0, le=1000)
+    confidence_threshold: Optional[float] = Field(default=None, gt=0)
+    fixed_steps: bool = False
+    stream_drafts: bool = False
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(param, message) for the first requested feature this server does not implement, else None."""
+        if self.n is not None and self.n != 1:
+            return "n", "n > 1 is not supported: send one request per completion"
+        if self.presence_penalty not in (None, 0, 0.0):
+            return "presence_penalty", "presence_penalty is not supported"
+        if self.frequency_penalty not in (None, 0, 0.0):
+            return "frequency_penalty", "frequency_penalty is not supported"
+        if self.logit_bias:
+            return "logit_bias", "logit_bias is not supported"
+        if self.stream_options is not None and not self.stream:
+            return "stream_options", "stream_options can only be set when stream is true"
+        return None
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: Any
+    echo: bool = False
+    logprobs: Optional[int] = None
+    best_of: Optional[int] = None
+    suffix: Optional[str] = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _check_prompt(cls, v: Any) -> PromptInput:
+        if isinstance(v, list) and len(v) == 1 and isinstance(v[0], (str, list)):
+            v = v[0]  # [text] or [[ids]]
+        if isinstance(v, str):
+            if not v:
+                raise ValueError("prompt must not be empty")
+            return v
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("prompt must not be empty")
+            if all(isinstance(t, int) and not isinstance(t, bool) for t in v):
+                return v
+            if all(isinstance(t, (str, list)) for t in v):
+                raise ValueError("only one prompt per request is supported (got a list of several prompts)")
+        raise ValueError("prompt must be a string, a list of token ids, or a list holding one of those")
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.echo:
+            return "echo", "echo is not supported"
+        if self.logprobs is not None:
+            return "logprobs", "logprobs are not supported"
+        if self.best_of is not None and self.best_of != 1:
+            return "best_of", "best_of > 1 is not supported"
+        if self.suffix is not None:
+            return "suffix", "suffix is not supported"
+        return super().unsupported()
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+    logprobs: Optional[bool] = False
+    top_logprobs: Optional[int] = None
+    response_format: Optional[dict[str, Any]] = None
+    tools: Optional[list[Any]] = None
+    tool_choice: Optional[Any] = None
+    parallel_tool_calls: Optional[bool] = None
+    add_generation_prompt: bool = True
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.logprobs or self.top_logprobs:
+            return "logprobs", "logprobs are not supported"
+        if self.response_format is not None and self.response_format.get("type", "text") != "text":
+            return "response_format", "response_format is not supported yet (only {'type': 'text'})"
+        if self.tools:
+            return "tools", "tools are not supported"
+        if self.tool_choice not in (None, "none", "auto"):
+            return "tool_choice", "tool_choice is not supported"
+        return super().unsupported()
+
+    def token_budget(self) -> Optional[int]:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+# -- responses (plain dicts built by helpers: the shapes are OpenAI's) -----------------------------------------------
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def error_body(message: str, type_: str = "BadRequestError", param: str | None = None,
+               code: int | str | None = 400) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def usage(prompt_tokens: int, completion_tokens: int, tokens_per_forward: float = 0.0,
+          denoising_steps: int = 0) -> dict[str, Any]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens, "tokens_per_forward": tokens_per_forward,
+            "denoising_steps": denoising_steps}
+
+
+def completion_response(rid: str, created: int, model: str, text: str, finish_reason: str | None,
+                        use: dict[str, Any]) -> dict[str, Any]:
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+            "usage": use}
+
+
+def completion_chunk(rid: str, created: int, model: str, text: str = "", finish_reason: str | None = None,
+                     use: dict[str, Any] | None = None, include_usage: bool = False,
+                     draft: str | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"id": rid, "object": "text_completion", "created": created, "model": model,
+                           "choices": [{"index": 0, "text": text, "logprobs": None,
+                                        "finish_reason": finish_reason}]}
+    if include_usage:
+        out["usage"] = use
+    if draft is not None:
+        out["draft"] = draft
+    return out
+
+
+def chat_response(rid: str, created: int, model: str, text: str, finish_reason: str | None,
+                  use: dict[str, Any]) -> dict[str, Any]:
+    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                         "finish_reason": finish_reason}],
+            "usage": use}
+
+
+def chat_chunk(rid: str, created: int, model: str, delta: dict[str, Any], finish_reason: str | None = None,
+               use: dict[str, Any] | None = None, include_usage: bool = False,
+               draft: str | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                           "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                        "finish_reason": finish_reason}]}
+    if include_usage:
+        out["usage"] = use
+    if draft is not None:
+        out["draft"] = draft
+    return out
+
+
+def usage_chunk(rid: str, created: int, model: str, object_: str, use: dict[str, Any]) -> dict[str, Any]:
+    """The last chunk of a stream with `stream_options.include_usage`: no choices, just usage."""
+    return {"id": rid, "object": object_, "created": created, "model": model, "choices": [], "usage": use}

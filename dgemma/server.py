@@ -1,0 +1,901 @@
+"""An OpenAI-compatible HTTP server over one `LLM` (vLLM's conventions, kept thin).
+
+    python -m dgemma.server --model PATH [--host 127.0.0.1] [--port 8000] [--max-batch 8] [--max-queue 64]
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /version,
+GET /metrics (Prometheus). Request/response shapes and the accepted sampling fields are documented in
+`dgemma.protocol`; in diffusion mode (the default) `temperature`/`top_p`/`top_k` are ignored (the denoising
+temperature follows the t_max -> t_min schedule); they apply in `mode="ar"`.
+
+Concurrency model: ONE background thread owns the `Engine` and calls `step()` while there is work, so requests
+are batched continuously (a new request joins at the next step, a finished one leaves). The asyncio side sends
+commands ("add", "abort", "stop") through a thread-safe queue; the engine thread answers each step's events with
+one `loop.call_soon_threadsafe`, which routes them into per-request `asyncio.Queue`s. Only the engine thread ever
+touches the engine.
+
+Admission control: at most `max_queue` requests are in flight (waiting + running); more get 429 with Retry-After.
+A request that exceeds `request_timeout` is aborted (504). A client that disconnects (streaming or not) has its
+request aborted, which frees its cache row at once. If the engine thread dies, /health answers 503 and requests get
+500 error bodies; the process keeps serving those answers. On SIGTERM/SIGINT the server stops admitting (503),
+lets in-flight requests finish (up to --shutdown-timeout seconds, then aborts them), stops the engine thread and
+exits with status 0.
+
+Heavy imports (fastapi, uvicorn, prometheus_client, pydantic) happen inside `create_app`/`run_serve`, so that
+`add_serve_arguments` can be used by a CLI without the `serve` extras installed.
+"""
+
+import argparse
+import asyncio
+import json
+import logging
+import queue
+import re
+import signal
+import sys
+import threading
+import time
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from . import __version__
+from .engine import Event
+from .llm import LLM
+from .sampler import SamplingParams
+
+logger = logging.getLogger("dgemma.server")
+
+DEFAULT_MAX_BODY_BYTES = 16 << 20
+_STATUS_TYPES = {400: "BadRequestError", 404: "NotFoundError", 413: "RequestTooLargeError",
+                 429: "RateLimitError", 500: "InternalServerError", 503: "ServiceUnavailableError",
+                 504: "TimeoutError"}
+
+
+class APIError(Exception):
+    """An error answered with an OpenAI error body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, type_: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+        self.type = type_ or _STATUS_TYPES.get(status, "APIError")
+        self.headers = headers
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
+
+
+class _ClientGone(Exception):
+    pass
+
+
+# -- metrics --------------------------------------------------------------------------------------------------------
+class _Metrics:
+    """Prometheus metrics in their own registry (several apps may live in one process, e.g. in tests)."""
+
+    def __init__(self, model_name: str):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = r = CollectorRegistry()
+        L = ["model_name"]
+        self.labels = {"model_name": model_name}
+        self.running = Gauge("dgemma:num_requests_running", "Requests holding a cache row.", L, registry=r)
+        self.waiting = Gauge("dgemma:num_requests_waiting", "Requests queued in the engine for a row.", L, registry=r)
+        self.prompt_tokens = Counter("dgemma:prompt_tokens", "Prompt tokens of admitted requests.", L, registry=r)
+        self.generation_tokens = Counter("dgemma:generation_tokens", "Generated (committed) tokens.", L, registry=r)
+        self.finished = Counter("dgemma:request_success", "Finished requests.", L + ["finished_reason"], registry=r)
+        self.rejected = Counter("dgemma:request_rejected", "Requests refused or failed, by HTTP status.",
+                                L + ["status"], registry=r)
+        self.aborted = Counter("dgemma:request_aborted", "Requests aborted (disconnect or timeout).", L, registry=r)
+        self.tokens_per_forward = Histogram(
+            "dgemma:tokens_per_forward", "Completion tokens per decoder pass (per token step in AR mode).", L,
+            buckets=(0.125, 0.25, 0.5, 1, 1.5, 2, 3, 4, 6, 8, 12, 16, 32, 64, 128, 256), registry=r)
+        self.steps_per_canvas = Histogram(
+            "dgemma:denoising_steps_per_canvas", "Denoising steps per committed canvas (request average, one "
+            "observation per canvas).", L, buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256),
+            registry=r)
+        lat = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
+        self.ttft = Histogram("dgemma:time_to_first_token_seconds", "Request arrival to first committed tokens.",
+                              L, buckets=lat, registry=r)
+        self.e2e = Histogram("dgemma:e2e_request_latency_seconds", "Request arrival to completion.", L,
+                             buckets=lat, registry=r)
+
+    def render(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+# -- the engine thread -------------------------------------------------------------------------------------------------
+def _snapshot(engine: Any, rid: str) -> dict[str, Any]:
+    """Work counters of a running request (read before aborting it after a stop string). Best effort: reads the
+    engine's request records, which are internal."""
+    reqs = list(getattr(engine, "waiting", [])) + [r for r in getattr(engine, "rows", []) if r is not None]
+    for r in reqs:
+        if getattr(r, "id", None) == rid:
+            passes, canvases = getattr(r, "passes", 0), getattr(r, "canvases", 0)
+            mode = getattr(getattr(r, "params", None), "mode", "diffusion")
+            return {"decoder_passes": passes, "canvases": canvases, "denoising_steps": passes,
+                    "steps_per_canvas": passes / canvases if canvases else 0.0, "mode": mode,
+                    "forwards": passes if mode == "diffusion" else getattr(r, "ar_steps", 0)}
+    return {}
+
+
+class EngineLoop:
+    """Owns the engine thread and routes its events to per-request asyncio queues."""
+
+    def __init__(self, llm: LLM, max_queue: int, metrics: _Metrics):
+        self.llm, self.engine, self.max_queue, self.metrics = llm, llm.engine, max_queue, metrics
+        self._cmds: queue.SimpleQueue = queue.SimpleQueue()
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self.error: str | None = None  # set when the engine thread died
+        self.draining = False  # set on shutdown: no new requests
+
+    # -- asyncio side ----------------------------------------------------------------------------------------
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run, name="dgemma-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def healthy(self) -> bool:
+        return self.error is None and not self.draining and self._thread is not None and self._thread.is_alive()
+
+    @property
+    def num_inflight(self) -> int:
+        return len(self._queues)
+
+    def check_available(self) -> None:
+        if self.error is not None or (self._thread is not None and not self._thread.is_alive() and not self.draining):
+            raise APIError(500, f"the engine has failed and cannot serve requests: {self.error}")
+        if self.draining or self._thread is None:
+            raise APIError(503, "the server is shutting down")
+
+    async def submit(self, rid: str, prompt_ids: list[int], params: SamplingParams, drafts: bool) -> asyncio.Queue:
+        """Queue a request; returns its event queue once the engine accepted it (APIError 400 if it did not)."""
+        self.check_available()
+        if len(self._queues) >= self.max_queue:
+            raise APIError(429, f"the server is at capacity ({self.max_queue} requests in flight); retry later",
+                           headers={"Retry-After": "1"})
+        q: asyncio.Queue = asyncio.Queue()
+        self._queues[rid] = q
+        self._cmds.put(("add", rid, prompt_ids, params, drafts))
+        try:
+            item = await q.get()
+        except BaseException:
+            self.abort(rid)
+            self.release(rid)
+            raise
+        if item[0] != "accepted":
+            self.release(rid)
+            if item[0] == "rejected":
+                raise APIError(item[1], item[2], param=item[3])
+            raise APIError(item[1], item[2])
+        return q
+
+    def abort(self, rid: str) -> None:
+        self._cmds.put(("abort", rid))
+
+    def finish(self, rid: str, completion_tokens: int) -> None:
+        """End a request early (a stop string matched), keeping `completion_tokens`; its handler then receives a
+        'finished' event with the metrics, or ("aborted", snapshot) if the engine cannot finish requests."""
+        self._cmds.put(("finish", rid, completion_tokens))
+
+    def release(self, rid: str) -> None:
+        self._queues.pop(rid, None)
+
+    async def shutdown(self, timeout: float = 10.0) -> None:
+        self.draining = True
+        if self._thread is not None and self._thread.is_alive():
+            self._cmds.put(("stop",))
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, timeout)
+
+    def _deliver(self, items: list[tuple[str | None, Any]]) -> None:
+        for rid, item in items:
+            if rid is None:  # broadcast (engine died / stopped)
+                for q in self._queues.values():
+                    q.put_nowait(item)
+                continue
+            q = self._queues.get(rid)
+            if q is not None:
+                q.put_nowait(item)
+
+    # -- engine thread -----------------------------------------------------------------------------------------
+    def _post(self, items: list[tuple[str | None, Any]]) -> None:
+        if not items or self._loop is None:
+            return
+        with suppress(RuntimeError):  # the loop is closed: nobody is listening any more
+            self._loop.call_soon_threadsafe(self._deliver, items)
+
+    def _handle(self, cmd: tuple, out: list) -> bool:
+        eng = self.engine
+        if cmd[0] == "add":
+            _, rid, ids, params, drafts = cmd
+            try:
+                eng.add_request(ids, params, request_id=rid, stream_drafts=drafts)
+            except ValueError as e:
+                out.append((rid, ("rejected", 400, str(e), _param_of(str(e)))))
+            except Exception as e:  # a bug, not the client's fault; the engine state is unchanged
+                logger.exception("add_request failed")
+                out.append((rid, ("error", 500, f"failed to queue the request: {type(e).__name__}: {e}")))
+            else:
+                out.append((rid, ("accepted",)))
+                self.metrics.prompt_tokens.labels(**self.metrics.labels).inc(len(ids))
+        elif cmd[0] == "abort":
+            eng.abort(cmd[1])
+        elif cmd[0] == "finish":
+            _, rid, n = cmd
+            finish = getattr(eng, "finish_request", None)
+            ev = finish(rid, "stop", completion_tokens=n) if finish is not None else None
+            if ev is not None:
+                out.append((rid, ev))
+            else:  # already finished (its event is on the way) or an engine without finish_request
+                snap = _snapshot(eng, rid)
+                eng.abort(rid)
+                out.append((rid, ("aborted", snap)))
+        elif cmd[0] == "stop":
+            return True
+        return False
+
+    def _gauges(self) -> None:
+        m = self.metrics
+        m.running.labels(**m.labels).set(self.engine.num_running)
+        m.waiting.labels(**m.labels).set(len(self.engine.waiting))
+
+    def _run(self) -> None:
+        eng = self.engine
+        out: list = []
+        try:
+            while True:
+                busy = eng.has_unfinished()
+                try:
+                    cmd = self._cmds.get_nowait() if busy else self._cmds.get(timeout=0.5)
+                except queue.Empty:
+                    cmd = None
+                stop = False
+                while cmd is not None and not stop:
+                    stop = self._handle(cmd, out)
+                    try:
+                        cmd = None if stop else self._cmds.get_nowait()
+                    except queue.Empty:
+                        cmd = None
+                if stop:
+                    break
+                if eng.has_unfinished():
+                    for ev in eng.step():
+                        out.append((ev.request_id, ev))
+                self._gauges()
+                if out:
+                    self._post(out)
+                    out = []
+            # Shutdown: abort whatever is left and tell its handlers.
+            for r in list(eng.waiting) + [r for r in eng.rows if r is not None]:
+                eng.abort(r.id)
+            self._gauges()
+            out.append((None, ("error", 503, "the server is shutting down")))
+            self._post(out)
+        except Exception as e:
+            self.error = f"{type(e).__name__}: {e}"
+            logger.exception("the engine thread failed; the server now answers 500/503")
+            out.append((None, ("error", 500, f"the engine failed: {self.error}")))
+            self._post(out)
+
+
+_PARAM_RE = re.compile(r"invalid (\w+)=")
+
+
+def _param_of(message: str) -> str | None:
+    m = _PARAM_RE.search(message)
+    if m:
+        return {"max_new_tokens": "max_tokens"}.get(m.group(1), m.group(1))
+    if "max_new_tokens" in message:
+        return "max_tokens"
+    if "prompt" in message:
+        return "prompt"
+    return None
+
+
+# -- one request's output: incremental text, stop strings ---------------------------------------------------------
+def _find_stop(text: str, stops: list[str]) -> int | None:
+    found = [text.find(s) for s in stops if s in text]
+    return min(found) if found else None
+
+
+class _Text:
+    def __init__(self, llm: LLM, stops: list[str]):
+        self.tok = llm.tokenizer
+        self.dec = self.tok.incremental_decoder() if self.tok is not None else None
+        self.stops = stops
+        self.tokens: list[int] = []
+        self.text = ""
+        self.sent = 0
+        self.stopped = False
+
+    def push(self, ids: list[int]) -> bool:
+        """Append committed tokens; True when a stop string appeared (text and tokens are then cut before it)."""
+        before = len(self.tokens)
+        self.tokens.extend(ids)
+        if self.dec is not None:
+            self.text += self.dec.push(ids)
+        return self._check(before)
+
+    def flush(self) -> None:
+        if self.dec is not None and not self.stopped:
+            before = len(self.tokens)
+            self.text += self.dec.flush()
+            self._check(before)
+
+    def _check(self, before: int) -> bool:
+        if not self.stops or self.tok is None:
+            return False
+        hit = _find_stop(self.text, self.stops)
+        if hit is None:
+            return False
+        # Keep the shortest token prefix whose text reaches the stop string (as LLM.generate does).
+        cut = next((k for k in range(max(1, before), len(self.tokens) + 1)
+                    if _find_stop(self.tok.decode(self.tokens[:k]), self.stops) is not None), len(self.tokens))
+        self.tokens = self.tokens[:cut]
+        self.text = self.text[:hit]
+        self.sent = min(self.sent, hit)
+        self.stopped = True
+        return True
+
+    def _held(self) -> int:
+        """Length of the longest tail of the unsent text that could still grow into a stop string."""
+        held, tail = 0, len(self.text) - self.sent
+        for s in self.stops:
+            for k in range(min(len(s) - 1, tail), held, -1):
+                if self.text.endswith(s[:k]):
+                    held = k
+                    break
+        return held
+
+    def take(self, final: bool) -> str:
+        end = len(self.text) if final or self.stopped else len(self.text) - self._held()
+        out, self.sent = self.text[self.sent:end], max(self.sent, end)
+        return out
+
+
+@dataclass
+class _Update:
+    text: str = ""
+    draft: str | None = None
+    finish_reason: str | None = None
+    usage: dict[str, Any] | None = None
+
+
+class _Generation:
+    """Consumes one request's events and turns them into text updates (used by streaming and non-streaming)."""
+
+    def __init__(self, server: "_Server", rid: str, q: asyncio.Queue, prompt_len: int, params: SamplingParams,
+                 t_arrival: float, request: Any = None):
+        self.server, self.rid, self.q, self.prompt_len, self.params = server, rid, q, prompt_len, params
+        self.loop = asyncio.get_running_loop()
+        self.t_arrival = t_arrival
+        self.deadline = self.loop.time() + server.request_timeout
+        self.request = request  # for disconnect polling while streaming
+        self.out = _Text(server.llm, params.stop)
+        self.stopping = False
+        self.done = False
+        self.t_first: float | None = None
+
+    async def _get(self) -> Any:
+        while True:
+            remaining = self.deadline - self.loop.time()
+            if remaining <= 0:
+                self.server.metrics.aborted.labels(**self.server.metrics.labels).inc()
+                raise APIError(504, f"the request timed out after {self.server.request_timeout:g} s and was aborted")
+            try:
+                return await asyncio.wait_for(self.q.get(), min(remaining, 1.0))
+            except asyncio.TimeoutError:
+                if self.request is not None and await self.request.is_disconnected():
+                    raise _ClientGone() from None
+
+    async def next(self) -> _Update | None:
+        if self.done:
+            return None
+        m = self.server.metrics
+        while True:
+            item = await self._get()
+            if isinstance(item, Event):
+                if item.kind == "draft":
+                    if not self.stopping:
+                        return _Update(draft=self.server.llm.decode(item.token_ids))
+                elif item.kind == "tokens":
+                    if self.stopping:
+                        continue
+                    m.generation_tokens.labels(**m.labels).inc(len(item.token_ids))
+                    if self.t_first is None:
+                        self.t_first = time.perf_counter()
+                        m.ttft.labels(**m.labels).observe(self.t_first - self.t_arrival)
+                    if self.out.push(item.token_ids):
+                        self.stopping = True
+                        self.server.engine_loop.finish(self.rid, len(self.out.tokens))
+                        continue
+                    text = self.out.take(final=False)
+                    if text:
+                        return _Update(text=text)
+                elif item.kind == "finished":
+                    return self._finish(item.finish_reason or "stop", item.metrics)
+            elif item[0] == "aborted":
+                if self.stopping:
+                    return self._finish("stop", item[1])
+            elif item[0] == "error":
+                self.done = True
+                raise APIError(item[1], item[2])
+
+    def _finish(self, reason: str, em: dict[str, Any]) -> _Update:
+        self.done = True
+        if not self.stopping:
+            self.out.flush()
+        if self.out.stopped:
+            reason = "stop"
+        text = self.out.take(final=True)
+        n = len(self.out.tokens)
+        mode = em.get("mode", self.params.mode)
+        if "forwards" in em:
+            forwards = em["forwards"]
+        elif mode == "diffusion":
+            forwards = em.get("decoder_passes", 0)
+        else:
+            tpf = em.get("tokens_per_forward") or 0.0
+            forwards = round(em.get("completion_tokens", 0) / tpf) if tpf else 0
+        steps = int(em.get("denoising_steps", 0))
+        tpf = n / forwards if forwards else 0.0
+        from .protocol import usage
+        use = usage(self.prompt_len, n, tpf, steps)
+        m = self.server.metrics
+        now = time.perf_counter()
+        if self.t_first is None:
+            m.ttft.labels(**m.labels).observe(now - self.t_arrival)
+        m.e2e.labels(**m.labels).observe(now - self.t_arrival)
+        m.finished.labels(**m.labels, finished_reason=reason).inc()
+        if forwards:
+            m.tokens_per_forward.labels(**m.labels).observe(tpf)
+        canvases = int(em.get("canvases", 0))
+        if mode == "diffusion" and canvases:
+            for _ in range(min(canvases, 1024)):
+                m.steps_per_canvas.labels(**m.labels).observe(steps / canvases)
+        return _Update(text=text, finish_reason=reason, usage=use)
+
+    def close(self) -> None:
+        """Abort the request if it has not finished (disconnect, timeout, error) and forget its queue."""
+        if not self.done:
+            self.done = True
+            self.server.engine_loop.abort(self.rid)
+            self.server.metrics.aborted.labels(**self.server.metrics.labels).inc()
+        self.server.engine_loop.release(self.rid)
+
+
+# -- the app -------------------------------------------------------------------------------------------------------------
+class _Server:
+    def __init__(self, llm: LLM, model_name: str, max_queue: int, request_timeout: float, max_body_bytes: int):
+        self.llm, self.model_name = llm, model_name
+        self.request_timeout, self.max_body_bytes = request_timeout, max_body_bytes
+        self.metrics = _Metrics(model_name)
+        self.engine_loop = EngineLoop(llm, max_queue, self.metrics)
+        self.created = int(time.time())
+
+    # -- request parsing ----------------------------------------------------------------------------------------
+    async def read_json(self, request: Any) -> dict[str, Any]:
+        ctype = request.headers.get("content-type")
+        if ctype is not None:
+            mt = ctype.split(";")[0].strip().lower()
+            if mt != "application/json" and not mt.endswith("+json"):
+                raise APIError(400, f"unsupported content type {mt!r}: send a JSON body as application/json")
+        cl = request.headers.get("content-length")
+        if cl is not None and cl.isdigit() and int(cl) > self.max_body_bytes:
+            raise APIError(413, f"the request body is larger than {self.max_body_bytes} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise APIError(413, f"the request body is larger than {self.max_body_bytes} bytes")
+            chunks.append(chunk)
+        raw = b"".join(chunks)
+        if not raw.strip():
+            raise APIError(400, "the request body is empty: send a JSON object")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise APIError(400, f"the request body is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        try:
+            body = json.loads(text)
+        except (ValueError, RecursionError) as e:
+            msg = str(e) if len(str(e)) < 200 else str(e)[:200] + "..."
+            raise APIError(400, f"the request body is not valid JSON: {msg}") from None
+        if not isinstance(body, dict):
+            raise APIError(400, f"the request body must be a JSON object, not {type(body).__name__}")
+        return body
+
+    def parse(self, cls: Any, body: dict[str, Any]) -> Any:
+        from pydantic import ValidationError
+        try:
+            req = cls.model_validate(body)
+        except ValidationError as e:
+            err = e.errors(include_url=False, include_input=False)[0]
+            loc = ".".join(str(x) for x in err.get("loc", ())) or None
+            msg = str(err.get("msg", "invalid value"))
+            for prefix in ("Value error, ", "Assertion failed, "):
+                if msg.startswith(prefix):
+                    msg = msg[len(prefix):]
+            raise APIError(400, f"{loc}: {msg}" if loc and not msg.startswith(loc) else msg, param=loc) from None
+        except (RecursionError, ValueError) as e:
+            raise APIError(400, f"invalid request: {e}") from None
+        unknown = [k for k in body if k not in cls.model_fields]
+        if unknown:
+            logger.warning("ignoring unknown request fields: %s", ", ".join(repr(k[:40]) for k in unknown[:10]))
+        bad = req.unsupported()
+        if bad is not None:
+            raise APIError(400, bad[1], param=bad[0])
+        if req.model is not None and req.model != self.model_name:
+            raise APIError(404, f"The model `{req.model}` does not exist.", param="model")
+        return req
+
+    def _check_text_length(self, text: str) -> None:
+        """Refuse an enormous prompt before tokenizing all of it: tokenize a prefix and see it is over the limit."""
+        eng = self.llm.engine
+        limit = eng.max_model_len
+        probe = 32 * (limit + eng.canvas_length) + 1024
+        if len(text) > probe:
+            n = len(self.llm.tokenizer.encode(text[:probe]))
+            if n > limit + eng.canvas_length + 16:
+                raise APIError(400, f"the prompt is too long: over {n - 16} tokens ({len(text)} characters); the "
+                                    f"context length is {limit} tokens", param="prompt")
+
+    def encode_completion_prompt(self, prompt: Any) -> list[int]:
+        if isinstance(prompt, str):
+            if self.llm.tokenizer is None:
+                raise APIError(400, "this model has no tokenizer: send the prompt as a list of token ids",
+                               param="prompt")
+            self._check_text_length(prompt)
+            return self.llm.encode_prompt(prompt)[1]
+        return list(prompt)
+
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> list[int]:
+        tok = self.llm.tokenizer
+        if tok is None:
+            raise APIError(400, "this model has no tokenizer, so chat is unavailable: use /v1/completions with "
+                                "token ids", param="messages")
+        try:
+            text = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from None
+        self._check_text_length(text)
+        return tok.encode(text)
+
+    def sampling(self, req: Any, budget: int | None, prompt_len: int) -> SamplingParams:
+        eng = self.llm.engine
+        kw: dict[str, Any] = dict(
+            max_new_tokens=budget if budget is not None else max(1, eng.max_model_len - prompt_len),
+            seed=req.seed, mode=req.mode, stop=req.stop_list(), stop_token_ids=list(req.stop_token_ids or []),
+            ignore_eos=req.ignore_eos, max_denoising_steps=req.max_denoising_steps, t_min=req.t_min,
+            t_max=req.t_max, entropy_bound=req.entropy_bound, stability_threshold=req.stability_threshold,
+            confidence_threshold=req.confidence_threshold, fixed_steps=req.fixed_steps)
+        # temperature/top_p/top_k drive AR sampling only; the diffusion sampler uses its t_max -> t_min schedule.
+        if req.temperature is not None:
+            kw["temperature"] = float(req.temperature)
+        if req.top_p is not None:
+            kw["top_p"] = float(req.top_p)
+        if req.top_k is not None:
+            kw["top_k"] = req.top_k
+        params = SamplingParams(**kw)
+        try:
+            params.validate(eng.vocab_size)
+        except ValueError as e:
+            raise APIError(400, str(e), param=_param_of(str(e))) from None
+        return params
+
+
+async def _until_disconnect(request: Any, coro: Any) -> Any:
+    """Run a non-streaming handler; if the client disconnects first, cancel it (its cleanup aborts the request)."""
+    task = asyncio.ensure_future(coro)
+
+    async def listen() -> None:
+        while True:
+            msg = await request.receive()
+            if msg["type"] == "http.disconnect":
+                return
+
+    listener = asyncio.ensure_future(listen())
+    try:
+        done, _ = await asyncio.wait({task, listener}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        listener.cancel()
+        raise
+    if task in done:
+        listener.cancel()
+        return task.result()
+    task.cancel()
+    with suppress(asyncio.CancelledError, Exception):
+        await task
+    raise _ClientGone()
+
+
+def create_app(llm: LLM, *, model_name: str, max_queue: int = 64, request_timeout: float = 600,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Any:
+    """The FastAPI app serving `llm` under `model_name`. The engine thread runs for the app's lifespan."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.requests import ClientDisconnect
+
+    from . import protocol as P
+
+    if max_queue < 1:
+        raise ValueError("max_queue must be >= 1")
+    srv = _Server(llm, model_name, max_queue, float(request_timeout), max_body_bytes)
+
+    @asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        srv.engine_loop.start(asyncio.get_running_loop())
+        try:
+            yield
+        finally:
+            await srv.engine_loop.shutdown()
+
+    app = FastAPI(title="dgemma OpenAI-compatible server", version=__version__, lifespan=lifespan)
+    app.state.dgemma = srv
+
+    def error_response(e: APIError) -> Any:
+        if e.status >= 400:
+            srv.metrics.rejected.labels(**srv.metrics.labels, status=str(e.status)).inc()
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError) -> Any:
+        return error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError) -> Any:
+        errs = e.errors()
+        first = errs[0] if errs else {}
+        loc = ".".join(str(x) for x in first.get("loc", ())) or None
+        return error_response(APIError(400, f"{loc}: {first.get('msg', 'invalid request')}", param=loc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException) -> Any:
+        return JSONResponse(P.error_body(str(e.detail), _STATUS_TYPES.get(e.status_code, "APIError"), None,
+                                         e.status_code), status_code=e.status_code, headers=e.headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, e: ClientDisconnect) -> Any:
+        return Response(status_code=499)  # nobody is listening; just do not log a traceback
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, e: Exception) -> Any:
+        logger.exception("unhandled error")
+        return JSONResponse(P.error_body(f"internal error: {type(e).__name__}", "InternalServerError", None, 500),
+                            status_code=500)
+
+    # -- info endpoints ------------------------------------------------------------------------------------------
+    @app.get("/health")
+    async def health() -> Any:
+        el = srv.engine_loop
+        if el.healthy:
+            return Response(status_code=200)
+        reason = "the server is shutting down" if el.draining else f"the engine has failed: {el.error}"
+        return JSONResponse(P.error_body(reason, "ServiceUnavailableError", None, 503), status_code=503)
+
+    @app.get("/version")
+    async def version() -> Any:
+        return {"version": __version__}
+
+    @app.get("/v1/models")
+    async def models() -> Any:
+        return {"object": "list", "data": [{
+            "id": model_name, "object": "model", "created": srv.created, "owned_by": "dgemma",
+            "root": str(llm.path), "parent": None, "max_model_len": llm.engine.max_model_len}]}
+
+    @app.get("/metrics")
+    async def metrics() -> Any:
+        data, ctype = srv.metrics.render()
+        return Response(content=data, media_type=ctype)
+
+    # -- generation --------------------------------------------------------------------------------------------------
+    async def start(request: Request, rid: str, prompt_ids: list[int], req: Any, budget: int | None,
+                    t0: float, streaming: bool) -> _Generation:
+        params = srv.sampling(req, budget, len(prompt_ids))
+        drafts = bool(req.stream_drafts and req.stream)
+        q = await srv.engine_loop.submit(rid, prompt_ids, params, drafts)
+        return _Generation(srv, rid, q, len(prompt_ids), params, t0, request if streaming else None)
+
+    def sse(obj: dict[str, Any]) -> str:
+        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+    async def stream_events(gen: _Generation, first: list[dict[str, Any]], chunk: Any, final_usage: Any,
+                            ) -> AsyncIterator[str]:
+        try:
+            for c in first:
+                yield sse(c)
+            while True:
+                upd = await gen.next()
+                if upd is None:
+                    break
+                if upd.draft is not None:
+                    yield sse(chunk("", None, draft=upd.draft))
+                if upd.finish_reason is not None:
+                    yield sse(chunk(upd.text, upd.finish_reason))
+                    if final_usage is not None:
+                        yield sse(final_usage(upd.usage))
+                    break
+                if upd.text:
+                    yield sse(chunk(upd.text, None))
+        except _ClientGone:
+            return
+        except APIError as e:
+            srv.metrics.rejected.labels(**srv.metrics.labels, status=str(e.status)).inc()
+            yield sse(e.body())
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            logger.exception("streaming failed")
+            yield sse(P.error_body(f"internal error: {type(e).__name__}: {e}", "InternalServerError", None, 500))
+        finally:
+            gen.close()
+        yield "data: [DONE]\n\n"
+
+    class SSEResponse(StreamingResponse):
+        """Closes the generation however the response ends, even if the body iterator never started (a client
+        gone before the first byte), so an abandoned request never keeps its row or its queue slot."""
+
+        def __init__(self, gen: _Generation, body: AsyncIterator[str]):
+            super().__init__(body, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            self.gen = gen
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                self.gen.close()
+
+    def stream_response(gen: _Generation, first: list[dict[str, Any]], chunk: Any, final_usage: Any) -> Any:
+        return SSEResponse(gen, stream_events(gen, first, chunk, final_usage))
+
+    async def collect(gen: _Generation) -> _Update:
+        text: list[str] = []
+        try:
+            while True:
+                upd = await gen.next()
+                if upd is None:  # pragma: no cover - next() returns a finish update before None
+                    raise APIError(500, "the request ended without a result")
+                text.append(upd.text)
+                if upd.finish_reason is not None:
+                    return _Update("".join(text), None, upd.finish_reason, upd.usage)
+        finally:
+            gen.close()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        t0 = time.perf_counter()
+        req = srv.parse(P.CompletionRequest, await srv.read_json(request))
+        srv.engine_loop.check_available()
+        prompt_ids = await asyncio.to_thread(srv.encode_completion_prompt, req.prompt)
+        rid, created = P.new_id("cmpl"), P.now()
+        gen = await start(request, rid, prompt_ids, req, req.max_tokens, t0, req.stream)
+        if req.stream:
+            inc = bool(req.stream_options and req.stream_options.include_usage)
+
+            def chunk(text: str, reason: str | None, draft: str | None = None) -> dict[str, Any]:
+                return P.completion_chunk(rid, created, model_name, text, reason, None, inc, draft)
+
+            final = (lambda use: P.usage_chunk(rid, created, model_name, "text_completion", use)) if inc else None
+            return stream_response(gen, [], chunk, final)
+        try:
+            res = await _until_disconnect(request, collect(gen))
+        except _ClientGone:
+            return Response(status_code=499)
+        finally:
+            gen.close()
+        return P.completion_response(rid, created, model_name, res.text, res.finish_reason, res.usage)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        t0 = time.perf_counter()
+        req = srv.parse(P.ChatCompletionRequest, await srv.read_json(request))
+        srv.engine_loop.check_available()
+        prompt_ids = await asyncio.to_thread(srv.encode_chat, req.messages, req.add_generation_prompt)
+        rid, created = P.new_id("chatcmpl"), P.now()
+        gen = await start(request, rid, prompt_ids, req, req.token_budget(), t0, req.stream)
+        if req.stream:
+            inc = bool(req.stream_options and req.stream_options.include_usage)
+
+            def chunk(text: str, reason: str | None, draft: str | None = None) -> dict[str, Any]:
+                delta = {"content": text} if text else {}
+                return P.chat_chunk(rid, created, model_name, delta, reason, None, inc, draft)
+
+            first = [P.chat_chunk(rid, created, model_name, {"role": "assistant", "content": ""}, None, None, inc)]
+            final = (lambda use: P.usage_chunk(rid, created, model_name, "chat.completion.chunk", use)) \
+                if inc else None
+            return stream_response(gen, first, chunk, final)
+        try:
+            res = await _until_disconnect(request, collect(gen))
+        except _ClientGone:
+            return Response(status_code=499)
+        finally:
+            gen.close()
+        return P.chat_response(rid, created, model_name, res.text, res.finish_reason, res.usage)
+
+    return app
+
+
+# -- command line ---------------------------------------------------------------------------------------------------
+def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The `serve` options (for `dgemma serve` and `python -m dgemma.server`)."""
+    parser.add_argument("--model", required=True, help="checkpoint directory (HF format)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
+    parser.add_argument("--served-model-name", default=None,
+                        help="model name clients must use (default: the --model argument)")
+    parser.add_argument("--max-batch", type=int, default=8, help="requests generated together (cache rows)")
+    parser.add_argument("--max-queue", type=int, default=64,
+                        help="requests in flight (running + waiting) before answering 429")
+    parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--max-model-len", type=int, default=None, help="context length the cache is sized for")
+    parser.add_argument("--request-timeout", type=float, default=600.0,
+                        help="seconds before a request is aborted (default 600)")
+    parser.add_argument("--shutdown-timeout", type=int, default=30,
+                        help="seconds to let in-flight requests finish on SIGTERM before aborting them")
+    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                        help="largest accepted request body (default 16 MiB)")
+    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    parser.add_argument("--no-access-log", action="store_true", help="do not log every request")
+    return parser
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Load the model and serve it until SIGTERM/SIGINT; returns the process exit status."""
+    import uvicorn
+
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name, lo, hi in (("max_batch", 1, 1 << 16), ("max_queue", 1, 1 << 20), ("port", 0, 65535)):
+        v = getattr(args, name)
+        if not lo <= v <= hi:
+            print(f"error: --{name.replace('_', '-')} must be in [{lo}, {hi}], got {v}", file=sys.stderr)
+            return 2
+    try:
+        llm = LLM(args.model, device=args.device, dtype=args.dtype, max_batch=args.max_batch,
+                  max_model_len=args.max_model_len)
+    except (ValueError, OSError) as e:
+        print(f"error: cannot load {args.model}: {e}", file=sys.stderr)
+        return 1
+    name = args.served_model_name or args.model
+    app = create_app(llm, model_name=name, max_queue=args.max_queue, request_timeout=args.request_timeout,
+                     max_body_bytes=args.max_body_bytes)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="on",
+                            access_log=not args.no_access_log, timeout_graceful_shutdown=args.shutdown_timeout)
+    engine_loop: EngineLoop = app.state.dgemma.engine_loop
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            engine_loop.draining = True  # /health -> 503 and no new requests while in-flight ones finish
+            super().handle_exit(sig, frame)
+            # uvicorn re-raises a captured signal after shutting down; a graceful stop should exit 0 instead.
+            captured = getattr(self, "_captured_signals", None)
+            if isinstance(captured, list):
+                captured[:] = [s for s in captured if s not in (signal.SIGTERM, signal.SIGINT)]
+
+    server = Server(config)
+    try:
+        server.run()
+    except SystemExit as e:  # uvicorn exits on e.g. a port already in use
+        return int(e.code) if isinstance(e.code, int) else 1
+    except KeyboardInterrupt:
+        return 0
+    return 0 if server.started else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dgemma.server", description="OpenAI-compatible dgemma server")
+    add_serve_arguments(parser)
+    return run_serve(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,377 @@
+"""Tests for the `dgemma` command line (dgemma/cli.py), mostly in-process via `main([...])` for speed."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dgemma import DiffusionGemma, save_model
+from dgemma import cli
+from dgemma.cli import SUBCOMMANDS, main, register
+from dgemma.llm import TextAssembler
+from dgemma.config import tiny_config
+from dgemma.llm import LLM
+from dgemma.sampler import SamplingParams
+
+from bpe import build_bpe_tokenizer
+
+EOT = 4  # <end_of_turn> in tests/bpe.py: chat replies stop there
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is as fast, and immune to OpenMP spin on a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def ids_ckpt(tmp_path_factory) -> Path:
+    """A checkpoint without a tokenizer (token ids only)."""
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("ids") / "ckpt"
+    save_model(DiffusionGemma(tiny_config(vocab_size=64, canvas_length=16, max_position_embeddings=128)), d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def tok_ckpt(tmp_path_factory) -> Path:
+    """A checkpoint with the tests' byte-level BPE tokenizer (300 tokens) and the default (Gemma) chat template."""
+    tok = build_bpe_tokenizer(tmp_path_factory.mktemp("tok"))
+    torch.manual_seed(1)
+    d = tmp_path_factory.mktemp("tokckpt") / "ckpt"
+    save_model(DiffusionGemma(tiny_config(vocab_size=300, canvas_length=16, max_position_embeddings=512)), d,
+               tokenizer_dir=tok)
+    return d
+
+
+@pytest.fixture(scope="module")
+def llms(ids_ckpt, tok_ckpt) -> dict[str, LLM]:
+    return {"ids": LLM(ids_ckpt, max_batch=1), "tok": LLM(tok_ckpt, max_batch=1)}
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_json(capsys, *argv: str) -> dict:
+    code, out, err = run(capsys, *argv, "--json")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 1, out  # exactly one JSON object
+    return json.loads(lines[0])
+
+
+def assert_user_error(code: int, out: str, err: str, *needles: str) -> None:
+    assert code == 2
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dgemma: error: "), err
+    for n in needles:
+        assert n in lines[0], err
+
+
+# -- generate ------------------------------------------------------------------------------------------------------
+def test_json_fields_and_tokens_match_llm_generate(capsys, ids_ckpt, llms):
+    obj = run_json(capsys, "generate", "--model", ids_ckpt, "--prompt-ids", "5,6,7", "--max-new-tokens", 20,
+                   "--seed", 1)
+    assert set(obj) == {"token_ids", "finish_reason", "tokens_per_forward", "denoising_steps", "prompt_tokens",
+                        "completion_tokens", "timings"}  # no "text": this checkpoint has no tokenizer
+    ref = LLM(ids_ckpt).generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(max_new_tokens=20, seed=1))[0]
+    assert obj["token_ids"] == ref.outputs[0].token_ids
+    assert obj["finish_reason"] == ref.outputs[0].finish_reason
+    assert obj["prompt_tokens"] == 3 and obj["completion_tokens"] == len(obj["token_ids"])
+    assert obj["denoising_steps"] == ref.metrics["denoising_steps"] > 0
+    assert obj["tokens_per_forward"] == pytest.approx(ref.metrics["tokens_per_forward"])
+    t = obj["timings"]
+    assert {"load_s", "ttft_s", "generate_s", "total_s"} <= set(t)
+    assert all(isinstance(v, float) and v >= 0 for v in t.values())
+    assert t["total_s"] >= t["generate_s"] >= t["ttft_s"]
+
+
+def test_prompt_ids_without_tokenizer_prints_ids(capsys, ids_ckpt):
+    args = ("generate", "--model", ids_ckpt, "--prompt-ids", "5, 6,7", "--max-new-tokens", 40, "--seed", 3,
+            "--ignore-eos")
+    obj = run_json(capsys, *args)
+    assert obj["completion_tokens"] == 40 and obj["finish_reason"] == "length"
+    code, out, err = run(capsys, *args)
+    assert code == 0, err
+    assert out == " ".join(map(str, obj["token_ids"])) + "\n"
+    assert err == ""  # not a terminal: no drafts
+
+
+def test_text_prompt_streams_the_json_text(capsys, tok_ckpt, llms, monkeypatch):
+    args = ("generate", "--model", tok_ckpt, "--prompt", "hello world", "--max-new-tokens", 40, "--seed", 1)
+    obj = run_json(capsys, *args)
+    ref = llms["tok"].generate("hello world", SamplingParams(max_new_tokens=40, seed=1))[0]
+    assert obj["token_ids"] == ref.outputs[0].token_ids
+    assert obj["text"] == ref.outputs[0].text == llms["tok"].decode(obj["token_ids"])
+    assert obj["prompt_tokens"] == len(ref.prompt_token_ids)
+    writes: list[str] = []
+    real = cli.generate_one
+
+    def spy(llm, ids, params, *, out=None, **kw):
+        class Tee:
+            def write(self, s):
+                writes.append(s)
+                out.write(s)
+
+            def flush(self):
+                out.flush()
+        return real(llm, ids, params, out=Tee(), **kw)
+
+    monkeypatch.setattr(cli, "generate_one", spy)
+    code, out, err = run(capsys, *args)
+    assert code == 0, err
+    assert out == obj["text"] + "\n"
+    assert len(writes) >= 2  # streamed a canvas at a time, not printed at the end
+
+
+def test_stop_string_cuts_text_and_stream(capsys, tok_ckpt):
+    base = ("generate", "--model", tok_ckpt, "--prompt", "the quick brown fox", "--max-new-tokens", 48,
+            "--seed", 7, "--ignore-eos")
+    full = run_json(capsys, *base)["text"]
+    # A two-character stop string from the second canvas onwards (the random model writes odd text).
+    pos = next(p for p in range(16, len(full) - 2) if "\ufffd" not in full[p:p + 2] and full[p:p + 2].strip()
+               and full[p:p + 2].isprintable())
+    stop = full[pos:pos + 2]
+    expect = full[:full.find(stop)]
+    obj = run_json(capsys, *base, "--stop", stop)
+    assert obj["finish_reason"] == "stop"
+    assert obj["text"] == expect
+    assert obj["completion_tokens"] < 48 and obj["denoising_steps"] > 0
+    code, out, err = run(capsys, *base, "--stop", stop)
+    assert code == 0, err
+    assert out == expect + "\n"
+
+
+def test_text_assembler_holds_back_partial_characters_and_stops():
+    chunks = [b"ab\xc3", b"\xa9 x", b"y", b"Z"]
+    decode = lambda ids: b"".join(chunks[i] for i in ids).decode("utf-8", "replace")  # noqa: E731
+    asm = TextAssembler(decode, stops=["xyZ"])
+    got = [asm.push([0]), asm.push([1]), asm.push([2])]
+    assert got == ["ab", "é ", ""]  # "\xc3" waits for its second byte; "xy" may start the stop string
+    assert asm.push([3]) == "" and asm.finish() == "" and asm.text == "abé "
+    asm = TextAssembler(decode)
+    assert asm.push([0]) + asm.finish() == "ab\ufffd" == asm.text
+
+
+def test_mode_ar(capsys, ids_ckpt, llms):
+    obj = run_json(capsys, "generate", "--model", ids_ckpt, "--prompt-ids", "9,10,11", "--max-new-tokens", 12,
+                   "--mode", "ar", "--seed", 2, "--ignore-eos")
+    ref = llms["ids"].generate([{"prompt_token_ids": [9, 10, 11]}],
+                               SamplingParams(max_new_tokens=12, mode="ar", seed=2, ignore_eos=True))[0]
+    assert obj["token_ids"] == ref.outputs[0].token_ids and len(obj["token_ids"]) == 12
+    assert obj["tokens_per_forward"] == pytest.approx(1.0)
+    assert obj["denoising_steps"] == 0
+    sampled = run_json(capsys, "generate", "--model", ids_ckpt, "--prompt-ids", "9,10,11", "--max-new-tokens", 12,
+                       "--mode", "ar", "--seed", 2, "--ignore-eos", "--temperature", 1.0, "--top-k", 5,
+                       "--top-p", 0.9)
+    assert sampled["completion_tokens"] == 12
+
+
+def test_reference_sampling(capsys, ids_ckpt, llms):
+    args = ("generate", "--model", ids_ckpt, "--prompt-ids", "5,6,7", "--max-new-tokens", 20, "--seed", 1,
+            "--reference-sampling")
+    obj = run_json(capsys, *args)
+    ref = llms["ids"].generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(max_new_tokens=20, seed=1),
+                               reference_sampling=True)[0]
+    assert obj["token_ids"] == ref.outputs[0].token_ids
+    assert obj["denoising_steps"] == ref.metrics["decoder_passes"]
+    code, out, err = run(capsys, *args)
+    assert code == 0 and out == " ".join(map(str, obj["token_ids"])) + "\n"
+    code, out, err = run(capsys, *args, "--mode", "ar")
+    assert_user_error(code, out, err, "reference_sampling", "mode")
+
+
+def test_drafts_on_a_terminal(capsys, tok_ckpt, monkeypatch):
+    args = ("generate", "--model", tok_ckpt, "--prompt", "hello", "--max-new-tokens", 32, "--seed", 5)
+    code, plain, _ = run(capsys, *args)
+    assert code == 0
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    code, out, err = run(capsys, *args)
+    assert code == 0
+    assert out == cli.terminal_safe(plain)  # the committed text is the same, minus control characters
+    assert "\x1b" not in out
+    assert err.count("\r") >= 2 and "\x1b[2m" in err  # the denoised canvas was drawn on stderr
+    last = err.rsplit("\r", 1)[1]
+    assert last.startswith("\x1b[K") and "\x1b[2m" not in last  # ... and cleared at the end
+    code, out, err = run(capsys, *args, "--no-drafts")
+    assert code == 0 and out == cli.terminal_safe(plain) and err == ""
+
+
+def test_invalid_knob_names_the_field(capsys, ids_ckpt):
+    code, out, err = run(capsys, "generate", "--model", ids_ckpt, "--prompt-ids", "1,2", "--t-min", 2, "--t-max", 1)
+    assert_user_error(code, out, err, "t_max")
+    code, out, err = run(capsys, "generate", "--model", ids_ckpt, "--prompt-ids", "1,2", "--entropy-bound", -1)
+    assert_user_error(code, out, err, "entropy_bound")
+    code, out, err = run(capsys, "generate", "--model", ids_ckpt, "--prompt-ids", "1,2", "--temperature", 0.5)
+    assert_user_error(code, out, err, "--temperature", "--mode ar")
+    code, out, err = run(capsys, "generate", "--model", ids_ckpt, "--prompt-ids", "1,2", "--stop-token-id", 999)
+    assert_user_error(code, out, err, "stop_token_ids")
+
+
+def test_usage_errors_exit_2(capsys, ids_ckpt):
+    for argv in (["generate", "--model", ids_ckpt],  # no prompt
+                 ["generate", "--model", ids_ckpt, "--prompt-ids", "1,x"],
+                 ["generate", "--model", ids_ckpt, "--prompt-ids", "1", "--prompt", "a"],
+                 ["generate", "--model", ids_ckpt, "--prompt-ids", "1", "--max-new-tokens", "0"],
+                 ["generate", "--model", ids_ckpt, "--prompt-ids", "1", "--mode", "beam"],
+                 ["frobnicate"]):
+        code, out, err = run(capsys, *argv)
+        assert code == 2 and "usage:" in err and "Traceback" not in err, argv
+    code, out, err = run(capsys)
+    assert code == 2 and "generate" in err
+
+
+def test_bad_checkpoints_exit_2(capsys, ids_ckpt, tmp_path):
+    code, out, err = run(capsys, "generate", "--model", tmp_path / "nope", "--prompt-ids", "1,2")
+    assert_user_error(code, out, err, "nope", "does not exist")
+    bad = tmp_path / "bad"
+    shutil.copytree(ids_ckpt, bad)
+    (bad / "config.json").write_text("{not json")
+    code, out, err = run(capsys, "generate", "--model", bad, "--prompt-ids", "1,2")
+    assert_user_error(code, out, err, "config.json")
+    (bad / "config.json").write_text((ids_ckpt / "config.json").read_text())
+    (bad / "model.safetensors").write_bytes(b"\0" * 10)
+    code, out, err = run(capsys, "generate", "--model", bad, "--prompt-ids", "1,2")
+    assert_user_error(code, out, err, "model.safetensors")
+    code, out, err = run(capsys, "generate", "--model", ids_ckpt, "--prompt", "text needs a tokenizer")
+    assert_user_error(code, out, err, "tokenizer", "--prompt-ids")
+    code, out, err = run(capsys, "generate", "--model", ids_ckpt, "--prompt-ids", "1", "--device", "nonsense")
+    assert_user_error(code, out, err, "--device")
+
+
+def test_prompt_too_long_exits_2(capsys, ids_ckpt, tok_ckpt):
+    ids = ",".join(["5"] * 200)  # the checkpoint's context is 128 tokens
+    code, out, err = run(capsys, "generate", "--model", ids_ckpt, "--prompt-ids", ids, "--max-new-tokens", 8)
+    assert_user_error(code, out, err, "context length")
+    code, out, err = run(capsys, "generate", "--model", ids_ckpt, "--prompt-ids", ids, "--max-new-tokens", 8,
+                         "--reference-sampling")
+    assert_user_error(code, out, err, "context length")
+    code, out, err = run(capsys, "generate", "--model", tok_ckpt, "--prompt", "hello world " * 40,
+                         "--max-new-tokens", 8, "--max-model-len", 32)
+    assert_user_error(code, out, err, "context length")
+    code, out, err = run(capsys, "generate", "--model", ids_ckpt, "--prompt-ids", "1,2,3", "--max-new-tokens", 500)
+    assert_user_error(code, out, err, "max_new_tokens", "context length")
+
+
+def test_help(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0 and "generate" in out and "chat" in out
+    for name in SUBCOMMANDS:
+        code, out, _ = run(capsys, name, "--help")
+        assert code == 0 and out.startswith(f"usage: dgemma {name}"), name
+    code, out, _ = run(capsys, "generate", "--help")
+    for flag in ("--model", "--prompt", "--prompt-ids", "--max-new-tokens", "--seed", "--max-denoising-steps",
+                 "--t-min", "--t-max", "--entropy-bound", "--stability-threshold", "--confidence-threshold",
+                 "--fixed-steps", "--temperature", "--top-k", "--top-p", "--stop", "--reference-sampling", "--mode",
+                 "--dtype", "--device", "--chat", "--json"):
+        assert flag in out, flag
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and out.startswith("dgemma ")
+
+
+def test_keyboard_interrupt_exits_130(capsys, ids_ckpt, monkeypatch):
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "generate_one", interrupted)
+    code, out, err = run(capsys, "generate", "--model", ids_ckpt, "--prompt-ids", "1,2")
+    assert code == 130 and "Traceback" not in err
+
+
+def test_generate_chat_flag(capsys, tok_ckpt, llms):
+    obj = run_json(capsys, "generate", "--model", tok_ckpt, "--prompt", "hi", "--chat", "--max-new-tokens", 20,
+                   "--seed", 4)
+    ref = llms["tok"].generate([[{"role": "user", "content": "hi"}]],
+                               SamplingParams(max_new_tokens=20, seed=4, stop_token_ids=[EOT]))[0]
+    assert obj["token_ids"] == ref.outputs[0].token_ids and obj["text"] == ref.outputs[0].text
+    assert obj["prompt_tokens"] == len(ref.prompt_token_ids)
+
+
+# -- chat ----------------------------------------------------------------------------------------------------------
+def _reply(llm: LLM, messages: list[dict], seed: int) -> str:
+    params = SamplingParams(max_new_tokens=24, seed=seed, stop_token_ids=[EOT])
+    return llm.generate([messages], params)[0].outputs[0].text
+
+
+def test_chat_reset_and_exit(capsys, tok_ckpt, llms, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n/reset\n\nagain\n/exit\nnever read\n"))
+    code, out, err = run(capsys, "chat", "--model", tok_ckpt, "--max-new-tokens", 24, "--seed", 3)
+    assert code == 0, err
+    r1 = _reply(llms["tok"], [{"role": "user", "content": "hi"}], 3)
+    r2 = _reply(llms["tok"], [{"role": "user", "content": "again"}], 3)  # after /reset: a fresh conversation
+    assert out == f"{r1}\n{r2}\n"
+    assert "> " not in out  # no prompt when stdin is not a terminal
+
+
+def test_chat_keeps_history_until_eof(capsys, tok_ckpt, llms, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\nmore\n"))
+    code, out, err = run(capsys, "chat", "--model", tok_ckpt, "--max-new-tokens", 24, "--seed", 3)
+    assert code == 0, err
+    r1 = _reply(llms["tok"], [{"role": "user", "content": "hi"}], 3)
+    r2 = _reply(llms["tok"], [{"role": "user", "content": "hi"}, {"role": "assistant", "content": r1},
+                              {"role": "user", "content": "more"}], 3)
+    assert out == f"{r1}\n{r2}\n"
+
+
+def test_chat_errors(capsys, ids_ckpt, tok_ckpt, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
+    code, out, err = run(capsys, "chat", "--model", ids_ckpt)
+    assert_user_error(code, out, err, "tokenizer")
+    # A message too long for the context is reported, and the conversation goes on.
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello world " * 40 + "\n/bogus\nhi\n"))
+    code, out, err = run(capsys, "chat", "--model", tok_ckpt, "--max-new-tokens", 8, "--max-model-len", 64,
+                         "--seed", 0)
+    assert code == 0 and "context length" in err and "unknown command /bogus" in err and "Traceback" not in err
+    assert out.count("\n") == 1  # one reply, for "hi"
+
+
+# -- the registry ------------------------------------------------------------------------------------------------
+def test_register_a_subcommand(capsys):
+    def add(p):
+        p.add_argument("--name", default="world", help="who to greet")
+
+    def go(args):
+        print(f"hello {args.name}")
+        return 0
+
+    register("hello-test", "say hello", add, go)
+    try:
+        with pytest.raises(ValueError):
+            register("hello-test", "again", add, go)
+        code, out, _ = run(capsys, "hello-test", "--name", "dgemma")
+        assert code == 0 and out == "hello dgemma\n"
+        code, out, _ = run(capsys, "--help")
+        assert "hello-test" in out and "say hello" in out
+    finally:
+        SUBCOMMANDS.pop("hello-test", None)
+
+
+# -- a real process ----------------------------------------------------------------------------------------------
+def test_console_script_exit_codes(ids_ckpt, tmp_path):
+    exe = shutil.which("dgemma")
+    cmd = [exe] if exe else [sys.executable, "-m", "dgemma.cli"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    ok = subprocess.run(cmd + ["generate", "--model", str(ids_ckpt), "--prompt-ids", "5,6,7", "--max-new-tokens",
+                               "16", "--seed", "1", "--json", "--threads", "1"],
+                        capture_output=True, text=True, env=env, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    obj = json.loads(ok.stdout)
+    assert obj["completion_tokens"] == len(obj["token_ids"]) > 0
+    bad = subprocess.run(cmd + ["generate", "--model", str(tmp_path / "missing"), "--prompt-ids", "1"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.startswith("dgemma: error: ") and "Traceback" not in bad.stderr
