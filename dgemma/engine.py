@@ -25,6 +25,20 @@ from .sampler import ACCEPTANCE, SCHEDULES, STOPPING, SamplingParams, reference_
 FinishReason = Literal["stop", "length", "abort"]
 
 
+def check_context(prompt_len: int, params: SamplingParams, limit: int, canvas: int) -> None:
+    """Raise ValueError unless the whole budget fits the context: every token but the last is encoded (AR), every
+    canvas but the last is committed (diffusion: the budget counts in whole canvases)."""
+    if prompt_len >= limit:
+        raise ValueError(f"prompt has {prompt_len} tokens; the context length is {limit} tokens")
+    if params.mode == "ar":
+        need = prompt_len + params.max_new_tokens - 1
+    else:
+        need = prompt_len + (-(-params.max_new_tokens // canvas) - 1) * canvas
+    if need > limit:
+        raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the context "
+                         f"length ({limit} tokens{'' if params.mode == 'ar' else f'; diffusion generates whole canvases of {canvas}'})")
+
+
 @dataclass
 class Event:
     """One thing that happened to a request. `kind`: 'draft' (current argmax canvas, not final), 'tokens' (newly
@@ -97,12 +111,7 @@ class Engine:
             raise ValueError("prompt must be a non-empty list of token ids")
         if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt_ids):
             raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size})")
-        limit = self.max_model_len
-        if len(prompt_ids) + params.max_new_tokens > limit + self.canvas_length:
-            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
-                             f"the context length ({limit} tokens)")
-        if len(prompt_ids) >= limit:
-            raise ValueError(f"prompt has {len(prompt_ids)} tokens; the context length is {limit}")
+        check_context(len(prompt_ids), params, self.max_model_len, self.canvas_length)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         g = torch.Generator(device=self.model.device)
         g.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2 ** 62, (1,)).item()))
@@ -365,7 +374,7 @@ class Engine:
             self._finish(r, "stop", events)
             return
         self._emit(r, [tok], events)
-        if len(r.output) >= p.max_new_tokens or len(r.prompt) + len(r.output) >= self.max_model_len:
+        if len(r.output) >= p.max_new_tokens or len(r.prompt) + len(r.output) > self.max_model_len:
             self._finish(r, "length", events)
             return
         r.next_token = tok

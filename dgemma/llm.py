@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence, Union
 import torch
 
 from .checkpoint import load_generation_config, load_model
-from .engine import Engine, Event, reference_generate
+from .engine import Engine, Event, check_context, reference_generate
 from .sampler import SamplingParams, resolve
 from .tokenizer import Tokenizer
 
@@ -266,13 +266,10 @@ class LLM:
         if odd:
             raise ValueError(f"reference_sampling runs transformers' exact algorithm; it does not support "
                              f"non-default {', '.join(odd)}")
-        limit, C = self.engine.max_model_len, self.engine.canvas_length
         for _, ids in encoded:
             if not ids:
                 raise ValueError("prompt must be a non-empty list of token ids")
-            if len(ids) >= limit or len(ids) + sp.max_new_tokens > limit + C:
-                raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({sp.max_new_tokens}) exceeds the "
-                                 f"context length ({limit} tokens)")
+            check_context(len(ids), sp, self.engine.max_model_len, self.engine.canvas_length)
         gen = torch.Generator(device=self.device)
         gen.manual_seed(sp.seed if sp.seed is not None else int(torch.randint(0, 2 ** 62, (1,)).item()))
         pad = self.model.config.text.pad_token_id or 0
