@@ -269,12 +269,26 @@ class Engine:
         if any(r.template is not None for r in reqs):
             template = torch.stack([r.template if r.template is not None else
                                     torch.full((self.canvas_length,), -1, dtype=torch.long, device=dev) for r in reqs])
-        # Rows sharing one acceptance rule are sampled together (the common case: all of them).
-        out = sample_step(logits, canvas, temp, bound, ACCEPTANCE[p0[0].acceptance], [r.generator for r in reqs],
-                          self.vocab_size, template) if len({p.acceptance for p in p0}) == 1 else None
-        if out is None:
-            raise ValueError("mixed acceptance rules in one batch are not supported")
         commits: list[tuple[_Req, torch.Tensor]] = []
+        # Rows sharing one acceptance rule are sampled together (the common case: all of them).
+        for rule in sorted({p.acceptance for p in p0}):
+            idx = [i for i, p in enumerate(p0) if p.acceptance == rule]
+            sel = torch.tensor(idx, device=dev) if len(idx) < len(reqs) else None
+            pick = (lambda t: t) if sel is None else (lambda t: None if t is None else t[sel])
+            out = sample_step(pick(logits), pick(canvas), pick(temp), pick(bound), ACCEPTANCE[rule],
+                              [reqs[i].generator for i in idx], self.vocab_size, pick(template))
+            self._after_step([reqs[i] for i in idx], out, events, commits)
+        if commits:
+            # Encode all committed canvases in one encoder pass, so the next canvases see them as context.
+            rows = torch.tensor([r.row for r, _ in commits], dtype=torch.long, device=dev)
+            self.model.encode(torch.stack([a for _, a in commits]), self.cache, rows=rows, last_only=True)
+            self.stats["encoder_passes"] += 1
+            for r, a in commits:
+                self.row_tokens[r.row].extend(a.tolist())
+                self._new_canvas(r)
+
+    def _after_step(self, reqs: list[_Req], out, events: list[Event], commits: list) -> None:
+        """Advance each row's state after a sampler step; converged canvases are emitted and queued to commit."""
         for i, r in enumerate(reqs):
             r.passes += 1
             r.steps_left -= 1
@@ -286,14 +300,6 @@ class Engine:
             if done or r.steps_left == 0:
                 if self._emit_canvas(r, out.argmax[i], events):
                     commits.append((r, out.argmax[i]))
-        if commits:
-            # Encode all committed canvases in one encoder pass, so the next canvases see them as context.
-            rows = torch.tensor([r.row for r, _ in commits], dtype=torch.long, device=dev)
-            self.model.encode(torch.stack([a for _, a in commits]), self.cache, rows=rows, last_only=True)
-            self.stats["encoder_passes"] += 1
-            for r, a in commits:
-                self.row_tokens[r.row].extend(a.tolist())
-                self._new_canvas(r)
 
     def _emit_canvas(self, r: _Req, argmax: torch.Tensor, events: list[Event]) -> bool:
         """A canvas has converged: emit its tokens; True if generation goes on (the canvas must be committed)."""
@@ -332,6 +338,7 @@ class Engine:
             "canvases": r.canvases,
             "denoising_steps": r.passes,
             "steps_per_canvas": r.passes / r.canvases if r.canvases else 0.0,
+            "forwards": forwards,
             "tokens_per_forward": len(r.output) / forwards if forwards else 0.0,
             "ttft_s": (r.t_first or now) - r.t_arrival,
             "latency_s": now - r.t_arrival,

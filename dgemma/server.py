@@ -36,12 +36,13 @@ import threading
 import time
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from . import __version__
-from .engine import Event
-from .llm import LLM
-from .sampler import SamplingParams
+
+if TYPE_CHECKING:  # imported lazily: `dgemma --help` (which imports this module to register `serve`) stays fast
+    from .llm import LLM
+    from .sampler import SamplingParams
 
 logger = logging.getLogger("dgemma.server")
 
@@ -123,7 +124,7 @@ def _snapshot(engine: Any, rid: str) -> dict[str, Any]:
 class EngineLoop:
     """Owns the engine thread and routes its events to per-request asyncio queues."""
 
-    def __init__(self, llm: LLM, max_queue: int, metrics: _Metrics):
+    def __init__(self, llm: "LLM", max_queue: int, metrics: _Metrics):
         self.llm, self.engine, self.max_queue, self.metrics = llm, llm.engine, max_queue, metrics
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
         self._queues: dict[str, asyncio.Queue] = {}
@@ -152,7 +153,7 @@ class EngineLoop:
         if self.draining or self._thread is None:
             raise APIError(503, "the server is shutting down")
 
-    async def submit(self, rid: str, prompt_ids: list[int], params: SamplingParams, drafts: bool) -> asyncio.Queue:
+    async def submit(self, rid: str, prompt_ids: list[int], params: "SamplingParams", drafts: bool) -> asyncio.Queue:
         """Queue a request; returns its event queue once the engine accepted it (APIError 400 if it did not)."""
         self.check_available()
         if len(self._queues) >= self.max_queue:
@@ -227,7 +228,11 @@ class EngineLoop:
         elif cmd[0] == "finish":
             _, rid, n = cmd
             finish = getattr(eng, "finish_request", None)
-            ev = finish(rid, "stop", completion_tokens=n) if finish is not None else None
+            try:
+                ev = finish(rid, "stop", completion_tokens=n) if finish is not None else None
+            except Exception:  # keep serving: fall back to a plain abort
+                logger.exception("finish_request failed")
+                ev = None
             if ev is not None:
                 out.append((rid, ev))
             else:  # already finished (its event is on the way) or an engine without finish_request
@@ -303,7 +308,7 @@ def _find_stop(text: str, stops: list[str]) -> int | None:
 
 
 class _Text:
-    def __init__(self, llm: LLM, stops: list[str]):
+    def __init__(self, llm: "LLM", stops: list[str]):
         self.tok = llm.tokenizer
         self.dec = self.tok.incremental_decoder() if self.tok is not None else None
         self.stops = stops
@@ -368,7 +373,7 @@ class _Update:
 class _Generation:
     """Consumes one request's events and turns them into text updates (used by streaming and non-streaming)."""
 
-    def __init__(self, server: "_Server", rid: str, q: asyncio.Queue, prompt_len: int, params: SamplingParams,
+    def __init__(self, server: "_Server", rid: str, q: asyncio.Queue, prompt_len: int, params: "SamplingParams",
                  t_arrival: float, request: Any = None):
         self.server, self.rid, self.q, self.prompt_len, self.params = server, rid, q, prompt_len, params
         self.loop = asyncio.get_running_loop()
@@ -383,8 +388,7 @@ class _Generation:
     async def _get(self) -> Any:
         while True:
             remaining = self.deadline - self.loop.time()
-            if remaining <= 0:
-                self.server.metrics.aborted.labels(**self.server.metrics.labels).inc()
+            if remaining <= 0:  # close() then aborts the request
                 raise APIError(504, f"the request timed out after {self.server.request_timeout:g} s and was aborted")
             try:
                 return await asyncio.wait_for(self.q.get(), min(remaining, 1.0))
@@ -398,7 +402,7 @@ class _Generation:
         m = self.server.metrics
         while True:
             item = await self._get()
-            if isinstance(item, Event):
+            if not isinstance(item, tuple):  # an engine Event (control messages are tuples)
                 if item.kind == "draft":
                     if not self.stopping:
                         return _Update(draft=self.server.llm.decode(item.token_ids))
@@ -468,9 +472,9 @@ class _Generation:
         self.server.engine_loop.release(self.rid)
 
 
-# -- the app -------------------------------------------------------------------------------------------------------------
+# -- the app ---------------------------------------------------------------------------------------------------------
 class _Server:
-    def __init__(self, llm: LLM, model_name: str, max_queue: int, request_timeout: float, max_body_bytes: int):
+    def __init__(self, llm: "LLM", model_name: str, max_queue: int, request_timeout: float, max_body_bytes: int):
         self.llm, self.model_name = llm, model_name
         self.request_timeout, self.max_body_bytes = request_timeout, max_body_bytes
         self.metrics = _Metrics(model_name)
@@ -550,7 +554,10 @@ class _Server:
                 raise APIError(400, "this model has no tokenizer: send the prompt as a list of token ids",
                                param="prompt")
             self._check_text_length(prompt)
-            return self.llm.encode_prompt(prompt)[1]
+            try:
+                return self.llm.encode_prompt(prompt)[1]
+            except ValueError as e:
+                raise APIError(400, str(e), param="prompt") from None
         return list(prompt)
 
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> list[int]:
@@ -563,9 +570,14 @@ class _Server:
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
         self._check_text_length(text)
-        return tok.encode(text)
+        try:
+            return tok.encode(text)
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from None
 
-    def sampling(self, req: Any, budget: int | None, prompt_len: int) -> SamplingParams:
+    def sampling(self, req: Any, budget: int | None, prompt_len: int) -> "SamplingParams":
+        from .sampler import SamplingParams
+
         eng = self.llm.engine
         kw: dict[str, Any] = dict(
             max_new_tokens=budget if budget is not None else max(1, eng.max_model_len - prompt_len),
@@ -614,7 +626,7 @@ async def _until_disconnect(request: Any, coro: Any) -> Any:
     raise _ClientGone()
 
 
-def create_app(llm: LLM, *, model_name: str, max_queue: int = 64, request_timeout: float = 600,
+def create_app(llm: "LLM", *, model_name: str, max_queue: int = 64, request_timeout: float = 600,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Any:
     """The FastAPI app serving `llm` under `model_name`. The engine thread runs for the app's lifespan."""
     from fastapi import FastAPI, Request
@@ -843,6 +855,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="seconds to let in-flight requests finish on SIGTERM before aborting them")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                         help="largest accepted request body (default 16 MiB)")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's choice; 1 is often best for small models)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     parser.add_argument("--no-access-log", action="store_true", help="do not log every request")
     return parser
@@ -859,12 +873,21 @@ def run_serve(args: argparse.Namespace) -> int:
         if not lo <= v <= hi:
             print(f"error: --{name.replace('_', '-')} must be in [{lo}, {hi}], got {v}", file=sys.stderr)
             return 2
+    threads = getattr(args, "torch_threads", None)
+    if threads is not None:
+        if threads < 1:
+            print(f"error: --torch-threads must be >= 1, got {threads}", file=sys.stderr)
+            return 2
+        import torch
+        torch.set_num_threads(threads)
+    from .llm import LLM
+
     try:
         llm = LLM(args.model, device=args.device, dtype=args.dtype, max_batch=args.max_batch,
                   max_model_len=args.max_model_len)
     except (ValueError, OSError) as e:
         print(f"error: cannot load {args.model}: {e}", file=sys.stderr)
-        return 1
+        return 2
     name = args.served_model_name or args.model
     app = create_app(llm, model_name=name, max_queue=args.max_queue, request_timeout=args.request_timeout,
                      max_body_bytes=args.max_body_bytes)
@@ -891,6 +914,22 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0 if server.started else 1
 
 
+SERVE_HELP = "serve an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /metrics)"
+
+
+def _register_cli() -> None:
+    """Add `dgemma serve` when dgemma.cli has a subcommand registry (cli imports this module as a plugin)."""
+    try:
+        from . import cli
+    except Exception:  # no CLI (or a broken one): the server itself does not need it
+        return
+    register, commands = getattr(cli, "register", None), getattr(cli, "SUBCOMMANDS", None)
+    if callable(register) and isinstance(commands, dict) and "serve" not in commands:
+        with suppress(Exception):
+            register("serve", SERVE_HELP, add_serve_arguments, run_serve, __doc__.split("\n\n")[0] + "\n\n"
+                     "    dgemma serve --model PATH [--host 127.0.0.1] [--port 8000] [--max-batch 8] [--max-queue 64]")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dgemma.server", description="OpenAI-compatible dgemma server")
     add_serve_arguments(parser)
@@ -899,3 +938,5 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+else:
+    _register_cli()

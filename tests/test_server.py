@@ -1,0 +1,556 @@
+"""The OpenAI-compatible server (dgemma.server), end to end.
+
+A real uvicorn server runs in a subprocess on 127.0.0.1 (a free port) over a tiny random-weights checkpoint with a
+real byte-level BPE tokenizer. It is driven with the official `openai` client and with raw httpx:
+
+- completions / chat / streaming (include_usage, drafts), usage fields, stop strings, AR mode;
+- client mistakes -> 400 (or 404 for an unknown model) with an OpenAI error body, never 422/500, and the server
+  still answers /health afterwards (wrong types, huge numbers, empty prompt, invalid UTF-8, wrong content type,
+  non-object JSON, a 1 MB prompt answered quickly);
+- cancellation (tiny client timeouts) frees the rows; overload gets 429 + Retry-After while admitted requests
+  complete with the same tokens as when run alone; batched == unbatched for the same seeds;
+- /metrics; SIGTERM drains an in-flight request and exits 0; a dead engine thread gives 500 bodies and /health 503.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+pytest.importorskip("prometheus_client")
+
+import torch  # noqa: E402
+
+from bpe import build_bpe_tokenizer  # noqa: E402
+from dgemma import DiffusionGemma, save_model  # noqa: E402
+from dgemma.config import tiny_config  # noqa: E402
+
+MODEL = "tiny"
+MAX_QUEUE = 6
+MAX_BATCH = 4
+MAX_MODEL_LEN = 128
+CANVAS = 8
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- fixtures -----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("srv")
+    tok = build_bpe_tokenizer(d / "tok")
+    torch.manual_seed(0)
+    model = DiffusionGemma(tiny_config(vocab_size=300, canvas_length=CANVAS))
+    return save_model(model, d / "ck", tokenizer_dir=tok, generation_config={"max_denoising_steps": 6})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(checkpoint: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dgemma.server", "--model", str(checkpoint), "--port", str(port),
+         "--served-model-name", MODEL, "--max-batch", str(MAX_BATCH), "--max-queue", str(MAX_QUEUE),
+         "--max-model-len", str(MAX_MODEL_LEN), "--log-level", "warning", "--no-access-log", *extra],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{proc.stdout.read()}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not become healthy")
+
+
+def _stop(proc: subprocess.Popen) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    proc, url = _start(checkpoint)
+    yield url
+    rc = _stop(proc)
+    out = proc.stdout.read()
+    assert rc == 0, out
+    assert "Traceback" not in out, out
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _metrics(url: str) -> dict[str, float]:
+    out = {}
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def _metric(url: str, prefix: str) -> float:
+    return sum(v for k, v in _metrics(url).items() if k.split("{")[0] == prefix)
+
+
+def _wait_idle(url: str, timeout: float = 20) -> float:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        m = _metrics(url)
+        busy = sum(v for k, v in m.items() if k.split("{")[0] in ("dgemma:num_requests_running",
+                                                                  "dgemma:num_requests_waiting"))
+        if busy == 0:
+            return time.time() - t0
+        time.sleep(0.1)
+    raise AssertionError(f"the engine still has work after {timeout} s: {_metrics(url)}")
+
+
+def _healthy(url: str) -> None:
+    assert httpx.get(url + "/health", timeout=10).status_code == 200
+
+
+# -- basics --------------------------------------------------------------------------------------------------------
+def test_info_endpoints(server):
+    _healthy(server)
+    assert httpx.get(server + "/version").json()["version"]
+    models = httpx.get(server + "/v1/models").json()
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == [MODEL]
+    assert models["data"][0]["max_model_len"] == MAX_MODEL_LEN
+    r = httpx.get(server + "/no/such/route")
+    assert r.status_code == 404 and "error" in r.json()
+
+
+def test_completion(client):
+    r = client.completions.create(model=MODEL, prompt="hello world", max_tokens=16, seed=1)
+    assert r.object == "text_completion" and r.id.startswith("cmpl-")
+    c = r.choices[0]
+    assert isinstance(c.text, str) and c.finish_reason in ("stop", "length")
+    u = r.usage
+    assert u.prompt_tokens > 0
+    assert 0 <= u.completion_tokens <= 16 and u.total_tokens == u.prompt_tokens + u.completion_tokens
+    assert u.model_extra["denoising_steps"] >= 1 and u.model_extra["tokens_per_forward"] > 0
+    # Same seed, same output; token-id prompts and the one-element list forms work too.
+    again = client.completions.create(model=MODEL, prompt=["hello world"], max_tokens=16, seed=1)
+    assert again.choices[0].text == c.text
+    ids = client.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=8, seed=2,
+                                    extra_body={"ignore_eos": True})
+    assert ids.usage.prompt_tokens == 3 and ids.usage.completion_tokens == 8
+    assert ids.choices[0].finish_reason == "length"
+    nested = client.completions.create(model=MODEL, prompt=[[5, 6, 7]], max_tokens=8, seed=2,
+                                       extra_body={"ignore_eos": True})
+    assert nested.choices[0].text == ids.choices[0].text
+
+
+def test_chat(client):
+    msgs = [{"role": "user", "content": "what is the city name?"}]
+    r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=12, seed=3)
+    assert r.object == "chat.completion"
+    m = r.choices[0].message
+    assert m.role == "assistant" and isinstance(m.content, str)
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens > 5 and r.usage.completion_tokens <= 12
+    r2 = client.chat.completions.create(model=MODEL, messages=msgs, max_completion_tokens=12, seed=3)
+    assert r2.choices[0].message.content == m.content
+
+
+def test_streaming_completion_matches_non_streaming(client):
+    kw = dict(model=MODEL, prompt="the quick brown fox", max_tokens=20, seed=4, extra_body={"ignore_eos": True})
+    full = client.completions.create(**kw)
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    text_chunks = [c for c in chunks if c.choices]
+    assert "".join(c.choices[0].text for c in text_chunks) == full.choices[0].text
+    assert text_chunks[-1].choices[0].finish_reason == "length"
+    assert all(c.choices[0].finish_reason is None for c in text_chunks[:-1])
+    assert len(text_chunks) >= 2  # text arrives a canvas at a time (20 tokens = 3 canvases of 8)
+    last = chunks[-1]
+    assert last.choices == [] and last.usage.completion_tokens == 20
+    assert last.usage.prompt_tokens == full.usage.prompt_tokens
+    assert last.usage.model_extra["denoising_steps"] == full.usage.model_extra["denoising_steps"]
+    # Without include_usage there is no usage chunk.
+    plain = list(client.completions.create(stream=True, **kw))
+    assert all(c.choices for c in plain) and all(c.usage is None for c in plain)
+
+
+def test_streaming_chat(client):
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "hello"}], max_tokens=16, seed=5,
+              extra_body={"ignore_eos": True})
+    full = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    assert chunks[0].object == "chat.completion.chunk" and chunks[0].choices[0].delta.role == "assistant"
+    body = [c for c in chunks if c.choices]
+    assert "".join(c.choices[0].delta.content or "" for c in body) == full.choices[0].message.content
+    assert body[-1].choices[0].finish_reason == "length"
+    assert chunks[-1].usage.completion_tokens == 16 and chunks[-1].usage.total_tokens == full.usage.total_tokens
+
+
+def test_stream_drafts(client, server):
+    kw = dict(model=MODEL, prompt="hello", max_tokens=16, seed=6)
+    chunks = list(client.completions.create(stream=True, extra_body={"stream_drafts": True, "ignore_eos": True}, **kw))
+    drafts = [c for c in chunks if (c.model_extra or {}).get("draft") is not None]
+    assert drafts and all(isinstance(c.model_extra["draft"], str) and c.choices[0].text == "" for c in drafts)
+    # Drafts do not change the text; off by default.
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    plain = list(client.completions.create(stream=True, extra_body={"ignore_eos": True}, **kw))
+    assert not any((c.model_extra or {}).get("draft") for c in plain)
+    assert "".join(c.choices[0].text for c in plain if c.choices) == text
+
+
+def test_stop_string(client):
+    kw = dict(model=MODEL, prompt="data key value", max_tokens=32, seed=7)
+    base = client.completions.create(extra_body={"ignore_eos": True}, **kw).choices[0].text
+    # Pick an ASCII stop string from the middle of the unconstrained output.
+    m = re.search(r"[ -~]{1,2}", base[4:])
+    if m is None:
+        pytest.skip("the random model produced no ASCII text to stop on")
+    stop = m.group(0)
+    expect = base[:base.find(stop)]
+    r = client.completions.create(stop=[stop], extra_body={"ignore_eos": True}, **kw)
+    assert r.choices[0].text == expect and r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens < 32
+    streamed = list(client.completions.create(stop=stop, stream=True, extra_body={"ignore_eos": True}, **kw))
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == expect
+    assert streamed[-1].choices[0].finish_reason == "stop"
+
+
+def test_ar_mode(client):
+    kw = dict(model=MODEL, prompt=[5, 6, 7], max_tokens=6, extra_body={"mode": "ar", "ignore_eos": True})
+    a = client.completions.create(**kw)
+    b = client.completions.create(**kw)
+    assert a.choices[0].text == b.choices[0].text  # greedy by default
+    assert a.usage.completion_tokens == 6 and a.usage.model_extra["tokens_per_forward"] == pytest.approx(1.0)
+    assert a.usage.model_extra["denoising_steps"] == 0
+    s1 = client.completions.create(temperature=1.0, seed=9, **kw)
+    s2 = client.completions.create(temperature=1.0, seed=9, **kw)
+    assert s1.choices[0].text == s2.choices[0].text
+
+
+def test_diffusion_knobs(client):
+    r = client.completions.create(model=MODEL, prompt="hello", max_tokens=8, seed=1, extra_body={
+        "max_denoising_steps": 3, "fixed_steps": True, "t_min": 0.3, "t_max": 0.9, "entropy_bound": 0.2,
+        "ignore_eos": True})
+    assert r.usage.model_extra["denoising_steps"] == 3 and r.usage.completion_tokens == 8
+    r = client.completions.create(model=MODEL, prompt="hello", max_tokens=8, seed=1,
+                                  extra_body={"stability_threshold": 2, "confidence_threshold": 0.5,
+                                              "stop_token_ids": [299]})
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+# -- client mistakes ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs,param", [
+    (dict(n=2), "n"),
+    (dict(logprobs=2), "logprobs"),
+    (dict(echo=True), "echo"),
+    (dict(best_of=3), "best_of"),
+    (dict(suffix="x"), "suffix"),
+    (dict(max_tokens=0), "max_tokens"),
+    (dict(seed=-1), "seed"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(extra_body={"mode": "fast"}), "mode"),
+    (dict(extra_body={"max_denoising_steps": 0}), "max_denoising_steps"),
+    (dict(extra_body={"t_min": 0.9, "t_max": 0.1}), "t_max"),
+    (dict(extra_body={"stop_token_ids": [100000]}), "stop_token_ids"),
+    (dict(extra_body={"entropy_bound": "big"}), "entropy_bound"),
+])
+def test_bad_fields_openai(client, server, kwargs, param):
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.completions.create(model=MODEL, prompt="hello", **{"max_tokens": 4, **kwargs})
+    err = ei.value.body
+    assert err["type"] == "BadRequestError" and err["param"] == param and err["message"], err
+    _healthy(server)
+
+
+def test_bad_chat_openai(client, server):
+    for kw in (dict(messages=[]), dict(messages=[{"role": "user"}]), dict(messages=[{"role": 1, "content": "x"}]),
+               dict(messages=[{"role": "user", "content": "x"}], logprobs=True),
+               dict(messages=[{"role": "user", "content": "x"}], response_format={"type": "json_object"}),
+               dict(messages=[{"role": "user", "content": "x"}], n=3)):
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model=MODEL, max_tokens=4, **kw)
+    _healthy(server)
+
+
+def test_unknown_model_and_context_limit(client):
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="hi", max_tokens=4)
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.completions.create(model=MODEL, prompt=[5] * 100, max_tokens=1000)
+    msg = ei.value.body["message"]
+    assert "100" in msg and "1000" in msg and str(MAX_MODEL_LEN) in msg
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt=[5] * 500, max_tokens=1)
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.completions.create(model=MODEL, prompt=[5, 6, 300], max_tokens=1)
+    assert ei.value.body["param"] == "prompt"
+
+
+_J = {"content-type": "application/json"}
+
+
+@pytest.mark.parametrize("content,headers", [
+    (b'{"prompt": 5, "max_tokens": 4}', _J),  # wrong type
+    (b'{"prompt": "hi", "max_tokens": "4"}', _J),
+    (b'{"prompt": "hi", "max_tokens": 4.5}', _J),
+    (b'{"prompt": "hi", "max_tokens": true}', _J),
+    (b'{"prompt": "hi", "stream": "yes"}', _J),
+    (b'{"prompt": "hi", "stop": 3}', _J),
+    (b'{"prompt": [1, "a"], "max_tokens": 4}', _J),
+    (b'{"prompt": [1.5], "max_tokens": 4}', _J),
+    (b'{"prompt": ["a", "b"], "max_tokens": 4}', _J),  # several prompts
+    (b'{"prompt": "hi", "max_tokens": 1' + b"0" * 40 + b"}", _J),  # huge numbers
+    (b'{"prompt": "hi", "max_tokens": 4, "seed": 1' + b"0" * 30 + b"}", _J),
+    (b'{"prompt": "hi", "max_tokens": 4, "temperature": 1e999}', _J),
+    (b'{"prompt": "hi", "max_tokens": 4, "t_min": NaN}', _J),
+    (b'{"prompt": "hi", "max_tokens": 4, "seed": 1' + b"0" * 5000 + b"}", _J),
+    (b'{"prompt": "", "max_tokens": 4}', _J),  # empty prompts
+    (b'{"prompt": [], "max_tokens": 4}', _J),
+    (b'{"prompt": [[]], "max_tokens": 4}', _J),
+    (b'{"max_tokens": 4}', _J),
+    (b'{"prompt": "\xff\xfe bad utf-8"}', _J),  # invalid UTF-8
+    (b'{"prompt": "hi"}', {"content-type": "text/plain"}),  # wrong content type
+    (b"prompt=hi", {"content-type": "application/x-www-form-urlencoded"}),
+    (b'["hi"]', _J),  # non-object JSON
+    (b'"hi"', _J),
+    (b"null", _J),
+    (b"{not json", _J),
+    (b"", _J),
+    (b"[" * 100000 + b"]" * 100000, _J),  # deeply nested
+    (b'{"prompt": "hi", "stream_options": {"include_usage": true}}', _J),  # stream_options without stream
+])
+def test_malformed_completions(server, content, headers):
+    r = httpx.post(server + "/v1/completions", content=content, headers=headers, timeout=30)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["code"] == 400 and err["message"]
+    _healthy(server)
+
+
+@pytest.mark.parametrize("body", [
+    {"messages": "hi"}, {"messages": [1]}, {"messages": [{"role": "user", "content": 5}]},
+    {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]},
+    {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -1},
+    {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+])
+def test_malformed_chat(server, body):
+    r = httpx.post(server + "/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["type"] == "BadRequestError"
+    _healthy(server)
+
+
+def test_huge_prompt_rejected_quickly(server):
+    t0 = time.time()
+    r = httpx.post(server + "/v1/completions", json={"prompt": "hello world " * 90_000, "max_tokens": 4}, timeout=30)
+    assert r.status_code == 400 and "context length" in r.json()["error"]["message"]
+    r = httpx.post(server + "/v1/chat/completions", timeout=30,
+                   json={"messages": [{"role": "user", "content": "x" * 1_000_000}], "max_tokens": 4})
+    assert r.status_code == 400
+    assert time.time() - t0 < 10
+    _healthy(server)
+
+
+# -- concurrency -----------------------------------------------------------------------------------------------------
+def _complete(client, prompt, seed, max_tokens=16, **extra):
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, seed=seed,
+                                  extra_body={"ignore_eos": True, **extra})
+    return r.choices[0].text, r.usage.completion_tokens, r.choices[0].finish_reason
+
+
+def test_batched_equals_unbatched(client):
+    jobs = [("hello world", 11), ("the quick brown fox", 12), ([5, 6, 7, 8], 13), ("data", 14),
+            ("what is the price", 15), ([9, 10], 16)]
+    alone = [_complete(client, p, s, 20) for p, s in jobs]
+    with cf.ThreadPoolExecutor(len(jobs)) as ex:
+        together = list(ex.map(lambda j: _complete(client, j[0], j[1], 20), jobs))
+    assert together == alone
+
+
+def test_cancellation_frees_rows(server, client):
+    # Each of these would run ~12 canvases x 400 steps (many seconds): only aborts can free the rows quickly.
+    slow = {"prompt": "hello world", "max_tokens": 96, "seed": 1, "ignore_eos": True, "fixed_steps": True,
+            "max_denoising_steps": 400}
+
+    def cancel_plain(_):
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(server + "/v1/completions", json=slow, timeout=0.3)
+
+    def cancel_stream(_):
+        with httpx.stream("POST", server + "/v1/completions", json={**slow, "stream": True}, timeout=30) as r:
+            assert r.status_code == 200
+            next(r.iter_lines())  # the first chunk arrives, then the client goes away
+
+    aborted0 = _metric(server, "dgemma:request_aborted_total")
+    with cf.ThreadPoolExecutor(MAX_BATCH) as ex:
+        list(ex.map(cancel_plain, range(MAX_BATCH)))
+        list(ex.map(cancel_stream, range(2)))
+    _wait_idle(server, timeout=5)
+    assert _metric(server, "dgemma:request_aborted_total") - aborted0 >= 2
+    t0 = time.time()
+    text, n, reason = _complete(client, "hello", 1, 8)
+    assert n == 8 and reason == "length" and time.time() - t0 < 10
+    _healthy(server)
+
+
+def test_overload_gets_429(server, client):
+    kw = dict(prompt="hello world", seed=21, max_tokens=32, max_denoising_steps=24, fixed_steps=True)
+    expect = _complete(client, **kw)
+
+    def call(_):
+        try:
+            return _complete(client, **kw)
+        except openai.RateLimitError as e:
+            assert e.response.headers.get("retry-after")
+            assert e.body["type"] == "RateLimitError"
+            return "429"
+
+    with cf.ThreadPoolExecutor(3 * MAX_QUEUE) as ex:
+        results = list(ex.map(call, range(3 * MAX_QUEUE)))
+    ok = [r for r in results if r != "429"]
+    assert results.count("429") >= 1 and len(ok) >= MAX_BATCH
+    assert all(r == expect for r in ok)  # admitted requests complete correctly (same tokens as alone)
+    _wait_idle(server)
+    assert _complete(client, **kw) == expect
+
+
+def test_metrics(server, client):
+    client.completions.create(model=MODEL, prompt="hello", max_tokens=8, seed=1)
+    text = httpx.get(server + "/metrics").text
+    for name in ("dgemma:num_requests_running", "dgemma:num_requests_waiting", "dgemma:prompt_tokens_total",
+                 "dgemma:generation_tokens_total", "dgemma:tokens_per_forward_bucket",
+                 "dgemma:denoising_steps_per_canvas_bucket", "dgemma:time_to_first_token_seconds_bucket",
+                 "dgemma:e2e_request_latency_seconds_bucket", "dgemma:request_success_total"):
+        assert name in text, name
+    m = _metrics(server)
+    assert _metric(server, "dgemma:prompt_tokens_total") > 0
+    assert _metric(server, "dgemma:generation_tokens_total") > 0
+    assert any(k.startswith("dgemma:request_rejected_total") and 'status="429"' in k for k in m)
+
+
+# -- lifecycle -------------------------------------------------------------------------------------------------------
+def test_sigterm_drains_and_exits_zero(checkpoint):
+    proc, url = _start(checkpoint)
+    try:
+        body = {"model": MODEL, "prompt": "hello", "max_tokens": 48, "seed": 1, "ignore_eos": True,
+                "fixed_steps": True, "max_denoising_steps": 30}
+        with cf.ThreadPoolExecutor(1) as ex:
+            fut = ex.submit(httpx.post, url + "/v1/completions", json=body, timeout=60)
+            t0 = time.time()
+            while _metric(url, "dgemma:num_requests_running") < 1:
+                assert time.time() - t0 < 20 and not fut.done()
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            r = fut.result()
+        assert r.status_code == 200, r.text  # the in-flight request finished
+        assert r.json()["usage"]["completion_tokens"] == 48
+        assert proc.wait(timeout=30) == 0
+    finally:
+        _stop(proc)
+    with pytest.raises(httpx.TransportError):
+        httpx.get(url + "/health", timeout=2)
+
+
+def _sse(text: str) -> list:
+    out = []
+    for line in text.splitlines():
+        if line.startswith("data: "):
+            out.append(line[6:] if line == "data: [DONE]" else json.loads(line[6:]))
+    return out
+
+
+@pytest.fixture
+def one_thread():
+    """In-process servers run the engine in a thread; on a small shared machine two OpenMP threads per op make
+    every step crawl. Use one (restored afterwards)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def test_dead_engine_gives_500_and_health_503(checkpoint, one_thread):
+    from fastapi.testclient import TestClient
+
+    from dgemma.llm import LLM
+    from dgemma.server import create_app
+
+    llm = LLM(checkpoint, max_batch=2, max_model_len=128)
+    step, calls = llm.engine.step, [0]
+
+    def failing_step():  # works long enough to commit a canvas or two, then the "device" fails
+        calls[0] += 1
+        if calls[0] > 8:
+            raise RuntimeError("simulated device failure")
+        return step()
+
+    llm.engine.step = failing_step
+    app = create_app(llm, model_name=MODEL, max_queue=4)
+    with TestClient(app) as tc:
+        assert tc.get("/health").status_code == 200
+        r = tc.post("/v1/completions", json={"prompt": "hi", "max_tokens": 64, "ignore_eos": True, "stream": True,
+                                             "fixed_steps": True, "max_denoising_steps": 3})
+        assert r.status_code == 200
+        events = _sse(r.text)
+        assert events[-1] == "[DONE]" and "simulated device failure" in events[-2]["error"]["message"]
+        assert any(e["choices"][0]["text"] for e in events[:-2])  # text before the failure
+        assert tc.get("/health").status_code == 503
+        r = tc.post("/v1/completions", json={"prompt": "hi", "max_tokens": 4})
+        assert r.status_code == 500 and r.json()["error"]["type"] == "InternalServerError"
+        r = tc.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "stream": True})
+        assert r.status_code == 500
+        assert tc.get("/v1/models").status_code == 200  # the process keeps answering
+
+
+def test_request_timeout_aborts(checkpoint, one_thread):
+    from fastapi.testclient import TestClient
+
+    from dgemma.llm import LLM
+    from dgemma.server import create_app
+
+    llm = LLM(checkpoint, max_batch=2, max_model_len=128)
+    app = create_app(llm, model_name=MODEL, max_queue=4, request_timeout=0.5)
+    slow = {"prompt": "hi", "max_tokens": 64, "ignore_eos": True, "fixed_steps": True, "max_denoising_steps": 1000}
+    with TestClient(app) as tc:
+        t0 = time.time()
+        r = tc.post("/v1/completions", json=slow)
+        assert r.status_code == 504 and r.json()["error"]["type"] == "TimeoutError"
+        events = _sse(tc.post("/v1/completions", json={**slow, "stream": True}).text)
+        assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == 504
+        assert time.time() - t0 < 10
+        deadline = time.time() + 5
+        while llm.engine.has_unfinished():  # the timed-out requests were aborted
+            assert time.time() < deadline
+            time.sleep(0.05)
+        r = tc.post("/v1/completions", json={"prompt": "hi", "max_tokens": 4, "seed": 1})
+        assert r.status_code == 200 and tc.get("/health").status_code == 200
