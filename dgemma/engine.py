@@ -63,7 +63,7 @@ class _Req:
     prefilled: int = 0
     output: list[int] = field(default_factory=list)
     canvas: torch.Tensor | None = None
-    probs: torch.Tensor | None = None
+    has_sc: bool = False  # the row's self-conditioning buffer holds the previous step's probabilities
     steps_left: int = 0
     passes: int = 0
     canvases: int = 0
@@ -100,6 +100,7 @@ class Engine:
         self._ids = itertools.count()
         self.stats = {"decoder_passes": 0, "encoder_passes": 0, "steps": 0}
         self._mask_key: tuple | None = None
+        self._workspace: dict[str, torch.Tensor] = {}
         self._masks: dict | None = None
 
     # -- requests ---------------------------------------------------------------------------------------------
@@ -233,7 +234,7 @@ class Engine:
                                  device=self.model.device)
         if r.template is not None:
             r.canvas = torch.where(r.template >= 0, r.template, r.canvas)
-        r.probs = None
+        r.has_sc = False
         r.steps_left = r.params.max_denoising_steps
         r.stopper = STOPPING["none" if r.params.fixed_steps else r.params.stopping](
             1, self.canvas_length, torch.tensor([r.params.stability_threshold]),
@@ -249,15 +250,26 @@ class Engine:
         all_rows = len(reqs) == self.max_batch and all(r.row == i for i, r in enumerate(reqs))
         rows_arg = None if all_rows else rows
         canvas = torch.stack([r.canvas for r in reqs])
+        R, C, V = len(reqs), self.canvas_length, self.vocab_size
+        # (B, C, V) buffers are allocated once and reused: per-row probabilities (the self-conditioning signal),
+        # the logits, and their low-precision copies.
+        sc_all = self._buffer("probs", (self.max_batch, C, V), torch.float32, zero=True)
         probs = None
-        if any(r.probs is not None for r in reqs):
-            # A row on its first step has no self-conditioning signal: zero probabilities give a zero soft embedding.
-            probs = torch.stack([r.probs if r.probs is not None else
-                                 torch.zeros(self.canvas_length, self.vocab_size, device=dev) for r in reqs])
+        if any(r.has_sc for r in reqs):
+            for r in reqs:
+                if not r.has_sc:  # first step of a canvas: zero probabilities give a zero soft embedding
+                    sc_all[r.row].zero_()
+            probs = sc_all if rows_arg is None else sc_all[rows]
+            if self.model.dtype != torch.float32:
+                probs = self._buffer("probs_lowp", (self.max_batch, C, V), self.model.dtype)[:R].copy_(probs)
         key = (tuple(r.row for r in reqs), self.cache.version)
         if key != self._mask_key:  # masks change only when rows join/leave or the cache grows
             self._mask_key, self._masks = key, self.cache.decoder_masks(self.canvas_length, rows_arg)
-        logits = self.model.denoise(canvas, self.cache, self_cond_probs=probs, rows=rows_arg, masks=self._masks)
+        lowp = self.model.dtype != torch.float32
+        logits = self.model.denoise(
+            canvas, self.cache, self_cond_probs=probs, rows=rows_arg, masks=self._masks,
+            logits_out=self._buffer("logits", (self.max_batch, C, V), torch.float32)[:R],
+            logits_scratch=self._buffer("logits_lowp", (self.max_batch, C, V), self.model.dtype)[:R] if lowp else None)
         self.stats["decoder_passes"] += 1
         p0 = [r.params for r in reqs]
         N = torch.tensor([p.max_denoising_steps for p in p0], dtype=torch.float32)
@@ -275,8 +287,12 @@ class Engine:
             idx = [i for i, p in enumerate(p0) if p.acceptance == rule]
             sel = torch.tensor(idx, device=dev) if len(idx) < len(reqs) else None
             pick = (lambda t: t) if sel is None else (lambda t: None if t is None else t[sel])
+            direct = sel is None and rows_arg is None  # all rows, in order: write probabilities in place
             out = sample_step(pick(logits), pick(canvas), pick(temp), pick(bound), ACCEPTANCE[rule],
-                              [reqs[i].generator for i in idx], self.vocab_size, pick(template))
+                              [reqs[i].generator for i in idx], self.vocab_size, pick(template),
+                              probs_out=sc_all if direct else None)
+            if not direct:
+                sc_all[torch.tensor([reqs[i].row for i in idx], device=dev)] = out.probs
             self._after_step([reqs[i] for i in idx], out, events, commits)
         if commits:
             # Encode all committed canvases in one encoder pass, so the next canvases see them as context.
@@ -287,13 +303,21 @@ class Engine:
                 self.row_tokens[r.row].extend(a.tolist())
                 self._new_canvas(r)
 
+    def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, zero: bool = False) -> torch.Tensor:
+        """A persistent workspace tensor (allocated on first use)."""
+        b = self._workspace.get(name)
+        if b is None or b.shape != shape or b.dtype != dtype:
+            b = (torch.zeros if zero else torch.empty)(shape, dtype=dtype, device=self.model.device)
+            self._workspace[name] = b
+        return b
+
     def _after_step(self, reqs: list[_Req], out, events: list[Event], commits: list) -> None:
         """Advance each row's state after a sampler step; converged canvases are emitted and queued to commit."""
         for i, r in enumerate(reqs):
             r.passes += 1
             r.steps_left -= 1
             r.canvas = out.canvas[i]
-            r.probs = out.probs[i]
+            r.has_sc = True
             done = bool(r.stopper(torch.tensor([0]), out.argmax[i:i + 1], out.mean_entropy[i:i + 1])[0])
             if r.want_drafts:
                 events.append(Event(r.id, "draft", out.argmax[i].tolist()))

@@ -106,7 +106,7 @@ class TextAssembler:
         return delta
 
 
-def _stop_prefix(tokens: list[int], decode: Callable[[list[int]], str], stops: list[str]) -> int:
+def stop_prefix(tokens: list[int], decode: Callable[[list[int]], str], stops: list[str]) -> int:
     """The shortest token prefix whose text contains a stop string (len(tokens) if none does)."""
     for k in range(1, len(tokens) + 1):
         text = decode(tokens[:k])
@@ -210,7 +210,7 @@ class LLM:
             delta = asm.push(ev.token_ids)
             if asm.stopped:
                 # Keep the shortest token prefix whose text reaches the stop string; the text ends before it.
-                cut = _stop_prefix(asm.tokens, self.decode, asm.stops)
+                cut = stop_prefix(asm.tokens, self.decode, asm.stops)
                 new_ids = asm.tokens[before:cut]
                 del asm.tokens[cut:]
                 s["stopped"] = True
@@ -284,7 +284,7 @@ class LLM:
                 asm = TextAssembler(self.decode, sp.stop)
                 asm.push(toks)
                 if asm.stopped:
-                    toks, reason = toks[:_stop_prefix(toks, self.decode, sp.stop)], "stop"
+                    toks, reason = toks[:stop_prefix(toks, self.decode, sp.stop)], "stop"
                 asm.finish()
                 out_text = asm.text
             outs.append(RequestOutput(f"ref-{i}", text, ids, [CompletionOutput(0, out_text, toks, reason)], True, {

@@ -329,11 +329,22 @@ class DiffusionGemma(nn.Module):
             out[sliding] = (emb.cos().to(self.dtype), emb.sin().to(self.dtype))
         return out
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Tied LM head and soft-capping; float32 logits (..., V)."""
-        x = F.linear(hidden, self.embed_tokens.weight).float()
+    def logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None,
+               scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """Tied LM head and soft-capping; float32 logits (..., V).
+
+        `out` (float32) and, for a low-precision model, `scratch` (model dtype) are reusable buffers of the logits'
+        shape: (B, C, V) tensors are large, and allocating them afresh every step costs page faults.
+        """
         cap = self.text.final_logit_softcapping
-        return torch.tanh(x / cap) * cap if cap is not None else x
+        if out is None:
+            x = F.linear(hidden, self.embed_tokens.weight).float()
+            return torch.tanh(x / cap) * cap if cap is not None else x
+        if self.dtype == torch.float32:
+            torch.matmul(hidden, self.embed_tokens.weight.t(), out=out)
+        else:
+            out.copy_(torch.matmul(hidden, self.embed_tokens.weight.t(), out=scratch))
+        return out.div_(cap).tanh_().mul_(cap) if cap is not None else out
 
     # -- passes -----------------------------------------------------------------------------------------------
     def encode(self, tokens: torch.Tensor, cache: KVCache, n_new: torch.Tensor | None = None,
@@ -380,13 +391,15 @@ class DiffusionGemma(nn.Module):
 
     def denoise(self, canvas: torch.Tensor, cache: KVCache, self_cond: torch.Tensor | None = None,
                 self_cond_mask: torch.Tensor | None = None, masks: dict[bool, torch.Tensor] | None = None,
-                rows: torch.Tensor | None = None, self_cond_probs: torch.Tensor | None = None) -> torch.Tensor:
+                rows: torch.Tensor | None = None, self_cond_probs: torch.Tensor | None = None,
+                logits_out: torch.Tensor | None = None, logits_scratch: torch.Tensor | None = None) -> torch.Tensor:
         """Bidirectional pass over `canvas` (B, C) after each row's cached context; returns logits (B, C, V).
 
         `self_cond`: the previous step's (processed) logits (B, C, V), or None on the first step (zero signal).
         `self_cond_mask` (B,): rows whose signal is zeroed (training). `masks`: from `cache.decoder_masks`, to
         build them once per canvas instead of once per step. `rows`: which cache rows the canvases extend.
-        `self_cond_probs`: the previous step's softmax instead of its logits (saves a softmax). The cache is only read.
+        `self_cond_probs`: the previous step's softmax instead of its logits (saves a softmax). `logits_out` /
+        `logits_scratch`: reusable output buffers (see `logits`). The cache is only read.
         """
         B, C = canvas.shape
         positions = cache.rows_of(cache.lengths, rows)[:, None] + torch.arange(C, device=canvas.device)[None, :]
@@ -413,7 +426,7 @@ class DiffusionGemma(nn.Module):
             K, V = torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)
             x = x + layer.post_attention_layernorm(attn.attend(q, K, V, masks[sliding]))
             x = layer.feed_forward(x) * layer.layer_scalar
-        return self.logits(self.norm(x))
+        return self.logits(self.norm(x), out=logits_out, scratch=logits_scratch)
 
     def forward_ar(self, tokens: torch.Tensor, cache: KVCache, n_new: torch.Tensor | None = None) -> torch.Tensor:
         """Causal LM step: encode `tokens` and return next-token logits (B, T, V)."""

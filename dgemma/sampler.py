@@ -197,20 +197,25 @@ class StepOut:
 
 def sample_step(logits: torch.Tensor, canvas: torch.Tensor, temperature: torch.Tensor, bound: torch.Tensor,
                 accept: Callable, generators: list[torch.Generator | None], vocab_size: int,
-                template: torch.Tensor | None = None) -> StepOut:
+                template: torch.Tensor | None = None, probs_out: torch.Tensor | None = None) -> StepOut:
     """One sampler step. logits (R, C, V) float32 (consumed: scaled in place), canvas (R, C), temperature/bound (R,).
 
     Each row draws from its own generator so a request's tokens do not depend on its batch neighbours.
     Only accepted positions keep their sampled token, so only those are sampled (inverse CDF, one uniform each):
     the same distribution as sampling every position and discarding most draws, without V random numbers per
     position. `template` (R, C) holds fixed token ids (-1 where free): fixed positions are always accepted and
-    never redrawn.
+    never redrawn. `probs_out` (R, C, V) float32 receives the probabilities (a reusable buffer); the whole step
+    allocates nothing of size V.
     """
     R, C, V = logits.shape
-    logp = torch.log_softmax(logits.div_(temperature[:, None, None]), dim=-1)  # (R, C, V)
-    probs = logp.exp()
-    entropy = -torch.einsum("rcv,rcv->rc", probs, logp)  # (R, C)
-    argmax = logp.argmax(dim=-1)
+    x = logits.div_(temperature[:, None, None])
+    argmax = x.argmax(dim=-1)  # (R, C)
+    x.sub_(x.amax(dim=-1, keepdim=True))  # x - max: exp cannot overflow
+    probs = torch.exp(x, out=probs_out) if probs_out is not None else x.exp()
+    z = probs.sum(dim=-1)  # (R, C) partition function (relative to the max)
+    dot = torch.einsum("rcv,rcv->rc", probs, x)  # sum_v e^(x-m) (x-m)
+    probs.div_(z[..., None])
+    entropy = z.log() - dot / z  # -sum p log p
     mask = accept(entropy, bound)
     if template is not None:
         fixed = template >= 0

@@ -302,63 +302,34 @@ def _param_of(message: str) -> str | None:
 
 
 # -- one request's output: incremental text, stop strings ---------------------------------------------------------
-def _find_stop(text: str, stops: list[str]) -> int | None:
-    found = [text.find(s) for s in stops if s in text]
-    return min(found) if found else None
-
-
 class _Text:
+    """Committed tokens -> text safe to send now; `llm.TextAssembler` holds back partial characters and partial
+    stop strings, and cuts at a stop string (tokens are then cut to the shortest prefix reaching it)."""
+
     def __init__(self, llm: "LLM", stops: list[str]):
-        self.tok = llm.tokenizer
-        self.dec = self.tok.incremental_decoder() if self.tok is not None else None
-        self.stops = stops
-        self.tokens: list[int] = []
-        self.text = ""
-        self.sent = 0
+        from .llm import TextAssembler
+
+        self.llm = llm
+        self.asm = TextAssembler(llm.decode if llm.tokenizer is not None else (lambda ids: ""), stops)
+        self.pending = ""
         self.stopped = False
 
+    @property
+    def tokens(self) -> list[int]:
+        return self.asm.tokens
+
     def push(self, ids: list[int]) -> bool:
-        """Append committed tokens; True when a stop string appeared (text and tokens are then cut before it)."""
-        before = len(self.tokens)
-        self.tokens.extend(ids)
-        if self.dec is not None:
-            self.text += self.dec.push(ids)
-        return self._check(before)
+        """Append committed tokens; True when a stop string appeared."""
+        from .llm import stop_prefix
 
-    def flush(self) -> None:
-        if self.dec is not None and not self.stopped:
-            before = len(self.tokens)
-            self.text += self.dec.flush()
-            self._check(before)
-
-    def _check(self, before: int) -> bool:
-        if not self.stops or self.tok is None:
-            return False
-        hit = _find_stop(self.text, self.stops)
-        if hit is None:
-            return False
-        # Keep the shortest token prefix whose text reaches the stop string (as LLM.generate does).
-        cut = next((k for k in range(max(1, before), len(self.tokens) + 1)
-                    if _find_stop(self.tok.decode(self.tokens[:k]), self.stops) is not None), len(self.tokens))
-        self.tokens = self.tokens[:cut]
-        self.text = self.text[:hit]
-        self.sent = min(self.sent, hit)
-        self.stopped = True
-        return True
-
-    def _held(self) -> int:
-        """Length of the longest tail of the unsent text that could still grow into a stop string."""
-        held, tail = 0, len(self.text) - self.sent
-        for s in self.stops:
-            for k in range(min(len(s) - 1, tail), held, -1):
-                if self.text.endswith(s[:k]):
-                    held = k
-                    break
-        return held
+        self.pending += self.asm.push(ids)
+        if self.asm.stops and self.llm.tokenizer is not None and self.asm.stopped:
+            del self.asm.tokens[stop_prefix(self.asm.tokens, self.llm.decode, self.asm.stops):]
+            self.stopped = True
+        return self.stopped
 
     def take(self, final: bool) -> str:
-        end = len(self.text) if final or self.stopped else len(self.text) - self._held()
-        out, self.sent = self.text[self.sent:end], max(self.sent, end)
+        out, self.pending = self.pending + (self.asm.finish() if final else ""), ""
         return out
 
 
@@ -431,8 +402,6 @@ class _Generation:
 
     def _finish(self, reason: str, em: dict[str, Any]) -> _Update:
         self.done = True
-        if not self.stopping:
-            self.out.flush()
         if self.out.stopped:
             reason = "stop"
         text = self.out.take(final=True)

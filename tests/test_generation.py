@@ -319,8 +319,8 @@ def test_fast_generation_distribution_matches_reference(dist_model):
     orig = dgemma_model.DiffusionGemma.denoise
 
     def no_self_cond(self, canvas, cache, self_cond=None, self_cond_mask=None, masks=None, rows=None,
-                     self_cond_probs=None):
-        return orig(self, canvas, cache, masks=masks, rows=rows)
+                     self_cond_probs=None, **buffers):
+        return orig(self, canvas, cache, masks=masks, rows=rows, **buffers)
 
     mp = pytest.MonkeyPatch()
     try:
