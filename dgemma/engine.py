@@ -72,7 +72,7 @@ class _Req:
     t_arrival: float = 0.0
     t_first: float | None = None
     want_drafts: bool = False
-    stopper: Any = None
+    stopping: str = "stable_confident"
 
 
 class Engine:
@@ -101,6 +101,7 @@ class Engine:
         self.stats = {"decoder_passes": 0, "encoder_passes": 0, "steps": 0}
         self._mask_key: tuple | None = None
         self._workspace: dict[str, torch.Tensor] = {}
+        self._stoppers: dict[str, Any] = {}
         self._masks: dict | None = None
 
     # -- requests ---------------------------------------------------------------------------------------------
@@ -236,9 +237,17 @@ class Engine:
             r.canvas = torch.where(r.template >= 0, r.template, r.canvas)
         r.has_sc = False
         r.steps_left = r.params.max_denoising_steps
-        r.stopper = STOPPING["none" if r.params.fixed_steps else r.params.stopping](
-            1, self.canvas_length, torch.tensor([r.params.stability_threshold]),
-            torch.tensor([float(r.params.confidence_threshold)]), self.model.device)
+        r.stopping = "none" if r.params.fixed_steps else r.params.stopping
+        self._stopper(r.stopping).reset(torch.tensor([r.row], device=self.model.device),
+                                        r.params.stability_threshold, float(r.params.confidence_threshold))
+
+    def _stopper(self, name: str):
+        """One stop-rule object per rule, over all cache rows."""
+        if name not in self._stoppers:
+            n = self.max_batch
+            self._stoppers[name] = STOPPING[name](n, self.canvas_length, torch.ones(n, dtype=torch.long),
+                                                  torch.zeros(n), self.model.device)
+        return self._stoppers[name]
 
     # -- diffusion ------------------------------------------------------------------------------------------------
     def _denoise(self, events: list[Event]) -> None:
@@ -274,8 +283,13 @@ class Engine:
         p0 = [r.params for r in reqs]
         N = torch.tensor([p.max_denoising_steps for p in p0], dtype=torch.float32)
         n = torch.tensor([r.steps_left for r in reqs], dtype=torch.float32)
-        temp = torch.stack([SCHEDULES[p.schedule](n[i], N[i], torch.tensor(p.t_min), torch.tensor(p.t_max))
-                            for i, p in enumerate(p0)]).to(dev)
+        t_min = torch.tensor([p.t_min for p in p0], dtype=torch.float32)
+        t_max = torch.tensor([p.t_max for p in p0], dtype=torch.float32)
+        temp = torch.empty(len(reqs))
+        for name in {p.schedule for p in p0}:  # one call per schedule (usually one)
+            sel = torch.tensor([i for i, p in enumerate(p0) if p.schedule == name])
+            temp[sel] = SCHEDULES[name](n[sel], N[sel], t_min[sel], t_max[sel])
+        temp = temp.to(dev)
         bound = torch.tensor([p.entropy_bound for p in p0], device=dev)
         template = None
         if any(r.template is not None for r in reqs):
@@ -313,15 +327,20 @@ class Engine:
 
     def _after_step(self, reqs: list[_Req], out, events: list[Event], commits: list) -> None:
         """Advance each row's state after a sampler step; converged canvases are emitted and queued to commit."""
+        done = torch.zeros(len(reqs), dtype=torch.bool)
+        for name in {r.stopping for r in reqs}:  # one call per stop rule (usually one)
+            idx = [i for i, r in enumerate(reqs) if r.stopping == name]
+            sel = torch.tensor(idx, device=out.argmax.device)
+            rows = torch.tensor([reqs[i].row for i in idx], device=out.argmax.device)
+            done[idx] = self._stopper(name)(rows, out.argmax[sel], out.mean_entropy[sel]).cpu()
         for i, r in enumerate(reqs):
             r.passes += 1
             r.steps_left -= 1
             r.canvas = out.canvas[i]
             r.has_sc = True
-            done = bool(r.stopper(torch.tensor([0]), out.argmax[i:i + 1], out.mean_entropy[i:i + 1])[0])
             if r.want_drafts:
                 events.append(Event(r.id, "draft", out.argmax[i].tolist()))
-            if done or r.steps_left == 0:
+            if done[i] or r.steps_left == 0:
                 if self._emit_canvas(r, out.argmax[i], events):
                     commits.append((r, out.argmax[i]))
 

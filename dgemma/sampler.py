@@ -152,30 +152,48 @@ ACCEPTANCE: dict[str, Callable] = {"entropy_bound": entropy_bound_accept, "confi
 
 
 class StableConfident:
-    """Stop a row when its argmax canvas is unchanged for `stability` steps and mean entropy < `confidence`."""
+    """Stop a row when its argmax canvas is unchanged for `stability` steps and mean entropy < `confidence`.
+
+    One object serves many rows (per-row thresholds, histories indexed by row), so a batched step costs a few
+    tensor operations whatever the batch size.
+    """
 
     def __init__(self, rows: int, canvas: int, stability: torch.Tensor, confidence: torch.Tensor, device):
-        self.stability, self.confidence = stability, confidence  # (R,)
-        depth = max(1, int(stability.max().item()) if stability.numel() else 1)
+        self.stability = stability.to(device=device, dtype=torch.long).clone()  # (rows,)
+        self.confidence = confidence.to(device=device, dtype=torch.float32).clone()  # (rows,)
+        depth = max(1, int(self.stability.max().item()) if self.stability.numel() else 1)
         self.history = torch.full((depth, rows, canvas), -1, dtype=torch.long, device=device)
+
+    def reset(self, rows: torch.Tensor, stability: int, confidence: float) -> None:
+        """Start new canvases on `rows` with the given thresholds."""
+        depth = self.history.shape[0]
+        if stability > depth:  # deeper history needed: older entries are empty (-1)
+            pad = self.history.new_full((stability - depth, *self.history.shape[1:]), -1)
+            self.history = torch.cat([pad, self.history])
+        self.history[:, rows] = -1
+        self.stability[rows] = stability
+        self.confidence[rows] = confidence
 
     def __call__(self, rows: torch.Tensor, argmax: torch.Tensor, mean_entropy: torch.Tensor) -> torch.Tensor:
         hist = self.history[:, rows]  # (depth, R, C)
         same = (hist == argmax[None]).all(dim=-1)  # (depth, R)
         depth = hist.shape[0]
         # A row with threshold s looks at its last s argmax canvases (the newest are at the end).
-        use = torch.arange(depth, device=argmax.device)[:, None] >= (depth - self.stability)[None, :]
+        use = torch.arange(depth, device=argmax.device)[:, None] >= (depth - self.stability[rows])[None, :]
         stable = (same | ~use).all(dim=0)
         hist = torch.roll(hist, -1, dims=0)
         hist[-1] = argmax
         self.history[:, rows] = hist
-        return stable & (mean_entropy < self.confidence)
+        return stable & (mean_entropy < self.confidence[rows])
 
 
 class NeverStop:
     """Fixed number of steps: the canvas runs all max_denoising_steps."""
 
     def __init__(self, rows, canvas, stability, confidence, device):
+        pass
+
+    def reset(self, rows, stability, confidence) -> None:
         pass
 
     def __call__(self, rows, argmax, mean_entropy):
@@ -220,15 +238,14 @@ def sample_step(logits: torch.Tensor, canvas: torch.Tensor, temperature: torch.T
     if template is not None:
         fixed = template >= 0
         mask = mask | fixed
-    nxt = torch.empty_like(canvas)
-    for r in range(R):
-        g = generators[r]
-        pos = mask[r].nonzero().squeeze(-1)  # (k,)
-        cdf = probs[r, pos].cumsum(-1)  # (k, V)
-        u = torch.rand(pos.shape[0], 1, generator=g, device=logits.device) * cdf[:, -1:]
-        draw = torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=V - 1)
-        nxt[r] = torch.randint(0, vocab_size, (C,), generator=g, device=logits.device)
-        nxt[r, pos] = draw
+    # One draw of 2C uniforms per row from its own generator: C for the re-noising, C for the accepted samples.
+    u = torch.stack([torch.rand(2 * C, generator=g, dtype=torch.float64, device=logits.device)
+                     for g in generators])  # (R, 2C)
+    nxt = (u[:, :C] * vocab_size).long().clamp_(max=vocab_size - 1)  # uniform noise tokens
+    r_idx, c_idx = mask.nonzero(as_tuple=True)  # accepted positions of all rows (K,)
+    cdf = probs[r_idx, c_idx].cumsum(-1)  # (K, V)
+    target = (u[r_idx, C + c_idx].float()[:, None] * cdf[:, -1:])
+    nxt[r_idx, c_idx] = torch.searchsorted(cdf, target).squeeze(-1).clamp_(max=V - 1)
     if template is not None:
         nxt = torch.where(fixed, template, nxt)
         argmax = torch.where(fixed, template, argmax)
@@ -254,8 +271,6 @@ def reference_denoise(denoise: Callable[[torch.Tensor, torch.Tensor | None], tor
     stop = None if p.fixed_steps else StableConfident(
         batch, canvas, torch.full((batch,), p.stability_threshold, device=device),
         torch.full((batch,), float(p.confidence_threshold), device=device), device)
-    if stop is not None and p.stability_threshold == 0:
-        stop.stability = torch.zeros(batch, dtype=torch.long, device=device)
     for n in range(N, 0, -1):
         passes += ~(finished | skip) if skip is not None else ~finished
         raw = denoise(current, sc)
