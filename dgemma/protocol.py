@@ -187,14 +187,9 @@ def completion_response(rid: str, created: int, model: str, text: str, finish_re
 def completion_chunk(rid: str, created: int, model: str, text: str = "", finish_reason: str | None = None,
                      use: dict[str, Any] | None = None, include_usage: bool = False,
                      draft: str | None = None) -> dict[str, Any]:
-    out: dict[str, Any] = {"id": rid, "object": "text_completion", "created": created, "model": model,
-                           "choices": [{"index": 0, "text": text, "logprobs": None,
-                                        "finish_reason": finish_reason}]}
-    if include_usage:
-        out["usage"] = use
-    if draft is not None:
-        out["draft"] = draft
-    return out
+    return _chunk(rid, created, model, "text_completion",
+                  {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason},
+                  use, include_usage, draft)
 
 
 def chat_response(rid: str, created: int, model: str, text: str, finish_reason: str | None,
@@ -208,9 +203,15 @@ def chat_response(rid: str, created: int, model: str, text: str, finish_reason: 
 def chat_chunk(rid: str, created: int, model: str, delta: dict[str, Any], finish_reason: str | None = None,
                use: dict[str, Any] | None = None, include_usage: bool = False,
                draft: str | None = None) -> dict[str, Any]:
-    out: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                           "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                                        "finish_reason": finish_reason}]}
+    return _chunk(rid, created, model, "chat.completion.chunk",
+                  {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason},
+                  use, include_usage, draft)
+
+
+def _chunk(rid: str, created: int, model: str, obj: str, choice: dict[str, Any], use: dict[str, Any] | None,
+           include_usage: bool, draft: str | None) -> dict[str, Any]:
+    """A streaming chunk: one choice, usage when asked for (null until the last chunk), the draft if any."""
+    out: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
     if include_usage:
         out["usage"] = use
     if draft is not None:

@@ -802,6 +802,15 @@ def create_app(llm: "LLM", *, model_name: str, max_queue: int = 64, request_time
         finally:
             gen.close()
 
+    async def unary(request: Request, gen: _Generation) -> Any:
+        """A non-streaming request's result (a 499 response if the client went away first)."""
+        try:
+            return await _until_disconnect(request, collect(gen))
+        except _ClientGone:
+            return Response(status_code=499)
+        finally:
+            gen.close()
+
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
         t0 = time.perf_counter()
@@ -818,12 +827,9 @@ def create_app(llm: "LLM", *, model_name: str, max_queue: int = 64, request_time
 
             final = (lambda use: P.usage_chunk(rid, created, model_name, "text_completion", use)) if inc else None
             return stream_response(gen, [], chunk, final)
-        try:
-            res = await _until_disconnect(request, collect(gen))
-        except _ClientGone:
-            return Response(status_code=499)
-        finally:
-            gen.close()
+        res = await unary(request, gen)
+        if isinstance(res, Response):
+            return res
         return P.completion_response(rid, created, model_name, res.text, res.finish_reason, res.usage)
 
     @app.post("/v1/chat/completions")
@@ -845,12 +851,9 @@ def create_app(llm: "LLM", *, model_name: str, max_queue: int = 64, request_time
             final = (lambda use: P.usage_chunk(rid, created, model_name, "chat.completion.chunk", use)) \
                 if inc else None
             return stream_response(gen, first, chunk, final)
-        try:
-            res = await _until_disconnect(request, collect(gen))
-        except _ClientGone:
-            return Response(status_code=499)
-        finally:
-            gen.close()
+        res = await unary(request, gen)
+        if isinstance(res, Response):
+            return res
         return P.chat_response(rid, created, model_name, res.text, res.finish_reason, res.usage)
 
     return app

@@ -38,15 +38,6 @@ S, FULL = "sliding_attention", "full_attention"
 RUN = dict(B=2, T=7, C=4, pads=[0, 2], rounds=1, chunks=None)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one intra-op thread is as fast, and immune to OpenMP spin on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _quiet_load(path, **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

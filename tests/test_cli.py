@@ -26,15 +26,6 @@ from bpe import build_bpe_tokenizer
 EOT = 4  # <end_of_turn> in tests/bpe.py: chat replies stop there
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast, and immune to OpenMP spin on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def ids_ckpt(tmp_path_factory) -> Path:
     """A checkpoint without a tokenizer (token ids only)."""

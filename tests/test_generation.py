@@ -40,15 +40,6 @@ from oracle import build_hf, hf_logits
 EOS, PAD = 1, 0  # the oracle's and tiny_config's eos / pad ids
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast, deterministic, and immune to OpenMP spin on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _llm(path, **kw) -> LLM:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # vision-tower skip warning (tested in test_checkpoint.py)

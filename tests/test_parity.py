@@ -51,14 +51,6 @@ BF16_ARGMAX_AGREEMENT = 0.95
 S, FULL = "sliding_attention", "full_attention"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one intra-op thread is as fast, and immune to OpenMP spin on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 # name -> (text-config overrides, run parameters). Together they cover: MoE top_k 1 / 2 / 3 / all experts,
 # sliding windows shorter than prompt + canvases, k_eq_v full layers with global_head_dim != head_dim and
 # num_global_key_value_heads != num_key_value_heads (and equal ones), full-only stacks, left padding with
