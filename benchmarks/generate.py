@@ -144,7 +144,6 @@ def main() -> int:
     print("-" * len(header))
     for dtype in args.dtypes.split(","):
         for b in [int(x) for x in args.batch_sizes.split(",")]:
-            ref_tok_s = None
             for impl in args.impls.split(","):
                 if impl == "reference" and b > args.reference_max_batch:
                     continue
@@ -163,8 +162,6 @@ def main() -> int:
                     flops = step_flops(cfg, b, args.prompt_len + args.max_new_tokens // 2)
                     pct = 100 * flops / (ms_step / 1000) / 1e9 / rates[dtype]
                 tpf = r["tokens"] / b / r["passes"] if r["passes"] else 1.0
-                if impl == "reference":
-                    ref_tok_s = r["tok_s"]
                 row = dict(impl=impl, dtype=dtype, batch=b, tok_s=r["tok_s"], tokens_per_forward=tpf,
                            ms_per_step=ms_step, pct_matmul=pct, peak_mib=r["peak_mib"])
                 rows.append(row)

@@ -23,7 +23,7 @@ import sys
 import time
 import unicodedata
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, NamedTuple, TextIO
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, TextIO
 
 if TYPE_CHECKING:  # imported lazily at run time: `dgemma --help` should not wait for torch more than needed
     from .llm import LLM

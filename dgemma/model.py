@@ -16,7 +16,6 @@ The model knows nothing of requests, text or sampling.
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Iterator
 
 import torch
@@ -427,7 +426,3 @@ class DiffusionGemma(nn.Module):
             x = x + layer.post_attention_layernorm(attn.attend(q, K, V, masks[sliding]))
             x = layer.feed_forward(x) * layer.layer_scalar
         return self.logits(self.norm(x), out=logits_out, scratch=logits_scratch)
-
-    def forward_ar(self, tokens: torch.Tensor, cache: KVCache, n_new: torch.Tensor | None = None) -> torch.Tensor:
-        """Causal LM step: encode `tokens` and return next-token logits (B, T, V)."""
-        return self.logits(self.encode(tokens, cache, n_new=n_new))

@@ -1,0 +1,1 @@
+"""Task-specific data helpers (puzzle generators, text formats, small tokenizers) for fine-tuning."""
