@@ -4,7 +4,9 @@ from .config import ConfigError, ModelConfig, TextConfig
 from .model import DiffusionGemma
 from .cache import KVCache
 from .checkpoint import CheckpointError, load_model, save_model
+from .sampler import SamplingParams
+from .llm import LLM, CompletionOutput, RequestOutput
 
 __version__ = "0.1.0"
 __all__ = ["ConfigError", "ModelConfig", "TextConfig", "DiffusionGemma", "KVCache", "CheckpointError",
-           "load_model", "save_model"]
+           "load_model", "save_model", "LLM", "SamplingParams", "CompletionOutput", "RequestOutput"]

@@ -757,3 +757,19 @@ def test_bad_prompts(eng, ref_model):
         llm.generate([[{"role": "user", "content": "hi"}]], SP(max_new_tokens=4))
     o = llm.generate([_ids([5, 6, 7])], SP(seed=0, max_new_tokens=5, ignore_eos=True))[0]
     assert len(_toks(o)) == 5
+
+
+def test_top_level_vllm_style_api(tmp_path):
+    """`from dgemma import LLM, SamplingParams` and the vLLM-shaped results, as the README shows them."""
+    import dgemma
+    from dgemma import LLM, SamplingParams
+    from dgemma.config import tiny_config
+
+    torch.manual_seed(0)
+    dgemma.save_model(dgemma.DiffusionGemma(tiny_config(vocab_size=64, canvas_length=8)), tmp_path)
+    llm = LLM(model=str(tmp_path), device="cpu", dtype="float32")
+    outs = llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(max_new_tokens=10, seed=0, ignore_eos=True))
+    out = outs[0].outputs[0]
+    assert len(out.token_ids) == 10 and out.finish_reason == "length" and out.text == ""  # no tokenizer: no text
+    assert outs[0].prompt_token_ids == [5, 6, 7]
+    assert outs[0].metrics["tokens_per_forward"] == 10 / outs[0].metrics["denoising_steps"]
