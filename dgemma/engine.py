@@ -118,6 +118,7 @@ class Engine:
         g = torch.Generator(device=self.model.device)
         g.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2 ** 62, (1,)).item()))
         tmpl = None
+        template = template if template is not None else params.template
         if template is not None:
             if len(template) > self.canvas_length or not all(
                     isinstance(t, int) and -1 <= t < self.vocab_size for t in template):

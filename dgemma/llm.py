@@ -262,7 +262,7 @@ class LLM:
             raise ValueError("reference_sampling needs the same SamplingParams for every prompt (one batch)")
         sp = resolve(sp.validate(self.model.config.vocab_size), self.generation_config)
         odd = [f for f, default in (("mode", "diffusion"), ("schedule", "linear"), ("acceptance", "entropy_bound"),
-                                    ("stopping", "stable_confident")) if getattr(sp, f) != default]
+                                    ("stopping", "stable_confident"), ("template", None)) if getattr(sp, f) != default]
         if odd:
             raise ValueError(f"reference_sampling runs transformers' exact algorithm; it does not support "
                              f"non-default {', '.join(odd)}")

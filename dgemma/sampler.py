@@ -41,6 +41,8 @@ class SamplingParams:
     schedule: str = "linear"
     acceptance: str = "entropy_bound"
     stopping: str = "stable_confident"
+    # canvas template (inpainting): token ids fixed at canvas positions 0..len-1 (-1: free), on every canvas
+    template: list[int] | None = None
     # autoregressive knobs (mode="ar"): temperature 0 is greedy
     temperature: float = 0.0
     top_k: int = 0
@@ -87,6 +89,12 @@ class SamplingParams:
         if not isinstance(self.stop_token_ids, list) or not all(
                 isinstance(t, int) and (vocab_size is None or 0 <= t < vocab_size) for t in self.stop_token_ids):
             bad("stop_token_ids", "must be a list of token ids inside the vocabulary")
+        if self.template is not None and (not isinstance(self.template, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) and -1 <= t < (vocab_size or 2 ** 62)
+                for t in self.template)):
+            bad("template", "must be a list of token ids (-1 for free positions)")
+        if self.template is not None and self.mode == "ar":
+            bad("template", "applies to diffusion mode only")
         if self.schedule not in SCHEDULES:
             bad("schedule", f"must be one of {sorted(SCHEDULES)}")
         if self.acceptance not in ACCEPTANCE:

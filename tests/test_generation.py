@@ -773,3 +773,24 @@ def test_top_level_vllm_style_api(tmp_path):
     assert len(out.token_ids) == 10 and out.finish_reason == "length" and out.text == ""  # no tokenizer: no text
     assert outs[0].prompt_token_ids == [5, 6, 7]
     assert outs[0].metrics["tokens_per_forward"] == 10 / outs[0].metrics["denoising_steps"]
+
+
+def test_sampling_params_template(tmp_path):
+    """SamplingParams(template=...) fixes those canvas positions in every canvas of the output."""
+    from dgemma import LLM, SamplingParams, save_model, DiffusionGemma
+    from dgemma.config import tiny_config
+
+    torch.manual_seed(0)
+    save_model(DiffusionGemma(tiny_config(vocab_size=64, canvas_length=8)), tmp_path)
+    llm = LLM(str(tmp_path))
+    sp = SamplingParams(max_new_tokens=24, seed=3, ignore_eos=True, template=[9, -1, 11, -1, -1, 13])
+    toks = llm.generate([{"prompt_token_ids": [5, 6, 7]}], sp)[0].outputs[0].token_ids
+    assert len(toks) == 24
+    for c in range(3):
+        assert [toks[8 * c], toks[8 * c + 2], toks[8 * c + 5]] == [9, 11, 13]
+    free = SamplingParams(max_new_tokens=24, seed=3, ignore_eos=True)
+    assert llm.generate([{"prompt_token_ids": [5, 6, 7]}], free)[0].outputs[0].token_ids != toks
+    with pytest.raises(ValueError, match="template"):
+        llm.generate([{"prompt_token_ids": [5]}], SamplingParams(template=[64]))
+    with pytest.raises(ValueError, match="template"):
+        llm.generate([{"prompt_token_ids": [5]}], SamplingParams(template=[3], mode="ar"))
