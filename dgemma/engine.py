@@ -106,7 +106,7 @@ class Engine:
 
     # -- requests ---------------------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None, request_id: str | None = None,
-                    template: list[int] | None = None, stream_drafts: bool = False) -> str:
+                    stream_drafts: bool = False) -> str:
         """Queue a request; raises ValueError for a bad prompt or parameters (the engine state is unchanged)."""
         params = resolve((params or SamplingParams()).validate(self.vocab_size), self.gen_config)
         if not isinstance(prompt_ids, (list, tuple)) or not prompt_ids:
@@ -118,13 +118,12 @@ class Engine:
         g = torch.Generator(device=self.model.device)
         g.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2 ** 62, (1,)).item()))
         tmpl = None
-        template = template if template is not None else params.template
-        if template is not None:
-            if len(template) > self.canvas_length or not all(
-                    isinstance(t, int) and -1 <= t < self.vocab_size for t in template):
-                raise ValueError(f"template must be at most {self.canvas_length} ids in [-1, {self.vocab_size})")
+        if params.template is not None:  # ids were checked by validate(); only the canvas length is ours to check
+            if len(params.template) > self.canvas_length:
+                raise ValueError(f"invalid template: {len(params.template)} positions, the canvas has "
+                                 f"{self.canvas_length}")
             tmpl = torch.full((self.canvas_length,), -1, dtype=torch.long, device=self.model.device)
-            tmpl[:len(template)] = torch.tensor(template, dtype=torch.long)
+            tmpl[:len(params.template)] = torch.tensor(params.template, dtype=torch.long)
         self.waiting.append(_Req(rid, list(prompt_ids), params, g, template=tmpl, t_arrival=time.perf_counter(),
                                  want_drafts=stream_drafts))
         return rid
@@ -135,7 +134,7 @@ class Engine:
             if r.id == request_id:
                 self.waiting.remove(r)
                 return True
-        for i, r in enumerate(self.rows):
+        for r in self.rows:
             if r is not None and r.id == request_id:
                 self._release(r)
                 return True

@@ -260,17 +260,18 @@ class DiffusionGemma(nn.Module):
     def _apply(self, fn, recurse=True):
         # RoPE frequencies stay float32 whatever dtype the weights are cast to (as the loader builds them).
         super()._apply(fn, recurse)
-        dev = self.embed_tokens.weight.device
-        if dev.type != "meta":
-            self.inv_freq_sliding = rope_inv_freq(self.text, True).to(dev)
-            self.inv_freq_full = rope_inv_freq(self.text, False).to(dev)
+        if self.device.type != "meta":
+            self._set_rope()
         return self
+
+    def _set_rope(self) -> None:
+        self.inv_freq_sliding = rope_inv_freq(self.text, True).to(self.device)
+        self.inv_freq_full = rope_inv_freq(self.text, False).to(self.device)
 
     @torch.no_grad()
     def init_buffers(self) -> None:
         """Recompute the non-weight buffers (after building on the meta device and `to_empty`)."""
-        self.inv_freq_sliding = rope_inv_freq(self.text, True).to(self.device)
-        self.inv_freq_full = rope_inv_freq(self.text, False).to(self.device)
+        self._set_rope()
         for layer in self.layers:
             layer.layer_scalar.fill_(1.0)
             layer.encoder_layer_scalar.fill_(1.0)

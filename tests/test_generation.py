@@ -626,14 +626,14 @@ def test_abort_frees_row(eng):
 def test_template_fixes_canvas_positions(eng):
     """Engine templates: fixed ids appear at their canvas positions in every canvas; free positions are sampled."""
     e = eng.engine
-    e.add_request([5, 6, 7], SP(seed=0, max_new_tokens=20, ignore_eos=True), template=[7, -1, 9])
+    e.add_request([5, 6, 7], SP(seed=0, max_new_tokens=20, ignore_eos=True, template=[7, -1, 9]))
     toks = [t for ev in e.stream() for t in ev.token_ids]
     assert len(toks) == 20
     for start in range(0, 20, 8):
         assert toks[start] == 7 and toks[start + 2] == 9
     assert len(set(toks) - {7, 9}) > 3
     with pytest.raises(ValueError, match="template"):
-        e.add_request([5, 6, 7], SP(max_new_tokens=4), template=[-1] * 9)
+        e.add_request([5, 6, 7], SP(max_new_tokens=4, template=[-1] * 9))
     _still_works(eng)
 
 
