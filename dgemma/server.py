@@ -108,20 +108,6 @@ class _Metrics:
 
 
 # -- the engine thread -------------------------------------------------------------------------------------------------
-def _snapshot(engine: Any, rid: str) -> dict[str, Any]:
-    """Work counters of a running request (read before aborting it after a stop string). Best effort: reads the
-    engine's request records, which are internal."""
-    reqs = list(getattr(engine, "waiting", [])) + [r for r in getattr(engine, "rows", []) if r is not None]
-    for r in reqs:
-        if getattr(r, "id", None) == rid:
-            passes, canvases = getattr(r, "passes", 0), getattr(r, "canvases", 0)
-            mode = getattr(getattr(r, "params", None), "mode", "diffusion")
-            return {"decoder_passes": passes, "canvases": canvases, "denoising_steps": passes,
-                    "steps_per_canvas": passes / canvases if canvases else 0.0, "mode": mode,
-                    "forwards": passes if mode == "diffusion" else getattr(r, "ar_steps", 0)}
-    return {}
-
-
 class TorchThread:
     """One long-lived thread for all torch work: loading the model and running the engine.
 
@@ -277,18 +263,9 @@ class EngineLoop:
             eng.abort(cmd[1])
         elif cmd[0] == "finish":
             _, rid, n = cmd
-            finish = getattr(eng, "finish_request", None)
-            try:
-                ev = finish(rid, "stop", completion_tokens=n) if finish is not None else None
-            except Exception:  # keep serving: fall back to a plain abort
-                logger.exception("finish_request failed")
-                ev = None
-            if ev is not None:
-                out.append((rid, ev))
-            else:  # already finished (its event is on the way) or an engine without finish_request
-                snap = _snapshot(eng, rid)
-                eng.abort(rid)
-                out.append((rid, ("aborted", snap)))
+            ev = eng.finish_request(rid, "stop", completion_tokens=n)
+            # None: it was not running (still waiting, or already finished with its event on the way)
+            out.append((rid, ev if ev is not None else ("aborted", {})))
         elif cmd[0] == "stop":
             return True
         return False
@@ -457,13 +434,7 @@ class _Generation:
         text = self.out.take(final=True)
         n = len(self.out.tokens)
         mode = em.get("mode", self.params.mode)
-        if "forwards" in em:
-            forwards = em["forwards"]
-        elif mode == "diffusion":
-            forwards = em.get("decoder_passes", 0)
-        else:
-            tpf = em.get("tokens_per_forward") or 0.0
-            forwards = round(em.get("completion_tokens", 0) / tpf) if tpf else 0
+        forwards = em.get("forwards", 0)
         steps = int(em.get("denoising_steps", 0))
         tpf = n / forwards if forwards else 0.0
         from .protocol import usage
