@@ -216,7 +216,7 @@ class EngineLoop:
 
     def finish(self, rid: str, completion_tokens: int) -> None:
         """End a request early (a stop string matched), keeping `completion_tokens`; its handler then receives a
-        'finished' event with the metrics, or ("aborted", snapshot) if the engine cannot finish requests."""
+        'finished' event with the metrics, or ("aborted", {}) if the request was no longer running."""
         self._cmds.put(("finish", rid, completion_tokens))
 
     def release(self, rid: str) -> None:
