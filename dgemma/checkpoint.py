@@ -133,6 +133,21 @@ def load_generation_config(path: str | Path) -> dict[str, Any]:
     return d
 
 
+# Models shipped inside the package, by name: `LLM(model="sudoku")` needs no download.
+BUNDLED_MODELS = {name: Path(__file__).resolve().parent / "models" / name for name in ("sudoku", "sudoku-ar")}
+
+
+def resolve_model_path(model: str | Path) -> Path:
+    """A checkpoint directory for `model`: an existing path, else a bundled model's name."""
+    path = Path(model)
+    if not path.exists() and str(model) in BUNDLED_MODELS:
+        bundled = BUNDLED_MODELS[str(model)]
+        if not (bundled / "config.json").is_file():
+            raise CheckpointError(f"the bundled model {model!r} is missing from this installation ({bundled})")
+        return bundled
+    return path
+
+
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
                device: torch.device | str = "cpu") -> DiffusionGemma:
     """Build the model described by `path/config.json` and fill it from the safetensors weights."""

@@ -33,7 +33,7 @@ PROG = "dgemma"
 EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130
 
 # Modules imported (if installed) before the parser is built, so that they can `register` their subcommands.
-PLUGINS: list[str] = ["dgemma.server"]
+PLUGINS: list[str] = ["dgemma.server", "dgemma.tasks.sudoku_cli"]
 
 # Chat turns end with one of these tokens (when the tokenizer has it): generation stops there.
 END_OF_TURN_TOKENS = ("<end_of_turn>",)
@@ -608,6 +608,81 @@ def run_init_random(args: argparse.Namespace) -> int:
 register("init-random", "write a random-weights model in the HF checkpoint format", add_init_random_arguments,
          run_init_random, "Write a random-weights DiffusionGemma checkpoint (config.json, model.safetensors,\n"
          "generation_config.json) for demos, tests and benchmarks: no weights are downloaded.")
+
+
+# -- train ------------------------------------------------------------------------------------------------------------
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    from .train import TrainConfig
+
+    d = TrainConfig()
+    p.add_argument("--model", "-m", required=True, metavar="PATH", help="checkpoint to start from (HF format)")
+    p.add_argument("--data", required=True, metavar="FILE",
+                   help='JSONL training data: {"prompt": ..., "completion": ...}, {"messages": [...]} (the last '
+                        'turn, an assistant one, is learned) or {"prompt_ids": [...], "completion_ids": [...]}')
+    p.add_argument("--output", "-o", required=True, metavar="DIR",
+                   help="where checkpoint-N/, final/, train_log.jsonl and loss.svg go; re-running resumes from "
+                        "the newest checkpoint-N/ there")
+    g = p.add_argument_group("objective")
+    g.add_argument("--objective", choices=["diffusion", "ar"], default=d.objective,
+                   help="diffusion: the published block-diffusion SFT loss (+ the encoder's AR loss); ar: a plain "
+                        "causal LM, the baseline (default: %(default)s)")
+    g.add_argument("--ar-weight", type=float, default=d.ar_weight, help="weight of the encoder AR loss "
+                   "(default: %(default)s)")
+    g.add_argument("--self-cond-prob", type=float, default=d.self_cond_prob,
+                   help="probability of training with self-conditioning (default: %(default)s)")
+    g.add_argument("--no-prompt-loss", action="store_true", help="no next-token loss on prompt tokens")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=_positive_int, default=d.steps, help="optimizer steps (default: %(default)s)")
+    g.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
+                   help="global examples per step, over all processes (default: %(default)s)")
+    g.add_argument("--grad-accum", type=_positive_int, default=d.grad_accum,
+                   help="micro-batches per step per process (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default: %(default)s)")
+    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="(default: %(default)s)")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="(default: %(default)s)")
+    g.add_argument("--clip-norm", type=float, default=d.clip_norm, help="(default: %(default)s)")
+    g.add_argument("--precision", choices=["float32", "bfloat16"], default=d.precision,
+                   help="bfloat16: autocast matmuls with float32 master weights (default: %(default)s)")
+    g.add_argument("--lora-rank", type=int, default=0, help="LoRA rank; 0 trains every weight (default: 0)")
+    g.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="(default: %(default)s)")
+    g.add_argument("--lora-targets", default=",".join(d.lora_targets),
+                   help="comma-separated linear layer names (default: all attention and MLP projections)")
+    g = p.add_argument_group("run")
+    g.add_argument("--save-every", type=int, default=0, metavar="N", help="checkpoint every N steps (default: end "
+                   "only)")
+    g.add_argument("--log-every", type=_positive_int, default=d.log_every, help="(default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    g.add_argument("--threads", type=_positive_int, default=None, help="torch threads per process")
+    g.add_argument("--no-resume", action="store_true", help="start over even if OUTPUT has checkpoints")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from .train import TrainConfig, run_training
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = TrainConfig(objective=args.objective, steps=args.steps, batch_size=args.batch_size,
+                      grad_accum=args.grad_accum, lr=args.lr, warmup_steps=args.warmup_steps,
+                      weight_decay=args.weight_decay, clip_norm=args.clip_norm, ar_weight=args.ar_weight,
+                      prompt_loss=not args.no_prompt_loss, self_cond_prob=args.self_cond_prob,
+                      lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                      lora_targets=tuple(t for t in args.lora_targets.split(",") if t), precision=args.precision,
+                      seed=args.seed, save_every=args.save_every, log_every=args.log_every)
+    final = run_training(args.model, args.data, args.output, cfg, resume=not args.no_resume,
+                         progress=not args.quiet)
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        print(f"wrote {final}")
+    return EXIT_OK
+
+
+register("train", "fine-tune a checkpoint (block-diffusion SFT or the AR baseline; LoRA; torchrun)",
+         add_train_arguments, run_train,
+         "Fine-tune a DiffusionGemma checkpoint on JSONL data with the published block-diffusion objective\n"
+         "(or --objective ar). Writes HF-format checkpoints; re-running the same command resumes.\n"
+         "Data-parallel: torchrun --nproc-per-node 2 -m dgemma.cli train ... (gloo on CPU, nccl on GPU).")
 
 
 # -- main -------------------------------------------------------------------------------------------------------------

@@ -73,14 +73,22 @@ class _Req:
     t_first: float | None = None
     want_drafts: bool = False
     stopping: str = "stable_confident"
+    guide: Any = None  # constraints.Guide: the matcher at the committed frontier (structured output)
+    frontier: int = 0  # canvas positions [0, frontier) are validated and frozen
+    out_of_budget: bool = False  # a constrained row used its whole max_new_tokens
+    closing_tried: bool = False
+    suffix: torch.Tensor | None = None  # infilling: ids that end the last canvas
+    n_canvases: int = 0  # infilling: canvases the middle + suffix span
 
 
 class Engine:
     """Continuous-batching generation over one `DiffusionGemma` model and one preallocated `KVCache`."""
 
     def __init__(self, model: DiffusionGemma, generation_config: dict[str, Any] | None = None, max_batch: int = 8,
-                 max_model_len: int | None = None, prefill_chunk: int = 1024):
+                 max_model_len: int | None = None, prefill_chunk: int = 1024, guides: Any = None):
+        """`guides`: a `constraints.GuideFactory` for this model's tokenizer (structured output needs one)."""
         self.model = model
+        self.guides = guides
         self.config = model.config
         self.gen_config = dict(generation_config or {})
         self.canvas_length = self.config.canvas_length
@@ -91,6 +99,8 @@ class Engine:
         # One canvas of headroom past the context limit: the last canvas is encoded only if generation goes on.
         self.cache = model.new_cache(max_batch, self.max_model_len, slack=self.canvas_length)
         self.eos = set(self.config.text.eos_token_ids)
+        pad = self.config.text.pad_token_id
+        self.pad_id = int(pad) if pad is not None else min(self.eos)
         g_eos = self.gen_config.get("eos_token_id")
         if g_eos is not None:
             self.eos |= set(g_eos if isinstance(g_eos, list) else [g_eos])
@@ -124,8 +134,23 @@ class Engine:
                                  f"{self.canvas_length}")
             tmpl = torch.full((self.canvas_length,), -1, dtype=torch.long, device=self.model.device)
             tmpl[:len(params.template)] = torch.tensor(params.template, dtype=torch.long)
-        self.waiting.append(_Req(rid, list(prompt_ids), params, g, template=tmpl, t_arrival=time.perf_counter(),
-                                 want_drafts=stream_drafts))
+        req = _Req(rid, list(prompt_ids), params, g, template=tmpl, t_arrival=time.perf_counter(),
+                   want_drafts=stream_drafts)
+        constraint = params.constraint()
+        if constraint is not None:
+            if self.guides is None:
+                raise ValueError("structured output needs the model's tokenizer (tokenizer.json)")
+            req.guide = self.guides.guide(constraint)  # compiled and checked now: errors reach the caller
+        if params.suffix_token_ids is not None:
+            n = len(params.suffix_token_ids)
+            if n >= self.canvas_length:
+                raise ValueError(f"invalid suffix: {n} tokens; it must be shorter than the canvas "
+                                 f"({self.canvas_length} tokens)")
+            req.suffix = torch.tensor(params.suffix_token_ids, dtype=torch.long, device=self.model.device)
+            req.n_canvases = -(-(params.max_new_tokens + n) // self.canvas_length)
+            check_context(len(prompt_ids), SamplingParams(max_new_tokens=req.n_canvases * self.canvas_length),
+                          self.max_model_len, self.canvas_length)
+        self.waiting.append(req)
         return rid
 
     def abort(self, request_id: str) -> bool:
@@ -233,6 +258,14 @@ class Engine:
         r.state = "denoise"
         r.canvas = torch.randint(0, self.vocab_size, (self.canvas_length,), generator=r.generator,
                                  device=self.model.device)
+        if r.guide is not None:  # structured output: a frontier of validated, frozen positions grows from 0
+            r.template = torch.full((self.canvas_length,), -1, dtype=torch.long, device=self.model.device)
+            r.frontier = 0
+        elif r.suffix is not None:  # infilling: the suffix ends the last canvas, visible to every step
+            r.template = None
+            if r.canvases == r.n_canvases - 1:
+                r.template = torch.full((self.canvas_length,), -1, dtype=torch.long, device=self.model.device)
+                r.template[self.canvas_length - len(r.suffix):] = r.suffix
         if r.template is not None:
             r.canvas = torch.where(r.template >= 0, r.template, r.canvas)
         r.has_sc = False
@@ -291,6 +324,9 @@ class Engine:
             temp[sel] = SCHEDULES[name](n[sel], N[sel], t_min[sel], t_max[sel])
         temp = temp.to(dev)
         bound = torch.tensor([p.entropy_bound for p in p0], device=dev)
+        for i, r in enumerate(reqs):
+            if r.guide is not None:  # extend the validated frontier before the sampler sees the template
+                self._advance(r, logits[i], float(temp[i]), float(bound[i]))
         template = None
         if any(r.template is not None for r in reqs):
             template = torch.stack([r.template if r.template is not None else
@@ -336,6 +372,9 @@ class Engine:
         for i, r in enumerate(reqs):
             r.passes += 1
             r.steps_left -= 1
+            if r.guide is not None:  # a constrained canvas is done when its frontier is (never by the stop rule)
+                done[i] = r.frontier >= self.canvas_length or r.out_of_budget
+                r.steps_left = max(r.steps_left, 1)
             r.canvas = out.canvas[i]
             r.has_sc = True
             if r.want_drafts:
@@ -351,9 +390,16 @@ class Engine:
         stop_ids = set(r.params.stop_token_ids) | (set() if r.params.ignore_eos else self.eos)
         budget = r.params.max_new_tokens - len(r.output)
         reason: FinishReason | None = None
+        if r.suffix is not None and r.canvases == r.n_canvases:  # the middle ends where the suffix begins
+            toks = toks[:self.canvas_length - len(r.suffix)]
+            stop_ids = stop_ids | {self.pad_id}
         cut = next((j for j, t in enumerate(toks) if t in stop_ids), None)
         if cut is not None and cut < budget:
             toks, reason = toks[:cut], "stop"
+        elif r.suffix is not None and r.canvases == r.n_canvases:
+            toks, reason = toks[:budget], "stop" if len(toks) <= budget else "length"
+        elif r.guide is not None and r.guide.finished and len(toks) <= budget:
+            reason = "stop"  # the grammar completed exactly at the canvas end
         elif len(toks) >= budget:
             toks, reason = toks[:budget], "length"
         elif len(r.prompt) + len(r.output) + 2 * self.canvas_length > self.max_model_len + self.canvas_length:
@@ -389,6 +435,79 @@ class Engine:
         }))
         self._release(r)
 
+    # -- structured output ----------------------------------------------------------------------------------------
+    def _closing_margin(self, r: _Req) -> int:
+        """Tokens left at which a constrained row stops sampling freely and forces a short completion."""
+        return max(16, min(128, r.params.max_new_tokens // 4))
+
+    def _constrained_token(self, r: _Req, logits: torch.Tensor, temperature: float) -> tuple[int, float]:
+        """Sample the next token at the frontier from `logits` (V,) masked to what the grammar allows; returns the
+        token and the masked distribution's entropy (the acceptance rule's input)."""
+        allowed = r.guide.allowed()
+        x = logits.float() / max(temperature, 1e-6)
+        x = x.masked_fill(~allowed.to(x.device), float("-inf"))
+        logp = torch.log_softmax(x, dim=-1)
+        p = logp.exp()
+        entropy = float(-(p * logp.masked_fill(p == 0, 0)).sum())
+        if temperature <= 0:
+            return int(x.argmax()), entropy
+        return int(torch.multinomial(p, 1, generator=r.generator)), entropy
+
+    def _next_forced(self, r: _Req, left: int) -> list[int]:
+        """Tokens to place without sampling: a pending closing path, or what the grammar forces."""
+        g = r.guide
+        if not g.pending and left <= self._closing_margin(r) and not r.closing_tried:
+            r.closing_tried = True
+            g.pending = g.closing_path(left) or []
+        if g.pending:
+            return [g.pending.pop(0)]
+        return g.forced()
+
+    def _advance(self, r: _Req, logits: torch.Tensor, temperature: float, bound: float) -> None:
+        """Extend a constrained row's frontier by one entropy-bounded run of grammar-valid tokens (at least one)."""
+        C, g, tmpl = self.canvas_length, r.guide, r.template
+        eos = min(self.eos)
+        taken, h_sum, h_max = 0, 0.0, 0.0
+        while r.frontier < C and not r.out_of_budget:
+            left = r.params.max_new_tokens - len(r.output) - r.frontier
+            if left <= 0:
+                r.out_of_budget = True
+                break
+            if g.finished:  # complete: the rest of the canvas is EOS, which ends the request
+                tmpl[r.frontier:] = eos
+                r.frontier = C
+                break
+            forced = self._next_forced(r, left)
+            if forced:
+                for t in forced[: C - r.frontier]:
+                    g.consume(t)
+                    if g.finished and t in self.eos:
+                        break
+                    tmpl[r.frontier] = t
+                    r.frontier += 1
+                continue
+            tok, h = self._constrained_token(r, logits[r.frontier], temperature)
+            if taken and h_sum + h - max(h_max, h) > bound:
+                break  # the entropy-bound rule, over the contiguous run from the frontier
+            g.consume(tok)
+            taken, h_sum, h_max = taken + 1, h_sum + h, max(h_max, h)
+            if g.finished and tok in self.eos:
+                continue
+            tmpl[r.frontier] = tok
+            r.frontier += 1
+
+    def _ar_guided(self, r: _Req, logits: torch.Tensor) -> int:
+        """The AR baseline under a constraint: mask the next-token logits (greedy or sampled), close when short."""
+        g = r.guide
+        left = r.params.max_new_tokens - len(r.output)
+        forced = self._next_forced(r, left)
+        if forced:
+            tok = forced[0]  # the rest of a forced run is forced again at the next step
+        else:
+            tok, _ = self._constrained_token(r, logits, r.params.temperature)
+        g.consume(tok)
+        return tok
+
     # -- autoregressive baseline -----------------------------------------------------------------------------------
     def _ar(self, events: list[Event]) -> None:
         reqs = [r for r in self.rows if r is not None and r.state == "ar" and r.next_token is not None]
@@ -419,11 +538,16 @@ class Engine:
                 drop = (sp.cumsum(-1) - sp) > p.top_p
                 lg[si[drop]] = float("-inf")
             tok = int(torch.multinomial(lg.softmax(-1), 1, generator=r.generator))
+        if r.guide is not None:
+            tok = self._ar_guided(r, logits[0])
         stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos)
         if tok in stop_ids:
             self._finish(r, "stop", events)
             return
         self._emit(r, [tok], events)
+        if r.guide is not None and r.guide.finished:  # the token completed the grammar
+            self._finish(r, "stop", events)
+            return
         if len(r.output) >= p.max_new_tokens or len(r.prompt) + len(r.output) > self.max_model_len:
             self._finish(r, "length", events)
             return

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence, Union
 
 import torch
 
-from .checkpoint import load_generation_config, load_model
+from .checkpoint import load_generation_config, load_model, resolve_model_path
+from .constraints import GuideFactory
 from .engine import Engine, Event, check_context, reference_generate
 from .sampler import SamplingParams, resolve
 from .tokenizer import Tokenizer
@@ -115,6 +116,10 @@ def stop_prefix(tokens: list[int], decode: Callable[[list[int]], str], stops: li
     return len(tokens)
 
 
+def _as_list(x: Any) -> list[int]:
+    return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
+
+
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -128,20 +133,24 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 class LLM:
     """A DiffusionGemma checkpoint ready to generate: model + tokenizer (optional) + engine.
 
-    `model`: a checkpoint directory in the HF format. `dtype`: "float32" (default) or "bfloat16".
+    `model`: a checkpoint directory in the HF format, or a bundled model's name ("sudoku"). `dtype`: "float32" (default) or "bfloat16".
     `max_batch`: rows generated together; `max_model_len`: context length the cache is sized for.
     """
 
     def __init__(self, model: str | Path, device: str = "cpu", dtype: str | torch.dtype = "float32",
                  max_batch: int = 8, max_model_len: int | None = None, prefill_chunk: int = 1024):
-        self.path = Path(model)
+        self.path = resolve_model_path(model)
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype)
         self.model = load_model(self.path, dtype=self.dtype, device=self.device)
         self.generation_config = load_generation_config(self.path)
         self.tokenizer = Tokenizer.from_dir(self.path)
+        guides = None
+        if self.tokenizer is not None:
+            eos = set(self.model.config.text.eos_token_ids) | set(_as_list(self.generation_config.get("eos_token_id")))
+            guides = GuideFactory(self.tokenizer.backend.to_str(), self.model.config.text.vocab_size, sorted(eos))
         self.engine = Engine(self.model, self.generation_config, max_batch=max_batch, max_model_len=max_model_len,
-                             prefill_chunk=prefill_chunk)
+                             prefill_chunk=prefill_chunk, guides=guides)
 
     # -- prompts ------------------------------------------------------------------------------------------------
     def encode_prompt(self, prompt: Prompt) -> tuple[str | None, list[int]]:
@@ -174,6 +183,7 @@ class LLM:
                         stream_drafts: bool = False) -> Iterator[StreamDelta]:
         """Stream deltas for several prompts at once (batched by the engine)."""
         plist, params_list = self._normalise(prompts, params)
+        params_list = [self._prepare(sp) for sp in params_list]
         encoded = [self.encode_prompt(p) for p in plist]
         ids: dict[str, int] = {}
         try:
@@ -232,6 +242,7 @@ class LLM:
         batch, every row at every step): with the same seed on CPU in float32 it reproduces `model.generate`.
         """
         plist, params_list = self._normalise(prompts, params)
+        params_list = [self._prepare(sp) for sp in params_list]
         encoded = [self.encode_prompt(p) for p in plist]
         if reference_sampling:
             return self._generate_reference(encoded, params_list)
@@ -262,7 +273,10 @@ class LLM:
             raise ValueError("reference_sampling needs the same SamplingParams for every prompt (one batch)")
         sp = resolve(sp.validate(self.model.config.vocab_size), self.generation_config)
         odd = [f for f, default in (("mode", "diffusion"), ("schedule", "linear"), ("acceptance", "entropy_bound"),
-                                    ("stopping", "stable_confident"), ("template", None)) if getattr(sp, f) != default]
+                                    ("stopping", "stable_confident"), ("template", None), ("suffix_token_ids", None))
+               if getattr(sp, f) != default]
+        if sp.constraint() is not None:
+            odd.append("structured output")
         if odd:
             raise ValueError(f"reference_sampling runs transformers' exact algorithm; it does not support "
                              f"non-default {', '.join(odd)}")
@@ -295,6 +309,16 @@ class LLM:
 
     def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None) -> RequestOutput:
         return self.generate([messages], params)[0]
+
+    def _prepare(self, sp: SamplingParams) -> SamplingParams:
+        """Text-level fields to token ids: `suffix` becomes `suffix_token_ids`."""
+        if sp.suffix is None:
+            return sp
+        if not isinstance(sp.suffix, str) or not sp.suffix:
+            raise ValueError(f"invalid suffix={sp.suffix!r}: must be a non-empty string")
+        if self.tokenizer is None:
+            raise ValueError(f"{self.path} has no tokenizer.json: pass suffix_token_ids instead of suffix")
+        return replace(sp, suffix=None, suffix_token_ids=self.tokenizer.encode(sp.suffix))
 
     @staticmethod
     def _normalise(prompts, params) -> tuple[list[Prompt], list[SamplingParams]]:

@@ -201,6 +201,10 @@ def _grouped(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tens
 
 def _looped(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """As `_grouped`, one matmul per expert that has rows (faster than grouped_mm on CPU in float32)."""
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):  # training: no out= (not differentiable)
+        bounds = [0] + offs.tolist()
+        parts = [x[s:e] @ w[i] for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])) if e > s]
+        return torch.cat(parts) if parts else x.new_zeros(0, w.shape[2])
     out = x.new_zeros(x.shape[0], w.shape[2])
     start = 0
     for e, end in enumerate(offs.tolist()):

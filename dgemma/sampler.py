@@ -43,6 +43,16 @@ class SamplingParams:
     stopping: str = "stable_confident"
     # canvas template (inpainting): token ids fixed at canvas positions 0..len-1 (-1: free), on every canvas
     template: list[int] | None = None
+    # infilling: token ids that must follow the output; they end the last canvas (the middle is what is returned)
+    suffix_token_ids: list[int] | None = None
+    suffix: str | None = None  # the same as text (LLM tokenizes it)
+    # structured output (at most one; see dgemma/constraints.py): a JSON schema (dict or JSON text), any JSON
+    # object, a regex, a list of strings, or a Lark (or GBNF) grammar
+    json_schema: Any = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
     # autoregressive knobs (mode="ar"): temperature 0 is greedy
     temperature: float = 0.0
     top_k: int = 0
@@ -95,6 +105,21 @@ class SamplingParams:
             bad("template", "must be a list of token ids (-1 for free positions)")
         if self.template is not None and self.mode == "ar":
             bad("template", "applies to diffusion mode only")
+        if self.suffix is not None and (not isinstance(self.suffix, str) or not self.suffix):
+            bad("suffix", "must be a non-empty string")
+        if self.suffix_token_ids is not None:
+            if not isinstance(self.suffix_token_ids, list) or not self.suffix_token_ids or not all(
+                    isinstance(t, int) and not isinstance(t, bool) and 0 <= t < (vocab_size or 2 ** 62)
+                    for t in self.suffix_token_ids):
+                bad("suffix_token_ids", "must be a non-empty list of token ids inside the vocabulary")
+            if self.mode == "ar":
+                bad("suffix_token_ids", "infilling needs diffusion mode (the canvas sees the suffix)")
+            if self.template is not None:
+                bad("suffix_token_ids", "cannot be combined with a template")
+        if self.constraint() is not None:
+            if self.template is not None or self.suffix_token_ids is not None or self.suffix is not None:
+                bad("template" if self.template is not None else "suffix",
+                    "cannot be combined with structured output")
         if self.schedule not in SCHEDULES:
             bad("schedule", f"must be one of {sorted(SCHEDULES)}")
         if self.acceptance not in ACCEPTANCE:
@@ -102,6 +127,13 @@ class SamplingParams:
         if self.stopping not in STOPPING:
             bad("stopping", f"must be one of {sorted(STOPPING)}")
         return self
+
+
+    def constraint(self):
+        """The structured-output constraint these params ask for (a `constraints.Constraint`), or None."""
+        from .constraints import Constraint
+
+        return Constraint.from_fields(self.json_schema, self.regex, self.choice, self.grammar, bool(self.json_object))
 
 
 # The published defaults (transformers' DiffusionGemmaGenerationConfig).

@@ -1,0 +1,313 @@
+"""Structured output for a uniform-state canvas: JSON Schema, regex, choice and Lark grammars through llguidance.
+
+DiffusionGemma has no [MASK] token: every canvas position always holds some token, and nothing is frozen within a
+canvas. A grammar matcher, though, reads left to right. The design (docs/structured.md) keeps both:
+
+- Each constrained row has a *frontier* f in its canvas. Positions before f are validated by the matcher and
+  frozen (they behave like template positions: always accepted, never redrawn, visible to every step).
+- Each denoising step advances the frontier by a run of tokens: at position f the model's logits are masked to
+  the tokens the matcher allows, a token is sampled from that distribution and consumed, and the run goes on to
+  f+1 while the entropy-bound rule (the sampler's own acceptance rule, on masked distributions) holds. Forced
+  tokens (llguidance's fast-forward: a required key, the rest of an enum value) are placed for free. At least one
+  token is accepted per step, so a canvas needs at most C steps.
+- Positions after the frontier are denoised as usual (sampled, accepted or re-noised), so the model keeps seeing a
+  whole-canvas draft through self-conditioning; they only become output once the frontier validates them.
+- The canvas is committed when the frontier reaches its end; the matcher state carries over to the next canvas.
+  When the grammar is complete the rest of the canvas becomes EOS, which ends the request.
+- Budget: when the tokens left fall below a margin, a short completion is searched (iterative deepening over
+  structural tokens such as `"`, `]`, `}`, `0`, `,`) and forced, so even random weights close their JSON. If no
+  completion fits, the request ends with finish_reason "length" and is never reported as complete.
+
+Everything here is CPU-side bookkeeping; the model is untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import threading
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+Kind = Literal["json_schema", "json_object", "regex", "choice", "grammar"]
+
+# Limits checked before llguidance sees a request, so that hostile inputs fail fast with a reason.
+MAX_SPEC_BYTES = 64 * 1024
+MAX_SCHEMA_DEPTH = 24
+MAX_ENUM = 1024
+MAX_CHOICES = 1024
+MAX_REGEX_CHARS = 2048
+COMPILE_TIMEOUT_S = 5.0
+# Compact JSON (no free whitespace): fewer tokens, and random weights cannot wander through blanks.
+JSON_OPTIONS = {"whitespace_flexible": False}
+
+# Single characters tried first when searching for a short way to finish, then the rest of printable ASCII.
+CLOSING_ALPHABET = '"]})0,:1a-.[{tfne'
+CLOSERS = '"]})'
+CLOSER_BONUS = math.log(8.0)
+MAX_LOOKAHEAD = 48
+
+
+class ConstraintError(ValueError):
+    """An unsupported, invalid or too-expensive constraint (a client error: HTTP 400)."""
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What the output must match. `value`: a JSON schema (dict), a regex (str), a list of strings, a Lark grammar."""
+
+    kind: Kind
+    value: Any = None
+
+    @staticmethod
+    def from_fields(json_schema: Any = None, regex: str | None = None, choice: list[str] | None = None,
+                    grammar: str | None = None, json_object: bool = False) -> "Constraint | None":
+        given = [(k, v) for k, v in (("json_schema", json_schema), ("regex", regex), ("choice", choice),
+                                     ("grammar", grammar)) if v is not None]
+        if json_object:
+            given.append(("json_object", None))
+        if len(given) > 1:
+            raise ConstraintError(f"give at most one of json_schema, regex, choice, grammar (got "
+                                  f"{', '.join(k for k, _ in given)})")
+        return Constraint(*given[0]) if given else None
+
+
+def _check_schema(schema: Any) -> None:
+    """Depth, size and enum limits, checked iteratively (a deeply nested schema must not blow the stack)."""
+    if isinstance(schema, bool):
+        return
+    if not isinstance(schema, dict):
+        raise ConstraintError("json_schema must be a JSON object (or a boolean)")
+    text = json.dumps(schema)
+    if len(text) > MAX_SPEC_BYTES:
+        raise ConstraintError(f"json_schema is {len(text)} bytes; the limit is {MAX_SPEC_BYTES}")
+    stack: list[tuple[Any, int]] = [(schema, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_SCHEMA_DEPTH:
+            raise ConstraintError(f"json_schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
+        if isinstance(node, dict):
+            for key in ("enum",):
+                if isinstance(node.get(key), list) and len(node[key]) > MAX_ENUM:
+                    raise ConstraintError(f"json_schema has an enum of {len(node[key])} values; the limit is "
+                                          f"{MAX_ENUM}")
+            pattern = node.get("pattern")
+            if isinstance(pattern, str) and len(pattern) > MAX_REGEX_CHARS:
+                raise ConstraintError(f"a pattern has {len(pattern)} characters; the limit is {MAX_REGEX_CHARS}")
+            stack.extend((v, depth + 1) for v in node.values() if isinstance(v, (dict, list)))
+        elif isinstance(node, list):
+            stack.extend((v, depth) for v in node if isinstance(v, (dict, list)))
+
+
+def _lark_string(s: str) -> str:
+    return json.dumps(s)  # a JSON string literal is a valid Lark string literal
+
+
+def to_grammar(c: Constraint) -> str:
+    """The llguidance grammar (serialised) for a constraint; raises ConstraintError for malformed input."""
+    import llguidance
+
+    if c.kind == "json_schema":
+        schema = c.value
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except json.JSONDecodeError as e:
+                raise ConstraintError(f"json_schema is not valid JSON: {e.msg}") from None
+        _check_schema(schema)
+        try:
+            return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
+        except ValueError as e:
+            raise ConstraintError(f"json_schema: {e}") from None
+    if c.kind == "json_object":
+        return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, overrides=JSON_OPTIONS)
+    if c.kind == "regex":
+        if not isinstance(c.value, str) or not c.value:
+            raise ConstraintError("regex must be a non-empty string")
+        if len(c.value) > MAX_REGEX_CHARS:
+            raise ConstraintError(f"regex has {len(c.value)} characters; the limit is {MAX_REGEX_CHARS}")
+        return llguidance.LLMatcher.grammar_from_regex(c.value)
+    if c.kind == "choice":
+        if not isinstance(c.value, list) or not c.value or not all(isinstance(s, str) and s for s in c.value):
+            raise ConstraintError("choice must be a non-empty list of non-empty strings")
+        if len(c.value) > MAX_CHOICES or sum(len(s) for s in c.value) > MAX_SPEC_BYTES:
+            raise ConstraintError(f"choice is too large (at most {MAX_CHOICES} options, {MAX_SPEC_BYTES} bytes)")
+        return llguidance.LLMatcher.grammar_from_lark(
+            "start: " + " | ".join(_lark_string(s) for s in dict.fromkeys(c.value)) + "\n")
+    if c.kind == "grammar":
+        if not isinstance(c.value, str) or not c.value.strip():
+            raise ConstraintError("grammar must be a non-empty string")
+        if len(c.value) > MAX_SPEC_BYTES:
+            raise ConstraintError(f"grammar is {len(c.value)} bytes; the limit is {MAX_SPEC_BYTES}")
+        text = c.value
+        if "::=" in text:  # GBNF / EBNF (llama.cpp style): convert to Lark
+            from llguidance.gbnf_to_lark import gbnf_to_lark
+
+            try:
+                text = gbnf_to_lark(text)
+            except Exception as e:  # the converter raises plain exceptions on malformed input
+                raise ConstraintError(f"grammar: cannot convert EBNF: {e}") from None
+        return llguidance.LLMatcher.grammar_from_lark(text)
+    raise ConstraintError(f"unknown constraint kind {c.kind!r}")
+
+
+class GuideFactory:
+    """Compiles constraints for one tokenizer and vocabulary; `guide(constraint)` returns a fresh matcher state."""
+
+    def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: list[int]):
+        self.vocab_size = vocab_size
+        self.eos = sorted(set(eos_token_ids))
+        self._json = tokenizer_json
+        self._tok: Any = None
+        self.single_chars: list[int] = []  # single-token characters, closing alphabet first
+        self.closers: set[int] = set()
+        self._cache: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def tok(self) -> Any:
+        """The llguidance tokenizer, built on first use (about a second for a 262k vocabulary)."""
+        if self._tok is None:
+            try:
+                import llguidance
+            except ImportError:
+                raise ConstraintError("structured output needs the llguidance package (pip install llguidance)") \
+                    from None
+            if not self.eos:
+                raise ConstraintError("structured output needs an EOS token")
+            tok = llguidance.LLTokenizer(self._json, n_vocab=self.vocab_size, eos_token=self.eos)
+            self.limits = llguidance.LLParserLimits(max_items_in_row=2000, initial_lexer_fuel=1_000_000,
+                                                    step_lexer_fuel=200_000, step_max_items=50_000,
+                                                    max_lexer_states=100_000, max_grammar_size=200_000,
+                                                    verbose_errors=False)
+            # Single-token ids of printable ASCII characters, the closing alphabet first.
+            chars = CLOSING_ALPHABET + "".join(chr(b) for b in range(32, 127) if chr(b) not in CLOSING_ALPHABET)
+            for ch in chars:
+                ids = tok.tokenize_str(ch)
+                if len(ids) == 1 and ids[0] not in self.single_chars and ids[0] not in self.eos:
+                    self.single_chars.append(ids[0])
+                    if ch in CLOSERS:
+                        self.closers.add(ids[0])
+            self._tok = tok
+        return self._tok
+
+    def compile(self, c: Constraint) -> str:
+        """Validate a constraint within `COMPILE_TIMEOUT_S`; returns the grammar. Raises ConstraintError."""
+        import llguidance
+
+        key = json.dumps([c.kind, c.value], sort_keys=True, default=str)
+        with self._lock:
+            if key in self._cache:
+                return self._cache[key]
+        tok = self.tok
+        grammar = to_grammar(c)
+        result: list[Any] = []
+
+        def work() -> None:
+            try:
+                result.append(llguidance.LLMatcher.validate_grammar_with_warnings(grammar, tok,
+                                                                                  limits=self.limits))
+            except Exception as e:  # noqa: BLE001 - reported to the client as a reason
+                result.append((True, [str(e)]))
+
+        t = threading.Thread(target=work, daemon=True)
+        t.start()
+        t.join(COMPILE_TIMEOUT_S)
+        if not result:
+            raise ConstraintError(f"{c.kind} took longer than {COMPILE_TIMEOUT_S:.0f} s to compile")
+        is_error, messages = result[0]
+        if is_error:
+            raise ConstraintError(f"invalid {c.kind}: {_short(messages[0] if messages else 'rejected')}")
+        # Compile once more as a matcher: some limits only trip when the lexer is built.
+        m = llguidance.LLMatcher(self.tok, grammar, limits=self.limits, log_level=0)
+        if m.is_error():
+            raise ConstraintError(f"invalid {c.kind}: {_short(m.get_error())}")
+        with self._lock:
+            self._cache[key] = grammar
+        return grammar
+
+    def guide(self, c: Constraint) -> "Guide":
+        import llguidance
+
+        grammar = self.compile(c)
+        return Guide(llguidance.LLMatcher(self.tok, grammar, limits=self.limits, log_level=0), self)
+
+
+def _short(msg: str, n: int = 300) -> str:
+    msg = re.sub(r"\s+", " ", str(msg)).strip()
+    return msg if len(msg) <= n else msg[:n] + "..."
+
+
+class Guide:
+    """One request's matcher state at its committed frontier (everything consumed is output or frozen canvas)."""
+
+    def __init__(self, matcher: Any, factory: GuideFactory):
+        self.m = matcher
+        self.f = factory
+        self.finished = False  # the grammar is complete (EOS chosen, or nothing but EOS is allowed)
+        self.pending: list[int] = []  # a forced closing path, placed before anything else
+        self.consumed = 0
+
+    def allowed(self) -> torch.Tensor:
+        """Tokens the matcher allows next, as a bool mask (V,)."""
+        words = torch.frombuffer(bytearray(self.m.compute_bitmask()), dtype=torch.int32)
+        bits = (words[:, None] >> torch.arange(32, dtype=torch.int32)) & 1
+        return bits.reshape(-1)[: self.f.vocab_size].bool()
+
+    def forced(self) -> list[int]:
+        """Tokens the grammar forces next (may be empty)."""
+        return [] if self.finished else list(self.m.compute_ff_tokens())
+
+    def consume(self, token: int) -> None:
+        if token in self.f.eos:
+            self.finished = True
+            return
+        if not self.m.consume_token(token):
+            raise RuntimeError(f"constraint matcher rejected token {token}: {self.m.get_error()}")
+        self.consumed += 1
+        if self.m.is_stopped():
+            self.finished = True
+
+    def closing_path(self, max_len: int) -> list[int] | None:
+        """A short token sequence that completes the grammar, ending with EOS; None if none is found within
+        `max_len` tokens. Greedy with one token of lookahead over single-character tokens: prefer a token after
+        which the grammar may end, else the one that leaves the fewest allowed tokens (closing brackets and quotes
+        get a bonus, so arrays and objects close instead of growing). The matcher is left as it was."""
+        f = self.f
+        f.tok  # noqa: B018 - builds the single-character table
+        path: list[int] = []
+        try:
+            while len(path) < max_len:
+                if self.m.is_accepting():
+                    return path + [f.eos[0]]
+                forced = list(self.m.compute_ff_tokens())
+                if forced:
+                    for t in forced[: max_len - len(path)]:
+                        if not self.m.consume_token(t):
+                            return None
+                        path.append(t)
+                    continue
+                mask = self.allowed()
+                cands = [t for t in f.single_chars if mask[t]][:MAX_LOOKAHEAD]
+                if not cands:  # nothing single-character fits (e.g. a multi-byte character): first allowed token
+                    cands = [t for t in mask.nonzero().flatten().tolist() if t not in f.eos][:1]
+                best: tuple | None = None
+                for rank, t in enumerate(cands):
+                    if not self.m.consume_token(t):
+                        continue
+                    done = self.m.is_accepting() or self.m.is_stopped()
+                    size = 0 if done else int(self.allowed().sum())
+                    self.m.rollback(1)
+                    score = (not done, math.log(size + 1) - (CLOSER_BONUS if t in f.closers else 0.0), rank)
+                    if best is None or score < best[0]:
+                        best = (score, t)
+                if best is None or not self.m.consume_token(best[1]):
+                    return None
+                path.append(best[1])
+            return None
+        finally:
+            if path:
+                self.m.rollback(len(path))

@@ -1,0 +1,234 @@
+"""`dgemma sudoku train | solve | eval`: the Sudoku experiment from the command line (registered as a CLI plugin).
+
+    dgemma sudoku solve --example                       # the bundled model solves a puzzle, live in a terminal
+    dgemma sudoku solve 000260701680070090... --json
+    dgemma sudoku solve --input puzzles.txt --output solutions.txt
+    dgemma sudoku eval --per-difficulty 100             # diffusion (with/without clamping) vs the AR baseline
+    dgemma sudoku train --output runs/sudoku            # both objectives from one initial checkpoint
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from ..cli import EXIT_OK, CLIError, _positive_int, register
+
+# A held-out puzzle (40 clues, unique solution) that the bundled model solves; `--example` uses it.
+EXAMPLE = "030000006008017000970008102000000005240050970006790000000001000609435018000009000"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="sudoku_command", metavar="ACTION", title="actions")
+    s = sub.add_parser("solve", help="solve puzzles (81 characters each, 0 or . for blanks)",
+                       description="Solve Sudoku puzzles with a DiffusionGemma checkpoint (default: the bundled "
+                                   "model). Prints one 81-digit line per puzzle, or 'error: ...' for an invalid "
+                                   "one (the batch goes on). Exit status 1 if any puzzle was invalid or unsolved.")
+    s.add_argument("puzzles", nargs="*", metavar="PUZZLE", help="81 characters: digits, 0 or . for blanks")
+    s.add_argument("--input", "-i", metavar="FILE", help="read puzzles from FILE, one per line ('-': stdin)")
+    s.add_argument("--output", "-o", metavar="FILE", help="write results to FILE instead of stdout")
+    s.add_argument("--example", action="store_true", help="solve a built-in example puzzle")
+    _add_model(s)
+    s.add_argument("--json", action="store_true", help="one JSON object per puzzle: puzzle, grid, solved, "
+                   "error, steps, seconds")
+    s.add_argument("--live", choices=["auto", "always", "never"], default="auto",
+                   help="draw the grid as it denoises (auto: when stdout is a terminal)")
+    s.set_defaults(_sudoku=run_solve)
+
+    e = sub.add_parser("eval", help="solve rate per difficulty: diffusion (clamped / free) vs AR",
+                       description="Solve held-out puzzles and report the solve rate (a valid grid that keeps every "
+                                   "clue) per difficulty (easy >= 40 clues, medium 30-39, hard < 30) for the "
+                                   "diffusion model with and without clue clamping and for the AR baseline. Prints "
+                                   "a table and a final JSON line.")
+    e.add_argument("--diffusion-model", default="sudoku", metavar="PATH", help="(default: the bundled model)")
+    e.add_argument("--ar-model", default="sudoku-ar", metavar="PATH",
+                   help="the AR baseline trained from the same initial checkpoint (default: bundled)")
+    e.add_argument("--data", metavar="FILE", help="JSONL puzzles with 'puzzle' (default: fresh puzzles from "
+                   "--seed, never in the training data)")
+    e.add_argument("--per-difficulty", type=_positive_int, default=100, metavar="N",
+                   help="puzzles per difficulty (default: %(default)s)")
+    e.add_argument("--variants", default="diffusion+clamp,diffusion,ar",
+                   help="comma-separated: diffusion+clamp, diffusion, ar (default: all)")
+    e.add_argument("--seed", type=int, default=2026, help="puzzle and sampling seed (default: %(default)s)")
+    e.add_argument("--batch-size", type=_positive_int, default=16, help="(default: %(default)s)")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+    e.set_defaults(_sudoku=run_eval)
+
+    t = sub.add_parser("train", help="train the diffusion model and the AR baseline from one random init",
+                       description="Generate puzzles, write one random initial checkpoint, and train it with the "
+                                   "block-diffusion objective and with the AR objective (same data, same steps), in "
+                                   "parallel processes when there are cores for both. Re-running resumes.")
+    from .sudoku_model import Recipe
+
+    r = Recipe()
+    t.add_argument("--output", "-o", default=r.out_dir, metavar="DIR", help="(default: %(default)s)")
+    t.add_argument("--steps", type=_positive_int, default=r.steps, help="(default: %(default)s)")
+    t.add_argument("--batch-size", type=_positive_int, default=r.batch_size, help="(default: %(default)s)")
+    t.add_argument("--lr", type=float, default=r.lr, help="(default: %(default)s)")
+    t.add_argument("--puzzles", type=_positive_int, default=r.n_base, help="distinct generated training puzzles "
+                   "(default: %(default)s)")
+    t.add_argument("--examples", type=_positive_int, default=r.n_train, help="training examples after symmetry "
+                   "augmentation (default: %(default)s)")
+    t.add_argument("--hidden", type=_positive_int, default=r.hidden, help="(default: %(default)s)")
+    t.add_argument("--layers", type=_positive_int, default=r.layers, help="(default: %(default)s)")
+    t.add_argument("--objectives", default="diffusion,ar", help="(default: %(default)s)")
+    t.add_argument("--threads", type=_positive_int, default=r.threads, help="torch threads per process "
+                   "(default: %(default)s)")
+    t.add_argument("--seed", type=int, default=r.seed, help="(default: %(default)s)")
+    t.set_defaults(_sudoku=run_train)
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default="sudoku", metavar="PATH", help="checkpoint (default: the bundled "
+                   "'sudoku' model)")
+    p.add_argument("--mode", choices=["diffusion", "ar"], default="diffusion", help="(default: %(default)s)")
+    p.add_argument("--no-clamp", action="store_true", help="do not fix the clues on the canvas (diffusion)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="puzzles solved together "
+                   "(default: %(default)s)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if getattr(args, "_sudoku", None) is None:
+        raise CLIError("choose an action: dgemma sudoku {solve,eval,train} (see dgemma sudoku --help)")
+    return args._sudoku(args)
+
+
+# -- solve ----------------------------------------------------------------------------------------------------------
+def _read_puzzles(args: argparse.Namespace) -> list[str]:
+    puzzles = list(args.puzzles)
+    if args.example:
+        puzzles.append(EXAMPLE)
+    if args.input:
+        src = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")
+        with src if src is not sys.stdin else _nullctx(src) as f:
+            puzzles += [line.strip() for line in f if line.strip()]
+    if not puzzles:
+        raise CLIError("no puzzles: give them as arguments, with --input FILE, or use --example")
+    return puzzles
+
+
+class _nullctx:
+    def __init__(self, f):
+        self.f = f
+
+    def __enter__(self):
+        return self.f
+
+    def __exit__(self, *exc):
+        return False
+
+
+def run_solve(args: argparse.Namespace) -> int:
+    from .sudoku_model import Solver, render
+
+    puzzles = _read_puzzles(args)
+    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    live = args.live == "always" or (args.live == "auto" and out is sys.stdout and sys.stdout.isatty()
+                                     and not args.json)
+    solver = Solver(args.model, mode=args.mode, clamp=not args.no_clamp, max_batch=args.batch_size, seed=args.seed)
+    results = []
+    if live:  # one at a time, redrawing the grid in place
+        for p in puzzles:
+            state = {"lines": 0}
+
+            def draw(i: int, tokens: list[int], p=p, state=state) -> None:
+                lines = render(tokens, _clean(p))
+                if state["lines"]:
+                    sys.stdout.write(f"\x1b[{state['lines']}F")
+                sys.stdout.write("\n".join(lines) + "\n")
+                sys.stdout.flush()
+                state["lines"] = len(lines)
+
+            try:
+                clean = _clean(p)
+            except ValueError:
+                clean = None
+            results += solver.solve([p], on_draft=draw if clean else None)
+            if state["lines"]:
+                sys.stdout.write(f"\x1b[{state['lines']}F\x1b[J")
+            _print(results[-1], out, args.json)
+    else:
+        for k in range(0, len(puzzles), args.batch_size):
+            for r in solver.solve(puzzles[k:k + args.batch_size]):
+                results.append(r)
+                _print(r, out, args.json)
+    if out is not sys.stdout:
+        out.close()
+    return EXIT_OK if all(r.solved for r in results) else 1
+
+
+def _clean(p: str) -> str:
+    from . import sudoku as S
+
+    return S.parse_puzzle(p)
+
+
+def _print(r, out, as_json: bool) -> None:
+    if as_json:
+        d = r.to_json()
+        d["seconds"] = round(d["seconds"], 4)
+        print(json.dumps(d), file=out, flush=True)
+    elif r.error:
+        print(f"error: {r.error}", file=out, flush=True)
+    elif r.grid is None:
+        print("error: the model did not produce 81 digits", file=out, flush=True)
+    else:
+        print(r.grid if r.solved else f"{r.grid}  # not a valid solution", file=out, flush=True)
+
+
+# -- eval -------------------------------------------------------------------------------------------------------------
+def run_eval(args: argparse.Namespace) -> int:
+    import random
+
+    from . import sudoku as S
+    from .sudoku_model import VARIANTS, evaluate
+
+    variants = [v for v in args.variants.split(",") if v]
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        raise CLIError(f"unknown variant {bad[0]!r}; choose from {', '.join(VARIANTS)}")
+    if args.data:
+        items = S.load_jsonl(args.data)
+    else:  # fresh puzzles: clue counts spread over each difficulty band
+        rng = random.Random(args.seed)
+        items = []
+        for lo, hi in ((40, 50), (30, 39), (24, 29)):
+            for _ in range(args.per_difficulty):
+                p, sol = S.generate(rng.randint(lo, hi), rng)
+                items.append({"puzzle": p, "solution": sol})
+    rows = evaluate({"diffusion": args.diffusion_model, "ar": args.ar_model}, items, args.per_difficulty,
+                    variants, progress=not args.quiet, max_batch=args.batch_size, seed=args.seed)
+    print(f"{'variant':<17}{'difficulty':<11}{'n':>5}{'solved':>8}{'rate':>8}{'puzzles/s':>11}{'steps':>8}")
+    for r in rows:
+        print(f"{r.variant:<17}{r.difficulty:<11}{r.n:>5}{r.solved:>8}{r.rate:>8.1%}{r.n / r.seconds:>11.2f}"
+              f"{r.steps:>8.1f}")
+    print(json.dumps({"results": [{**asdict(r), "rate": r.rate, "puzzles_per_s": r.n / r.seconds} for r in rows]}))
+    return EXIT_OK
+
+
+# -- train ------------------------------------------------------------------------------------------------------------
+def run_train(args: argparse.Namespace) -> int:
+    from .sudoku_model import Recipe, train_recipe
+
+    objectives = tuple(o for o in args.objectives.split(",") if o)
+    if not objectives or any(o not in ("diffusion", "ar") for o in objectives):
+        raise CLIError("--objectives takes diffusion, ar or both (comma-separated)")
+    recipe = Recipe(out_dir=args.output, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                    n_base=args.puzzles, n_train=args.examples, hidden=args.hidden, layers=args.layers,
+                    objectives=objectives, threads=args.threads, seed=args.seed)
+    t0 = time.perf_counter()
+    finals = train_recipe(recipe)
+    for obj, path in finals.items():
+        print(f"{obj}: {path}")
+    print(f"trained in {time.perf_counter() - t0:.0f} s; evaluate with: dgemma sudoku eval "
+          f"--diffusion-model {finals.get('diffusion', 'sudoku')} --ar-model {finals.get('ar', 'sudoku-ar')}")
+    return EXIT_OK
+
+
+register("sudoku", "solve, evaluate and train the Sudoku model (diffusion vs AR)", add_arguments, run,
+         __doc__.split("\n\n", 1)[1] if __doc__ else None)

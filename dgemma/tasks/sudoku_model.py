@@ -1,0 +1,346 @@
+"""The Sudoku model: its config, the training recipe (diffusion and the AR baseline from one initial checkpoint),
+a batch solver (with or without clue clamping on the canvas) and the solve-rate evaluation.
+
+Data and text formats live in `dgemma.tasks.sudoku`; the generic training loop in `dgemma.train`.
+The trained model ships inside the package (`dgemma/models/sudoku/`), so `LLM(model="sudoku")` works offline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal
+
+from . import sudoku as S
+
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "models" / "sudoku"
+CANVAS = 82  # 81 cells + EOS: one canvas holds the whole answer
+Mode = Literal["diffusion", "ar"]
+
+# Sampler settings stored in the model's generation_config.json (the published defaults otherwise).
+GENERATION_CONFIG = {"max_denoising_steps": 48, "max_new_tokens": CANVAS}
+
+
+def model_config(hidden: int = 128, layers: int = 4, heads: int = 4, seed_vocab: int = len(S.VOCAB)):
+    """A small Gemma-4-shaped DiffusionGemma for the 27-token Sudoku vocabulary (one canvas of 82 tokens)."""
+    from ..config import tiny_config
+
+    types = ["sliding_attention"] * (layers - 1) + ["full_attention"]
+    return tiny_config(vocab_size=seed_vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+                       head_dim=hidden // heads, global_head_dim=hidden // heads,
+                       num_global_key_value_heads=max(1, heads // 2), sliding_window=256, num_experts=4,
+                       top_k_experts=1, moe_intermediate_size=hidden // 2, layer_types=types, canvas_length=CANVAS,
+                       pad_token_id=S.PAD_ID, eos_token_id=S.EOS_ID, bos_token_id=S.BOS_ID,
+                       max_position_embeddings=512)
+
+
+def prompt_ids(puzzle: str) -> list[int]:
+    """BOS + the tokens of `prompt_text(puzzle)` (what the tokenizer gives, computed without it)."""
+    return [S.BOS_ID] + [S.VOCAB[w] for w in S.prompt_text(puzzle).split()]
+
+
+def canvas_template(puzzle: str) -> list[int]:
+    """The clamping template: clue cells fixed to their digit token, blanks free (-1), EOS fixed at cell 81."""
+    return [S.DIGIT_BASE_ID + int(c) if c != "0" else -1 for c in S.parse_puzzle(puzzle)] + [S.EOS_ID]
+
+
+# -- data ---------------------------------------------------------------------------------------------------------
+def augment(puzzle: str, solution: str, rng: random.Random) -> tuple[str, str]:
+    """A random validity-preserving symmetry: digit relabelling, row/column permutations within bands and stacks,
+    band and stack permutations, transposition. The result is another unique-solution puzzle, same clue count."""
+    digits = list("123456789")
+    rng.shuffle(digits)
+    relabel = {"0": "0", **{str(i + 1): d for i, d in enumerate(digits)}}
+
+    def perm() -> list[int]:
+        bands = rng.sample(range(3), 3)
+        return [3 * b + r for b in bands for r in rng.sample(range(3), 3)]
+
+    rows, cols = perm(), perm()
+    transpose = rng.random() < 0.5
+
+    def apply(g: str) -> str:
+        out = []
+        for r in range(9):
+            for c in range(9):
+                rr, cc = (cols[c], rows[r]) if transpose else (rows[r], cols[c])
+                out.append(relabel[g[9 * rr + cc]])
+        return "".join(out)
+
+    return apply(puzzle), apply(solution)
+
+
+def build_data(out_dir: Path, n_base: int, n_test: int, n_train: int, seed: int,
+               progress: bool = True) -> tuple[list[dict], list[dict]]:
+    """Generate `n_base` training puzzles and `n_test` held-out ones (cached as JSONL in `out_dir`), and expand the
+    training puzzles to `n_train` items with random symmetries. Test puzzles are generated separately (seed + 1)."""
+    from tqdm import tqdm
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sets = {}
+    for name, n, s in (("base", n_base, seed), ("test", n_test, seed + 1)):
+        f = out_dir / f"{name}.jsonl"
+        if f.is_file() and len(S.load_jsonl(f)) == n:
+            sets[name] = S.load_jsonl(f)
+            continue
+        rng = random.Random(s)
+        items = []
+        for _ in tqdm(range(n), desc=f"puzzles ({name})", disable=not progress, unit="puzzle"):
+            c = rng.randint(24, 50)
+            p, sol = S.generate(c, rng)
+            items.append({"puzzle": p, "solution": sol, "clues": c, "difficulty": S.difficulty(p)})
+        S.save_jsonl(items, f)
+        sets[name] = items
+    rng = random.Random(seed + 2)
+    base = sets["base"]
+    train = list(base)
+    while len(train) < n_train:
+        it = base[rng.randrange(len(base))]
+        p, sol = augment(it["puzzle"], it["solution"], rng)
+        train.append({"puzzle": p, "solution": sol, "clues": it["clues"], "difficulty": it["difficulty"]})
+    return train[:n_train], sets["test"]
+
+
+def to_examples(items: Iterable[dict]):
+    from ..train import Example
+
+    return [Example(prompt_ids(it["puzzle"]), S.encode_grid(it["solution"])) for it in items]
+
+
+# -- training -------------------------------------------------------------------------------------------------------
+@dataclass
+class Recipe:
+    """The Sudoku experiment: one random initial checkpoint, the same data and step budget for both objectives."""
+
+    out_dir: str = "runs/sudoku"
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    n_base: int = 20_000
+    n_train: int = 200_000
+    n_test: int = 600
+    steps: int = 2_000
+    batch_size: int = 32
+    lr: float = 2e-3
+    warmup_steps: int = 100
+    seed: int = 0
+    objectives: tuple[str, ...] = ("diffusion", "ar")
+    threads: int = 1  # torch threads per training process
+    precision: str = "float32"
+
+
+def init_checkpoint(path: Path, recipe: Recipe) -> Path:
+    """Write the shared random initial checkpoint (weights, tokenizer, generation config)."""
+    import torch
+
+    from ..checkpoint import save_model
+    from ..model import DiffusionGemma
+
+    torch.manual_seed(recipe.seed)
+    model = DiffusionGemma(model_config(recipe.hidden, recipe.layers, recipe.heads))
+    tok = S.build_tokenizer(path)
+    save_model(model, path, generation_config=GENERATION_CONFIG, tokenizer_dir=tok)
+    return path
+
+
+def train_recipe(recipe: Recipe, progress: bool = True) -> dict[str, Path]:
+    """Build data and the initial checkpoint, then train each objective (in parallel processes, one per objective,
+    when there are cores for them). Returns {objective: final checkpoint dir}. Re-running resumes."""
+    out = Path(recipe.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.json").write_text(json.dumps(asdict(recipe), indent=1) + "\n")
+    build_data(out / "data", recipe.n_base, recipe.n_test, recipe.n_train, recipe.seed, progress)
+    init = out / "init"
+    if not (init / "config.json").is_file():
+        init_checkpoint(init, recipe)
+    parallel = len(recipe.objectives) > 1 and (os.cpu_count() or 1) >= recipe.threads * len(recipe.objectives)
+    if parallel:
+        procs = []
+        for obj in recipe.objectives:
+            log = open(out / f"{obj}.out", "w")
+            cmd = [sys.executable, "-m", "dgemma.tasks.sudoku_model", str(out / "recipe.json"), obj]
+            procs.append((obj, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
+        for obj, p, log in procs:
+            if p.wait() != 0:
+                raise RuntimeError(f"training {obj} failed; see {out / f'{obj}.out'}")
+            log.close()
+    else:
+        for obj in recipe.objectives:
+            train_one(recipe, obj, progress)
+    return {obj: out / obj / "final" for obj in recipe.objectives}
+
+
+def train_one(recipe: Recipe, objective: str, progress: bool = True) -> Path:
+    """Train one objective from `<out_dir>/init` on `<out_dir>/data` (the same data for both objectives)."""
+    import torch
+
+    from ..train import TrainConfig, run_training
+
+    torch.set_num_threads(recipe.threads)
+    out = Path(recipe.out_dir)
+    train, _ = build_data(out / "data", recipe.n_base, recipe.n_test, recipe.n_train, recipe.seed, progress=False)
+    cfg = TrainConfig(objective=objective, steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr,
+                      warmup_steps=recipe.warmup_steps, prompt_loss=False, seed=recipe.seed,
+                      betas=(0.9, 0.99), weight_decay=0.01, save_every=max(1, recipe.steps // 10), log_every=20,
+                      precision=recipe.precision)  # type: ignore[arg-type]
+    return run_training(out / "init", to_examples(train), out / objective, cfg, progress=progress)
+
+
+# -- solving --------------------------------------------------------------------------------------------------------
+@dataclass
+class Solution:
+    puzzle: str
+    grid: str | None = None  # the model's 81 digits (None if it did not produce 81 digits)
+    solved: bool = False  # a valid grid that keeps every clue
+    error: str | None = None  # the puzzle was invalid (nothing was generated)
+    steps: int = 0  # denoising steps (diffusion) or forwards (AR)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items()}
+
+
+class Solver:
+    """Solve puzzles with a Sudoku checkpoint ("sudoku" is the bundled one), batched.
+
+    `clamp`: fix the clue cells on the canvas (inpainting), so the model only fills blanks. `mode="ar"` decodes
+    greedily left to right instead (the baseline; clamping does not apply)."""
+
+    def __init__(self, model: str | Path = "sudoku", mode: Mode = "diffusion", clamp: bool = True,
+                 max_batch: int = 16, seed: int = 0, dtype: str = "float32"):
+        from ..llm import LLM
+
+        self.llm = LLM(model, dtype=dtype, max_batch=max_batch, max_model_len=len(prompt_ids("0" * 81)) + CANVAS)
+        self.mode, self.clamp, self.seed = mode, clamp and mode == "diffusion", seed
+
+    def params(self, puzzle: str):
+        from ..sampler import SamplingParams
+
+        return SamplingParams(max_new_tokens=CANVAS, seed=self.seed, mode=self.mode,
+                              template=canvas_template(puzzle) if self.clamp else None)
+
+    def solve(self, puzzles: list[str], on_draft: Callable[[int, list[int]], None] | None = None) -> list[Solution]:
+        """One Solution per input line, in order; invalid puzzles get `error` and do not stop the batch."""
+        out = [Solution(p) for p in puzzles]
+        todo = []
+        for i, p in enumerate(puzzles):
+            try:
+                out[i].puzzle = S.parse_puzzle(p)
+                todo.append(i)
+            except S.SudokuError as e:
+                out[i].error = str(e)
+        if not todo:
+            return out
+        t0 = time.perf_counter()
+        prompts = [{"prompt_token_ids": prompt_ids(out[i].puzzle)} for i in todo]
+        tokens: dict[int, list[int]] = {i: [] for i in todo}
+        for d in self.llm.generate_stream(prompts, [self.params(out[i].puzzle) for i in todo],
+                                          stream_drafts=on_draft is not None):
+            i = todo[d.index]
+            if d.draft_token_ids is not None and on_draft is not None:
+                on_draft(i, d.draft_token_ids)
+            tokens[i].extend(d.token_ids)
+            if d.finished:
+                m = d.metrics
+                out[i].steps = int(m.get("denoising_steps", m.get("forwards", 0)) or 0)
+                out[i].seconds = time.perf_counter() - t0
+        for i in todo:
+            digits = [t for t in tokens[i][:81]]
+            try:
+                grid = S.decode_grid(digits)
+            except S.SudokuError:
+                grid = None
+            out[i].grid = grid
+            out[i].solved = grid is not None and S.is_valid_solution(grid) and S.keeps_clues(out[i].puzzle, grid)
+        return out
+
+
+def render(grid_tokens: list[int], puzzle: str) -> list[str]:
+    """Nine text lines of a (draft) canvas: clues plain, filled cells bold, non-digits as '.'."""
+    lines = []
+    for r in range(9):
+        cells = []
+        for c in range(9):
+            k = 9 * r + c
+            t = grid_tokens[k] if k < len(grid_tokens) else -1
+            ch = str(t - S.DIGIT_BASE_ID) if S.DIGIT_BASE_ID <= t < S.DIGIT_BASE_ID + 10 else "."
+            cells.append(ch if puzzle[k] != "0" else f"\x1b[1m{ch}\x1b[0m")
+            if c in (2, 5):
+                cells.append("|")
+        lines.append(" ".join(cells))
+        if r in (2, 5):
+            lines.append("------+-------+------")
+    return lines
+
+
+# -- evaluation -----------------------------------------------------------------------------------------------------
+@dataclass
+class EvalRow:
+    variant: str
+    difficulty: str
+    n: int
+    solved: int
+    seconds: float
+    steps: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return self.solved / self.n if self.n else 0.0
+
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "diffusion+clamp": {"mode": "diffusion", "clamp": True},
+    "diffusion": {"mode": "diffusion", "clamp": False},
+    "ar": {"mode": "ar", "clamp": False},
+}
+
+
+def evaluate(models: dict[str, str | Path], items: list[dict], per_difficulty: int,
+             variants: Iterable[str] = tuple(VARIANTS), progress: bool = True, max_batch: int = 16,
+             seed: int = 0) -> list[EvalRow]:
+    """Solve rate per difficulty for each variant. `models` maps "diffusion"/"ar" to checkpoints: the AR variant
+    uses the AR-trained model, the others the diffusion-trained one."""
+    from tqdm import tqdm
+
+    chosen: dict[str, list[dict]] = {}
+    for it in items:
+        d = S.difficulty(it["puzzle"])
+        if len(chosen.setdefault(d, [])) < per_difficulty:
+            chosen[d].append(it)
+    rows = []
+    for v in variants:
+        spec = VARIANTS[v]
+        model = models.get(spec["mode"])
+        if model is None:
+            continue
+        solver = Solver(model, mode=spec["mode"], clamp=spec["clamp"], max_batch=max_batch, seed=seed)
+        for d in ("easy", "medium", "hard"):
+            batch = chosen.get(d, [])
+            if not batch:
+                continue
+            t0 = time.perf_counter()
+            sols: list[Solution] = []
+            for k in tqdm(range(0, len(batch), max_batch), desc=f"{v} {d}", disable=not progress, leave=False):
+                sols += solver.solve([it["puzzle"] for it in batch[k:k + max_batch]])
+            rows.append(EvalRow(v, d, len(batch), sum(s.solved for s in sols), time.perf_counter() - t0,
+                                sum(s.steps for s in sols) / len(sols)))
+    return rows
+
+
+def main(argv: list[str]) -> int:
+    """`python -m dgemma.tasks.sudoku_model RECIPE.json OBJECTIVE`: train one objective (used for parallel runs)."""
+    recipe = Recipe(**{k: tuple(v) if isinstance(v, list) else v
+                       for k, v in json.loads(Path(argv[0]).read_text()).items()})
+    train_one(recipe, argv[1], progress=False)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,378 @@
+"""Fine-tuning (`dgemma/train.py`): the objective against transformers and by hand, corruption statistics,
+optimisation, resume, LoRA, bf16, data-parallel torchrun, and the `dgemma train` command."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dgemma import DiffusionGemma, save_model
+from dgemma.checkpoint import load_model
+from dgemma.cli import main as cli_main
+from dgemma.config import tiny_config
+from dgemma.train import (Example, TrainConfig, Trainer, TrainError, collate, corrupt, latest_checkpoint,
+                          load_examples, loss_parts, lr_at)
+
+from oracle import build_hf, hf_logits
+
+V = 40
+
+
+def _model(seed: int = 0, **over) -> DiffusionGemma:
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=V, canvas_length=8, sliding_window=8, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    cfg.update(over)
+    m = DiffusionGemma(tiny_config(**cfg))
+    m.reset_parameters(0.2)  # larger weights than the default init, so losses and gradients are far from trivial
+    return m
+
+
+def _examples(n: int = 16, seed: int = 0) -> list[Example]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        p = torch.randint(3, V, (int(torch.randint(2, 7, (1,), generator=g)),), generator=g).tolist()
+        r = torch.randint(3, V, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
+        out.append(Example([2] + p, r))
+    return out
+
+
+def _params(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+# -- the objective ------------------------------------------------------------------------------------------------
+def test_collate_cuts_response_plus_eos_into_canvases():
+    b = collate([Example([2, 5], [7] * 8), Example([2, 5, 6], [9, 9])], canvas_length=4, pad_id=0, eos_id=1,
+                vocab_size=V)
+    assert b.canvases.shape == (2, 3, 4)  # 8 tokens + EOS need 3 canvases of 4
+    assert b.canvases[0].flatten().tolist() == [7] * 8 + [1, 0, 0, 0]
+    assert b.canvases[1].flatten().tolist() == [9, 9, 1, 0] + [0] * 8
+    # Supervised: whole canvases up to the one holding EOS (pads after EOS included); later canvases not.
+    assert b.supervised[0].flatten().tolist() == [True] * 12
+    assert b.supervised[1].flatten().tolist() == [True] * 4 + [False] * 8
+    assert b.prompt_len.tolist() == [2, 3]
+    with pytest.raises(TrainError, match="outside the vocabulary"):
+        collate([Example([2, 500], [3])], 4, 0, 1, V)
+    with pytest.raises(TrainError, match="empty prompt"):
+        collate([Example([], [3])], 4, 0, 1, V)
+
+
+def test_corruption_rate_matches_t():
+    """Each supervised position is replaced by a uniform token with probability t (so it changes with probability
+    t (V-1)/V); unsupervised positions never change."""
+    C = 2048
+    ex = [Example([2], [5] * (C - 1)) for _ in range(24)] + [Example([2], [5] * 10)]
+    b = collate(ex, C, 0, 1, V)
+    cfg = TrainConfig(eps=1e-3)
+    g = torch.Generator().manual_seed(0)
+    b = corrupt(b, V, cfg, g)
+    assert b.t is not None and bool(((b.t >= cfg.eps) & (b.t <= 1)).all())
+    changed = (b.noisy != b.canvases) & b.supervised
+    frac = changed[:24].reshape(24, -1).float().mean(-1)
+    expected = b.t[:24] * (V - 1) / V
+    assert float((frac - expected).abs().max()) < 0.04
+    assert float(torch.corrcoef(torch.stack([frac, expected]))[0, 1]) > 0.99
+    assert bool((b.noisy[~b.supervised] == b.canvases[~b.supervised]).all())
+    # t spreads over (eps, 1): a broken sampler (e.g. constant t) fails this
+    many = corrupt(collate(ex * 20, C, 0, 1, V), V, cfg, torch.Generator().manual_seed(1)).t
+    assert abs(float(many.mean()) - 0.5) < 0.08 and float(many.std()) > 0.2
+
+
+def test_loss_by_hand_on_a_zero_model():
+    """With all weights zero the logits are all zero: every cross-entropy is exactly log V."""
+    m = _model()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.zero_()
+    cfg = TrainConfig(self_cond_prob=1.0)
+    b = corrupt(collate(_examples(4), 8, 0, 1, V), V, cfg, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        parts = loss_parts(m, b, cfg)
+    assert parts.diffusion_count == int(b.supervised.sum())
+    assert math.isclose(float(parts.diffusion_sum) / parts.diffusion_count, math.log(V), rel_tol=1e-6)
+    assert math.isclose(float(parts.ar_sum) / parts.ar_count, math.log(V), rel_tol=1e-6)
+    # AR targets: every prompt token but the first, every response token, EOS and the pads of its last canvas
+    assert parts.ar_count == sum(len(e.prompt) - 1 for e in _examples(4)) + int(b.supervised.sum())
+
+
+@pytest.fixture(scope="module")
+def hf_pair(tmp_path_factory):
+    """transformers' DiffusionGemma and the same weights loaded by dgemma."""
+    from dgemma.checkpoint import load_model as dg_load
+
+    from test_parity import tie_encoder_copies  # the HF oracle with encoder/decoder copies tied
+
+    hf = tie_encoder_copies(build_hf(seed=5, canvas_length=8))
+    d = tmp_path_factory.mktemp("hf") / "ckpt"
+    hf.save_pretrained(d)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = dg_load(d)
+    return hf, ours
+
+
+@pytest.mark.parametrize("self_cond", [False, True])
+def test_loss_matches_transformers(hf_pair, self_cond):
+    """Our training loss (diffusion CE + encoder AR CE) equals one computed from transformers' forward passes."""
+    hf, ours = hf_pair
+    C = 8
+    g = torch.Generator().manual_seed(3)
+    B, P = 3, 5
+    prompt = torch.randint(3, 96, (B, P), generator=g)
+    resp = torch.randint(3, 96, (B, C - 1), generator=g)
+    ex = [Example(prompt[i].tolist(), resp[i].tolist()) for i in range(B)]
+    cfg = TrainConfig(self_cond_prob=0.5 if self_cond else 0.0)
+    b = corrupt(collate(ex, C, 0, 1, 96), 96, cfg, g)
+    if self_cond:
+        b.self_cond = torch.tensor([True, False, True])
+    parts = loss_parts(ours, b, cfg)
+    noisy, clean = b.noisy[:, 0], b.canvases[:, 0]
+    with torch.no_grad():
+        sc_kwargs = {}
+        if self_cond:
+            first = hf(input_ids=prompt, decoder_input_ids=noisy).logits
+            sc_kwargs = dict(self_conditioning_logits=first, self_conditioning_mask=b.self_cond)
+        logits = hf(input_ids=prompt, decoder_input_ids=noisy, **sc_kwargs).logits  # (B, C, V)
+        diff = F.cross_entropy(logits.reshape(-1, 96), clean.reshape(-1), reduction="sum")
+        seq = torch.cat([prompt, clean], dim=1)
+        enc = hf(input_ids=seq, decoder_input_ids=noisy).encoder_last_hidden_state
+        ar_logits = hf_logits(hf, enc)[:, :-1]
+        ar = F.cross_entropy(ar_logits.reshape(-1, 96), seq[:, 1:].reshape(-1), reduction="sum")
+    assert parts.diffusion_count == B * C and parts.ar_count == B * (P + C - 1)
+    assert abs(parts.diffusion_sum.item() - float(diff)) < 1e-3 * max(1.0, float(diff))
+    assert abs(parts.ar_sum.item() - float(ar)) < 1e-3 * max(1.0, float(ar))
+
+
+def test_multi_canvas_targets_are_block_causal():
+    """Canvas k's loss must not depend on later canvases (it sees only prompt + clean canvases < k)."""
+    m = _model()
+    cfg = TrainConfig(self_cond_prob=0.0, objective="diffusion")
+    ex = [Example([2, 5, 6], list(range(3, 3 + 20)))]
+    b = corrupt(collate(ex, 8, 0, 1, V), V, cfg, torch.Generator().manual_seed(0))
+    # Only canvas 0 supervised vs all: the loss of canvas 0 is the same whatever canvases 1-2 hold.
+    b0 = corrupt(collate(ex, 8, 0, 1, V), V, cfg, torch.Generator().manual_seed(0))
+    b0.canvases[:, 1:] = torch.randint(3, V, b0.canvases[:, 1:].shape)
+    b0.noisy[:, 1:] = torch.randint(3, V, b0.noisy[:, 1:].shape)
+    b.supervised[:, 1:] = False
+    b0.supervised[:, 1:] = False
+    with torch.no_grad():
+        a = loss_parts(m, b, cfg).diffusion_sum
+        c = loss_parts(m, b0, cfg).diffusion_sum
+    assert torch.allclose(a, c, atol=1e-5)
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(lr=1e-3, warmup_steps=10, steps=110, final_lr_ratio=0.1)
+    assert math.isclose(lr_at(0, cfg), 1e-4) and math.isclose(lr_at(9, cfg), 1e-3)
+    assert math.isclose(lr_at(60, cfg), 0.55e-3, rel_tol=1e-6)
+    assert math.isclose(lr_at(110, cfg), 1e-4, rel_tol=1e-6)
+
+
+# -- optimisation --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("objective", ["diffusion", "ar"])
+def test_one_step_reduces_loss_on_a_fixed_batch(tmp_path, objective):
+    m = _model()
+    cfg = TrainConfig(objective=objective, steps=10, batch_size=8, lr=3e-3, warmup_steps=1, self_cond_prob=0.5)
+    tr = Trainer(m, _examples(8), cfg, tmp_path)
+    batch = tr.global_batch(0)
+
+    def total():
+        with torch.no_grad():
+            p = loss_parts(m, batch, cfg)
+        ar = float(p.ar_sum) / p.ar_count
+        return ar + (float(p.diffusion_sum) / p.diffusion_count if objective == "diffusion" else 0.0)
+
+    before = total()
+    for _ in range(3):
+        tr.train_step()  # step 0 trains on exactly `batch` (same examples, same corruption)
+        tr.step = 0
+    assert total() < before - 0.05
+    if objective == "ar":
+        assert tr.train_step()["diffusion_loss"] is None
+
+
+def test_training_learns_a_toy_copy_task(tmp_path):
+    """A few dozen steps on a copy task cut the diffusion loss by a quarter or more."""
+    m = _model(seed=1)
+    m.reset_parameters()  # the default small init: trains fast
+    ex = [Example([2] + p, p) for p in (torch.randint(3, V, (6,), generator=torch.Generator().manual_seed(i))
+                                        .tolist() for i in range(64))]
+    tr = Trainer(m, ex, TrainConfig(steps=60, batch_size=16, lr=1e-2, warmup_steps=5, self_cond_prob=0.5,
+                                    log_every=10), tmp_path)
+    tr.train(progress=False)
+    first, last = tr.log[0], tr.log[-1]
+    assert last["diffusion_loss"] < 0.75 * first["diffusion_loss"]  # a step that does not learn stays flat
+    assert (tmp_path / "train_log.jsonl").read_text().count("\n") == 6
+    assert (tmp_path / "loss.svg").read_text().startswith("<svg")
+    assert (tmp_path / "final" / "model.safetensors").is_file()
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    cfg = dict(steps=6, batch_size=4, lr=5e-3, warmup_steps=2, log_every=1)
+    ex = _examples(10)
+    a = Trainer(_model(), ex, TrainConfig(**cfg), tmp_path / "a")
+    for _ in range(6):
+        a.train_step()
+    b = Trainer(_model(), ex, TrainConfig(**cfg, save_every=3), tmp_path / "b")
+    for _ in range(3):
+        b.train_step()
+    ck = b.save()
+    assert latest_checkpoint(tmp_path / "b") == ck
+    # a fresh process would start from the initial checkpoint and resume from the newest checkpoint-N/
+    c = Trainer(_model(seed=123), ex, TrainConfig(**cfg), tmp_path / "b")
+    c.resume(ck)
+    assert c.step == 3
+    for _ in range(3):
+        c.train_step()
+    pa, pc = _params(a.model), _params(c.model)
+    assert max(float((pa[k] - pc[k]).abs().max()) for k in pa) < 1e-6
+    with pytest.raises(TrainError, match="batch_size"):
+        Trainer(_model(), ex, TrainConfig(**{**cfg, "batch_size": 2}), tmp_path / "b").resume(ck)
+
+
+def test_lora_trains_adapters_only_and_merges_on_save(tmp_path):
+    m = _model()
+    base = _params(m)
+    cfg = TrainConfig(steps=3, batch_size=4, lr=1e-2, warmup_steps=1, lora_rank=4, lora_alpha=8.0)
+    tr = Trainer(m, _examples(8), cfg, tmp_path)
+    n_lora = sum(p.numel() for p in tr.trainable())
+    assert 0 < n_lora < 0.5 * sum(p.numel() for p in m.parameters())
+    for _ in range(3):
+        tr.train_step()
+    after = _params(m)
+    assert all(torch.equal(base[k], after[k]) for k in base)  # frozen base
+    path = tr.save(final=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = load_model(path)
+    tokens = torch.tensor([[2, 5, 6, 7]])
+    canvas = torch.tensor([[3, 4, 5, 6, 7, 8, 9, 10]])
+
+    def run(model):
+        with torch.no_grad():
+            cache = model.new_cache(1, 32)
+            model.encode(tokens, cache)
+            return model.denoise(canvas, cache)
+
+    with_hooks = run(m)
+    assert torch.allclose(run(merged), with_hooks, atol=1e-4)
+    tr.lora.remove()
+    assert not torch.allclose(run(m), with_hooks, atol=1e-3)  # the adapters did change the function
+    # resuming restores the adapters from the train state
+    tr2 = Trainer(_model(), _examples(8), cfg, tmp_path)
+    tr2.resume(path)
+    assert all(torch.equal(tr2.lora.B[k], tr.lora.B[k]) for k in tr.lora.B)
+
+
+def test_bfloat16_autocast_trains(tmp_path):
+    m = _model()
+    tr = Trainer(m, _examples(8), TrainConfig(steps=2, batch_size=4, precision="bfloat16", warmup_steps=1),
+                 tmp_path)
+    rec = tr.train_step()
+    assert math.isfinite(rec["loss"]) and math.isfinite(rec["grad_norm"])
+    assert all(p.dtype == torch.float32 for p in m.parameters())
+
+
+def test_grad_accumulation_matches_one_big_batch(tmp_path):
+    runs = []
+    for accum in (1, 4):
+        m = _model()
+        tr = Trainer(m, _examples(8), TrainConfig(steps=2, batch_size=8, grad_accum=accum, warmup_steps=1), tmp_path)
+        rec = tr.train_step()
+        runs.append((rec, _params(m)))
+    assert abs(runs[0][0]["loss"] - runs[1][0]["loss"]) < 1e-5
+    assert max(float((runs[0][1][k] - runs[1][1][k]).abs().max()) for k in runs[0][1]) < 1e-6
+
+
+def test_bad_configs_and_data(tmp_path):
+    with pytest.raises(TrainError, match="objective"):
+        TrainConfig(objective="mlm").validate()  # type: ignore[arg-type]
+    with pytest.raises(TrainError, match="divisible"):
+        Trainer(_model(), _examples(4), TrainConfig(batch_size=6, grad_accum=4), tmp_path)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt_ids": [2, 3], "completion_ids": [4]}\nnot json\n')
+    with pytest.raises(TrainError, match=r"bad.jsonl:2: not JSON"):
+        load_examples(bad, None)
+    bad.write_text('{"prompt": "hi", "completion": "there"}\n')
+    with pytest.raises(TrainError, match="tokenizer"):
+        load_examples(bad, None)
+    bad.write_text('{"prompt_ids": [2, "x"], "completion_ids": [4]}\n')
+    with pytest.raises(TrainError, match="lists of integers"):
+        load_examples(bad, None)
+
+
+# -- the command line and torchrun ----------------------------------------------------------------------------------
+@pytest.fixture
+def ckpt_and_data(tmp_path):
+    import sys as _sys
+
+    _sys.path.insert(0, str(Path(__file__).parent))
+    from bpe import build_bpe_tokenizer
+
+    d = tmp_path / "init"
+    build_bpe_tokenizer(d, 300)
+    torch.manual_seed(0)
+    m = DiffusionGemma(tiny_config(vocab_size=300, canvas_length=8, pad_token_id=0, eos_token_id=1, bos_token_id=2))
+    save_model(m, d, tokenizer_dir=d)
+    data = tmp_path / "data.jsonl"
+    rows = [{"prompt": f"count to {i}", "completion": " ".join(str(k) for k in range(i))} for i in range(1, 9)]
+    rows.append({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+    rows.append({"prompt_ids": [2, 10, 11], "completion_ids": [12, 13]})
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d, data
+
+
+def test_train_cli_writes_checkpoints_and_resumes(ckpt_and_data, tmp_path, capsys):
+    d, data = ckpt_and_data
+    out = tmp_path / "out"
+    args = ["train", "--model", str(d), "--data", str(data), "--output", str(out), "--steps", "4",
+            "--batch-size", "4", "--save-every", "2", "--log-every", "1", "--quiet"]
+    assert cli_main(args) == 0
+    assert (out / "final" / "tokenizer.json").is_file() and (out / "checkpoint-000002").is_dir()
+    assert len((out / "train_log.jsonl").read_text().splitlines()) == 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        load_model(out / "final")  # the result is a loadable checkpoint
+    # More steps: resumes from checkpoint-000002 rather than starting over.
+    args[args.index("--steps") + 1] = "6"
+    assert cli_main(args) == 0
+    steps = [json.loads(l)["step"] for l in (out / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 3, 4, 5, 6]  # the log file is appended; steps 3-4 were redone from the checkpoint
+    capsys.readouterr()
+    assert cli_main(["train", "--model", str(d), "--data", str(tmp_path / "missing.jsonl"), "--output",
+                     str(out)]) == 2
+    assert "no such data file" in capsys.readouterr().err
+
+
+def test_torchrun_two_processes_match_one(ckpt_and_data, tmp_path):
+    """Data-parallel (gloo) over 2 processes computes the same losses and weights as 1 process, same global batch."""
+    d, data = ckpt_and_data
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
+    common = ["--model", str(d), "--data", str(data), "--steps", "3", "--batch-size", "4", "--log-every", "1",
+              "--quiet", "--threads", "1", "--lr", "1e-2", "--warmup-steps", "1"]
+    one = subprocess.run([sys.executable, "-m", "dgemma.cli", "train", *common, "--output", str(tmp_path / "one")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          str(29500 + os.getpid() % 1000), "-m", "dgemma.cli", "train", *common,
+                          "--output", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    la = [json.loads(l)["loss"] for l in (tmp_path / "one" / "train_log.jsonl").read_text().splitlines()]
+    lb = [json.loads(l)["loss"] for l in (tmp_path / "two" / "train_log.jsonl").read_text().splitlines()]
+    assert len(la) == len(lb) == 3
+    assert max(abs(a - b) for a, b in zip(la, lb)) < 1e-4
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wa, wb = load_model(tmp_path / "one" / "final"), load_model(tmp_path / "two" / "final")
+    pa, pb = _params(wa), _params(wb)
+    assert max(float((pa[k] - pb[k]).abs().max()) for k in pa) < 1e-4
