@@ -41,6 +41,7 @@ MAX_ENUM = 1024
 MAX_CHOICES = 1024
 MAX_REGEX_CHARS = 2048
 COMPILE_TIMEOUT_S = 5.0
+MAX_FORCED_TOKENS = 32_768
 # Compact JSON (no free whitespace): fewer tokens, and random weights cannot wander through blanks.
 JSON_OPTIONS = {"whitespace_flexible": False}
 
@@ -48,6 +49,8 @@ JSON_OPTIONS = {"whitespace_flexible": False}
 CLOSING_ALPHABET = '"]})0,:1a-.[{tfne'
 CLOSERS = '"]})'
 CLOSER_BONUS = math.log(8.0)
+SEPARATORS = ',:'  # end the current item (a number, a value) without opening anything
+SEPARATOR_BONUS = math.log(2.0)
 MAX_LOOKAHEAD = 48
 
 
@@ -81,9 +84,6 @@ def _check_schema(schema: Any) -> None:
         return
     if not isinstance(schema, dict):
         raise ConstraintError("json_schema must be a JSON object (or a boolean)")
-    text = json.dumps(schema)
-    if len(text) > MAX_SPEC_BYTES:
-        raise ConstraintError(f"json_schema is {len(text)} bytes; the limit is {MAX_SPEC_BYTES}")
     stack: list[tuple[Any, int]] = [(schema, 1)]
     while stack:
         node, depth = stack.pop()
@@ -100,6 +100,9 @@ def _check_schema(schema: Any) -> None:
             stack.extend((v, depth + 1) for v in node.values() if isinstance(v, (dict, list)))
         elif isinstance(node, list):
             stack.extend((v, depth) for v in node if isinstance(v, (dict, list)))
+    text = json.dumps(schema)  # safe now: the depth is bounded
+    if len(text) > MAX_SPEC_BYTES:
+        raise ConstraintError(f"json_schema is {len(text)} bytes; the limit is {MAX_SPEC_BYTES}")
 
 
 def _lark_string(s: str) -> str:
@@ -164,6 +167,7 @@ class GuideFactory:
         self._tok: Any = None
         self.single_chars: list[int] = []  # single-token characters, closing alphabet first
         self.closers: set[int] = set()
+        self.separators: set[int] = set()
         self._cache: dict[str, str] = {}
         self._lock = threading.Lock()
 
@@ -191,6 +195,8 @@ class GuideFactory:
                     self.single_chars.append(ids[0])
                     if ch in CLOSERS:
                         self.closers.add(ids[0])
+                    elif ch in SEPARATORS:
+                        self.separators.add(ids[0])
             self._tok = tok
         return self._tok
 
@@ -198,6 +204,8 @@ class GuideFactory:
         """Validate a constraint within `COMPILE_TIMEOUT_S`; returns the grammar. Raises ConstraintError."""
         import llguidance
 
+        if c.kind == "json_schema" and not isinstance(c.value, str):
+            _check_schema(c.value)  # before anything recurses into it
         key = json.dumps([c.kind, c.value], sort_keys=True, default=str)
         with self._lock:
             if key in self._cache:
@@ -221,10 +229,24 @@ class GuideFactory:
         is_error, messages = result[0]
         if is_error:
             raise ConstraintError(f"invalid {c.kind}: {_short(messages[0] if messages else 'rejected')}")
-        # Compile once more as a matcher: some limits only trip when the lexer is built.
-        m = llguidance.LLMatcher(self.tok, grammar, limits=self.limits, log_level=0)
+        # Build a matcher and compute its first forced run (some limits only trip then); a constraint that forces
+        # more tokens than any request could hold is refused.
+        probe: list[Any] = []
+
+        def build() -> None:
+            m = llguidance.LLMatcher(tok, grammar, limits=self.limits, log_level=0)
+            probe.append((m, None if m.is_error() else len(m.compute_ff_tokens())))
+
+        t = threading.Thread(target=build, daemon=True)
+        t.start()
+        t.join(COMPILE_TIMEOUT_S)
+        if not probe:
+            raise ConstraintError(f"{c.kind} took longer than {COMPILE_TIMEOUT_S:.0f} s to compile")
+        m, n_forced = probe[0]
         if m.is_error():
             raise ConstraintError(f"invalid {c.kind}: {_short(m.get_error())}")
+        if n_forced > MAX_FORCED_TOKENS:
+            raise ConstraintError(f"{c.kind} forces {n_forced} tokens, more than any request can generate")
         with self._lock:
             self._cache[key] = grammar
         return grammar
@@ -265,8 +287,8 @@ class Guide:
         if token in self.f.eos:
             self.finished = True
             return
-        if not self.m.consume_token(token):
-            raise RuntimeError(f"constraint matcher rejected token {token}: {self.m.get_error()}")
+        if not self.m.consume_token(token):  # a resource limit tripped mid-way (the mask never allows a bad token)
+            raise ConstraintError(f"the constraint failed during generation: {_short(self.m.get_error())}")
         self.consumed += 1
         if self.m.is_stopped():
             self.finished = True
@@ -274,8 +296,8 @@ class Guide:
     def closing_path(self, max_len: int) -> list[int] | None:
         """A short token sequence that completes the grammar, ending with EOS; None if none is found within
         `max_len` tokens. Greedy with one token of lookahead over single-character tokens: prefer a token after
-        which the grammar may end, else the one that leaves the fewest allowed tokens (closing brackets and quotes
-        get a bonus, so arrays and objects close instead of growing). The matcher is left as it was."""
+        which the grammar may end, else the one that leaves the fewest allowed tokens (closing brackets and quotes,
+        and less so separators, get a bonus, so items end and arrays and objects close instead of growing). The matcher is left as it was."""
         f = self.f
         f.tok  # noqa: B018 - builds the single-character table
         path: list[int] = []
@@ -301,7 +323,8 @@ class Guide:
                     done = self.m.is_accepting() or self.m.is_stopped()
                     size = 0 if done else int(self.allowed().sum())
                     self.m.rollback(1)
-                    score = (not done, math.log(size + 1) - (CLOSER_BONUS if t in f.closers else 0.0), rank)
+                    bonus = CLOSER_BONUS if t in f.closers else SEPARATOR_BONUS if t in f.separators else 0.0
+                    score = (not done, math.log(size + 1) - bonus, rank)
                     if best is None or score < best[0]:
                         best = (score, t)
                 if best is None or not self.m.consume_token(best[1]):

@@ -23,6 +23,7 @@ from .model import DiffusionGemma
 from .sampler import ACCEPTANCE, SCHEDULES, STOPPING, SamplingParams, reference_denoise, resolve, sample_step
 
 FinishReason = Literal["stop", "length", "abort"]
+CLOSING_SLACK = 8  # spare tokens kept when a closing path is forced: one token can lengthen it by several
 
 
 def check_context(prompt_len: int, params: SamplingParams, limit: int, canvas: int) -> None:
@@ -76,9 +77,9 @@ class _Req:
     guide: Any = None  # constraints.Guide: the matcher at the committed frontier (structured output)
     frontier: int = 0  # canvas positions [0, frontier) are validated and frozen
     out_of_budget: bool = False  # a constrained row used its whole max_new_tokens
-    closing_tried: bool = False
-    suffix: torch.Tensor | None = None  # infilling: ids that end the last canvas
-    n_canvases: int = 0  # infilling: canvases the middle + suffix span
+    error: str | None = None  # the constraint failed mid-way (a resource limit): the request is aborted
+    closing_len: int | None = None  # length of the last closing path found (structured output)
+    suffix: torch.Tensor | None = None  # infilling: ids placed right after the middle's room
 
 
 class Engine:
@@ -147,9 +148,6 @@ class Engine:
                 raise ValueError(f"invalid suffix: {n} tokens; it must be shorter than the canvas "
                                  f"({self.canvas_length} tokens)")
             req.suffix = torch.tensor(params.suffix_token_ids, dtype=torch.long, device=self.model.device)
-            req.n_canvases = -(-(params.max_new_tokens + n) // self.canvas_length)
-            check_context(len(prompt_ids), SamplingParams(max_new_tokens=req.n_canvases * self.canvas_length),
-                          self.max_model_len, self.canvas_length)
         self.waiting.append(req)
         return rid
 
@@ -261,11 +259,16 @@ class Engine:
         if r.guide is not None:  # structured output: a frontier of validated, frozen positions grows from 0
             r.template = torch.full((self.canvas_length,), -1, dtype=torch.long, device=self.model.device)
             r.frontier = 0
-        elif r.suffix is not None:  # infilling: the suffix ends the last canvas, visible to every step
-            r.template = None
-            if r.canvases == r.n_canvases - 1:
-                r.template = torch.full((self.canvas_length,), -1, dtype=torch.long, device=self.model.device)
-                r.template[self.canvas_length - len(r.suffix):] = r.suffix
+        elif r.suffix is not None:
+            # Infilling: the suffix sits right after the middle's room (max_new_tokens), padding after it, all fixed
+            # and visible to every step of the canvas that holds them.
+            C, m, S = self.canvas_length, r.params.max_new_tokens, len(r.suffix)
+            pos = r.canvases * C + torch.arange(C, device=self.model.device)  # output offsets of this canvas
+            tmpl = torch.full((C,), -1, dtype=torch.long, device=self.model.device)
+            inside = (pos >= m) & (pos < m + S)
+            tmpl[inside] = r.suffix[(pos[inside] - m)]
+            tmpl[pos >= m + S] = self.pad_id
+            r.template = tmpl if bool((tmpl >= 0).any()) else None
         if r.template is not None:
             r.canvas = torch.where(r.template >= 0, r.template, r.canvas)
         r.has_sc = False
@@ -326,7 +329,10 @@ class Engine:
         bound = torch.tensor([p.entropy_bound for p in p0], device=dev)
         for i, r in enumerate(reqs):
             if r.guide is not None:  # extend the validated frontier before the sampler sees the template
-                self._advance(r, logits[i], float(temp[i]), float(bound[i]))
+                try:
+                    self._advance(r, logits[i], float(temp[i]), float(bound[i]))
+                except ValueError as e:  # ConstraintError: a limit tripped; this request ends, the batch goes on
+                    r.error, r.out_of_budget = str(e), True
         template = None
         if any(r.template is not None for r in reqs):
             template = torch.stack([r.template if r.template is not None else
@@ -379,6 +385,9 @@ class Engine:
             r.has_sc = True
             if r.want_drafts:
                 events.append(Event(r.id, "draft", out.argmax[i].tolist()))
+            if r.error is not None:
+                self._finish(r, "abort", events)
+                continue
             if done[i] or r.steps_left == 0:
                 if self._emit_canvas(r, out.argmax[i], events):
                     commits.append((r, out.argmax[i]))
@@ -390,14 +399,11 @@ class Engine:
         stop_ids = set(r.params.stop_token_ids) | (set() if r.params.ignore_eos else self.eos)
         budget = r.params.max_new_tokens - len(r.output)
         reason: FinishReason | None = None
-        if r.suffix is not None and r.canvases == r.n_canvases:  # the middle ends where the suffix begins
-            toks = toks[:self.canvas_length - len(r.suffix)]
+        if r.suffix is not None:  # a middle ends at EOS or padding (or where the suffix begins: the budget)
             stop_ids = stop_ids | {self.pad_id}
         cut = next((j for j, t in enumerate(toks) if t in stop_ids), None)
         if cut is not None and cut < budget:
             toks, reason = toks[:cut], "stop"
-        elif r.suffix is not None and r.canvases == r.n_canvases:
-            toks, reason = toks[:budget], "stop" if len(toks) <= budget else "length"
         elif r.guide is not None and r.guide.finished and len(toks) <= budget:
             reason = "stop"  # the grammar completed exactly at the canvas end
         elif len(toks) >= budget:
@@ -432,13 +438,14 @@ class Engine:
             "ttft_s": (r.t_first or now) - r.t_arrival,
             "latency_s": now - r.t_arrival,
             "mode": r.params.mode,
+            **({"error": r.error} if r.error else {}),
         }))
         self._release(r)
 
     # -- structured output ----------------------------------------------------------------------------------------
     def _closing_margin(self, r: _Req) -> int:
-        """Tokens left at which a constrained row stops sampling freely and forces a short completion."""
-        return max(16, min(128, r.params.max_new_tokens // 4))
+        """Tokens left below which a constrained row watches for the point where it must close."""
+        return max(8, min(64, r.params.max_new_tokens // 4))
 
     def _constrained_token(self, r: _Req, logits: torch.Tensor, temperature: float) -> tuple[int, float]:
         """Sample the next token at the frontier from `logits` (V,) masked to what the grammar allows; returns the
@@ -454,11 +461,17 @@ class Engine:
         return int(torch.multinomial(p, 1, generator=r.generator)), entropy
 
     def _next_forced(self, r: _Req, left: int) -> list[int]:
-        """Tokens to place without sampling: a pending closing path, or what the grammar forces."""
+        """Tokens to place without sampling: a pending closing path, or what the grammar forces.
+
+        Within the closing margin, a short completion is searched now and then (whenever the tokens left come
+        within twice the last path's length, and every 8 tokens); once it only just fits, it is forced."""
         g = r.guide
-        if not g.pending and left <= self._closing_margin(r) and not r.closing_tried:
-            r.closing_tried = True
-            g.pending = g.closing_path(left) or []
+        if not g.pending and left <= self._closing_margin(r) and (
+                r.closing_len is None or left <= 2 * r.closing_len + 8 or left % 8 == 0):
+            path = g.closing_path(left)
+            if path is not None and len(path) + CLOSING_SLACK >= left:
+                g.pending = path
+            r.closing_len = len(path) if path is not None else left
         if g.pending:
             return [g.pending.pop(0)]
         return g.forced()
@@ -539,7 +552,12 @@ class Engine:
                 lg[si[drop]] = float("-inf")
             tok = int(torch.multinomial(lg.softmax(-1), 1, generator=r.generator))
         if r.guide is not None:
-            tok = self._ar_guided(r, logits[0])
+            try:
+                tok = self._ar_guided(r, logits[0])
+            except ValueError as e:  # ConstraintError: a limit tripped; this request ends
+                r.error = str(e)
+                self._finish(r, "abort", events)
+                return
         stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos)
         if tok in stop_ids:
             self._finish(r, "stop", events)

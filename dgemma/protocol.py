@@ -2,8 +2,8 @@
 
 Requests are validated strictly (no "5" -> 5 coercion, no bool for int, no NaN/inf): a wrong type is a client
 mistake and is answered with HTTP 400 and an OpenAI error body, never 422 or 500. Unknown fields are ignored (as
-in vLLM), but OpenAI features this server does not implement (logprobs, n > 1, echo, best_of > 1, suffix,
-response_format other than text, tools, penalties, logit_bias) are rejected with 400 rather than silently ignored.
+in vLLM), but OpenAI features this server does not implement (logprobs, n > 1, echo, best_of > 1, tools,
+penalties, logit_bias) are rejected with 400 rather than silently ignored.
 
 Sampling fields:
 
@@ -17,6 +17,12 @@ Sampling fields:
   `confidence_threshold`, `fixed_steps`; unset ones come from the checkpoint's generation_config.json.
 * `stream_drafts` (streaming only): extra chunks whose top-level `draft` field holds the decoded argmax of the
   canvas being denoised (not final text), off by default.
+
+Structured output (both endpoints; see docs/structured.md): `response_format` {"type": "json_object"} or
+{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}, or vLLM's `structured_outputs` object with
+one of `json` (a schema), `regex`, `choice` (a list of strings), `grammar` (Lark or GBNF) or `json_object: true`.
+Constraints are compiled when the request arrives: an invalid or too expensive one is a 400 with the reason.
+Infilling: `suffix` on /v1/completions (diffusion mode): the text returned is the middle between prompt and suffix.
 
 Usage carries `tokens_per_forward` (completion tokens per decoder pass; per encoder step in AR mode) and
 `denoising_steps` (decoder passes) next to the OpenAI token counts.
@@ -72,6 +78,8 @@ class _SamplingFields(_Strict):
     confidence_threshold: Optional[float] = Field(default=None, gt=0)
     fixed_steps: bool = False
     stream_drafts: bool = False
+    response_format: Optional[dict[str, Any]] = None
+    structured_outputs: Optional[dict[str, Any]] = None
 
     def unsupported(self) -> tuple[str, str] | None:
         """(param, message) for the first requested feature this server does not implement, else None."""
@@ -86,6 +94,37 @@ class _SamplingFields(_Strict):
         if self.stream_options is not None and not self.stream:
             return "stream_options", "stream_options can only be set when stream is true"
         return None
+
+    def constraint_fields(self) -> dict[str, Any]:
+        """SamplingParams fields for `response_format` / `structured_outputs`; raises ValueError when malformed."""
+        out: dict[str, Any] = {}
+        rf = self.response_format
+        if rf is not None:
+            kind = rf.get("type", "text")
+            if kind == "json_object":
+                out["json_object"] = True
+            elif kind == "json_schema":
+                js = rf.get("json_schema")
+                if not isinstance(js, dict) or not isinstance(js.get("schema", {}), (dict, bool)):
+                    raise ValueError("response_format.json_schema must be an object with a 'schema' object")
+                out["json_schema"] = js.get("schema", {})
+            elif kind != "text":
+                raise ValueError(f"response_format type {kind!r} is not supported (text, json_object, json_schema)")
+        so = self.structured_outputs
+        if so is not None:
+            keys = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar",
+                    "json_object": "json_object"}
+            given = {k: v for k, v in so.items() if k in keys and v not in (None, False)}
+            unknown = sorted(set(so) - set(keys) - {"disable_fallback", "disable_any_whitespace",
+                                                     "disable_additional_properties", "whitespace_pattern"})
+            if unknown:
+                raise ValueError(f"structured_outputs has unsupported field {unknown[0]!r}")
+            if len(given) != 1 or out:
+                raise ValueError("give exactly one structured output constraint (response_format or one of "
+                                 "structured_outputs' json, regex, choice, grammar, json_object)")
+            (k, v), = given.items()
+            out[keys[k]] = v
+        return out
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -125,8 +164,6 @@ class CompletionRequest(_SamplingFields):
             return "logprobs", "logprobs are not supported"
         if self.best_of is not None and self.best_of != 1:
             return "best_of", "best_of > 1 is not supported"
-        if self.suffix is not None:
-            return "suffix", "suffix is not supported"
         return super().unsupported()
 
 
@@ -135,7 +172,6 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)
     logprobs: Optional[bool] = False
     top_logprobs: Optional[int] = None
-    response_format: Optional[dict[str, Any]] = None
     tools: Optional[list[Any]] = None
     tool_choice: Optional[Any] = None
     parallel_tool_calls: Optional[bool] = None
@@ -144,8 +180,6 @@ class ChatCompletionRequest(_SamplingFields):
     def unsupported(self) -> tuple[str, str] | None:
         if self.logprobs or self.top_logprobs:
             return "logprobs", "logprobs are not supported"
-        if self.response_format is not None and self.response_format.get("type", "text") != "text":
-            return "response_format", "response_format is not supported yet (only {'type': 'text'})"
         if self.tools:
             return "tools", "tools are not supported"
         if self.tool_choice not in (None, "none", "auto"):

@@ -320,7 +320,7 @@ _PARAM_RE = re.compile(r"invalid (\w+)=")
 def _param_of(message: str) -> str | None:
     m = _PARAM_RE.search(message)
     if m:
-        return {"max_new_tokens": "max_tokens"}.get(m.group(1), m.group(1))
+        return {"max_new_tokens": "max_tokens", "suffix_token_ids": "suffix"}.get(m.group(1), m.group(1))
     if "max_new_tokens" in message:
         return "max_tokens"
     if "prompt" in message:
@@ -583,11 +583,32 @@ class _Server:
             kw["top_p"] = float(req.top_p)
         if req.top_k is not None:
             kw["top_k"] = req.top_k
+        try:
+            kw.update(req.constraint_fields())
+        except ValueError as e:
+            raise APIError(400, str(e), param="structured_outputs" if req.structured_outputs is not None
+                           else "response_format") from None
+        suffix = getattr(req, "suffix", None)
+        if suffix is not None:
+            if self.llm.tokenizer is None:
+                raise APIError(400, "this model has no tokenizer, so suffix is unavailable", param="suffix")
+            if not isinstance(suffix, str) or not suffix:
+                raise APIError(400, "suffix must be a non-empty string", param="suffix")
+            kw["suffix_token_ids"] = self.llm.tokenizer.encode(suffix)
         params = SamplingParams(**kw)
         try:
             params.validate(eng.vocab_size)
+            constraint = params.constraint()
+            if constraint is not None:  # compile now (bounded time, cached): a bad one is the client's 400
+                if eng.guides is None:
+                    raise ValueError("structured output needs the model's tokenizer")
+                eng.guides.compile(constraint)
         except ValueError as e:
-            raise APIError(400, str(e), param=_param_of(str(e))) from None
+            param = _param_of(str(e))
+            if param is None and any(getattr(params, k) for k in ("json_schema", "regex", "choice", "grammar",
+                                                                   "json_object")):
+                param = "response_format" if req.response_format is not None else "structured_outputs"
+            raise APIError(400, str(e), param=param) from None
         return params
 
 

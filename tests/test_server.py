@@ -273,7 +273,10 @@ def test_diffusion_knobs(client):
     (dict(logprobs=2), "logprobs"),
     (dict(echo=True), "echo"),
     (dict(best_of=3), "best_of"),
-    (dict(suffix="x"), "suffix"),
+    (dict(suffix="x", extra_body={"mode": "ar"}), "suffix"),
+    (dict(extra_body={"response_format": {"type": "xml"}}), "response_format"),
+    (dict(extra_body={"structured_outputs": {"regex": "[a-z]+", "choice": ["a"]}}), "structured_outputs"),
+    (dict(extra_body={"structured_outputs": {"regex": "(unclosed"}}), "structured_outputs"),
     (dict(max_tokens=0), "max_tokens"),
     (dict(seed=-1), "seed"),
     (dict(top_p=1.5), "top_p"),
@@ -295,7 +298,9 @@ def test_bad_fields_openai(client, server, kwargs, param):
 def test_bad_chat_openai(client, server):
     for kw in (dict(messages=[]), dict(messages=[{"role": "user"}]), dict(messages=[{"role": 1, "content": "x"}]),
                dict(messages=[{"role": "user", "content": "x"}], logprobs=True),
-               dict(messages=[{"role": "user", "content": "x"}], response_format={"type": "json_object"}),
+               dict(messages=[{"role": "user", "content": "x"}], response_format={"type": "xml"}),
+               dict(messages=[{"role": "user", "content": "x"}],
+                    response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}}),
                dict(messages=[{"role": "user", "content": "x"}], n=3)):
         with pytest.raises(openai.BadRequestError):
             client.chat.completions.create(model=MODEL, max_tokens=4, **kw)
@@ -554,3 +559,63 @@ def test_request_timeout_aborts(checkpoint, one_thread):
             time.sleep(0.05)
         r = tc.post("/v1/completions", json={"prompt": "hi", "max_tokens": 4, "seed": 1})
         assert r.status_code == 200 and tc.get("/health").status_code == 200
+
+
+# -- structured output and infilling ----------------------------------------------------------------------------------
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 150},
+                                           "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}},
+          "required": ["name", "age", "tags"], "additionalProperties": False}
+
+
+def test_json_schema_through_the_openai_client(client):
+    import jsonschema
+
+    rf = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    for seed in range(3):
+        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "a person"}],
+                                           max_tokens=256, seed=seed, response_format=rf)
+        assert r.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
+    r = client.completions.create(model=MODEL, prompt="{", max_tokens=256, seed=1,
+                                  extra_body={"response_format": {"type": "json_object"}})
+    assert isinstance(json.loads(r.choices[0].text), dict)
+
+
+def test_structured_outputs_object_and_streaming(client):
+    import re as _re
+
+    r = client.completions.create(model=MODEL, prompt="pick", max_tokens=16, seed=2,
+                                  extra_body={"structured_outputs": {"choice": ["red", "green", "blue"]}})
+    assert r.choices[0].text in ("red", "green", "blue") and r.choices[0].finish_reason == "stop"
+    r = client.completions.create(model=MODEL, prompt="date", max_tokens=32, seed=3,
+                                  extra_body={"structured_outputs": {"regex": r"20[0-9]{2}-[01][0-9]-[0-3][0-9]"}})
+    assert _re.fullmatch(r"20[0-9]{2}-[01][0-9]-[0-3][0-9]", r.choices[0].text)
+    chunks = list(client.completions.create(model=MODEL, prompt="x", max_tokens=128, seed=4, stream=True,
+                                            extra_body={"structured_outputs": {"json": PERSON}}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    import jsonschema
+
+    jsonschema.validate(json.loads(text), PERSON)
+
+
+def test_hostile_schemas_get_a_400_quickly(client, server):
+    deep: dict = {"type": "string"}
+    for _ in range(200):
+        deep = {"type": "object", "properties": {"a": deep}, "required": ["a"]}
+    huge_enum = {"enum": [f"v{i}" for i in range(50_000)]}
+    for schema in (deep, huge_enum, {"type": "string", "pattern": "(" * 5000}, {"type": "bogus"}):
+        t0 = time.perf_counter()
+        with pytest.raises(openai.BadRequestError) as ei:
+            client.completions.create(model=MODEL, prompt="x", max_tokens=16, extra_body={
+                "response_format": {"type": "json_schema", "json_schema": {"name": "h", "schema": schema}}})
+        assert time.perf_counter() - t0 < 10
+        assert ei.value.body["param"] == "response_format" and ei.value.body["message"]
+    _healthy(server)
+
+
+def test_suffix_infilling(client):
+    r = client.completions.create(model=MODEL, prompt="def add(a, b):\n    ", suffix="\n    return c\n",
+                                  max_tokens=12, seed=5)
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert "<eos>" not in r.choices[0].text and "<pad>" not in r.choices[0].text

@@ -1,0 +1,292 @@
+"""Structured output (`dgemma/constraints.py` + the engine's frontier sampling) and infilling.
+
+Random weights are the hardest case: nothing but the constraint keeps the output valid, so every output of a tiny
+random-weights model with a real byte-level BPE tokenizer must validate (jsonschema for schemas, `re.fullmatch` for
+regexes and regular grammars), and must finish within its token budget.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import jsonschema
+import pytest
+import torch
+
+from dgemma import DiffusionGemma, save_model
+from dgemma.config import tiny_config
+from dgemma.constraints import Constraint, ConstraintError
+from dgemma.llm import LLM
+from dgemma.sampler import SamplingParams
+
+from bpe import build_bpe_tokenizer
+
+CANVAS = 16
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory) -> LLM:
+    d = tmp_path_factory.mktemp("structured") / "model"
+    build_bpe_tokenizer(d, 300)
+    torch.manual_seed(0)
+    model = DiffusionGemma(tiny_config(vocab_size=300, canvas_length=CANVAS, pad_token_id=0, eos_token_id=1,
+                                       bos_token_id=2))
+    model.reset_parameters(0.3)  # large random weights: confident, arbitrary logits (the adversarial case)
+    save_model(model, d, tokenizer_dir=d)
+    return LLM(d, max_batch=8, max_model_len=2048)
+
+
+_str = {"type": "string"}
+_int = {"type": "integer"}
+SCHEMAS: list[dict] = [
+    {"type": "object", "properties": {"name": _str}, "required": ["name"]},
+    {"type": "object", "properties": {"a": _int, "b": {"type": "boolean"}}, "required": ["a", "b"],
+     "additionalProperties": False},
+    {"type": "object", "properties": {"x": {"type": "number", "minimum": -5, "maximum": 5}}, "required": ["x"]},
+    {"type": "object", "properties": {"n": {"type": "integer", "minimum": 10, "maximum": 20}}, "required": ["n"]},
+    {"type": "object", "properties": {"n": {"type": "integer", "exclusiveMinimum": 0, "exclusiveMaximum": 4}},
+     "required": ["n"]},
+    {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}}, "required": ["color"]},
+    {"type": "object", "properties": {"v": {"enum": [1, "two", None, True]}}, "required": ["v"]},
+    {"type": "object", "properties": {"k": {"const": "fixed"}}, "required": ["k"]},
+    {"type": "array", "items": _int, "minItems": 2, "maxItems": 4},
+    {"type": "array", "items": _str, "maxItems": 2},
+    {"type": "array", "items": {"type": "array", "items": {"type": "boolean"}, "maxItems": 2}, "maxItems": 2},
+    {"type": "object", "properties": {"tags": {"type": "array", "items": _str, "minItems": 1, "maxItems": 3}},
+     "required": ["tags"]},
+    {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{4}$"}},
+     "required": ["code"]},
+    {"type": "object", "properties": {"email": {"type": "string", "pattern": "^[a-z]+@[a-z]+\\.(com|org)$"}},
+     "required": ["email"]},
+    {"type": "object", "properties": {"s": {"type": "string", "minLength": 3, "maxLength": 5}}, "required": ["s"]},
+    {"type": "object", "properties": {"inner": {"type": "object", "properties": {"deep": {
+        "type": "object", "properties": {"z": _int}, "required": ["z"]}}, "required": ["deep"]}},
+     "required": ["inner"]},
+    {"type": "object", "properties": {"id": {"anyOf": [_int, _str]}}, "required": ["id"]},
+    {"type": "object", "properties": {"v": {"anyOf": [{"type": "null"}, {"type": "number", "minimum": 0}]}},
+     "required": ["v"]},
+    {"type": "object", "properties": {"opt": _str, "req": {"type": "boolean"}}, "required": ["req"],
+     "additionalProperties": False},
+    {"type": "object", "properties": {"items": {"type": "array", "items": {
+        "type": "object", "properties": {"sku": _str, "qty": {"type": "integer", "minimum": 1}},
+        "required": ["sku", "qty"], "additionalProperties": False}, "minItems": 1, "maxItems": 3}},
+     "required": ["items"]},
+    {"type": "object", "properties": {"t": {"type": ["string", "null"]}}, "required": ["t"]},
+    {"type": "string", "enum": ["yes", "no"]},
+    {"type": "integer", "minimum": 100, "maximum": 999},
+    {"type": "number"},
+    {"type": "boolean"},
+    {"type": "null"},
+    {"type": "string", "maxLength": 8},
+    {"$defs": {"pt": {"type": "object", "properties": {"x": _int, "y": _int}, "required": ["x", "y"],
+                      "additionalProperties": False}},
+     "type": "object", "properties": {"a": {"$ref": "#/$defs/pt"}, "b": {"$ref": "#/$defs/pt"}},
+     "required": ["a", "b"]},
+    {"type": "object", "properties": {"matrix": {"type": "array", "items": {"type": "array", "items": _int,
+                                                                            "minItems": 2, "maxItems": 2},
+                                                 "minItems": 2, "maxItems": 2}}, "required": ["matrix"]},
+    {"type": "object", "properties": {"status": {"enum": ["ok", "error"]}, "detail": _str,
+                                      "code": {"type": "integer", "minimum": 0, "maximum": 599}},
+     "required": ["status", "code"], "additionalProperties": False},
+    {"type": "object", "properties": {"a": {"type": "object"}, "b": {"type": "array"}}, "required": ["a", "b"]},
+    {"type": "object", "properties": {"price": {"type": "number", "minimum": 0, "maximum": 1000},
+                                      "currency": {"type": "string", "pattern": "^[A-Z]{3}$"}},
+     "required": ["price", "currency"]},
+    {"type": "object", "properties": {"date": {"type": "string", "pattern": "^20[0-9]{2}-[01][0-9]-[0-3][0-9]$"},
+                                      "ok": {"type": "boolean"}}, "required": ["date", "ok"]},
+    {"type": "object", "properties": {"ids": {"type": "array", "items": {"type": "integer", "minimum": 0},
+                                              "minItems": 3, "maxItems": 3}}, "required": ["ids"]},
+]
+
+
+def test_suite_has_at_least_30_schemas():
+    assert len(SCHEMAS) >= 30
+    for s in SCHEMAS:
+        jsonschema.Draft202012Validator.check_schema(s)
+
+
+@pytest.mark.parametrize("mode", ["diffusion", "ar"])
+def test_every_schema_output_validates(llm, mode):
+    """100 % of outputs validate, for every schema and 2 seeds, within a 512-token budget."""
+    prompts, params, index = [], [], []
+    for i, schema in enumerate(SCHEMAS):
+        for seed in range(2):
+            prompts.append("Reply in JSON:")
+            params.append(SamplingParams(max_new_tokens=512, seed=seed, mode=mode, json_schema=schema,
+                                         temperature=1.0))
+            index.append(i)
+    outs = llm.generate(prompts, params)
+    for i, o in zip(index, outs):
+        c = o.outputs[0]
+        assert c.finish_reason == "stop", (SCHEMAS[i], c.text, c.finish_reason)
+        jsonschema.validate(json.loads(c.text), SCHEMAS[i])
+        assert llm.engine.eos.isdisjoint(c.token_ids)
+
+
+def test_json_object_and_schema_as_text(llm):
+    o = llm.generate("x", SamplingParams(max_new_tokens=256, seed=0, json_object=True))[0].outputs[0]
+    assert o.finish_reason == "stop" and isinstance(json.loads(o.text), dict)
+    schema = {"type": "object", "properties": {"k": _int}, "required": ["k"]}
+    o = llm.generate("x", SamplingParams(max_new_tokens=256, seed=0, json_schema=json.dumps(schema)))[0].outputs[0]
+    jsonschema.validate(json.loads(o.text), schema)
+
+
+REGEXES = [r"[a-z]+@[a-z]+\.com", r"20[0-9]{2}-[01][0-9]-[0-3][0-9]", r"(yes|no|maybe)", r"[A-Z][a-z]{2,6}( [A-Z][a-z]{2,6})?",
+           r"\(\d{3}\) \d{3}-\d{4}", r"-?(0|[1-9][0-9]*)(\.[0-9]+)?", r"[0-9a-f]{8}", r"(ab|cd)+x"]
+
+
+@pytest.mark.parametrize("mode", ["diffusion", "ar"])
+def test_regex_outputs_match(llm, mode):
+    outs = llm.generate(["re:"] * (2 * len(REGEXES)),
+                        [SamplingParams(max_new_tokens=96, seed=s, regex=rx, mode=mode, temperature=1.0)
+                         for rx in REGEXES for s in range(2)])
+    for (rx, o) in zip([rx for rx in REGEXES for _ in range(2)], outs):
+        c = o.outputs[0]
+        assert c.finish_reason == "stop" and re.fullmatch(rx, c.text), (rx, c.text)
+
+
+def test_choice_and_grammar(llm):
+    choices = ["alpha", "beta", "gamma delta", "ε"]
+    seen = set()
+    for s in range(8):
+        c = llm.generate(f"pick {s * 37}:", SamplingParams(max_new_tokens=16, seed=s, choice=choices))[0].outputs[0]
+        assert c.text in choices and c.finish_reason == "stop"
+        seen.add(c.text)
+    assert len(seen) >= 2  # the model still chooses (prompts differ): not always the first option
+    lark = 'start: "(" num ("," num)* ")"\nnum: /[0-9]{1,3}/\n'
+    gbnf = 'root ::= "[" item ("," item)* "]"\nitem ::= [a-c]+\n'
+    for grammar, rx in ((lark, r"\(\d{1,3}(,\d{1,3})*\)"), (gbnf, r"\[[a-c]+(,[a-c]+)*\]")):
+        for s in range(3):
+            c = llm.generate("g:", SamplingParams(max_new_tokens=128, seed=s, grammar=grammar))[0].outputs[0]
+            assert c.finish_reason == "stop" and re.fullmatch(rx, c.text), (grammar, c.text)
+
+
+def test_budget_too_small_says_length(llm):
+    """When even the shortest completion does not fit, the answer is 'length', never a fake complete JSON."""
+    schema = {"type": "object", "properties": {"a_very_long_required_key_name": _str,
+                                               "another_long_required_key": _str},
+              "required": ["a_very_long_required_key_name", "another_long_required_key"]}
+    c = llm.generate("x", SamplingParams(max_new_tokens=6, seed=0, json_schema=schema))[0].outputs[0]
+    assert c.finish_reason == "length" and len(c.token_ids) <= 6
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(c.text)
+
+
+def test_constrained_rows_batch_with_free_rows(llm):
+    """Constrained and unconstrained requests share batched steps; each keeps its own contract."""
+    schema = {"type": "object", "properties": {"n": _int}, "required": ["n"]}
+    outs = llm.generate(["a", "b", "c"], [SamplingParams(max_new_tokens=40, seed=1),
+                                          SamplingParams(max_new_tokens=200, seed=2, json_schema=schema),
+                                          SamplingParams(max_new_tokens=40, seed=3, regex="[0-9]{5}")])
+    jsonschema.validate(json.loads(outs[1].outputs[0].text), schema)
+    assert re.fullmatch("[0-9]{5}", outs[2].outputs[0].text)
+    assert outs[0].outputs[0].token_ids  # the free row generated something
+
+
+def test_parallelism_survives_forced_tokens(llm):
+    """Tokens the grammar forces are placed without a forward: a schema of long required keys needs far fewer
+    denoising steps than tokens."""
+    schema = {"type": "object", "properties": {f"field_number_{i}": {"type": "boolean"} for i in range(6)},
+              "required": [f"field_number_{i}" for i in range(6)], "additionalProperties": False}
+    o = llm.generate("x", SamplingParams(max_new_tokens=256, seed=0, json_schema=schema))[0]
+    jsonschema.validate(json.loads(o.outputs[0].text), schema)
+    assert o.metrics["tokens_per_forward"] > 2.0, o.metrics
+
+
+# -- bad constraints ---------------------------------------------------------------------------------------------
+def _deep(n: int) -> dict:
+    s: dict = {"type": "integer"}
+    for _ in range(n):
+        s = {"type": "object", "properties": {"a": s}, "required": ["a"]}
+    return s
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(json_schema=_deep(500)), "nests deeper"),
+    (dict(json_schema={"enum": list(range(100_000))}), "enum"),
+    (dict(json_schema={"type": "string", "pattern": "a" * 10_000}), "pattern"),
+    (dict(json_schema={"type": "nonsense"}), "invalid json_schema"),
+    (dict(json_schema="{not json"), "not valid JSON"),
+    (dict(regex="(unclosed"), "invalid regex"),
+    (dict(regex="(a{1000}){1000}"), "forces"),
+    (dict(grammar="start: undefined_rule\n"), "invalid grammar"),
+    (dict(choice=[]), "choice"),
+    (dict(choice=["a"], regex="b"), "at most one"),
+    (dict(json_schema={"type": "object"}, suffix="x"), "cannot be combined"),
+    (dict(json_schema={"type": "object"}, template=[5, -1]), "cannot be combined"),
+])
+def test_bad_constraints_fail_fast_and_leave_the_engine_usable(llm, kwargs, match):
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=match):
+        llm.generate("x", SamplingParams(max_new_tokens=16, **kwargs))
+    assert time.perf_counter() - t0 < 10
+    assert not llm.engine.has_unfinished()
+    assert llm.generate("x", SamplingParams(max_new_tokens=4, seed=0, regex="[0-9]+"))[0].outputs[0].text.isdigit()
+
+
+def test_constraint_errors_are_value_errors():
+    assert issubclass(ConstraintError, ValueError)
+    assert Constraint.from_fields() is None
+    assert Constraint.from_fields(regex="a").kind == "regex"
+
+
+def test_reference_mode_rejects_structured_output(llm):
+    with pytest.raises(ValueError, match="structured output"):
+        llm.generate("x", SamplingParams(max_new_tokens=8, regex="a+"), reference_sampling=True)
+
+
+# -- infilling ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("max_new", [3, CANVAS + 2])  # one canvas; a middle spanning two, the suffix straddling
+def test_infilling_places_the_suffix_and_returns_a_clean_middle(llm, max_new):
+    suffix = " return x"
+    suffix_ids = llm.tokenizer.encode(suffix)
+    drafts: list[list[int]] = []
+    middle, reason = [], None
+    params = SamplingParams(max_new_tokens=max_new, seed=4, suffix=suffix, ignore_eos=False)
+    for d in llm.generate_stream("def f(x):", params, stream_drafts=True):
+        if d.draft_token_ids is not None:
+            drafts.append(d.draft_token_ids)
+        middle += d.token_ids
+        if d.finished:
+            reason = d.finish_reason
+    # The canvas holding the end of the middle's room holds (the start of) the suffix right after it, then pads.
+    k = (max_new - 1) // CANVAS
+    start = max_new - k * CANVAS
+    seen = drafts[-1][start:start + len(suffix_ids)]
+    assert seen == suffix_ids[:len(seen)] and len(seen) >= 1
+    assert all(t == 0 for t in drafts[-1][start + len(suffix_ids):])
+    assert reason in ("stop", "length") and len(middle) <= max_new
+    assert not ({0, 1} & set(middle))  # no EOS / padding inside the middle
+    out = llm.generate("def f(x):", params)[0].outputs[0]
+    assert out.token_ids == middle  # generate() is built on the stream
+    # prefix + middle + suffix is exactly the text the three pieces make together
+    assert llm.tokenizer.decode(llm.tokenizer.encode("def f(x):") + middle + suffix_ids) == \
+        "def f(x):" + out.text + suffix
+
+
+def test_infilling_stops_at_eos_in_the_middle(llm, monkeypatch):
+    """A middle shorter than its room ends at the model's EOS: nothing after it is returned."""
+    import dgemma.engine as E
+
+    real = E.sample_step
+
+    def eos_at_3(logits, *a, **k):  # make position 3 of every canvas an overwhelming EOS
+        logits[:, 3, :] = -50.0
+        logits[:, 3, 1] = 50.0
+        return real(logits, *a, **k)
+
+    monkeypatch.setattr(E, "sample_step", eos_at_3)
+    out = llm.generate("x", SamplingParams(max_new_tokens=8, seed=0, suffix=" end"))[0].outputs[0]
+    assert out.finish_reason == "stop" and len(out.token_ids) == 3
+
+
+def test_infilling_errors(llm):
+    with pytest.raises(ValueError, match="suffix"):
+        llm.generate("x", SamplingParams(max_new_tokens=8, suffix="y", mode="ar"))
+    with pytest.raises(ValueError, match="shorter than the canvas"):
+        llm.generate("x", SamplingParams(max_new_tokens=8, suffix_token_ids=[5] * CANVAS))
+    with pytest.raises(ValueError, match="suffix"):
+        llm.generate("x", SamplingParams(max_new_tokens=8, suffix=""))
