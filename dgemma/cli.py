@@ -198,6 +198,18 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--stopping", choices=sorted(STOPPING), default="stable_confident",
                    help="adaptive stop rule; 'none' is the same as --fixed-steps (default: %(default)s)")
 
+    c = p.add_argument_group("structured output and infilling (docs/structured.md)")
+    c.add_argument("--json-schema", metavar="JSON|FILE", default=None,
+                   help="the output must validate against this JSON schema (inline JSON or a file)")
+    c.add_argument("--json-object", action="store_true", help="the output must be a JSON object")
+    c.add_argument("--regex", metavar="RE", default=None, help="the output must match this regular expression")
+    c.add_argument("--choice", action="append", default=None, metavar="STR",
+                   help="the output must be one of these strings (repeatable)")
+    c.add_argument("--grammar", metavar="LARK|FILE", default=None,
+                   help="the output must match this Lark grammar (or GBNF, if it uses ::=); inline or a file")
+    c.add_argument("--suffix", metavar="STR", default=None,
+                   help="infill: generate the text between the prompt and STR (diffusion mode)")
+
     a = p.add_argument_group("autoregressive sampler (--mode ar)")
     a.add_argument("--temperature", type=float, default=None, metavar="F",
                    help="sampling temperature in [0, 100]; 0 is greedy (default: 0)")
@@ -234,7 +246,32 @@ def sampling_params_from_args(args: argparse.Namespace) -> SamplingParams:
         v = getattr(args, name)
         if v is not None:
             kw[name] = v
+    if getattr(args, "json_schema", None) is not None:
+        text = _inline_or_file(args.json_schema, "--json-schema")
+        try:
+            kw["json_schema"] = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise CLIError(f"--json-schema is not valid JSON: {e.msg}") from None
+    if getattr(args, "grammar", None) is not None:
+        kw["grammar"] = _inline_or_file(args.grammar, "--grammar")
+    for name in ("regex", "choice", "suffix"):
+        if getattr(args, name, None) is not None:
+            kw[name] = getattr(args, name)
+    if getattr(args, "json_object", False):
+        kw["json_object"] = True
     return SamplingParams(**kw).validate()
+
+
+def _inline_or_file(value: str, flag: str) -> str:
+    """A flag's value, or the contents of the file it names."""
+    from pathlib import Path
+
+    if value.lstrip().startswith(("{", "[")) or "\n" in value or ":" in value or "::=" in value:
+        return value
+    path = Path(value)
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    raise CLIError(f"{flag}: {value!r} is neither inline text nor an existing file")
 
 
 def load_llm(args: argparse.Namespace, max_batch: int = 1) -> LLM:

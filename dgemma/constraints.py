@@ -212,37 +212,23 @@ class GuideFactory:
                 return self._cache[key]
         tok = self.tok
         grammar = to_grammar(c)
-        result: list[Any] = []
 
-        def work() -> None:
+        def validate() -> tuple[bool, list[str]]:
             try:
-                result.append(llguidance.LLMatcher.validate_grammar_with_warnings(grammar, tok,
-                                                                                  limits=self.limits))
+                return llguidance.LLMatcher.validate_grammar_with_warnings(grammar, tok, limits=self.limits)
             except Exception as e:  # noqa: BLE001 - reported to the client as a reason
-                result.append((True, [str(e)]))
+                return True, [str(e)]
 
-        t = threading.Thread(target=work, daemon=True)
-        t.start()
-        t.join(COMPILE_TIMEOUT_S)
-        if not result:
-            raise ConstraintError(f"{c.kind} took longer than {COMPILE_TIMEOUT_S:.0f} s to compile")
-        is_error, messages = result[0]
+        is_error, messages = _bounded(validate, c.kind)
         if is_error:
             raise ConstraintError(f"invalid {c.kind}: {_short(messages[0] if messages else 'rejected')}")
-        # Build a matcher and compute its first forced run (some limits only trip then); a constraint that forces
-        # more tokens than any request could hold is refused.
-        probe: list[Any] = []
 
-        def build() -> None:
+        def build() -> tuple[Any, int]:
+            # Some limits only trip when the lexer runs: build a matcher and compute its first forced run.
             m = llguidance.LLMatcher(tok, grammar, limits=self.limits, log_level=0)
-            probe.append((m, None if m.is_error() else len(m.compute_ff_tokens())))
+            return m, (0 if m.is_error() else len(m.compute_ff_tokens()))
 
-        t = threading.Thread(target=build, daemon=True)
-        t.start()
-        t.join(COMPILE_TIMEOUT_S)
-        if not probe:
-            raise ConstraintError(f"{c.kind} took longer than {COMPILE_TIMEOUT_S:.0f} s to compile")
-        m, n_forced = probe[0]
+        m, n_forced = _bounded(build, c.kind)
         if m.is_error():
             raise ConstraintError(f"invalid {c.kind}: {_short(m.get_error())}")
         if n_forced > MAX_FORCED_TOKENS:
@@ -256,6 +242,17 @@ class GuideFactory:
 
         grammar = self.compile(c)
         return Guide(llguidance.LLMatcher(self.tok, grammar, limits=self.limits, log_level=0), self)
+
+
+def _bounded(fn: Any, what: str) -> Any:
+    """fn() on a helper thread, given up after COMPILE_TIMEOUT_S (the thread is left to finish on its own)."""
+    out: list[Any] = []
+    t = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    t.start()
+    t.join(COMPILE_TIMEOUT_S)
+    if not out:
+        raise ConstraintError(f"{what} took longer than {COMPILE_TIMEOUT_S:.0f} s to compile")
+    return out[0]
 
 
 def _short(msg: str, n: int = 300) -> str:

@@ -366,3 +366,23 @@ def test_console_script_exit_codes(ids_ckpt, tmp_path):
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.startswith("dgemma: error: ") and "Traceback" not in bad.stderr
+
+
+def test_generate_structured_output_flags(capsys, tok_ckpt, tmp_path):
+    import re as _re
+
+    out = run_json(capsys, "generate", "--model", str(tok_ckpt), "--prompt", "x", "--seed", "0",
+                   "--max-new-tokens", "32", "--regex", "[0-9]{4}")
+    assert _re.fullmatch("[0-9]{4}", out["text"])
+    schema = tmp_path / "s.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"a": {"type": "boolean"}}, "required": ["a"]}))
+    out = run_json(capsys, "generate", "--model", str(tok_ckpt), "--prompt", "x", "--seed", "0",
+                   "--max-new-tokens", "64", "--json-schema", str(schema))
+    assert isinstance(json.loads(out["text"])["a"], bool)
+    out = run_json(capsys, "generate", "--model", str(tok_ckpt), "--prompt", "x", "--seed", "1",
+                   "--max-new-tokens", "16", "--choice", "yes", "--choice", "no")
+    assert out["text"] in ("yes", "no")
+    code, _, err = run(capsys, "generate", "--model", str(tok_ckpt), "--prompt", "x", "--json-schema", "nope.json")
+    assert code == 2 and "neither inline text nor an existing file" in err
+    code, _, err = run(capsys, "generate", "--model", str(tok_ckpt), "--prompt", "x", "--regex", "(")
+    assert code == 2 and "regex" in err

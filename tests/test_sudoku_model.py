@@ -1,0 +1,138 @@
+"""The Sudoku model: data augmentation, prompts and templates, the solver, the CLI, and the bundled checkpoints."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from dgemma import LLM
+from dgemma.checkpoint import BUNDLED_MODELS, save_model
+from dgemma.cli import main as cli_main
+from dgemma.model import DiffusionGemma
+from dgemma.tasks import sudoku as S
+from dgemma.tasks.sudoku_cli import EXAMPLE
+from dgemma.tasks.sudoku_model import (CANVAS, GENERATION_CONFIG, Recipe, Solver, augment, build_data, canvas_template,
+                                       model_config, prompt_ids, to_examples)
+from dgemma.tokenizer import Tokenizer
+
+PUZZLE = "530070000600195000098000060800060003400803001700020006060000280000419005000080079"
+
+
+@pytest.fixture(scope="module")
+def tiny_sudoku(tmp_path_factory) -> Path:
+    """A random-weights model with the Sudoku config and tokenizer (fast, solves nothing)."""
+    d = tmp_path_factory.mktemp("sudoku") / "model"
+    torch.manual_seed(0)
+    model = DiffusionGemma(model_config(hidden=32, layers=2, heads=2))
+    save_model(model, d, generation_config={**GENERATION_CONFIG, "max_denoising_steps": 4},
+               tokenizer_dir=S.build_tokenizer(d))
+    return d
+
+
+def test_augment_keeps_validity_uniqueness_and_clues():
+    rng = random.Random(0)
+    p, sol = S.generate(35, rng)
+    seen = set()
+    for _ in range(20):
+        ap, asol = augment(p, sol, rng)
+        assert S.is_valid_solution(asol) and S.keeps_clues(ap, asol)
+        assert ap.count("0") == p.count("0")
+        assert S.solve(ap, 2) == [asol]  # still a unique solution
+        seen.add(ap)
+    assert len(seen) > 15  # the symmetries really vary the puzzle
+
+
+def test_prompt_ids_match_the_tokenizer(tmp_path):
+    tok = Tokenizer.from_dir(S.build_tokenizer(tmp_path))
+    ids = prompt_ids(PUZZLE)
+    assert ids == [tok.bos_token_id] + tok.encode(S.prompt_text(PUZZLE))
+    assert ids[-81:] == S.encode_grid(PUZZLE)
+
+
+def test_canvas_template_fixes_clues_and_eos():
+    t = canvas_template(PUZZLE)
+    assert len(t) == CANVAS and t[-1] == S.EOS_ID
+    assert [t[i] for i in range(81) if PUZZLE[i] != "0"] == [S.DIGIT_BASE_ID + int(c) for c in PUZZLE if c != "0"]
+    assert all(t[i] == -1 for i in range(81) if PUZZLE[i] == "0")
+
+
+def test_examples_have_one_canvas(tmp_path):
+    train, test = build_data(tmp_path, n_base=4, n_test=2, n_train=10, seed=0, progress=False)
+    assert len(train) == 10 and len(test) == 2
+    assert not {t["puzzle"] for t in test} & {t["puzzle"] for t in train}
+    ex = to_examples(train[:2])
+    assert len(ex[0].response) + 1 == CANVAS  # 81 cells + EOS fill the canvas exactly
+
+
+def test_solver_reports_bad_lines_and_clamps_clues(tiny_sudoku):
+    solver = Solver(tiny_sudoku, clamp=True, max_batch=4)
+    bad_len, bad_char, contradiction = "123", "x" * 81, "11" + "0" * 79
+    res = solver.solve([PUZZLE, bad_len, bad_char, contradiction, PUZZLE.replace("0", ".")])
+    assert [r.error is None for r in res] == [True, False, False, False, True]
+    assert "81" in res[1].error and "row" in res[3].error.lower()
+    for r in (res[0], res[4]):
+        if r.grid is not None:  # clamped clues are on the canvas whatever the (random) model does
+            assert all(r.grid[i] == PUZZLE[i] for i in range(81) if PUZZLE[i] != "0")
+        assert r.steps >= 1
+
+
+def test_solve_cli_lines_json_and_exit_status(tiny_sudoku, tmp_path, capsys):
+    inp = tmp_path / "in.txt"
+    inp.write_text(PUZZLE + "\nbad line\n")
+    out = tmp_path / "out.txt"
+    code = cli_main(["sudoku", "solve", "--model", str(tiny_sudoku), "--input", str(inp), "--output", str(out)])
+    lines = out.read_text().splitlines()
+    assert len(lines) == 2 and lines[1].startswith("error:")
+    assert code == 1  # a random model does not solve it, and one line was invalid
+    capsys.readouterr()
+    cli_main(["sudoku", "solve", "--model", str(tiny_sudoku), PUZZLE, "--json", "--mode", "ar"])
+    rec = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert set(rec) >= {"puzzle", "grid", "solved", "error", "steps", "seconds"} and rec["solved"] is False
+    assert cli_main(["sudoku", "solve", "--model", str(tiny_sudoku)]) == 2
+    assert "no puzzles" in capsys.readouterr().err
+
+
+def test_eval_cli_prints_a_table_and_json(tiny_sudoku, tmp_path, capsys):
+    data = tmp_path / "test.jsonl"
+    rng = random.Random(1)
+    S.save_jsonl([{"puzzle": S.generate(c, rng)[0]} for c in (45, 35, 26)], data)
+    assert cli_main(["sudoku", "eval", "--diffusion-model", str(tiny_sudoku), "--ar-model", str(tiny_sudoku),
+                     "--data", str(data), "--per-difficulty", "1", "--quiet"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    res = json.loads(out[-1])["results"]
+    assert {(r["variant"], r["difficulty"]) for r in res} == {(v, d) for v in ("diffusion+clamp", "diffusion", "ar")
+                                                             for d in ("easy", "medium", "hard")}
+    assert all(r["n"] == 1 and 0 <= r["rate"] <= 1 for r in res)
+
+
+def test_recipe_defaults_fit_the_bundle_budget():
+    cfg = model_config(Recipe().hidden, Recipe().layers, Recipe().heads)
+    assert cfg.text.num_parameters() * 4 < 20e6  # float32 weights under 20 MB
+
+
+# -- the bundled models ------------------------------------------------------------------------------------------------
+bundled = pytest.mark.skipif(not (BUNDLED_MODELS["sudoku"] / "config.json").is_file(),
+                             reason="the bundled Sudoku model is not in this checkout")
+
+
+@bundled
+def test_bundled_models_are_small_and_load_by_name():
+    for name in ("sudoku", "sudoku-ar"):
+        d = BUNDLED_MODELS[name]
+        size = sum(f.stat().st_size for f in d.iterdir() if f.is_file())
+        assert size <= 20e6, (name, size)
+        for f in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json"):
+            assert (d / f).is_file()
+    llm = LLM(model="sudoku", max_batch=1)
+    assert llm.tokenizer is not None and llm.model.config.canvas_length == CANVAS
+
+
+@bundled
+def test_bundled_model_solves_the_example(capsys):
+    assert cli_main(["sudoku", "solve", "--example", "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["solved"] and S.is_valid_solution(rec["grid"]) and S.keeps_clues(EXAMPLE, rec["grid"])
