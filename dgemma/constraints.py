@@ -294,7 +294,8 @@ class Guide:
         """A short token sequence that completes the grammar, ending with EOS; None if none is found within
         `max_len` tokens. Greedy with one token of lookahead over single-character tokens: prefer a token after
         which the grammar may end, else the one that leaves the fewest allowed tokens (closing brackets and quotes,
-        and less so separators, get a bonus, so items end and arrays and objects close instead of growing). The matcher is left as it was."""
+        and less so separators, get a bonus, so items end and arrays and objects close instead of growing).
+        The matcher is left as it was."""
         f = self.f
         f.tok  # noqa: B018 - builds the single-character table
         path: list[int] = []

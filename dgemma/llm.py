@@ -133,7 +133,8 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 class LLM:
     """A DiffusionGemma checkpoint ready to generate: model + tokenizer (optional) + engine.
 
-    `model`: a checkpoint directory in the HF format, or a bundled model's name ("sudoku"). `dtype`: "float32" (default) or "bfloat16".
+    `model`: a checkpoint directory in the HF format, or a bundled model's name ("sudoku", "sudoku-ar").
+    `dtype`: "float32" (default) or "bfloat16".
     `max_batch`: rows generated together; `max_model_len`: context length the cache is sized for.
     """
 

@@ -429,6 +429,8 @@ class _Generation:
 
     def _finish(self, reason: str, em: dict[str, Any]) -> _Update:
         self.done = True
+        if em.get("error"):  # the request's constraint tripped a resource limit mid-way (the engine went on)
+            raise APIError(400, str(em["error"]), param="response_format" if self.params.constraint() else None)
         if self.out.stopped:
             reason = "stop"
         text = self.out.take(final=True)

@@ -134,7 +134,8 @@ def test_json_object_and_schema_as_text(llm):
     jsonschema.validate(json.loads(o.text), schema)
 
 
-REGEXES = [r"[a-z]+@[a-z]+\.com", r"20[0-9]{2}-[01][0-9]-[0-3][0-9]", r"(yes|no|maybe)", r"[A-Z][a-z]{2,6}( [A-Z][a-z]{2,6})?",
+REGEXES = [r"[a-z]+@[a-z]+\.com", r"20[0-9]{2}-[01][0-9]-[0-3][0-9]", r"(yes|no|maybe)",
+           r"[A-Z][a-z]{2,6}( [A-Z][a-z]{2,6})?",
            r"\(\d{3}\) \d{3}-\d{4}", r"-?(0|[1-9][0-9]*)(\.[0-9]+)?", r"[0-9a-f]{8}", r"(ab|cd)+x"]
 
 

@@ -104,7 +104,8 @@ def test_eval_cli_prints_a_table_and_json(tiny_sudoku, tmp_path, capsys):
                      "--data", str(data), "--per-difficulty", "1", "--quiet"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     res = json.loads(out[-1])["results"]
-    assert {(r["variant"], r["difficulty"]) for r in res} == {(v, d) for v in ("diffusion+clamp", "diffusion", "ar")
+    variants = ("diffusion+clamp", "diffusion", "diffusion+clamp+refine", "ar")
+    assert {(r["variant"], r["difficulty"]) for r in res} == {(v, d) for v in variants
                                                              for d in ("easy", "medium", "hard")}
     assert all(r["n"] == 1 and 0 <= r["rate"] <= 1 for r in res)
 
@@ -136,3 +137,19 @@ def test_bundled_model_solves_the_example(capsys):
     assert cli_main(["sudoku", "solve", "--example", "--json"]) == 0
     rec = json.loads(capsys.readouterr().out)
     assert rec["solved"] and S.is_valid_solution(rec["grid"]) and S.keeps_clues(EXAMPLE, rec["grid"])
+
+
+def test_conflicting_cells_and_refinement_rounds(tiny_sudoku):
+    from dgemma.tasks.sudoku_model import conflicting_cells
+
+    sol = S.solve(PUZZLE, 1)[0]
+    assert conflicting_cells(sol) == set()
+    broken = sol[:1] + sol[1].replace(sol[1], sol[0]) + sol[2:]  # cell 1 copies cell 0: both conflict
+    assert {0, 1} <= conflicting_cells(broken)
+    one = Solver(tiny_sudoku, rounds=1).solve([PUZZLE])[0]
+    three = Solver(tiny_sudoku, rounds=3).solve([PUZZLE])[0]
+    assert three.steps > one.steps  # unsolved: it ran more rounds
+    if three.grid is not None:
+        assert S.keeps_clues(PUZZLE, three.grid)
+    with pytest.raises(ValueError, match="rounds"):
+        Solver(tiny_sudoku, rounds=0)

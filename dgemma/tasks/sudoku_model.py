@@ -123,10 +123,10 @@ class Recipe:
     hidden: int = 128
     layers: int = 4
     heads: int = 4
-    n_base: int = 20_000
-    n_train: int = 200_000
+    n_base: int = 10_000
+    n_train: int = 112_000
     n_test: int = 600
-    steps: int = 2_000
+    steps: int = 3_500
     batch_size: int = 32
     lr: float = 2e-3
     warmup_steps: int = 100
@@ -210,24 +210,33 @@ class Solution:
 class Solver:
     """Solve puzzles with a Sudoku checkpoint ("sudoku" is the bundled one), batched.
 
-    `clamp`: fix the clue cells on the canvas (inpainting), so the model only fills blanks. `mode="ar"` decodes
-    greedily left to right instead (the baseline; clamping does not apply)."""
+    `clamp`: fix the clue cells on the canvas (inpainting), so the model only fills blanks. `rounds`: re-solve
+    grids that break a rule, keeping the cells that do not (see `solve`). `mode="ar"` decodes greedily left to
+    right instead (the baseline; clamping and rounds do not apply)."""
 
     def __init__(self, model: str | Path = "sudoku", mode: Mode = "diffusion", clamp: bool = True,
-                 max_batch: int = 16, seed: int = 0, dtype: str = "float32"):
+                 max_batch: int = 16, seed: int = 0, dtype: str = "float32", rounds: int = 1, **sampler: Any):
         from ..llm import LLM
 
         self.llm = LLM(model, dtype=dtype, max_batch=max_batch, max_model_len=len(prompt_ids("0" * 81)) + CANVAS)
         self.mode, self.clamp, self.seed = mode, clamp and mode == "diffusion", seed
+        self.sampler = sampler  # SamplingParams overrides (e.g. max_denoising_steps, entropy_bound)
+        if rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {rounds}")
+        self.rounds = rounds
 
     def params(self, puzzle: str):
         from ..sampler import SamplingParams
 
         return SamplingParams(max_new_tokens=CANVAS, seed=self.seed, mode=self.mode,
-                              template=canvas_template(puzzle) if self.clamp else None)
+                              template=canvas_template(puzzle) if self.clamp else None, **self.sampler)
 
     def solve(self, puzzles: list[str], on_draft: Callable[[int, list[int]], None] | None = None) -> list[Solution]:
-        """One Solution per input line, in order; invalid puzzles get `error` and do not stop the batch."""
+        """One Solution per input line, in order; invalid puzzles get `error` and do not stop the batch.
+
+        With `rounds` > 1 (clamped diffusion only), an unsolved grid is re-solved: its clues and every cell that
+        breaks no Sudoku rule stay fixed on the canvas, the conflicting cells are re-noised and denoised again
+        (the rule check only finds conflicts; it never supplies a digit)."""
         out = [Solution(p) for p in puzzles]
         todo = []
         for i, p in enumerate(puzzles):
@@ -236,30 +245,52 @@ class Solver:
                 todo.append(i)
             except S.SudokuError as e:
                 out[i].error = str(e)
-        if not todo:
-            return out
         t0 = time.perf_counter()
-        prompts = [{"prompt_token_ids": prompt_ids(out[i].puzzle)} for i in todo]
-        tokens: dict[int, list[int]] = {i: [] for i in todo}
-        for d in self.llm.generate_stream(prompts, [self.params(out[i].puzzle) for i in todo],
-                                          stream_drafts=on_draft is not None):
-            i = todo[d.index]
+        fixed = {i: out[i].puzzle for i in todo}  # what the canvas template clamps
+        rounds = self.rounds if self.clamp else 1
+        for rnd in range(rounds):
+            active = [i for i in todo if not out[i].solved]
+            if not active:
+                break
+            grids = self._pass(active, [fixed[i] for i in active], out, self.seed + rnd, on_draft)
+            for i, grid in zip(active, grids):
+                out[i].grid = grid
+                out[i].solved = grid is not None and S.is_valid_solution(grid) and S.keeps_clues(out[i].puzzle, grid)
+                out[i].seconds = time.perf_counter() - t0
+                if grid is not None and not out[i].solved:
+                    bad = conflicting_cells(grid)
+                    fixed[i] = "".join(out[i].puzzle[k] if out[i].puzzle[k] != "0" else
+                                       ("0" if k in bad else grid[k]) for k in range(81))
+        return out
+
+    def _pass(self, idx: list[int], fixed: list[str], out: list[Solution], seed: int,
+              on_draft: Callable[[int, list[int]], None] | None) -> list[str | None]:
+        """Denoise once for puzzles `idx` (prompts: the original puzzles; canvases: `fixed` clamped)."""
+        from dataclasses import replace
+
+        prompts = [{"prompt_token_ids": prompt_ids(out[i].puzzle)} for i in idx]
+        params = [replace(self.params(f), seed=seed) for f in fixed]
+        tokens: dict[int, list[int]] = {i: [] for i in idx}
+        for d in self.llm.generate_stream(prompts, params, stream_drafts=on_draft is not None):
+            i = idx[d.index]
             if d.draft_token_ids is not None and on_draft is not None:
                 on_draft(i, d.draft_token_ids)
             tokens[i].extend(d.token_ids)
             if d.finished:
                 m = d.metrics
-                out[i].steps = int(m.get("denoising_steps", m.get("forwards", 0)) or 0)
-                out[i].seconds = time.perf_counter() - t0
-        for i in todo:
-            digits = [t for t in tokens[i][:81]]
+                out[i].steps += int(m.get("denoising_steps", m.get("forwards", 0)) or 0)
+        grids: list[str | None] = []
+        for i in idx:
             try:
-                grid = S.decode_grid(digits)
+                grids.append(S.decode_grid(tokens[i][:81]))
             except S.SudokuError:
-                grid = None
-            out[i].grid = grid
-            out[i].solved = grid is not None and S.is_valid_solution(grid) and S.keeps_clues(out[i].puzzle, grid)
-        return out
+                grids.append(None)
+        return grids
+
+
+def conflicting_cells(grid: str) -> set[int]:
+    """Cells whose digit repeats in their row, column or box (the Sudoku rules; says nothing of the solution)."""
+    return {i for i in range(81) if any(grid[j] == grid[i] for j in S._PEERS[i])}
 
 
 def render(grid_tokens: list[int], puzzle: str) -> list[str]:
@@ -298,6 +329,7 @@ class EvalRow:
 VARIANTS: dict[str, dict[str, Any]] = {
     "diffusion+clamp": {"mode": "diffusion", "clamp": True},
     "diffusion": {"mode": "diffusion", "clamp": False},
+    "diffusion+clamp+refine": {"mode": "diffusion", "clamp": True, "rounds": 4},
     "ar": {"mode": "ar", "clamp": False},
 }
 
@@ -320,7 +352,8 @@ def evaluate(models: dict[str, str | Path], items: list[dict], per_difficulty: i
         model = models.get(spec["mode"])
         if model is None:
             continue
-        solver = Solver(model, mode=spec["mode"], clamp=spec["clamp"], max_batch=max_batch, seed=seed)
+        solver = Solver(model, mode=spec["mode"], clamp=spec["clamp"], max_batch=max_batch, seed=seed,
+                        rounds=spec.get("rounds", 1))
         for d in ("easy", "medium", "hard"):
             batch = chosen.get(d, [])
             if not batch:
