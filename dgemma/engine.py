@@ -142,11 +142,7 @@ class Engine:
             if self.guides is None:
                 raise ValueError("structured output needs the model's tokenizer (tokenizer.json)")
             req.guide = self.guides.guide(constraint)  # compiled and checked now: errors reach the caller
-        if params.suffix_token_ids is not None:
-            n = len(params.suffix_token_ids)
-            if n >= self.canvas_length:
-                raise ValueError(f"invalid suffix: {n} tokens; it must be shorter than the canvas "
-                                 f"({self.canvas_length} tokens)")
+        if params.suffix_token_ids is not None:  # may be longer than a canvas: the part that fits is visible
             req.suffix = torch.tensor(params.suffix_token_ids, dtype=torch.long, device=self.model.device)
         self.waiting.append(req)
         return rid

@@ -574,10 +574,10 @@ def test_json_schema_through_the_openai_client(client):
     rf = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
     for seed in range(3):
         r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "a person"}],
-                                           max_tokens=256, seed=seed, response_format=rf)
+                                           max_tokens=96, seed=seed, response_format=rf)
         assert r.choices[0].finish_reason == "stop"
         jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
-    r = client.completions.create(model=MODEL, prompt="{", max_tokens=256, seed=1,
+    r = client.completions.create(model=MODEL, prompt="{", max_tokens=96, seed=1,
                                   extra_body={"response_format": {"type": "json_object"}})
     assert isinstance(json.loads(r.choices[0].text), dict)
 
@@ -591,7 +591,7 @@ def test_structured_outputs_object_and_streaming(client):
     r = client.completions.create(model=MODEL, prompt="date", max_tokens=32, seed=3,
                                   extra_body={"structured_outputs": {"regex": r"20[0-9]{2}-[01][0-9]-[0-3][0-9]"}})
     assert _re.fullmatch(r"20[0-9]{2}-[01][0-9]-[0-3][0-9]", r.choices[0].text)
-    chunks = list(client.completions.create(model=MODEL, prompt="x", max_tokens=128, seed=4, stream=True,
+    chunks = list(client.completions.create(model=MODEL, prompt="x", max_tokens=96, seed=4, stream=True,
                                             extra_body={"structured_outputs": {"json": PERSON}}))
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     import jsonschema
