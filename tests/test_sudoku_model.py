@@ -104,7 +104,7 @@ def test_eval_cli_prints_a_table_and_json(tiny_sudoku, tmp_path, capsys):
                      "--data", str(data), "--per-difficulty", "1", "--quiet"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     res = json.loads(out[-1])["results"]
-    variants = ("diffusion+clamp", "diffusion", "diffusion+clamp+refine", "ar")
+    variants = ("diffusion+clamp", "diffusion", "diffusion+clamp+vote", "ar", "ar+best-of-16")
     assert {(r["variant"], r["difficulty"]) for r in res} == {(v, d) for v in variants
                                                              for d in ("easy", "medium", "hard")}
     assert all(r["n"] == 1 and 0 <= r["rate"] <= 1 for r in res)
@@ -139,17 +139,22 @@ def test_bundled_model_solves_the_example(capsys):
     assert rec["solved"] and S.is_valid_solution(rec["grid"]) and S.keeps_clues(EXAMPLE, rec["grid"])
 
 
-def test_conflicting_cells_and_refinement_rounds(tiny_sudoku):
-    from dgemma.tasks.sudoku_model import conflicting_cells
+def test_conflicting_cells_agreement_and_rounds(tiny_sudoku):
+    from dgemma.tasks.sudoku_model import _agreed, conflicting_cells
 
     sol = S.solve(PUZZLE, 1)[0]
     assert conflicting_cells(sol) == set()
-    broken = sol[:1] + sol[1].replace(sol[1], sol[0]) + sol[2:]  # cell 1 copies cell 0: both conflict
+    broken = sol[0] + sol[0] + sol[2:]  # cell 1 copies cell 0: both conflict
     assert {0, 1} <= conflicting_cells(broken)
-    one = Solver(tiny_sudoku, rounds=1).solve([PUZZLE])[0]
-    three = Solver(tiny_sudoku, rounds=3).solve([PUZZLE])[0]
-    assert three.steps > one.steps  # unsolved: it ran more rounds
-    if three.grid is not None:
-        assert S.keeps_clues(PUZZLE, three.grid)
+    other = sol[:80] + str(int(sol[80]) % 9 + 1)
+    agreed = _agreed(PUZZLE, [sol, other])
+    assert agreed[80] == ("0" if PUZZLE[80] == "0" else PUZZLE[80])  # disagreement: re-noised
+    assert all(agreed[k] == sol[k] for k in range(80))  # agreement (and no conflict): clamped
+    assert _agreed(PUZZLE, [broken])[1] == ("0" if PUZZLE[1] == "0" else PUZZLE[1])
+    one = Solver(tiny_sudoku).solve([PUZZLE])[0]
+    more = Solver(tiny_sudoku, rounds=3, samples=2).solve([PUZZLE])[0]
+    assert more.steps > one.steps  # unsolved: it drew more samples and rounds
+    if more.grid is not None:
+        assert S.keeps_clues(PUZZLE, more.grid)
     with pytest.raises(ValueError, match="rounds"):
         Solver(tiny_sudoku, rounds=0)

@@ -51,9 +51,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "--seed, never in the training data)")
     e.add_argument("--per-difficulty", type=_positive_int, default=100, metavar="N",
                    help="puzzles per difficulty (default: %(default)s)")
-    e.add_argument("--variants", default="diffusion+clamp,diffusion,diffusion+clamp+refine,ar",
-                   help="comma-separated: diffusion+clamp (one pass), diffusion (no clamping), "
-                        "diffusion+clamp+refine (4 rounds, see solve --rounds), ar (default: all)")
+    e.add_argument("--variants", default="diffusion+clamp,diffusion,diffusion+clamp+vote,ar,ar+best-of-16",
+                   help="comma-separated: diffusion+clamp (one pass), diffusion (one pass, no clamping), "
+                        "diffusion+clamp+vote (4 samples x 4 rounds, see solve --samples), ar (greedy), "
+                        "ar+best-of-16 (16 samples, a valid one kept) (default: all)")
     e.add_argument("--seed", type=int, default=2026, help="puzzle and sampling seed (default: %(default)s)")
     e.add_argument("--batch-size", type=_positive_int, default=16, help="(default: %(default)s)")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -88,9 +89,13 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                    "'sudoku' model)")
     p.add_argument("--mode", choices=["diffusion", "ar"], default="diffusion", help="(default: %(default)s)")
     p.add_argument("--no-clamp", action="store_true", help="do not fix the clues on the canvas (diffusion)")
+    p.add_argument("--samples", type=_positive_int, default=4, metavar="K",
+                   help="clamped diffusion: canvases drawn per puzzle and round (different seeds); a valid grid "
+                        "that keeps the clues ends the search (default: %(default)s)")
     p.add_argument("--rounds", type=_positive_int, default=4, metavar="N",
-                   help="clamped diffusion: re-solve a grid that breaks a Sudoku rule up to N-1 more times, keeping "
-                        "the cells that break none fixed; 1 = a single denoising pass (default: %(default)s)")
+                   help="clamped diffusion: rounds of sampling; each next round clamps the cells all samples agree "
+                        "on (minus rule conflicts) and re-noises the rest. --samples 1 --rounds 1 is a single "
+                        "denoising pass (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="puzzles solved together "
                    "(default: %(default)s)")
@@ -135,7 +140,7 @@ def run_solve(args: argparse.Namespace) -> int:
     live = args.live == "always" or (args.live == "auto" and out is sys.stdout and sys.stdout.isatty()
                                      and not args.json)
     solver = Solver(args.model, mode=args.mode, clamp=not args.no_clamp, max_batch=args.batch_size, seed=args.seed,
-                    rounds=args.rounds)
+                    rounds=args.rounds, samples=args.samples)
     results = []
     if live:  # one at a time, redrawing the grid in place
         for p in puzzles:

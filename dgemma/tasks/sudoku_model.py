@@ -210,33 +210,38 @@ class Solution:
 class Solver:
     """Solve puzzles with a Sudoku checkpoint ("sudoku" is the bundled one), batched.
 
-    `clamp`: fix the clue cells on the canvas (inpainting), so the model only fills blanks. `rounds`: re-solve
-    grids that break a rule, keeping the cells that do not (see `solve`). `mode="ar"` decodes greedily left to
-    right instead (the baseline; clamping and rounds do not apply)."""
+    `clamp`: fix the clue cells on the canvas (inpainting), so the model only fills blanks. `samples`, `rounds`:
+    draw several canvases per puzzle and re-solve with the agreed cells clamped (see `solve`). `mode="ar"`
+    decodes left to right instead (the baseline): greedily, or with `samples` > 1 by drawing that many
+    temperature-1 samples and keeping a valid one (clamping and rounds do not apply)."""
 
     def __init__(self, model: str | Path = "sudoku", mode: Mode = "diffusion", clamp: bool = True,
-                 max_batch: int = 16, seed: int = 0, dtype: str = "float32", rounds: int = 1, **sampler: Any):
+                 max_batch: int = 16, seed: int = 0, dtype: str = "float32", rounds: int = 1, samples: int = 1,
+                 **sampler: Any):
         from ..llm import LLM
 
         self.llm = LLM(model, dtype=dtype, max_batch=max_batch, max_model_len=len(prompt_ids("0" * 81)) + CANVAS)
         self.mode, self.clamp, self.seed = mode, clamp and mode == "diffusion", seed
         self.sampler = sampler  # SamplingParams overrides (e.g. max_denoising_steps, entropy_bound)
-        if rounds < 1:
-            raise ValueError(f"rounds must be >= 1, got {rounds}")
-        self.rounds = rounds
+        if rounds < 1 or samples < 1:
+            raise ValueError(f"rounds and samples must be >= 1, got {rounds} and {samples}")
+        self.rounds, self.samples = rounds, samples
 
     def params(self, puzzle: str):
         from ..sampler import SamplingParams
 
+        extra = {"temperature": 1.0} if self.mode == "ar" and self.samples > 1 else {}
         return SamplingParams(max_new_tokens=CANVAS, seed=self.seed, mode=self.mode,
-                              template=canvas_template(puzzle) if self.clamp else None, **self.sampler)
+                              template=canvas_template(puzzle) if self.clamp else None, **extra, **self.sampler)
 
     def solve(self, puzzles: list[str], on_draft: Callable[[int, list[int]], None] | None = None) -> list[Solution]:
         """One Solution per input line, in order; invalid puzzles get `error` and do not stop the batch.
 
-        With `rounds` > 1 (clamped diffusion only), an unsolved grid is re-solved: its clues and every cell that
-        breaks no Sudoku rule stay fixed on the canvas, the conflicting cells are re-noised and denoised again
-        (the rule check only finds conflicts; it never supplies a digit)."""
+        Clamped diffusion can spend more compute (`samples` x `rounds` passes at most). Each round draws
+        `samples` canvases per unsolved puzzle, with different seeds, and a valid grid that keeps the clues ends
+        the search. Otherwise the next round clamps the clues plus every cell on which all samples agree, except
+        agreed cells that break a Sudoku rule against each other, and re-noises the rest. The rule check only
+        rejects conflicts; every digit comes from the model."""
         out = [Solution(p) for p in puzzles]
         todo = []
         for i, p in enumerate(puzzles):
@@ -247,45 +252,55 @@ class Solver:
                 out[i].error = str(e)
         t0 = time.perf_counter()
         fixed = {i: out[i].puzzle for i in todo}  # what the canvas template clamps
-        rounds = self.rounds if self.clamp else 1
+        # AR cannot clamp cells, but it can draw samples (temperature 1) and keep a valid one: best-of-K.
+        rounds, samples = (self.rounds, self.samples) if self.clamp else (1, self.samples if self.mode == "ar" else 1)
         for rnd in range(rounds):
             active = [i for i in todo if not out[i].solved]
             if not active:
                 break
-            grids = self._pass(active, [fixed[i] for i in active], out, self.seed + rnd, on_draft)
-            for i, grid in zip(active, grids):
-                out[i].grid = grid
-                out[i].solved = grid is not None and S.is_valid_solution(grid) and S.keeps_clues(out[i].puzzle, grid)
+            rows = [i for i in active for _ in range(samples)]
+            seeds = [self.seed + 1000 * rnd + k for _ in active for k in range(samples)]
+            grids = self._pass(rows, [fixed[i] for i in rows], seeds, out, on_draft, first_only=samples)
+            for j, i in enumerate(active):
+                gs = grids[j * samples:(j + 1) * samples]
+                good = [g for g in gs if g is not None and S.is_valid_solution(g) and S.keeps_clues(out[i].puzzle, g)]
+                out[i].grid, out[i].solved = (good[0], True) if good else (gs[0], False)
                 out[i].seconds = time.perf_counter() - t0
-                if grid is not None and not out[i].solved:
-                    bad = conflicting_cells(grid)
-                    fixed[i] = "".join(out[i].puzzle[k] if out[i].puzzle[k] != "0" else
-                                       ("0" if k in bad else grid[k]) for k in range(81))
+                if not good and all(g is not None for g in gs):
+                    fixed[i] = _agreed(out[i].puzzle, gs)
         return out
 
-    def _pass(self, idx: list[int], fixed: list[str], out: list[Solution], seed: int,
-              on_draft: Callable[[int, list[int]], None] | None) -> list[str | None]:
-        """Denoise once for puzzles `idx` (prompts: the original puzzles; canvases: `fixed` clamped)."""
+    def _pass(self, rows: list[int], fixed: list[str], seeds: list[int], out: list[Solution],
+              on_draft: Callable[[int, list[int]], None] | None, first_only: int = 1) -> list[str | None]:
+        """Denoise once per row (prompts: the original puzzles; canvases: `fixed` clamped); drafts are reported for
+        every `first_only`-th row (the first sample of each puzzle)."""
         from dataclasses import replace
 
-        prompts = [{"prompt_token_ids": prompt_ids(out[i].puzzle)} for i in idx]
-        params = [replace(self.params(f), seed=seed) for f in fixed]
-        tokens: dict[int, list[int]] = {i: [] for i in idx}
+        prompts = [{"prompt_token_ids": prompt_ids(out[i].puzzle)} for i in rows]
+        params = [replace(self.params(f), seed=sd) for f, sd in zip(fixed, seeds)]
+        tokens: list[list[int]] = [[] for _ in rows]
         for d in self.llm.generate_stream(prompts, params, stream_drafts=on_draft is not None):
-            i = idx[d.index]
-            if d.draft_token_ids is not None and on_draft is not None:
+            i = rows[d.index]
+            if d.draft_token_ids is not None and on_draft is not None and d.index % first_only == 0:
                 on_draft(i, d.draft_token_ids)
-            tokens[i].extend(d.token_ids)
+            tokens[d.index].extend(d.token_ids)
             if d.finished:
-                m = d.metrics
-                out[i].steps += int(m.get("denoising_steps", m.get("forwards", 0)) or 0)
+                out[i].steps += int(d.metrics.get("forwards") or 0)  # denoising steps, or AR forwards
         grids: list[str | None] = []
-        for i in idx:
+        for t in tokens:
             try:
-                grids.append(S.decode_grid(tokens[i][:81]))
+                grids.append(S.decode_grid(t[:81]))
             except S.SudokuError:
                 grids.append(None)
         return grids
+
+
+def _agreed(puzzle: str, grids: list[str]) -> str:
+    """Clues plus the cells where every grid agrees, minus agreed cells that conflict with one another."""
+    cand = [puzzle[k] if puzzle[k] != "0" else (grids[0][k] if all(g[k] == grids[0][k] for g in grids) else "0")
+            for k in range(81)]
+    bad = {k for k in range(81) if cand[k] != "0" and any(cand[j] == cand[k] for j in S._PEERS[k])}
+    return "".join("0" if k in bad and puzzle[k] == "0" else cand[k] for k in range(81))
 
 
 def conflicting_cells(grid: str) -> set[int]:
@@ -329,8 +344,9 @@ class EvalRow:
 VARIANTS: dict[str, dict[str, Any]] = {
     "diffusion+clamp": {"mode": "diffusion", "clamp": True},
     "diffusion": {"mode": "diffusion", "clamp": False},
-    "diffusion+clamp+refine": {"mode": "diffusion", "clamp": True, "rounds": 4},
+    "diffusion+clamp+vote": {"mode": "diffusion", "clamp": True, "rounds": 4, "samples": 4},
     "ar": {"mode": "ar", "clamp": False},
+    "ar+best-of-16": {"mode": "ar", "clamp": False, "samples": 16},  # the same most passes as diffusion+vote
 }
 
 
@@ -353,7 +369,7 @@ def evaluate(models: dict[str, str | Path], items: list[dict], per_difficulty: i
         if model is None:
             continue
         solver = Solver(model, mode=spec["mode"], clamp=spec["clamp"], max_batch=max_batch, seed=seed,
-                        rounds=spec.get("rounds", 1))
+                        rounds=spec.get("rounds", 1), samples=spec.get("samples", 1))
         for d in ("easy", "medium", "hard"):
             batch = chosen.get(d, [])
             if not batch:
