@@ -166,8 +166,8 @@ def run_solve(args: argparse.Namespace) -> int:
                 draw(0, [S.DIGIT_BASE_ID + int(c) for c in r.grid])
             _print(r, out, args.json)
             if r.error is None:
-                print(f"{'solved' if r.solved else 'not solved'}: {r.steps} denoising passes (all samples), {r.seconds:.2f} s",
-                      file=sys.stderr)
+                print(f"{'solved' if r.solved else 'not solved'}: {r.steps} denoising passes (all samples), "
+                      f"{r.seconds:.2f} s", file=sys.stderr)
     else:
         for k in range(0, len(puzzles), args.batch_size):
             for r in solver.solve(puzzles[k:k + args.batch_size]):
