@@ -2,6 +2,7 @@
 
     python benchmarks/structured.py                       # a random ~5M model with a small BPE tokenizer
     python benchmarks/structured.py --model PATH          # any checkpoint with a tokenizer.json
+    python benchmarks/structured.py --train-steps 600     # first teach the random model the JSON format
 
 Runs, on the same prompts and seeds: diffusion free / JSON schema / regex, and the AR baseline free / JSON schema.
 Random weights are the worst case for parallelism (every free choice is a coin toss, so only forced tokens come in
@@ -50,6 +51,37 @@ def build_model(params: float, canvas: int) -> Path:
     return d
 
 
+def _record(rng) -> dict:
+    """A random record that satisfies SCHEMA (training data for the --train-steps demo model)."""
+    names = ["ada", "bob", "carla", "dan", "eve", "frank", "grace", "heidi", "ivan", "judy"]
+    cities = ["paris", "rome", "oslo", "lima", "cairo", "tokyo", "quito", "perth"]
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    return {"name": rng.choice(names).capitalize() + " " + rng.choice(names).capitalize(),
+            "age": rng.randint(0, 120),
+            "email": "".join(rng.choice(letters) for _ in range(rng.randint(3, 8))) + "@"
+                     + "".join(rng.choice(letters) for _ in range(rng.randint(3, 8))) + ".com",
+            "tags": rng.sample(["admin", "user", "guest"], rng.randint(0, 3)),
+            "address": {"city": rng.choice(cities).capitalize(), "zip": f"{rng.randint(0, 99999):05d}"}}
+
+
+def train_demo(path: Path, steps: int) -> Path:
+    """Fine-tune the random model on JSON records (prompt "Write record number i as JSON:"), so that the benchmark
+    also shows a model that has learned the format."""
+    import random
+
+    from dgemma.train import TrainConfig, run_training
+
+    rng = random.Random(0)
+    data = path.parent / "records.jsonl"
+    with data.open("w") as f:
+        for i in range(4000):
+            f.write(json.dumps({"prompt": f"Write record number {i} as JSON:",
+                                "completion": json.dumps(_record(rng), separators=(",", ":"))}) + "\n")
+    cfg = TrainConfig(steps=steps, batch_size=16, lr=2e-3, warmup_steps=min(50, steps // 5), prompt_loss=False,
+                      weight_decay=0.01, betas=(0.9, 0.99), log_every=max(1, steps // 10))
+    return run_training(path, data, path.parent / "trained", cfg, resume=False)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="checkpoint with tokenizer.json (default: a random model built here)")
@@ -59,6 +91,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=256, help="(default: %(default)s)")
     ap.add_argument("--batch", type=int, default=4, help="engine batch size (default: %(default)s)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads")
+    ap.add_argument("--train-steps", type=int, default=0,
+                    help="first fine-tune the random model on JSON records for this many steps (dgemma train), "
+                         "to measure a model that knows the format as well (default: 0, random weights only)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -67,6 +102,8 @@ def main() -> None:
     from dgemma import LLM, SamplingParams
 
     path = Path(args.model) if args.model else build_model(args.params, args.canvas)
+    if args.train_steps:
+        path = train_demo(path, args.train_steps)
     llm = LLM(path, max_batch=args.batch, max_model_len=4096)
     prompts = [f"Write record number {i} as JSON:" for i in range(args.prompts)]
 
@@ -77,11 +114,13 @@ def main() -> None:
         except (ValueError, jsonschema.ValidationError):
             return False
 
+    # "valid" counts outputs that satisfy the schema (regex row: the regex), constrained or not: the prompts ask for
+    # a JSON record, so the unconstrained rows show how often the model gets it right by itself.
     runs = [
-        ("diffusion", "none", {}, None),
+        ("diffusion", "none", {}, check_json),
         ("diffusion", "json_schema", {"json_schema": SCHEMA}, check_json),
         ("diffusion", "regex", {"regex": REGEX}, lambda t: re.fullmatch(REGEX, t) is not None),
-        ("ar", "none", {"temperature": 1.0}, None),
+        ("ar", "none", {"temperature": 1.0}, check_json),
         ("ar", "json_schema", {"json_schema": SCHEMA, "temperature": 1.0}, check_json),
     ]
     llm.generate(prompts[:1], SamplingParams(max_new_tokens=8, seed=0, regex="[a-z]+"))  # warm-up, compile caches
@@ -94,7 +133,7 @@ def main() -> None:
         wall = time.perf_counter() - t0
         toks = sum(len(o.outputs[0].token_ids) for o in outs)
         fwd = sum(o.metrics.get("forwards", 0) for o in outs)
-        valid = sum(check(o.outputs[0].text) for o in outs) if check else None
+        valid = sum(check(o.outputs[0].text) for o in outs)
         stopped = sum(o.outputs[0].finish_reason == "stop" for o in outs)
         rows.append({"mode": mode, "constraint": constraint, "requests": len(outs), "tokens": toks,
                      "forwards": fwd, "tokens_per_forward": toks / max(fwd, 1), "tok_s": toks / wall,
@@ -103,10 +142,11 @@ def main() -> None:
     print(f"{'mode':<10}{'constraint':<13}{'tokens':>8}{'forwards':>10}{'tok/fwd':>9}{'tok/s':>9}{'valid':>8}"
           f"{'stop':>6}")
     for r in rows:
-        v = "-" if r["valid"] is None else f"{r['valid']}/{r['requests']}"
+        v = f"{r['valid']}/{r['requests']}"
         print(f"{r['mode']:<10}{r['constraint']:<13}{r['tokens']:>8}{r['forwards']:>10}"
               f"{r['tokens_per_forward']:>9.2f}{r['tok_s']:>9.1f}{v:>8}{r['finished_stop']:>6}")
-    print(json.dumps({"benchmark": "structured", "model": str(path), "rows": rows}))
+    print(json.dumps({"benchmark": "structured", "model": str(path), "train_steps": args.train_steps,
+                      "rows": rows}))
 
 
 if __name__ == "__main__":

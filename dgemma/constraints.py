@@ -182,7 +182,10 @@ class GuideFactory:
                     from None
             if not self.eos:
                 raise ConstraintError("structured output needs an EOS token")
-            tok = llguidance.LLTokenizer(self._json, n_vocab=self.vocab_size, eos_token=self.eos)
+            try:
+                tok = llguidance.LLTokenizer(self._json, n_vocab=self.vocab_size, eos_token=self.eos)
+            except (ValueError, RuntimeError) as e:  # e.g. a word-level tokenizer: no byte-level decoding
+                raise ConstraintError(f"this model's tokenizer does not support structured output ({e})") from None
             self.limits = llguidance.LLParserLimits(max_items_in_row=2000, initial_lexer_fuel=1_000_000,
                                                     step_lexer_fuel=200_000, step_max_items=50_000,
                                                     max_lexer_states=100_000, max_grammar_size=200_000,

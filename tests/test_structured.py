@@ -293,3 +293,10 @@ def test_infilling_errors(llm):
     assert len(long[0].outputs[0].token_ids) <= 4  # a suffix longer than a canvas is fine
     with pytest.raises(ValueError, match="suffix"):
         llm.generate("x", SamplingParams(max_new_tokens=8, suffix=""))
+
+
+def test_a_tokenizer_llguidance_cannot_read_gets_a_clear_error():
+    llm = LLM("sudoku", max_batch=1)  # the bundled model's word-level tokenizer has no byte-level decoder
+    with pytest.raises(ConstraintError, match="does not support structured output"):
+        llm.generate("x", SamplingParams(max_new_tokens=8, regex="[1-9]+"))
+    assert llm.generate({"prompt_token_ids": [2, 13]}, SamplingParams(max_new_tokens=4, seed=0))[0].outputs[0]
