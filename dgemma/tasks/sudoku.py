@@ -12,10 +12,10 @@ Puzzles and solutions
                                   propagation, minimum-remaining-values backtracking);
                                   len(solve(p, 2)) == 1 <=> the solution is unique.
     is_valid_solution(grid), keeps_clues(puzzle, grid)
-    generate(clues, rng)       -> (puzzle, solution) with a unique solution and exactly `clues` clues.
-                                  Supported range 17-50. Counts below ~22 are rarely reached by greedy removal:
-                                  21 takes seconds, 20 and fewer usually exhaust `max_attempts`
-                                  (SudokuError); 17 is practically out of reach.
+    generate(clues, rng)       -> (puzzle, solution) with a unique solution and exactly `clues` clues, 17-50:
+                                  random removal from 22 up; 17-21 from known 17-clue puzzles under random
+                                  symmetries plus added clues. transform(puzzle, solution, rng) is one such
+                                  symmetry.
     difficulty(puzzle)         -> "easy" (>= 40 clues), "medium" (30-39), "hard" (< 30).
     build_dataset(n, seed, clue_range=(24, 50)), split(items, test_fraction=0.1, seed=0),
     save_jsonl(items, path), load_jsonl(path)
@@ -48,7 +48,7 @@ __all__ = [
     "SudokuError", "parse_puzzle", "solve", "is_valid_solution", "keeps_clues", "generate", "difficulty",
     "build_dataset", "split", "save_jsonl", "load_jsonl", "prompt_text", "target_text", "extract_grid",
     "build_tokenizer", "encode_grid", "decode_grid", "INSTRUCTION", "INSTRUCTION_WORDS", "VOCAB",
-    "PAD_ID", "EOS_ID", "BOS_ID", "DIGIT_BASE_ID", "UNK_ID",
+    "PAD_ID", "EOS_ID", "BOS_ID", "DIGIT_BASE_ID", "UNK_ID", "transform", "SEEDS_17",
 ]
 
 
@@ -256,18 +256,61 @@ def _random_full_grid(rng: random.Random) -> str:
     return sols[0]
 
 
-def generate(clues: int, rng: random.Random, max_attempts: int = 2000) -> tuple[str, str]:
-    """A (puzzle, solution) pair: unique solution, exactly `clues` clues.
+# Known 17-clue puzzles (17 is the minimum for a unique solution). Puzzles of 17-21 clues are made from these by
+# a random symmetry plus clues added from the solution: removal from a random grid almost never gets that low.
+SEEDS_17 = (
+    "000000010400000000020000000000050407008000300001090000300400200050100000000806000",
+    "000000012000035000000600070700000300000400800100000000000120000080000040050000600",
+    "000000012003600000000007000410020000000500300700000600280000040000300500000000000",
+)
+LOW_CLUES = 21  # at or below this, generate() derives puzzles from SEEDS_17
 
-    Makes a random full grid, then removes cells in random order whenever the puzzle stays unique, stopping at
-    `clues`. If a grid gets stuck above the target (its removal pass ends at a minimal puzzle with more clues),
-    a new grid is tried, up to `max_attempts` grids. Supported: 17 <= clues <= 50. Below ~22 most grids get
-    stuck: measured on one CPU core, 25 clues ~10 ms, 22 ~0.1 s, 21 ~1-10 s per puzzle; 20 and fewer usually
-    exhaust the attempts (~20 s) and raise SudokuError (17 is practically unreachable by greedy removal).
-    Deterministic for a given `rng` state.
+
+def transform(puzzle: str, solution: str, rng: random.Random) -> tuple[str, str]:
+    """A random validity-preserving symmetry of a (puzzle, solution) pair: digit relabelling, row/column
+    permutations within bands and stacks, band and stack permutations, transposition. The result is another
+    unique-solution puzzle with the same clue count."""
+    digits = list("123456789")
+    rng.shuffle(digits)
+    relabel = {"0": "0", **{str(i + 1): d for i, d in enumerate(digits)}}
+
+    def perm() -> list[int]:
+        bands = rng.sample(range(3), 3)
+        return [3 * b + r for b in bands for r in rng.sample(range(3), 3)]
+
+    rows, cols = perm(), perm()
+    transpose = rng.random() < 0.5
+
+    def apply(g: str) -> str:
+        out = []
+        for r in range(9):
+            for c in range(9):
+                rr, cc = (cols[c], rows[r]) if transpose else (rows[r], cols[c])
+                out.append(relabel[g[9 * rr + cc]])
+        return "".join(out)
+
+    return apply(puzzle), apply(solution)
+
+
+def generate(clues: int, rng: random.Random, max_attempts: int = 2000) -> tuple[str, str]:
+    """A (puzzle, solution) pair: unique solution, exactly `clues` clues (17 <= clues <= 50).
+
+    From 22 clues up: a random full grid, then cells removed in random order whenever the puzzle stays unique,
+    stopping at `clues` (a grid that gets stuck above the target is replaced, up to `max_attempts` grids;
+    measured on one core: 25 clues ~10 ms, 22 ~0.1 s). From 17 to 21 clues, where removal almost never arrives:
+    a known 17-clue puzzle (`SEEDS_17`) under a random symmetry, plus `clues - 17` clues copied from its
+    solution (adding clues keeps the solution unique). Deterministic for a given `rng` state.
     """
     if not isinstance(clues, int) or not 17 <= clues <= 50:
         raise SudokuError(f"clues must be an integer in 17..50, got {clues!r}")
+    if clues <= LOW_CLUES:
+        seed = rng.choice(SEEDS_17)
+        puzzle, solution = transform(seed, _solve_grid(seed, 1)[0], rng)
+        cells = list(puzzle)
+        blanks = [i for i in range(81) if cells[i] == "0"]
+        for i in rng.sample(blanks, clues - 17):
+            cells[i] = solution[i]
+        return "".join(cells), solution
     for _ in range(max_attempts):
         solution = _random_full_grid(rng)
         cells = list(solution)

@@ -52,29 +52,7 @@ def canvas_template(puzzle: str) -> list[int]:
 
 
 # -- data ---------------------------------------------------------------------------------------------------------
-def augment(puzzle: str, solution: str, rng: random.Random) -> tuple[str, str]:
-    """A random validity-preserving symmetry: digit relabelling, row/column permutations within bands and stacks,
-    band and stack permutations, transposition. The result is another unique-solution puzzle, same clue count."""
-    digits = list("123456789")
-    rng.shuffle(digits)
-    relabel = {"0": "0", **{str(i + 1): d for i, d in enumerate(digits)}}
-
-    def perm() -> list[int]:
-        bands = rng.sample(range(3), 3)
-        return [3 * b + r for b in bands for r in rng.sample(range(3), 3)]
-
-    rows, cols = perm(), perm()
-    transpose = rng.random() < 0.5
-
-    def apply(g: str) -> str:
-        out = []
-        for r in range(9):
-            for c in range(9):
-                rr, cc = (cols[c], rows[r]) if transpose else (rows[r], cols[c])
-                out.append(relabel[g[9 * rr + cc]])
-        return "".join(out)
-
-    return apply(puzzle), apply(solution)
+augment = S.transform  # the training data's symmetry augmentation
 
 
 def build_data(out_dir: Path, n_base: int, n_test: int, n_train: int, seed: int,
