@@ -42,6 +42,7 @@ MAX_CHOICES = 1024
 MAX_REGEX_CHARS = 2048
 COMPILE_TIMEOUT_S = 5.0
 MAX_FORCED_TOKENS = 32_768
+MAX_CACHED_GRAMMARS = 256  # compiled constraints kept per model (clients often resend the same schema)
 # Compact JSON (no free whitespace): fewer tokens, and random weights cannot wander through blanks.
 JSON_OPTIONS = {"whitespace_flexible": False}
 
@@ -238,6 +239,8 @@ class GuideFactory:
             raise ConstraintError(f"{c.kind} forces {n_forced} tokens, more than any request can generate")
         with self._lock:
             self._cache[key] = grammar
+            while len(self._cache) > MAX_CACHED_GRAMMARS:  # oldest first: dicts keep insertion order
+                self._cache.pop(next(iter(self._cache)))
         return grammar
 
     def guide(self, c: Constraint) -> "Guide":
