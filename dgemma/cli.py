@@ -668,6 +668,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--self-cond-prob", type=float, default=d.self_cond_prob,
                    help="probability of training with self-conditioning (default: %(default)s)")
     g.add_argument("--no-prompt-loss", action="store_true", help="no next-token loss on prompt tokens")
+    g.add_argument("--template-prob", type=float, default=d.template_prob,
+                   help="examples with a 'fixed' list keep those response positions uncorrupted with this "
+                        "probability, to train for inference with templates (default: %(default)s)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=_positive_int, default=d.steps, help="optimizer steps (default: %(default)s)")
     g.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
@@ -705,6 +708,7 @@ def run_train(args: argparse.Namespace) -> int:
                       grad_accum=args.grad_accum, lr=args.lr, warmup_steps=args.warmup_steps,
                       weight_decay=args.weight_decay, clip_norm=args.clip_norm, ar_weight=args.ar_weight,
                       prompt_loss=not args.no_prompt_loss, self_cond_prob=args.self_cond_prob,
+                      template_prob=args.template_prob,
                       lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                       lora_targets=tuple(t for t in args.lora_targets.split(",") if t), precision=args.precision,
                       seed=args.seed, save_every=args.save_every, log_every=args.log_every)

@@ -63,6 +63,7 @@ class TrainConfig:
     ar_weight: float = 1.0  # weight of the encoder's next-token loss in the diffusion objective
     prompt_loss: bool = True  # next-token loss also on prompt tokens (the recipe does; set False for pure SFT)
     self_cond_prob: float = 0.5
+    template_prob: float = 0.0  # examples with `fixed` positions keep them clean with this probability
     eps: float = 1e-3
     lora_rank: int = 0  # 0: full fine-tuning
     lora_alpha: float = 16.0
@@ -82,6 +83,8 @@ class TrainConfig:
             raise TrainError(f"lr must be in (0, 1), got {self.lr}")
         if not 0 <= self.self_cond_prob <= 1:
             raise TrainError(f"self_cond_prob must be in [0, 1], got {self.self_cond_prob}")
+        if not 0 <= self.template_prob <= 1:
+            raise TrainError(f"template_prob must be in [0, 1], got {self.template_prob}")
         if not 0 < self.eps < 1:
             raise TrainError(f"eps must be in (0, 1), got {self.eps}")
         if self.lora_rank < 0:
@@ -97,6 +100,10 @@ class Example:
 
     prompt: list[int]
     response: list[int]
+    # Response positions a template will fix at inference (inpainting, e.g. Sudoku clues; index len(response) is
+    # the EOS). With probability `template_prob` they are left uncorrupted, so training sees the canvases that
+    # clamped inference shows the model.
+    fixed: list[int] | None = None
 
 
 @dataclass
@@ -110,11 +117,13 @@ class Batch:
     noisy: torch.Tensor | None = None  # (B, K, C) corrupted canvases
     self_cond: torch.Tensor | None = None  # (B,) bool
     t: torch.Tensor | None = None  # (B,) corruption rates
+    fixed: torch.Tensor | None = None  # (B, K, C) bool: positions a template fixes at inference
 
 
 def load_examples(path: str | Path, tokenizer: Any | None) -> list[Example]:
     """Read a JSONL file of {"prompt", "completion"} texts, {"messages": [...]} chats (the last assistant turn is the
-    response) or {"prompt_ids", "completion_ids"} token ids. Errors name the line."""
+    response) or {"prompt_ids", "completion_ids"} token ids, each optionally with "fixed": response positions a
+    template will fix at inference (see `TrainConfig.template_prob`). Errors name the line."""
     path = Path(path)
     if not path.is_file():
         raise TrainError(f"{path}: no such data file")
@@ -136,6 +145,16 @@ def load_examples(path: str | Path, tokenizer: Any | None) -> list[Example]:
 def _example(rec: Any, tokenizer: Any | None, where: str) -> Example:
     if not isinstance(rec, dict):
         raise TrainError(f"{where}: expected a JSON object")
+    ex = _pair(rec, tokenizer, where)
+    fixed = rec.get("fixed")
+    if fixed is not None:
+        if not isinstance(fixed, list) or not all(isinstance(i, int) and 0 <= i <= len(ex.response) for i in fixed):
+            raise TrainError(f"{where}: 'fixed' must list response positions (0..{len(ex.response)}, the last is EOS)")
+        ex.fixed = fixed
+    return ex
+
+
+def _pair(rec: dict, tokenizer: Any | None, where: str) -> Example:
     if "prompt_ids" in rec or "completion_ids" in rec:
         p, c = rec.get("prompt_ids"), rec.get("completion_ids")
         if not (isinstance(p, list) and isinstance(c, list) and all(isinstance(t, int) for t in p + c)):
@@ -174,12 +193,18 @@ def collate(examples: Sequence[Example], canvas_length: int, pad_id: int, eos_id
     prompt = torch.full((B, P), pad_id, dtype=torch.long)
     canv = torch.full((B, K * C), pad_id, dtype=torch.long)
     sup = torch.zeros(B, K * C, dtype=torch.bool)
+    fixed = torch.zeros(B, K * C, dtype=torch.bool)
     for b, e in enumerate(examples):
         prompt[b, :len(e.prompt)] = torch.tensor(e.prompt)
         r = e.response + [eos_id]
         canv[b, :len(r)] = torch.tensor(r)
         sup[b, :math.ceil(len(r) / C) * C] = True
-    return Batch(prompt, torch.tensor([len(e.prompt) for e in examples]), canv.view(B, K, C), sup.view(B, K, C))
+        if e.fixed:
+            if not all(0 <= i < len(r) for i in e.fixed):
+                raise TrainError(f"fixed positions must index the response + EOS (0..{len(r) - 1})")
+            fixed[b, e.fixed] = True
+    return Batch(prompt, torch.tensor([len(e.prompt) for e in examples]), canv.view(B, K, C), sup.view(B, K, C),
+                 fixed=fixed.view(B, K, C) if bool(fixed.any()) else None)
 
 
 def corrupt(batch: Batch, vocab_size: int, cfg: TrainConfig, generator: torch.Generator) -> Batch:
@@ -191,6 +216,9 @@ def corrupt(batch: Batch, vocab_size: int, cfg: TrainConfig, generator: torch.Ge
     rand_tok = torch.randint(0, vocab_size, (B, K, C), generator=generator)
     sc = torch.rand(B, generator=generator) < cfg.self_cond_prob
     replace = (u < t[:, None, None]) & batch.supervised
+    if batch.fixed is not None and cfg.template_prob > 0:  # drawn last: the draws above do not change
+        templated = torch.rand(B, generator=generator) < cfg.template_prob
+        replace &= ~(batch.fixed & templated[:, None, None])
     batch.noisy = torch.where(replace, rand_tok, batch.canvases)
     batch.self_cond = sc
     batch.t = t
@@ -200,9 +228,11 @@ def corrupt(batch: Batch, vocab_size: int, cfg: TrainConfig, generator: torch.Ge
 def take(batch: Batch, idx: slice) -> Batch:
     """Rows `idx` of a batch (the prompt is trimmed to its longest row)."""
     P = int(batch.prompt_len[idx].max())
+    def rows(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else x[idx]
+
     return Batch(batch.prompt[idx, :P], batch.prompt_len[idx], batch.canvases[idx], batch.supervised[idx],
-                 None if batch.noisy is None else batch.noisy[idx],
-                 None if batch.self_cond is None else batch.self_cond[idx], None if batch.t is None else batch.t[idx])
+                 rows(batch.noisy), rows(batch.self_cond), rows(batch.t), rows(batch.fixed))
 
 
 # -- the objectives ---------------------------------------------------------------------------------------------------

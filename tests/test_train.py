@@ -88,6 +88,23 @@ def test_corruption_rate_matches_t():
     assert abs(float(many.mean()) - 0.5) < 0.08 and float(many.std()) > 0.2
 
 
+def test_fixed_positions_stay_clean_with_template_prob():
+    """Positions a template will fix at inference are left uncorrupted in a `template_prob` share of examples."""
+    C = 512
+    ex = [Example([2], [5] * (C - 1), fixed=list(range(0, C, 2))) for _ in range(64)]
+    for prob, lo, hi in ((1.0, 64, 64), (0.0, 0, 0), (0.5, 16, 48)):
+        b = corrupt(collate(ex, C, 0, 1, V), V, TrainConfig(template_prob=prob), torch.Generator().manual_seed(0))
+        noisy = b.t > 0.05  # rows where an uncorrupted half would be a coincidence
+        even_changed = (b.noisy != b.canvases)[:, 0, 0::2].float().mean(-1)
+        clean_rows = int(((even_changed == 0) & noisy).sum())
+        n = int(noisy.sum())
+        assert lo * n // 64 <= clean_rows <= -(-hi * n // 64), (prob, clean_rows, n)
+        odd_changed = (b.noisy != b.canvases)[:, 0, 1::2].float().mean(-1)
+        assert float((odd_changed - b.t * (V - 1) / V).abs().max()) < 0.1  # the free half is corrupted as usual
+    with pytest.raises(TrainError, match="fixed positions"):
+        collate([Example([2], [5], fixed=[7])], 8, 0, 1, V)
+
+
 def test_loss_by_hand_on_a_zero_model():
     """With all weights zero the logits are all zero: every cross-entropy is exactly log V."""
     m = _model()
@@ -308,6 +325,11 @@ def test_bad_configs_and_data(tmp_path):
         load_examples(bad, None)
     bad.write_text('{"prompt_ids": [2, "x"], "completion_ids": [4]}\n')
     with pytest.raises(TrainError, match="lists of integers"):
+        load_examples(bad, None)
+    bad.write_text('{"prompt_ids": [2], "completion_ids": [4, 5], "fixed": [0, 2]}\n')
+    assert load_examples(bad, None)[0].fixed == [0, 2]  # position 2 is the EOS
+    bad.write_text('{"prompt_ids": [2], "completion_ids": [4, 5], "fixed": [3]}\n')
+    with pytest.raises(TrainError, match="'fixed'"):
         load_examples(bad, None)
 
 

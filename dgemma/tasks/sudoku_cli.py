@@ -82,6 +82,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--threads", type=_positive_int, default=r.threads, help="torch threads per process "
                    "(default: %(default)s)")
     t.add_argument("--seed", type=int, default=r.seed, help="(default: %(default)s)")
+    t.add_argument("--template-prob", type=float, default=r.template_prob,
+                   help="diffusion: share of examples whose clue cells stay uncorrupted, as clamped solving shows "
+                        "them (default: %(default)s)")
     t.set_defaults(_sudoku=run_train)
 
 
@@ -237,7 +240,7 @@ def run_train(args: argparse.Namespace) -> int:
         raise CLIError("--objectives takes diffusion, ar or both (comma-separated)")
     recipe = Recipe(out_dir=args.output, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                     n_base=args.puzzles, n_train=args.examples, hidden=args.hidden, layers=args.layers,
-                    objectives=objectives, threads=args.threads, seed=args.seed)
+                    objectives=objectives, threads=args.threads, seed=args.seed, template_prob=args.template_prob)
     t0 = time.perf_counter()
     finals = train_recipe(recipe)
     for obj, path in finals.items():
