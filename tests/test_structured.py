@@ -300,3 +300,35 @@ def test_a_tokenizer_llguidance_cannot_read_gets_a_clear_error():
     with pytest.raises(ConstraintError, match="does not support structured output"):
         llm.generate("x", SamplingParams(max_new_tokens=8, regex="[1-9]+"))
     assert llm.generate({"prompt_token_ids": [2, 13]}, SamplingParams(max_new_tokens=4, seed=0))[0].outputs[0]
+
+
+def test_a_constraint_failing_mid_generation_aborts_only_its_request(llm, monkeypatch):
+    """A resource limit that trips while generating ends that request ('abort', with the error); the batch goes on."""
+    from dgemma.constraints import Guide
+
+    real = Guide.consume
+    calls = {"n": 0}
+
+    def flaky(self, token):
+        if self.m is not None and getattr(self, "_victim", False):
+            calls["n"] += 1
+            if calls["n"] > 3:
+                raise ConstraintError("the constraint failed during generation: lexer limit")
+        return real(self, token)
+
+    real_guide = llm.engine.guides.guide
+
+    def guide(c):
+        g = real_guide(c)
+        g._victim = c.kind == "regex"
+        return g
+
+    monkeypatch.setattr(Guide, "consume", flaky)
+    monkeypatch.setattr(llm.engine.guides, "guide", guide)
+    for mode in ("diffusion", "ar"):
+        calls["n"] = 0
+        outs = llm.generate(["a", "b"], [SamplingParams(max_new_tokens=64, seed=1, mode=mode, regex="[a-z]{20,30}"),
+                                         SamplingParams(max_new_tokens=64, seed=2, mode=mode, choice=["yes", "no"])])
+        assert outs[0].outputs[0].finish_reason == "abort" and "lexer limit" in outs[0].metrics["error"]
+        assert outs[1].outputs[0].finish_reason == "stop" and outs[1].outputs[0].text in ("yes", "no")
+    assert not llm.engine.has_unfinished()
