@@ -116,10 +116,6 @@ def stop_prefix(tokens: list[int], decode: Callable[[list[int]], str], stops: li
     return len(tokens)
 
 
-def _as_list(x: Any) -> list[int]:
-    return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
-
-
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -146,12 +142,11 @@ class LLM:
         self.model = load_model(self.path, dtype=self.dtype, device=self.device)
         self.generation_config = load_generation_config(self.path)
         self.tokenizer = Tokenizer.from_dir(self.path)
-        guides = None
-        if self.tokenizer is not None:
-            eos = set(self.model.config.text.eos_token_ids) | set(_as_list(self.generation_config.get("eos_token_id")))
-            guides = GuideFactory(self.tokenizer.backend.to_str(), self.model.config.text.vocab_size, sorted(eos))
         self.engine = Engine(self.model, self.generation_config, max_batch=max_batch, max_model_len=max_model_len,
-                             prefill_chunk=prefill_chunk, guides=guides)
+                             prefill_chunk=prefill_chunk)
+        if self.tokenizer is not None:  # structured output: matchers over this tokenizer, ending at the engine's EOS
+            self.engine.guides = GuideFactory(self.tokenizer.backend.to_str(), self.model.config.text.vocab_size,
+                                              sorted(self.engine.eos))
 
     # -- prompts ------------------------------------------------------------------------------------------------
     def encode_prompt(self, prompt: Prompt) -> tuple[str | None, list[int]]:
@@ -184,7 +179,7 @@ class LLM:
                         stream_drafts: bool = False) -> Iterator[StreamDelta]:
         """Stream deltas for several prompts at once (batched by the engine)."""
         plist, params_list = self._normalise(prompts, params)
-        params_list = [self._prepare(sp) for sp in params_list]
+        params_list = [self.prepare_params(sp) for sp in params_list]
         encoded = [self.encode_prompt(p) for p in plist]
         ids: dict[str, int] = {}
         try:
@@ -243,7 +238,7 @@ class LLM:
         batch, every row at every step): with the same seed on CPU in float32 it reproduces `model.generate`.
         """
         plist, params_list = self._normalise(prompts, params)
-        params_list = [self._prepare(sp) for sp in params_list]
+        params_list = [self.prepare_params(sp) for sp in params_list]
         encoded = [self.encode_prompt(p) for p in plist]
         if reference_sampling:
             return self._generate_reference(encoded, params_list)
@@ -311,14 +306,13 @@ class LLM:
     def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None) -> RequestOutput:
         return self.generate([messages], params)[0]
 
-    def _prepare(self, sp: SamplingParams) -> SamplingParams:
-        """Text-level fields to token ids: `suffix` becomes `suffix_token_ids`."""
+    def prepare_params(self, sp: SamplingParams) -> SamplingParams:
+        """Text-level fields to token ids: `suffix` becomes `suffix_token_ids` (ValueError when invalid)."""
         if sp.suffix is None:
             return sp
-        if not isinstance(sp.suffix, str) or not sp.suffix:
-            raise ValueError(f"invalid suffix={sp.suffix!r}: must be a non-empty string")
+        sp.validate(self.model.config.vocab_size)
         if self.tokenizer is None:
-            raise ValueError(f"{self.path} has no tokenizer.json: pass suffix_token_ids instead of suffix")
+            raise ValueError(f"invalid suffix={sp.suffix!r}: {self.path} has no tokenizer.json (pass suffix_token_ids)")
         return replace(sp, suffix=None, suffix_token_ids=self.tokenizer.encode(sp.suffix))
 
     @staticmethod

@@ -590,16 +590,10 @@ class _Server:
         except ValueError as e:
             raise APIError(400, str(e), param="structured_outputs" if req.structured_outputs is not None
                            else "response_format") from None
-        suffix = getattr(req, "suffix", None)
-        if suffix is not None:
-            if self.llm.tokenizer is None:
-                raise APIError(400, "this model has no tokenizer, so suffix is unavailable", param="suffix")
-            if not isinstance(suffix, str) or not suffix:
-                raise APIError(400, "suffix must be a non-empty string", param="suffix")
-            kw["suffix_token_ids"] = self.llm.tokenizer.encode(suffix)
+        kw["suffix"] = getattr(req, "suffix", None)
         params = SamplingParams(**kw)
         try:
-            params.validate(eng.vocab_size)
+            params = self.llm.prepare_params(params).validate(eng.vocab_size)
             constraint = params.constraint()
             if constraint is not None:  # compile now (bounded time, cached): a bad one is the client's 400
                 if eng.guides is None:
@@ -607,8 +601,7 @@ class _Server:
                 eng.guides.compile(constraint)
         except ValueError as e:
             param = _param_of(str(e))
-            if param is None and any(getattr(params, k) for k in ("json_schema", "regex", "choice", "grammar",
-                                                                   "json_object")):
+            if param is None and params.constraint() is not None:  # constraint_fields() allowed at most one
                 param = "response_format" if req.response_format is not None else "structured_outputs"
             raise APIError(400, str(e), param=param) from None
         return params

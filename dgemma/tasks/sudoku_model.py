@@ -52,9 +52,6 @@ def canvas_template(puzzle: str) -> list[int]:
 
 
 # -- data ---------------------------------------------------------------------------------------------------------
-augment = S.transform  # the training data's symmetry augmentation
-
-
 def build_data(out_dir: Path, n_base: int, n_test: int, n_train: int, seed: int,
                progress: bool = True) -> tuple[list[dict], list[dict]]:
     """Generate `n_base` training puzzles and `n_test` held-out ones (cached as JSONL in `out_dir`), and expand the
@@ -81,7 +78,7 @@ def build_data(out_dir: Path, n_base: int, n_test: int, n_train: int, seed: int,
     train = list(base)
     while len(train) < n_train:
         it = base[rng.randrange(len(base))]
-        p, sol = augment(it["puzzle"], it["solution"], rng)
+        p, sol = S.transform(it["puzzle"], it["solution"], rng)
         train.append({"puzzle": p, "solution": sol, "clues": it["clues"], "difficulty": it["difficulty"]})
     return train[:n_train], sets["test"]
 
@@ -282,13 +279,14 @@ def _agreed(puzzle: str, grids: list[str]) -> str:
     """Clues plus the cells where every grid agrees, minus agreed cells that conflict with one another."""
     cand = [puzzle[k] if puzzle[k] != "0" else (grids[0][k] if all(g[k] == grids[0][k] for g in grids) else "0")
             for k in range(81)]
-    bad = {k for k in range(81) if cand[k] != "0" and any(cand[j] == cand[k] for j in S._PEERS[k])}
+    bad = conflicting_cells("".join(cand))
     return "".join("0" if k in bad and puzzle[k] == "0" else cand[k] for k in range(81))
 
 
 def conflicting_cells(grid: str) -> set[int]:
-    """Cells whose digit repeats in their row, column or box (the Sudoku rules; says nothing of the solution)."""
-    return {i for i in range(81) if any(grid[j] == grid[i] for j in S._PEERS[i])}
+    """Cells whose digit repeats in their row, column or box (the Sudoku rules; says nothing of the solution).
+    Blanks ('0') conflict with nothing."""
+    return {i for i in range(81) if grid[i] != "0" and any(grid[j] == grid[i] for j in S._PEERS[i])}
 
 
 def render(grid_tokens: list[int], puzzle: str) -> list[str]:
