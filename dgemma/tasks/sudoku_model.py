@@ -197,10 +197,11 @@ class Solver:
 
     def __init__(self, model: str | Path = "sudoku", mode: Mode = "diffusion", clamp: bool = True,
                  max_batch: int = 16, seed: int = 0, dtype: str = "float32", rounds: int = 1, samples: int = 1,
-                 **sampler: Any):
+                 device: str = "cpu", **sampler: Any):
         from ..llm import LLM
 
-        self.llm = LLM(model, dtype=dtype, max_batch=max_batch, max_model_len=len(prompt_ids("0" * 81)) + CANVAS)
+        self.llm = LLM(model, device=device, dtype=dtype, max_batch=max_batch,
+                       max_model_len=len(prompt_ids("0" * 81)) + CANVAS)
         self.mode, self.clamp, self.seed = mode, clamp and mode == "diffusion", seed
         self.sampler = sampler  # SamplingParams overrides (e.g. max_denoising_steps, entropy_bound)
         if rounds < 1 or samples < 1:
@@ -333,7 +334,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 def evaluate(models: dict[str, str | Path], items: list[dict], per_difficulty: int,
              variants: Iterable[str] = tuple(VARIANTS), progress: bool = True, max_batch: int = 16,
-             seed: int = 0) -> list[EvalRow]:
+             seed: int = 0, device: str = "cpu") -> list[EvalRow]:
     """Solve rate per difficulty for each variant. `models` maps "diffusion"/"ar" to checkpoints: the AR variant
     uses the AR-trained model, the others the diffusion-trained one."""
     from tqdm import tqdm
@@ -350,7 +351,7 @@ def evaluate(models: dict[str, str | Path], items: list[dict], per_difficulty: i
         if model is None:
             continue
         solver = Solver(model, mode=spec["mode"], clamp=spec["clamp"], max_batch=max_batch, seed=seed,
-                        rounds=spec.get("rounds", 1), samples=spec.get("samples", 1))
+                        rounds=spec.get("rounds", 1), samples=spec.get("samples", 1), device=device)
         for d in ("easy", "medium", "hard"):
             batch = chosen.get(d, [])
             if not batch:
