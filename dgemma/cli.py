@@ -693,6 +693,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log-every", type=_positive_int, default=d.log_every, help="(default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     g.add_argument("--threads", type=_positive_int, default=None, help="torch threads per process")
+    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: this process's GPU if there is "
+                   "one, else the CPU)")
     g.add_argument("--no-resume", action="store_true", help="start over even if OUTPUT has checkpoints")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -713,7 +715,7 @@ def run_train(args: argparse.Namespace) -> int:
                       lora_targets=tuple(t for t in args.lora_targets.split(",") if t), precision=args.precision,
                       seed=args.seed, save_every=args.save_every, log_every=args.log_every)
     final = run_training(args.model, args.data, args.output, cfg, resume=not args.no_resume,
-                         progress=not args.quiet)
+                         progress=not args.quiet, device=args.device)
     if int(__import__("os").environ.get("RANK", "0")) == 0:
         print(f"wrote {final}")
     return EXIT_OK

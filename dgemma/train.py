@@ -279,7 +279,7 @@ def _ar_targets(batch: Batch, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Ten
         # Hidden state at layout position of token i predicts token i + 1.
         layout = torch.cat([torch.arange(n, device=dev), P + torch.arange(m, device=dev)])
         tgt[b, layout[:-1]] = seq[1:]
-        keep = torch.ones(len(seq) - 1, dtype=torch.bool)
+        keep = torch.ones(len(seq) - 1, dtype=torch.bool, device=dev)
         if not cfg.prompt_loss:
             keep[: n - 1] = False
         mask[b, layout[:-1]] = keep
@@ -393,8 +393,15 @@ def init_distributed() -> DistInfo:
     import torch.distributed as dist
 
     if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return DistInfo(dist.get_rank(), dist.get_world_size())
+
+
+def default_device() -> str:
+    """This process's GPU when there is one (under torchrun: the LOCAL_RANK-th), else the CPU."""
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
 
 
 def _all_reduce(tensors: list[torch.Tensor], info: DistInfo) -> None:
@@ -402,7 +409,8 @@ def _all_reduce(tensors: list[torch.Tensor], info: DistInfo) -> None:
         return
     import torch.distributed as dist
 
-    flat = torch.cat([t.reshape(-1).float() for t in tensors])
+    dev = tensors[0].device  # gradients live on the model's device (nccl needs CUDA tensors); others follow
+    flat = torch.cat([t.reshape(-1).float().to(dev) for t in tensors])
     dist.all_reduce(flat)
     off = 0
     for t in tensors:
@@ -570,7 +578,8 @@ class Trainer:
             st = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.split("::", 1)[0] == n and
                   not k.endswith("::value")}
             if st:
-                self.opt.state[p] = {k: (v if k != "step" else v.float()) for k, v in st.items()}
+                # moments on the parameter's device; AdamW keeps its step counter on the CPU
+                self.opt.state[p] = {k: (v.to(p.device) if k != "step" else v.float()) for k, v in st.items()}
         self.step = int(meta["step"])
         self.log = list(meta.get("log", []))
 
@@ -654,16 +663,18 @@ def write_loss_plot(log: list[dict[str, Any]], path: Path) -> None:
 
 
 def run_training(model_path: str | Path, data: list[Example] | str | Path, out_dir: str | Path, cfg: TrainConfig,
-                 resume: bool = True, progress: bool = True, dtype: torch.dtype = torch.float32) -> Path:
+                 resume: bool = True, progress: bool = True, dtype: torch.dtype = torch.float32,
+                 device: str | None = None) -> Path:
     """Load a checkpoint, fine-tune it on `data` (examples or a JSONL path) and write HF checkpoints to `out_dir`.
 
-    With `resume`, continues from the newest `checkpoint-*` in `out_dir`. Returns the `final/` directory."""
+    With `resume`, continues from the newest `checkpoint-*` in `out_dir`. `device` defaults to the GPU when there is
+    one. Returns the `final/` directory."""
     from .tokenizer import Tokenizer
 
     info = init_distributed()
     torch.manual_seed(cfg.seed)
     model_path = Path(model_path)
-    model = load_model(model_path, dtype=dtype)
+    model = load_model(model_path, dtype=dtype, device=torch.device(device or default_device()))
     tok_dir = model_path if (model_path / "tokenizer.json").is_file() else None
     examples = data if isinstance(data, list) else load_examples(data, Tokenizer.from_dir(model_path))
     trainer = Trainer(model, examples, cfg, Path(out_dir), generation_config=load_generation_config(model_path),

@@ -59,6 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--seed", type=int, default=2026, help="puzzle and sampling seed (default: %(default)s)")
     e.add_argument("--batch-size", type=_positive_int, default=16, help="(default: %(default)s)")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
+    e.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
     e.set_defaults(_sudoku=run_eval)
 
     t = sub.add_parser("train", help="train the diffusion model and the AR baseline from one random init",
@@ -85,6 +86,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--template-prob", type=float, default=r.template_prob,
                    help="diffusion: share of examples whose clue cells stay uncorrupted, as clamped solving shows "
                         "them (default: %(default)s)")
+    t.add_argument("--ar-weight", type=float, default=r.ar_weight,
+                   help="diffusion: weight of the next-token loss on the solution; 0 skips its extra pass, so "
+                        "the same time buys more denoising steps (default: %(default)s)")
     t.set_defaults(_sudoku=run_train)
 
 
@@ -103,6 +107,7 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="puzzles solved together "
                    "(default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -145,7 +150,7 @@ def run_solve(args: argparse.Namespace) -> int:
     live = args.live == "always" or (args.live == "auto" and out is sys.stdout and sys.stdout.isatty()
                                      and not args.json)
     solver = Solver(args.model, mode=args.mode, clamp=not args.no_clamp, max_batch=args.batch_size, seed=args.seed,
-                    rounds=args.rounds, samples=args.samples)
+                    rounds=args.rounds, samples=args.samples, device=args.device)
     results = []
     if live:  # one at a time, redrawing the grid in place
         for p in puzzles:
@@ -221,7 +226,8 @@ def run_eval(args: argparse.Namespace) -> int:
                 p, sol = S.generate(rng.randint(lo, hi), rng)
                 items.append({"puzzle": p, "solution": sol})
     rows = evaluate({"diffusion": args.diffusion_model, "ar": args.ar_model}, items, args.per_difficulty,
-                    variants, progress=not args.quiet, max_batch=args.batch_size, seed=args.seed)
+                    variants, progress=not args.quiet, max_batch=args.batch_size, seed=args.seed,
+                    device=args.device)
     w = max([len("variant")] + [len(r.variant) for r in rows]) + 2
     print(f"{'variant':<{w}}{'difficulty':<11}{'n':>5}{'solved':>8}{'rate':>8}{'puzzles/s':>11}{'forwards':>10}")
     for r in rows:
@@ -240,7 +246,8 @@ def run_train(args: argparse.Namespace) -> int:
         raise CLIError("--objectives takes diffusion, ar or both (comma-separated)")
     recipe = Recipe(out_dir=args.output, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                     n_base=args.puzzles, n_train=args.examples, hidden=args.hidden, layers=args.layers,
-                    objectives=objectives, threads=args.threads, seed=args.seed, template_prob=args.template_prob)
+                    objectives=objectives, threads=args.threads, seed=args.seed, template_prob=args.template_prob,
+                    ar_weight=args.ar_weight)
     t0 = time.perf_counter()
     finals = train_recipe(recipe)
     for obj, path in finals.items():
