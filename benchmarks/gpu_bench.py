@@ -5,7 +5,7 @@ weight tensors* (no copy), so both run on the same weights with one model's memo
 times dgemma's diffusion path, dgemma's AR path and transformers' `generate`, and prints a roofline line:
 the weight bytes one denoising step must read divided by the HBM bandwidth. Table + final JSON line.
 
-    python benchmarks/gpu_bench.py                   # on a CUDA machine (benchmarks/gpu.sh runs this)
+    python benchmarks/gpu_bench.py                   # on a CUDA machine (benchmarks/gpu_check.sh runs this)
     python benchmarks/gpu_bench.py --tiny --device cpu   # a seconds-long smoke test of the script itself
 """
 
@@ -44,8 +44,13 @@ def build(text: dict, canvas: int, device: str, dtype: torch.dtype):
                        num_key_value_heads=2, head_dim=8, patch_size=4, position_embedding_size=8,
                        pooling_kernel_size=1)
     hf_cfg = DiffusionGemmaConfig(text_config=dict(text), vision_config=tiny_vision, canvas_length=canvas)
-    with torch.device(device):
-        hf = DiffusionGemmaForBlockDiffusion(hf_cfg).to(dtype).eval()
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in bf16 directly: 26B fp32 weights would not fit first
+    try:
+        with torch.device(device):
+            hf = DiffusionGemmaForBlockDiffusion(hf_cfg).to(dtype).eval()
+    finally:
+        torch.set_default_dtype(prev)
     ours_cfg = ModelConfig(text=TextConfig(**text), canvas_length=canvas)
     with torch.device("meta"):
         ours = DiffusionGemma(ours_cfg)

@@ -71,7 +71,8 @@ def test_solve_cli_lines_json_and_exit_status(tiny_sudoku, tmp_path, capsys):
     inp = tmp_path / "in.txt"
     inp.write_text(PUZZLE + "\nbad line\n")
     out = tmp_path / "out.txt"
-    code = cli_main(["sudoku", "solve", "--model", str(tiny_sudoku), "--input", str(inp), "--output", str(out)])
+    code = cli_main(["sudoku", "solve", "--model", str(tiny_sudoku), "--input", str(inp), "--output", str(out),
+                     "--device", "cpu"])
     lines = out.read_text().splitlines()
     assert len(lines) == 2 and lines[1].startswith("error:")
     assert code == 1  # a random model does not solve it, and one line was invalid
@@ -91,10 +92,27 @@ def test_eval_cli_prints_a_table_and_json(tiny_sudoku, tmp_path, capsys):
                      "--data", str(data), "--per-difficulty", "1", "--quiet"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     res = json.loads(out[-1])["results"]
-    variants = ("diffusion+clamp", "diffusion", "diffusion+clamp+vote", "ar", "ar+best-of-16")
+    variants = ("diffusion+clamp", "diffusion", "diffusion+clamp+vote", "diffusion+clamp+vote-16x8", "ar",
+                "ar+best-of-16", "ar+best-of-128")
     assert {(r["variant"], r["difficulty"]) for r in res} == {(v, d) for v in variants
                                                              for d in ("easy", "medium", "hard")}
     assert all(r["n"] == 1 and 0 <= r["rate"] <= 1 for r in res)
+
+
+def test_train_recipe_runs_both_objectives_from_one_init(tmp_path):
+    """The `dgemma sudoku train` path at toy size: one shared init, both objectives (in parallel processes on a
+    multi-core machine), the recipe saved, and the Sudoku default ar_weight 0 (no next-token loss logged)."""
+    from dgemma.tasks.sudoku_model import train_recipe
+
+    r = Recipe(out_dir=str(tmp_path / "run"), hidden=32, layers=2, heads=2, n_base=4, n_train=8, n_test=2, steps=2,
+               batch_size=4, warmup_steps=1)
+    finals = train_recipe(r, progress=False)
+    assert set(finals) == {"diffusion", "ar"} and all((f / "model.safetensors").is_file() for f in finals.values())
+    saved = json.loads((tmp_path / "run" / "recipe.json").read_text())
+    assert saved["ar_weight"] == 0.0 and saved["steps"] == 2
+    logs = {o: [json.loads(l) for l in (tmp_path / "run" / o / "train_log.jsonl").read_text().splitlines()]
+            for o in finals}
+    assert logs["diffusion"][-1]["ar_loss"] is None and logs["ar"][-1]["ar_loss"] > 0
 
 
 def test_recipe_defaults_fit_the_bundle_budget():

@@ -122,6 +122,55 @@ def test_loss_by_hand_on_a_zero_model():
     assert parts.ar_count == sum(len(e.prompt) - 1 for e in _examples(4)) + int(b.supervised.sum())
 
 
+def test_ar_weight_zero_skips_the_clean_canvas_pass():
+    """ar_weight 0: the same diffusion loss, no next-token loss, and one encoder pass fewer (the last clean canvas
+    feeds nothing); the earlier canvases of a multi-canvas example are still encoded as context."""
+    m = _model()
+    ex = _examples(4) + [Example([2, 5, 6], list(range(3, 3 + 20)))]  # the last one spans 3 canvases
+    calls = []
+    orig = m.encode
+    m.encode = lambda *a, **k: (calls.append(a[0].shape[1]), orig(*a, **k))[1]
+    out = {}
+    for w in (1.0, 0.0):
+        cfg = TrainConfig(self_cond_prob=0.5, ar_weight=w)
+        b = corrupt(collate(ex, 8, 0, 1, V), V, cfg, torch.Generator().manual_seed(0))
+        calls.clear()
+        with torch.no_grad():
+            out[w] = (loss_parts(m, b, cfg), list(calls))
+    (full, n_full), (skip, n_skip) = out[1.0], out[0.0]
+    assert torch.equal(full.diffusion_sum, skip.diffusion_sum) and full.diffusion_count == skip.diffusion_count
+    assert skip.ar_count == 0 and float(skip.ar_sum) == 0.0 and full.ar_count > 0
+    assert len(n_full) == 1 + 3 and len(n_skip) == 1 + 2  # prompt + clean canvases (the last one skipped)
+
+
+def test_ar_weight_zero_trains_and_logs_no_ar_loss(tmp_path):
+    m = _model()
+    cfg = TrainConfig(steps=2, batch_size=4, lr=1e-3, warmup_steps=1, ar_weight=0.0, log_every=1)
+    tr = Trainer(m, _examples(8), cfg, tmp_path / "out")
+    rec = tr.train_step()
+    assert rec["ar_loss"] is None and rec["loss"] == rec["diffusion_loss"] > 0
+    tr.train(progress=False)
+    log = [json.loads(l) for l in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    assert [e["ar_loss"] for e in log] == [None] and log[0]["diffusion_loss"] > 0
+
+
+def test_batches_move_to_the_model_device(monkeypatch):
+    """Training collates on the CPU and moves each micro-batch to the model's device; the default device is this
+    process's GPU when there is one (under torchrun, the LOCAL_RANK-th)."""
+    from dgemma.train import default_device
+
+    b = corrupt(collate(_examples(3), 8, 0, 1, V), V, TrainConfig(), torch.Generator().manual_seed(0))
+    moved = b.to(torch.device("meta"))
+    for name in ("prompt", "prompt_len", "canvases", "supervised", "noisy", "self_cond", "t"):
+        assert getattr(moved, name).device.type == "meta" and getattr(b, name).device.type == "cpu"
+        assert getattr(moved, name).shape == getattr(b, name).shape
+    assert moved.fixed is None
+    assert default_device() == ("cuda:0" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert default_device() == "cuda:1"
+
+
 @pytest.fixture(scope="module")
 def hf_pair(tmp_path_factory):
     """transformers' DiffusionGemma and the same weights loaded by dgemma."""
@@ -358,7 +407,7 @@ def test_train_cli_writes_checkpoints_and_resumes(ckpt_and_data, tmp_path, capsy
     d, data = ckpt_and_data
     out = tmp_path / "out"
     args = ["train", "--model", str(d), "--data", str(data), "--output", str(out), "--steps", "4",
-            "--batch-size", "4", "--save-every", "2", "--log-every", "1", "--quiet"]
+            "--batch-size", "4", "--save-every", "2", "--log-every", "1", "--quiet", "--device", "cpu"]
     assert cli_main(args) == 0
     assert (out / "final" / "tokenizer.json").is_file() and (out / "checkpoint-000002").is_dir()
     assert len((out / "train_log.jsonl").read_text().splitlines()) == 4

@@ -24,6 +24,8 @@ EXAMPLE = "000723000900560000230100057620000103050097800009000475002931586090006
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .sudoku_model import VARIANTS, Recipe
+
     sub = p.add_subparsers(dest="sudoku_command", metavar="ACTION", title="actions")
     s = sub.add_parser("solve", help="solve puzzles (81 characters each, 0 or . for blanks)",
                        description="Solve Sudoku puzzles with a DiffusionGemma checkpoint (default: the bundled "
@@ -52,10 +54,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "--seed, never in the training data)")
     e.add_argument("--per-difficulty", type=_positive_int, default=100, metavar="N",
                    help="puzzles per difficulty (default: %(default)s)")
-    e.add_argument("--variants", default="diffusion+clamp,diffusion,diffusion+clamp+vote,ar,ar+best-of-16",
+    e.add_argument("--variants", default=",".join(VARIANTS),
                    help="comma-separated: diffusion+clamp (one pass), diffusion (one pass, no clamping), "
-                        "diffusion+clamp+vote (4 samples x 4 rounds, see solve --samples), ar (greedy), "
-                        "ar+best-of-16 (16 samples, a valid one kept) (default: all)")
+                        "diffusion+clamp+vote (4 samples x 4 rounds, see solve --samples), "
+                        "diffusion+clamp+vote-16x8 (16 samples x 8 rounds, the solve default), ar (greedy), "
+                        "ar+best-of-16 and ar+best-of-128 (that many samples, a valid one kept: the vote "
+                        "variants' most passes) (default: all; about 35 min on 2 CPU cores at the default "
+                        "--per-difficulty)")
     e.add_argument("--seed", type=int, default=2026, help="puzzle and sampling seed (default: %(default)s)")
     e.add_argument("--batch-size", type=_positive_int, default=16, help="(default: %(default)s)")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -66,8 +71,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        description="Generate puzzles, write one random initial checkpoint, and train it with the "
                                    "block-diffusion objective and with the AR objective (same data, same steps), in "
                                    "parallel processes when there are cores for both. Re-running resumes.")
-    from .sudoku_model import Recipe
-
     r = Recipe()
     t.add_argument("--output", "-o", default=r.out_dir, metavar="DIR", help="(default: %(default)s)")
     t.add_argument("--steps", type=_positive_int, default=r.steps, help="(default: %(default)s)")
@@ -97,10 +100,10 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                    "'sudoku' model)")
     p.add_argument("--mode", choices=["diffusion", "ar"], default="diffusion", help="(default: %(default)s)")
     p.add_argument("--no-clamp", action="store_true", help="do not fix the clues on the canvas (diffusion)")
-    p.add_argument("--samples", type=_positive_int, default=4, metavar="K",
+    p.add_argument("--samples", type=_positive_int, default=16, metavar="K",
                    help="clamped diffusion: canvases drawn per puzzle and round (different seeds); a valid grid "
                         "that keeps the clues ends the search (default: %(default)s)")
-    p.add_argument("--rounds", type=_positive_int, default=4, metavar="N",
+    p.add_argument("--rounds", type=_positive_int, default=8, metavar="N",
                    help="clamped diffusion: rounds of sampling; each next round clamps the cells all samples agree "
                         "on (minus rule conflicts) and re-noises the rest. --samples 1 --rounds 1 is a single "
                         "denoising pass (default: %(default)s)")

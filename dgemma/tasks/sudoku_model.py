@@ -327,12 +327,15 @@ class EvalRow:
         return self.solved / self.n if self.n else 0.0
 
 
+# Each vote variant has an AR twin with the same most passes per puzzle (samples x rounds).
 VARIANTS: dict[str, dict[str, Any]] = {
     "diffusion+clamp": {"mode": "diffusion", "clamp": True},
     "diffusion": {"mode": "diffusion", "clamp": False},
     "diffusion+clamp+vote": {"mode": "diffusion", "clamp": True, "rounds": 4, "samples": 4},
+    "diffusion+clamp+vote-16x8": {"mode": "diffusion", "clamp": True, "rounds": 8, "samples": 16},
     "ar": {"mode": "ar", "clamp": False},
-    "ar+best-of-16": {"mode": "ar", "clamp": False, "samples": 16},  # the same most passes as diffusion+vote
+    "ar+best-of-16": {"mode": "ar", "clamp": False, "samples": 16},
+    "ar+best-of-128": {"mode": "ar", "clamp": False, "samples": 128},
 }
 
 
