@@ -3,8 +3,8 @@
 #   1. `dgemma train` on CUDA (the bundled Sudoku model, 40 steps, a checkpoint at 20), then a resumed run to 60;
 #   2. `dgemma sudoku eval --device cuda`: the bundled models' solve rates and puzzles/s on the GPU;
 #   3. benchmarks/gpu_bench.py at 26B-A4B shapes (dgemma diffusion vs its AR path vs transformers), shortened.
-# Logs go to $OUT (default /tmp/gpu_check). On a machine without transformers' DiffusionGemma, carry a wheel in
-# .whl/ (see /work/.library/device/README.md) and it is installed to /tmp/site.
+# Logs go to $OUT (default /tmp/gpu_check). On a machine without transformers' DiffusionGemma and without
+# network access, put a transformers wheel in .whl/ and it is installed to /tmp/site.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1

@@ -282,14 +282,21 @@ def load_llm(args: argparse.Namespace, max_batch: int = 1) -> LLM:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        dev = torch.device(args.device)
-    except RuntimeError as e:
-        raise CLIError(f"invalid --device {args.device!r}: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device {args.device}: CUDA is not available on this machine")
-    return LLM(args.model, device=args.device, dtype=args.dtype, max_batch=max_batch,
+    return LLM(args.model, device=check_device(args.device), dtype=args.dtype, max_batch=max_batch,
                max_model_len=args.max_model_len)
+
+
+def check_device(device: str) -> str:
+    """A --device value, checked: a torch device string, and CUDA only where this machine has it."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise CLIError(f"invalid --device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {device}: CUDA is not available on this machine")
+    return device
 
 
 # -- output -----------------------------------------------------------------------------------------------------------
@@ -714,8 +721,9 @@ def run_train(args: argparse.Namespace) -> int:
                       lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                       lora_targets=tuple(t for t in args.lora_targets.split(",") if t), precision=args.precision,
                       seed=args.seed, save_every=args.save_every, log_every=args.log_every)
+    device = None if args.device is None else check_device(args.device)
     final = run_training(args.model, args.data, args.output, cfg, resume=not args.no_resume,
-                         progress=not args.quiet, device=args.device)
+                         progress=not args.quiet, device=device)
     if int(__import__("os").environ.get("RANK", "0")) == 0:
         print(f"wrote {final}")
     return EXIT_OK

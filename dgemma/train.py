@@ -26,7 +26,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Sequence
 
@@ -72,6 +72,11 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 0  # 0: only at the end
     log_every: int = 10
+
+    @property
+    def uses_ar_loss(self) -> bool:
+        """Whether the next-token loss is part of the objective (always for AR; for diffusion when weighted)."""
+        return self.objective == "ar" or self.ar_weight > 0
 
     def validate(self) -> None:
         if self.objective not in ("diffusion", "ar"):
@@ -121,9 +126,7 @@ class Batch:
 
     def to(self, device: torch.device) -> "Batch":
         """The same batch with every tensor on `device` (training on a GPU collates on the CPU)."""
-        return Batch(*(None if x is None else x.to(device) for x in
-                       (self.prompt, self.prompt_len, self.canvases, self.supervised, self.noisy, self.self_cond,
-                        self.t, self.fixed)))
+        return Batch(**{f.name: None if (x := getattr(self, f.name)) is None else x.to(device) for f in fields(self)})
 
 
 def load_examples(path: str | Path, tokenizer: Any | None) -> list[Example]:
@@ -255,7 +258,7 @@ class LossParts:
 def counts(batch: Batch, cfg: TrainConfig) -> tuple[int, int]:
     """Supervised canvas positions and next-token targets of a batch (the global normalisers)."""
     n_diff = int(batch.supervised.sum()) if cfg.objective == "diffusion" else 0
-    n_ar = int(_ar_targets(batch, cfg)[1].sum())
+    n_ar = int(_ar_targets(batch, cfg)[1].sum()) if cfg.uses_ar_loss else 0
     return n_diff, n_ar
 
 
@@ -295,13 +298,12 @@ def loss_parts(model: DiffusionGemma, batch: Batch, cfg: TrainConfig) -> LossPar
     diff_sum = torch.zeros((), device=model.device)
     # With ar_weight 0 the diffusion objective needs no next-token logits, so the last clean canvas (context for
     # nothing after it) is not encoded: a third less compute per single-canvas example.
-    need_ar = cfg.objective == "ar" or cfg.ar_weight > 0
     for k in range(K):
         if cfg.objective == "diffusion":
             diff_sum = diff_sum + _canvas_loss(model, batch, cache, k)
-        if need_ar or k < K - 1:
+        if cfg.uses_ar_loss or k < K - 1:
             hidden.append(model.encode(batch.canvases[:, k], cache))  # the clean canvas joins the context
-    if not need_ar:
+    if not cfg.uses_ar_loss:
         return LossParts(diff_sum, int(batch.supervised.sum()), diff_sum * 0, 0)
     tgt, mask = _ar_targets(batch, cfg)
     h = torch.cat(hidden, dim=1)[mask]  # (N, H)
@@ -514,9 +516,8 @@ class Trainer:
         diff = float(sums[0]) / max(n_diff, 1)
         ar = float(sums[1]) / max(n_ar, 1)
         total = diff + cfg.ar_weight * ar if cfg.objective == "diffusion" else ar
-        n_ar_used = cfg.objective == "ar" or cfg.ar_weight > 0
         return {"step": self.step, "loss": total, "diffusion_loss": diff if cfg.objective == "diffusion" else None,
-                "ar_loss": ar if n_ar_used else None, "lr": lr, "grad_norm": gnorm}
+                "ar_loss": ar if cfg.uses_ar_loss else None, "lr": lr, "grad_norm": gnorm}
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def save(self, final: bool = False) -> Path:

@@ -82,6 +82,12 @@ def test_solve_cli_lines_json_and_exit_status(tiny_sudoku, tmp_path, capsys):
     assert set(rec) >= {"puzzle", "grid", "solved", "error", "steps", "seconds"} and rec["solved"] is False
     assert cli_main(["sudoku", "solve", "--model", str(tiny_sudoku)]) == 2
     assert "no puzzles" in capsys.readouterr().err
+    for action in (["solve", PUZZLE], ["eval", "--per-difficulty", "1"]):  # bad devices: a clear error
+        assert cli_main(["sudoku", *action, "--device", "nonsense"]) == 2
+        assert "invalid --device 'nonsense'" in capsys.readouterr().err
+        if not torch.cuda.is_available():
+            assert cli_main(["sudoku", *action, "--device", "cuda"]) == 2
+            assert "CUDA is not available" in capsys.readouterr().err
 
 
 def test_eval_cli_prints_a_table_and_json(tiny_sudoku, tmp_path, capsys):

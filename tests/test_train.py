@@ -19,7 +19,7 @@ from dgemma import DiffusionGemma, save_model
 from dgemma.checkpoint import load_model
 from dgemma.cli import main as cli_main
 from dgemma.config import tiny_config
-from dgemma.train import (Example, TrainConfig, Trainer, TrainError, collate, corrupt, latest_checkpoint,
+from dgemma.train import (Example, TrainConfig, Trainer, TrainError, collate, corrupt, counts, latest_checkpoint,
                           load_examples, loss_parts, lr_at)
 
 from oracle import build_hf, hf_logits
@@ -140,6 +140,7 @@ def test_ar_weight_zero_skips_the_clean_canvas_pass():
     (full, n_full), (skip, n_skip) = out[1.0], out[0.0]
     assert torch.equal(full.diffusion_sum, skip.diffusion_sum) and full.diffusion_count == skip.diffusion_count
     assert skip.ar_count == 0 and float(skip.ar_sum) == 0.0 and full.ar_count > 0
+    assert counts(b, TrainConfig(ar_weight=0.0))[1] == 0 and counts(b, TrainConfig())[1] == full.ar_count
     assert len(n_full) == 1 + 3 and len(n_skip) == 1 + 2  # prompt + clean canvases (the last one skipped)
 
 
@@ -423,6 +424,8 @@ def test_train_cli_writes_checkpoints_and_resumes(ckpt_and_data, tmp_path, capsy
     assert cli_main(["train", "--model", str(d), "--data", str(tmp_path / "missing.jsonl"), "--output",
                      str(out)]) == 2
     assert "no such data file" in capsys.readouterr().err
+    assert cli_main(args + ["--device", "nonsense"]) == 2  # a clear error, not a traceback
+    assert "invalid --device 'nonsense'" in capsys.readouterr().err
 
 
 def test_torchrun_two_processes_match_one(ckpt_and_data, tmp_path):

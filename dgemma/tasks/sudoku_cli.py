@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from ..cli import EXIT_OK, CLIError, _positive_int, register
+from ..cli import EXIT_OK, CLIError, _positive_int, check_device, register
 
 # A held-out puzzle (40 clues, unique solution, never in the training data) that the bundled model solves in
 # one denoising pass; `--example` uses it.
@@ -59,8 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "diffusion+clamp+vote (4 samples x 4 rounds, see solve --samples), "
                         "diffusion+clamp+vote-16x8 (16 samples x 8 rounds, the solve default), ar (greedy), "
                         "ar+best-of-16 and ar+best-of-128 (that many samples, a valid one kept: the vote "
-                        "variants' most passes) (default: all; about 35 min on 2 CPU cores at the default "
-                        "--per-difficulty)")
+                        "variants' most passes) (default: all; at the default --per-difficulty, vote-16x8 took "
+                        "27 min and ar+best-of-128 17 min on one CPU thread, the others 6 min together on two)")
     e.add_argument("--seed", type=int, default=2026, help="puzzle and sampling seed (default: %(default)s)")
     e.add_argument("--batch-size", type=_positive_int, default=16, help="(default: %(default)s)")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -102,7 +102,8 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-clamp", action="store_true", help="do not fix the clues on the canvas (diffusion)")
     p.add_argument("--samples", type=_positive_int, default=16, metavar="K",
                    help="clamped diffusion: canvases drawn per puzzle and round (different seeds); a valid grid "
-                        "that keeps the clues ends the search (default: %(default)s)")
+                        "that keeps the clues ends the search. --mode ar: K temperature-1 answers, a valid one "
+                        "kept (default: %(default)s)")
     p.add_argument("--rounds", type=_positive_int, default=8, metavar="N",
                    help="clamped diffusion: rounds of sampling; each next round clamps the cells all samples agree "
                         "on (minus rule conflicts) and re-noises the rest. --samples 1 --rounds 1 is a single "
@@ -148,12 +149,13 @@ def run_solve(args: argparse.Namespace) -> int:
     from . import sudoku as S
     from .sudoku_model import Solver, render
 
+    device = check_device(args.device)
     puzzles = _read_puzzles(args)
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     live = args.live == "always" or (args.live == "auto" and out is sys.stdout and sys.stdout.isatty()
                                      and not args.json)
     solver = Solver(args.model, mode=args.mode, clamp=not args.no_clamp, max_batch=args.batch_size, seed=args.seed,
-                    rounds=args.rounds, samples=args.samples, device=args.device)
+                    rounds=args.rounds, samples=args.samples, device=device)
     results = []
     if live:  # one at a time, redrawing the grid in place
         for p in puzzles:
@@ -219,6 +221,7 @@ def run_eval(args: argparse.Namespace) -> int:
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         raise CLIError(f"unknown variant {bad[0]!r}; choose from {', '.join(VARIANTS)}")
+    device = check_device(args.device)
     if args.data:
         items = S.load_jsonl(args.data)
     else:  # fresh puzzles: clue counts spread over each difficulty band
@@ -230,7 +233,7 @@ def run_eval(args: argparse.Namespace) -> int:
                 items.append({"puzzle": p, "solution": sol})
     rows = evaluate({"diffusion": args.diffusion_model, "ar": args.ar_model}, items, args.per_difficulty,
                     variants, progress=not args.quiet, max_batch=args.batch_size, seed=args.seed,
-                    device=args.device)
+                    device=device)
     w = max([len("variant")] + [len(r.variant) for r in rows]) + 2
     print(f"{'variant':<{w}}{'difficulty':<11}{'n':>5}{'solved':>8}{'rate':>8}{'puzzles/s':>11}{'forwards':>10}")
     for r in rows:
