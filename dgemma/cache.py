@@ -55,6 +55,7 @@ class KVCache:
             self.layers.append(LayerKV(torch.zeros(shape, dtype=dtype, device=device),
                                        torch.zeros(shape, dtype=dtype, device=device), sliding))
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.host_lengths = [0] * batch_size  # the same, on the host: spans are sized without a device sync
         self.version = 0  # bumped on every change of contents, so masks can be built once and reused
 
     @property
@@ -73,6 +74,8 @@ class KVCache:
         idx = slice(None) if rows is None else torch.as_tensor(rows, dtype=torch.long, device=self.device)
         self.version += 1
         self.lengths[idx] = 0
+        for r in range(self.batch_size) if rows is None else torch.as_tensor(rows).tolist():
+            self.host_lengths[r] = 0
         for p in self.pos.values():
             p[idx] = -1
 
@@ -82,10 +85,11 @@ class KVCache:
         return t if rows is None else t[rows]
 
     def used(self, sliding: bool, rows: torch.Tensor | None = None) -> int:
-        """How many buffer entries can hold visible keys (the attention span over the cache)."""
-        if sliding:
-            return min(self.pos[True].shape[1] - 1, int(self.rows_of(self.lengths, rows).max().item()))
-        return int(self.rows_of(self.lengths, rows).max().item())
+        """How many buffer entries can hold visible keys (the attention span over the cache): the longest row's
+        length, from the host copy (no device sync). For a subset of `rows` this may exceed what those rows hold;
+        the masks hide the empty entries (pos -1)."""
+        n = max(self.host_lengths)
+        return min(self.pos[True].shape[1] - 1, n) if sliding else n
 
     def kv(self, layer: int, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached keys/values (R, Hkv, used, D) of one layer for the given rows."""
@@ -189,6 +193,8 @@ class KVCache:
             self.lengths += n_new
         else:
             self.lengths[rows] += n_new
+        for r, n in zip(range(self.batch_size) if rows is None else rows.tolist(), n_new.tolist()):
+            self.host_lengths[r] += n
         self.version += 1
 
     def truncate(self, row: int, length: int) -> bool:
@@ -202,5 +208,6 @@ class KVCache:
         for p in self.pos.values():
             p[row][p[row] >= length] = -1
         self.lengths[row] = length
+        self.host_lengths[row] = length
         self.version += 1
         return True

@@ -15,14 +15,17 @@ import itertools
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Literal
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 import torch
 
+from .cache import KVCache
 from .model import DiffusionGemma
-from .sampler import ACCEPTANCE, SCHEDULES, STOPPING, SamplingParams, reference_denoise, resolve, sample_step
+from .sampler import (ACCEPTANCE, SCHEDULES, STOPPING, SamplingParams, StepOut, draw_uniforms, entropy_bound_accept,
+                      reference_denoise, resolve, sample_step)
 
 FinishReason = Literal["stop", "length", "abort"]
+SAMPLER_MEMORY = 1 << 30  # default byte budget of the sampler's (rows, canvas, vocab) buffers
 CLOSING_SLACK = 8  # spare tokens kept when a closing path is forced: one token can lengthen it by several
 
 
@@ -38,6 +41,21 @@ def check_context(prompt_len: int, params: SamplingParams, limit: int, canvas: i
     if need > limit:
         raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the context "
                          f"length ({limit} tokens{'' if params.mode == 'ar' else f'; diffusion generates whole canvases of {canvas}'})")
+
+
+def denoise_step(model: DiffusionGemma, cache: KVCache, canvas: torch.Tensor, soft: torch.Tensor | None,
+                 uniforms: torch.Tensor, temperature: torch.Tensor, bound: torch.Tensor,
+                 masks: dict[bool, torch.Tensor | None], rows: torch.Tensor | None = None,
+                 accept: Callable = entropy_bound_accept) -> tuple[StepOut, torch.Tensor]:
+    """One whole denoising step of unconstrained rows, with no host synchronisation and no data-dependent shape, so
+    a CUDA graph or `torch.compile(fullgraph=True)` can capture it: decoder pass, LM head, sampling at every position
+    from the drawn `uniforms` (R, 2C), and the next self-conditioning input (R, C, hidden). `masks` from
+    `cache.decoder_masks` (built once per canvas). The engine's `_denoise` does this work tile by tile, with
+    constraints, on the accepted-only sampling path (the same tokens)."""
+    hidden = model.denoise(canvas, cache, soft=soft, rows=rows, masks=masks, hidden_only=True)
+    out = sample_step(model.logits(hidden), canvas, temperature, bound, accept, uniforms, model.config.vocab_size,
+                      all_positions=True)
+    return out, model.soft_embedding(out.probs)
 
 
 @dataclass
@@ -86,8 +104,11 @@ class Engine:
     """Continuous-batching generation over one `DiffusionGemma` model and one preallocated `KVCache`."""
 
     def __init__(self, model: DiffusionGemma, generation_config: dict[str, Any] | None = None, max_batch: int = 8,
-                 max_model_len: int | None = None, prefill_chunk: int = 1024, guides: Any = None):
-        """`guides`: a `constraints.GuideFactory` for this model's tokenizer (structured output needs one)."""
+                 max_model_len: int | None = None, prefill_chunk: int = 1024, guides: Any = None,
+                 sampler_memory: int = SAMPLER_MEMORY):
+        """`guides`: a `constraints.GuideFactory` for this model's tokenizer (structured output needs one).
+        `sampler_memory`: bytes for the sampler's (rows, canvas, vocab) buffers; rows are sampled in tiles that fit,
+        so memory does not grow with the batch (one row at least)."""
         self.model = model
         self.guides = guides
         self.config = model.config
@@ -97,6 +118,9 @@ class Engine:
         self.max_model_len = max_model_len or min(self.config.text.max_position_embeddings, 8192)
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
+        lowp = 0 if model.dtype == torch.float32 else model.dtype.itemsize  # + a low-precision LM-head output
+        per_row = self.canvas_length * self.vocab_size * (8 + lowp)  # float32 logits and probabilities
+        self.tile = max(1, min(max_batch, sampler_memory // per_row))
         # One canvas of headroom past the context limit: the last canvas is encoded only if generation goes on.
         self.cache = model.new_cache(max_batch, self.max_model_len, slack=self.canvas_length)
         self.eos = set(self.config.text.eos_token_ids)
@@ -283,6 +307,8 @@ class Engine:
 
     # -- diffusion ------------------------------------------------------------------------------------------------
     def _denoise(self, events: list[Event]) -> None:
+        """One denoising step for every row with a canvas: one decoder pass, then the LM head, the sampler and the
+        next self-conditioning input, tile by tile (rows sharing an acceptance rule, `self.tile` at a time)."""
         reqs = [r for r in self.rows if r is not None and r.state == "denoise"]
         if not reqs:
             return
@@ -290,62 +316,27 @@ class Engine:
         rows = torch.tensor([r.row for r in reqs], dtype=torch.long, device=dev)
         all_rows = len(reqs) == self.max_batch and all(r.row == i for i, r in enumerate(reqs))
         rows_arg = None if all_rows else rows
-        canvas = torch.stack([r.canvas for r in reqs])
-        R, C, V = len(reqs), self.canvas_length, self.vocab_size
-        # (B, C, V) buffers are allocated once and reused: per-row probabilities (the self-conditioning signal),
-        # the logits, and their low-precision copies.
-        sc_all = self._buffer("probs", (self.max_batch, C, V), torch.float32, zero=True)
-        probs = None
-        if any(r.has_sc for r in reqs):
-            for r in reqs:
-                if not r.has_sc:  # first step of a canvas: zero probabilities give a zero soft embedding
-                    sc_all[r.row].zero_()
-            probs = sc_all if rows_arg is None else sc_all[rows]
-            if self.model.dtype != torch.float32:
-                probs = self._buffer("probs_lowp", (self.max_batch, C, V), self.model.dtype)[:R].copy_(probs)
         key = (tuple(r.row for r in reqs), self.cache.version)
         if key != self._mask_key:  # masks change only when rows join/leave or the cache grows
             self._mask_key, self._masks = key, self.cache.decoder_masks(self.canvas_length, rows_arg)
-        lowp = self.model.dtype != torch.float32
-        logits = self.model.denoise(
-            canvas, self.cache, self_cond_probs=probs, rows=rows_arg, masks=self._masks,
-            logits_out=self._buffer("logits", (self.max_batch, C, V), torch.float32)[:R],
-            logits_scratch=self._buffer("logits_lowp", (self.max_batch, C, V), self.model.dtype)[:R] if lowp else None)
+        canvas = torch.stack([r.canvas for r in reqs])
+        hidden = self.model.denoise(canvas, self.cache, soft=self._soft_input(reqs, rows_arg), rows=rows_arg,
+                                    masks=self._masks, hidden_only=True)  # (R, C, hidden)
         self.stats["decoder_passes"] += 1
-        p0 = [r.params for r in reqs]
-        N = torch.tensor([p.max_denoising_steps for p in p0], dtype=torch.float32)
-        n = torch.tensor([r.steps_left for r in reqs], dtype=torch.float32)
-        t_min = torch.tensor([p.t_min for p in p0], dtype=torch.float32)
-        t_max = torch.tensor([p.t_max for p in p0], dtype=torch.float32)
-        temp = torch.empty(len(reqs))
-        for name in {p.schedule for p in p0}:  # one call per schedule (usually one)
-            sel = torch.tensor([i for i, p in enumerate(p0) if p.schedule == name])
-            temp[sel] = SCHEDULES[name](n[sel], N[sel], t_min[sel], t_max[sel])
-        temp = temp.to(dev)
-        bound = torch.tensor([p.entropy_bound for p in p0], device=dev)
-        for i, r in enumerate(reqs):
-            if r.guide is not None:  # extend the validated frontier before the sampler sees the template
-                try:
-                    self._advance(r, logits[i], float(temp[i]), float(bound[i]))
-                except ValueError as e:  # ConstraintError: a limit tripped; this request ends, the batch goes on
-                    r.error, r.out_of_budget = str(e), True
-        template = None
-        if any(r.template is not None for r in reqs):
-            template = torch.stack([r.template if r.template is not None else
-                                    torch.full((self.canvas_length,), -1, dtype=torch.long, device=dev) for r in reqs])
+        temp, bound = self._temperatures(reqs)
         commits: list[tuple[_Req, torch.Tensor]] = []
-        # Rows sharing one acceptance rule are sampled together (the common case: all of them).
-        for rule in sorted({p.acceptance for p in p0}):
-            idx = [i for i, p in enumerate(p0) if p.acceptance == rule]
-            sel = torch.tensor(idx, device=dev) if len(idx) < len(reqs) else None
-            pick = (lambda t: t) if sel is None else (lambda t: None if t is None else t[sel])
-            direct = sel is None and rows_arg is None  # all rows, in order: write probabilities in place
-            out = sample_step(pick(logits), pick(canvas), pick(temp), pick(bound), ACCEPTANCE[rule],
-                              [reqs[i].generator for i in idx], self.vocab_size, pick(template),
-                              probs_out=sc_all if direct else None)
-            if not direct:
-                sc_all[torch.tensor([reqs[i].row for i in idx], device=dev)] = out.probs
-            self._after_step([reqs[i] for i in idx], out, events, commits)
+        for rule, idx in self._tiles(reqs):
+            tile = [reqs[i] for i in idx]
+            sel = torch.tensor(idx, device=dev)
+            pick = (lambda t: t) if len(idx) == len(reqs) else (lambda t: t[sel])  # noqa: E731 (no copy when whole)
+            logits = self._head(pick(hidden))
+            template = self._templates(tile, logits, pick(temp), pick(bound))
+            u = draw_uniforms([r.generator for r in tile], self.canvas_length, dev)
+            out = sample_step(logits, pick(canvas), pick(temp), pick(bound), ACCEPTANCE[rule], u, self.vocab_size,
+                              template, probs_out=self._tile_buffer("probs", len(idx), torch.float32))
+            soft = self._buffer("soft", (self.max_batch, *hidden.shape[1:]), self.model.dtype, zero=True)
+            soft[pick(rows)] = self.model.soft_embedding(out.probs)
+            self._after_step(tile, out, events, commits)
         if commits:
             # Encode all committed canvases in one encoder pass, so the next canvases see them as context.
             rows = torch.tensor([r.row for r, _ in commits], dtype=torch.long, device=dev)
@@ -355,6 +346,60 @@ class Engine:
                 self.row_tokens[r.row].extend(a.tolist())
                 self._new_canvas(r)
 
+    def _soft_input(self, reqs: list[_Req], rows: torch.Tensor | None) -> torch.Tensor | None:
+        """The self-conditioning input (R, C, hidden) of this step: the previous step's soft embeddings, zero for
+        rows on the first step of a canvas; None when no row has a previous step."""
+        if not any(r.has_sc for r in reqs):
+            return None
+        soft = self._buffer("soft", (self.max_batch, self.canvas_length, self.config.text.hidden_size),
+                            self.model.dtype, zero=True)
+        for r in reqs:
+            if not r.has_sc:  # a zero soft embedding is a zero signal
+                soft[r.row].zero_()
+        return soft if rows is None else soft[rows]
+
+    def _temperatures(self, reqs: list[_Req]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row temperature from each row's schedule and step, and entropy bound: (R,), (R,) on the device."""
+        p0 = [r.params for r in reqs]
+        N = torch.tensor([p.max_denoising_steps for p in p0], dtype=torch.float32)
+        n = torch.tensor([r.steps_left for r in reqs], dtype=torch.float32)
+        t_min = torch.tensor([p.t_min for p in p0], dtype=torch.float32)
+        t_max = torch.tensor([p.t_max for p in p0], dtype=torch.float32)
+        temp = torch.empty(len(reqs))
+        for name in {p.schedule for p in p0}:  # one call per schedule (usually one)
+            sel = torch.tensor([i for i, p in enumerate(p0) if p.schedule == name])
+            temp[sel] = SCHEDULES[name](n[sel], N[sel], t_min[sel], t_max[sel])
+        dev = self.model.device
+        return temp.to(dev), torch.tensor([p.entropy_bound for p in p0], device=dev)
+
+    def _tiles(self, reqs: list[_Req]) -> Iterator[tuple[str, list[int]]]:
+        """(acceptance rule, row indices) groups: rows sharing a rule, at most `self.tile` at a time."""
+        for rule in sorted({r.params.acceptance for r in reqs}):
+            idx = [i for i, r in enumerate(reqs) if r.params.acceptance == rule]
+            for start in range(0, len(idx), self.tile):
+                yield rule, idx[start:start + self.tile]
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM head over a tile's hidden states (T, C, hidden) -> float32 logits (T, C, V) in a reused buffer."""
+        T, lowp = hidden.shape[0], self.model.dtype != torch.float32
+        return self.model.logits(hidden, out=self._tile_buffer("logits", T, torch.float32),
+                                 scratch=self._tile_buffer("logits_lowp", T, self.model.dtype) if lowp else None)
+
+    def _templates(self, tile: list[_Req], logits: torch.Tensor, temp: torch.Tensor,
+                   bound: torch.Tensor) -> torch.Tensor | None:
+        """Fixed positions (T, C) of a tile (-1 free), after extending each constrained row's validated frontier
+        from its logits (before the sampler consumes them); None when no row has any."""
+        for i, r in enumerate(tile):
+            if r.guide is not None:
+                try:
+                    self._advance(r, logits[i], float(temp[i]), float(bound[i]))
+                except ValueError as e:  # ConstraintError: a limit tripped; this request ends, the batch goes on
+                    r.error, r.out_of_budget = str(e), True
+        if all(r.template is None for r in tile):
+            return None
+        free = torch.full((self.canvas_length,), -1, dtype=torch.long, device=self.model.device)
+        return torch.stack([r.template if r.template is not None else free for r in tile])
+
     def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, zero: bool = False) -> torch.Tensor:
         """A persistent workspace tensor (allocated on first use)."""
         b = self._workspace.get(name)
@@ -362,6 +407,10 @@ class Engine:
             b = (torch.zeros if zero else torch.empty)(shape, dtype=dtype, device=self.model.device)
             self._workspace[name] = b
         return b
+
+    def _tile_buffer(self, name: str, rows: int, dtype: torch.dtype) -> torch.Tensor:
+        """The first `rows` rows of a persistent (tile, C, V) workspace tensor."""
+        return self._buffer(name, (self.tile, self.canvas_length, self.vocab_size), dtype)[:rows]
 
     def _after_step(self, reqs: list[_Req], out, events: list[Event], commits: list) -> None:
         """Advance each row's state after a sampler step; converged canvases are emitted and queued to commit."""

@@ -16,7 +16,7 @@ The model knows nothing of requests, text or sampling.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -41,11 +41,16 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if scale else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
-        if self.weight is not None:
-            h = h * self.weight.float()
-        return h.type_as(x)
+        return self.scale_unit(self.unit(x), x.dtype)
+
+    def unit(self, x: torch.Tensor) -> torch.Tensor:
+        """x / rms(x) in float32, before the weight: norms of one input with different weights can share it.
+        Bit-identical to the reference's float32 pow(-0.5) formula (tested against transformers)."""
+        return F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
+
+    def scale_unit(self, unit: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The norm's output from `unit(x)`: the weight applied last, as the reference does, then cast."""
+        return (unit if self.weight is None else unit * self.weight.float()).to(dtype)
 
 
 def rope_inv_freq(text: TextConfig, sliding: bool) -> torch.Tensor:
@@ -64,9 +69,18 @@ def rope_inv_freq(text: TextConfig, sliding: bool) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, T, H, D); cos/sin (B, T, 1, D). Rotate-half convention."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    """x (B, T, H, D); cos and the signed sine (B, T, 1, D) from `rope_table`. Rotate-half convention:
+    cat(-x2, x1) * sin == roll(x, D/2) * cat(-sin1, sin2) exactly (a sign flip is exact), in two fewer kernels."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+
+
+def rope_table(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """positions (...,) -> cos and signed sin (..., D) in `dtype` (angles in float32, as the reference computes)."""
+    f = positions[..., None].float() * inv_freq.float()
+    emb = torch.cat((f, f), dim=-1)
+    half = f.shape[-1]
+    sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(emb.device)
+    return emb.cos().to(dtype), (emb.sin() * sign).to(dtype)
 
 
 class Attention(nn.Module):
@@ -96,24 +110,30 @@ class Attention(nn.Module):
         v = self.v_norm(v).transpose(1, 2)
         return q, k, v
 
+    # Reference mode (`DiffusionGemma.reference_kernels`) keeps transformers' kernel choices, bit for bit.
+    exact = False
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                mask: torch.Tensor | str | None) -> torch.Tensor:
         """Scaled dot-product attention with scaling 1.0 (q/k are RMS-normed); returns (B, T, hidden).
 
-        `mask`: a boolean (B, 1, T|1, K) mask, "causal", or None (all visible). The kernel choices mirror
-        transformers' so that results agree to the last bit where the key layout is the same.
+        `mask`: a boolean (B, 1, T|1, K) mask, "causal", or None (all visible).
         """
-        if mask is None or isinstance(mask, str):
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=mask == "causal" and q.shape[2] > 1, scale=1.0,
-                                               enable_gqa=self.n_kv != self.n_heads)
+        B, H, T, D = q.shape
+        rep = H // self.n_kv
+        if rep > 1 and not self.exact and (mask is None or (not isinstance(mask, str) and mask.shape[2] == 1)):
+            # No causal order and a key-only mask: the heads of a KV group see the same keys, so they fold into the
+            # query length (exact) and a fused kernel runs without copying K/V per head, at any head_dim.
+            o = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, rep * T, D), k, v, attn_mask=mask, scale=1.0)
+        elif mask is None or isinstance(mask, str):
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=mask == "causal" and T > 1, scale=1.0,
+                                               enable_gqa=rep > 1)
         else:
-            if self.n_kv != self.n_heads:
-                rep = self.n_heads // self.n_kv
-                k = k[:, :, None].expand(-1, -1, rep, -1, -1).reshape(k.shape[0], -1, k.shape[2], k.shape[3])
-                v = v[:, :, None].expand(-1, -1, rep, -1, -1).reshape(v.shape[0], -1, v.shape[2], v.shape[3])
+            if rep > 1:  # the reference's layout: K/V repeated per query head
+                k = k[:, :, None].expand(-1, -1, rep, -1, -1).reshape(B, H, k.shape[2], D)
+                v = v[:, :, None].expand(-1, -1, rep, -1, -1).reshape(B, H, v.shape[2], D)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
-        B, _, T, _ = o.shape
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(o.view(B, H, T, D).transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -149,9 +169,10 @@ class Router(nn.Module):
         self.per_expert_scale = nn.Parameter(torch.ones(text.num_experts))
         self.root = text.hidden_size ** -0.5
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (N, hidden) -> top-k weights (N, K) float32 (renormalised, per-expert scaled), indices (N, K)."""
-        scores = self.proj(self.norm(x) * self.scale * self.root)
+    def forward(self, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """normed = self.norm(x) (N, hidden) -> top-k weights (N, K) float32 (renormalised, per-expert scaled),
+        indices (N, K)."""
+        scores = self.proj(normed * self.scale * self.root)
         probs = scores.softmax(dim=-1, dtype=torch.float32)
         w, idx = torch.topk(probs, self.top_k, dim=-1)
         w = w / w.sum(dim=-1, keepdim=True)
@@ -168,20 +189,22 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
         self.act = ACT[text.hidden_activation]
 
-    # Which matmul kernel runs the experts: the grouped one matches transformers bit for bit (reference mode).
-    grouped_kernel = False
+    exact = False  # reference mode: the grouped kernel transformers uses, whatever the device and dtype
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x (N, hidden); weights/idx (N, K) -> (N, hidden).
 
-        Assignments are sorted by expert and run as one grouped matmul per projection (a loop of matmuls where
-        torch lacks `grouped_mm`); the K contributions of a token are summed in slot order. This is the reference's
-        arithmetic, so results agree to the last bit.
+        Assignments are sorted by expert and run as one grouped matmul per projection (`expert_kernel` picks the
+        kernel); the K contributions of a token are summed in slot order, the reference's arithmetic. Expert
+        counts come from a scatter, not `bincount`, so no shape depends on the data (graph-capturable).
         """
         N, K = idx.shape
+        E = self.gate_up_proj.shape[0]
         experts, order = torch.sort(idx.reshape(-1))  # (N*K,)
-        offs = torch.cumsum(torch.bincount(experts, minlength=self.gate_up_proj.shape[0]), 0).to(torch.int32)
-        mm = _grouped if self.grouped_kernel else _looped
+        counts = torch.zeros(E, dtype=torch.int32, device=idx.device).scatter_add_(
+            0, experts, torch.ones_like(experts, dtype=torch.int32))
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)  # (E,) group ends
+        mm = EXPERT_KERNELS[expert_kernel(self.gate_up_proj, self.exact)]
         h = mm(x[order // K], self.gate_up_proj.transpose(-2, -1), offs)  # (N*K, 2I)
         gate, up = h.chunk(2, dim=-1)
         y = mm(self.act(gate) * up, self.down_proj.transpose(-2, -1), offs)  # (N*K, hidden)
@@ -192,26 +215,41 @@ class Experts(nn.Module):
 
 
 def _grouped(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """Rows of x (S, in) grouped by `offs` (E,) cumulative counts, group e times w[e] (in, out) -> (S, out),
-    with torch's grouped matmul (the kernel transformers uses) where it exists."""
-    if hasattr(F, "grouped_mm") and (x.device.type == "cpu" or w.dtype == torch.bfloat16):
-        return F.grouped_mm(x.to(w.dtype), w, offs=offs)
-    return _looped(x, w, offs)
+    """Rows of x (S, in) grouped by `offs` (E,) cumulative counts, group e times w[e] (in, out) -> (S, out), with
+    torch's grouped matmul: one launch, no host synchronisation (CUTLASS on Hopper/Blackwell in bf16)."""
+    return F.grouped_mm(x.to(w.dtype), w, offs=offs)
 
 
 def _looped(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """As `_grouped`, one matmul per expert that has rows (faster than grouped_mm on CPU in float32)."""
+    """As `_grouped`, one matmul per expert that has rows (reads the offsets on the host; differentiable)."""
+    bounds = [0] + offs.tolist()
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):  # training: no out= (not differentiable)
-        bounds = [0] + offs.tolist()
         parts = [x[s:e] @ w[i] for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])) if e > s]
         return torch.cat(parts) if parts else x.new_zeros(0, w.shape[2])
-    out = x.new_zeros(x.shape[0], w.shape[2])
-    start = 0
-    for e, end in enumerate(offs.tolist()):
+    out = x.new_empty(x.shape[0], w.shape[2])
+    for e, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
         if end > start:
             torch.mm(x[start:end], w[e], out=out[start:end])
-        start = end
     return out
+
+
+# The expert matmul kernels, by name (`expert_kernel` picks one).
+EXPERT_KERNELS = {"grouped": _grouped, "looped": _looped}
+
+
+def expert_kernel(w: torch.Tensor, exact: bool = False) -> str:
+    """Which expert kernel runs: grouped where torch has it and it is the fast (or the reference's) choice:
+    bf16 on CUDA, anything on CPU in reference mode or bf16; the loop for training (differentiable), for float32
+    on CUDA (grouped_mm would loop on the host) and for float32 on CPU (as fast, and no worse numerically)."""
+    if not hasattr(F, "grouped_mm") or (torch.is_grad_enabled() and w.requires_grad):
+        return "looped"
+    if w.device.type == "cpu":
+        return "grouped" if exact or w.dtype != torch.float32 else "looped"
+    return "grouped" if w.dtype == torch.bfloat16 else "looped"
+
+
+# (new keys, new values) of one layer -> the keys/values it attends to
+Context = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 class Layer(nn.Module):
@@ -235,12 +273,24 @@ class Layer(nn.Module):
         self.register_buffer("layer_scalar", torch.ones(1))
         self.register_buffer("encoder_layer_scalar", torch.ones(1))
 
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], context: Context,
+                mask: torch.Tensor | str | None, encoder: bool) -> torch.Tensor:
+        """x (B, T, hidden) -> (B, T, hidden). `context(k, v)` returns the keys/values to attend to (the cache's
+        and the new ones); the encoder and the decoder differ only in it, the mask and the layer scalar."""
+        attn = self.self_attn
+        q, k, v = attn.project(self.input_layernorm(x), *rope)
+        k, v = context(k, v)
+        x = x + self.post_attention_layernorm(attn.attend(q, k, v, mask))
+        return self.feed_forward(x) * (self.encoder_layer_scalar if encoder else self.layer_scalar)
+
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         """x is the post-attention residual (B, T, hidden); returns the residual after the FFN block."""
-        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
-        flat = x.reshape(-1, x.shape[-1])
-        w, idx = self.router(flat)  # routing reads the raw residual; the experts read its own pre-norm
-        moe = self.experts(self.pre_feedforward_layernorm_2(flat), w, idx).reshape(x.shape)
+        # Three norms read the residual (the dense MLP's, the router's, the experts'): one RMS serves them all.
+        unit = self.pre_feedforward_layernorm.unit(x)
+        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm.scale_unit(unit, x.dtype)))
+        flat = unit.reshape(-1, x.shape[-1])
+        w, idx = self.router(self.router.norm.scale_unit(flat, x.dtype))
+        moe = self.experts(self.pre_feedforward_layernorm_2.scale_unit(flat, x.dtype), w, idx).reshape(x.shape)
         moe = self.post_feedforward_layernorm_2(moe)
         return x + self.post_feedforward_layernorm(dense + moe)
 
@@ -259,6 +309,7 @@ class DiffusionGemma(nn.Module):
         self.self_conditioning = SelfConditioning(text)
         self.register_buffer("inv_freq_sliding", rope_inv_freq(text, True), persistent=False)
         self.register_buffer("inv_freq_full", rope_inv_freq(text, False), persistent=False)
+        self._rope: dict[bool, tuple[torch.Tensor, torch.Tensor]] | None = None  # cos/sin tables, by layer kind
         self.reset_parameters()
 
     def _apply(self, fn, recurse=True):
@@ -271,6 +322,7 @@ class DiffusionGemma(nn.Module):
     def _set_rope(self) -> None:
         self.inv_freq_sliding = rope_inv_freq(self.text, True).to(self.device)
         self.inv_freq_full = rope_inv_freq(self.text, False).to(self.device)
+        self._rope = None  # rebuilt on the next pass, in the new dtype and on the new device
 
     @torch.no_grad()
     def init_buffers(self) -> None:
@@ -303,15 +355,16 @@ class DiffusionGemma(nn.Module):
 
     @contextlib.contextmanager
     def reference_kernels(self) -> Iterator[None]:
-        """Run with the kernels transformers uses (grouped expert matmuls), for bit-identical results."""
-        old = [layer.experts.grouped_kernel for layer in self.layers]
-        for layer in self.layers:
-            layer.experts.grouped_kernel = True
+        """Run with the kernels transformers uses (grouped expert matmuls, K/V repeated per head), bit for bit."""
+        mods = [m for m in self.modules() if hasattr(m, "exact")]
+        old = [m.exact for m in mods]
+        for m in mods:
+            m.exact = True
         try:
             yield
         finally:
-            for layer, o in zip(self.layers, old):
-                layer.experts.grouped_kernel = o
+            for m, o in zip(mods, old):
+                m.exact = o
 
     def new_cache(self, batch_size: int, max_len: int, slack: int = 0) -> KVCache:
         """A preallocated cache for `batch_size` rows of up to `max_len` tokens each, in the model's dtype."""
@@ -323,15 +376,22 @@ class DiffusionGemma(nn.Module):
         scale = torch.tensor(self.text.hidden_size ** 0.5, dtype=self.dtype)
         return self.embed_tokens(tokens) * scale.to(self.device)
 
-    def rope(self, positions: torch.Tensor) -> dict[bool, tuple[torch.Tensor, torch.Tensor]]:
-        """positions (B, T) -> per layer kind, cos/sin (B, T, 1, D) in the model dtype."""
-        out = {}
-        for sliding in (True, False):
-            inv = self.inv_freq_sliding if sliding else self.inv_freq_full
-            f = positions[..., None].float() * inv.float()
-            emb = torch.cat((f, f), dim=-1)[:, :, None, :]
-            out[sliding] = (emb.cos().to(self.dtype), emb.sin().to(self.dtype))
-        return out
+    def rope(self, positions: torch.Tensor, limit: int) -> dict[bool, tuple[torch.Tensor, torch.Tensor]]:
+        """positions (B, T), all below `limit` -> per layer kind, cos and signed sin (B, T, 1, D) in the model dtype,
+        looked up in tables (the same values as computing them per call; no host synchronisation)."""
+        need = limit
+        if self._rope is None or self._rope[True][0].shape[0] < need:
+            n = max(need, 2 * self._rope[True][0].shape[0] if self._rope else 256)
+            at = torch.arange(n, device=self.device)
+            self._rope = {s: rope_table(self.inv_freq_sliding if s else self.inv_freq_full, at, self.dtype)
+                          for s in (True, False)}
+        return {s: (cos[positions][:, :, None], sin[positions][:, :, None]) for s, (cos, sin) in self._rope.items()}
+
+    def soft_embedding(self, probs: torch.Tensor) -> torch.Tensor:
+        """Self-conditioning input: probabilities (..., V) -> their expected embedding (..., hidden) * sqrt(hidden),
+        in the model dtype. 170x smaller than the probabilities at the real vocabulary, so the engine keeps this."""
+        scale = torch.tensor(self.text.hidden_size ** 0.5, dtype=self.dtype, device=self.device)
+        return (probs.to(self.dtype) @ self.embed_tokens.weight) * scale
 
     def logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None,
                scratch: torch.Tensor | None = None) -> torch.Tensor:
@@ -377,17 +437,16 @@ class DiffusionGemma(nn.Module):
         positions = lengths[:, None] + torch.arange(T, device=dev)[None, :]  # (B, T)
         masks = cache.encoder_masks(positions, visible, rows)
         plan = cache.write_plan(positions, n_new, rows)
-        rope = self.rope(positions)
-        x = self.embed(tokens)
-        for i, layer in enumerate(self.layers):
-            sliding = cache.layers[i].sliding
-            attn = layer.self_attn
-            q, k, v = attn.project(layer.input_layernorm(x), *rope[sliding])
-            ck, cv = cache.kv(i, rows)
-            K, V = torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)
-            cache.write_layer(i, plan, k, v, rows)
-            x = x + layer.post_attention_layernorm(attn.attend(q, K, V, masks[sliding]))
-            x = layer.feed_forward(x) * layer.encoder_layer_scalar
+
+        def context(i: int) -> Context:
+            def append(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                ck, cv = cache.kv(i, rows)  # views: concatenate before the write, which may reuse ring entries
+                keys, values = torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)
+                cache.write_layer(i, plan, k, v, rows)
+                return keys, values
+            return append
+
+        x = self._layers(self.embed(tokens), positions, cache, context, masks, encoder=True)
         cache.commit(plan, positions, visible, n_new, rows)
         if last_only:
             x = x.gather(1, (n_new - 1).clamp(min=0)[:, None, None].expand(-1, 1, x.shape[-1]))
@@ -395,39 +454,45 @@ class DiffusionGemma(nn.Module):
 
     def denoise(self, canvas: torch.Tensor, cache: KVCache, self_cond: torch.Tensor | None = None,
                 self_cond_mask: torch.Tensor | None = None, masks: dict[bool, torch.Tensor] | None = None,
-                rows: torch.Tensor | None = None, self_cond_probs: torch.Tensor | None = None,
-                logits_out: torch.Tensor | None = None, logits_scratch: torch.Tensor | None = None) -> torch.Tensor:
-        """Bidirectional pass over `canvas` (B, C) after each row's cached context; returns logits (B, C, V).
+                rows: torch.Tensor | None = None, soft: torch.Tensor | None = None,
+                hidden_only: bool = False) -> torch.Tensor:
+        """Bidirectional pass over `canvas` (B, C) after each row's cached context; returns logits (B, C, V), or with
+        `hidden_only` the normed hidden states (B, C, hidden) for the caller's own (tiled) LM head.
 
-        `self_cond`: the previous step's (processed) logits (B, C, V), or None on the first step (zero signal).
-        `self_cond_mask` (B,): rows whose signal is zeroed (training). `masks`: from `cache.decoder_masks`, to
-        build them once per canvas instead of once per step. `rows`: which cache rows the canvases extend.
-        `self_cond_probs`: the previous step's softmax instead of its logits (saves a softmax). `logits_out` /
-        `logits_scratch`: reusable output buffers (see `logits`). The cache is only read.
+        Self-conditioning: `self_cond`, the previous step's (processed) logits (B, C, V), or `soft`, their
+        `soft_embedding` (B, C, hidden); neither on the first step (zero signal). `self_cond_mask` (B,): rows whose
+        signal is zeroed (training). `masks`: from `cache.decoder_masks`, to build them once per canvas instead of
+        once per step. `rows`: which cache rows the canvases extend. The cache is only read.
         """
-        B, C = canvas.shape
+        C = canvas.shape[1]
         positions = cache.rows_of(cache.lengths, rows)[:, None] + torch.arange(C, device=canvas.device)[None, :]
         if masks is None:
             masks = cache.decoder_masks(C, rows)
-        rope = self.rope(positions)
         x = self.embed(canvas)
         sc = self.self_conditioning
-        if self_cond is not None or self_cond_probs is not None:
-            if self_cond_probs is None:
-                self_cond_probs = self_cond.softmax(dim=-1, dtype=torch.float32)
-            scale = torch.tensor(self.text.hidden_size ** 0.5, dtype=self.dtype, device=self.device)
-            soft = (self_cond_probs.to(self.dtype) @ self.embed_tokens.weight) * scale
+        if self_cond is not None:
+            soft = self.soft_embedding(self_cond.softmax(dim=-1, dtype=torch.float32))
+        if soft is not None:
             if self_cond_mask is not None:
                 soft = soft * self_cond_mask.to(soft.dtype)[:, None, None]
             x = x + sc(sc.pre_norm(soft))
         # With no signal the MLP sees zeros and outputs zeros, so only the post-norm remains.
         x = sc.post_norm(x)
+
+        def context(i: int) -> Context:
+            def read(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                ck, cv = cache.kv(i, rows)
+                return torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)
+            return read
+
+        x = self.norm(self._layers(x, positions, cache, context, masks, encoder=False))
+        return x if hidden_only else self.logits(x)
+
+    def _layers(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, context: Callable[[int], Context],
+                masks: dict[bool, torch.Tensor | str | None], encoder: bool) -> torch.Tensor:
+        """The one layer loop: x (B, T, hidden) at `positions` (B, T) through every layer."""
+        rope = self.rope(positions, cache.max_len + positions.shape[1])  # cached lengths never exceed max_len
         for i, layer in enumerate(self.layers):
             sliding = cache.layers[i].sliding
-            attn = layer.self_attn
-            q, k, v = attn.project(layer.input_layernorm(x), *rope[sliding])
-            ck, cv = cache.kv(i, rows)
-            K, V = torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)
-            x = x + layer.post_attention_layernorm(attn.attend(q, K, V, masks[sliding]))
-            x = layer.feed_forward(x) * layer.layer_scalar
-        return self.logits(self.norm(x), out=logits_out, scratch=logits_scratch)
+            x = layer(x, rope[sliding], context(i), masks[sliding], encoder)
+        return x

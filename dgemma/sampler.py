@@ -1,7 +1,7 @@
 """The block-diffusion sampler: denoise one canvas with entropy-bound acceptance, uniform re-noising,
 self-conditioning and adaptive stopping (the published DiffusionGemma recipe).
 
-The sampler only needs a `denoise(canvas, self_cond_probs) -> logits` callable; it knows nothing about the model,
+The sampler only needs a `denoise(canvas, self_cond) -> logits` callable; it knows nothing about the model,
 the cache or requests. Its three strategies (temperature schedule, acceptance rule, stop rule) are small classes
 picked by name from registries, so new ones can be added without touching the loop.
 
@@ -253,22 +253,31 @@ class StepOut:
     mean_entropy: torch.Tensor  # (R,)
 
 
+def draw_uniforms(generators: list[torch.Generator | None], canvas: int, device: torch.device | str) -> torch.Tensor:
+    """The random numbers of one sampler step: (R, 2C) float64 uniforms, each row from its own generator, so a
+    request's tokens do not depend on its batch neighbours."""
+    return torch.stack([torch.rand(2 * canvas, generator=g, dtype=torch.float64, device=device) for g in generators])
+
+
 def sample_step(logits: torch.Tensor, canvas: torch.Tensor, temperature: torch.Tensor, bound: torch.Tensor,
-                accept: Callable, generators: list[torch.Generator | None], vocab_size: int,
-                template: torch.Tensor | None = None, probs_out: torch.Tensor | None = None) -> StepOut:
+                accept: Callable, uniforms: torch.Tensor, vocab_size: int,
+                template: torch.Tensor | None = None, probs_out: torch.Tensor | None = None,
+                all_positions: bool = False) -> StepOut:
     """One sampler step. logits (R, C, V) float32 (consumed: scaled in place), canvas (R, C), temperature/bound (R,).
 
-    Each row draws from its own generator so a request's tokens do not depend on its batch neighbours.
-    Only accepted positions keep their sampled token, so only those are sampled (inverse CDF, one uniform each):
-    the same distribution as sampling every position and discarding most draws, without V random numbers per
-    position. `template` (R, C) holds fixed token ids (-1 where free): fixed positions are always accepted and
-    never redrawn. `probs_out` (R, C, V) float32 receives the probabilities (a reusable buffer); the whole step
-    allocates nothing of size V.
+    `uniforms` (R, 2C) from `draw_uniforms`: C for the re-noising, C for inverse-CDF samples at accepted positions.
+    By default only accepted positions are
+    sampled (one cumulative sum per accepted position: cheapest on CPU); `all_positions` samples every position
+    from the same uniforms and selects with `torch.where`: the same tokens, with no data-dependent shape or host
+    synchronisation (graph-capturable). `template` (R, C) holds fixed token ids (-1 where free): fixed positions
+    are always accepted and never redrawn. `probs_out` (R, C, V) float32 receives the probabilities (a reusable
+    buffer); the step allocates nothing else of size V, except the all-positions CDF.
     """
     R, C, V = logits.shape
     x = logits.div_(temperature[:, None, None])
-    argmax = x.argmax(dim=-1)  # (R, C)
-    x.sub_(x.amax(dim=-1, keepdim=True))  # x - max: exp cannot overflow
+    top, argmax = x.max(dim=-1, keepdim=True)  # one pass for both (first index of the max, as `argmax`)
+    argmax = argmax.squeeze(-1)  # (R, C)
+    x.sub_(top)  # x - max: exp cannot overflow
     probs = torch.exp(x, out=probs_out) if probs_out is not None else x.exp()
     z = probs.sum(dim=-1)  # (R, C) partition function (relative to the max)
     dot = torch.einsum("rcv,rcv->rc", probs, x)  # sum_v e^(x-m) (x-m)
@@ -278,14 +287,17 @@ def sample_step(logits: torch.Tensor, canvas: torch.Tensor, temperature: torch.T
     if template is not None:
         fixed = template >= 0
         mask = mask | fixed
-    # One draw of 2C uniforms per row from its own generator: C for the re-noising, C for the accepted samples.
-    u = torch.stack([torch.rand(2 * C, generator=g, dtype=torch.float64, device=logits.device)
-                     for g in generators])  # (R, 2C)
+    u = uniforms
     nxt = (u[:, :C] * vocab_size).long().clamp_(max=vocab_size - 1)  # uniform noise tokens
-    r_idx, c_idx = mask.nonzero(as_tuple=True)  # accepted positions of all rows (K,)
-    cdf = probs[r_idx, c_idx].cumsum(-1)  # (K, V)
-    target = (u[r_idx, C + c_idx].float()[:, None] * cdf[:, -1:])
-    nxt[r_idx, c_idx] = torch.searchsorted(cdf, target).squeeze(-1).clamp_(max=V - 1)
+    if all_positions:
+        cdf = probs.cumsum(-1)  # (R, C, V)
+        drawn = torch.searchsorted(cdf, u[:, C:].float()[..., None] * cdf[..., -1:]).squeeze(-1).clamp_(max=V - 1)
+        nxt = torch.where(mask, drawn, nxt)
+    else:
+        r_idx, c_idx = mask.nonzero(as_tuple=True)  # accepted positions of all rows (K,)
+        cdf = probs[r_idx, c_idx].cumsum(-1)  # (K, V)
+        target = (u[r_idx, C + c_idx].float()[:, None] * cdf[:, -1:])
+        nxt[r_idx, c_idx] = torch.searchsorted(cdf, target).squeeze(-1).clamp_(max=V - 1)
     if template is not None:
         nxt = torch.where(fixed, template, nxt)
         argmax = torch.where(fixed, template, argmax)

@@ -1,0 +1,228 @@
+"""The fast path's substitutions, each against the path it replaces (tiny configs, CPU): grouped expert matmuls vs
+the per-expert loop, folded GQA vs K/V repeated per head, all-position sampling vs accepted-only sampling,
+soft-embedding self-conditioning vs logits, tiled sampling vs one tile; and a graph-safety check of the whole step
+under `torch.compile(fullgraph=True)`, which fails on any host sync or data-dependent shape."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dgemma.engine as E
+from dgemma import DiffusionGemma
+from dgemma.config import tiny_config
+from dgemma.engine import Engine, denoise_step
+from dgemma.model import EXPERT_KERNELS, Attention, Experts, expert_kernel
+from dgemma.sampler import SamplingParams, draw_uniforms, entropy_bound_accept, sample_step
+
+
+def _model(dtype=torch.float32, seed: int = 0, **over) -> DiffusionGemma:
+    torch.manual_seed(seed)
+    m = DiffusionGemma(tiny_config(**over))
+    m.reset_parameters(0.2)
+    return m.to(dtype).eval()
+
+
+# -- experts --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_grouped_experts_match_the_loop(dtype, tol):
+    text = tiny_config(num_experts=6, top_k_experts=2).text
+    torch.manual_seed(0)
+    ex = Experts(text)
+    torch.nn.init.normal_(ex.gate_up_proj, std=0.3)
+    torch.nn.init.normal_(ex.down_proj, std=0.3)
+    ex = ex.to(dtype)
+    x = torch.randn(40, text.hidden_size).to(dtype)
+    idx = torch.randint(0, 4, (40, 2))  # experts 4 and 5 get no rows: empty groups must work
+    idx[:, 1] = (idx[:, 0] + 1) % 4
+    w = torch.rand(40, 2)
+    out = {}
+    with torch.no_grad():
+        for name in EXPERT_KERNELS:
+            mp = pytest.MonkeyPatch()
+            mp.setattr("dgemma.model.expert_kernel", lambda w_, exact=False, n=name: n)
+            try:
+                out[name] = ex(x, w, idx).float()
+            finally:
+                mp.undo()
+    assert out["grouped"].abs().max() > 0.1
+    torch.testing.assert_close(out["grouped"], out["looped"], rtol=tol, atol=tol)
+
+
+def test_expert_kernel_choice():
+    w32, w16 = torch.zeros(2, 2, 2), torch.zeros(2, 2, 2, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert expert_kernel(w16) == "grouped"  # no host sync: graph-capturable
+        assert expert_kernel(w32) == "looped"  # as fast on CPU in float32
+        assert expert_kernel(w32, exact=True) == "grouped"  # the reference's kernel
+    p = torch.nn.Parameter(w16)
+    assert expert_kernel(p) == "looped"  # training: differentiable
+
+
+# -- attention ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("head_dim,n_kv", [(8, 2), (512, 1)])
+def test_folded_gqa_matches_repeated_kv(head_dim, n_kv):
+    """Query heads of a KV group folded into the query length (non-causal, key-only mask) give what K/V repeated
+    per head give, including head_dim 512 (the full layers of the real model)."""
+    text = tiny_config(head_dim=head_dim, num_key_value_heads=n_kv, hidden_size=64).text
+    torch.manual_seed(1)
+    attn = Attention(text, 0)
+    B, T, K, H = 2, 5, 9, text.num_attention_heads
+    q = torch.randn(B, H, T, head_dim)
+    k, v = torch.randn(B, n_kv, K, head_dim), torch.randn(B, n_kv, K, head_dim)
+    key_mask = torch.rand(B, 1, 1, K) > 0.3
+    key_mask[..., 0] = True
+    for mask in (None, key_mask):
+        with torch.no_grad():
+            fast = attn.attend(q, k, v, mask)
+            attn.exact = True
+            ref = attn.attend(q, k, v, mask)
+            attn.exact = False
+        torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(attn.attend(q, k, v, key_mask), attn.attend(q, k, v, None))  # the mask matters
+
+
+# -- sampler --------------------------------------------------------------------------------------------------------
+def _peaked_logits(R: int, C: int, V: int, seed: int = 0) -> torch.Tensor:
+    """Logits where even positions are nearly certain and odd ones flat: the acceptance rule splits every row."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(R, C, V, generator=g) * 0.1
+    top = torch.randint(0, V, (R, C), generator=g)
+    x.scatter_(-1, top[..., None], 40.0 * (torch.arange(C) % 2 == 0).float()[None, :, None].expand(R, C, 1))
+    return x
+
+
+@pytest.mark.parametrize("with_template", [False, True])
+def test_all_position_sampling_matches_accepted_only(with_template):
+    R, C, V = 3, 16, 50
+    logits = _peaked_logits(R, C, V)
+    canvas = torch.randint(0, V, (R, C))
+    u = draw_uniforms([torch.Generator().manual_seed(7 + r) for r in range(R)], C, "cpu")
+    temp, bound = torch.full((R,), 0.7), torch.full((R,), 0.1)
+    template = None
+    if with_template:
+        template = torch.full((R, C), -1)
+        template[:, 1] = 3  # a flat position, fixed
+    a = sample_step(logits.clone(), canvas, temp, bound, entropy_bound_accept, u, V, template)
+    b = sample_step(logits.clone(), canvas, temp, bound, entropy_bound_accept, u, V, template, all_positions=True)
+    assert ((a.accepted > 0) & (a.accepted < C)).all()  # both kinds of positions occur
+    assert torch.equal(a.canvas, b.canvas)
+    assert torch.equal(a.argmax, b.argmax) and torch.equal(a.accepted, b.accepted)
+    other = draw_uniforms([torch.Generator().manual_seed(99 + r) for r in range(R)], C, "cpu")
+    c = sample_step(logits.clone(), canvas, temp, bound, entropy_bound_accept, other, V, template, all_positions=True)
+    assert not torch.equal(c.canvas, b.canvas)  # the tokens do come from the uniforms
+
+
+def test_soft_embedding_is_logit_self_conditioning():
+    """The engine's (B, C, hidden) self-conditioning input is exactly what full-vocabulary logits give."""
+    m = _model()
+    cache = m.new_cache(2, 32)
+    with torch.no_grad():
+        m.encode(torch.randint(0, 128, (2, 5)), cache)
+        canvas = torch.randint(0, 128, (2, 16))
+        sc = 3.0 * torch.randn(2, 16, 128)
+        via_logits = m.denoise(canvas, cache, self_cond=sc)
+        via_soft = m.denoise(canvas, cache, soft=m.soft_embedding(sc.softmax(-1, dtype=torch.float32)))
+        plain = m.denoise(canvas, cache)
+    assert torch.equal(via_logits, via_soft)
+    assert (via_soft - plain).abs().max() > 1e-2  # the signal matters
+
+
+def test_sampler_tiles_match_one_tile(monkeypatch):
+    """Rows sampled one tile at a time (a tiny sampler budget) see the same logits, step after step, as rows sampled
+    together: row order, generators and the self-conditioning rows map correctly. Canvases are frozen after the
+    sampler so both runs feed the same canvases; logits then agree to rounding (the LM head's batch differs)."""
+    real = E.sample_step
+
+    def frozen(logits, canvas, *a, **k):
+        seen.append({bytes(c.numpy()): lg.clone() for c, lg in zip(canvas, logits)})
+        out = real(logits, canvas, *a, **k)
+        out.canvas = canvas.clone()
+        return out
+
+    monkeypatch.setattr(E, "sample_step", frozen)
+    m = _model()
+    runs = []
+    for budget in (1 << 30, 1):
+        seen: list[dict] = []
+        eng = Engine(m, max_batch=3, max_model_len=64, sampler_memory=budget)
+        for s in range(3):
+            eng.add_request([5, 6, 7 + s], SamplingParams(seed=s, max_new_tokens=16, max_denoising_steps=3,
+                                                            fixed_steps=True, ignore_eos=True))
+        for _ in range(4):  # prefill + 3 denoising steps (the first canvas)
+            eng.step()
+        runs.append((eng.tile, seen))
+    (tile_all, together), (tile_one, apart) = runs
+    assert (tile_all, tile_one) == (3, 1)
+    assert [len(s) for s in together] == [3, 3, 3] and len(apart) == 9  # one sampler call per row per step
+    merged = [{**apart[3 * i], **apart[3 * i + 1], **apart[3 * i + 2]} for i in range(3)]
+    for step, (a, b) in enumerate(zip(together, merged)):
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-4, msg=f"step {step}")
+    first = next(iter(together[0]))
+    assert (together[1][first] - together[0][first]).abs().max() > 1e-2  # self-conditioning changes step 2
+
+
+# -- graph safety ---------------------------------------------------------------------------------------------------
+def _step_inputs(m: DiffusionGemma, B: int = 2):
+    C = m.config.canvas_length
+    cache = m.new_cache(B, 64)
+    with torch.no_grad():
+        m.encode(torch.randint(0, 128, (B, 6)), cache)
+    canvas = torch.randint(0, 128, (B, C))
+    soft = m.soft_embedding(torch.softmax(torch.randn(B, C, 128), -1))
+    u = draw_uniforms([torch.Generator().manual_seed(s) for s in range(B)], C, "cpu")
+    return cache, canvas, soft, u, torch.full((B,), 0.6), torch.full((B,), 0.1), cache.decoder_masks(C)
+
+
+def _no_data_dependence(gm: torch.fx.GraphModule, example_inputs):
+    """A `torch.compile` backend that rejects any traced value whose shape or value depends on tensor data
+    (`.item()`, `nonzero`, boolean-mask indexing: unbacked symbols). Python-level syncs (`.tolist()`, `bool()`)
+    already fail `fullgraph=True`. Runs the graph eagerly."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    for node in gm.graph.nodes:
+        val = node.meta.get("example_value")
+        if val is not None and free_unbacked_symbols(val):
+            raise AssertionError(f"data-dependent value in the step: {node.format_node()}")
+    return gm.forward
+
+
+def _compile_strict(fn):
+    torch._dynamo.reset()
+    return torch.compile(fn, fullgraph=True, backend=_no_data_dependence)
+
+
+def test_denoise_step_is_graph_safe():
+    """The whole fast step traced by `torch.compile(fullgraph=True)` in bf16 on CPU, with a backend that rejects
+    data-dependent shapes and values: any `.item()`, `.tolist()`, `nonzero` or boolean indexing in the step fails.
+    Compiled and eager results are identical."""
+    m = _model(torch.bfloat16)
+    cache, canvas, soft, u, temp, bound, masks = _step_inputs(m)
+
+    def step(canvas, soft, u):
+        out, nxt = denoise_step(m, cache, canvas, soft, u, temp, bound, masks)
+        return out.canvas, out.argmax, out.accepted, out.mean_entropy, nxt
+
+    with torch.no_grad():
+        eager = step(canvas, soft, u)
+        compiled = _compile_strict(step)(canvas, soft, u)
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)
+
+    # The check has power: the accepted-only sampler (nonzero) and the float32 expert loop (.tolist()) both fail.
+    def accepted_only(canvas, soft, u):
+        hidden = m.denoise(canvas, cache, soft=soft, masks=masks, hidden_only=True)
+        return sample_step(m.logits(hidden), canvas, temp, bound, entropy_bound_accept, u, 128).canvas
+
+    m32 = _model(torch.float32)
+    cache32, canvas32, soft32, u32, _, _, masks32 = _step_inputs(m32)
+
+    def looped_experts(canvas, soft, u):
+        return denoise_step(m32, cache32, canvas, soft, u, temp, bound, masks32)[0].canvas
+
+    for fn, args in ((accepted_only, (canvas, soft, u)), (looped_experts, (canvas32, soft32, u32))):
+        with torch.no_grad(), pytest.raises(Exception, match="data-dependent|tolist|Unsupported"):
+            _compile_strict(fn)(*args)
+    torch._dynamo.reset()
