@@ -6,21 +6,12 @@
 # Logs go to $OUT (default /tmp/gpu_check). On a machine without transformers' DiffusionGemma and without
 # network access, put a transformers wheel in .whl/ and it is installed to /tmp/site.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+. "$(dirname "$0")/gpu_env.sh"
 OUT=${OUT:-/tmp/gpu_check}
 DEVICE=${DEVICE:-cuda}
 W=${WORK:-/tmp/gpu_check_work}
 mkdir -p "$OUT" "$W"
 dgemma() { python3 -c 'import sys; from dgemma.cli import main; sys.exit(main())' "$@"; }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
-echo "commit $(git rev-parse --short HEAD 2>/dev/null)"
-python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-if ! python3 -c "import transformers.models.diffusion_gemma" 2>/dev/null && ls .whl/transformers-*.whl >/dev/null 2>&1
-then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
-fi
 
 echo "== 1. training on $DEVICE"
 python3 - "$W/data.jsonl" <<'EOF'

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from .config import ConfigError, ModelConfig
 from .model import DiffusionGemma
+from .quant import QUANTIZATIONS, quantize_fp8
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -148,20 +149,28 @@ def resolve_model_path(model: str | Path) -> Path:
     return path
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
-               device: torch.device | str = "cpu") -> DiffusionGemma:
-    """Build the model described by `path/config.json` and fill it from the safetensors weights."""
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+               quantization: str | None = None) -> DiffusionGemma:
+    """Build the model described by `path/config.json` and fill it from the safetensors weights.
+
+    `quantization="fp8"`: FP8 dense and expert weights (see `quant.py`), quantized at load from a bf16 checkpoint,
+    or read as they are from a checkpoint saved in FP8 (config `quantization_config.quant_method == "fp8"`, which
+    implies it). Either needs `dtype=torch.bfloat16`.
+    """
     path = Path(path)
     config = load_config(path)
     if config.extra.get("tie_word_embeddings") is False:
         raise CheckpointError(f"{path}: tie_word_embeddings=false (untied encoder/decoder/LM head) is not supported")
+    saved_fp8 = (config.extra.get("quantization_config") or {}).get("quant_method") == "fp8"
+    quantization = _check_quantization(quantization, saved_fp8, dtype, path)
     state = read_state(path)
     with torch.device("meta"):
         model = DiffusionGemma(config)
     model = model.to_empty(device=device).to(dtype)
     model.init_buffers()
-    expected = dict(model.named_parameters())
-    expected.update({n: b for n, b in model.named_buffers() if n.endswith("layer_scalar")})
+    if saved_fp8:  # the FP8 layout first (its values are overwritten below)
+        quantize_fp8(model)
+    expected = model.state_dict(keep_vars=True)  # parameters, layer scalars, and FP8 weights with their scales
     # The encoder and decoder scalars are separate buffers; a checkpoint with only one of them uses it for both.
     for i in range(config.text.num_hidden_layers):
         dec, enc = f"layers.{i}.layer_scalar", f"layers.{i}.encoder_layer_scalar"
@@ -186,7 +195,20 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
             if not (t.is_floating_point()):
                 raise CheckpointError(f"{path}: tensor {ours_to_hf(name)} has non-float dtype {t.dtype}")
             target.copy_(t.to(target.dtype))
+    if quantization == "fp8" and not saved_fp8:
+        quantize_fp8(model)
     return model.eval()
+
+
+def _check_quantization(quantization: str | None, saved_fp8: bool, dtype: torch.dtype, path: Path) -> str | None:
+    """The quantization to load with, or CheckpointError for a combination that cannot work."""
+    if quantization not in (None, *QUANTIZATIONS):
+        raise CheckpointError(f"unknown quantization {quantization!r}; choose one of {', '.join(QUANTIZATIONS)}")
+    quantization = "fp8" if saved_fp8 else quantization
+    if quantization == "fp8" and dtype != torch.bfloat16:
+        raise CheckpointError(f"{path}: FP8 weights run with bfloat16 activations; load with dtype bfloat16, not "
+                              f"{str(dtype).replace('torch.', '')}")
+    return quantization
 
 
 def save_model(model: DiffusionGemma, path: str | Path, generation_config: dict[str, Any] | None = None,
@@ -199,15 +221,16 @@ def save_model(model: DiffusionGemma, path: str | Path, generation_config: dict[
     if cfg.get("vision_config") is None:
         cfg["vision_config"] = dict(TINY_VISION)
     cfg["dtype"] = str(model.dtype).replace("torch.", "")
+    if getattr(model, "quantization", None) == "fp8":
+        cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                      "weight_scale": "per output channel, float32"}
     (path / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     gen = dict(generation_config or {})
     text = model.config.text
     for k in ("bos_token_id", "pad_token_id", "eos_token_id"):
         gen.setdefault(k, getattr(text, k))
     (path / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True) + "\n")
-    tensors = {ours_to_hf(n): p.detach().contiguous().cpu() for n, p in model.named_parameters()}
-    tensors.update({ours_to_hf(n): b.detach().contiguous().cpu() for n, b in model.named_buffers()
-                    if n.endswith("layer_scalar")})
+    tensors = {ours_to_hf(n): t.detach().contiguous().cpu() for n, t in model.state_dict().items()}
     for old in [path / WEIGHTS, path / INDEX, *path.glob("model-*-of-*.safetensors")]:
         old.unlink(missing_ok=True)
     meta = {"format": "pt"}

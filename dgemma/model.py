@@ -195,23 +195,36 @@ class Experts(nn.Module):
         """x (N, hidden); weights/idx (N, K) -> (N, hidden).
 
         Assignments are sorted by expert and run as one grouped matmul per projection (`expert_kernel` picks the
-        kernel); the K contributions of a token are summed in slot order, the reference's arithmetic. Expert
-        counts come from a scatter, not `bincount`, so no shape depends on the data (graph-capturable).
+        kernel); the K contributions of a token are summed in slot order, the reference's arithmetic.
         """
-        N, K = idx.shape
-        E = self.gate_up_proj.shape[0]
-        experts, order = torch.sort(idx.reshape(-1))  # (N*K,)
-        counts = torch.zeros(E, dtype=torch.int32, device=idx.device).scatter_add_(
-            0, experts, torch.ones_like(experts, dtype=torch.int32))
-        offs = torch.cumsum(counts, 0, dtype=torch.int32)  # (E,) group ends
         mm = EXPERT_KERNELS[expert_kernel(self.gate_up_proj, self.exact)]
-        h = mm(x[order // K], self.gate_up_proj.transpose(-2, -1), offs)  # (N*K, 2I)
-        gate, up = h.chunk(2, dim=-1)
-        y = mm(self.act(gate) * up, self.down_proj.transpose(-2, -1), offs)  # (N*K, hidden)
-        y = y * weights.reshape(-1)[order][:, None]
-        inv = torch.empty_like(order)
-        inv[order] = torch.arange(order.numel(), device=order.device)
-        return y[inv].view(N, K, -1).sum(dim=1).to(x.dtype)
+        return mixture(x, weights, idx, self.gate_up_proj.shape[0], self.act,
+                       lambda h, offs: mm(h, self.gate_up_proj.transpose(-2, -1), offs),
+                       lambda h, offs: mm(h, self.down_proj.transpose(-2, -1), offs))
+
+
+GroupedMatmul = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (rows grouped by expert, offs) -> rows
+
+
+def mixture(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, n_experts: int, act: Callable,
+            gate_up: GroupedMatmul, down: GroupedMatmul) -> torch.Tensor:
+    """The expert branch given its two grouped matmuls: x (N, hidden), weights/idx (N, K) -> (N, hidden)."""
+    K = idx.shape[1]
+    order, offs, inv = expert_plan(idx, n_experts)
+    gate, up = gate_up(x[order // K], offs).chunk(2, dim=-1)  # (N*K, I) each
+    y = down(act(gate) * up, offs) * weights.reshape(-1)[order][:, None]  # (N*K, hidden)
+    return y[inv].view(idx.shape[0], K, -1).sum(dim=1).to(x.dtype)
+
+
+def expert_plan(idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k assignments idx (N, K) -> `order` (N*K,) sorting them by expert, group ends `offs` (E,) int32, and the
+    inverse permutation `inv`. Counts come from a scatter, not `bincount`: no shape depends on the data."""
+    experts, order = torch.sort(idx.reshape(-1))
+    counts = torch.zeros(n_experts, dtype=torch.int32, device=idx.device).scatter_add_(
+        0, experts, torch.ones_like(experts, dtype=torch.int32))
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(order.numel(), device=order.device)
+    return order, torch.cumsum(counts, 0, dtype=torch.int32), inv
 
 
 def _grouped(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -310,24 +323,28 @@ class DiffusionGemma(nn.Module):
         self.register_buffer("inv_freq_sliding", rope_inv_freq(text, True), persistent=False)
         self.register_buffer("inv_freq_full", rope_inv_freq(text, False), persistent=False)
         self._rope: dict[bool, tuple[torch.Tensor, torch.Tensor]] | None = None  # cos/sin tables, by layer kind
+        self._set_constants()
         self.reset_parameters()
 
     def _apply(self, fn, recurse=True):
         # RoPE frequencies stay float32 whatever dtype the weights are cast to (as the loader builds them).
         super()._apply(fn, recurse)
         if self.device.type != "meta":
-            self._set_rope()
+            self._set_constants()
         return self
 
-    def _set_rope(self) -> None:
+    def _set_constants(self) -> None:
         self.inv_freq_sliding = rope_inv_freq(self.text, True).to(self.device)
         self.inv_freq_full = rope_inv_freq(self.text, False).to(self.device)
         self._rope = None  # rebuilt on the next pass, in the new dtype and on the new device
+        # sqrt(hidden) rounded to the weight dtype, as the reference scales embeddings; made once, not per pass
+        # (a host-to-device copy inside a step would break CUDA-graph capture)
+        self._embed_scale = torch.tensor(self.text.hidden_size ** 0.5, dtype=self.dtype).to(self.device)
 
     @torch.no_grad()
     def init_buffers(self) -> None:
         """Recompute the non-weight buffers (after building on the meta device and `to_empty`)."""
-        self._set_rope()
+        self._set_constants()
         for layer in self.layers:
             layer.layer_scalar.fill_(1.0)
             layer.encoder_layer_scalar.fill_(1.0)
@@ -373,8 +390,7 @@ class DiffusionGemma(nn.Module):
     # -- pieces -----------------------------------------------------------------------------------------------
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         # Scale by sqrt(hidden) rounded to the weight dtype, as the reference does.
-        scale = torch.tensor(self.text.hidden_size ** 0.5, dtype=self.dtype)
-        return self.embed_tokens(tokens) * scale.to(self.device)
+        return self.embed_tokens(tokens) * self._embed_scale
 
     def rope(self, positions: torch.Tensor, limit: int) -> dict[bool, tuple[torch.Tensor, torch.Tensor]]:
         """positions (B, T), all below `limit` -> per layer kind, cos and signed sin (B, T, 1, D) in the model dtype,
@@ -390,8 +406,7 @@ class DiffusionGemma(nn.Module):
     def soft_embedding(self, probs: torch.Tensor) -> torch.Tensor:
         """Self-conditioning input: probabilities (..., V) -> their expected embedding (..., hidden) * sqrt(hidden),
         in the model dtype. 170x smaller than the probabilities at the real vocabulary, so the engine keeps this."""
-        scale = torch.tensor(self.text.hidden_size ** 0.5, dtype=self.dtype, device=self.device)
-        return (probs.to(self.dtype) @ self.embed_tokens.weight) * scale
+        return (probs.to(self.dtype) @ self.embed_tokens.weight) * self._embed_scale
 
     def logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None,
                scratch: torch.Tensor | None = None) -> torch.Tensor:
