@@ -2,6 +2,13 @@
 on the same weights, in the same run. Prints a table and a final JSON line.
 
     python benchmarks/generate.py --params 75e6 --batch-sizes 1,2,4,8 --dtypes float32,bfloat16 --steps 16
+    python benchmarks/generate.py --preset small --batch-sizes 1 --dtypes float32 --threads 2
+
+`--preset small` is a laptop-sized model where per-step overhead, not arithmetic, dominates: 6 layers, hidden 256,
+vocab 8,192, 4 experts top-2, canvas 64, 128 new tokens (the bundled Sudoku model is of this kind).
+
+`--baseline DIR` adds the row `baseline`: dgemma timed from another source tree (e.g. the previous commit:
+`git worktree add /tmp/base HEAD~1`), so before and after land in the same run on the same machine.
 
 Each measurement runs in a fresh subprocess, so "peak MiB" is that process's peak resident memory (weights
 included). Random weights never converge, so the default is a fixed number of denoising steps (--steps); pass
@@ -22,10 +29,11 @@ import time
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+# The dgemma source to time: this checkout, or (internally, for --baseline) another tree given by --src.
+sys.path.insert(0, sys.argv[sys.argv.index("--src") + 1] if "--src" in sys.argv else os.path.dirname(HERE))
 
 from dgemma import DiffusionGemma, save_model  # noqa: E402
-from dgemma.config import sized_config  # noqa: E402
+from dgemma.config import ModelConfig, TextConfig, sized_config  # noqa: E402
 
 DT = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -56,6 +64,16 @@ def step_flops(cfg, batch: int, context: int) -> float:
     return 2.0 * per_tok * C * batch
 
 
+def small_config() -> ModelConfig:
+    """The `--preset small` model: 6 layers (5 sliding, 1 full), hidden 256, vocab 8,192, 4 experts top-2."""
+    types = ["sliding_attention"] * 5 + ["full_attention"]
+    text = TextConfig(vocab_size=8192, hidden_size=256, intermediate_size=512, num_hidden_layers=6,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, global_head_dim=128,
+                      num_global_key_value_heads=1, sliding_window=512, num_experts=4, top_k_experts=2,
+                      moe_intermediate_size=128, layer_types=types, max_position_embeddings=4096)
+    return ModelConfig(text=text, canvas_length=64)
+
+
 def run_one(args) -> dict:
     """One measurement (in a subprocess): returns a dict of numbers."""
     dtype = DT[args.dtype]
@@ -80,7 +98,8 @@ def run_one(args) -> dict:
     else:
         from dgemma.llm import LLM
         from dgemma.sampler import SamplingParams
-        llm = LLM(args.ckpt, dtype=args.dtype, max_batch=args.batch, max_model_len=prompt_len + new + 256)
+        llm = LLM(args.ckpt, device="cpu", dtype=args.dtype, max_batch=args.batch,  # CPU, like the reference
+                  max_model_len=prompt_len + new + 256)
         sp = SamplingParams(max_new_tokens=new, max_denoising_steps=steps, fixed_steps=not args.adaptive,
                             ignore_eos=True, seed=0, mode="ar" if args.impl == "ar" else "diffusion")
         llm.generate([{"prompt_token_ids": p[:8]} for p in prompts], SamplingParams(
@@ -94,10 +113,32 @@ def run_one(args) -> dict:
     return {"wall_s": wall, "tokens": tokens, "tok_s": tokens / wall, "passes": passes, "peak_mib": peak}
 
 
+def cpu_line() -> str:
+    """The CPU this ran on, the instruction sets that decide matmul speed, and any switch forcing them."""
+    name, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and name == "unknown CPU":
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    env = [f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+           if k in os.environ]
+    return (f"cpu: {name}, {os.cpu_count()} cores; flags {' '.join(isa) or 'none of avx2/avx512'}; torch kernels "
+            f"{torch.backends.cpu.get_cpu_capability()}" + (f" ({', '.join(env)})" if env else ""))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="checkpoint directory (default: a random model of --params parameters)")
     ap.add_argument("--params", type=float, default=75e6, help="size of the random model (default 75e6)")
+    ap.add_argument("--preset", choices=["sized", "small"], default="sized",
+                    help="sized: a Gemma-4-shaped model of --params parameters; small: the laptop-sized model above "
+                         "(sets --max-new-tokens 128 unless given)")
     ap.add_argument("--vocab", type=int, default=32_768, help="vocabulary of the random model")
     ap.add_argument("--batch-sizes", default="1,2,4,8", help="comma list (the issue's full set: 1,2,4,8,16,32)")
     ap.add_argument("--dtypes", default="float32,bfloat16")
@@ -105,16 +146,20 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=16, help="denoising steps per canvas (fixed unless --adaptive)")
     ap.add_argument("--adaptive", action="store_true", help="adaptive stopping instead of fixed steps")
     ap.add_argument("--prompt-len", type=int, default=64)
-    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="new tokens per prompt (default 256)")
     ap.add_argument("--reference-max-batch", type=int, default=8, help="skip the (slow) reference above this batch")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    ap.add_argument("--baseline", metavar="DIR", help="also time dgemma from this source tree (row 'baseline')")
     # internal: one measurement
     ap.add_argument("--_one", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)
     ap.add_argument("--impl", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--src", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 128 if args.preset == "small" else 256
     if args.threads:
         torch.set_num_threads(args.threads)
     if args._one:
@@ -127,7 +172,7 @@ def main() -> int:
         from dgemma.checkpoint import load_config
         cfg = load_config(ckpt)
     else:
-        cfg = sized_config(args.params, vocab_size=args.vocab)
+        cfg = small_config() if args.preset == "small" else sized_config(args.params, vocab_size=args.vocab)
         torch.manual_seed(0)
         save_model(DiffusionGemma(cfg), tmp)
         ckpt = tmp
@@ -136,6 +181,7 @@ def main() -> int:
     print(f"model: {n_params / 1e6:.1f}M parameters, canvas {cfg.canvas_length}, vocab {cfg.text.vocab_size}, "
           f"{cfg.text.num_hidden_layers} layers, hidden {cfg.text.hidden_size}; steps/canvas {args.steps}"
           f"{' (adaptive)' if args.adaptive else ' (fixed)'}; torch threads {torch.get_num_threads()}")
+    print(cpu_line())
     print("matmul rate: " + ", ".join(f"{d} {r:.0f} GFLOP/s" for d, r in rates.items()))
     rows = []
     header = f"{'impl':10} {'dtype':9} {'batch':>5} {'tok/s':>9} {'tok/fwd':>8} {'ms/step':>9} {'%matmul':>8} " \
@@ -144,13 +190,14 @@ def main() -> int:
     print("-" * len(header))
     for dtype in args.dtypes.split(","):
         for b in [int(x) for x in args.batch_sizes.split(",")]:
-            for impl in args.impls.split(","):
+            for impl in args.impls.split(",") + (["baseline"] if args.baseline else []):
                 if impl == "reference" and b > args.reference_max_batch:
                     continue
                 cmd = [sys.executable, __file__, "--_one", "--ckpt", ckpt, "--impl", impl, "--dtype", dtype,
                        "--batch", str(b), "--steps", str(args.steps), "--prompt-len", str(args.prompt_len),
                        "--max-new-tokens", str(args.max_new_tokens)] + (["--adaptive"] if args.adaptive else []) + \
-                      (["--threads", str(args.threads)] if args.threads else [])
+                      (["--threads", str(args.threads)] if args.threads else []) + \
+                      (["--src", os.path.abspath(args.baseline)] if impl == "baseline" else [])
                 res = subprocess.run(cmd, capture_output=True, text=True)
                 if res.returncode != 0:
                     print(f"{impl} {dtype} batch {b} failed:\n{res.stderr[-2000:]}", file=sys.stderr)

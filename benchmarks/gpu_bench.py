@@ -90,7 +90,7 @@ def main() -> int:
     cfg = ours.config.text
     # Bytes of weights one denoising step reads: everything but the inactive experts (at batch 1).
     total = sum(p.numel() for p in ours.parameters()) * 2
-    expert = sum(l.experts.gate_up_proj.numel() + l.experts.down_proj.numel() for l in ours.layers) * 2
+    expert = sum(ly.experts.gate_up_proj.numel() + ly.experts.down_proj.numel() for ly in ours.layers) * 2
     active = total - expert + expert * min(1.0, cfg.top_k_experts * canvas / cfg.num_experts)
     roof_ms = active / bw * 1e3 if bw else None
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)

@@ -236,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     print("-" * len(head))
     for r in rows:
         tpf = f"{r['tokens_per_forward']:7.2f}" if r["tokens_per_forward"] else f"{'-':>7s}"
-        print(f"{r['mode']:9s} {r['concurrency']:4d} {r['request_throughput']:7.2f} {r['output_throughput']:8.1f} {tpf} | "
+        print(f"{r['mode']:9s} {r['concurrency']:4d} {r['request_throughput']:7.2f} "
+              f"{r['output_throughput']:8.1f} {tpf} | "
               f"{fmt(r['ttft_ms'])} | {fmt(r['tpot_ms'])} | {fmt(r['itl_ms'])} | {fmt(r['e2e_ms'])} | "
               f"{r['errors']}")
     config = {k: v for k, v in vars(args).items()}

@@ -67,7 +67,7 @@ class KVCache:
         return self.lengths.device
 
     def nbytes(self) -> int:
-        return sum(l.k.numel() * l.k.element_size() * 2 for l in self.layers)
+        return sum(layer.k.numel() * layer.k.element_size() * 2 for layer in self.layers)
 
     def reset_rows(self, rows: torch.Tensor | list[int] | None = None) -> None:
         """Empty the given rows (all rows if None) so new requests can reuse their slots."""

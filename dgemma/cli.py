@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, TextIO
 
 if TYPE_CHECKING:  # imported lazily at run time: `dgemma --help` should not wait for torch more than needed
+    from .device import Placement
     from .llm import LLM
     from .sampler import SamplingParams
 
@@ -123,17 +124,25 @@ def _token_ids(s: str) -> list[int]:
     return ids
 
 
+DEVICE_HELP = "torch device: auto (CUDA when available, else the CPU), cpu, cuda, cuda:1, ... (default: auto)"
+DTYPE_HELP = ("weight and activation dtype (default: auto: bfloat16 on CUDA and on CPUs where bf16 matmul is native "
+              "and faster, i.e. with AMX, or AVX512-BF16 on AMD; float32 elsewhere: on AVX2-only CPUs bf16 is "
+              "emulated, ~100x slower per matmul). bfloat16 halves memory; float32 reproduces transformers bit for "
+              "bit")
+
+
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """--model, --dtype, --device, --max-model-len, --threads."""
     g = p.add_argument_group("model")
     g.add_argument("--model", "-m", required=True, metavar="PATH",
                    help="checkpoint directory in the Hugging Face format (config.json, model.safetensors or a "
                         "sharded index, optional generation_config.json and tokenizer files)")
-    g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="weight and activation dtype (default: %(default)s; bfloat16 halves memory, float32 is "
-                        "needed to reproduce transformers bit for bit)")
-    g.add_argument("--device", default="cpu",
-                   help="torch device to run on, e.g. cpu, cuda, cuda:1 (default: %(default)s)")
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help=DTYPE_HELP)
+    g.add_argument("--device", default="auto", help=DEVICE_HELP)
+    g.add_argument("--quantization", choices=["fp8"], default=None,
+                   help="fp8: FP8 (e4m3) dense and expert weights with per-channel scales and bf16 activations, "
+                        "quantized at load (about half the weight memory; needs a device with FP8 matmuls: "
+                        "Ada/Hopper GPUs, or torch's CPU kernel); a checkpoint saved in FP8 loads as FP8 without it")
     g.add_argument("--max-model-len", type=_positive_int, default=None, metavar="N",
                    help="context length in tokens (prompt + generated) that the KV cache is sized for "
                         "(default: the checkpoint's max_position_embeddings, at most 8192)")
@@ -282,14 +291,43 @@ def load_llm(args: argparse.Namespace, max_batch: int = 1) -> LLM:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return LLM(args.model, device=check_device(args.device), dtype=args.dtype, max_batch=max_batch,
-               max_model_len=args.max_model_len)
+    quantization = getattr(args, "quantization", None)
+    where = placement(args.device, "bfloat16" if quantization and args.dtype == "auto" else args.dtype)
+    llm = LLM(args.model, device=where.device, dtype=where.dtype, max_batch=max_batch,
+              max_model_len=args.max_model_len, quantization=quantization)
+    print(f"dgemma: {llm.engine.describe()}", file=sys.stderr)
+    return llm
+
+
+def placement(device: str, dtype: str) -> Placement:
+    """--device and --dtype, checked and resolved ("auto" included, see dgemma.device); the choice is printed as
+    one line on stderr, e.g. `dgemma: device cpu, dtype float32 (auto: no CUDA; ...)`."""
+    from .device import resolve
+
+    where = resolve(check_device(device), dtype)
+    print(f"{PROG}: {where.describe()}", file=sys.stderr, flush=True)
+    return where
+
+
+def training_placement(device: str, precision: str) -> Placement:
+    """Training's --device and --precision, checked and resolved (see dgemma.device.resolve_training); printed as
+    one line on stderr by the first process."""
+    import os
+
+    from .device import resolve_training
+
+    where = resolve_training(check_device(device), precision)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{PROG}: {where.describe()}", file=sys.stderr, flush=True)
+    return where
 
 
 def check_device(device: str) -> str:
-    """A --device value, checked: a torch device string, and CUDA only where this machine has it."""
+    """A --device value, checked: "auto" or a torch device string, and CUDA only where this machine has it."""
     import torch
 
+    if device == "auto":
+        return device
     try:
         dev = torch.device(device)
     except RuntimeError as e:
@@ -479,8 +517,8 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     o = p.add_argument_group("output")
     o.add_argument("--reference-sampling", action="store_true",
                    help="run transformers' exact sampling loop and random-number order instead of the fast engine: "
-                        "with the same --seed on CPU in float32 it reproduces transformers' generate() token for "
-                        "token (slower; output is printed when done)")
+                        "with the same --seed and --device cpu --dtype float32 it reproduces transformers' "
+                        "generate() token for token (slower; output is printed when done)")
     o.add_argument("--json", action="store_true",
                    help="print one JSON object with the tokens, text, finish reason and statistics (see above)")
     o.add_argument("--no-drafts", action="store_true",
@@ -688,8 +726,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="(default: %(default)s)")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="(default: %(default)s)")
     g.add_argument("--clip-norm", type=float, default=d.clip_norm, help="(default: %(default)s)")
-    g.add_argument("--precision", choices=["float32", "bfloat16"], default=d.precision,
-                   help="bfloat16: autocast matmuls with float32 master weights (default: %(default)s)")
+    g.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default=d.precision,
+                   help="bfloat16: autocast matmuls with float32 master weights; auto: bfloat16 on a GPU with "
+                        "native bf16, float32 elsewhere (float32 stays the CPU default) (default: %(default)s)")
     g.add_argument("--lora-rank", type=int, default=0, help="LoRA rank; 0 trains every weight (default: 0)")
     g.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="(default: %(default)s)")
     g.add_argument("--lora-targets", default=",".join(d.lora_targets),
@@ -700,8 +739,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log-every", type=_positive_int, default=d.log_every, help="(default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     g.add_argument("--threads", type=_positive_int, default=None, help="torch threads per process")
-    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: this process's GPU if there is "
-                   "one, else the CPU)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto: this process's GPU "
+                   "if there is one, under torchrun the LOCAL_RANK-th, else the CPU)")
     g.add_argument("--no-resume", action="store_true", help="start over even if OUTPUT has checkpoints")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -709,21 +748,23 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 def run_train(args: argparse.Namespace) -> int:
     import torch
 
+    from .device import dtype_name
     from .train import TrainConfig, run_training
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    where = training_placement(args.device, args.precision)
     cfg = TrainConfig(objective=args.objective, steps=args.steps, batch_size=args.batch_size,
                       grad_accum=args.grad_accum, lr=args.lr, warmup_steps=args.warmup_steps,
                       weight_decay=args.weight_decay, clip_norm=args.clip_norm, ar_weight=args.ar_weight,
                       prompt_loss=not args.no_prompt_loss, self_cond_prob=args.self_cond_prob,
                       template_prob=args.template_prob,
                       lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-                      lora_targets=tuple(t for t in args.lora_targets.split(",") if t), precision=args.precision,
+                      lora_targets=tuple(t for t in args.lora_targets.split(",") if t),
+                      precision=dtype_name(where.dtype),  # type: ignore[arg-type]
                       seed=args.seed, save_every=args.save_every, log_every=args.log_every)
-    device = None if args.device is None else check_device(args.device)
     final = run_training(args.model, args.data, args.output, cfg, resume=not args.no_resume,
-                         progress=not args.quiet, device=device)
+                         progress=not args.quiet, device=where.device)
     if int(__import__("os").environ.get("RANK", "0")) == 0:
         print(f"wrote {final}")
     return EXIT_OK

@@ -106,7 +106,8 @@ class TextConfig:
                 raise ConfigError(f"text_config.{name} is missing: DiffusionGemma layers always have an MoE branch")
             need_int(name)
         if self.top_k_experts > self.num_experts:
-            raise ConfigError(f"text_config.top_k_experts ({self.top_k_experts}) exceeds num_experts ({self.num_experts})")
+            raise ConfigError(f"text_config.top_k_experts ({self.top_k_experts}) exceeds num_experts "
+                              f"({self.num_experts})")
         if self.num_global_key_value_heads is not None:
             need_int("num_global_key_value_heads")
         if not isinstance(self.layer_types, list) or len(self.layer_types) != self.num_hidden_layers:

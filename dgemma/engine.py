@@ -20,7 +20,8 @@ from typing import Any, Callable, Iterable, Iterator, Literal
 import torch
 
 from .cache import KVCache
-from .model import DiffusionGemma
+from .model import DiffusionGemma, expert_kernel
+from .quant import FP8
 from .sampler import (ACCEPTANCE, SCHEDULES, STOPPING, SamplingParams, StepOut, draw_uniforms, entropy_bound_accept,
                       reference_denoise, resolve, sample_step)
 
@@ -39,8 +40,9 @@ def check_context(prompt_len: int, params: SamplingParams, limit: int, canvas: i
     else:
         need = prompt_len + (-(-params.max_new_tokens // canvas) - 1) * canvas
     if need > limit:
+        whole = "" if params.mode == "ar" else f"; diffusion generates whole canvases of {canvas}"
         raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the context "
-                         f"length ({limit} tokens{'' if params.mode == 'ar' else f'; diffusion generates whole canvases of {canvas}'})")
+                         f"length ({limit} tokens{whole})")
 
 
 def denoise_step(model: DiffusionGemma, cache: KVCache, canvas: torch.Tensor, soft: torch.Tensor | None,
@@ -138,6 +140,17 @@ class Engine:
         self._workspace: dict[str, torch.Tensor] = {}
         self._stoppers: dict[str, Any] = {}
         self._masks: dict | None = None
+
+    def describe(self) -> str:
+        """Which kernels run the steps (the start-up report)."""
+        experts = self.model.layers[0].experts
+        with torch.no_grad():
+            kernel = ("fp8 " if experts.gate_up_proj.dtype == FP8 else "") + (
+                expert_kernel(experts.gate_up_proj) if experts.gate_up_proj.dtype != FP8 else
+                "grouped" if self.model.device.type == "cuda" else "per-expert")
+        per_row = self.canvas_length * self.vocab_size * (8 + (0 if self.model.dtype == torch.float32 else 2))
+        return (f"kernels: experts {kernel}; attention SDPA, canvas GQA folded into queries; sampler {self.tile} row(s) per "
+                f"tile ({self.tile * per_row / 2 ** 30:.2f} GiB of (rows, canvas, vocab) buffers); steps eager")
 
     # -- requests ---------------------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None, request_id: str | None = None,

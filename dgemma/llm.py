@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -11,13 +12,13 @@ import torch
 
 from .checkpoint import load_generation_config, load_model, resolve_model_path
 from .constraints import GuideFactory
+from .device import resolve as resolve_placement
 from .engine import Engine, Event, check_context, reference_generate
 from .sampler import SamplingParams, resolve
 from .tokenizer import Tokenizer
 
 Prompt = Union[str, list[dict[str, Any]], dict[str, Any]]
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -116,34 +117,36 @@ def stop_prefix(tokens: list[int], decode: Callable[[list[int]], str], stops: li
     return len(tokens)
 
 
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        return torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)} or 'auto'")
-    return DTYPES[dtype]
-
-
 class LLM:
     """A DiffusionGemma checkpoint ready to generate: model + tokenizer (optional) + engine.
 
     `model`: a checkpoint directory in the HF format, or a bundled model's name ("sudoku", "sudoku-ar").
-    `dtype`: "float32" (default) or "bfloat16".
+    `device`: "auto" (default: CUDA when available, else the CPU), or a torch device such as "cpu", "cuda:1".
+    `dtype`: "auto" (default: bfloat16 on CUDA and on CPUs with fast native bf16 matmul, AMX or AMD's AVX512-BF16;
+    float32 elsewhere, e.g. AVX2-only CPUs, where bf16 is emulated and ~100x slower), "float32", "bfloat16" or
+    "float16". The choice is logged (logger "dgemma.llm": INFO when "auto" chose, DEBUG otherwise); see
+    dgemma.device for the rules.
     `max_batch`: rows generated together; `max_model_len`: context length the cache is sized for.
+    `quantization`: None, or "fp8" (FP8 dense and expert weights, bf16 activations; see dgemma/quant.py): a bf16
+    checkpoint is quantized at load, an FP8 checkpoint is read as it is (and needs no argument).
     """
 
-    def __init__(self, model: str | Path, device: str = "cpu", dtype: str | torch.dtype = "float32",
-                 max_batch: int = 8, max_model_len: int | None = None, prefill_chunk: int = 1024):
+    def __init__(self, model: str | Path, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
+                 max_batch: int = 8, max_model_len: int | None = None, prefill_chunk: int = 1024,
+                 quantization: str | None = None):
         self.path = resolve_model_path(model)
-        self.device = torch.device(device)
-        self.dtype = resolve_dtype(dtype)
-        self.model = load_model(self.path, dtype=self.dtype, device=self.device)
+        if quantization is not None and dtype == "auto":
+            dtype = "bfloat16"  # FP8 weights run with bf16 activations
+        placement = resolve_placement(device, dtype)
+        auto = placement.why_device or placement.why_dtype  # an automatic choice is INFO, an explicit one DEBUG
+        logger.log(logging.INFO if auto else logging.DEBUG, "dgemma: %s", placement.describe())
+        self.device, self.dtype = placement.device, placement.dtype
+        self.model = load_model(self.path, dtype=self.dtype, device=self.device, quantization=quantization)
         self.generation_config = load_generation_config(self.path)
         self.tokenizer = Tokenizer.from_dir(self.path)
         self.engine = Engine(self.model, self.generation_config, max_batch=max_batch, max_model_len=max_model_len,
                              prefill_chunk=prefill_chunk)
+        logger.log(logging.INFO if auto else logging.DEBUG, "dgemma: %s", self.engine.describe())
         if self.tokenizer is not None:  # structured output: matchers over this tokenizer, ending at the engine's EOS
             self.engine.guides = GuideFactory(self.tokenizer.backend.to_str(), self.model.config.text.vocab_size,
                                               sorted(self.engine.eos))

@@ -857,8 +857,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--max-batch", type=int, default=8, help="requests generated together (cache rows)")
     parser.add_argument("--max-queue", type=int, default=64,
                         help="requests in flight (running + waiting) before answering 429")
-    parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="weight and activation dtype (default: auto: bfloat16 on CUDA and on CPUs where bf16 "
+                             "matmul is native and faster, i.e. with AMX, or AVX512-BF16 on AMD; float32 elsewhere: "
+                             "on AVX2-only CPUs bf16 is emulated, ~100x slower per matmul)")
+    parser.add_argument("--device", default="auto",
+                        help="torch device: auto (CUDA when available, else the CPU), cpu, cuda, cuda:1, ... "
+                             "(default: auto)")
+    parser.add_argument("--quantization", choices=["fp8"], default=None,
+                        help="fp8: FP8 dense and expert weights, bf16 activations (see `dgemma generate --help`)")
     parser.add_argument("--max-model-len", type=int, default=None, help="context length the cache is sized for")
     parser.add_argument("--request-timeout", type=float, default=600.0,
                         help="seconds before a request is aborted (default 600)")
@@ -888,14 +895,25 @@ def run_serve(args: argparse.Namespace) -> int:
     if threads is not None and threads < 1:
         print(f"error: --torch-threads must be >= 1, got {threads}", file=sys.stderr)
         return 2
+    from .device import resolve
     from .llm import LLM
+
+    quantization = getattr(args, "quantization", None)
+    try:
+        where = resolve(args.device, "bfloat16" if quantization and args.dtype == "auto" else args.dtype)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"dgemma: {where.describe()}", file=sys.stderr, flush=True)
 
     def load() -> "LLM":
         if threads is not None:
             import torch
             torch.set_num_threads(threads)
-        return LLM(args.model, device=args.device, dtype=args.dtype, max_batch=args.max_batch,
-                   max_model_len=args.max_model_len)
+        llm = LLM(args.model, device=where.device, dtype=where.dtype, max_batch=args.max_batch,
+                  max_model_len=args.max_model_len, quantization=quantization)
+        print(f"dgemma: {llm.engine.describe()}", file=sys.stderr, flush=True)
+        return llm
 
     torch_thread = TorchThread()  # the model is loaded and run on this one thread
     try:

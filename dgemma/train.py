@@ -26,7 +26,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Sequence
 
@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .checkpoint import load_generation_config, load_model, save_model
+from .device import resolve_training, training_device
 from .model import DiffusionGemma
 
 Objective = Literal["diffusion", "ar"]
@@ -68,7 +69,9 @@ class TrainConfig:
     lora_rank: int = 0  # 0: full fine-tuning
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = LORA_TARGETS
-    precision: Literal["float32", "bfloat16"] = "float32"  # bfloat16: autocast matmuls, float32 master weights
+    # bfloat16: autocast matmuls, float32 master weights; auto: bfloat16 on a GPU with native bf16, else float32
+    # (resolved against the model's device when the Trainer is built; see dgemma.device.auto_precision)
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"
     seed: int = 0
     save_every: int = 0  # 0: only at the end
     log_every: int = 10
@@ -94,8 +97,8 @@ class TrainConfig:
             raise TrainError(f"eps must be in (0, 1), got {self.eps}")
         if self.lora_rank < 0:
             raise TrainError(f"lora_rank must be >= 0, got {self.lora_rank}")
-        if self.precision not in ("float32", "bfloat16"):
-            raise TrainError(f"precision must be float32 or bfloat16, got {self.precision!r}")
+        if self.precision not in ("auto", "float32", "bfloat16"):
+            raise TrainError(f"precision must be auto, float32 or bfloat16, got {self.precision!r}")
 
 
 # -- data ---------------------------------------------------------------------------------------------------------
@@ -402,8 +405,9 @@ def init_distributed() -> DistInfo:
 
 
 def default_device() -> str:
-    """This process's GPU when there is one (under torchrun: the LOCAL_RANK-th), else the CPU."""
-    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+    """The "auto" training device: this process's GPU when there is one (under torchrun: the LOCAL_RANK-th), else
+    the CPU."""
+    return str(training_device("auto"))
 
 
 def _all_reduce(tensors: list[torch.Tensor], info: DistInfo) -> None:
@@ -437,6 +441,9 @@ class Trainer:
 
     def __post_init__(self) -> None:
         self.cfg.validate()
+        if self.cfg.precision == "auto":  # the concrete choice is what checkpoints record
+            prec = resolve_training(self.model.device, "auto").dtype
+            self.cfg = replace(self.cfg, precision="bfloat16" if prec == torch.bfloat16 else "float32")
         if self.cfg.batch_size % (self.dist.world * self.cfg.grad_accum):
             raise TrainError(f"batch_size {self.cfg.batch_size} must be divisible by processes x grad_accum "
                              f"({self.dist.world} x {self.cfg.grad_accum})")
@@ -665,17 +672,18 @@ def write_loss_plot(log: list[dict[str, Any]], path: Path) -> None:
 
 def run_training(model_path: str | Path, data: list[Example] | str | Path, out_dir: str | Path, cfg: TrainConfig,
                  resume: bool = True, progress: bool = True, dtype: torch.dtype = torch.float32,
-                 device: str | None = None) -> Path:
+                 device: str | torch.device | None = "auto") -> Path:
     """Load a checkpoint, fine-tune it on `data` (examples or a JSONL path) and write HF checkpoints to `out_dir`.
 
-    With `resume`, continues from the newest `checkpoint-*` in `out_dir`. `device` defaults to the GPU when there is
-    one. Returns the `final/` directory."""
+    With `resume`, continues from the newest `checkpoint-*` in `out_dir`. `device` "auto" (or None): this process's
+    GPU when there is one, else the CPU. `dtype` is the master weights' dtype: float32 (bf16 compute is
+    `cfg.precision`, whose "auto" picks bfloat16 autocast on GPUs). Returns the `final/` directory."""
     from .tokenizer import Tokenizer
 
     info = init_distributed()
     torch.manual_seed(cfg.seed)
     model_path = Path(model_path)
-    model = load_model(model_path, dtype=dtype, device=torch.device(device or default_device()))
+    model = load_model(model_path, dtype=dtype, device=training_device(device))
     tok_dir = model_path if (model_path / "tokenizer.json").is_file() else None
     examples = data if isinstance(data, list) else load_examples(data, Tokenizer.from_dir(model_path))
     trainer = Trainer(model, examples, cfg, Path(out_dir), generation_config=load_generation_config(model_path),

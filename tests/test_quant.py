@@ -123,3 +123,18 @@ def test_fp8_errors(ckpt, monkeypatch):
     with pytest.raises(QuantizationError, match="cannot run on cpu: torch has no FP8 matmul"):
         quantize_fp8(model)
     assert isinstance(model.layers[0].self_attn.q_proj, torch.nn.Linear)  # left as it was
+
+
+def test_llm_and_cli_take_fp8(ckpt, capsys):
+    from dgemma import LLM, SamplingParams
+    from dgemma.cli import main
+
+    llm = LLM(ckpt, device="cpu", quantization="fp8", max_batch=1)  # dtype auto becomes bf16 for FP8
+    assert llm.dtype == torch.bfloat16 and "experts fp8 per-expert" in llm.engine.describe()
+    out = llm.generate([{"prompt_token_ids": [5, 6]}], SamplingParams(max_new_tokens=16, seed=0, ignore_eos=True,
+                                                                      max_denoising_steps=2))[0].outputs[0]
+    assert len(out.token_ids) == 16
+    code = main(["generate", "--model", str(ckpt), "--prompt-ids", "5,6", "--quantization", "fp8", "--device", "cpu",
+                 "--max-new-tokens", "16", "--ignore-eos", "--max-denoising-steps", "2", "--json"])
+    _, err = capsys.readouterr()
+    assert code == 0 and "dtype bfloat16" in err and "experts fp8" in err, err

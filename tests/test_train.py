@@ -151,7 +151,7 @@ def test_ar_weight_zero_trains_and_logs_no_ar_loss(tmp_path):
     rec = tr.train_step()
     assert rec["ar_loss"] is None and rec["loss"] == rec["diffusion_loss"] > 0
     tr.train(progress=False)
-    log = [json.loads(l) for l in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
     assert [e["ar_loss"] for e in log] == [None] and log[0]["diffusion_loss"] > 0
 
 
@@ -418,7 +418,7 @@ def test_train_cli_writes_checkpoints_and_resumes(ckpt_and_data, tmp_path, capsy
     # More steps: resumes from checkpoint-000002 rather than starting over.
     args[args.index("--steps") + 1] = "6"
     assert cli_main(args) == 0
-    steps = [json.loads(l)["step"] for l in (out / "train_log.jsonl").read_text().splitlines()]
+    steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 3, 4, 5, 6]  # the log file is appended; steps 3-4 were redone from the checkpoint
     capsys.readouterr()
     assert cli_main(["train", "--model", str(d), "--data", str(tmp_path / "missing.jsonl"), "--output",
@@ -446,8 +446,8 @@ def test_torchrun_two_processes_match_one(ckpt_and_data, tmp_path):
                           "127.0.0.1", "--master-port", str(port), "-m", "dgemma.cli", "train", *common,
                           "--output", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
-    la = [json.loads(l)["loss"] for l in (tmp_path / "one" / "train_log.jsonl").read_text().splitlines()]
-    lb = [json.loads(l)["loss"] for l in (tmp_path / "two" / "train_log.jsonl").read_text().splitlines()]
+    la = [json.loads(line)["loss"] for line in (tmp_path / "one" / "train_log.jsonl").read_text().splitlines()]
+    lb = [json.loads(line)["loss"] for line in (tmp_path / "two" / "train_log.jsonl").read_text().splitlines()]
     assert len(la) == len(lb) == 3
     assert max(abs(a - b) for a, b in zip(la, lb)) < 1e-4
     with warnings.catch_warnings():

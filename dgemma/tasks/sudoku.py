@@ -140,7 +140,8 @@ def keeps_clues(puzzle: str, grid: str) -> bool:
 def _search(cells: list[int], cand: list[int], out: list[str], limit: int, rng: random.Random | None) -> None:
     """Depth-first search with naked/hidden-single propagation and MRV branching.
 
-    `cells[i]` is the digit (0 = blank); `cand[i]` the candidate bitmask of blank cells. Mutates both (callers pass copies).
+    `cells[i]` is the digit (0 = blank); `cand[i]` the candidate bitmask of blank cells. Mutates both (callers pass
+    copies).
     """
     # propagate naked singles (and, when none are left, hidden singles) to a fixed point
     while True:

@@ -16,7 +16,16 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from ..cli import EXIT_OK, CLIError, _positive_int, check_device, register
+from ..cli import (
+    DEVICE_HELP,
+    DTYPE_HELP,
+    EXIT_OK,
+    CLIError,
+    _positive_int,
+    placement,
+    register,
+    training_placement,
+)
 
 # A held-out puzzle (40 clues, unique solution, never in the training data) that the bundled model solves in
 # one denoising pass; `--example` uses it.
@@ -64,7 +73,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--seed", type=int, default=2026, help="puzzle and sampling seed (default: %(default)s)")
     e.add_argument("--batch-size", type=_positive_int, default=16, help="(default: %(default)s)")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
-    e.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
+    _add_placement(e)
     e.set_defaults(_sudoku=run_eval)
 
     t = sub.add_parser("train", help="train the diffusion model and the AR baseline from one random init",
@@ -92,6 +101,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--ar-weight", type=float, default=r.ar_weight,
                    help="diffusion: weight of the next-token loss on the solution; 0 skips its extra pass, so "
                         "the same time buys more denoising steps (default: %(default)s)")
+    t.add_argument("--device", default=r.device, help="auto (this process's GPU if there is one, else the CPU), "
+                   "cpu, cuda or cuda:N (default: %(default)s)")
+    t.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default=r.precision,
+                   help="bfloat16: autocast matmuls with float32 master weights; auto: bfloat16 on a GPU with native "
+                        "bf16, float32 elsewhere (the bundled models were trained in float32 on a CPU) "
+                        "(default: %(default)s)")
     t.set_defaults(_sudoku=run_train)
 
 
@@ -111,7 +126,12 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="puzzles solved together "
                    "(default: %(default)s)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
+    _add_placement(p)
+
+
+def _add_placement(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help=DTYPE_HELP)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -149,13 +169,13 @@ def run_solve(args: argparse.Namespace) -> int:
     from . import sudoku as S
     from .sudoku_model import Solver, render
 
-    device = check_device(args.device)
     puzzles = _read_puzzles(args)
+    where = placement(args.device, args.dtype)
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     live = args.live == "always" or (args.live == "auto" and out is sys.stdout and sys.stdout.isatty()
                                      and not args.json)
     solver = Solver(args.model, mode=args.mode, clamp=not args.no_clamp, max_batch=args.batch_size, seed=args.seed,
-                    rounds=args.rounds, samples=args.samples, device=device)
+                    rounds=args.rounds, samples=args.samples, device=where.device, dtype=where.dtype)
     results = []
     if live:  # one at a time, redrawing the grid in place
         for p in puzzles:
@@ -221,7 +241,7 @@ def run_eval(args: argparse.Namespace) -> int:
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         raise CLIError(f"unknown variant {bad[0]!r}; choose from {', '.join(VARIANTS)}")
-    device = check_device(args.device)
+    where = placement(args.device, args.dtype)
     if args.data:
         items = S.load_jsonl(args.data)
     else:  # fresh puzzles: clue counts spread over each difficulty band
@@ -233,7 +253,7 @@ def run_eval(args: argparse.Namespace) -> int:
                 items.append({"puzzle": p, "solution": sol})
     rows = evaluate({"diffusion": args.diffusion_model, "ar": args.ar_model}, items, args.per_difficulty,
                     variants, progress=not args.quiet, max_batch=args.batch_size, seed=args.seed,
-                    device=device)
+                    device=where.device, dtype=where.dtype)
     w = max([len("variant")] + [len(r.variant) for r in rows]) + 2
     print(f"{'variant':<{w}}{'difficulty':<11}{'n':>5}{'solved':>8}{'rate':>8}{'puzzles/s':>11}{'forwards':>10}")
     for r in rows:
@@ -250,10 +270,11 @@ def run_train(args: argparse.Namespace) -> int:
     objectives = tuple(o for o in args.objectives.split(",") if o)
     if not objectives or any(o not in ("diffusion", "ar") for o in objectives):
         raise CLIError("--objectives takes diffusion, ar or both (comma-separated)")
+    training_placement(args.device, args.precision)  # checked and printed here; each process resolves it again
     recipe = Recipe(out_dir=args.output, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                     n_base=args.puzzles, n_train=args.examples, hidden=args.hidden, layers=args.layers,
                     objectives=objectives, threads=args.threads, seed=args.seed, template_prob=args.template_prob,
-                    ar_weight=args.ar_weight)
+                    ar_weight=args.ar_weight, device=args.device, precision=args.precision)
     t0 = time.perf_counter()
     finals = train_recipe(recipe)
     for obj, path in finals.items():

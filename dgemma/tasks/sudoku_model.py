@@ -15,9 +15,12 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal
 
 from . import sudoku as S
+
+if TYPE_CHECKING:
+    import torch
 
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "models" / "sudoku"
 CANVAS = 82  # 81 cells + EOS: one canvas holds the whole answer
@@ -110,7 +113,8 @@ class Recipe:
     seed: int = 0
     objectives: tuple[str, ...] = ("diffusion", "ar")
     threads: int = 1  # torch threads per training process
-    precision: str = "float32"
+    precision: str = "auto"  # float32 on a CPU (as the bundled models were trained), bf16 autocast on a GPU
+    device: str = "auto"  # this process's GPU if there is one, else the CPU
     # diffusion: the share of examples whose clues stay clean, as clamped solving shows them (the bundled model: 0;
     # 0.5 was tried, see its model card)
     template_prob: float = 0.0
@@ -174,7 +178,8 @@ def train_one(recipe: Recipe, objective: str, progress: bool = True) -> Path:
                       betas=(0.9, 0.99), weight_decay=0.01, save_every=max(1, recipe.steps // 10), log_every=20,
                       precision=recipe.precision, template_prob=recipe.template_prob,  # type: ignore[arg-type]
                       ar_weight=recipe.ar_weight)
-    return run_training(out / "init", to_examples(train), out / objective, cfg, progress=progress)
+    return run_training(out / "init", to_examples(train), out / objective, cfg, progress=progress,
+                        device=recipe.device)
 
 
 # -- solving --------------------------------------------------------------------------------------------------------
@@ -200,8 +205,8 @@ class Solver:
     temperature-1 samples and keeping a valid one (clamping and rounds do not apply)."""
 
     def __init__(self, model: str | Path = "sudoku", mode: Mode = "diffusion", clamp: bool = True,
-                 max_batch: int = 16, seed: int = 0, dtype: str = "float32", rounds: int = 1, samples: int = 1,
-                 device: str = "cpu", **sampler: Any):
+                 max_batch: int = 16, seed: int = 0, dtype: str | torch.dtype = "auto", rounds: int = 1,
+                 samples: int = 1, device: str | torch.device = "auto", **sampler: Any):
         from ..llm import LLM
 
         self.llm = LLM(model, device=device, dtype=dtype, max_batch=max_batch,
@@ -341,7 +346,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 def evaluate(models: dict[str, str | Path], items: list[dict], per_difficulty: int,
              variants: Iterable[str] = tuple(VARIANTS), progress: bool = True, max_batch: int = 16,
-             seed: int = 0, device: str = "cpu") -> list[EvalRow]:
+             seed: int = 0, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto") -> list[EvalRow]:
     """Solve rate per difficulty for each variant. `models` maps "diffusion"/"ar" to checkpoints: the AR variant
     uses the AR-trained model, the others the diffusion-trained one."""
     from tqdm import tqdm
@@ -358,7 +363,7 @@ def evaluate(models: dict[str, str | Path], items: list[dict], per_difficulty: i
         if model is None:
             continue
         solver = Solver(model, mode=spec["mode"], clamp=spec["clamp"], max_batch=max_batch, seed=seed,
-                        rounds=spec.get("rounds", 1), samples=spec.get("samples", 1), device=device)
+                        rounds=spec.get("rounds", 1), samples=spec.get("samples", 1), device=device, dtype=dtype)
         for d in ("easy", "medium", "hard"):
             batch = chosen.get(d, [])
             if not batch:
