@@ -42,7 +42,7 @@ class KVCache:
         self.config = config
         self.max_len = max_len
         self.window = config.sliding_window
-        # The ring keeps `slack` entries beyond the window so a row can be truncated (prefix reuse) by that much.
+        # The ring keeps `slack` entries beyond the window (the engine: one canvas) for keys written ahead of a commit.
         ring = max(1, min(max_len, config.sliding_window - 1 + slack))
         self.layers: list[LayerKV] = []
         # Layers of the same kind share one `pos` table: they hold the same slots.
@@ -196,18 +196,3 @@ class KVCache:
         for r, n in zip(range(self.batch_size) if rows is None else rows.tolist(), n_new.tolist()):
             self.host_lengths[r] += n
         self.version += 1
-
-    def truncate(self, row: int, length: int) -> bool:
-        """Forget row `row` beyond `length` tokens; False if the sliding ring no longer holds what it would need."""
-        cur = int(self.lengths[row])
-        if length > cur:
-            return False
-        ring = self.pos[True].shape[1] - 1
-        if cur - length > ring - (self.window - 1) and length > 0:
-            return False  # the window before `length` was overwritten
-        for p in self.pos.values():
-            p[row][p[row] >= length] = -1
-        self.lengths[row] = length
-        self.host_lengths[row] = length
-        self.version += 1
-        return True

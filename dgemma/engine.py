@@ -149,8 +149,9 @@ class Engine:
                 expert_kernel(experts.gate_up_proj) if experts.gate_up_proj.dtype != FP8 else
                 "grouped" if self.model.device.type == "cuda" else "per-expert")
         per_row = self.canvas_length * self.vocab_size * (8 + (0 if self.model.dtype == torch.float32 else 2))
-        return (f"kernels: experts {kernel}; attention SDPA, canvas GQA folded into queries; sampler {self.tile} row(s) per "
-                f"tile ({self.tile * per_row / 2 ** 30:.2f} GiB of (rows, canvas, vocab) buffers); steps eager")
+        return (f"kernels: experts {kernel}; attention SDPA, canvas GQA folded into queries; sampler {self.tile} "
+                f"row(s) per tile ({self.tile * per_row / 2 ** 30:.2f} GiB of (rows, canvas, vocab) buffers); "
+                "steps eager")
 
     # -- requests ---------------------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None, request_id: str | None = None,

@@ -178,7 +178,8 @@ class LLM:
         return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
 
     # -- generation ---------------------------------------------------------------------------------------------
-    def generate_stream(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
+    def generate_stream(self, prompts: Prompt | Sequence[Prompt],
+                        params: SamplingParams | Sequence[SamplingParams] | None = None,
                         stream_drafts: bool = False) -> Iterator[StreamDelta]:
         """Stream deltas for several prompts at once (batched by the engine)."""
         plist, params_list = self._normalise(prompts, params)
@@ -233,7 +234,8 @@ class LLM:
             yield StreamDelta(index, ev.request_id, asm.finish(), finished=True, finish_reason=ev.finish_reason,
                               metrics=ev.metrics)
 
-    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None,
                  reference_sampling: bool = False) -> list[RequestOutput]:
         """Generate for each prompt; returns one RequestOutput per prompt, in order.
 

@@ -10,11 +10,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 from ..cli import (
     DEVICE_HELP,
@@ -147,22 +147,11 @@ def _read_puzzles(args: argparse.Namespace) -> list[str]:
         puzzles.append(EXAMPLE)
     if args.input:
         src = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")
-        with src if src is not sys.stdin else _nullctx(src) as f:
+        with src if src is not sys.stdin else contextlib.nullcontext(src) as f:
             puzzles += [line.strip() for line in f if line.strip()]
     if not puzzles:
         raise CLIError("no puzzles: give them as arguments, with --input FILE, or use --example")
     return puzzles
-
-
-class _nullctx:
-    def __init__(self, f):
-        self.f = f
-
-    def __enter__(self):
-        return self.f
-
-    def __exit__(self, *exc):
-        return False
 
 
 def run_solve(args: argparse.Namespace) -> int:
