@@ -460,6 +460,8 @@ class Engine:
         reason: FinishReason | None = None
         if r.suffix is not None:  # a middle ends at EOS or padding (or where the suffix begins: the budget)
             stop_ids = stop_ids | {self.pad_id}
+        if r.guide is not None:  # a constrained canvas holds EOS only as the fill after the grammar completed
+            stop_ids = stop_ids | self.eos
         cut = next((j for j, t in enumerate(toks) if t in stop_ids), None)
         if cut is not None and cut < budget:
             toks, reason = toks[:cut], "stop"

@@ -311,6 +311,8 @@ class Layer(nn.Module):
 class DiffusionGemma(nn.Module):
     """The DiffusionGemma text model (HF `DiffusionGemmaForBlockDiffusion`, text only)."""
 
+    exact = False  # reference mode (see `reference_kernels`)
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -451,6 +453,9 @@ class DiffusionGemma(nn.Module):
         visible = visible & (torch.arange(T, device=dev)[None, :] < n_new[:, None])
         positions = lengths[:, None] + torch.arange(T, device=dev)[None, :]  # (B, T)
         masks = cache.encoder_masks(positions, visible, rows)
+        if self.exact:  # transformers' masks: a padding query sees nothing (SDPA gives it 0); the fast path lets it
+            # see itself, which keeps it finite on every kernel (a fully masked row is NaN on some)
+            masks = {s: m if isinstance(m, str) else m & visible[:, None, :, None] for s, m in masks.items()}
         plan = cache.write_plan(positions, n_new, rows)
 
         def context(i: int) -> Context:

@@ -19,13 +19,20 @@ Tolerances:
   tables kept in float32, as `from_pretrained(dtype=bfloat16)` and dgemma keep them) and dgemma is loaded with
   `dtype=torch.bfloat16` from the same float32 checkpoint; the config activates every expert so that routing is
   continuous (see BF16_CASE). The logits are soft-capped to +-30 (they span about +-5 here) and the two
-  implementations round differently (fused vs. unfused ops, MoE summation order, SDPA kernels), and these random
-  tiny models amplify rounding: measured max |dgemma - hf| 0.10-0.27 over 8 seeds (0.19 for the seed used), while
-  each bf16 model is 0.2-0.8 away from the float32 reference. We assert:
+  implementations may round differently (fused vs. unfused ops, MoE summation order, SDPA kernels), and these
+  random tiny models amplify rounding: earlier versions measured max |dgemma - hf| 0.10-0.27 over 8 seeds (now 0.0
+  for the seed used, with AVX-512 and AVX2 kernels: the same operations), while each bf16 model is 0.2-0.8 away
+  from the float32 reference. We assert:
     * max abs error <= 0.75 (BF16_TOL, ~3x the worst measured) on every encoder and decoder step,
     * dgemma-bf16 vs. float32 reference <= 2 x (transformers-bf16 vs. float32 reference) + 0.05
       (measured: dgemma is always the closer of the two),
-    * argmax agreement >= 95 % of positions (measured 96-99 %; 98.1 % for the seed used).
+    * the two bf16 implementations agree to within half of bf16's own rounding: the mean over positions of
+      max |dgemma - hf| is <= 0.5 x (BF16_MEAN_RATIO) the mean over positions of transformers-bf16's max error
+      against float32. This replaces a count of argmax agreement (>= 95 %, measured 96-99 %), which hung on
+      near-ties: half the positions have a float32 top-2 gap below 0.3, so another CPU's rounding could flip
+      several. The mean moves continuously with rounding, and is as strict: moving transformers' bf16 logits along
+      their own error (hf32 + k (hf16 - hf32)) gives ratio 0.5 at 96.5-99 % argmax agreement, ratio 1 at 94-98 %.
+      (An RMSNorm computed in bf16 instead of float32 gives ratio 0.81 at 98 % agreement: the count missed it.)
 
 A separate case (`same_head_dim_keqv`) has global_head_dim == head_dim with fewer kv heads on the full layers:
 transformers then omits `head_dim` from `per_layer_config` (it equals the base value), which dgemma must read as
@@ -46,7 +53,7 @@ from oracle import build_hf, hf_logits
 
 FP32_TOL = 1e-4
 BF16_TOL = 0.75
-BF16_ARGMAX_AGREEMENT = 0.95
+BF16_MEAN_RATIO = 0.5
 
 S, FULL = "sliding_attention", "full_attention"
 
@@ -264,18 +271,22 @@ def test_bf16_parity(tmp_path):
     ref32 = list(run_schedule(hf32, model32, seed=5, **run))
     ref16 = list(run_schedule(hf16, model16, seed=5, **run))
     worst_err, worst_own, worst_hf, agree, total = 0.0, 0.0, 0.0, 0, 0
+    pos_err, pos_hf = [], []  # per valid position: max |dgemma16 - hf16|, max |hf16 - hf32|
     for (what, ours16, hf_16, valid), (_, _, hf_32, _) in zip(ref16, ref32):
         assert ours16.dtype == torch.float32 and torch.isfinite(ours16).all(), what
         err = _max_err(ours16, hf_16, valid)
         own = _max_err(ours16, hf_32, valid)  # dgemma bf16 vs. float32 reference
         hf_own = _max_err(hf_16, hf_32, valid)  # transformers bf16 vs. float32 reference
         worst_err, worst_own, worst_hf = max(worst_err, err), max(worst_own, own), max(worst_hf, hf_own)
+        pos_err.append((ours16.float() - hf_16.float()).abs().amax(-1)[valid])
+        pos_hf.append((hf_16.float() - hf_32.float()).abs().amax(-1)[valid])
         same = (ours16.argmax(-1) == hf_16.argmax(-1))[valid]
         agree += int(same.sum())
         total += int(same.numel())
         assert err <= BF16_TOL, f"{what}: bf16 max abs error {err:.3g} > {BF16_TOL}"
+    ratio = float(torch.cat(pos_err).mean() / torch.cat(pos_hf).mean())
     print(f"bf16: max |dgemma-hf| {worst_err:.3g}; vs fp32: dgemma {worst_own:.3g}, hf {worst_hf:.3g}; "
-          f"argmax agreement {agree / total:.4f}")
+          f"mean error ratio {ratio:.3f}; argmax agreement {agree / total:.4f} (not asserted: near-ties)")
     # dgemma in bf16 is not much further from the float32 reference than transformers in bf16
     assert worst_own <= 2 * worst_hf + 0.05, (worst_own, worst_hf)
-    assert agree / total >= BF16_ARGMAX_AGREEMENT, f"argmax agreement {agree / total:.3f}"
+    assert ratio <= BF16_MEAN_RATIO, f"dgemma-bf16 vs transformers-bf16: {ratio:.3f} x bf16's own error"
