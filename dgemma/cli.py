@@ -324,16 +324,12 @@ def training_placement(device: str, precision: str) -> Placement:
 
 def check_device(device: str) -> str:
     """A --device value, checked: "auto" or a torch device string, and CUDA only where this machine has it."""
-    import torch
+    from .device import resolve_device
 
-    if device == "auto":
-        return device
     try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise CLIError(f"invalid --device {device!r}: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device {device}: CUDA is not available on this machine")
+        resolve_device(device, what="--device")
+    except ValueError as e:
+        raise CLIError(str(e)) from None
     return device
 
 

@@ -59,9 +59,11 @@ def is_auto(value: object) -> bool:
     return value is None or value == "auto"
 
 
-def resolve_device(device: str | torch.device | None = "auto", local_rank: int | None = None) -> torch.device:
+def resolve_device(device: str | torch.device | None = "auto", local_rank: int | None = None,
+                   what: str = "device") -> torch.device:
     """"auto" (or None): CUDA when available (device `local_rank` if given, else the current one), else the CPU.
-    Anything else is parsed by torch; ValueError for a bad name or CUDA on a machine without it."""
+    Anything else is parsed by torch; ValueError for a bad name or CUDA on a machine without it (the message
+    calls the value `what`, e.g. "--device")."""
     if is_auto(device):
         if not torch.cuda.is_available():
             return torch.device("cpu")
@@ -69,9 +71,9 @@ def resolve_device(device: str | torch.device | None = "auto", local_rank: int |
     try:
         dev = torch.device(device)
     except RuntimeError as e:
-        raise ValueError(f"invalid device {device!r}: {e}") from None
+        raise ValueError(f"invalid {what} {device!r}: {e}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device}: CUDA is not available on this machine")
+        raise ValueError(f"{what} {device}: CUDA is not available on this machine")
     return dev
 
 
