@@ -266,8 +266,8 @@ def sample_step(logits: torch.Tensor, canvas: torch.Tensor, temperature: torch.T
     """One sampler step. logits (R, C, V) float32 (consumed: scaled in place), canvas (R, C), temperature/bound (R,).
 
     `uniforms` (R, 2C) from `draw_uniforms`: C for the re-noising, C for inverse-CDF samples at accepted positions.
-    By default only accepted positions are
-    sampled (one cumulative sum per accepted position: cheapest on CPU); `all_positions` samples every position
+    By default only accepted positions are sampled (one cumulative sum per accepted position: cheapest on CPU);
+    `all_positions` samples every position
     from the same uniforms and selects with `torch.where`: the same tokens, with no data-dependent shape or host
     synchronisation (graph-capturable). `template` (R, C) holds fixed token ids (-1 where free): fixed positions
     are always accepted and never redrawn. `probs_out` (R, C, V) float32 receives the probabilities (a reusable
@@ -287,7 +287,7 @@ def sample_step(logits: torch.Tensor, canvas: torch.Tensor, temperature: torch.T
     if template is not None:
         fixed = template >= 0
         mask = mask | fixed
-    u = uniforms
+    u = uniforms  # (R, 2C)
     nxt = (u[:, :C] * vocab_size).long().clamp_(max=vocab_size - 1)  # uniform noise tokens
     if all_positions:
         cdf = probs.cumsum(-1)  # (R, C, V)
