@@ -36,7 +36,9 @@ sys.path.insert(0, HERE)
 
 from gpu_bench import HBM, SHAPES_26B, TINY, build  # noqa: E402
 
+from dgemma.config import ModelConfig, TextConfig  # noqa: E402
 from dgemma.engine import Engine, denoise_step  # noqa: E402
+from dgemma.model import DiffusionGemma  # noqa: E402
 from dgemma.sampler import SamplingParams, draw_uniforms  # noqa: E402
 
 
@@ -195,6 +197,22 @@ def roofline_ms(b: Bench) -> float | None:
     return active / bw * 1e3 if bw else None
 
 
+def build_models(text: dict, canvas: int, device: str, no_reference: bool):
+    """transformers' model and dgemma's sharing its weights (`gpu_bench.build`); dgemma's alone, randomly
+    initialised on the device, with --no-reference or where transformers has no DiffusionGemma (no wheel carried)."""
+    if not no_reference:
+        try:
+            return build(text, canvas, device, torch.bfloat16)
+        except ImportError as e:
+            print(f"reference skipped: {e}", flush=True)
+    with torch.device("meta"):
+        model = DiffusionGemma(ModelConfig(text=TextConfig(**text), canvas_length=canvas))
+    model = model.to_empty(device=device).to(torch.bfloat16)
+    model.init_buffers()
+    model.reset_parameters()
+    return None, model.eval()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
@@ -208,7 +226,8 @@ def main() -> int:
     ap.add_argument("--out", help="append each result to this JSON-lines file as it is measured")
     args = ap.parse_args()
     torch.manual_seed(0)
-    hf, model = build(TINY if args.tiny else SHAPES_26B, 16 if args.tiny else 256, args.device, torch.bfloat16)
+    hf, model = build_models(TINY if args.tiny else SHAPES_26B, 16 if args.tiny else 256, args.device,
+                             args.no_reference)
     b = Bench(args, hf, model)
     name = torch.cuda.get_device_name() if b.cuda else "cpu"
     roof = roofline_ms(b)
@@ -217,7 +236,7 @@ def main() -> int:
     print(f"{'impl':20} {'batch':>5} {'tok/s':>9} {'ms/step':>9} {'peak GiB':>9}")
     batches = [int(x) for x in args.batch_sizes.split(",")]
     plan: list[tuple[str, Callable[[int], None]]] = [
-        ("reference", lambda n: None if args.no_reference else reference_variant(b, n)),
+        ("reference", lambda n: None if hf is None else reference_variant(b, n)),
         ("engine", lambda n: engine_variant(b, n, "diffusion")),
         ("step-eager", lambda n: step_variant(b, n, "step-eager", graph=False)),
         ("step-graph", lambda n: b.cuda and step_variant(b, n, "step-graph", graph=True)),
