@@ -63,6 +63,17 @@ def build(text: dict, canvas: int, device: str, dtype: torch.dtype):
     return hf, ours.eval()
 
 
+def roofline_ms(model: DiffusionGemma, device_name: str) -> float | None:
+    """Bytes of bf16 weights one denoising step reads at batch 1 (everything but the inactive experts) / the HBM
+    bandwidth of `device_name`; None for a device not in HBM."""
+    bw = next((v for k, v in HBM.items() if k in device_name), None)
+    cfg = model.config.text
+    total = sum(p.numel() for p in model.parameters()) * 2
+    expert = sum(ly.experts.gate_up_proj.numel() + ly.experts.down_proj.numel() for ly in model.layers) * 2
+    active = total - expert + expert * min(1.0, cfg.top_k_experts * model.config.canvas_length / cfg.num_experts)
+    return active / bw * 1e3 if bw else None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
@@ -86,13 +97,9 @@ def main() -> int:
     from dgemma.sampler import SamplingParams
 
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    bw = next((v for k, v in HBM.items() if k in name), None)
     cfg = ours.config.text
-    # Bytes of weights one denoising step reads: everything but the inactive experts (at batch 1).
     total = sum(p.numel() for p in ours.parameters()) * 2
-    expert = sum(ly.experts.gate_up_proj.numel() + ly.experts.down_proj.numel() for ly in ours.layers) * 2
-    active = total - expert + expert * min(1.0, cfg.top_k_experts * canvas / cfg.num_experts)
-    roof_ms = active / bw * 1e3 if bw else None
+    roof_ms = roofline_ms(ours, name)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     rows = []
     print(f"device {name}; {total / 2 / 1e9:.1f}B parameters (bf16); steps/canvas {args.steps}; "

@@ -34,7 +34,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-from gpu_bench import HBM, SHAPES_26B, TINY, build  # noqa: E402
+from gpu_bench import SHAPES_26B, TINY, build, roofline_ms  # noqa: E402
 
 from dgemma.config import ModelConfig, TextConfig  # noqa: E402
 from dgemma.engine import Engine, denoise_step  # noqa: E402
@@ -186,17 +186,6 @@ def top_kernels(b: Bench, n: int = 12) -> list[dict]:
     return [{"name": e.key[:80], "ms": getattr(e, key, 0) / 1e3, "calls": e.count} for e in events]
 
 
-def roofline_ms(b: Bench) -> float | None:
-    """Bytes of weights one denoising step reads at batch 1 (inactive experts skipped) / HBM bandwidth."""
-    name = torch.cuda.get_device_name() if b.cuda else "cpu"
-    bw = next((v for k, v in HBM.items() if k in name), None)
-    m, cfg = b.model, b.model.config.text
-    total = sum(p.numel() for p in m.parameters()) * 2
-    expert = sum(layer.experts.gate_up_proj.numel() + layer.experts.down_proj.numel() for layer in m.layers) * 2
-    active = total - expert + expert * min(1.0, cfg.top_k_experts * b.C / cfg.num_experts)
-    return active / bw * 1e3 if bw else None
-
-
 def build_models(text: dict, canvas: int, device: str, no_reference: bool):
     """transformers' model and dgemma's sharing its weights (`gpu_bench.build`); dgemma's alone, randomly
     initialised on the device, with --no-reference or where transformers has no DiffusionGemma (no wheel carried)."""
@@ -230,7 +219,7 @@ def main() -> int:
                              args.no_reference)
     b = Bench(args, hf, model)
     name = torch.cuda.get_device_name() if b.cuda else "cpu"
-    roof = roofline_ms(b)
+    roof = roofline_ms(model, name)
     print(f"device {name}; torch {torch.__version__}; steps/canvas {args.steps}; canvas {b.C}; roofline "
           f"{roof and round(roof, 2)} ms/step (weights read once per step at batch 1)", flush=True)
     print(f"{'impl':20} {'batch':>5} {'tok/s':>9} {'ms/step':>9} {'peak GiB':>9}")

@@ -292,19 +292,19 @@ def load_llm(args: argparse.Namespace, max_batch: int = 1) -> LLM:
     if args.threads:
         torch.set_num_threads(args.threads)
     quantization = getattr(args, "quantization", None)
-    where = placement(args.device, "bfloat16" if quantization and args.dtype == "auto" else args.dtype)
+    where = placement(args.device, args.dtype, quantization)
     llm = LLM(args.model, device=where.device, dtype=where.dtype, max_batch=max_batch,
               max_model_len=args.max_model_len, quantization=quantization)
     print(f"dgemma: {llm.engine.describe()}", file=sys.stderr)
     return llm
 
 
-def placement(device: str, dtype: str) -> Placement:
+def placement(device: str, dtype: str, quantization: str | None = None) -> Placement:
     """--device and --dtype, checked and resolved ("auto" included, see dgemma.device); the choice is printed as
     one line on stderr, e.g. `dgemma: device cpu, dtype float32 (auto: no CUDA; ...)`."""
     from .device import resolve
 
-    where = resolve(check_device(device), dtype)
+    where = resolve(check_device(device), dtype, quantization)
     print(f"{PROG}: {where.describe()}", file=sys.stderr, flush=True)
     return where
 

@@ -146,12 +146,16 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None
     return resolve(device, dtype).dtype
 
 
-def resolve(device: str | torch.device | None = "auto", dtype: str | torch.dtype = "auto") -> Placement:
-    """Both choices at once, for inference; ValueError (one line) for a bad device or dtype."""
+def resolve(device: str | torch.device | None = "auto", dtype: str | torch.dtype = "auto",
+            quantization: str | None = None) -> Placement:
+    """Both choices at once, for inference; ValueError (one line) for a bad device or dtype. With a `quantization`
+    (FP8 weights, bf16 activations) "auto" is bfloat16."""
     dev = resolve_device(device)
     why_device = _why_device(device, dev)
     if isinstance(dtype, torch.dtype):
         return Placement(dev, dtype, why_device)
+    if dtype == "auto" and quantization is not None:
+        return Placement(dev, torch.bfloat16, why_device, f"{quantization} weights run with bf16 activations")
     if dtype == "auto":
         auto, why_dtype = auto_dtype(dev)
         return Placement(dev, auto, why_device, why_dtype)

@@ -121,8 +121,9 @@ class Engine:
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
         lowp = 0 if model.dtype == torch.float32 else model.dtype.itemsize  # + a low-precision LM-head output
-        per_row = self.canvas_length * self.vocab_size * (8 + lowp)  # float32 logits and probabilities
-        self.tile = max(1, min(max_batch, sampler_memory // per_row))
+        # float32 logits and probabilities per row
+        self.sampler_row_bytes = self.canvas_length * self.vocab_size * (8 + lowp)
+        self.tile = max(1, min(max_batch, sampler_memory // self.sampler_row_bytes))
         # One canvas of headroom past the context limit: the last canvas is encoded only if generation goes on.
         self.cache = model.new_cache(max_batch, self.max_model_len, slack=self.canvas_length)
         self.eos = set(self.config.text.eos_token_ids)
@@ -143,15 +144,15 @@ class Engine:
 
     def describe(self) -> str:
         """Which kernels run the steps (the start-up report)."""
-        experts = self.model.layers[0].experts
-        with torch.no_grad():
-            kernel = ("fp8 " if experts.gate_up_proj.dtype == FP8 else "") + (
-                expert_kernel(experts.gate_up_proj) if experts.gate_up_proj.dtype != FP8 else
-                "grouped" if self.model.device.type == "cuda" else "per-expert")
-        per_row = self.canvas_length * self.vocab_size * (8 + (0 if self.model.dtype == torch.float32 else 2))
+        w = self.model.layers[0].experts.gate_up_proj
+        if w.dtype == FP8:
+            kernel = "fp8 grouped" if w.device.type == "cuda" else "fp8 per-expert"
+        else:
+            with torch.no_grad():
+                kernel = expert_kernel(w)
+        gib = self.tile * self.sampler_row_bytes / 2 ** 30
         return (f"kernels: experts {kernel}; attention SDPA, canvas GQA folded into queries; sampler {self.tile} "
-                f"row(s) per tile ({self.tile * per_row / 2 ** 30:.2f} GiB of (rows, canvas, vocab) buffers); "
-                "steps eager")
+                f"row(s) per tile ({gib:.2f} GiB of (rows, canvas, vocab) buffers); steps eager")
 
     # -- requests ---------------------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None, request_id: str | None = None,

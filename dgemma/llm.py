@@ -135,9 +135,7 @@ class LLM:
                  max_batch: int = 8, max_model_len: int | None = None, prefill_chunk: int = 1024,
                  quantization: str | None = None):
         self.path = resolve_model_path(model)
-        if quantization is not None and dtype == "auto":
-            dtype = "bfloat16"  # FP8 weights run with bf16 activations
-        placement = resolve_placement(device, dtype)
+        placement = resolve_placement(device, dtype, quantization)
         auto = placement.why_device or placement.why_dtype  # an automatic choice is INFO, an explicit one DEBUG
         logger.log(logging.INFO if auto else logging.DEBUG, "dgemma: %s", placement.describe())
         self.device, self.dtype = placement.device, placement.dtype

@@ -849,6 +849,8 @@ def create_app(llm: "LLM", *, model_name: str, max_queue: int = 64, request_time
 # -- command line ---------------------------------------------------------------------------------------------------
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The `serve` options (for `dgemma serve` and `python -m dgemma.server`)."""
+    from .cli import DEVICE_HELP, DTYPE_HELP  # the same words as every other command
+
     parser.add_argument("--model", required=True, help="checkpoint directory (HF format)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
@@ -858,12 +860,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--max-queue", type=int, default=64,
                         help="requests in flight (running + waiting) before answering 429")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="weight and activation dtype (default: auto: bfloat16 on CUDA and on CPUs where bf16 "
-                             "matmul is native and faster, i.e. with AMX, or AVX512-BF16 on AMD; float32 elsewhere: "
-                             "on AVX2-only CPUs bf16 is emulated, ~100x slower per matmul)")
-    parser.add_argument("--device", default="auto",
-                        help="torch device: auto (CUDA when available, else the CPU), cpu, cuda, cuda:1, ... "
-                             "(default: auto)")
+                        help=DTYPE_HELP)
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--quantization", choices=["fp8"], default=None,
                         help="fp8: FP8 dense and expert weights, bf16 activations (see `dgemma generate --help`)")
     parser.add_argument("--max-model-len", type=int, default=None, help="context length the cache is sized for")
@@ -900,7 +898,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     quantization = getattr(args, "quantization", None)
     try:
-        where = resolve(args.device, "bfloat16" if quantization and args.dtype == "auto" else args.dtype)
+        where = resolve(args.device, args.dtype, quantization)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
