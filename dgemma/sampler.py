@@ -259,6 +259,22 @@ def draw_uniforms(generators: list[torch.Generator | None], canvas: int, device:
     return torch.stack([torch.rand(2 * canvas, generator=g, dtype=torch.float64, device=device) for g in generators])
 
 
+def max_argmax(x: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., V) -> the max (..., 1) and the first index holding it (...,), as `x.max(-1)` returns them.
+
+    Index-returning reductions over V are slow on CPU (not vectorised: 0.4 ms at (64, 8192), 15x `amax`), so the
+    index is found in two short steps: the first block of `block` entries whose `amax` is the max, then the first
+    maximal entry inside it."""
+    V = x.shape[-1]
+    if V % block or V == block:
+        top, idx = x.max(dim=-1, keepdim=True)
+        return top, idx.squeeze(-1)
+    blocks = x.unflatten(-1, (V // block, block))  # (..., V/block, block)
+    top, first = blocks.amax(dim=-1).max(dim=-1, keepdim=True)  # (..., 1) each: the first block reaching the max
+    inside = blocks.gather(-2, first[..., None].expand(*first.shape, block)).squeeze(-2).argmax(dim=-1)  # (...,)
+    return top, first.squeeze(-1) * block + inside
+
+
 def sample_step(logits: torch.Tensor, canvas: torch.Tensor, temperature: torch.Tensor, bound: torch.Tensor,
                 accept: Callable, uniforms: torch.Tensor, vocab_size: int,
                 template: torch.Tensor | None = None, probs_out: torch.Tensor | None = None,
@@ -275,8 +291,7 @@ def sample_step(logits: torch.Tensor, canvas: torch.Tensor, temperature: torch.T
     """
     R, C, V = logits.shape
     x = logits.div_(temperature[:, None, None])
-    top, argmax = x.max(dim=-1, keepdim=True)  # one pass for both (first index of the max, as `argmax`)
-    argmax = argmax.squeeze(-1)  # (R, C)
+    top, argmax = max_argmax(x)  # (R, C, 1), (R, C)
     x.sub_(top)  # x - max: exp cannot overflow
     probs = torch.exp(x, out=probs_out) if probs_out is not None else x.exp()
     z = probs.sum(dim=-1)  # (R, C) partition function (relative to the max)
