@@ -18,7 +18,8 @@ canvas. A grammar matcher, though, reads left to right. The design (docs/structu
   structural tokens such as `"`, `]`, `}`, `0`, `,`) and forced, so even random weights close their JSON. If no
   completion fits, the request ends with finish_reason "length" and is never reported as complete.
 
-Everything here is CPU-side bookkeeping; the model is untouched.
+`ConstraintState` is all of this for one request; the engine only calls it (see its docstring). Everything here
+is CPU-side bookkeeping; the model is untouched.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import math
 import re
 import threading
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Iterable, Literal
 
 import torch
 
@@ -53,6 +54,7 @@ CLOSER_BONUS = math.log(8.0)
 SEPARATORS = ',:'  # end the current item (a number, a value) without opening anything
 SEPARATOR_BONUS = math.log(2.0)
 MAX_LOOKAHEAD = 48
+CLOSING_SLACK = 8  # spare tokens kept when a closing path is forced: one token can lengthen it by several
 
 
 class ConstraintError(ValueError):
@@ -273,8 +275,6 @@ class Guide:
         self.m = matcher
         self.f = factory
         self.finished = False  # the grammar is complete (EOS chosen, or nothing but EOS is allowed)
-        self.pending: list[int] = []  # a forced closing path, placed before anything else
-        self.consumed = 0
 
     def allowed(self) -> torch.Tensor:
         """Tokens the matcher allows next, as a bool mask (V,)."""
@@ -292,7 +292,6 @@ class Guide:
             return
         if not self.m.consume_token(token):  # a resource limit tripped mid-way (the mask never allows a bad token)
             raise ConstraintError(f"the constraint failed during generation: {_short(self.m.get_error())}")
-        self.consumed += 1
         if self.m.is_stopped():
             self.finished = True
 
@@ -338,3 +337,120 @@ class Guide:
         finally:
             if path:
                 self.m.rollback(len(path))
+
+
+class ConstraintState:
+    """One request's constrained decoding, end to end: its matcher, the frontier in the current canvas, the budget.
+
+    The engine's side is small (as vLLM's scheduler asks its structured-output manager for a token mask): per canvas
+    `start_canvas` gives the canvas's fixed positions; per denoising step `advance` extends the frontier from the
+    row's logits (before the sampler consumes them) and writes the validated tokens into those fixed positions, and
+    `canvas_complete` says when the canvas may be committed; in AR mode `next_token` picks each token. `produced` is
+    the number of tokens the request has already output. A resource limit tripping mid-way raises ConstraintError:
+    the engine ends that request, the batch goes on.
+    """
+
+    def __init__(self, guide: Guide, max_new_tokens: int, eos: Iterable[int], generator: torch.Generator):
+        self.guide = guide
+        self.max_new_tokens = max_new_tokens
+        self.eos = set(eos)
+        self.generator = generator  # the request's own: constrained draws stay independent of the batch
+        self.fixed: torch.Tensor | None = None  # (C,) validated tokens of this canvas before the frontier, -1 after
+        self.frontier = 0  # canvas positions [0, frontier) are validated and frozen
+        self.out_of_budget = False  # the request used its whole max_new_tokens
+        self.pending: list[int] = []  # a forced closing path, placed before anything else
+        self.closing_len: int | None = None  # length of the last closing path found
+
+    @property
+    def finished(self) -> bool:
+        """The grammar is complete."""
+        return self.guide.finished
+
+    @property
+    def canvas_complete(self) -> bool:
+        """The frontier reached the canvas end, or the budget ran out: the canvas is ready to commit."""
+        return self.out_of_budget or (self.fixed is not None and self.frontier >= len(self.fixed))
+
+    def start_canvas(self, canvas_length: int, device: torch.device | str) -> torch.Tensor:
+        """A new canvas: the frontier restarts at 0 (the matcher carries over). Returns its fixed positions (C,),
+        which `advance` fills in place."""
+        self.fixed = torch.full((canvas_length,), -1, dtype=torch.long, device=device)
+        self.frontier = 0
+        return self.fixed
+
+    def advance(self, logits: torch.Tensor, temperature: float, bound: float, produced: int) -> None:
+        """Extend the frontier by one entropy-bounded run of grammar-valid tokens (at least one) sampled from the
+        canvas logits (C, V); forced tokens are placed for free."""
+        C, g = len(self.fixed), self.guide
+        taken, h_sum, h_max = 0, 0.0, 0.0
+        while self.frontier < C and not self.out_of_budget:
+            left = self.max_new_tokens - produced - self.frontier
+            if left <= 0:
+                self.out_of_budget = True
+                break
+            if g.finished:  # complete: the rest of the canvas is EOS, which ends the request
+                self.fixed[self.frontier:] = min(self.eos)
+                self.frontier = C
+                break
+            forced = self._next_forced(left)
+            if forced:
+                self._place_forced(forced[: C - self.frontier])
+                continue
+            tok, h = self._sample(logits[self.frontier], temperature)
+            if taken and h_sum + h - max(h_max, h) > bound:
+                break  # the entropy-bound rule, over the contiguous run from the frontier
+            g.consume(tok)
+            taken, h_sum, h_max = taken + 1, h_sum + h, max(h_max, h)
+            if not (g.finished and tok in self.eos):  # an EOS that completes the grammar is filled in above
+                self._place(tok)
+
+    def next_token(self, logits: torch.Tensor, temperature: float, produced: int) -> int:
+        """The AR baseline under a constraint: the next token from next-token logits (V,), masked (greedy or
+        sampled), or forced (closing when the budget runs short); consumed by the matcher."""
+        forced = self._next_forced(self.max_new_tokens - produced)
+        # Only the first forced token: the rest of a forced run is forced again at the next step.
+        tok = forced[0] if forced else self._sample(logits, temperature)[0]
+        self.guide.consume(tok)
+        return tok
+
+    def _place(self, token: int) -> None:
+        self.fixed[self.frontier] = token
+        self.frontier += 1
+
+    def _place_forced(self, tokens: list[int]) -> None:
+        for t in tokens:
+            self.guide.consume(t)
+            if self.guide.finished and t in self.eos:
+                break
+            self._place(t)
+
+    def _closing_margin(self) -> int:
+        """Tokens left below which the request watches for the point where it must close."""
+        return max(8, min(64, self.max_new_tokens // 4))
+
+    def _next_forced(self, left: int) -> list[int]:
+        """Tokens to place without sampling: a pending closing path, or what the grammar forces.
+
+        Within the closing margin, a short completion is searched now and then (whenever the tokens left come
+        within twice the last path's length, and every 8 tokens); once it only just fits, it is forced."""
+        if not self.pending and left <= self._closing_margin() and (
+                self.closing_len is None or left <= 2 * self.closing_len + 8 or left % 8 == 0):
+            path = self.guide.closing_path(left)
+            if path is not None and len(path) + CLOSING_SLACK >= left:
+                self.pending = path
+            self.closing_len = len(path) if path is not None else left
+        if self.pending:
+            return [self.pending.pop(0)]
+        return self.guide.forced()
+
+    def _sample(self, logits: torch.Tensor, temperature: float) -> tuple[int, float]:
+        """A token from `logits` (V,) masked to what the grammar allows, and the masked distribution's entropy (the
+        acceptance rule's input)."""
+        x = logits.float() / max(temperature, 1e-6)
+        x = x.masked_fill(~self.guide.allowed().to(x.device), float("-inf"))
+        logp = torch.log_softmax(x, dim=-1)
+        p = logp.exp()
+        entropy = float(-(p * logp.masked_fill(p == 0, 0)).sum())
+        if temperature <= 0:
+            return int(x.argmax()), entropy
+        return int(torch.multinomial(p, 1, generator=self.generator)), entropy
