@@ -29,7 +29,7 @@ import math
 import re
 import threading
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal
 
 import torch
 
@@ -112,52 +112,76 @@ def _lark_string(s: str) -> str:
     return json.dumps(s)  # a JSON string literal is a valid Lark string literal
 
 
-def to_grammar(c: Constraint) -> str:
-    """The llguidance grammar (serialised) for a constraint; raises ConstraintError for malformed input."""
+def _json_schema_grammar(schema: Any) -> str:
     import llguidance
 
-    if c.kind == "json_schema":
-        schema = c.value
-        if isinstance(schema, str):
-            try:
-                schema = json.loads(schema)
-            except json.JSONDecodeError as e:
-                raise ConstraintError(f"json_schema is not valid JSON: {e.msg}") from None
-        _check_schema(schema)
+    if isinstance(schema, str):
         try:
-            return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
-        except ValueError as e:
-            raise ConstraintError(f"json_schema: {e}") from None
-    if c.kind == "json_object":
-        return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, overrides=JSON_OPTIONS)
-    if c.kind == "regex":
-        if not isinstance(c.value, str) or not c.value:
-            raise ConstraintError("regex must be a non-empty string")
-        if len(c.value) > MAX_REGEX_CHARS:
-            raise ConstraintError(f"regex has {len(c.value)} characters; the limit is {MAX_REGEX_CHARS}")
-        return llguidance.LLMatcher.grammar_from_regex(c.value)
-    if c.kind == "choice":
-        if not isinstance(c.value, list) or not c.value or not all(isinstance(s, str) and s for s in c.value):
-            raise ConstraintError("choice must be a non-empty list of non-empty strings")
-        if len(c.value) > MAX_CHOICES or sum(len(s) for s in c.value) > MAX_SPEC_BYTES:
-            raise ConstraintError(f"choice is too large (at most {MAX_CHOICES} options, {MAX_SPEC_BYTES} bytes)")
-        return llguidance.LLMatcher.grammar_from_lark(
-            "start: " + " | ".join(_lark_string(s) for s in dict.fromkeys(c.value)) + "\n")
-    if c.kind == "grammar":
-        if not isinstance(c.value, str) or not c.value.strip():
-            raise ConstraintError("grammar must be a non-empty string")
-        if len(c.value) > MAX_SPEC_BYTES:
-            raise ConstraintError(f"grammar is {len(c.value)} bytes; the limit is {MAX_SPEC_BYTES}")
-        text = c.value
-        if "::=" in text:  # GBNF / EBNF (llama.cpp style): convert to Lark
-            from llguidance.gbnf_to_lark import gbnf_to_lark
+            schema = json.loads(schema)
+        except json.JSONDecodeError as e:
+            raise ConstraintError(f"json_schema is not valid JSON: {e.msg}") from None
+    _check_schema(schema)
+    try:
+        return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
+    except ValueError as e:
+        raise ConstraintError(f"json_schema: {e}") from None
 
-            try:
-                text = gbnf_to_lark(text)
-            except Exception as e:  # the converter raises plain exceptions on malformed input
-                raise ConstraintError(f"grammar: cannot convert EBNF: {e}") from None
-        return llguidance.LLMatcher.grammar_from_lark(text)
-    raise ConstraintError(f"unknown constraint kind {c.kind!r}")
+
+def _json_object_grammar(_: Any) -> str:
+    import llguidance
+
+    return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, overrides=JSON_OPTIONS)
+
+
+def _regex_grammar(regex: Any) -> str:
+    import llguidance
+
+    if not isinstance(regex, str) or not regex:
+        raise ConstraintError("regex must be a non-empty string")
+    if len(regex) > MAX_REGEX_CHARS:
+        raise ConstraintError(f"regex has {len(regex)} characters; the limit is {MAX_REGEX_CHARS}")
+    return llguidance.LLMatcher.grammar_from_regex(regex)
+
+
+def _choice_grammar(choice: Any) -> str:
+    import llguidance
+
+    if not isinstance(choice, list) or not choice or not all(isinstance(s, str) and s for s in choice):
+        raise ConstraintError("choice must be a non-empty list of non-empty strings")
+    if len(choice) > MAX_CHOICES or sum(len(s) for s in choice) > MAX_SPEC_BYTES:
+        raise ConstraintError(f"choice is too large (at most {MAX_CHOICES} options, {MAX_SPEC_BYTES} bytes)")
+    return llguidance.LLMatcher.grammar_from_lark(
+        "start: " + " | ".join(_lark_string(s) for s in dict.fromkeys(choice)) + "\n")
+
+
+def _lark_grammar(text: Any) -> str:
+    import llguidance
+
+    if not isinstance(text, str) or not text.strip():
+        raise ConstraintError("grammar must be a non-empty string")
+    if len(text) > MAX_SPEC_BYTES:
+        raise ConstraintError(f"grammar is {len(text)} bytes; the limit is {MAX_SPEC_BYTES}")
+    if "::=" in text:  # GBNF / EBNF (llama.cpp style): convert to Lark
+        from llguidance.gbnf_to_lark import gbnf_to_lark
+
+        try:
+            text = gbnf_to_lark(text)
+        except Exception as e:  # the converter raises plain exceptions on malformed input
+            raise ConstraintError(f"grammar: cannot convert EBNF: {e}") from None
+    return llguidance.LLMatcher.grammar_from_lark(text)
+
+
+# Each kind's grammar builder: the constraint's value -> the llguidance grammar, ConstraintError when malformed.
+GRAMMARS: dict[str, Callable[[Any], str]] = {"json_schema": _json_schema_grammar, "json_object": _json_object_grammar,
+                                             "regex": _regex_grammar, "choice": _choice_grammar,
+                                             "grammar": _lark_grammar}
+
+
+def to_grammar(c: Constraint) -> str:
+    """The llguidance grammar (serialised) for a constraint; raises ConstraintError for malformed input."""
+    if c.kind not in GRAMMARS:
+        raise ConstraintError(f"unknown constraint kind {c.kind!r}")
+    return GRAMMARS[c.kind](c.value)
 
 
 class GuideFactory:
@@ -297,10 +321,8 @@ class Guide:
 
     def closing_path(self, max_len: int) -> list[int] | None:
         """A short token sequence that completes the grammar, ending with EOS; None if none is found within
-        `max_len` tokens. Greedy with one token of lookahead over single-character tokens: prefer a token after
-        which the grammar may end, else the one that leaves the fewest allowed tokens (closing brackets and quotes,
-        and less so separators, get a bonus, so items end and arrays and objects close instead of growing).
-        The matcher is left as it was."""
+        `max_len` tokens: forced tokens, else one single-character token at a time (`_closing_token`). The matcher
+        is left as it was."""
         f = self.f
         f.tok  # noqa: B018 - builds the single-character table
         path: list[int] = []
@@ -315,28 +337,37 @@ class Guide:
                             return None
                         path.append(t)
                     continue
-                mask = self.allowed()
-                cands = [t for t in f.single_chars if mask[t]][:MAX_LOOKAHEAD]
-                if not cands:  # nothing single-character fits (e.g. a multi-byte character): first allowed token
-                    cands = [t for t in mask.nonzero().flatten().tolist() if t not in f.eos][:1]
-                best: tuple | None = None
-                for rank, t in enumerate(cands):
-                    if not self.m.consume_token(t):
-                        continue
-                    done = self.m.is_accepting() or self.m.is_stopped()
-                    size = 0 if done else int(self.allowed().sum())
-                    self.m.rollback(1)
-                    bonus = CLOSER_BONUS if t in f.closers else SEPARATOR_BONUS if t in f.separators else 0.0
-                    score = (not done, math.log(size + 1) - bonus, rank)
-                    if best is None or score < best[0]:
-                        best = (score, t)
-                if best is None or not self.m.consume_token(best[1]):
+                t = self._closing_token()
+                if t is None or not self.m.consume_token(t):
                     return None
-                path.append(best[1])
+                path.append(t)
             return None
         finally:
             if path:
                 self.m.rollback(len(path))
+
+    def _closing_token(self) -> int | None:
+        """The next token of a closing path, greedy with one token of lookahead over single-character tokens: one
+        after which the grammar may end, else the one that leaves the fewest allowed tokens (closing brackets and
+        quotes, and less so separators, get a bonus, so items end and arrays and objects close instead of growing).
+        None if no candidate is accepted."""
+        f = self.f
+        mask = self.allowed()
+        cands = [t for t in f.single_chars if mask[t]][:MAX_LOOKAHEAD]
+        if not cands:  # nothing single-character fits (e.g. a multi-byte character): first allowed token
+            cands = [t for t in mask.nonzero().flatten().tolist() if t not in f.eos][:1]
+        best: tuple | None = None
+        for rank, t in enumerate(cands):
+            if not self.m.consume_token(t):
+                continue
+            done = self.m.is_accepting() or self.m.is_stopped()
+            size = 0 if done else int(self.allowed().sum())
+            self.m.rollback(1)
+            bonus = CLOSER_BONUS if t in f.closers else SEPARATOR_BONUS if t in f.separators else 0.0
+            score = (not done, math.log(size + 1) - bonus, rank)
+            if best is None or score < best[0]:
+                best = (score, t)
+        return None if best is None else best[1]
 
 
 class ConstraintState:

@@ -77,7 +77,6 @@ class Event:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-
 @dataclass
 class _Diffusion:
     """A diffusion request's canvas state (`_Req.diffusion`)."""
@@ -135,6 +134,58 @@ class _Batch:
     hidden: torch.Tensor | None = None  # (R, C, hidden) from the decoder pass
 
 
+class _StopRules:
+    """The stop rules in use: one object per rule over all cache rows (built on first use)."""
+
+    def __init__(self, rows: int, canvas: int, device: torch.device):
+        self.rows, self.canvas, self.device = rows, canvas, device
+        self._rules: dict[str, Any] = {}
+
+    def rule(self, name: str) -> Any:
+        if name not in self._rules:
+            n = self.rows
+            self._rules[name] = STOPPING[name](n, self.canvas, torch.ones(n, dtype=torch.long), torch.zeros(n),
+                                               self.device)
+        return self._rules[name]
+
+    def reset(self, r: _Req) -> None:
+        """A new canvas on the request's row, under its rule and thresholds."""
+        self.rule(r.diffusion.stopping).reset(torch.tensor([r.row], device=self.device), r.params.stability_threshold,
+                                              float(r.params.confidence_threshold))
+
+    def converged(self, reqs: list[_Req], out: StepOut) -> torch.Tensor:
+        """Which rows' canvases their rules call converged after a step (R,) on the host: one call per rule."""
+        done = torch.zeros(len(reqs), dtype=torch.bool)
+        for name in {r.diffusion.stopping for r in reqs}:
+            idx = [i for i, r in enumerate(reqs) if r.diffusion.stopping == name]
+            sel = torch.tensor(idx, device=out.argmax.device)
+            rows = torch.tensor([reqs[i].row for i in idx], device=out.argmax.device)
+            done[idx] = self.rule(name)(rows, out.argmax[sel], out.mean_entropy[sel]).cpu()
+        return done
+
+
+def _temperatures(reqs: list[_Req], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row temperature from each row's schedule and step, and entropy bound: (R,), (R,) on the device."""
+    p0 = [r.params for r in reqs]
+    N = torch.tensor([p.max_denoising_steps for p in p0], dtype=torch.float32)
+    n = torch.tensor([r.diffusion.steps_left for r in reqs], dtype=torch.float32)
+    t_min = torch.tensor([p.t_min for p in p0], dtype=torch.float32)
+    t_max = torch.tensor([p.t_max for p in p0], dtype=torch.float32)
+    temp = torch.empty(len(reqs))
+    for name in {p.schedule for p in p0}:  # one call per schedule (usually one)
+        sel = torch.tensor([i for i, p in enumerate(p0) if p.schedule == name])
+        temp[sel] = SCHEDULES[name](n[sel], N[sel], t_min[sel], t_max[sel])
+    return temp.to(device), torch.tensor([p.entropy_bound for p in p0], device=device)
+
+
+def _tiles(reqs: list[_Req], tile: int) -> Iterator[tuple[str, list[int]]]:
+    """(acceptance rule, row indices) groups: rows sharing a rule, at most `tile` at a time."""
+    for rule in sorted({r.params.acceptance for r in reqs}):
+        idx = [i for i, r in enumerate(reqs) if r.params.acceptance == rule]
+        for start in range(0, len(idx), tile):
+            yield rule, idx[start:start + tile]
+
+
 class Engine:
     """Continuous-batching generation over one `DiffusionGemma` model and one preallocated `KVCache`."""
 
@@ -172,7 +223,7 @@ class Engine:
         self.stats = {"decoder_passes": 0, "encoder_passes": 0, "steps": 0}
         self._mask_key: tuple | None = None
         self._workspace: dict[str, torch.Tensor] = {}
-        self._stoppers: dict[str, Any] = {}
+        self._stop_rules = _StopRules(max_batch, self.canvas_length, model.device)
         self._masks: dict | None = None
 
     def describe(self) -> str:
@@ -345,8 +396,7 @@ class Engine:
         d.has_sc = False
         d.steps_left = r.params.max_denoising_steps
         d.stopping = "none" if r.params.fixed_steps else r.params.stopping
-        self._stopper(d.stopping).reset(torch.tensor([r.row], device=dev), r.params.stability_threshold,
-                                        float(r.params.confidence_threshold))
+        self._stop_rules.reset(r)
 
     def _infill_positions(self, r: _Req) -> torch.Tensor | None:
         """Infilling: the suffix sits right after the middle's room (max_new_tokens), padding after it, all fixed and
@@ -359,14 +409,6 @@ class Engine:
         fixed[pos >= m + S] = self.pad_id
         return fixed if bool((fixed >= 0).any()) else None
 
-    def _stopper(self, name: str):
-        """One stop-rule object per rule, over all cache rows."""
-        if name not in self._stoppers:
-            n = self.max_batch
-            self._stoppers[name] = STOPPING[name](n, self.canvas_length, torch.ones(n, dtype=torch.long),
-                                                  torch.zeros(n), self.model.device)
-        return self._stoppers[name]
-
     # -- diffusion ------------------------------------------------------------------------------------------------
     def _denoise(self, events: list[Event]) -> None:
         """One denoising step for every row with a canvas: one decoder pass, then the LM head, the sampler and the
@@ -378,7 +420,7 @@ class Engine:
         batch = self._gather(reqs)
         self._decode(batch)
         commits: list[tuple[_Req, torch.Tensor]] = []
-        for rule, idx in self._tiles(reqs):
+        for rule, idx in _tiles(reqs, self.tile):
             tile = [reqs[i] for i in idx]
             out = self._sample(batch, rule, idx)
             self._after_step(tile, out, events, commits)
@@ -389,7 +431,7 @@ class Engine:
         rows = torch.tensor([r.row for r in reqs], dtype=torch.long, device=self.model.device)
         all_rows = len(reqs) == self.max_batch and all(r.row == i for i, r in enumerate(reqs))
         canvas = torch.stack([r.diffusion.canvas for r in reqs])
-        return _Batch(reqs, rows, None if all_rows else rows, canvas, *self._temperatures(reqs))
+        return _Batch(reqs, rows, None if all_rows else rows, canvas, *_temperatures(reqs, self.model.device))
 
     def _decode(self, batch: _Batch) -> None:
         """The decoder pass over the batch's canvases: `batch.hidden` (R, C, hidden)."""
@@ -439,27 +481,6 @@ class Engine:
                 soft[r.row].zero_()
         return soft if rows is None else soft[rows]
 
-    def _temperatures(self, reqs: list[_Req]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row temperature from each row's schedule and step, and entropy bound: (R,), (R,) on the device."""
-        p0 = [r.params for r in reqs]
-        N = torch.tensor([p.max_denoising_steps for p in p0], dtype=torch.float32)
-        n = torch.tensor([r.diffusion.steps_left for r in reqs], dtype=torch.float32)
-        t_min = torch.tensor([p.t_min for p in p0], dtype=torch.float32)
-        t_max = torch.tensor([p.t_max for p in p0], dtype=torch.float32)
-        temp = torch.empty(len(reqs))
-        for name in {p.schedule for p in p0}:  # one call per schedule (usually one)
-            sel = torch.tensor([i for i, p in enumerate(p0) if p.schedule == name])
-            temp[sel] = SCHEDULES[name](n[sel], N[sel], t_min[sel], t_max[sel])
-        dev = self.model.device
-        return temp.to(dev), torch.tensor([p.entropy_bound for p in p0], device=dev)
-
-    def _tiles(self, reqs: list[_Req]) -> Iterator[tuple[str, list[int]]]:
-        """(acceptance rule, row indices) groups: rows sharing a rule, at most `self.tile` at a time."""
-        for rule in sorted({r.params.acceptance for r in reqs}):
-            idx = [i for i, r in enumerate(reqs) if r.params.acceptance == rule]
-            for start in range(0, len(idx), self.tile):
-                yield rule, idx[start:start + self.tile]
-
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head over a tile's hidden states (T, C, hidden) -> float32 logits (T, C, V) in a reused buffer."""
         T, lowp = hidden.shape[0], self.model.dtype != torch.float32
@@ -495,7 +516,7 @@ class Engine:
 
     def _after_step(self, reqs: list[_Req], out: StepOut, events: list[Event], commits: list) -> None:
         """Advance each row's state after a sampler step; converged canvases are emitted and queued to commit."""
-        done = self._stop_rule(reqs, out)
+        done = self._stop_rules.converged(reqs, out)
         for i, r in enumerate(reqs):
             d = r.diffusion
             d.passes += 1
@@ -513,16 +534,6 @@ class Engine:
             if done[i] or d.steps_left == 0:
                 if self._emit_canvas(r, out.argmax[i], events):
                     commits.append((r, out.argmax[i]))
-
-    def _stop_rule(self, reqs: list[_Req], out: StepOut) -> torch.Tensor:
-        """Which rows' canvases the stop rules call converged (R,) on the host: one call per rule (usually one)."""
-        done = torch.zeros(len(reqs), dtype=torch.bool)
-        for name in {r.diffusion.stopping for r in reqs}:
-            idx = [i for i, r in enumerate(reqs) if r.diffusion.stopping == name]
-            sel = torch.tensor(idx, device=out.argmax.device)
-            rows = torch.tensor([reqs[i].row for i in idx], device=out.argmax.device)
-            done[idx] = self._stopper(name)(rows, out.argmax[sel], out.mean_entropy[sel]).cpu()
-        return done
 
     def _emit_canvas(self, r: _Req, argmax: torch.Tensor, events: list[Event]) -> bool:
         """A canvas has converged: emit its tokens; True if generation goes on (the canvas must be committed)."""
