@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Literal
 
 import torch
 
-from .cache import KVCache
+from .cache import CanvasView, KVCache
 from .constraints import ConstraintError, ConstraintState
 from .model import DiffusionGemma, expert_kernel
 from .quant import FP8
@@ -52,12 +52,13 @@ def check_context(prompt_len: int, params: SamplingParams, limit: int, canvas: i
 
 def denoise_step(model: DiffusionGemma, cache: KVCache, canvas: torch.Tensor, soft: torch.Tensor | None,
                  uniforms: torch.Tensor, temperature: torch.Tensor, bound: torch.Tensor,
-                 masks: dict[bool, torch.Tensor | None], rows: torch.Tensor | None = None,
+                 masks: CanvasView, rows: torch.Tensor | None = None,
                  accept: Callable = entropy_bound_accept) -> tuple[StepOut, torch.Tensor]:
     """One whole denoising step of unconstrained rows, with no host synchronisation and no data-dependent shape, so
     a CUDA graph or `torch.compile(fullgraph=True)` can capture it: decoder pass, LM head, sampling at every position
     from the drawn `uniforms` (R, 2C), and the next self-conditioning input (R, C, hidden). `masks` from
-    `cache.decoder_masks` (built once per canvas). The engine's `_denoise` does this work tile by tile, with
+    `cache.decoder_masks(C, rows, in_place=True)` (built once per canvas: the canvas's keys/values go into their
+    future cache slots, so no per-layer copy of the cache). The engine's `_denoise` does this work tile by tile, with
     constraints, on the accepted-only sampling path (the same tokens)."""
     hidden = model.denoise(canvas, cache, soft=soft, rows=rows, masks=masks, hidden_only=True)
     out = sample_step(model.logits(hidden), canvas, temperature, bound, accept, uniforms, model.config.vocab_size,
@@ -232,11 +233,14 @@ class Engine:
         if w.dtype == FP8:
             kernel = "fp8 grouped" if w.device.type == "cuda" else "fp8 per-expert"
         else:
-            with torch.no_grad():
-                kernel = expert_kernel(w)
+            k, C = self.config.text.top_k_experts, self.canvas_length
+            with torch.no_grad():  # the choice may depend on how many canvas tokens a step carries
+                one, full = (expert_kernel(w, tokens=n * C, top_k=k) for n in (1, self.max_batch))
+            kernel = one if one == full else f"{one} (1 row), {full} ({self.max_batch} rows)"
         gib = self.tile * self.sampler_row_bytes / 2 ** 30
-        return (f"kernels: experts {kernel}; attention SDPA, canvas GQA folded into queries; sampler {self.tile} "
-                f"row(s) per tile ({gib:.2f} GiB of (rows, canvas, vocab) buffers); steps eager")
+        return (f"kernels: experts {kernel}; attention SDPA, canvas GQA folded into queries, canvas K/V in its cache "
+                f"slots; sampler {self.tile} row(s) per tile ({gib:.2f} GiB of (rows, canvas, vocab) buffers); "
+                f"steps eager")
 
     # -- requests ---------------------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None, request_id: str | None = None,
@@ -437,7 +441,8 @@ class Engine:
         """The decoder pass over the batch's canvases: `batch.hidden` (R, C, hidden)."""
         key = (tuple(r.row for r in batch.reqs), self.cache.version)
         if key != self._mask_key:  # masks change only when rows join/leave or the cache grows
-            self._mask_key, self._masks = key, self.cache.decoder_masks(self.canvas_length, batch.rows_arg)
+            self._mask_key, self._masks = key, self.cache.decoder_masks(self.canvas_length, batch.rows_arg,
+                                                                           in_place=True)
         batch.hidden = self.model.denoise(batch.canvas, self.cache, soft=self._soft_input(batch.reqs, batch.rows_arg),
                                           rows=batch.rows_arg, masks=self._masks, hidden_only=True)
         self.stats["decoder_passes"] += 1

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import KVCache
+from .cache import CanvasView, KVCache
 from .config import ModelConfig, TextConfig
 
 ACT = {
@@ -502,7 +502,7 @@ class DiffusionGemma(nn.Module):
         return self.norm(x)
 
     def denoise(self, canvas: torch.Tensor, cache: KVCache, self_cond: torch.Tensor | None = None,
-                self_cond_mask: torch.Tensor | None = None, masks: dict[bool, torch.Tensor] | None = None,
+                self_cond_mask: torch.Tensor | None = None, masks: CanvasView | None = None,
                 rows: torch.Tensor | None = None, soft: torch.Tensor | None = None,
                 hidden_only: bool = False) -> torch.Tensor:
         """Bidirectional pass over `canvas` (B, C) after each row's cached context; returns logits (B, C, V), or with
@@ -511,12 +511,14 @@ class DiffusionGemma(nn.Module):
         Self-conditioning: `self_cond`, the previous step's (processed) logits (B, C, V), or `soft`, their
         `soft_embedding` (B, C, hidden); neither on the first step (zero signal). `self_cond_mask` (B,): rows whose
         signal is zeroed (training). `masks`: from `cache.decoder_masks`, to build them once per canvas instead of
-        once per step. `rows`: which cache rows the canvases extend. The cache is only read.
+        once per step (default: in place, except in reference mode). `rows`: which cache rows the canvases extend.
+        The cache's contents are only read; an in-place view writes the canvas's keys/values into the entries of
+        its future slots, which stay invisible to every other pass until a commit overwrites them.
         """
         C = canvas.shape[1]
         positions = cache.rows_of(cache.lengths, rows)[:, None] + torch.arange(C, device=canvas.device)[None, :]
         if masks is None:
-            masks = cache.decoder_masks(C, rows)
+            masks = cache.decoder_masks(C, rows, in_place=not self.exact)
         x = self.embed(canvas)
         sc = self.self_conditioning
         if self_cond is not None:
@@ -530,11 +532,14 @@ class DiffusionGemma(nn.Module):
 
         def context(i: int) -> Context:
             def read(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                if masks.slots is not None:  # in place: into the future slots, then the buffer as it stands
+                    cache.write_layer(i, masks.slots, k, v, rows)
+                    return cache.kv(i, rows, span=masks.span[cache.layers[i].sliding])
                 ck, cv = cache.kv(i, rows)
                 return torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)
             return read
 
-        x = self.norm(self._layers(x, positions, cache, context, masks, encoder=False))
+        x = self.norm(self._layers(x, positions, cache, context, masks.masks, encoder=False))
         return x if hidden_only else self.logits(x)
 
     def _layers(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, context: Callable[[int], Context],

@@ -86,6 +86,63 @@ def test_folded_gqa_matches_repeated_kv(head_dim, n_kv):
     assert not torch.allclose(attn.attend(q, k, v, key_mask), attn.attend(q, k, v, None))  # the mask matters
 
 
+# -- canvas keys/values in their cache slots ---------------------------------------------------------------------------
+def _ragged_cache(m: DiffusionGemma, lengths: list[int], slack: int):
+    """A cache whose rows hold `lengths` tokens (right-padded encode), long enough to wrap the sliding ring."""
+    cache = m.new_cache(len(lengths), 96, slack=slack)
+    T = max(lengths)
+    with torch.no_grad():
+        m.encode(torch.randint(0, 128, (len(lengths), T)), cache, n_new=torch.tensor(lengths))
+    return cache
+
+
+@pytest.mark.parametrize("rows,extra", [(None, 0), ([1], 0), (None, 5)])
+def test_in_place_canvas_matches_concatenation(rows, extra):
+    """Canvas keys/values written into their future slots (no per-layer copy of the cache) give the decoder what
+    concatenating them after the cache gives: ragged rows, a sliding ring that has wrapped (window 8, 21 cached
+    tokens), a subset of rows, a ring with stale entries (`extra` slack); the cache's visible state is untouched,
+    and the next commit and canvas see the same context either way."""
+    m = _model(sliding_window=8)
+    C = m.config.canvas_length
+    torch.manual_seed(3)
+    cache = _ragged_cache(m, [21, 13], slack=C + extra)
+    plain = _ragged_cache(m, [21, 13], slack=C + extra)
+    for a, b in zip(cache.layers, plain.layers):  # the same contents in both
+        b.k.copy_(a.k), b.v.copy_(a.v)
+    idx = None if rows is None else torch.tensor(rows)
+    R = 2 if rows is None else len(rows)
+    canvas = torch.randint(0, 128, (R, C))
+    soft = m.soft_embedding(torch.softmax(torch.randn(R, C, 128), -1))
+    with torch.no_grad():
+        assert cache.fits_in_place(C)
+        view = cache.decoder_masks(C, idx, in_place=True)
+        assert view.slots is not None and int(view.slots[True].min()) == 0  # row 0's canvas wraps the ring
+        assert (view.masks[True] is not None) == (extra > 0)  # stale ring entries, masked
+        got = m.denoise(canvas, cache, soft=soft, rows=idx, masks=view, hidden_only=True)
+        want = m.denoise(canvas, plain, soft=soft, rows=idx, masks=plain.decoder_masks(C, idx), hidden_only=True)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert got.abs().max() > 0.1
+        assert torch.equal(cache.lengths, plain.lengths) and cache.host_lengths == plain.host_lengths
+        assert all(torch.equal(cache.pos[s], plain.pos[s]) for s in (True, False))
+        for c in (cache, plain):  # commit the canvas, then denoise the next one
+            m.encode(canvas, c, rows=idx)
+        nxt = [m.denoise(canvas, c, rows=idx, hidden_only=True) for c in (cache, plain)]
+        torch.testing.assert_close(*nxt, rtol=1e-5, atol=1e-5)
+
+
+def test_in_place_needs_room():
+    """Without a canvas of slack in the sliding ring (or room in the full layers' buffers), the view falls back to
+    concatenation instead of overwriting keys the canvas attends to."""
+    m = _model(sliding_window=8)
+    C = m.config.canvas_length
+    cache = _ragged_cache(m, [21, 13], slack=0)
+    assert not cache.fits_in_place(C) and cache.decoder_masks(C, in_place=True).slots is None
+    full = m.new_cache(1, 20, slack=C)
+    with torch.no_grad():
+        m.encode(torch.randint(0, 128, (1, 8)), full)
+    assert not full.fits_in_place(C)  # 8 + 16 slots > 20
+
+
 # -- sampler --------------------------------------------------------------------------------------------------------
 def _peaked_logits(R: int, C: int, V: int, seed: int = 0) -> torch.Tensor:
     """Logits where even positions are nearly certain and odd ones flat: the acceptance rule splits every row."""
@@ -191,7 +248,7 @@ def _step_inputs(m: DiffusionGemma, B: int = 2):
     canvas = torch.randint(0, 128, (B, C))
     soft = m.soft_embedding(torch.softmax(torch.randn(B, C, 128), -1))
     u = draw_uniforms([torch.Generator().manual_seed(s) for s in range(B)], C, "cpu")
-    return cache, canvas, soft, u, torch.full((B,), 0.6), torch.full((B,), 0.1), cache.decoder_masks(C)
+    return cache, canvas, soft, u, torch.full((B,), 0.6), torch.full((B,), 0.1), cache.decoder_masks(C, in_place=True)
 
 
 def _no_data_dependence(gm: torch.fx.GraphModule, example_inputs):
