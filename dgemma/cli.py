@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple, TextIO
 if TYPE_CHECKING:  # imported lazily at run time: `dgemma --help` should not wait for torch more than needed
     from .device import Placement
     from .llm import LLM
-    from .sampler import SamplingParams
+    from .params import Knob, SamplingParams
 
 PROG = "dgemma"
 EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130
@@ -150,63 +150,40 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="CPU threads for torch (default: torch's choice, usually one per core)")
 
 
-# SamplingParams fields that only one mode uses: giving one with the other --mode is a usage error.
-_DIFFUSION_FLAGS = ("max_denoising_steps", "t_min", "t_max", "entropy_bound", "stability_threshold",
-                    "confidence_threshold", "fixed_steps", "schedule", "acceptance", "stopping")
-_AR_FLAGS = ("temperature", "top_k", "top_p")
+_GROUPS = {None: "generation", "diffusion": "diffusion sampler (--mode diffusion)",
+           "ar": "autoregressive sampler (--mode ar)"}
+
+
+def _add_knob(g: argparse._ArgumentGroup, knob: Knob) -> None:
+    """One `KNOBS` entry as an option: unset (None) unless given, so that `sampling_params_from_args` can tell."""
+    if knob.kind is bool:
+        g.add_argument(knob.flag, action="store_true", help=knob.help)
+        return
+    default = f" (default: {knob.default})" if knob.default is not None else ""
+    if knob.kind is str:
+        g.add_argument(knob.flag, choices=list(knob.choices()), default=None, help=knob.help + default)
+        return
+    kind = _positive_int if knob.strict_flag else knob.kind
+    g.add_argument(knob.flag, type=kind, default=None, metavar=knob.metavar,
+                   help=f"{knob.help}, {knob.range_text()}{default}")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
-    """Every SamplingParams knob as an option (unset diffusion knobs come from the checkpoint)."""
-    from .sampler import ACCEPTANCE, DEFAULTS, SCHEDULES, STOPPING
+    """Every SamplingParams knob as an option (from `params.KNOBS`; unset diffusion knobs come from the checkpoint)."""
+    from .params import DEFAULTS, KNOBS
 
-    g = p.add_argument_group("generation")
-    g.add_argument("--max-new-tokens", type=_positive_int, default=256, metavar="N",
-                   help="most tokens to generate (default: %(default)s); diffusion commits whole canvases and "
-                        "trims the last one")
-    g.add_argument("--seed", type=int, default=None, metavar="S",
-                   help="random seed; the same seed, prompt and options give the same tokens (default: random)")
-    g.add_argument("--mode", choices=["diffusion", "ar"], default="diffusion",
-                   help="diffusion: denoise a canvas of tokens at a time (the model's native mode); ar: one token "
-                        "per forward pass, for comparison (default: %(default)s)")
+    groups = {mode: p.add_argument_group(title) for mode, title in _GROUPS.items()}
+    groups["diffusion"].description = (
+        "Unset knobs come from the checkpoint's generation_config.json, then the published defaults:\n"
+        + ", ".join(f"{k}={v}" for k, v in DEFAULTS.items()) + ".")
+    for knob in KNOBS:
+        _add_knob(groups[knob.mode], knob)
+    g = groups[None]
     g.add_argument("--stop", action="append", default=None, metavar="STR",
                    help="stop when the generated text contains STR (repeatable); the text ends before it. "
                         "Needs a tokenizer")
     g.add_argument("--stop-token-id", action="append", type=int, default=None, metavar="ID",
                    help="stop at this token id, as at EOS (repeatable)")
-    g.add_argument("--ignore-eos", action="store_true",
-                   help="keep generating past the checkpoint's EOS tokens, up to --max-new-tokens")
-
-    d = p.add_argument_group(
-        "diffusion sampler (--mode diffusion)",
-        "Unset knobs come from the checkpoint's generation_config.json, then the published defaults:\n"
-        f"max_denoising_steps={DEFAULTS['max_denoising_steps']}, t_min={DEFAULTS['t_min']}, "
-        f"t_max={DEFAULTS['t_max']}, entropy_bound={DEFAULTS['entropy_bound']},\n"
-        f"stability_threshold={DEFAULTS['stability_threshold']}, "
-        f"confidence_threshold={DEFAULTS['confidence_threshold']}.")
-    d.add_argument("--max-denoising-steps", type=int, default=None, metavar="N",
-                   help="most denoising steps per canvas, 1..10000")
-    d.add_argument("--t-min", type=float, default=None, metavar="F",
-                   help="sampling temperature at the last step, in (0, 100]")
-    d.add_argument("--t-max", type=float, default=None, metavar="F",
-                   help="sampling temperature at the first step, in (0, 100] and >= --t-min "
-                        "(the temperature falls from t-max to t-min over the steps)")
-    d.add_argument("--entropy-bound", type=float, default=None, metavar="F",
-                   help="per step, accept the lowest-entropy positions while their summed entropy stays within F "
-                        "(> 0); larger accepts more tokens per step: faster, less careful")
-    d.add_argument("--stability-threshold", type=int, default=None, metavar="N",
-                   help="adaptive stop: the canvas's argmax must be unchanged for N steps, 0..1000")
-    d.add_argument("--confidence-threshold", type=float, default=None, metavar="F",
-                   help="adaptive stop: and its mean entropy must be below F (> 0)")
-    d.add_argument("--fixed-steps", action="store_true",
-                   help="no adaptive stop: run exactly --max-denoising-steps steps per canvas")
-    d.add_argument("--schedule", choices=sorted(SCHEDULES), default="linear",
-                   help="temperature schedule from t-max to t-min (default: %(default)s)")
-    d.add_argument("--acceptance", choices=sorted(ACCEPTANCE), default="entropy_bound",
-                   help="which positions keep their sampled token each step (default: %(default)s)")
-    d.add_argument("--stopping", choices=sorted(STOPPING), default="stable_confident",
-                   help="adaptive stop rule; 'none' is the same as --fixed-steps (default: %(default)s)")
-
     c = p.add_argument_group("structured output and infilling (docs/structured.md)")
     c.add_argument("--json-schema", metavar="JSON|FILE", default=None,
                    help="the output must validate against this JSON schema (inline JSON or a file)")
@@ -219,42 +196,26 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--suffix", metavar="STR", default=None,
                    help="infill: generate the text between the prompt and STR (diffusion mode)")
 
-    a = p.add_argument_group("autoregressive sampler (--mode ar)")
-    a.add_argument("--temperature", type=float, default=None, metavar="F",
-                   help="sampling temperature in [0, 100]; 0 is greedy (default: 0)")
-    a.add_argument("--top-k", type=int, default=None, metavar="K",
-                   help="sample among the K most likely tokens; 0 disables (default: 0)")
-    a.add_argument("--top-p", type=float, default=None, metavar="P",
-                   help="nucleus sampling: the smallest set of tokens with probability >= P, in (0, 1] "
-                        "(default: 1, disabled)")
-
 
 def sampling_params_from_args(args: argparse.Namespace) -> SamplingParams:
     """Build and validate SamplingParams from `add_sampling_arguments` options (raises ValueError naming the field)."""
-    from .sampler import SamplingParams
+    from .params import KNOBS, SamplingParams
 
-    def given(name: str) -> bool:
-        v = getattr(args, name)
-        defaults = {"fixed_steps": False, "schedule": "linear", "acceptance": "entropy_bound",
-                    "stopping": "stable_confident"}
-        return v != defaults[name] if name in defaults else v is not None
+    values = {k.name: getattr(args, k.name) for k in KNOBS}
+    given = {name: v for name, v in values.items() if v is not None and v is not False}  # 0 is a given value
+    mode = given.get("mode", "diffusion")
+    bad = [k.flag for k in KNOBS if k.name in given and k.mode not in (None, mode)]
+    if bad:
+        raise CLIError(f"{', '.join(bad)} {'applies' if len(bad) == 1 else 'apply'} only to --mode "
+                       f"{'diffusion' if mode == 'ar' else 'ar'}")
+    kw: dict[str, Any] = dict(given, stop=list(args.stop or []), stop_token_ids=list(args.stop_token_id or []))
+    kw.update(_constraint_args(args))
+    return SamplingParams(**kw).validate()
 
-    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
-    if args.mode == "ar":
-        bad = [flag(n) for n in _DIFFUSION_FLAGS if given(n)]
-        if bad:
-            raise CLIError(f"{', '.join(bad)} {'applies' if len(bad) == 1 else 'apply'} only to --mode diffusion")
-    else:
-        bad = [flag(n) for n in _AR_FLAGS if given(n)]
-        if bad:
-            raise CLIError(f"{', '.join(bad)} {'applies' if len(bad) == 1 else 'apply'} only to --mode ar")
-    kw: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, seed=args.seed, mode=args.mode,
-                              stop=list(args.stop or []), stop_token_ids=list(args.stop_token_id or []),
-                              ignore_eos=args.ignore_eos)
-    for name in _DIFFUSION_FLAGS + _AR_FLAGS:
-        v = getattr(args, name)
-        if v is not None:
-            kw[name] = v
+
+def _constraint_args(args: argparse.Namespace) -> dict[str, Any]:
+    """SamplingParams fields from the structured-output and infilling options."""
+    kw: dict[str, Any] = {}
     if getattr(args, "json_schema", None) is not None:
         text = _inline_or_file(args.json_schema, "--json-schema")
         try:
@@ -268,7 +229,7 @@ def sampling_params_from_args(args: argparse.Namespace) -> SamplingParams:
             kw[name] = getattr(args, name)
     if getattr(args, "json_object", False):
         kw["json_object"] = True
-    return SamplingParams(**kw).validate()
+    return kw
 
 
 def _inline_or_file(value: str, flag: str) -> str:

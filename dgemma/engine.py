@@ -22,8 +22,9 @@ import torch
 from .cache import KVCache
 from .model import DiffusionGemma, expert_kernel
 from .quant import FP8
-from .sampler import (ACCEPTANCE, SCHEDULES, STOPPING, SamplingParams, StepOut, draw_uniforms, entropy_bound_accept,
-                      reference_denoise, resolve, sample_step)
+from .params import SamplingParams, resolve
+from .sampler import (ACCEPTANCE, SCHEDULES, STOPPING, StepOut, draw_uniforms, entropy_bound_accept, reference_denoise,
+                      sample_step)
 
 FinishReason = Literal["stop", "length", "abort"]
 SAMPLER_MEMORY = 1 << 30  # default byte budget of the sampler's (rows, canvas, vocab) buffers

@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .checkpoint import load_generation_config, load_model, save_model
+from .config import token_ids
 from .device import resolve_training, training_device
 from .model import DiffusionGemma
 
@@ -447,10 +448,10 @@ class Trainer:
         if self.cfg.batch_size % (self.dist.world * self.cfg.grad_accum):
             raise TrainError(f"batch_size {self.cfg.batch_size} must be divisible by processes x grad_accum "
                              f"({self.dist.world} x {self.cfg.grad_accum})")
-        text = self.model.config.text
-        self.pad_id = text.pad_token_id if text.pad_token_id is not None else 0
-        eos = text.eos_token_id
-        self.eos_id = int(eos[0] if isinstance(eos, (list, tuple)) else (eos if eos is not None else 1))
+        ids = token_ids(self.model.config.text)
+        if not ids.eos:
+            raise TrainError("the model config has no eos_token_id: training appends EOS to every response")
+        self.pad_id, self.eos_id = ids.pad, ids.eos[0]
         self.lora = LoRA(self.model, self.cfg.lora_rank, self.cfg.lora_alpha, self.cfg.lora_targets) \
             if self.cfg.lora_rank else None
         params = self.trainable()
