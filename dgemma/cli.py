@@ -5,7 +5,7 @@
     dgemma chat --model ./ckpt
 
 Subcommands live in the `SUBCOMMANDS` registry; another module adds one with
-`register(name, help, add_arguments, run)`. A module listed in `PLUGINS` (e.g. `dgemma.serve`) is imported before the
+`register(name, help, add_arguments, run)`. A module listed in `PLUGINS` (e.g. `dgemma.server`) is imported before the
 parser is built, so registering at import time is enough for `dgemma <name>` to appear. Such a module should import
 heavy optional dependencies inside its `run`, not at import time.
 

@@ -191,22 +191,27 @@ _Reply = Union[_Accepted, _Rejected, _Aborted, "Event"]
 
 
 class EngineLoop:
-    """Runs the engine on the torch thread and routes its events to per-request asyncio queues."""
+    """Runs the engine on the torch thread (`_EngineWorker`) and routes its replies and events to per-request
+    asyncio queues."""
 
     def __init__(self, llm: "LLM", max_queue: int, metrics: _Metrics, torch_thread: TorchThread):
-        self.llm, self.engine, self.max_queue, self.metrics = llm, llm.engine, max_queue, metrics
+        self.llm, self.engine, self.max_queue = llm, llm.engine, max_queue
         self.torch_thread = torch_thread
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
         self._queues: dict[str, asyncio.Queue] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._job: concurrent.futures.Future | None = None
-        self.error: str | None = None  # set when the engine thread died
+        self._worker = _EngineWorker(llm.engine, metrics, self._cmds, self._post)
         self.draining = False  # set on shutdown: no new requests
 
-    # -- asyncio side ----------------------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._job = self.torch_thread.submit(self._run)  # run where the model was loaded
+        self._job = self.torch_thread.submit(self._worker.run)  # run where the model was loaded
+
+    @property
+    def error(self) -> str | None:
+        """Why the engine thread died (None while it is well)."""
+        return self._worker.error
 
     @property
     def running(self) -> bool:
@@ -264,6 +269,12 @@ class EngineLoop:
             with suppress(Exception):  # a timeout, or the engine's own failure (already reported)
                 await asyncio.wait_for(asyncio.wrap_future(self._job), timeout)
 
+    def _post(self, items: list[tuple[str | None, _Reply]]) -> None:
+        """Called on the engine thread: hand `items` to the event loop (one wake-up per step)."""
+        if items and self._loop is not None:
+            with suppress(RuntimeError):  # the loop is closed: nobody is listening any more
+                self._loop.call_soon_threadsafe(self._deliver, items)
+
     def _deliver(self, items: list[tuple[str | None, _Reply]]) -> None:
         for rid, item in items:
             if rid is None:  # broadcast (the engine died or stopped)
@@ -272,12 +283,58 @@ class EngineLoop:
             elif rid in self._queues:
                 self._queues[rid].put_nowait(item)
 
-    # -- engine thread -----------------------------------------------------------------------------------------
-    def _post(self, items: list[tuple[str | None, _Reply]]) -> None:
-        if not items or self._loop is None:
-            return
-        with suppress(RuntimeError):  # the loop is closed: nobody is listening any more
-            self._loop.call_soon_threadsafe(self._deliver, items)
+
+class _EngineWorker:
+    """The engine thread's loop: run the queued commands, step the engine while it has work, post what happened
+    (`(request id or None for everyone, reply or Event)` pairs) through `post`."""
+
+    def __init__(self, engine: Any, metrics: _Metrics, cmds: queue.SimpleQueue,
+                 post: Callable[[list[tuple[str | None, _Reply]]], None]) -> None:
+        self.engine, self.metrics, self.cmds, self.post = engine, metrics, cmds, post
+        self.error: str | None = None  # set when the loop died
+
+    def run(self) -> None:
+        eng = self.engine
+        out: list = []
+        try:
+            while self._commands(out):
+                if eng.has_unfinished():
+                    out.extend((ev.request_id, ev) for ev in eng.step())
+                self._gauges()
+                self.post(out)
+                out = []
+            for r in list(eng.waiting) + [r for r in eng.rows if r is not None]:  # shutdown: abort what is left
+                eng.abort(r.id)
+            self._gauges()
+            out.append((None, _Rejected(503, "the server is shutting down")))
+        except Exception as e:
+            self.error = f"{type(e).__name__}: {e}"
+            logger.exception("the engine thread failed; the server now answers 500/503")
+            out.append((None, _Rejected(500, f"the engine failed: {self.error}")))
+        self.post(out)
+
+    def _commands(self, out: list) -> bool:
+        """Handle the queued commands (waiting a little for one when the engine is idle); False on `_Stop`."""
+        block = not self.engine.has_unfinished()
+        while True:
+            try:
+                cmd = self.cmds.get(timeout=0.5) if block else self.cmds.get_nowait()
+            except queue.Empty:
+                return True
+            if isinstance(cmd, _Stop):
+                return False
+            self._handle(cmd, out)
+            block = False
+
+    def _handle(self, cmd: _Command, out: list) -> None:
+        if isinstance(cmd, _Add):
+            out.append((cmd.rid, self._add(cmd)))
+        elif isinstance(cmd, _Abort):
+            self.engine.abort(cmd.rid)
+        elif isinstance(cmd, _Finish):
+            ev = self.engine.finish_request(cmd.rid, "stop", completion_tokens=cmd.completion_tokens)
+            # None: it was not running (still waiting, or already finished with its event on the way)
+            out.append((cmd.rid, ev if ev is not None else _Aborted()))
 
     def _add(self, cmd: _Add) -> _Reply:
         try:
@@ -290,53 +347,10 @@ class EngineLoop:
         self.metrics.prompt_tokens.labels(**self.metrics.labels).inc(len(cmd.prompt_ids))
         return _Accepted()
 
-    def _handle(self, cmd: _Command, out: list) -> None:
-        if isinstance(cmd, _Add):
-            out.append((cmd.rid, self._add(cmd)))
-        elif isinstance(cmd, _Abort):
-            self.engine.abort(cmd.rid)
-        elif isinstance(cmd, _Finish):
-            ev = self.engine.finish_request(cmd.rid, "stop", completion_tokens=cmd.completion_tokens)
-            # None: it was not running (still waiting, or already finished with its event on the way)
-            out.append((cmd.rid, ev if ev is not None else _Aborted()))
-
-    def _commands(self, out: list) -> bool:
-        """Handle the queued commands (waiting a little for one when the engine is idle); False on `_Stop`."""
-        block = not self.engine.has_unfinished()
-        while True:
-            try:
-                cmd = self._cmds.get(timeout=0.5) if block else self._cmds.get_nowait()
-            except queue.Empty:
-                return True
-            if isinstance(cmd, _Stop):
-                return False
-            self._handle(cmd, out)
-            block = False
-
     def _gauges(self) -> None:
         m = self.metrics
         m.running.labels(**m.labels).set(self.engine.num_running)
         m.waiting.labels(**m.labels).set(len(self.engine.waiting))
-
-    def _run(self) -> None:
-        eng = self.engine
-        out: list = []
-        try:
-            while self._commands(out):
-                if eng.has_unfinished():
-                    out.extend((ev.request_id, ev) for ev in eng.step())
-                self._gauges()
-                self._post(out)
-                out = []
-            for r in list(eng.waiting) + [r for r in eng.rows if r is not None]:  # shutdown: abort what is left
-                eng.abort(r.id)
-            self._gauges()
-            out.append((None, _Rejected(503, "the server is shutting down")))
-        except Exception as e:
-            self.error = f"{type(e).__name__}: {e}"
-            logger.exception("the engine thread failed; the server now answers 500/503")
-            out.append((None, _Rejected(500, f"the engine failed: {self.error}")))
-        self._post(out)
 
 
 # -- one request's output --------------------------------------------------------------------------------------------
@@ -451,62 +465,6 @@ class _Server:
         self.created = int(time.time())
         self.endpoints = _endpoints()
 
-    # -- request parsing ----------------------------------------------------------------------------------------
-    async def read_json(self, request: Any) -> dict[str, Any]:
-        ctype = request.headers.get("content-type")
-        if ctype is not None:
-            mt = ctype.split(";")[0].strip().lower()
-            if mt != "application/json" and not mt.endswith("+json"):
-                raise APIError(400, f"unsupported content type {mt!r}: send a JSON body as application/json")
-        cl = request.headers.get("content-length")
-        if cl is not None and cl.isdigit() and int(cl) > self.max_body_bytes:
-            raise APIError(413, f"the request body is larger than {self.max_body_bytes} bytes")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                raise APIError(413, f"the request body is larger than {self.max_body_bytes} bytes")
-            chunks.append(chunk)
-        raw = b"".join(chunks)
-        if not raw.strip():
-            raise APIError(400, "the request body is empty: send a JSON object")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise APIError(400, f"the request body is not valid UTF-8 ({e.reason} at byte {e.start})") from None
-        try:
-            body = json.loads(text)
-        except (ValueError, RecursionError) as e:
-            msg = str(e) if len(str(e)) < 200 else str(e)[:200] + "..."
-            raise APIError(400, f"the request body is not valid JSON: {msg}") from None
-        if not isinstance(body, dict):
-            raise APIError(400, f"the request body must be a JSON object, not {type(body).__name__}")
-        return body
-
-    def parse(self, cls: Any, body: dict[str, Any]) -> Any:
-        from pydantic import ValidationError
-        try:
-            req = cls.model_validate(body)
-        except ValidationError as e:
-            err = e.errors(include_url=False, include_input=False)[0]
-            loc = ".".join(str(x) for x in err.get("loc", ())) or None
-            msg = str(err.get("msg", "invalid value"))
-            for prefix in ("Value error, ", "Assertion failed, "):
-                if msg.startswith(prefix):
-                    msg = msg[len(prefix):]
-            raise APIError(400, f"{loc}: {msg}" if loc and not msg.startswith(loc) else msg, param=loc) from None
-        except (RecursionError, ValueError) as e:
-            raise APIError(400, f"invalid request: {e}") from None
-        unknown = [k for k in body if k not in cls.model_fields]
-        if unknown:
-            logger.warning("ignoring unknown request fields: %s", ", ".join(repr(k[:40]) for k in unknown[:10]))
-        bad = req.unsupported()
-        if bad is not None:
-            raise APIError(400, bad[1], param=bad[0])
-        if req.model is not None and req.model != self.model_name:
-            raise APIError(404, f"The model `{req.model}` does not exist.", param="model")
-        return req
-
     def _check_text_length(self, text: str) -> None:
         """Refuse an enormous prompt before tokenizing all of it: tokenize a prefix and see it is over the limit."""
         eng = self.llm.engine
@@ -575,6 +533,64 @@ class _Server:
             raise APIError(400, str(e), param="prompt" if len(prompt_ids) >= eng.max_model_len else "max_tokens") \
                 from None
         return params
+
+
+async def _read_json(request: Any, max_body_bytes: int) -> dict[str, Any]:
+    """The request body as a JSON object (APIError 400 or 413 when it is not one, or too large)."""
+    ctype = request.headers.get("content-type")
+    if ctype is not None:
+        mt = ctype.split(";")[0].strip().lower()
+        if mt != "application/json" and not mt.endswith("+json"):
+            raise APIError(400, f"unsupported content type {mt!r}: send a JSON body as application/json")
+    cl = request.headers.get("content-length")
+    if cl is not None and cl.isdigit() and int(cl) > max_body_bytes:
+        raise APIError(413, f"the request body is larger than {max_body_bytes} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_body_bytes:
+            raise APIError(413, f"the request body is larger than {max_body_bytes} bytes")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw.strip():
+        raise APIError(400, "the request body is empty: send a JSON object")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise APIError(400, f"the request body is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    try:
+        body = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        msg = str(e) if len(str(e)) < 200 else str(e)[:200] + "..."
+        raise APIError(400, f"the request body is not valid JSON: {msg}") from None
+    if not isinstance(body, dict):
+        raise APIError(400, f"the request body must be a JSON object, not {type(body).__name__}")
+    return body
+
+def _parse(cls: Any, body: dict[str, Any], model_name: str) -> Any:
+    """`body` validated as the protocol class `cls` (APIError naming the field when it is not valid)."""
+    from pydantic import ValidationError
+    try:
+        req = cls.model_validate(body)
+    except ValidationError as e:
+        err = e.errors(include_url=False, include_input=False)[0]
+        loc = ".".join(str(x) for x in err.get("loc", ())) or None
+        msg = str(err.get("msg", "invalid value"))
+        for prefix in ("Value error, ", "Assertion failed, "):
+            if msg.startswith(prefix):
+                msg = msg[len(prefix):]
+        raise APIError(400, f"{loc}: {msg}" if loc and not msg.startswith(loc) else msg, param=loc) from None
+    except (RecursionError, ValueError) as e:
+        raise APIError(400, f"invalid request: {e}") from None
+    unknown = [k for k in body if k not in cls.model_fields]
+    if unknown:
+        logger.warning("ignoring unknown request fields: %s", ", ".join(repr(k[:40]) for k in unknown[:10]))
+    bad = req.unsupported()
+    if bad is not None:
+        raise APIError(400, bad[1], param=bad[0])
+    if req.model is not None and req.model != model_name:
+        raise APIError(404, f"The model `{req.model}` does not exist.", param="model")
+    return req
 
 
 async def _until_disconnect(request: Any, coro: Any) -> Any:
@@ -715,7 +731,7 @@ async def _generate(request: Any, ep: _Endpoint) -> Any:
 
     srv: _Server = request.app.state.dgemma
     t0 = time.perf_counter()
-    req = srv.parse(getattr(P, ep.schema), await srv.read_json(request))
+    req = _parse(getattr(P, ep.schema), await _read_json(request, srv.max_body_bytes), srv.model_name)
     srv.engine_loop.check_available()
     prompt_ids = await asyncio.to_thread(ep.encode, srv, req)
     params = srv.sampling(req, prompt_ids)
@@ -866,52 +882,63 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     return parser
 
 
-def run_serve(args: argparse.Namespace) -> int:
-    """Load the model and serve it until SIGTERM/SIGINT; returns the process exit status."""
-    import uvicorn
-
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _arg_error(args: argparse.Namespace) -> str | None:
+    """The first out-of-range `serve` option, as a message (None when all are fine)."""
     for name, lo, hi in (("max_batch", 1, 1 << 16), ("max_queue", 1, 1 << 20), ("port", 0, 65535)):
         v = getattr(args, name)
         if not lo <= v <= hi:
-            print(f"error: --{name.replace('_', '-')} must be in [{lo}, {hi}], got {v}", file=sys.stderr)
-            return 2
+            return f"--{name.replace('_', '-')} must be in [{lo}, {hi}], got {v}"
     threads = getattr(args, "torch_threads", None)
     if threads is not None and threads < 1:
-        print(f"error: --torch-threads must be >= 1, got {threads}", file=sys.stderr)
-        return 2
-    from .device import resolve
+        return f"--torch-threads must be >= 1, got {threads}"
+    return None
+
+
+def _load(args: argparse.Namespace, where: Any) -> "LLM":
+    """Load the model (on the torch thread that will run it)."""
     from .llm import LLM
 
-    quantization = getattr(args, "quantization", None)
+    if getattr(args, "torch_threads", None) is not None:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
+    llm = LLM(args.model, device=where.device, dtype=where.dtype, max_batch=args.max_batch,
+              max_model_len=args.max_model_len, quantization=getattr(args, "quantization", None))
+    print(f"dgemma: {llm.engine.describe()}", file=sys.stderr, flush=True)
+    return llm
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Load the model and serve it until SIGTERM/SIGINT; returns the process exit status."""
+    from .device import resolve
+
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    error = _arg_error(args)
     try:
-        where = resolve(args.device, args.dtype, quantization)
+        where = resolve(args.device, args.dtype, getattr(args, "quantization", None)) if error is None else None
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        error = str(e)
+    if error is not None:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"dgemma: {where.describe()}", file=sys.stderr, flush=True)
-
-    def load() -> "LLM":
-        if threads is not None:
-            import torch
-            torch.set_num_threads(threads)
-        llm = LLM(args.model, device=where.device, dtype=where.dtype, max_batch=args.max_batch,
-                  max_model_len=args.max_model_len, quantization=quantization)
-        print(f"dgemma: {llm.engine.describe()}", file=sys.stderr, flush=True)
-        return llm
-
     torch_thread = TorchThread()  # the model is loaded and run on this one thread
     try:
-        llm = torch_thread.call(load)
+        llm = torch_thread.call(lambda: _load(args, where))
     except (ValueError, OSError) as e:
         print(f"error: cannot load {args.model}: {e}", file=sys.stderr)
         return 2
-    name = args.served_model_name or args.model
-    app = create_app(llm, model_name=name, max_queue=args.max_queue, request_timeout=args.request_timeout,
-                     max_body_bytes=args.max_body_bytes, torch_thread=torch_thread)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="on",
-                            access_log=not args.no_access_log, timeout_graceful_shutdown=args.shutdown_timeout)
+    app = create_app(llm, model_name=args.served_model_name or args.model, max_queue=args.max_queue,
+                     request_timeout=args.request_timeout, max_body_bytes=args.max_body_bytes,
+                     torch_thread=torch_thread)
+    return _run_uvicorn(app, args)
+
+
+def _run_uvicorn(app: Any, args: argparse.Namespace) -> int:
+    """Serve `app` until SIGTERM/SIGINT, draining in-flight requests first; the exit status."""
+    import uvicorn
+
     engine_loop: EngineLoop = app.state.dgemma.engine_loop
 
     class Server(uvicorn.Server):
@@ -923,7 +950,9 @@ def run_serve(args: argparse.Namespace) -> int:
             if isinstance(captured, list):
                 captured[:] = [s for s in captured if s not in (signal.SIGTERM, signal.SIGINT)]
 
-    server = Server(config)
+    server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="on",
+                                   access_log=not args.no_access_log,
+                                   timeout_graceful_shutdown=args.shutdown_timeout))
     try:
         server.run()
     except SystemExit as e:  # uvicorn exits on e.g. a port already in use
