@@ -57,9 +57,14 @@ class Subcommand(NamedTuple):
 SUBCOMMANDS: dict[str, Subcommand] = {}
 
 
-def register(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None],
-             run: Callable[[argparse.Namespace], int], description: str | None = None,
-             replace: bool = False) -> Subcommand:
+def register(
+    name: str,
+    help: str,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[argparse.Namespace], int],
+    description: str | None = None,
+    replace: bool = False,
+) -> Subcommand:
     """Add the subcommand `dgemma <name>`.
 
     `help` is the one-line summary shown by `dgemma --help`; `description` (default: `help`) heads
@@ -125,33 +130,57 @@ def _token_ids(s: str) -> list[int]:
 
 
 DEVICE_HELP = "torch device: auto (CUDA when available, else the CPU), cpu, cuda, cuda:1, ... (default: auto)"
-DTYPE_HELP = ("weight and activation dtype (default: auto: bfloat16 on CUDA and on CPUs where bf16 matmul is native "
-              "and faster, i.e. with AMX, or AVX512-BF16 on AMD; float32 elsewhere: on AVX2-only CPUs bf16 is "
-              "emulated, ~100x slower per matmul). bfloat16 halves memory; float32 reproduces transformers bit for "
-              "bit")
+DTYPE_HELP = (
+    "weight and activation dtype (default: auto: bfloat16 on CUDA and on CPUs where bf16 matmul is native "
+    "and faster, i.e. with AMX, or AVX512-BF16 on AMD; float32 elsewhere: on AVX2-only CPUs bf16 is "
+    "emulated, ~100x slower per matmul). bfloat16 halves memory; float32 reproduces transformers bit for "
+    "bit"
+)
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """--model, --dtype, --device, --max-model-len, --threads."""
     g = p.add_argument_group("model")
-    g.add_argument("--model", "-m", required=True, metavar="PATH",
-                   help="checkpoint directory in the Hugging Face format (config.json, model.safetensors or a "
-                        "sharded index, optional generation_config.json and tokenizer files)")
+    g.add_argument(
+        "--model",
+        "-m",
+        required=True,
+        metavar="PATH",
+        help="checkpoint directory in the Hugging Face format (config.json, model.safetensors or a "
+        "sharded index, optional generation_config.json and tokenizer files)",
+    )
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help=DTYPE_HELP)
     g.add_argument("--device", default="auto", help=DEVICE_HELP)
-    g.add_argument("--quantization", choices=["fp8"], default=None,
-                   help="fp8: FP8 (e4m3) dense and expert weights with per-channel scales and bf16 activations, "
-                        "quantized at load (about half the weight memory; needs a device with FP8 matmuls: "
-                        "Ada/Hopper GPUs, or torch's CPU kernel); a checkpoint saved in FP8 loads as FP8 without it")
-    g.add_argument("--max-model-len", type=_positive_int, default=None, metavar="N",
-                   help="context length in tokens (prompt + generated) that the KV cache is sized for "
-                        "(default: the checkpoint's max_position_embeddings, at most 8192)")
-    g.add_argument("--threads", type=_positive_int, default=None, metavar="N",
-                   help="CPU threads for torch (default: torch's choice, usually one per core)")
+    g.add_argument(
+        "--quantization",
+        choices=["fp8"],
+        default=None,
+        help="fp8: FP8 (e4m3) dense and expert weights with per-channel scales and bf16 activations, "
+        "quantized at load (about half the weight memory; needs a device with FP8 matmuls: "
+        "Ada/Hopper GPUs, or torch's CPU kernel); a checkpoint saved in FP8 loads as FP8 without it",
+    )
+    g.add_argument(
+        "--max-model-len",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="context length in tokens (prompt + generated) that the KV cache is sized for "
+        "(default: the checkpoint's max_position_embeddings, at most 8192)",
+    )
+    g.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="CPU threads for torch (default: torch's choice, usually one per core)",
+    )
 
 
-_GROUPS = {None: "generation", "diffusion": "diffusion sampler (--mode diffusion)",
-           "ar": "autoregressive sampler (--mode ar)"}
+_GROUPS = {
+    None: "generation",
+    "diffusion": "diffusion sampler (--mode diffusion)",
+    "ar": "autoregressive sampler (--mode ar)",
+}
 
 
 def _add_knob(g: argparse._ArgumentGroup, knob: Knob) -> None:
@@ -164,8 +193,9 @@ def _add_knob(g: argparse._ArgumentGroup, knob: Knob) -> None:
         g.add_argument(knob.flag, choices=list(knob.choices()), default=None, help=knob.help + default)
         return
     kind = _positive_int if knob.strict_flag else knob.kind
-    g.add_argument(knob.flag, type=kind, default=None, metavar=knob.metavar,
-                   help=f"{knob.help}, {knob.range_text()}{default}")
+    g.add_argument(
+        knob.flag, type=kind, default=None, metavar=knob.metavar, help=f"{knob.help}, {knob.range_text()}{default}"
+    )
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -175,26 +205,55 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     groups = {mode: p.add_argument_group(title) for mode, title in _GROUPS.items()}
     groups["diffusion"].description = (
         "Unset knobs come from the checkpoint's generation_config.json, then the published defaults:\n"
-        + ", ".join(f"{k}={v}" for k, v in DEFAULTS.items()) + ".")
+        + ", ".join(f"{k}={v}" for k, v in DEFAULTS.items())
+        + "."
+    )
     for knob in KNOBS:
         _add_knob(groups[knob.mode], knob)
     g = groups[None]
-    g.add_argument("--stop", action="append", default=None, metavar="STR",
-                   help="stop when the generated text contains STR (repeatable); the text ends before it. "
-                        "Needs a tokenizer")
-    g.add_argument("--stop-token-id", action="append", type=int, default=None, metavar="ID",
-                   help="stop at this token id, as at EOS (repeatable)")
+    g.add_argument(
+        "--stop",
+        action="append",
+        default=None,
+        metavar="STR",
+        help="stop when the generated text contains STR (repeatable); the text ends before it. Needs a tokenizer",
+    )
+    g.add_argument(
+        "--stop-token-id",
+        action="append",
+        type=int,
+        default=None,
+        metavar="ID",
+        help="stop at this token id, as at EOS (repeatable)",
+    )
     c = p.add_argument_group("structured output and infilling (docs/structured.md)")
-    c.add_argument("--json-schema", metavar="JSON|FILE", default=None,
-                   help="the output must validate against this JSON schema (inline JSON or a file)")
+    c.add_argument(
+        "--json-schema",
+        metavar="JSON|FILE",
+        default=None,
+        help="the output must validate against this JSON schema (inline JSON or a file)",
+    )
     c.add_argument("--json-object", action="store_true", help="the output must be a JSON object")
     c.add_argument("--regex", metavar="RE", default=None, help="the output must match this regular expression")
-    c.add_argument("--choice", action="append", default=None, metavar="STR",
-                   help="the output must be one of these strings (repeatable)")
-    c.add_argument("--grammar", metavar="LARK|FILE", default=None,
-                   help="the output must match this Lark grammar (or GBNF, if it uses ::=); inline or a file")
-    c.add_argument("--suffix", metavar="STR", default=None,
-                   help="infill: generate the text between the prompt and STR (diffusion mode)")
+    c.add_argument(
+        "--choice",
+        action="append",
+        default=None,
+        metavar="STR",
+        help="the output must be one of these strings (repeatable)",
+    )
+    c.add_argument(
+        "--grammar",
+        metavar="LARK|FILE",
+        default=None,
+        help="the output must match this Lark grammar (or GBNF, if it uses ::=); inline or a file",
+    )
+    c.add_argument(
+        "--suffix",
+        metavar="STR",
+        default=None,
+        help="infill: generate the text between the prompt and STR (diffusion mode)",
+    )
 
 
 def sampling_params_from_args(args: argparse.Namespace) -> SamplingParams:
@@ -206,8 +265,10 @@ def sampling_params_from_args(args: argparse.Namespace) -> SamplingParams:
     mode = given.get("mode", "diffusion")
     bad = [k.flag for k in KNOBS if k.name in given and k.mode not in (None, mode)]
     if bad:
-        raise CLIError(f"{', '.join(bad)} {'applies' if len(bad) == 1 else 'apply'} only to --mode "
-                       f"{'diffusion' if mode == 'ar' else 'ar'}")
+        raise CLIError(
+            f"{', '.join(bad)} {'applies' if len(bad) == 1 else 'apply'} only to --mode "
+            f"{'diffusion' if mode == 'ar' else 'ar'}"
+        )
     kw: dict[str, Any] = dict(given, stop=list(args.stop or []), stop_token_ids=list(args.stop_token_id or []))
     kw.update(_constraint_args(args))
     return SamplingParams(**kw).validate()
@@ -254,8 +315,14 @@ def load_llm(args: argparse.Namespace, max_batch: int = 1) -> LLM:
         torch.set_num_threads(args.threads)
     quantization = getattr(args, "quantization", None)
     where = placement(args.device, args.dtype, quantization)
-    llm = LLM(args.model, device=where.device, dtype=where.dtype, max_batch=max_batch,
-              max_model_len=args.max_model_len, quantization=quantization)
+    llm = LLM(
+        args.model,
+        device=where.device,
+        dtype=where.dtype,
+        max_batch=max_batch,
+        max_model_len=args.max_model_len,
+        quantization=quantization,
+    )
     print(f"dgemma: {llm.engine.describe()}", file=sys.stderr)
     return llm
 
@@ -330,7 +397,7 @@ class DraftLine:
         self.active = False
 
     def _visible_tail(self, width: int) -> str:
-        return self.tail[len(self.tail) - len(self.tail) % width:] if width > 0 else self.tail
+        return self.tail[len(self.tail) - len(self.tail) % width :] if width > 0 else self.tail
 
     def committed(self, text: str) -> None:
         self.tail = text.rsplit("\n", 1)[1] if "\n" in text else self.tail + text
@@ -366,15 +433,27 @@ class GenerationResult:
         out: dict[str, Any] = {"token_ids": self.token_ids}
         if self.text is not None:
             out["text"] = self.text
-        out.update(finish_reason=self.finish_reason, tokens_per_forward=m.get("tokens_per_forward"),
-                   denoising_steps=m.get("denoising_steps"), prompt_tokens=self.prompt_tokens,
-                   completion_tokens=len(self.token_ids), timings=self.timings)
+        out.update(
+            finish_reason=self.finish_reason,
+            tokens_per_forward=m.get("tokens_per_forward"),
+            denoising_steps=m.get("denoising_steps"),
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=len(self.token_ids),
+            timings=self.timings,
+        )
         return out
 
 
-def generate_one(llm: LLM, prompt_ids: list[int], params: SamplingParams, *, out: TextIO | None = None,
-                 drafts: DraftLine | None = None, terminal: bool = False,
-                 reference_sampling: bool = False) -> GenerationResult:
+def generate_one(
+    llm: LLM,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    *,
+    out: TextIO | None = None,
+    drafts: DraftLine | None = None,
+    terminal: bool = False,
+    reference_sampling: bool = False,
+) -> GenerationResult:
     """Generate for one tokenized prompt. Text (or, without a tokenizer, token ids) is written to `out` as each
     canvas commits; `drafts`, if given, shows the canvas being denoised; `terminal` writes control characters as
     U+FFFD (see `terminal_safe`). Returns tokens, text (unaltered), finish reason and metrics."""
@@ -409,8 +488,9 @@ def generate_one(llm: LLM, prompt_ids: list[int], params: SamplingParams, *, out
         try:
             for d in stream:
                 if d.draft_token_ids is not None:
-                    drafts.show(llm.decode(d.draft_token_ids) if tok is not None
-                                else " ".join(map(str, d.draft_token_ids)))
+                    drafts.show(
+                        llm.decode(d.draft_token_ids) if tok is not None else " ".join(map(str, d.draft_token_ids))
+                    )
                     continue
                 if d.token_ids and "ttft_s" not in res.timings:
                     res.timings["ttft_s"] = time.perf_counter() - t0
@@ -462,24 +542,43 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     g = p.add_argument_group("prompt (one of)")
     src = g.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", "-p", metavar="TEXT",
-                     help="prompt text, tokenized with the checkpoint's tokenizer (BOS prepended); '-' reads it "
-                          "from stdin")
-    src.add_argument("--prompt-ids", type=_token_ids, metavar="IDS",
-                     help="prompt as comma-separated token ids, e.g. 2,651,1234 (works without a tokenizer)")
-    g.add_argument("--chat", action="store_true",
-                   help="wrap --prompt as a user message and apply the checkpoint's chat template (Gemma turns if "
-                        "it has none); generation also stops at <end_of_turn>")
+    src.add_argument(
+        "--prompt",
+        "-p",
+        metavar="TEXT",
+        help="prompt text, tokenized with the checkpoint's tokenizer (BOS prepended); '-' reads it from stdin",
+    )
+    src.add_argument(
+        "--prompt-ids",
+        type=_token_ids,
+        metavar="IDS",
+        help="prompt as comma-separated token ids, e.g. 2,651,1234 (works without a tokenizer)",
+    )
+    g.add_argument(
+        "--chat",
+        action="store_true",
+        help="wrap --prompt as a user message and apply the checkpoint's chat template (Gemma turns if "
+        "it has none); generation also stops at <end_of_turn>",
+    )
     add_sampling_arguments(p)
     o = p.add_argument_group("output")
-    o.add_argument("--reference-sampling", action="store_true",
-                   help="run transformers' exact sampling loop and random-number order instead of the fast engine: "
-                        "with the same --seed and --device cpu --dtype float32 it reproduces transformers' "
-                        "generate() token for token (slower; output is printed when done)")
-    o.add_argument("--json", action="store_true",
-                   help="print one JSON object with the tokens, text, finish reason and statistics (see above)")
-    o.add_argument("--no-drafts", action="store_true",
-                   help="do not show the canvas being denoised (shown on stderr only when stdout is a terminal)")
+    o.add_argument(
+        "--reference-sampling",
+        action="store_true",
+        help="run transformers' exact sampling loop and random-number order instead of the fast engine: "
+        "with the same --seed and --device cpu --dtype float32 it reproduces transformers' "
+        "generate() token for token (slower; output is printed when done)",
+    )
+    o.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object with the tokens, text, finish reason and statistics (see above)",
+    )
+    o.add_argument(
+        "--no-drafts",
+        action="store_true",
+        help="do not show the canvas being denoised (shown on stderr only when stdout is a terminal)",
+    )
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -496,8 +595,7 @@ def run_generate(args: argparse.Namespace) -> int:
         if text is not None:
             raise CLIError(f"{args.model} has no tokenizer.json: pass the prompt with --prompt-ids")
         if params.stop:
-            raise CLIError(f"--stop needs a tokenizer, and {args.model} has no tokenizer.json "
-                           "(use --stop-token-id)")
+            raise CLIError(f"--stop needs a tokenizer, and {args.model} has no tokenizer.json (use --stop-token-id)")
     if text is not None:
         _, ids = llm.encode_prompt([{"role": "user", "content": text}] if args.chat else text)
     else:
@@ -508,8 +606,15 @@ def run_generate(args: argparse.Namespace) -> int:
         res = generate_one(llm, ids, params, reference_sampling=args.reference_sampling)
     else:
         drafts = DraftLine(sys.stdout, sys.stderr) if _want_drafts(args) else None
-        res = generate_one(llm, ids, params, out=sys.stdout, drafts=drafts, terminal=sys.stdout.isatty(),
-                           reference_sampling=args.reference_sampling)
+        res = generate_one(
+            llm,
+            ids,
+            params,
+            out=sys.stdout,
+            drafts=drafts,
+            terminal=sys.stdout.isatty(),
+            reference_sampling=args.reference_sampling,
+        )
     res.timings = {"load_s": load_s, **res.timings, "total_s": time.perf_counter() - t0}
     if args.json:
         sys.stdout.write(json.dumps(res.to_json(), ensure_ascii=False) + "\n")
@@ -535,11 +640,18 @@ CHAT_HELP = "commands: /reset forgets the conversation, /exit quits"
 
 def add_chat_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
-    p.add_argument("--system", metavar="TEXT", default=None,
-                   help="a system message placed before the conversation (kept across /reset)")
+    p.add_argument(
+        "--system",
+        metavar="TEXT",
+        default=None,
+        help="a system message placed before the conversation (kept across /reset)",
+    )
     add_sampling_arguments(p)
-    p.add_argument("--no-drafts", action="store_true",
-                   help="do not show the canvas being denoised (shown on stderr only when stdout is a terminal)")
+    p.add_argument(
+        "--no-drafts",
+        action="store_true",
+        help="do not show the canvas being denoised (shown on stderr only when stdout is a terminal)",
+    )
 
 
 def _read_line(interactive: bool) -> str | None:
@@ -556,8 +668,9 @@ def run_chat(args: argparse.Namespace) -> int:
     params = sampling_params_from_args(args)
     llm = load_llm(args)
     if llm.tokenizer is None:
-        raise CLIError(f"{args.model} has no tokenizer.json; chat needs a tokenizer (use `dgemma generate "
-                       f"--prompt-ids` instead)")
+        raise CLIError(
+            f"{args.model} has no tokenizer.json; chat needs a tokenizer (use `dgemma generate --prompt-ids` instead)"
+        )
     params.stop_token_ids = sorted(set(params.stop_token_ids) | set(_end_of_turn_ids(llm)))
     interactive = sys.stdin.isatty()
     if interactive:
@@ -602,8 +715,7 @@ def run_chat(args: argparse.Namespace) -> int:
             continue
         except ValueError as e:
             sys.stdout.flush()
-            print(f"{PROG}: error: {_one_line(e)}" + (" (/reset starts over)" if history[:-1] else ""),
-                  file=sys.stderr)
+            print(f"{PROG}: error: {_one_line(e)}" + (" (/reset starts over)" if history[:-1] else ""), file=sys.stderr)
             history.pop()
             continue
         history.append({"role": "assistant", "content": res.text or ""})
@@ -612,16 +724,18 @@ def run_chat(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-register("generate", "generate a completion for one prompt", add_generate_arguments, run_generate,
-         GENERATE_DESCRIPTION)
-register("chat", "chat interactively (reads user messages from stdin)", add_chat_arguments, run_chat,
-         CHAT_DESCRIPTION)
+register("generate", "generate a completion for one prompt", add_generate_arguments, run_generate, GENERATE_DESCRIPTION)
+register("chat", "chat interactively (reads user messages from stdin)", add_chat_arguments, run_chat, CHAT_DESCRIPTION)
 
 
 def add_init_random_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", metavar="OUT", help="directory to write the checkpoint to (created if missing)")
-    p.add_argument("--params", type=float, default=5e6,
-                   help="approximate parameter count of the Gemma-4-shaped model (default: 5e6)")
+    p.add_argument(
+        "--params",
+        type=float,
+        default=5e6,
+        help="approximate parameter count of the Gemma-4-shaped model (default: 5e6)",
+    )
     p.add_argument("--vocab", type=_positive_int, default=4096, help="vocabulary size (default: 4096)")
     p.add_argument("--canvas-length", type=_positive_int, default=64, help="canvas length (default: 64)")
     p.add_argument("--seed", type=int, default=0, help="random seed for the weights (default: 0)")
@@ -644,9 +758,14 @@ def run_init_random(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-register("init-random", "write a random-weights model in the HF checkpoint format", add_init_random_arguments,
-         run_init_random, "Write a random-weights DiffusionGemma checkpoint (config.json, model.safetensors,\n"
-         "generation_config.json) for demos, tests and benchmarks: no weights are downloaded.")
+register(
+    "init-random",
+    "write a random-weights model in the HF checkpoint format",
+    add_init_random_arguments,
+    run_init_random,
+    "Write a random-weights DiffusionGemma checkpoint (config.json, model.safetensors,\n"
+    "generation_config.json) for demos, tests and benchmarks: no weights are downloaded.",
+)
 
 
 # -- train ------------------------------------------------------------------------------------------------------------
@@ -655,49 +774,91 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
     d = TrainConfig()
     p.add_argument("--model", "-m", required=True, metavar="PATH", help="checkpoint to start from (HF format)")
-    p.add_argument("--data", required=True, metavar="FILE",
-                   help='JSONL training data: {"prompt": ..., "completion": ...}, {"messages": [...]} (the last '
-                        'turn, an assistant one, is learned) or {"prompt_ids": [...], "completion_ids": [...]}')
-    p.add_argument("--output", "-o", required=True, metavar="DIR",
-                   help="where checkpoint-N/, final/, train_log.jsonl and loss.svg go; re-running resumes from "
-                        "the newest checkpoint-N/ there")
+    p.add_argument(
+        "--data",
+        required=True,
+        metavar="FILE",
+        help='JSONL training data: {"prompt": ..., "completion": ...}, {"messages": [...]} (the last '
+        'turn, an assistant one, is learned) or {"prompt_ids": [...], "completion_ids": [...]}',
+    )
+    p.add_argument(
+        "--output",
+        "-o",
+        required=True,
+        metavar="DIR",
+        help="where checkpoint-N/, final/, train_log.jsonl and loss.svg go; re-running resumes from "
+        "the newest checkpoint-N/ there",
+    )
     g = p.add_argument_group("objective")
-    g.add_argument("--objective", choices=["diffusion", "ar"], default=d.objective,
-                   help="diffusion: the published block-diffusion SFT loss (+ the encoder's AR loss); ar: a plain "
-                        "causal LM, the baseline (default: %(default)s)")
-    g.add_argument("--ar-weight", type=float, default=d.ar_weight, help="weight of the encoder AR loss "
-                   "(default: %(default)s)")
-    g.add_argument("--self-cond-prob", type=float, default=d.self_cond_prob,
-                   help="probability of training with self-conditioning (default: %(default)s)")
+    g.add_argument(
+        "--objective",
+        choices=["diffusion", "ar"],
+        default=d.objective,
+        help="diffusion: the published block-diffusion SFT loss (+ the encoder's AR loss); ar: a plain "
+        "causal LM, the baseline (default: %(default)s)",
+    )
+    g.add_argument(
+        "--ar-weight", type=float, default=d.ar_weight, help="weight of the encoder AR loss (default: %(default)s)"
+    )
+    g.add_argument(
+        "--self-cond-prob",
+        type=float,
+        default=d.self_cond_prob,
+        help="probability of training with self-conditioning (default: %(default)s)",
+    )
     g.add_argument("--no-prompt-loss", action="store_true", help="no next-token loss on prompt tokens")
-    g.add_argument("--template-prob", type=float, default=d.template_prob,
-                   help="examples with a 'fixed' list keep those response positions uncorrupted with this "
-                        "probability, to train for inference with templates (default: %(default)s)")
+    g.add_argument(
+        "--template-prob",
+        type=float,
+        default=d.template_prob,
+        help="examples with a 'fixed' list keep those response positions uncorrupted with this "
+        "probability, to train for inference with templates (default: %(default)s)",
+    )
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=_positive_int, default=d.steps, help="optimizer steps (default: %(default)s)")
-    g.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
-                   help="global examples per step, over all processes (default: %(default)s)")
-    g.add_argument("--grad-accum", type=_positive_int, default=d.grad_accum,
-                   help="micro-batches per step per process (default: %(default)s)")
+    g.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=d.batch_size,
+        help="global examples per step, over all processes (default: %(default)s)",
+    )
+    g.add_argument(
+        "--grad-accum",
+        type=_positive_int,
+        default=d.grad_accum,
+        help="micro-batches per step per process (default: %(default)s)",
+    )
     g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default: %(default)s)")
     g.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="(default: %(default)s)")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="(default: %(default)s)")
     g.add_argument("--clip-norm", type=float, default=d.clip_norm, help="(default: %(default)s)")
-    g.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default=d.precision,
-                   help="bfloat16: autocast matmuls with float32 master weights; auto: bfloat16 on a GPU with "
-                        "native bf16, float32 elsewhere (float32 stays the CPU default) (default: %(default)s)")
+    g.add_argument(
+        "--precision",
+        choices=["auto", "float32", "bfloat16"],
+        default=d.precision,
+        help="bfloat16: autocast matmuls with float32 master weights; auto: bfloat16 on a GPU with "
+        "native bf16, float32 elsewhere (float32 stays the CPU default) (default: %(default)s)",
+    )
     g.add_argument("--lora-rank", type=int, default=0, help="LoRA rank; 0 trains every weight (default: 0)")
     g.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="(default: %(default)s)")
-    g.add_argument("--lora-targets", default=",".join(d.lora_targets),
-                   help="comma-separated linear layer names (default: all attention and MLP projections)")
+    g.add_argument(
+        "--lora-targets",
+        default=",".join(d.lora_targets),
+        help="comma-separated linear layer names (default: all attention and MLP projections)",
+    )
     g = p.add_argument_group("run")
-    g.add_argument("--save-every", type=int, default=0, metavar="N", help="checkpoint every N steps (default: end "
-                   "only)")
+    g.add_argument(
+        "--save-every", type=int, default=0, metavar="N", help="checkpoint every N steps (default: end only)"
+    )
     g.add_argument("--log-every", type=_positive_int, default=d.log_every, help="(default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     g.add_argument("--threads", type=_positive_int, default=None, help="torch threads per process")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto: this process's GPU "
-                   "if there is one, under torchrun the LOCAL_RANK-th, else the CPU)")
+    g.add_argument(
+        "--device",
+        default="auto",
+        help="auto, cpu, cuda or cuda:N (default: auto: this process's GPU "
+        "if there is one, under torchrun the LOCAL_RANK-th, else the CPU)",
+    )
     g.add_argument("--no-resume", action="store_true", help="start over even if OUTPUT has checkpoints")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -711,27 +872,44 @@ def run_train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     where = training_placement(args.device, args.precision)
-    cfg = TrainConfig(objective=args.objective, steps=args.steps, batch_size=args.batch_size,
-                      grad_accum=args.grad_accum, lr=args.lr, warmup_steps=args.warmup_steps,
-                      weight_decay=args.weight_decay, clip_norm=args.clip_norm, ar_weight=args.ar_weight,
-                      prompt_loss=not args.no_prompt_loss, self_cond_prob=args.self_cond_prob,
-                      template_prob=args.template_prob,
-                      lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-                      lora_targets=tuple(t for t in args.lora_targets.split(",") if t),
-                      precision=dtype_name(where.dtype),  # type: ignore[arg-type]
-                      seed=args.seed, save_every=args.save_every, log_every=args.log_every)
-    final = run_training(args.model, args.data, args.output, cfg, resume=not args.no_resume,
-                         progress=not args.quiet, device=where.device)
+    cfg = TrainConfig(
+        objective=args.objective,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay,
+        clip_norm=args.clip_norm,
+        ar_weight=args.ar_weight,
+        prompt_loss=not args.no_prompt_loss,
+        self_cond_prob=args.self_cond_prob,
+        template_prob=args.template_prob,
+        lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        lora_targets=tuple(t for t in args.lora_targets.split(",") if t),
+        precision=dtype_name(where.dtype),  # type: ignore[arg-type]
+        seed=args.seed,
+        save_every=args.save_every,
+        log_every=args.log_every,
+    )
+    final = run_training(
+        args.model, args.data, args.output, cfg, resume=not args.no_resume, progress=not args.quiet, device=where.device
+    )
     if int(__import__("os").environ.get("RANK", "0")) == 0:
         print(f"wrote {final}")
     return EXIT_OK
 
 
-register("train", "fine-tune a checkpoint (block-diffusion SFT or the AR baseline; LoRA; torchrun)",
-         add_train_arguments, run_train,
-         "Fine-tune a DiffusionGemma checkpoint on JSONL data with the published block-diffusion objective\n"
-         "(or --objective ar). Writes HF-format checkpoints; re-running the same command resumes.\n"
-         "Data-parallel: torchrun --nproc-per-node 2 -m dgemma.cli train ... (gloo on CPU, nccl on GPU).")
+register(
+    "train",
+    "fine-tune a checkpoint (block-diffusion SFT or the AR baseline; LoRA; torchrun)",
+    add_train_arguments,
+    run_train,
+    "Fine-tune a DiffusionGemma checkpoint on JSONL data with the published block-diffusion objective\n"
+    "(or --objective ar). Writes HF-format checkpoints; re-running the same command resumes.\n"
+    "Data-parallel: torchrun --nproc-per-node 2 -m dgemma.cli train ... (gloo on CPU, nccl on GPU).",
+)
 
 
 # -- main -------------------------------------------------------------------------------------------------------------
@@ -740,9 +918,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     _load_plugins()
     parser = argparse.ArgumentParser(
-        prog=PROG, formatter_class=_Formatter,
+        prog=PROG,
+        formatter_class=_Formatter,
         description="dgemma: run DiffusionGemma block-diffusion language models.",
-        epilog=f"Run '{PROG} COMMAND --help' for a command's options.")
+        epilog=f"Run '{PROG} COMMAND --help' for a command's options.",
+    )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     for name, cmd in SUBCOMMANDS.items():
@@ -777,6 +957,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `dgemma generate ... | head -c 10`
         try:
             import os
+
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         except (OSError, ValueError, AttributeError):
             pass

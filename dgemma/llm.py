@@ -20,6 +20,8 @@ from .params import SamplingParamError, SamplingParams, resolve
 from .tokenizer import IncrementalDecoder, Tokenizer
 
 Prompt = Union[str, list[dict[str, Any]], dict[str, Any]]
+Prompts = Union[Prompt, Sequence[Prompt]]  # one prompt, or several
+ParamsArg = Union[SamplingParams, Sequence[SamplingParams], None]  # one for all prompts, or one per prompt
 logger = logging.getLogger(__name__)
 
 
@@ -69,9 +71,16 @@ class LLM:
     checkpoint is quantized at load, an FP8 checkpoint is read as it is (and needs no argument).
     """
 
-    def __init__(self, model: str | Path, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
-                 max_batch: int = 8, max_model_len: int | None = None, prefill_chunk: int = 1024,
-                 quantization: str | None = None):
+    def __init__(
+        self,
+        model: str | Path,
+        device: str | torch.device = "auto",
+        dtype: str | torch.dtype = "auto",
+        max_batch: int = 8,
+        max_model_len: int | None = None,
+        prefill_chunk: int = 1024,
+        quantization: str | None = None,
+    ):
         self.path = resolve_model_path(model)
         placement = resolve_placement(device, dtype, quantization)
         auto = placement.why_device or placement.why_dtype  # an automatic choice is INFO, an explicit one DEBUG
@@ -80,13 +89,19 @@ class LLM:
         self.model = load_model(self.path, dtype=self.dtype, device=self.device, quantization=quantization)
         self.generation_config = load_generation_config(self.path)
         self.tokenizer = Tokenizer.from_dir(self.path)
-        self.engine = Engine(self.model, self.generation_config, max_batch=max_batch, max_model_len=max_model_len,
-                             prefill_chunk=prefill_chunk)
+        self.engine = Engine(
+            self.model,
+            self.generation_config,
+            max_batch=max_batch,
+            max_model_len=max_model_len,
+            prefill_chunk=prefill_chunk,
+        )
         logger.log(logging.INFO if auto else logging.DEBUG, "dgemma: %s", self.engine.describe())
         self.token_ids = token_ids(self.model.config.text, self.generation_config)
         if self.tokenizer is not None:  # structured output: matchers over this tokenizer, ending at EOS
-            self.engine.guides = GuideFactory(self.tokenizer.backend.to_str(), self.model.config.text.vocab_size,
-                                              sorted(self.token_ids.eos_set))
+            self.engine.guides = GuideFactory(
+                self.tokenizer.backend.to_str(), self.model.config.text.vocab_size, sorted(self.token_ids.eos_set)
+            )
 
     # -- prompts ------------------------------------------------------------------------------------------------
     def encode_prompt(self, prompt: Prompt) -> tuple[str | None, list[int]]:
@@ -119,9 +134,9 @@ class LLM:
         return self.tokenizer.incremental_decoder() if self.tokenizer is not None else None
 
     # -- generation ---------------------------------------------------------------------------------------------
-    def generate_stream(self, prompts: Prompt | Sequence[Prompt],
-                        params: SamplingParams | Sequence[SamplingParams] | None = None,
-                        stream_drafts: bool = False) -> Iterator[StreamDelta]:
+    def generate_stream(
+        self, prompts: Prompts, params: ParamsArg = None, stream_drafts: bool = False
+    ) -> Iterator[StreamDelta]:
         """Stream deltas for several prompts at once (batched by the engine)."""
         plist, params_list = _normalise(prompts, params)
         params_list = [self.prepare_params(sp) for sp in params_list]
@@ -133,15 +148,24 @@ class LLM:
                     index, proc = procs.get(ev.request_id, (-1, None))
                     d = proc.on_event(ev) if proc is not None else None
                     if d is not None:
-                        yield StreamDelta(index, ev.request_id, d.text, d.token_ids, d.draft_token_ids, d.finished,
-                                          d.finish_reason, d.metrics)
+                        yield StreamDelta(
+                            index,
+                            ev.request_id,
+                            d.text,
+                            d.token_ids,
+                            d.draft_token_ids,
+                            d.finished,
+                            d.finish_reason,
+                            d.metrics,
+                        )
         finally:  # a consumer that stops early (or a disconnect) frees the rows
             for rid, (_, p) in procs.items():
                 if not p.done:
                     self.engine.abort(rid)
 
-    def _submit(self, prompt_ids: list[list[int]], params_list: list[SamplingParams],
-                stream_drafts: bool) -> dict[str, tuple[int, OutputProcessor]]:
+    def _submit(
+        self, prompt_ids: list[list[int]], params_list: list[SamplingParams], stream_drafts: bool
+    ) -> dict[str, tuple[int, OutputProcessor]]:
         """Queue every request, or none (ValueError): request id -> (prompt index, its output processor)."""
         procs: dict[str, tuple[int, OutputProcessor]] = {}
         try:
@@ -157,13 +181,18 @@ class LLM:
     def _finisher(self, rid: str) -> Callable[[int], Event]:
         """Ends `rid` at once keeping n tokens (the engine runs in this thread). If it had already finished in
         this step, its output ends here all the same (without metrics)."""
+
         def finish(n: int) -> Event:
             return self.engine.finish_request(rid, "stop", completion_tokens=n) or Event(rid, "finished")
+
         return finish
 
-    def generate(self, prompts: Prompt | Sequence[Prompt],
-                 params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 reference_sampling: bool = False) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: Prompts,
+        params: ParamsArg = None,
+        reference_sampling: bool = False,
+    ) -> list[RequestOutput]:
         """Generate for each prompt; returns one RequestOutput per prompt, in order.
 
         `reference_sampling=True` runs transformers' exact algorithm and random-number order (one left-padded
@@ -182,20 +211,31 @@ class LLM:
         if any(p != sp for p in params_list):
             raise ValueError("reference_sampling needs the same SamplingParams for every prompt (one batch)")
         sp = resolve(sp.validate(self.model.config.vocab_size), self.generation_config)
-        odd = [f for f, default in (("mode", "diffusion"), ("schedule", "linear"), ("acceptance", "entropy_bound"),
-                                    ("stopping", "stable_confident"), ("template", None), ("suffix_token_ids", None))
-               if getattr(sp, f) != default]
+        odd = [
+            f
+            for f, default in (
+                ("mode", "diffusion"),
+                ("schedule", "linear"),
+                ("acceptance", "entropy_bound"),
+                ("stopping", "stable_confident"),
+                ("template", None),
+                ("suffix_token_ids", None),
+            )
+            if getattr(sp, f) != default
+        ]
         if sp.constraint() is not None:
             odd.append("structured output")
         if odd:
-            raise ValueError(f"reference_sampling runs transformers' exact algorithm; it does not support "
-                             f"non-default {', '.join(odd)}")
+            raise ValueError(
+                f"reference_sampling runs transformers' exact algorithm; it does not support "
+                f"non-default {', '.join(odd)}"
+            )
         for _, ids in encoded:
             if not ids:
                 raise ValueError("prompt must be a non-empty list of token ids")
             check_context(len(ids), sp, self.engine.max_model_len, self.engine.canvas_length)
         gen = torch.Generator(device=self.device)
-        gen.manual_seed(sp.seed if sp.seed is not None else int(torch.randint(0, 2 ** 62, (1,)).item()))
+        gen.manual_seed(sp.seed if sp.seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
         pad = self.model.config.text.pad_token_id or 0
         t0 = time.perf_counter()
         eos = set(sp.stop_token_ids) | (set() if sp.ignore_eos else self.engine.eos)
@@ -211,10 +251,23 @@ class LLM:
                     toks, reason = cut.tokens, "stop"
                 cut.finish()
                 out_text = cut.text
-            outs.append(RequestOutput(f"ref-{i}", text, ids, [CompletionOutput(0, out_text, toks, reason)], True, {
-                "prompt_tokens": len(ids), "completion_tokens": len(toks), "decoder_passes": passes,
-                "denoising_steps": passes, "tokens_per_forward": len(toks) / passes if passes else 0.0,
-                "wall_s": wall}))
+            outs.append(
+                RequestOutput(
+                    f"ref-{i}",
+                    text,
+                    ids,
+                    [CompletionOutput(0, out_text, toks, reason)],
+                    True,
+                    {
+                        "prompt_tokens": len(ids),
+                        "completion_tokens": len(toks),
+                        "decoder_passes": passes,
+                        "denoising_steps": passes,
+                        "tokens_per_forward": len(toks) / passes if passes else 0.0,
+                        "wall_s": wall,
+                    },
+                )
+            )
         return outs
 
     def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None) -> RequestOutput:
@@ -230,11 +283,14 @@ class LLM:
         return replace(sp, suffix=None, suffix_token_ids=self.tokenizer.encode(sp.suffix))
 
 
-def _normalise(prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None,
-               ) -> tuple[list[Prompt], list[SamplingParams]]:
+def _normalise(
+    prompts: Prompts,
+    params: ParamsArg,
+) -> tuple[list[Prompt], list[SamplingParams]]:
     """One prompt or several, and one SamplingParams for all or one per prompt -> two lists of equal length."""
-    if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)
-                                            and "role" in prompts[0]):
+    if isinstance(prompts, (str, dict)) or (
+        isinstance(prompts, list) and prompts and isinstance(prompts[0], dict) and "role" in prompts[0]
+    ):
         prompts = [prompts]
     plist = list(prompts)
     if not plist:
@@ -248,8 +304,9 @@ def _normalise(prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequ
     return plist, params_list
 
 
-def _collect(encoded: list[tuple[str | None, list[int]]], deltas: Iterator[StreamDelta],
-             t0: float) -> list[RequestOutput]:
+def _collect(
+    encoded: list[tuple[str | None, list[int]]], deltas: Iterator[StreamDelta], t0: float
+) -> list[RequestOutput]:
     """Streamed deltas -> one finished RequestOutput per prompt, in order."""
     outs = [RequestOutput("", text, ids, [CompletionOutput(0, "", [], None)]) for text, ids in encoded]
     texts: list[list[str]] = [[] for _ in encoded]

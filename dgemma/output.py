@@ -75,7 +75,7 @@ class StopText:
         # A match ending in `piece`: earlier text held none (pending begins after every possible match, see _held)
         hits = [i for i in (self.pending.find(s, max(0, start - len(s) + 1)) for s in self.stops) if i >= 0]
         if hits:
-            self.pending = self.pending[:min(hits)]
+            self.pending = self.pending[: min(hits)]
             self.stopped = True
 
     def _held(self) -> int:
@@ -88,7 +88,7 @@ class StopText:
         return 0
 
     def _emit(self, hold: int) -> str:
-        out, self.pending = self.pending[:len(self.pending) - hold], self.pending[len(self.pending) - hold:]
+        out, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold :]
         if out:
             self.emitted.append(out)
         return out
@@ -103,8 +103,9 @@ class OutputProcessor:
     further tokens and drafts are ignored.
     """
 
-    def __init__(self, decoder: IncrementalDecoder | None, stops: Iterable[str],
-                 finish_request: Callable[[int], Event | None]) -> None:
+    def __init__(
+        self, decoder: IncrementalDecoder | None, stops: Iterable[str], finish_request: Callable[[int], Event | None]
+    ) -> None:
         self.out = StopText(decoder, stops)
         self.finish_request = finish_request
         self.stopping = False  # a stop string matched; waiting for the engine's word

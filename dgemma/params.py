@@ -77,8 +77,9 @@ class Knob:
             return self.kind is bool and isinstance(v, bool)
         if not isinstance(v, int if self.kind is int else (int, float)) or not math.isfinite(v):
             return False
-        return ((self.ge is None or v >= self.ge) and (self.gt is None or v > self.gt)
-                and (self.le is None or v <= self.le))
+        return (
+            (self.ge is None or v >= self.ge) and (self.gt is None or v > self.gt) and (self.le is None or v <= self.le)
+        )
 
     def check(self, value: Any) -> None:
         if not self.accepts(value):
@@ -90,49 +91,145 @@ def _names(registry: dict[str, Any]) -> Callable[[], list[str]]:
 
 
 KNOBS: tuple[Knob, ...] = (
-    Knob("max_new_tokens", int, 256, "most tokens to generate; diffusion commits whole canvases and trims the "
-         "last one", ge=1, api="max_tokens", metavar="N", strict_flag=True),
-    Knob("seed", int, None, "random seed (unset: a random one); the same seed, prompt and options give the same "
-         "tokens", ge=0, le=2 ** 63 - 1, metavar="S"),
-    Knob("mode", str, "diffusion", "diffusion: denoise a canvas of tokens at a time (the model's native mode); "
-         "ar: one token per forward pass, for comparison", choices=lambda: MODES),
+    Knob(
+        "max_new_tokens",
+        int,
+        256,
+        "most tokens to generate; diffusion commits whole canvases and trims the last one",
+        ge=1,
+        api="max_tokens",
+        metavar="N",
+        strict_flag=True,
+    ),
+    Knob(
+        "seed",
+        int,
+        None,
+        "random seed (unset: a random one); the same seed, prompt and options give the same tokens",
+        ge=0,
+        le=2**63 - 1,
+        metavar="S",
+    ),
+    Knob(
+        "mode",
+        str,
+        "diffusion",
+        "diffusion: denoise a canvas of tokens at a time (the model's native mode); "
+        "ar: one token per forward pass, for comparison",
+        choices=lambda: MODES,
+    ),
     Knob("ignore_eos", bool, False, "keep generating past the checkpoint's EOS tokens, up to the token budget"),
-    Knob("max_denoising_steps", int, None, "most denoising steps per canvas", ge=1, le=10_000, mode="diffusion",
-         metavar="N"),
-    Knob("t_min", float, None, "sampling temperature at the last step", gt=0, le=100, mode="diffusion",
-         metavar="F"),
-    Knob("t_max", float, None, "sampling temperature at the first step, >= t_min (the temperature falls from "
-         "t_max to t_min over the steps)", gt=0, le=100, mode="diffusion", metavar="F"),
-    Knob("entropy_bound", float, None, "per step, accept the lowest-entropy positions while their summed entropy "
-         "stays within this bound; larger accepts more tokens per step: faster, less careful", gt=0,
-         mode="diffusion", metavar="F"),
-    Knob("stability_threshold", int, None, "adaptive stop: the canvas's argmax must be unchanged for this many "
-         "steps", ge=0, le=1000, mode="diffusion", metavar="N"),
-    Knob("confidence_threshold", float, None, "adaptive stop: and its mean entropy must be below this", gt=0,
-         mode="diffusion", metavar="F"),
-    Knob("fixed_steps", bool, False, "no adaptive stop: run exactly max_denoising_steps steps per canvas",
-         mode="diffusion"),
-    Knob("schedule", str, "linear", "temperature schedule from t_max to t_min", choices=_names(SCHEDULES),
-         mode="diffusion", api=None),
-    Knob("acceptance", str, "entropy_bound", "which positions keep their sampled token each step",
-         choices=_names(ACCEPTANCE), mode="diffusion", api=None),
-    Knob("stopping", str, "stable_confident", "adaptive stop rule; 'none' is the same as fixed_steps",
-         choices=_names(STOPPING), mode="diffusion", api=None),
+    Knob(
+        "max_denoising_steps",
+        int,
+        None,
+        "most denoising steps per canvas",
+        ge=1,
+        le=10_000,
+        mode="diffusion",
+        metavar="N",
+    ),
+    Knob("t_min", float, None, "sampling temperature at the last step", gt=0, le=100, mode="diffusion", metavar="F"),
+    Knob(
+        "t_max",
+        float,
+        None,
+        "sampling temperature at the first step, >= t_min (the temperature falls from t_max to t_min over the steps)",
+        gt=0,
+        le=100,
+        mode="diffusion",
+        metavar="F",
+    ),
+    Knob(
+        "entropy_bound",
+        float,
+        None,
+        "per step, accept the lowest-entropy positions while their summed entropy "
+        "stays within this bound; larger accepts more tokens per step: faster, less careful",
+        gt=0,
+        mode="diffusion",
+        metavar="F",
+    ),
+    Knob(
+        "stability_threshold",
+        int,
+        None,
+        "adaptive stop: the canvas's argmax must be unchanged for this many steps",
+        ge=0,
+        le=1000,
+        mode="diffusion",
+        metavar="N",
+    ),
+    Knob(
+        "confidence_threshold",
+        float,
+        None,
+        "adaptive stop: and its mean entropy must be below this",
+        gt=0,
+        mode="diffusion",
+        metavar="F",
+    ),
+    Knob(
+        "fixed_steps",
+        bool,
+        False,
+        "no adaptive stop: run exactly max_denoising_steps steps per canvas",
+        mode="diffusion",
+    ),
+    Knob(
+        "schedule",
+        str,
+        "linear",
+        "temperature schedule from t_max to t_min",
+        choices=_names(SCHEDULES),
+        mode="diffusion",
+        api=None,
+    ),
+    Knob(
+        "acceptance",
+        str,
+        "entropy_bound",
+        "which positions keep their sampled token each step",
+        choices=_names(ACCEPTANCE),
+        mode="diffusion",
+        api=None,
+    ),
+    Knob(
+        "stopping",
+        str,
+        "stable_confident",
+        "adaptive stop rule; 'none' is the same as fixed_steps",
+        choices=_names(STOPPING),
+        mode="diffusion",
+        api=None,
+    ),
     Knob("temperature", float, 0.0, "sampling temperature; 0 is greedy", ge=0, le=100, mode="ar", metavar="F"),
     Knob("top_k", int, 0, "sample among the K most likely tokens; 0 disables", ge=0, mode="ar", metavar="K"),
-    Knob("top_p", float, 1.0, "nucleus sampling: the smallest set of tokens with probability >= P; 1 disables",
-         gt=0, le=1, mode="ar", metavar="P"),
+    Knob(
+        "top_p",
+        float,
+        1.0,
+        "nucleus sampling: the smallest set of tokens with probability >= P; 1 disables",
+        gt=0,
+        le=1,
+        mode="ar",
+        metavar="P",
+    ),
 )
 KNOB: dict[str, Knob] = {k.name: k for k in KNOBS}
 
 # The published defaults of the knobs left to the checkpoint (transformers' DiffusionGemmaGenerationConfig).
-DEFAULTS: dict[str, Any] = dict(max_denoising_steps=48, t_min=0.4, t_max=0.8, entropy_bound=0.1,
-                                stability_threshold=1, confidence_threshold=0.005)
+DEFAULTS: dict[str, Any] = dict(
+    max_denoising_steps=48, t_min=0.4, t_max=0.8, entropy_bound=0.1, stability_threshold=1, confidence_threshold=0.005
+)
 
 
 def _token_ids_ok(v: Any, lo: int, hi: int | None, non_empty: bool = False) -> bool:
-    return isinstance(v, list) and (bool(v) or not non_empty) and all(
-        isinstance(t, int) and not isinstance(t, bool) and lo <= t < (hi or 2 ** 62) for t in v)
+    return (
+        isinstance(v, list)
+        and (bool(v) or not non_empty)
+        and all(isinstance(t, int) and not isinstance(t, bool) and lo <= t < (hi or 2**62) for t in v)
+    )
 
 
 @dataclass
@@ -207,9 +304,11 @@ class SamplingParams:
             if self.template is not None:
                 self._bad("suffix_token_ids", "cannot be combined with a template")
         if self.constraint() is not None and (
-                self.template is not None or self.suffix_token_ids is not None or self.suffix is not None):
-            self._bad("template" if self.template is not None else "suffix",
-                      "cannot be combined with structured output")
+            self.template is not None or self.suffix_token_ids is not None or self.suffix is not None
+        ):
+            self._bad(
+                "template" if self.template is not None else "suffix", "cannot be combined with structured output"
+            )
 
     def constraint(self):
         """The structured-output constraint these params ask for (a `constraints.Constraint`), or None."""

@@ -49,16 +49,28 @@ if TYPE_CHECKING:  # imported lazily: `dgemma --help` (which imports this module
 logger = logging.getLogger("dgemma.server")
 
 DEFAULT_MAX_BODY_BYTES = 16 << 20
-_STATUS_TYPES = {400: "BadRequestError", 404: "NotFoundError", 413: "RequestTooLargeError",
-                 429: "RateLimitError", 500: "InternalServerError", 503: "ServiceUnavailableError",
-                 504: "TimeoutError"}
+_STATUS_TYPES = {
+    400: "BadRequestError",
+    404: "NotFoundError",
+    413: "RequestTooLargeError",
+    429: "RateLimitError",
+    500: "InternalServerError",
+    503: "ServiceUnavailableError",
+    504: "TimeoutError",
+}
 
 
 class APIError(Exception):
     """An error answered with an OpenAI error body."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, type_: str | None = None,
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        type_: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param = status, message, param
         self.type = type_ or _STATUS_TYPES.get(status, "APIError")
@@ -87,24 +99,39 @@ class _Metrics:
         self.prompt_tokens = Counter("dgemma:prompt_tokens", "Prompt tokens of admitted requests.", L, registry=r)
         self.generation_tokens = Counter("dgemma:generation_tokens", "Generated (committed) tokens.", L, registry=r)
         self.finished = Counter("dgemma:request_success", "Finished requests.", L + ["finished_reason"], registry=r)
-        self.rejected = Counter("dgemma:request_rejected", "Requests refused or failed, by HTTP status.",
-                                L + ["status"], registry=r)
+        self.rejected = Counter(
+            "dgemma:request_rejected", "Requests refused or failed, by HTTP status.", L + ["status"], registry=r
+        )
         self.aborted = Counter("dgemma:request_aborted", "Requests aborted (disconnect or timeout).", L, registry=r)
         self.tokens_per_forward = Histogram(
-            "dgemma:tokens_per_forward", "Completion tokens per decoder pass (per token step in AR mode).", L,
-            buckets=(0.125, 0.25, 0.5, 1, 1.5, 2, 3, 4, 6, 8, 12, 16, 32, 64, 128, 256), registry=r)
+            "dgemma:tokens_per_forward",
+            "Completion tokens per decoder pass (per token step in AR mode).",
+            L,
+            buckets=(0.125, 0.25, 0.5, 1, 1.5, 2, 3, 4, 6, 8, 12, 16, 32, 64, 128, 256),
+            registry=r,
+        )
         self.steps_per_canvas = Histogram(
-            "dgemma:denoising_steps_per_canvas", "Denoising steps per committed canvas (request average, one "
-            "observation per canvas).", L, buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256),
-            registry=r)
+            "dgemma:denoising_steps_per_canvas",
+            "Denoising steps per committed canvas (request average, one observation per canvas).",
+            L,
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256),
+            registry=r,
+        )
         lat = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
-        self.ttft = Histogram("dgemma:time_to_first_token_seconds", "Request arrival to first committed tokens.",
-                              L, buckets=lat, registry=r)
-        self.e2e = Histogram("dgemma:e2e_request_latency_seconds", "Request arrival to completion.", L,
-                             buckets=lat, registry=r)
+        self.ttft = Histogram(
+            "dgemma:time_to_first_token_seconds",
+            "Request arrival to first committed tokens.",
+            L,
+            buckets=lat,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "dgemma:e2e_request_latency_seconds", "Request arrival to completion.", L, buckets=lat, registry=r
+        )
 
     def render(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
@@ -235,8 +262,11 @@ class EngineLoop:
         """Queue a request; returns its event queue once the engine accepted it (APIError if it did not)."""
         self.check_available()
         if len(self._queues) >= self.max_queue:
-            raise APIError(429, f"the server is at capacity ({self.max_queue} requests in flight); retry later",
-                           headers={"Retry-After": "1"})
+            raise APIError(
+                429,
+                f"the server is at capacity ({self.max_queue} requests in flight); retry later",
+                headers={"Retry-After": "1"},
+            )
         q: asyncio.Queue = asyncio.Queue()
         self._queues[rid] = q
         self._cmds.put(_Add(rid, prompt_ids, params, drafts))
@@ -288,8 +318,13 @@ class _EngineWorker:
     """The engine thread's loop: run the queued commands, step the engine while it has work, post what happened
     (`(request id or None for everyone, reply or Event)` pairs) through `post`."""
 
-    def __init__(self, engine: Any, metrics: _Metrics, cmds: queue.SimpleQueue,
-                 post: Callable[[list[tuple[str | None, _Reply]]], None]) -> None:
+    def __init__(
+        self,
+        engine: Any,
+        metrics: _Metrics,
+        cmds: queue.SimpleQueue,
+        post: Callable[[list[tuple[str | None, _Reply]]], None],
+    ) -> None:
         self.engine, self.metrics, self.cmds, self.post = engine, metrics, cmds, post
         self.error: str | None = None  # set when the loop died
 
@@ -365,8 +400,16 @@ class _Update:
 class _Generation:
     """Consumes one request's events and turns them into text updates (used by streaming and non-streaming)."""
 
-    def __init__(self, server: "_Server", rid: str, q: asyncio.Queue, prompt_len: int, params: "SamplingParams",
-                 t_arrival: float, request: Any = None):
+    def __init__(
+        self,
+        server: "_Server",
+        rid: str,
+        q: asyncio.Queue,
+        prompt_len: int,
+        params: "SamplingParams",
+        t_arrival: float,
+        request: Any = None,
+    ):
         from .output import OutputProcessor
 
         self.server, self.rid, self.q, self.prompt_len, self.params = server, rid, q, prompt_len, params
@@ -374,8 +417,9 @@ class _Generation:
         self.t_arrival = t_arrival
         self.deadline = self.loop.time() + server.request_timeout
         self.request = request  # for disconnect polling while streaming
-        self.out = OutputProcessor(server.llm.decoder(), params.stop,
-                                   lambda n: server.engine_loop.finish(rid, n))  # the answer comes via the queue
+        self.out = OutputProcessor(
+            server.llm.decoder(), params.stop, lambda n: server.engine_loop.finish(rid, n)
+        )  # the answer comes via the queue
         self.done = False
         self.t_first: float | None = None
 
@@ -426,8 +470,9 @@ class _Generation:
         forwards = em.get("forwards", 0)
         tpf = n / forwards if forwards else 0.0
         self._observe(reason, em, tpf)
-        return _Update(text=text, finish_reason=reason,
-                       usage=usage(self.prompt_len, n, tpf, int(em.get("denoising_steps", 0))))
+        return _Update(
+            text=text, finish_reason=reason, usage=usage(self.prompt_len, n, tpf, int(em.get("denoising_steps", 0)))
+        )
 
     def _observe(self, reason: str, em: dict[str, Any], tpf: float) -> None:
         m = self.server.metrics
@@ -456,8 +501,15 @@ class _Generation:
 class _Server:
     """The serving state of one app: the model, its engine loop, metrics and limits."""
 
-    def __init__(self, llm: "LLM", model_name: str, max_queue: int, request_timeout: float, max_body_bytes: int,
-                 torch_thread: TorchThread):
+    def __init__(
+        self,
+        llm: "LLM",
+        model_name: str,
+        max_queue: int,
+        request_timeout: float,
+        max_body_bytes: int,
+        torch_thread: TorchThread,
+    ):
         self.llm, self.model_name = llm, model_name
         self.request_timeout, self.max_body_bytes = request_timeout, max_body_bytes
         self.metrics = _Metrics(model_name)
@@ -473,14 +525,19 @@ class _Server:
         if len(text) > probe:
             n = len(self.llm.tokenizer.encode(text[:probe]))
             if n > limit + eng.canvas_length + 16:
-                raise APIError(400, f"the prompt is too long: over {n - 16} tokens ({len(text)} characters); the "
-                                    f"context length is {limit} tokens", param="prompt")
+                raise APIError(
+                    400,
+                    f"the prompt is too long: over {n - 16} tokens ({len(text)} characters); the "
+                    f"context length is {limit} tokens",
+                    param="prompt",
+                )
 
     def encode_completion_prompt(self, prompt: Any) -> list[int]:
         if isinstance(prompt, str):
             if self.llm.tokenizer is None:
-                raise APIError(400, "this model has no tokenizer: send the prompt as a list of token ids",
-                               param="prompt")
+                raise APIError(
+                    400, "this model has no tokenizer: send the prompt as a list of token ids", param="prompt"
+                )
             self._check_text_length(prompt)
             try:
                 return self.llm.encode_prompt(prompt)[1]
@@ -491,8 +548,11 @@ class _Server:
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> list[int]:
         tok = self.llm.tokenizer
         if tok is None:
-            raise APIError(400, "this model has no tokenizer, so chat is unavailable: use /v1/completions with "
-                                "token ids", param="messages")
+            raise APIError(
+                400,
+                "this model has no tokenizer, so chat is unavailable: use /v1/completions with token ids",
+                param="messages",
+            )
         try:
             text = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
         except ValueError as e:
@@ -530,8 +590,9 @@ class _Server:
         try:
             check_context(len(prompt_ids), params, eng.max_model_len, eng.canvas_length)
         except ValueError as e:
-            raise APIError(400, str(e), param="prompt" if len(prompt_ids) >= eng.max_model_len else "max_tokens") \
-                from None
+            raise APIError(
+                400, str(e), param="prompt" if len(prompt_ids) >= eng.max_model_len else "max_tokens"
+            ) from None
         return params
 
 
@@ -567,9 +628,11 @@ async def _read_json(request: Any, max_body_bytes: int) -> dict[str, Any]:
         raise APIError(400, f"the request body must be a JSON object, not {type(body).__name__}")
     return body
 
+
 def _parse(cls: Any, body: dict[str, Any], model_name: str) -> Any:
     """`body` validated as the protocol class `cls` (APIError naming the field when it is not valid)."""
     from pydantic import ValidationError
+
     try:
         req = cls.model_validate(body)
     except ValidationError as e:
@@ -578,7 +641,7 @@ def _parse(cls: Any, body: dict[str, Any], model_name: str) -> Any:
         msg = str(err.get("msg", "invalid value"))
         for prefix in ("Value error, ", "Assertion failed, "):
             if msg.startswith(prefix):
-                msg = msg[len(prefix):]
+                msg = msg[len(prefix) :]
         raise APIError(400, f"{loc}: {msg}" if loc and not msg.startswith(loc) else msg, param=loc) from None
     except (RecursionError, ValueError) as e:
         raise APIError(400, f"invalid request: {e}") from None
@@ -679,9 +742,22 @@ async def version(request: Any) -> Any:
 
 async def models(request: Any) -> Any:
     srv: _Server = request.app.state.dgemma
-    return _json({"object": "list", "data": [{
-        "id": srv.model_name, "object": "model", "created": srv.created, "owned_by": "dgemma",
-        "root": str(srv.llm.path), "parent": None, "max_model_len": srv.llm.engine.max_model_len}]})
+    return _json(
+        {
+            "object": "list",
+            "data": [
+                {
+                    "id": srv.model_name,
+                    "object": "model",
+                    "created": srv.created,
+                    "owned_by": "dgemma",
+                    "root": str(srv.llm.path),
+                    "parent": None,
+                    "max_model_len": srv.llm.engine.max_model_len,
+                }
+            ],
+        }
+    )
 
 
 async def metrics(request: Any) -> Any:
@@ -708,12 +784,24 @@ def _endpoints() -> dict[str, _Endpoint]:
     from . import protocol as P
 
     return {
-        "completions": _Endpoint("CompletionRequest", "cmpl", "text_completion",
-                                 lambda srv, req: srv.encode_completion_prompt(req.prompt), P.completion_chunk,
-                                 P.completion_response, False),
-        "chat": _Endpoint("ChatCompletionRequest", "chatcmpl", "chat.completion.chunk",
-                          lambda srv, req: srv.encode_chat(req.messages, req.add_generation_prompt),
-                          P.chat_text_chunk, P.chat_response, True),
+        "completions": _Endpoint(
+            "CompletionRequest",
+            "cmpl",
+            "text_completion",
+            lambda srv, req: srv.encode_completion_prompt(req.prompt),
+            P.completion_chunk,
+            P.completion_response,
+            False,
+        ),
+        "chat": _Endpoint(
+            "ChatCompletionRequest",
+            "chatcmpl",
+            "chat.completion.chunk",
+            lambda srv, req: srv.encode_chat(req.messages, req.add_generation_prompt),
+            P.chat_text_chunk,
+            P.chat_response,
+            True,
+        ),
     }
 
 
@@ -761,8 +849,9 @@ async def _collect(gen: _Generation) -> _Update:
             return _Update("".join(text), None, upd.finish_reason, upd.usage)
 
 
-async def _stream_events(srv: "_Server", gen: _Generation, ep: _Endpoint, req: Any, rid: str,
-                         created: int) -> AsyncIterator[str]:
+async def _stream_events(
+    srv: "_Server", gen: _Generation, ep: _Endpoint, req: Any, rid: str, created: int
+) -> AsyncIterator[str]:
     """The server-sent events of a streaming request, ending with `data: [DONE]` (errors become an error event)."""
     from .protocol import chat_chunk, error_body, usage_chunk
 
@@ -770,17 +859,17 @@ async def _stream_events(srv: "_Server", gen: _Generation, ep: _Endpoint, req: A
     name = srv.model_name
     try:
         if ep.role_chunk:
-            yield _sse(chat_chunk(rid, created, name, {"role": "assistant", "content": ""}, None, None, inc))
+            yield _sse(chat_chunk(rid, created, name, {"role": "assistant", "content": ""}, include_usage=inc))
         while (upd := await gen.next()) is not None:
             if upd.draft is not None:
-                yield _sse(ep.text_chunk(rid, created, name, "", None, None, inc, upd.draft))
+                yield _sse(ep.text_chunk(rid, created, name, "", include_usage=inc, draft=upd.draft))
             if upd.finish_reason is not None:
-                yield _sse(ep.text_chunk(rid, created, name, upd.text, upd.finish_reason, None, inc))
+                yield _sse(ep.text_chunk(rid, created, name, upd.text, upd.finish_reason, include_usage=inc))
                 if inc:
                     yield _sse(usage_chunk(rid, created, name, ep.chunk_object, upd.usage))
                 break
             if upd.text:
-                yield _sse(ep.text_chunk(rid, created, name, upd.text, None, None, inc))
+                yield _sse(ep.text_chunk(rid, created, name, upd.text, include_usage=inc))
     except _ClientGone:
         return
     except APIError as e:
@@ -805,8 +894,9 @@ class _SSE:
         from starlette.responses import StreamingResponse
 
         self.gen = gen
-        self.response = StreamingResponse(body, media_type="text/event-stream",
-                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.response = StreamingResponse(
+            body, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
@@ -815,13 +905,25 @@ class _SSE:
             self.gen.close()
 
 
-_ROUTES = (("/health", health, "GET"), ("/version", version, "GET"), ("/v1/models", models, "GET"),
-           ("/metrics", metrics, "GET"), ("/v1/completions", completions, "POST"),
-           ("/v1/chat/completions", chat_completions, "POST"))
+_ROUTES = (
+    ("/health", health, "GET"),
+    ("/version", version, "GET"),
+    ("/v1/models", models, "GET"),
+    ("/metrics", metrics, "GET"),
+    ("/v1/completions", completions, "POST"),
+    ("/v1/chat/completions", chat_completions, "POST"),
+)
 
 
-def create_app(llm: "LLM", *, model_name: str, max_queue: int = 64, request_timeout: float = 600,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, torch_thread: TorchThread | None = None) -> Any:
+def create_app(
+    llm: "LLM",
+    *,
+    model_name: str,
+    max_queue: int = 64,
+    request_timeout: float = 600,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    torch_thread: TorchThread | None = None,
+) -> Any:
     """The FastAPI app serving `llm` under `model_name`. The engine runs for the app's lifespan on `torch_thread`
     (pass the one the model was loaded on; by default a new one)."""
     from fastapi import FastAPI
@@ -842,8 +944,12 @@ def create_app(llm: "LLM", *, model_name: str, max_queue: int = 64, request_time
 
     app = FastAPI(title="dgemma OpenAI-compatible server", version=__version__, lifespan=lifespan)
     app.state.dgemma = srv
-    for exc, handler in ((APIError, _api_error), (HTTPException, _http_error), (ClientDisconnect, _client_gone),
-                         (Exception, _internal_error)):
+    for exc, handler in (
+        (APIError, _api_error),
+        (HTTPException, _http_error),
+        (ClientDisconnect, _client_gone),
+        (Exception, _internal_error),
+    ):
         app.add_exception_handler(exc, handler)
     for path, endpoint, method in _ROUTES:
         app.add_route(path, endpoint, methods=[method])
@@ -858,25 +964,43 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--model", required=True, help="checkpoint directory (HF format)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
-    parser.add_argument("--served-model-name", default=None,
-                        help="model name clients must use (default: the --model argument)")
+    parser.add_argument(
+        "--served-model-name", default=None, help="model name clients must use (default: the --model argument)"
+    )
     parser.add_argument("--max-batch", type=int, default=8, help="requests generated together (cache rows)")
-    parser.add_argument("--max-queue", type=int, default=64,
-                        help="requests in flight (running + waiting) before answering 429")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help=DTYPE_HELP)
+    parser.add_argument(
+        "--max-queue", type=int, default=64, help="requests in flight (running + waiting) before answering 429"
+    )
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help=DTYPE_HELP)
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
-    parser.add_argument("--quantization", choices=["fp8"], default=None,
-                        help="fp8: FP8 dense and expert weights, bf16 activations (see `dgemma generate --help`)")
+    parser.add_argument(
+        "--quantization",
+        choices=["fp8"],
+        default=None,
+        help="fp8: FP8 dense and expert weights, bf16 activations (see `dgemma generate --help`)",
+    )
     parser.add_argument("--max-model-len", type=int, default=None, help="context length the cache is sized for")
-    parser.add_argument("--request-timeout", type=float, default=600.0,
-                        help="seconds before a request is aborted (default 600)")
-    parser.add_argument("--shutdown-timeout", type=int, default=30,
-                        help="seconds to let in-flight requests finish on SIGTERM before aborting them")
-    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
-                        help="largest accepted request body (default 16 MiB)")
-    parser.add_argument("--torch-threads", type=int, default=None,
-                        help="torch intra-op threads (default: torch's choice; 1 is often best for small models)")
+    parser.add_argument(
+        "--request-timeout", type=float, default=600.0, help="seconds before a request is aborted (default 600)"
+    )
+    parser.add_argument(
+        "--shutdown-timeout",
+        type=int,
+        default=30,
+        help="seconds to let in-flight requests finish on SIGTERM before aborting them",
+    )
+    parser.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        help="largest accepted request body (default 16 MiB)",
+    )
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: torch's choice; 1 is often best for small models)",
+    )
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     parser.add_argument("--no-access-log", action="store_true", help="do not log every request")
     return parser
@@ -902,8 +1026,14 @@ def _load(args: argparse.Namespace, where: Any) -> "LLM":
         import torch
 
         torch.set_num_threads(args.torch_threads)
-    llm = LLM(args.model, device=where.device, dtype=where.dtype, max_batch=args.max_batch,
-              max_model_len=args.max_model_len, quantization=getattr(args, "quantization", None))
+    llm = LLM(
+        args.model,
+        device=where.device,
+        dtype=where.dtype,
+        max_batch=args.max_batch,
+        max_model_len=args.max_model_len,
+        quantization=getattr(args, "quantization", None),
+    )
     print(f"dgemma: {llm.engine.describe()}", file=sys.stderr, flush=True)
     return llm
 
@@ -912,8 +1042,10 @@ def run_serve(args: argparse.Namespace) -> int:
     """Load the model and serve it until SIGTERM/SIGINT; returns the process exit status."""
     from .device import resolve
 
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     error = _arg_error(args)
     try:
         where = resolve(args.device, args.dtype, getattr(args, "quantization", None)) if error is None else None
@@ -929,9 +1061,14 @@ def run_serve(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:
         print(f"error: cannot load {args.model}: {e}", file=sys.stderr)
         return 2
-    app = create_app(llm, model_name=args.served_model_name or args.model, max_queue=args.max_queue,
-                     request_timeout=args.request_timeout, max_body_bytes=args.max_body_bytes,
-                     torch_thread=torch_thread)
+    app = create_app(
+        llm,
+        model_name=args.served_model_name or args.model,
+        max_queue=args.max_queue,
+        request_timeout=args.request_timeout,
+        max_body_bytes=args.max_body_bytes,
+        torch_thread=torch_thread,
+    )
     return _run_uvicorn(app, args)
 
 
@@ -950,9 +1087,17 @@ def _run_uvicorn(app: Any, args: argparse.Namespace) -> int:
             if isinstance(captured, list):
                 captured[:] = [s for s in captured if s not in (signal.SIGTERM, signal.SIGINT)]
 
-    server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="on",
-                                   access_log=not args.no_access_log,
-                                   timeout_graceful_shutdown=args.shutdown_timeout))
+    server = Server(
+        uvicorn.Config(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            lifespan="on",
+            access_log=not args.no_access_log,
+            timeout_graceful_shutdown=args.shutdown_timeout,
+        )
+    )
     try:
         server.run()
     except SystemExit as e:  # uvicorn exits on e.g. a port already in use
@@ -974,8 +1119,14 @@ def _register_cli() -> None:
     register, commands = getattr(cli, "register", None), getattr(cli, "SUBCOMMANDS", None)
     if callable(register) and isinstance(commands, dict) and "serve" not in commands:
         with suppress(Exception):
-            register("serve", SERVE_HELP, add_serve_arguments, run_serve, __doc__.split("\n\n")[0] + "\n\n"
-                     "    dgemma serve --model PATH [--host 127.0.0.1] [--port 8000] [--max-batch 8] [--max-queue 64]")
+            register(
+                "serve",
+                SERVE_HELP,
+                add_serve_arguments,
+                run_serve,
+                __doc__.split("\n\n")[0] + "\n\n"
+                "    dgemma serve --model PATH [--host 127.0.0.1] [--port 8000] [--max-batch 8] [--max-queue 64]",
+            )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,7 +52,7 @@ def test_linear_in_output_length():
         asm = StopText(IncrementalDecoder(tok), stops=["never", "zz"])
         ids = [(0, 1, 2, 3)[i % 4] for i in range(n)]
         for k in range(0, n, 7):  # pushes of a few tokens, as the engine commits them
-            asm.push(ids[k:k + 7])
+            asm.push(ids[k : k + 7])
         asm.finish()
         work[n], calls = tok.ids_decoded, tok.calls
         assert calls <= 2 * n + 2 and asm.text == tok.decode(ids)

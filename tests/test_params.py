@@ -44,27 +44,48 @@ def test_every_knob_is_validated_flagged_and_in_the_schema(knob):
 
 
 def test_request_to_sampling_params():
-    req = P.CompletionRequest.model_validate({
-        "prompt": "hi", "max_tokens": 7, "seed": 3, "stop": "END", "stop_token_ids": [9], "mode": "ar",
-        "temperature": 1, "top_k": 4, "ignore_eos": True, "response_format": {"type": "json_object"}})
+    req = P.CompletionRequest.model_validate(
+        {
+            "prompt": "hi",
+            "max_tokens": 7,
+            "seed": 3,
+            "stop": "END",
+            "stop_token_ids": [9],
+            "mode": "ar",
+            "temperature": 1,
+            "top_k": 4,
+            "ignore_eos": True,
+            "response_format": {"type": "json_object"},
+        }
+    )
     sp = req.sampling_params(default_max_tokens=100)
-    assert (sp.max_new_tokens, sp.seed, sp.stop, sp.stop_token_ids, sp.mode, sp.ignore_eos) == \
-        (7, 3, ["END"], [9], "ar", True)
+    assert (sp.max_new_tokens, sp.seed, sp.stop, sp.stop_token_ids, sp.mode, sp.ignore_eos) == (
+        7,
+        3,
+        ["END"],
+        [9],
+        "ar",
+        True,
+    )
     assert sp.temperature == 1.0 and isinstance(sp.temperature, float) and sp.top_k == 4 and sp.json_object
-    chat = P.ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "x"}],
-                                                   "max_completion_tokens": 5, "max_tokens": 9, "t_min": 0.3})
+    chat = P.ChatCompletionRequest.model_validate(
+        {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 5, "max_tokens": 9, "t_min": 0.3}
+    )
     sp = chat.sampling_params(default_max_tokens=100)
     assert sp.max_new_tokens == 5 and sp.t_min == 0.3 and sp.t_max is None  # unset: the checkpoint's
     assert P.CompletionRequest.model_validate({"prompt": "x"}).sampling_params(50).max_new_tokens == 50
 
 
-@pytest.mark.parametrize("body,param", [
-    ({"t_min": 0.9, "t_max": 0.1}, "t_max"),
-    ({"stop": ["a", ""]}, "stop"),
-    ({"response_format": {"type": "xml"}}, "response_format"),
-    ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
-    ({"structured_outputs": {"regex": "a"}, "suffix": "z"}, "suffix"),
-])
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"t_min": 0.9, "t_max": 0.1}, "t_max"),
+        ({"stop": ["a", ""]}, "stop"),
+        ({"response_format": {"type": "xml"}}, "response_format"),
+        ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
+        ({"structured_outputs": {"regex": "a"}, "suffix": "z"}, "suffix"),
+    ],
+)
 def test_request_errors_name_the_request_field(body, param):
     req = P.CompletionRequest.model_validate({"prompt": "x", **body})
     with pytest.raises(P.RequestError) as e:
