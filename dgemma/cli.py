@@ -444,6 +444,30 @@ class GenerationResult:
         return out
 
 
+class _Printer:
+    """Writes committed text (or, without a tokenizer, token ids) to `out` as it arrives, keeping the draft line
+    after it; `terminal` writes control characters as U+FFFD."""
+
+    def __init__(self, out: TextIO | None, drafts: DraftLine | None, terminal: bool, tokenized: bool) -> None:
+        self.out, self.drafts, self.tokenized = out, drafts, tokenized
+        self.show = terminal_safe if terminal else (lambda t: t)
+        self.pieces: list[str] = []  # the text, unaltered
+
+    def emit(self, res: GenerationResult, text: str, ids: list[int]) -> None:
+        piece = text if self.tokenized else ("" if not res.token_ids else " ") + " ".join(map(str, ids))
+        res.token_ids.extend(ids)
+        self.pieces.append(text)
+        if self.out is None or not piece:
+            return
+        if self.drafts is not None:
+            self.drafts.clear()
+        piece = self.show(piece)
+        self.out.write(piece)
+        self.out.flush()
+        if self.drafts is not None:
+            self.drafts.committed(piece)
+
+
 def generate_one(
     llm: LLM,
     prompt_ids: list[int],
@@ -457,56 +481,42 @@ def generate_one(
     """Generate for one tokenized prompt. Text (or, without a tokenizer, token ids) is written to `out` as each
     canvas commits; `drafts`, if given, shows the canvas being denoised; `terminal` writes control characters as
     U+FFFD (see `terminal_safe`). Returns tokens, text (unaltered), finish reason and metrics."""
-    show = terminal_safe if terminal else (lambda t: t)
+    printer = _Printer(out, drafts, terminal, llm.tokenizer is not None)
     res = GenerationResult(prompt_tokens=len(prompt_ids))
-    tok = llm.tokenizer
-    pieces: list[str] = []
-
-    def emit(text: str, ids: list[int]) -> None:
-        piece = text if tok is not None else ("" if not res.token_ids else " ") + " ".join(map(str, ids))
-        res.token_ids.extend(ids)
-        pieces.append(text)
-        if out is None or not piece:
-            return
-        if drafts is not None:
-            drafts.clear()
-        piece = show(piece)
-        out.write(piece)
-        out.flush()
-        if drafts is not None:
-            drafts.committed(piece)
-
     t0 = time.perf_counter()
     prompt = [{"prompt_token_ids": prompt_ids}]
     if reference_sampling:
         o = llm.generate(prompt, params, reference_sampling=True)[0]
         res.metrics, res.finish_reason = dict(o.metrics), o.outputs[0].finish_reason
         res.timings["ttft_s"] = time.perf_counter() - t0
-        emit(o.outputs[0].text, o.outputs[0].token_ids)
+        printer.emit(res, o.outputs[0].text, o.outputs[0].token_ids)
     else:
-        stream = llm.generate_stream(prompt, params, stream_drafts=drafts is not None)
-        try:
-            for d in stream:
-                if d.draft_token_ids is not None:
-                    drafts.show(
-                        llm.decode(d.draft_token_ids) if tok is not None else " ".join(map(str, d.draft_token_ids))
-                    )
-                    continue
-                if d.token_ids and "ttft_s" not in res.timings:
-                    res.timings["ttft_s"] = time.perf_counter() - t0
-                if d.token_ids or d.text:
-                    emit(d.text, d.token_ids)
-                if d.finished:
-                    res.finish_reason = d.finish_reason
-                    res.metrics = dict(d.metrics)
-        finally:
-            stream.close()  # on Ctrl-C or an error, free the engine row at once
+        _print_stream(llm, llm.generate_stream(prompt, params, stream_drafts=drafts is not None), res, printer, t0)
     if drafts is not None:
         drafts.clear()
-    res.text = "".join(pieces) if tok is not None else None
+    res.text = "".join(printer.pieces) if llm.tokenizer is not None else None
     res.timings["generate_s"] = time.perf_counter() - t0
     res.timings.setdefault("ttft_s", res.timings["generate_s"])
     return res
+
+
+def _print_stream(llm: LLM, stream: Any, res: GenerationResult, printer: _Printer, t0: float) -> None:
+    """Consume one prompt's stream of deltas into `res`, printing as it goes."""
+    try:
+        for d in stream:
+            if d.draft_token_ids is not None:
+                ids = d.draft_token_ids
+                printer.drafts.show(llm.decode(ids) if printer.tokenized else " ".join(map(str, ids)))
+                continue
+            if d.token_ids and "ttft_s" not in res.timings:
+                res.timings["ttft_s"] = time.perf_counter() - t0
+            if d.token_ids or d.text:
+                printer.emit(res, d.text, d.token_ids)
+            if d.finished:
+                res.finish_reason = d.finish_reason
+                res.metrics = dict(d.metrics)
+    finally:
+        stream.close()  # on Ctrl-C or an error, free the engine row at once
 
 
 def _want_drafts(args: argparse.Namespace) -> bool:
