@@ -14,9 +14,10 @@ from .checkpoint import load_generation_config, load_model, resolve_model_path
 from .config import token_ids
 from .constraints import GuideFactory
 from .device import resolve as resolve_placement
-from .engine import Engine, Event, check_context, reference_generate
+from . import reference
+from .engine import Engine, Event
 from .output import OutputProcessor, StopText
-from .params import SamplingParamError, SamplingParams, resolve
+from .params import SamplingParamError, SamplingParams
 from .tokenizer import IncrementalDecoder, Tokenizer
 
 Prompt = Union[str, list[dict[str, Any]], dict[str, Any]]
@@ -207,67 +208,21 @@ class LLM:
         return _collect(encoded, self.generate_stream(plist, params_list), t0)
 
     def _generate_reference(self, encoded, params_list) -> list[RequestOutput]:
-        sp = params_list[0]
-        if any(p != sp for p in params_list):
-            raise ValueError("reference_sampling needs the same SamplingParams for every prompt (one batch)")
-        sp = resolve(sp.validate(self.model.config.vocab_size), self.generation_config)
-        odd = [
-            f
-            for f, default in (
-                ("mode", "diffusion"),
-                ("schedule", "linear"),
-                ("acceptance", "entropy_bound"),
-                ("stopping", "stable_confident"),
-                ("template", None),
-                ("suffix_token_ids", None),
-            )
-            if getattr(sp, f) != default
-        ]
-        if sp.constraint() is not None:
-            odd.append("structured output")
-        if odd:
-            raise ValueError(
-                f"reference_sampling runs transformers' exact algorithm; it does not support "
-                f"non-default {', '.join(odd)}"
-            )
-        for _, ids in encoded:
-            if not ids:
-                raise ValueError("prompt must be a non-empty list of token ids")
-            check_context(len(ids), sp, self.engine.max_model_len, self.engine.canvas_length)
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(sp.seed if sp.seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
-        pad = self.model.config.text.pad_token_id or 0
-        t0 = time.perf_counter()
-        eos = set(sp.stop_token_ids) | (set() if sp.ignore_eos else self.engine.eos)
-        res = reference_generate(self.model, [ids for _, ids in encoded], sp, pad, sorted(eos), gen)
-        wall = time.perf_counter() - t0
+        res = reference.generate(self.model, [ids for _, ids in encoded], params_list, self.generation_config,
+                                 self.engine.max_model_len, self.engine.eos)
+        stops = params_list[0].stop
         outs = []
-        for i, ((text, ids), (toks, reason, passes)) in enumerate(zip(encoded, res)):
-            out_text = self.decode(toks)
-            if sp.stop and self.tokenizer is not None:  # stop strings cut the finished output
-                cut = StopText(self.decoder(), sp.stop)
+        for i, ((text, ids), r) in enumerate(zip(encoded, res)):
+            toks, reason, out_text = r.token_ids, r.finish_reason, self.decode(r.token_ids)
+            if stops and self.tokenizer is not None:  # stop strings cut the finished output
+                cut = StopText(self.decoder(), stops)
                 cut.push(toks)
                 if cut.stopped:
                     toks, reason = cut.tokens, "stop"
                 cut.finish()
                 out_text = cut.text
-            outs.append(
-                RequestOutput(
-                    f"ref-{i}",
-                    text,
-                    ids,
-                    [CompletionOutput(0, out_text, toks, reason)],
-                    True,
-                    {
-                        "prompt_tokens": len(ids),
-                        "completion_tokens": len(toks),
-                        "decoder_passes": passes,
-                        "denoising_steps": passes,
-                        "tokens_per_forward": len(toks) / passes if passes else 0.0,
-                        "wall_s": wall,
-                    },
-                )
-            )
+            outs.append(RequestOutput(f"ref-{i}", text, ids, [CompletionOutput(0, out_text, toks, reason)], True,
+                                      r.metrics(len(ids), len(toks))))
         return outs
 
     def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None) -> RequestOutput:

@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import Callable, Protocol
 
 import torch
-
-if TYPE_CHECKING:
-    from .params import SamplingParams
 
 
 # -- strategies ---------------------------------------------------------------------------------------------------
@@ -125,6 +122,22 @@ def draw_uniforms(generators: list[torch.Generator | None], canvas: int, device:
     return torch.stack([torch.rand(2 * canvas, generator=g, dtype=torch.float64, device=device) for g in generators])
 
 
+def max_argmax(x: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., V) -> the max (..., 1) and the first index holding it (...,), as `x.max(-1)` returns them.
+
+    Index-returning reductions over V are slow on CPU (not vectorised: 0.4 ms at (64, 8192), 15x `amax`), so the
+    index is found in two short steps: the first block of `block` entries whose `amax` is the max, then the first
+    maximal entry inside it."""
+    V = x.shape[-1]
+    if V % block or V == block:
+        top, idx = x.max(dim=-1, keepdim=True)
+        return top, idx.squeeze(-1)
+    blocks = x.unflatten(-1, (V // block, block))  # (..., V/block, block)
+    top, first = blocks.amax(dim=-1).max(dim=-1, keepdim=True)  # (..., 1) each: the first block reaching the max
+    inside = blocks.gather(-2, first[..., None].expand(*first.shape, block)).squeeze(-2).argmax(dim=-1)  # (...,)
+    return top, first.squeeze(-1) * block + inside
+
+
 def sample_step(logits: torch.Tensor, canvas: torch.Tensor, temperature: torch.Tensor, bound: torch.Tensor,
                 accept: Callable, uniforms: torch.Tensor, vocab_size: int,
                 template: torch.Tensor | None = None, probs_out: torch.Tensor | None = None,
@@ -141,8 +154,7 @@ def sample_step(logits: torch.Tensor, canvas: torch.Tensor, temperature: torch.T
     """
     R, C, V = logits.shape
     x = logits.div_(temperature[:, None, None])
-    top, argmax = x.max(dim=-1, keepdim=True)  # one pass for both (first index of the max, as `argmax`)
-    argmax = argmax.squeeze(-1)  # (R, C)
+    top, argmax = max_argmax(x)  # (R, C, 1), (R, C)
     x.sub_(top)  # x - max: exp cannot overflow
     probs = torch.exp(x, out=probs_out) if probs_out is not None else x.exp()
     z = probs.sum(dim=-1)  # (R, C) partition function (relative to the max)
@@ -169,48 +181,3 @@ def sample_step(logits: torch.Tensor, canvas: torch.Tensor, temperature: torch.T
         argmax = torch.where(fixed, template, argmax)
     return StepOut(nxt, argmax, probs, mask.sum(-1), entropy.mean(-1))
 
-
-# -- the transformers-compatible loop --------------------------------------------------------------------------------
-def reference_denoise(denoise: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], batch: int, canvas: int,
-                      vocab_size: int, p: SamplingParams, device, sc_dtype: torch.dtype,
-                      generator: torch.Generator | None = None,
-                      skip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Denoise one canvas exactly as transformers' `generate` does (same random-number order, all rows every step).
-
-    `denoise(canvas, self_cond_logits)` returns logits (B, C, V). Returns the argmax canvas (B, C) and the number of
-    decoder passes each row needed (B,), not counting rows in `skip` (already finished sequences).
-    """
-    N = p.max_denoising_steps
-    current = torch.randint(0, vocab_size, (batch, canvas), device=device, generator=generator)
-    argmax = current
-    sc = None
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    passes = torch.zeros(batch, dtype=torch.long, device=device)
-    stop = None if p.fixed_steps else StableConfident(
-        batch, canvas, torch.full((batch,), p.stability_threshold, device=device),
-        torch.full((batch,), float(p.confidence_threshold), device=device), device)
-    for n in range(N, 0, -1):
-        passes += ~(finished | skip) if skip is not None else ~finished
-        raw = denoise(current, sc)
-        temp = p.t_min + (p.t_max - p.t_min) * (torch.tensor(n, dtype=torch.int32) / N)
-        logits = raw / temp
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        draw = torch.multinomial(probs.view(-1, vocab_size), 1, generator=generator).view(batch, canvas)
-        new_argmax = logits.argmax(dim=-1)
-        ent = torch.distributions.Categorical(logits=logits).entropy()
-        mask = entropy_bound_accept(ent, torch.full((batch,), float(p.entropy_bound), device=device))
-        accepted = torch.where(mask, draw, current)
-        noise = torch.randint(0, vocab_size, (batch, canvas), device=device, generator=generator)
-        new_current = torch.where(~mask, noise, accepted)
-        if stop is not None:
-            if finished.any():
-                new_argmax = torch.where(finished[:, None], argmax, new_argmax)
-                new_current = torch.where(finished[:, None], current, new_current)
-                logits = torch.where(finished[:, None, None], sc, logits)
-            mean_ent = torch.distributions.Categorical(logits=logits).entropy().mean(-1)
-            finished |= stop(torch.arange(batch, device=device), new_argmax, mean_ent)
-        sc = logits.to(sc_dtype)
-        current, argmax = new_current, new_argmax
-        if bool(finished.all()):
-            break
-    return argmax, passes

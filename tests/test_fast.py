@@ -14,7 +14,7 @@ from dgemma.config import tiny_config
 from dgemma.engine import Engine, denoise_step
 from dgemma.model import EXPERT_KERNELS, Attention, Experts, expert_kernel
 from dgemma.params import SamplingParams
-from dgemma.sampler import draw_uniforms, entropy_bound_accept, sample_step
+from dgemma.sampler import draw_uniforms, entropy_bound_accept, max_argmax, sample_step
 
 
 def _model(dtype=torch.float32, seed: int = 0, **over) -> DiffusionGemma:
@@ -39,23 +39,27 @@ def test_grouped_experts_match_the_loop(dtype, tol):
     w = torch.rand(40, 2)
     out = {}
     with torch.no_grad():
-        for name in EXPERT_KERNELS:
+        for name in [*EXPERT_KERNELS, "dense"]:
             mp = pytest.MonkeyPatch()
-            mp.setattr("dgemma.model.expert_kernel", lambda w_, exact=False, n=name: n)
+            mp.setattr("dgemma.model.expert_kernel", lambda w_, exact=False, tokens=1, top_k=1, n=name: n)
             try:
                 out[name] = ex(x, w, idx).float()
             finally:
                 mp.undo()
     assert out["grouped"].abs().max() > 0.1
     torch.testing.assert_close(out["grouped"], out["looped"], rtol=tol, atol=tol)
+    torch.testing.assert_close(out["dense"], out["looped"], rtol=tol, atol=tol)
 
 
 def test_expert_kernel_choice():
     w32, w16 = torch.zeros(2, 2, 2), torch.zeros(2, 2, 2, dtype=torch.bfloat16)
     with torch.no_grad():
         assert expert_kernel(w16) == "grouped"  # no host sync: graph-capturable
-        assert expert_kernel(w32) == "looped"  # as fast on CPU in float32
+        assert expert_kernel(w32) == "dense"  # float32 on CPU, little wasted arithmetic: overhead-bound
         assert expert_kernel(w32, exact=True) == "grouped"  # the reference's kernel
+        big = torch.zeros(8, 512, 512)  # 8 experts, I 256: 6 of 8 experts' arithmetic wasted on 256 tokens
+        assert expert_kernel(big, tokens=256, top_k=2) == "looped"
+        assert expert_kernel(big, tokens=8, top_k=2) == "dense"
     p = torch.nn.Parameter(w16)
     assert expert_kernel(p) == "looped"  # training: differentiable
 
@@ -112,6 +116,20 @@ def test_all_position_sampling_matches_accepted_only(with_template):
     other = draw_uniforms([torch.Generator().manual_seed(99 + r) for r in range(R)], C, "cpu")
     c = sample_step(logits.clone(), canvas, temp, bound, entropy_bound_accept, other, V, template, all_positions=True)
     assert not torch.equal(c.canvas, b.canvas)  # the tokens do come from the uniforms
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 1024), (3, 384), (2, 300), (1, 128)])
+def test_blocked_argmax_is_torch_max(shape):
+    """The two-step max/argmax equals `max(dim=-1)`, including ties (the first index wins), a max in the last
+    block and vocabularies that are not a multiple of the block."""
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    x[..., -1] = x.amax(-1)  # a tie between the last entry and an earlier one
+    ties = torch.randint(0, 3, shape).float()  # many ties in every block
+    for t in (x, ties, -x.abs()):
+        top, idx = max_argmax(t)
+        ref_top, ref_idx = t.max(dim=-1, keepdim=True)
+        assert torch.equal(top, ref_top) and torch.equal(idx, ref_idx.squeeze(-1))
 
 
 def test_soft_embedding_is_logit_self_conditioning():
@@ -195,7 +213,7 @@ def _compile_strict(fn):
     return torch.compile(fn, fullgraph=True, backend=_no_data_dependence)
 
 
-def test_denoise_step_is_graph_safe():
+def test_denoise_step_is_graph_safe(monkeypatch):
     """The whole fast step traced by `torch.compile(fullgraph=True)` in bf16 on CPU, with a backend that rejects
     data-dependent shapes and values: any `.item()`, `.tolist()`, `nonzero` or boolean indexing in the step fails.
     Compiled and eager results are identical."""
@@ -212,18 +230,24 @@ def test_denoise_step_is_graph_safe():
     for a, b in zip(eager, compiled):
         assert torch.equal(a, b)
 
-    # The check has power: the accepted-only sampler (nonzero) and the float32 expert loop (.tolist()) both fail.
+    # float32 on CPU runs the dense experts, also capturable.
+    m32 = _model(torch.float32)
+    cache32, canvas32, soft32, u32, _, _, masks32 = _step_inputs(m32)
+
+    def float32_step(canvas, soft, u):
+        return denoise_step(m32, cache32, canvas, soft, u, temp, bound, masks32)[0].canvas
+
+    with torch.no_grad():
+        assert expert_kernel(m32.layers[0].experts.gate_up_proj, tokens=canvas32.numel(), top_k=2) == "dense"
+        assert torch.equal(_compile_strict(float32_step)(canvas32, soft32, u32), float32_step(canvas32, soft32, u32))
+
+    # The check has power: the accepted-only sampler (nonzero) and the expert loop (.tolist()) both fail.
     def accepted_only(canvas, soft, u):
         hidden = m.denoise(canvas, cache, soft=soft, masks=masks, hidden_only=True)
         return sample_step(m.logits(hidden), canvas, temp, bound, entropy_bound_accept, u, 128).canvas
 
-    m32 = _model(torch.float32)
-    cache32, canvas32, soft32, u32, _, _, masks32 = _step_inputs(m32)
-
-    def looped_experts(canvas, soft, u):
-        return denoise_step(m32, cache32, canvas, soft, u, temp, bound, masks32)[0].canvas
-
-    for fn, args in ((accepted_only, (canvas, soft, u)), (looped_experts, (canvas32, soft32, u32))):
+    monkeypatch.setattr("dgemma.model.expert_kernel", lambda *a, **k: "looped")
+    for fn, args in ((accepted_only, (canvas, soft, u)), (float32_step, (canvas32, soft32, u32))):
         with torch.no_grad(), pytest.raises(Exception, match="data-dependent|tolist|Unsupported"):
             _compile_strict(fn)(*args)
     torch._dynamo.reset()
