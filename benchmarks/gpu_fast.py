@@ -39,7 +39,8 @@ from gpu_bench import SHAPES_26B, TINY, build, roofline_ms  # noqa: E402
 from dgemma.config import ModelConfig, TextConfig  # noqa: E402
 from dgemma.engine import Engine, denoise_step  # noqa: E402
 from dgemma.model import DiffusionGemma  # noqa: E402
-from dgemma.sampler import SamplingParams, draw_uniforms  # noqa: E402
+from dgemma.params import SamplingParams  # noqa: E402
+from dgemma.sampler import draw_uniforms  # noqa: E402
 
 
 class Bench:

@@ -28,8 +28,8 @@ from .cache import CanvasView, KVCache
 from .constraints import ConstraintError, ConstraintState
 from .model import DiffusionGemma, expert_kernel
 from .quant import FP8
-from .sampler import (ACCEPTANCE, SCHEDULES, STOPPING, SamplingParams, StepOut, draw_uniforms, entropy_bound_accept,
-                      resolve, sample_step)
+from .params import SamplingParams, resolve
+from .sampler import ACCEPTANCE, SCHEDULES, STOPPING, StepOut, draw_uniforms, entropy_bound_accept, sample_step
 
 FinishReason = Literal["stop", "length", "abort"]
 SAMPLER_MEMORY = 1 << 30  # default byte budget of the sampler's (rows, canvas, vocab) buffers

@@ -19,7 +19,8 @@ import torch
 
 from .engine import FinishReason, check_context
 from .model import DiffusionGemma
-from .sampler import SamplingParams, StableConfident, entropy_bound_accept, resolve
+from .params import SamplingParams, resolve
+from .sampler import StableConfident, entropy_bound_accept
 
 # Knobs whose non-default values transformers' loop does not have.
 DEFAULTS_ONLY = (("mode", "diffusion"), ("schedule", "linear"), ("acceptance", "entropy_bound"),

@@ -13,7 +13,8 @@ from dgemma import DiffusionGemma
 from dgemma.config import tiny_config
 from dgemma.engine import Engine, denoise_step
 from dgemma.model import EXPERT_KERNELS, Attention, Experts, expert_kernel
-from dgemma.sampler import SamplingParams, draw_uniforms, entropy_bound_accept, max_argmax, sample_step
+from dgemma.params import SamplingParams
+from dgemma.sampler import draw_uniforms, entropy_bound_accept, max_argmax, sample_step
 
 
 def _model(dtype=torch.float32, seed: int = 0, **over) -> DiffusionGemma:

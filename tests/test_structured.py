@@ -19,7 +19,7 @@ from dgemma import DiffusionGemma, save_model
 from dgemma.config import tiny_config
 from dgemma.constraints import Constraint, ConstraintError
 from dgemma.llm import LLM
-from dgemma.sampler import SamplingParams
+from dgemma.params import SamplingParams
 
 from bpe import build_bpe_tokenizer
 from forcing import boost_token, force_canvas
