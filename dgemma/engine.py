@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator, Literal
 import torch
 
 from .cache import CanvasView, KVCache
+from .config import token_ids
 from .constraints import ConstraintError, ConstraintState
 from .model import DiffusionGemma, expert_kernel
 from .quant import FP8
@@ -211,12 +212,8 @@ class Engine:
         self.tile = max(1, min(max_batch, sampler_memory // self.sampler_row_bytes))
         # One canvas of headroom past the context limit: the last canvas is encoded only if generation goes on.
         self.cache = model.new_cache(max_batch, self.max_model_len, slack=self.canvas_length)
-        self.eos = set(self.config.text.eos_token_ids)
-        pad = self.config.text.pad_token_id
-        self.pad_id = int(pad) if pad is not None else min(self.eos)
-        g_eos = self.gen_config.get("eos_token_id")
-        if g_eos is not None:
-            self.eos |= set(g_eos if isinstance(g_eos, list) else [g_eos])
+        ids = token_ids(self.config.text, self.gen_config)
+        self.eos, self.pad_id = ids.eos_set, ids.pad
         self.waiting: deque[_Req] = deque()
         self.rows: list[_Req | None] = [None] * max_batch
         self.row_tokens: list[list[int]] = [[] for _ in range(max_batch)]  # tokens held in each cache row

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from .config import token_ids
 from .engine import FinishReason, check_context
 from .model import DiffusionGemma
 from .params import SamplingParams, resolve
@@ -52,7 +53,7 @@ def generate(model: DiffusionGemma, prompts: list[list[int]], params: list[Sampl
     sp = _check(model, prompts, params, generation_config, max_model_len)
     gen = torch.Generator(device=model.device)
     gen.manual_seed(sp.seed if sp.seed is not None else int(torch.randint(0, 2 ** 62, (1,)).item()))
-    pad = model.config.text.pad_token_id or 0
+    pad = token_ids(model.config.text, generation_config).pad
     stop = set(sp.stop_token_ids) | (set() if sp.ignore_eos else set(eos))
     t0 = time.perf_counter()
     res = reference_generate(model, prompts, sp, pad, sorted(stop), gen)
