@@ -780,6 +780,8 @@ register(
 
 # -- train ------------------------------------------------------------------------------------------------------------
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """`dgemma train`'s flags, defaults from `TrainConfig`. Long only because it is a flat list of declarations, in
+    `--help` order: nothing in it branches."""
     from .train import TrainConfig
 
     d = TrainConfig()
