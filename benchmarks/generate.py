@@ -104,8 +104,7 @@ def run_one(args) -> dict:
         passes = float(steps * -(-new // model.config.canvas_length)) if not args.adaptive else float(
             (new / out.tokens_per_forward.float()).mean())
     else:
-        from dgemma.llm import LLM
-        from dgemma.params import SamplingParams
+        from dgemma import LLM, SamplingParams  # the package's names: the same in a --baseline tree
         llm = LLM(args.ckpt, device="cpu", dtype=args.dtype, max_batch=args.batch,  # CPU, like the reference
                   max_model_len=prompt_len + new + 256)
         sp = SamplingParams(max_new_tokens=new, max_denoising_steps=steps, fixed_steps=not args.adaptive,
