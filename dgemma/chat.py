@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Callable, Literal, Sequence
 
 ToolChoiceMode = Literal["none", "auto", "required", "function"]
 
@@ -282,6 +282,23 @@ class ChatPrompt:
     thinking: bool  # the template was asked to let the model think (`enable_thinking`)
     in_reasoning: bool  # the prompt ends inside an open thinking channel, so the output starts in it
 
+    @property
+    def parses_tools(self) -> bool:
+        """The output is read for tool calls (tools declared and not switched off with `none`)."""
+        return bool(self.tools) and self.choice.mode != "none" and self.format is not None
+
+
+def keep_markers_decoder(tokenizer: Any, fmt: ChatFormat) -> Callable[[Sequence[int]], str]:
+    """A decode function for chat output: the format's marker tokens are kept (the output parser reads them), every
+    other special token is dropped, as `skip_special_tokens` would."""
+    added = tokenizer.backend.get_added_tokens_decoder()
+    drop = {i for i, t in added.items() if t.special and t.content not in fmt.markers}
+
+    def decode(ids: Sequence[int]) -> str:
+        return tokenizer.decode([i for i in ids if i not in drop], skip_special_tokens=False)
+
+    return decode
+
 
 def _ends_in_channel(text: str, fmt: ChatFormat | None) -> bool:
     return fmt is not None and text.rfind(fmt.channel_open) > text.rfind(fmt.channel_close)
@@ -311,4 +328,5 @@ def render_chat(tokenizer: Any, messages: Any, tools: Any = None, tool_choice: A
 
 
 __all__ = ["ChatFormat", "ChatPrompt", "ChatRequestError", "GEMMA4", "Tool", "ToolChoice", "check_template_kwargs",
-           "check_tool_choice", "check_tools", "detect_format", "prepare_messages", "render_chat"]
+           "check_tool_choice", "check_tools", "detect_format", "keep_markers_decoder", "prepare_messages",
+           "render_chat"]

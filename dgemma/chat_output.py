@@ -182,6 +182,17 @@ class ChatDelta:
     def __bool__(self) -> bool:
         return bool(self.content or self.reasoning or self.tool_calls)
 
+    def to_openai(self) -> dict[str, Any]:
+        """A streaming `delta`: only the fields this piece has (each tool call whole, with its index)."""
+        out: dict[str, Any] = {}
+        if self.reasoning:
+            out["reasoning_content"] = self.reasoning
+        if self.content:
+            out["content"] = self.content
+        if self.tool_calls:
+            out["tool_calls"] = [c.to_openai(with_index=True) for c in self.tool_calls]
+        return out
+
 
 class ChatOutputParser:
     """Splits streamed output text into content, reasoning and tool calls (see the module docstring).
@@ -320,6 +331,13 @@ class ChatMessage:
     content: str | None
     reasoning: str | None
     tool_calls: list[ToolCall]
+
+    def to_openai(self) -> dict[str, Any]:
+        """The assistant `message` of a chat completion (`reasoning_content` as vLLM names it)."""
+        out: dict[str, Any] = {"role": "assistant", "content": self.content, "reasoning_content": self.reasoning}
+        if self.tool_calls:
+            out["tool_calls"] = [c.to_openai() for c in self.tool_calls]
+        return out
 
 
 def parse_chat_output(text: str, fmt: ChatFormat, parse_tools: bool = True, in_reasoning: bool = False,

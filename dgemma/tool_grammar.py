@@ -32,7 +32,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .chat import ChatFormat, Tool, ToolChoice
+from .chat import ChatFormat, ChatPrompt, Tool, ToolChoice
 from .constraints import ConstraintError
 
 # Keywords whose meaning a context-free grammar cannot enforce: ignored with a warning.
@@ -394,4 +394,12 @@ def tool_call_grammar(tools: list[Tool], choice: ToolChoice, fmt: ChatFormat,
     return ToolGrammar(g.render(start), None, g.warnings)
 
 
-__all__ = ["SchemaGrammar", "ToolGrammar", "anchored", "tool_call_grammar"]
+def prompt_grammar(prompt: ChatPrompt, token_id: Callable[[str], int | None]) -> ToolGrammar | None:
+    """The tool-call constraint a rendered chat request asks for, or None (no tools, or `none`)."""
+    if not prompt.parses_tools:
+        return None
+    assert prompt.format is not None
+    return tool_call_grammar(prompt.tools, prompt.choice, prompt.format, token_id, prompt.parallel, prompt.thinking)
+
+
+__all__ = ["SchemaGrammar", "ToolGrammar", "anchored", "prompt_grammar", "tool_call_grammar"]

@@ -375,3 +375,38 @@ def test_recursive_schema(gemma_tok):
         call = parse_chat_output(text, GEMMA4).tool_calls[0]
         jsonschema.validate(json.loads(call.arguments), tree)
 
+
+
+def test_decoder_keeps_only_the_markers(gemma_tok):
+    from dgemma.chat import keep_markers_decoder
+
+    tok, ids = gemma_tok
+    decode = keep_markers_decoder(tok, GEMMA4)
+    out = tok.encode("<bos>hi<|channel>x<channel|><turn|><|tool_call>call:f{a:<|\"|>b<|\"|>}<tool_call|><eos>")
+    assert decode(out) == "hi<|channel>x<channel|><|tool_call>call:f{a:<|\"|>b<|\"|>}<tool_call|>"
+
+
+def test_openai_shapes_of_parsed_output():
+    m = parse_chat_output(OUTPUTS[2], GEMMA4, new_id=_ids())
+    msg = m.to_openai()
+    assert msg["role"] == "assistant" and msg["content"] is None and msg["reasoning_content"] == "Need weather."
+    assert msg["tool_calls"][0] == {"id": "call_0", "type": "function", "function": {
+        "name": "get_weather", "arguments": '{"city": "Paris, <FR>", "days": 3}'}}
+    p = ChatOutputParser(GEMMA4, new_id=_ids())
+    assert p.push("<|channel>thought\nab").to_openai() == {"reasoning_content": "ab"}
+    d = p.push("<channel|>hi<|tool_call>call:f{}<tool_call|>").to_openai()
+    assert d == {"content": "hi", "tool_calls": [{"index": 0, "id": "call_0", "type": "function",
+                                                   "function": {"name": "f", "arguments": "{}"}}]}
+
+
+def test_prompt_grammar(gemma_tok):
+    from dgemma.tool_grammar import prompt_grammar
+
+    tok, ids = gemma_tok
+    msgs = [{"role": "user", "content": "x"}]
+    assert prompt_grammar(render_chat(tok, msgs), tok.token_to_id) is None
+    assert prompt_grammar(render_chat(tok, msgs, [WEATHER], "none"), tok.token_to_id) is None
+    assert prompt_grammar(render_chat(tok, msgs, [WEATHER]), tok.token_to_id).trigger == ids["<|tool_call>"]
+    g = prompt_grammar(render_chat(tok, msgs, [WEATHER], "required", chat_template_kwargs={"enable_thinking": True}),
+                       tok.token_to_id)
+    assert g.trigger is None and f"<[{ids['<|channel>']}]>" in g.lark
