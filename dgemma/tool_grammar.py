@@ -9,8 +9,8 @@ to write, so this module translates each tool's parameter schema into a grammar 
 - objects: declared properties in sorted order, required ones always present, optional ones optional, no others
   (a subset of what `additionalProperties` may allow, so every output still validates); a schema with only
   `additionalProperties` is a map with word keys;
-- strings: the length bounds, the `pattern` (JSON Schema patterns are unanchored unless they say `^`/`$`) and a few
-  common formats, intersected (llguidance's `&` on terminals); a string never contains the delimiter text;
+- strings: the length bounds, the `pattern` (narrowed to match from the start: see `schemas`) and a few common
+  formats, intersected (llguidance's `&` on terminals); a string never contains the delimiter text;
 - numbers and integers: llguidance's own JSON-number grammar with the bounds (`%json {...}` inline);
 - `enum`/`const` as literals, `anyOf`/`oneOf` as alternatives, `allOf` merged, local `$ref`s (recursion allowed),
   `nullable`, `type` lists, `minItems`/`maxItems`, `prefixItems`, `minProperties`/`maxProperties`.
@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 from .chat import ChatFormat, ChatPrompt, Tool, ToolChoice
 from .constraints import ConstraintError
+from .schemas import FORMATS, whole_string_regex
 
 # Keywords whose meaning a context-free grammar cannot enforce: ignored with a warning.
 UNENFORCED = ("not", "if", "then", "else", "uniqueItems", "contains", "dependentRequired", "dependentSchemas",
@@ -42,16 +43,6 @@ NUMBER_KEYS = ("type", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaxim
 STRING_KEYS = ("pattern", "minLength", "maxLength", "format")
 OBJECT_KEYS = ("properties", "required", "additionalProperties", "minProperties", "maxProperties")
 ARRAY_KEYS = ("items", "prefixItems", "minItems", "maxItems")
-# Formats given a shape (loose but useful); others are annotations we leave unconstrained.
-FORMATS = {
-    "date": r"[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])",
-    "time": r"([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]+)?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])?",
-    "date-time": r"[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]"
-                 r"(\.[0-9]+)?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])",
-    "uuid": r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
-    "email": r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+",
-    "ipv4": r"((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])",
-}
 ANY_CHARS = "(?s:.)"
 SAFE_KEY = re.compile(r"^[^\s:,{}\[\]<>]([^:,{}\[\]<>]*[^\s:,{}\[\]<>])?$")
 
@@ -72,40 +63,6 @@ def _lit(text: str) -> str:
 
 def _regex(pattern: str) -> str:
     return "/" + pattern.replace("/", "\\/") + "/"
-
-
-def _split_top(pattern: str) -> list[str]:
-    """Split a regex at its top-level '|' (outside groups, classes and escapes)."""
-    parts, depth, cls, start, i = [], 0, False, 0, 0
-    while i < len(pattern):
-        c = pattern[i]
-        if c == "\\":
-            i += 2
-            continue
-        if cls:
-            cls = c != "]"
-        elif c == "[":
-            cls = True
-        elif c == "(":
-            depth += 1
-        elif c == ")":
-            depth -= 1
-        elif c == "|" and depth == 0:
-            parts.append(pattern[start:i])
-            start = i + 1
-        i += 1
-    return parts + [pattern[start:]]
-
-
-def anchored(pattern: str) -> str:
-    """A JSON Schema pattern (matched anywhere in the string unless anchored) as a regex for the whole string."""
-    out = []
-    for branch in _split_top(pattern):
-        head = not branch.startswith("^")
-        tail = not (branch.endswith("$") and not branch.endswith("\\$"))
-        core = branch[0 if head else 1:len(branch) if tail else -1]
-        out.append(f"{ANY_CHARS + '*' if head else ''}(?:{core}){ANY_CHARS + '*' if tail else ''}")
-    return out[0] if len(out) == 1 else "|".join(f"(?:{b})" for b in out)
 
 
 def _count(low: int, high: int | None) -> str:
@@ -281,7 +238,7 @@ class SchemaGrammar:
         if lo or hi is not None:
             parts.append(_regex(f"{ANY_CHARS}{{{lo},{'' if hi is None else hi}}}"))
         if isinstance(schema.get("pattern"), str):
-            parts.append(_regex(anchored(schema["pattern"])))
+            parts.append(_regex(whole_string_regex(schema["pattern"], lo > 0)))
         fmt = schema.get("format")
         if fmt in FORMATS:
             parts.append(_regex(FORMATS[fmt]))
@@ -402,4 +359,4 @@ def prompt_grammar(prompt: ChatPrompt, token_id: Callable[[str], int | None]) ->
     return tool_call_grammar(prompt.tools, prompt.choice, prompt.format, token_id, prompt.parallel, prompt.thinking)
 
 
-__all__ = ["SchemaGrammar", "ToolGrammar", "anchored", "prompt_grammar", "tool_call_grammar"]
+__all__ = ["SchemaGrammar", "ToolGrammar", "prompt_grammar", "tool_call_grammar"]

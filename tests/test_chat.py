@@ -15,7 +15,8 @@ from dgemma.chat_output import ChatOutputParser, NativeSyntaxError, parse_call, 
     to_native
 from dgemma.constraints import Constraint, ConstraintError, GuideFactory
 from dgemma.tokenizer import Tokenizer
-from dgemma.tool_grammar import anchored, tool_call_grammar
+from dgemma.schemas import narrow_patterns, whole_string_regex
+from dgemma.tool_grammar import tool_call_grammar
 from gemma4_chat import GEMMA4_TEMPLATE, build_gemma4_tokenizer
 
 jsonschema = pytest.importorskip("jsonschema")
@@ -352,12 +353,22 @@ def test_grammar_warnings_and_errors(gemma_tok):
         tool_call_grammar(check_tools([WEATHER]), ToolChoice("required"), GEMMA4, lambda s: None)
 
 
-def test_anchored_patterns():
-    assert anchored("^abc$") == "(?:abc)"
-    assert anchored("abc") == "(?s:.)*(?:abc)(?s:.)*"
-    assert anchored("^all|tags$") == "(?:(?:all)(?s:.)*)|(?:(?s:.)*(?:tags))"
-    assert anchored(r"^a\$") == r"(?:a\$)(?s:.)*"
-    assert anchored("^(a|b)$") == "(?:(a|b))"
+def test_patterns_are_narrowed_to_match_from_the_start():
+    assert whole_string_regex("^abc$") == "(?:abc)"
+    assert whole_string_regex("abc") == "(?:abc)(?s:.)*"  # unanchored: a subset that starts with the match
+    assert whole_string_regex("^all|tags$") == "(?:(?:all)(?s:.)*)|(?:(?:tags))"
+    assert whole_string_regex("tags$", min_length=True) == "(?s:.)*(?:tags)"  # a prefix may be needed for the length
+    assert whole_string_regex(r"^a\\$") == r"(?:a\\)"  # an escaped backslash before '$'
+    assert whole_string_regex(r"^a\$") == r"(?:a\$)(?s:.)*"  # '\$' is a literal dollar
+    assert whole_string_regex("^(a|b)$") == "(?:(a|b))"
+    schema = {"properties": {"pattern": {"type": "string", "pattern": "x"}}, "enum": [{"pattern": "keep"}]}
+    assert narrow_patterns(schema) == {"properties": {"pattern": {"type": "string", "pattern": "^(?:(?:x)(?s:.)*)$"}},
+                                       "enum": [{"pattern": "keep"}]}
+    re = pytest.importorskip("re")
+    for pat, samples in {"[0-9]{2}-x": ["12-x", "12-xyz"], "^all|tags$": ["all", "allx", "tags"]}.items():
+        for text in samples:
+            assert re.fullmatch(whole_string_regex(pat), text) and re.search(pat, text)
+        assert not re.fullmatch(whole_string_regex(pat), "q" + samples[0])  # narrowed: must start with the match
 
 
 def test_recursive_schema(gemma_tok):
