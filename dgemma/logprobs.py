@@ -1,15 +1,16 @@
 """Log-probabilities of tokens: what they are in each mode, how they are computed, and their OpenAI shapes.
 
-Definitions (all natural logs of the model's *raw* distribution: no temperature, top-k/top-p or grammar mask, as
-vLLM reports by default, so the numbers describe the model and not the sampling settings):
+Definitions (natural logs; never after top-k/top-p or a grammar mask, so the numbers describe the model):
 
-- AR mode (`mode="ar"`): token t's log-probability under the encoder's next-token distribution at position t-1,
-  `log_softmax(logits)` of the causal pass that chose it.
-- Diffusion mode: a committed token's log-probability under the denoiser's distribution at the **last denoising
-  step of its canvas**, the step whose argmax canvas was committed. A canvas is decided jointly (every position
-  sees every other through bidirectional attention and self-conditioning), so this is the model's confidence in
-  each token given the final draft of the whole canvas, not a left-to-right factorisation: the values do not sum
-  to the log-probability of the sequence.
+- AR mode (`mode="ar"`): token t's log-probability under the encoder's raw next-token distribution at position
+  t-1, `log_softmax(logits)` of the causal pass that chose it (no temperature, as vLLM reports by default).
+- Diffusion mode: a committed token's log-probability under the distribution the sampler used at the **last
+  denoising step of its canvas** (the step whose argmax canvas was committed), **temperature applied**: the
+  schedule's temperature at that step (t_min plus a step's share of t_max - t_min). That distribution is what
+  decided the token, and the engine has it at hand without keeping a copy of the raw logits. A canvas is decided
+  jointly (every position sees every other through bidirectional attention and self-conditioning), so this is the
+  model's confidence in each token given the final draft of the whole canvas, not a left-to-right factorisation:
+  the values do not sum to the log-probability of the sequence.
 - Prompt tokens (`echo` with `logprobs` on /v1/completions): one causal encoder pass over the prompt; token t's
   log-probability under the distribution at position t-1 (the first token has none). This is what
   lm-evaluation-harness's log-likelihood tasks read.

@@ -52,7 +52,7 @@ def run(llm, schemas: list[tuple[str, dict]], budget: int = BUDGET) -> dict[str,
         prompts.append("Reply in JSON.")
         params.append(p)
         names.append((name, schema))
-    outs = [llm.generate([q], p)[0].outputs[0] for q, p in zip(prompts, params)]
+    outs = [r.outputs[0] for r in llm.generate(prompts, params)] if prompts else []  # batched by the engine
     for (name, schema), o in zip(names, outs):
         if o.finish_reason != "stop":
             unfinished.append(name)

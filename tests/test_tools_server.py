@@ -40,7 +40,7 @@ from test_server import MODEL, _start, _stop  # noqa: E402
 
 VOCAB = 320  # the BPE's 300 tokens, Gemma 4's 12 markers, and spare ids
 CANVAS = 8
-MAX_LEN = 640
+MAX_LEN = 2048
 MSGS = [{"role": "user", "content": "what is the weather in the city?"}]
 
 
