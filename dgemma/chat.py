@@ -23,7 +23,9 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal, Sequence
+
+from .tokenizer import IncrementalDecoder
 
 ToolChoiceMode = Literal["none", "auto", "required", "function"]
 
@@ -288,16 +290,22 @@ class ChatPrompt:
         return bool(self.tools) and self.choice.mode != "none" and self.format is not None
 
 
-def keep_markers_decoder(tokenizer: Any, fmt: ChatFormat) -> Callable[[Sequence[int]], str]:
-    """A decode function for chat output: the format's marker tokens are kept (the output parser reads them), every
-    other special token is dropped, as `skip_special_tokens` would."""
-    added = tokenizer.backend.get_added_tokens_decoder()
-    drop = {i for i, t in added.items() if t.special and t.content not in fmt.markers}
+class _KeepMarkers:
+    """The tokenizer as chat output decoding sees it: the format's marker tokens are kept (the output parser reads
+    them), every other special token is dropped, as `skip_special_tokens` would."""
 
-    def decode(ids: Sequence[int]) -> str:
-        return tokenizer.decode([i for i in ids if i not in drop], skip_special_tokens=False)
+    def __init__(self, tokenizer: Any, fmt: ChatFormat) -> None:
+        self.tokenizer = tokenizer
+        added = tokenizer.backend.get_added_tokens_decoder()
+        self.drop = {i for i, t in added.items() if t.special and t.content not in fmt.markers}
 
-    return decode
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode([i for i in ids if i not in self.drop], skip_special_tokens=False)
+
+
+def output_decoder(tokenizer: Any, fmt: ChatFormat) -> IncrementalDecoder:
+    """An incremental detokeniser for chat output in format `fmt` (markers kept, other special tokens dropped)."""
+    return IncrementalDecoder(_KeepMarkers(tokenizer, fmt))
 
 
 def _ends_in_channel(text: str, fmt: ChatFormat | None) -> bool:
@@ -328,5 +336,5 @@ def render_chat(tokenizer: Any, messages: Any, tools: Any = None, tool_choice: A
 
 
 __all__ = ["ChatFormat", "ChatPrompt", "ChatRequestError", "GEMMA4", "Tool", "ToolChoice", "check_template_kwargs",
-           "check_tool_choice", "check_tools", "detect_format", "keep_markers_decoder", "prepare_messages",
+           "check_tool_choice", "check_tools", "detect_format", "output_decoder", "prepare_messages",
            "render_chat"]

@@ -182,6 +182,11 @@ class ChatDelta:
     def __bool__(self) -> bool:
         return bool(self.content or self.reasoning or self.tool_calls)
 
+    def extend(self, other: ChatDelta) -> ChatDelta:
+        """This delta followed by `other`, as one."""
+        return ChatDelta(self.content + other.content, self.reasoning + other.reasoning,
+                         self.tool_calls + other.tool_calls)
+
     def to_openai(self) -> dict[str, Any]:
         """A streaming `delta`: only the fields this piece has (each tool call whole, with its index)."""
         out: dict[str, Any] = {}
@@ -323,6 +328,10 @@ class ChatOutputParser:
             self.buf = ""
         return out
 
+    def message(self) -> ChatMessage:
+        """Everything parsed so far as one message (call after `finish` for the whole answer)."""
+        return ChatMessage(self.content or None, self.reasoning if self.saw_reasoning else None, list(self.calls))
+
 
 @dataclass
 class ChatMessage:
@@ -346,7 +355,7 @@ def parse_chat_output(text: str, fmt: ChatFormat, parse_tools: bool = True, in_r
     p = ChatOutputParser(fmt, parse_tools, in_reasoning, new_id)
     p.push(text)
     p.finish()
-    return ChatMessage(p.content or None, p.reasoning if p.saw_reasoning else None, p.calls)
+    return p.message()
 
 
 __all__ = ["ChatDelta", "ChatMessage", "ChatOutputParser", "NativeSyntaxError", "ToolCall", "parse_call",

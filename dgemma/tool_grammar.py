@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .chat import ChatFormat, ChatPrompt, Tool, ToolChoice
-from .constraints import ConstraintError
+from .constraints import Constraint, ConstraintError
 from .schemas import FORMATS, whole_string_regex
 
 # Keywords whose meaning a context-free grammar cannot enforce: ignored with a warning.
@@ -55,6 +55,10 @@ class ToolGrammar:
     lark: str
     trigger: int | None = None
     warnings: list[str] = field(default_factory=list)
+    closers: tuple[int, ...] = ()  # marker tokens that end a string or a call: the closing search may place them
+
+    def constraint(self) -> Constraint:
+        return Constraint("tool_calls", self.lark, self.trigger, self.closers, tuple(self.warnings))
 
 
 def _lit(text: str) -> str:
@@ -339,16 +343,18 @@ def tool_call_grammar(tools: list[Tool], choice: ToolChoice, fmt: ChatFormat,
         where = f"tools[{tools.index(t)}].function.parameters"
         fns.append(g._new(f"{_lit(t.name)} {g.value(t.parameters, where)}", "fn"))
     open_, close = g.marker(fmt.tool_call_open), g.marker(fmt.tool_call_close)
+    closers = (token_id(fmt.string_delim), token_id(fmt.tool_call_close))
     body = g._new(f"{_lit(fmt.call_prefix)} ({' | '.join(fns)}) {close}", "call")
     many = parallel and choice.mode != "function"
     if choice.mode == "auto":  # what follows the opening marker the model wrote
         return ToolGrammar(g.render(f"{body} ({open_} {body})*" if many else body), g.token_id(fmt.tool_call_open),
-                           g.warnings)
+                           g.warnings, closers)
     start = f"({open_} {body})+" if many else f"{open_} {body}"
     if reasoning:
         think = f"{g.marker(fmt.channel_open)} /(?s:.)*/ {g.marker(fmt.channel_close)}"
         start = f"({think})? {start}"
-    return ToolGrammar(g.render(start), None, g.warnings)
+        closers += (token_id(fmt.channel_close),)
+    return ToolGrammar(g.render(start), None, g.warnings, closers)
 
 
 def prompt_grammar(prompt: ChatPrompt, token_id: Callable[[str], int | None]) -> ToolGrammar | None:

@@ -389,12 +389,13 @@ def test_recursive_schema(gemma_tok):
 
 
 def test_decoder_keeps_only_the_markers(gemma_tok):
-    from dgemma.chat import keep_markers_decoder
+    from dgemma.chat import output_decoder
 
     tok, ids = gemma_tok
-    decode = keep_markers_decoder(tok, GEMMA4)
+    dec = output_decoder(tok, GEMMA4)
     out = tok.encode("<bos>hi<|channel>x<channel|><turn|><|tool_call>call:f{a:<|\"|>b<|\"|>}<tool_call|><eos>")
-    assert decode(out) == "hi<|channel>x<channel|><|tool_call>call:f{a:<|\"|>b<|\"|>}<tool_call|>"
+    text = "".join(dec.push([t]) for t in out) + dec.flush()
+    assert text == "hi<|channel>x<channel|><|tool_call>call:f{a:<|\"|>b<|\"|>}<tool_call|>"
 
 
 def test_openai_shapes_of_parsed_output():
