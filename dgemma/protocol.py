@@ -2,8 +2,13 @@
 
 Requests are validated strictly (no "5" -> 5 coercion, no bool for int, no NaN/inf): a wrong type is a client
 mistake and is answered with HTTP 400 and an OpenAI error body, never 422 or 500. Unknown fields are ignored (as
-in vLLM), but OpenAI features this server does not implement (logprobs, n > 1, echo, best_of > 1, tools,
-penalties, logit_bias) are rejected with 400 rather than silently ignored.
+in vLLM), but OpenAI features this server does not implement (best_of > 1, penalties, logit_bias) are rejected with
+400 rather than silently ignored.
+
+Chat with tools and reasoning (docs/chat.md): `tools`, `tool_choice`, `parallel_tool_calls`, `chat_template_kwargs`
+(checked and rendered by `dgemma.chat`). Log-probabilities: `logprobs`/`top_logprobs` (chat), `logprobs`
+(completions), `echo` (completions: the prompt first, with its log-probabilities when `logprobs` is set;
+`max_tokens: 0` generates nothing), `return_tokens_as_token_ids`; `n` samples per request.
 
 Sampling fields:
 

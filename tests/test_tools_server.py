@@ -272,3 +272,14 @@ def test_n_samples(srv):
         for c in chunk.choices:
             streamed[c.index] = streamed.get(c.index, "") + c.text
     assert [streamed[i] for i in range(4)] == [c.text for c in r.choices]
+
+
+def test_unknown_formats_are_warnings(srv):
+    _, client = srv
+    schema = {"type": "object", "properties": {"file": {"type": "string", "format": "binary", "maxLength": 4},
+                                               "n": {"type": "integer", "format": "int64"}}, "required": ["file", "n"]}
+    r = client.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=64, seed=0, response_format={
+        "type": "json_schema", "json_schema": {"name": "upload", "schema": schema}})
+    assert any("binary" in w for w in r.model_extra["warnings"])
+    assert r.choices[0].finish_reason == "stop"  # the budget-aware closing finishes it
+    jsonschema.validate(json.loads(r.choices[0].message.content), schema)
