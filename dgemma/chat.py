@@ -32,8 +32,9 @@ ToolChoiceMode = Literal["none", "auto", "required", "function"]
 # OpenAI's rule for function names; Gemma 4's response schema reads a name as `\w+`, a subset of it.
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # Variables the renderer sets itself: a client may not override them through chat_template_kwargs.
-RESERVED_TEMPLATE_VARS = frozenset({"messages", "tools", "add_generation_prompt", "bos_token", "eos_token",
-                                    "pad_token"})
+RESERVED_TEMPLATE_VARS = frozenset(
+    {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token", "pad_token"}
+)
 
 
 class ChatRequestError(ValueError):
@@ -66,8 +67,14 @@ class ChatFormat:
     @property
     def markers(self) -> tuple[str, ...]:
         """Every marker string, for deciding which special tokens to keep when decoding output."""
-        return (self.tool_call_open, self.tool_call_close, self.string_delim, self.channel_open, self.channel_close,
-                self.tool_response_open)
+        return (
+            self.tool_call_open,
+            self.tool_call_close,
+            self.string_delim,
+            self.channel_open,
+            self.channel_close,
+            self.tool_response_open,
+        )
 
 
 GEMMA4 = ChatFormat()
@@ -111,15 +118,17 @@ def _check_parameters(params: Any, where: str) -> dict[str, Any]:
         raise ChatRequestError(f"{where} must be a JSON Schema object, got {type(params).__name__}", where)
     kind = params.get("type", "object")
     if kind != "object":
-        raise ChatRequestError(f"{where}.type must be \"object\" (a function takes named arguments), got {kind!r}",
-                               f"{where}.type")
+        raise ChatRequestError(
+            f'{where}.type must be "object" (a function takes named arguments), got {kind!r}', f"{where}.type"
+        )
     props = params.get("properties", {})
     if not isinstance(props, dict):
         raise ChatRequestError(f"{where}.properties must be an object", f"{where}.properties")
     for key, sub in props.items():
         if not isinstance(sub, (dict, bool)):
-            raise ChatRequestError(f"{where}.properties.{key} must be a JSON Schema (an object or a boolean)",
-                                   f"{where}.properties.{key}")
+            raise ChatRequestError(
+                f"{where}.properties.{key} must be a JSON Schema (an object or a boolean)", f"{where}.properties.{key}"
+            )
     required = params.get("required", [])
     if not (isinstance(required, list) and all(isinstance(r, str) for r in required)):
         raise ChatRequestError(f"{where}.required must be a list of property names", f"{where}.required")
@@ -135,14 +144,15 @@ def _check_tool(i: int, tool: Any) -> Tool:
     if not isinstance(tool, dict):
         raise ChatRequestError(f"{where} must be an object", where)
     if tool.get("type", "function") != "function":
-        raise ChatRequestError(f"{where}.type must be \"function\", got {tool.get('type')!r}", f"{where}.type")
+        raise ChatRequestError(f'{where}.type must be "function", got {tool.get("type")!r}', f"{where}.type")
     fn = tool.get("function")
     if not isinstance(fn, dict):
         raise ChatRequestError(f"{where}.function must be an object", f"{where}.function")
     name = fn.get("name")
     if not isinstance(name, str) or not NAME_RE.match(name):
-        raise ChatRequestError(f"{where}.function.name must be 1-64 letters, digits, '_' or '-', got {name!r}",
-                               f"{where}.function.name")
+        raise ChatRequestError(
+            f"{where}.function.name must be 1-64 letters, digits, '_' or '-', got {name!r}", f"{where}.function.name"
+        )
     desc = fn.get("description")
     if desc is not None and not isinstance(desc, str):
         raise ChatRequestError(f"{where}.function.description must be a string", f"{where}.function.description")
@@ -162,8 +172,9 @@ def check_tools(tools: Any) -> list[Tool]:
     seen: set[str] = set()
     for i, t in enumerate(out):
         if t.name in seen:
-            raise ChatRequestError(f"tools[{i}].function.name {t.name!r} is declared twice",
-                                   f"tools[{i}].function.name")
+            raise ChatRequestError(
+                f"tools[{i}].function.name {t.name!r} is declared twice", f"tools[{i}].function.name"
+            )
         seen.add(t.name)
     return out
 
@@ -176,19 +187,22 @@ def check_tool_choice(choice: Any, tools: list[Tool]) -> ToolChoice:
         return ToolChoice("auto" if tools else "none")
     if isinstance(choice, str):
         if choice not in ("none", "auto", "required"):
-            raise ChatRequestError(f"tool_choice must be 'none', 'auto', 'required' or a named function, got "
-                                   f"{choice!r}", "tool_choice")
+            raise ChatRequestError(
+                f"tool_choice must be 'none', 'auto', 'required' or a named function, got {choice!r}", "tool_choice"
+            )
         if choice == "required" and not tools:
             raise ChatRequestError("tool_choice 'required' needs tools", "tool_choice")
         return ToolChoice(choice if tools else "none")  # type: ignore[arg-type]
     fn = choice.get("function") if isinstance(choice, dict) else None
     name = fn.get("name") if isinstance(fn, dict) else None
     if not isinstance(name, str) or choice.get("type", "function") != "function":
-        raise ChatRequestError("tool_choice must be a string or {'type': 'function', 'function': {'name': ...}}",
-                               "tool_choice")
+        raise ChatRequestError(
+            "tool_choice must be a string or {'type': 'function', 'function': {'name': ...}}", "tool_choice"
+        )
     if name not in {t.name for t in tools}:
-        raise ChatRequestError(f"tool_choice names function {name!r}, which is not among the declared tools",
-                               "tool_choice.function.name")
+        raise ChatRequestError(
+            f"tool_choice names function {name!r}, which is not among the declared tools", "tool_choice.function.name"
+        )
     return ToolChoice("function", name)
 
 
@@ -214,8 +228,10 @@ def _assistant_calls(i: int, calls: Any) -> list[dict[str, Any]]:
     for j, call in enumerate(calls):
         fn = call.get("function") if isinstance(call, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise ChatRequestError(f"{where}[{j}] must be {{'id', 'type': 'function', 'function': {{'name', "
-                                   f"'arguments'}}}}", f"{where}[{j}]")
+            raise ChatRequestError(
+                f"{where}[{j}] must be {{'id', 'type': 'function', 'function': {{'name', 'arguments'}}}}",
+                f"{where}[{j}]",
+            )
         if call.get("id") is not None and not isinstance(call["id"], str):
             raise ChatRequestError(f"{where}[{j}].id must be a string", f"{where}[{j}].id")
         args = _arguments(fn.get("arguments", {}), f"{where}[{j}].function.arguments")
@@ -267,8 +283,9 @@ def check_template_kwargs(kwargs: Any) -> dict[str, Any]:
         raise ChatRequestError("chat_template_kwargs must be an object", "chat_template_kwargs")
     bad = sorted(set(kwargs) & RESERVED_TEMPLATE_VARS)
     if bad:
-        raise ChatRequestError(f"chat_template_kwargs may not set {bad[0]!r} (it is given by the request itself)",
-                               "chat_template_kwargs")
+        raise ChatRequestError(
+            f"chat_template_kwargs may not set {bad[0]!r} (it is given by the request itself)", "chat_template_kwargs"
+        )
     return dict(kwargs)
 
 
@@ -312,9 +329,15 @@ def _ends_in_channel(text: str, fmt: ChatFormat | None) -> bool:
     return fmt is not None and text.rfind(fmt.channel_open) > text.rfind(fmt.channel_close)
 
 
-def render_chat(tokenizer: Any, messages: Any, tools: Any = None, tool_choice: Any = None,
-                parallel_tool_calls: bool | None = None, chat_template_kwargs: Any = None,
-                add_generation_prompt: bool = True) -> ChatPrompt:
+def render_chat(
+    tokenizer: Any,
+    messages: Any,
+    tools: Any = None,
+    tool_choice: Any = None,
+    parallel_tool_calls: bool | None = None,
+    chat_template_kwargs: Any = None,
+    add_generation_prompt: bool = True,
+) -> ChatPrompt:
     """Check a chat request and render its prompt with `tokenizer`'s chat template.
 
     Raises ChatRequestError (naming the field) for bad tools, tool_choice, tool-call messages or template kwargs,
@@ -326,15 +349,38 @@ def render_chat(tokenizer: Any, messages: Any, tools: Any = None, tool_choice: A
     kwargs = check_template_kwargs(chat_template_kwargs)
     fmt = detect_format(getattr(tokenizer, "chat_template", None))
     if decls and choice.mode != "none" and fmt is None:
-        raise ChatRequestError("this model's chat template has no tool-call syntax dgemma can parse (Gemma 4's "
-                               "<|tool_call> format), so tools are unavailable", "tools")
+        raise ChatRequestError(
+            "this model's chat template has no tool-call syntax dgemma can parse (Gemma 4's "
+            "<|tool_call> format), so tools are unavailable",
+            "tools",
+        )
     template_tools = [t.declaration() for t in decls] or None
-    text = tokenizer.apply_chat_template(prepare_messages(messages), add_generation_prompt=add_generation_prompt,
-                                         tools=template_tools, **kwargs)
-    return ChatPrompt(text, decls, choice, parallel_tool_calls is not False, fmt,
-                      bool(kwargs.get("enable_thinking")), _ends_in_channel(text, fmt))
+    text = tokenizer.apply_chat_template(
+        prepare_messages(messages), add_generation_prompt=add_generation_prompt, tools=template_tools, **kwargs
+    )
+    return ChatPrompt(
+        text,
+        decls,
+        choice,
+        parallel_tool_calls is not False,
+        fmt,
+        bool(kwargs.get("enable_thinking")),
+        _ends_in_channel(text, fmt),
+    )
 
 
-__all__ = ["ChatFormat", "ChatPrompt", "ChatRequestError", "GEMMA4", "Tool", "ToolChoice", "check_template_kwargs",
-           "check_tool_choice", "check_tools", "detect_format", "output_decoder", "prepare_messages",
-           "render_chat"]
+__all__ = [
+    "ChatFormat",
+    "ChatPrompt",
+    "ChatRequestError",
+    "GEMMA4",
+    "Tool",
+    "ToolChoice",
+    "check_template_kwargs",
+    "check_tool_choice",
+    "check_tools",
+    "detect_format",
+    "output_decoder",
+    "prepare_messages",
+    "render_chat",
+]

@@ -74,7 +74,7 @@ class _Reader:
         start = self.i
         while self.i < len(self.s) and self.s[self.i] not in ",}]":
             self.i += 1
-        word = self.s[start:self.i].strip()
+        word = self.s[start : self.i].strip()
         if not word:
             raise NativeSyntaxError(f"missing value at offset {start}")
         if word in _BARE:
@@ -91,7 +91,7 @@ class _Reader:
             end = self.s.find(":", self.i)
             if end < 0:
                 raise NativeSyntaxError(f"missing ':' after a key at offset {self.i} of {self.s!r}")
-            key, self.i = self.s[self.i:end].strip(), end
+            key, self.i = self.s[self.i : end].strip(), end
             if not key or any(c in key for c in ",{}[]"):
                 raise NativeSyntaxError(f"bad key {key!r}")
         self._expect(":")
@@ -113,7 +113,7 @@ class _Reader:
     def end(self) -> None:
         self._skip()
         if self.i != len(self.s):
-            raise NativeSyntaxError(f"unexpected text after the value: {self.s[self.i:]!r}")
+            raise NativeSyntaxError(f"unexpected text after the value: {self.s[self.i :]!r}")
 
 
 def parse_native(text: str, fmt: ChatFormat) -> Any:
@@ -147,8 +147,11 @@ class ToolCall:
     index: int = 0
 
     def to_openai(self, with_index: bool = False) -> dict[str, Any]:
-        out: dict[str, Any] = {"id": self.id, "type": "function",
-                               "function": {"name": self.name, "arguments": self.arguments}}
+        out: dict[str, Any] = {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
         return {"index": self.index, **out} if with_index else out
 
 
@@ -158,7 +161,7 @@ def parse_call(body: str, fmt: ChatFormat) -> tuple[str, str]:
     if not body.startswith(fmt.call_prefix):
         raise NativeSyntaxError(f"a call must start with {fmt.call_prefix!r}")
     brace = body.find("{")
-    name = body[len(fmt.call_prefix):brace].strip() if brace >= 0 else ""
+    name = body[len(fmt.call_prefix) : brace].strip() if brace >= 0 else ""
     if not name:
         raise NativeSyntaxError("a call needs a function name followed by '{'")
     r = _Reader(body[brace:], fmt.string_delim)
@@ -184,8 +187,9 @@ class ChatDelta:
 
     def extend(self, other: ChatDelta) -> ChatDelta:
         """This delta followed by `other`, as one."""
-        return ChatDelta(self.content + other.content, self.reasoning + other.reasoning,
-                         self.tool_calls + other.tool_calls)
+        return ChatDelta(
+            self.content + other.content, self.reasoning + other.reasoning, self.tool_calls + other.tool_calls
+        )
 
     def to_openai(self) -> dict[str, Any]:
         """A streaming `delta`: only the fields this piece has (each tool call whole, with its index)."""
@@ -206,8 +210,13 @@ class ChatOutputParser:
     they stay in the content). `in_reasoning`: the prompt ended inside an open thinking channel.
     """
 
-    def __init__(self, fmt: ChatFormat, parse_tools: bool = True, in_reasoning: bool = False,
-                 new_id: Callable[[], str] = new_call_id) -> None:
+    def __init__(
+        self,
+        fmt: ChatFormat,
+        parse_tools: bool = True,
+        in_reasoning: bool = False,
+        new_id: Callable[[], str] = new_call_id,
+    ) -> None:
         self.fmt = fmt
         self.parse_tools = parse_tools
         self.mode: Mode = "reasoning" if in_reasoning else "content"
@@ -255,7 +264,7 @@ class ChatOutputParser:
         """Drop the channel's label once enough text has arrived to tell; False while undecided."""
         label = self.fmt.thought_label
         if self.buf.startswith(label):
-            self.buf = self.buf[len(label):]
+            self.buf = self.buf[len(label) :]
         elif label.startswith(self.buf) and self._find() is None:
             return False
         self.label_pending = False
@@ -294,11 +303,11 @@ class ChatOutputParser:
             if self.mode == "call":
                 return False
             keep = 0 if final else self._held()
-            self._emit(self.buf[:len(self.buf) - keep], out)
-            self.buf = self.buf[len(self.buf) - keep:]
+            self._emit(self.buf[: len(self.buf) - keep], out)
+            self.buf = self.buf[len(self.buf) - keep :]
             return False
         at, marker = hit
-        before, self.buf = self.buf[:at], self.buf[at + len(marker):]
+        before, self.buf = self.buf[:at], self.buf[at + len(marker) :]
         if self.mode == "call":
             self._close_call(before, out)
         else:
@@ -349,8 +358,13 @@ class ChatMessage:
         return out
 
 
-def parse_chat_output(text: str, fmt: ChatFormat, parse_tools: bool = True, in_reasoning: bool = False,
-                      new_id: Callable[[], str] = new_call_id) -> ChatMessage:
+def parse_chat_output(
+    text: str,
+    fmt: ChatFormat,
+    parse_tools: bool = True,
+    in_reasoning: bool = False,
+    new_id: Callable[[], str] = new_call_id,
+) -> ChatMessage:
     """One-shot parse of a complete output (the same result as streaming it through ChatOutputParser)."""
     p = ChatOutputParser(fmt, parse_tools, in_reasoning, new_id)
     p.push(text)
@@ -358,5 +372,14 @@ def parse_chat_output(text: str, fmt: ChatFormat, parse_tools: bool = True, in_r
     return p.message()
 
 
-__all__ = ["ChatDelta", "ChatMessage", "ChatOutputParser", "NativeSyntaxError", "ToolCall", "parse_call",
-           "parse_chat_output", "parse_native", "to_native"]
+__all__ = [
+    "ChatDelta",
+    "ChatMessage",
+    "ChatOutputParser",
+    "NativeSyntaxError",
+    "ToolCall",
+    "parse_call",
+    "parse_chat_output",
+    "parse_native",
+    "to_native",
+]

@@ -157,30 +157,46 @@ class LLM:
         encoded = [self.encode_prompt(p) for p in plist]
         return self._stream([ids for _, ids in encoded], params_list, stream_drafts, self.decoder)
 
-    def _stream(self, prompt_ids: list[list[int]], params_list: list[SamplingParams], stream_drafts: bool,
-                decoder: Callable[[], IncrementalDecoder | None]) -> Iterator[StreamDelta]:
-        procs = self._submit(prompt_ids, params_list, stream_drafts, decoder)
+    def _stream(
+        self,
+        prompt_ids: list[list[int]],
+        params_list: list[SamplingParams],
+        stream_drafts: bool,
+        decoder: Callable[[], IncrementalDecoder | None],
+    ) -> Iterator[StreamDelta]:
+        procs = self._submit(list(zip(prompt_ids, params_list)), stream_drafts, decoder)
         try:
             while any(not p.done for _, _, p in procs.values()) and self.engine.has_unfinished():
                 for ev in self.engine.step():
                     index, sample, proc = procs.get(ev.request_id, (-1, 0, None))
                     d = proc.on_event(ev) if proc is not None else None
                     if d is not None:
-                        yield StreamDelta(index, ev.request_id, d.text, d.token_ids, d.draft_token_ids, d.finished,
-                                          d.finish_reason, d.metrics, sample, d.logprobs)
+                        yield StreamDelta(
+                            index,
+                            ev.request_id,
+                            d.text,
+                            d.token_ids,
+                            d.draft_token_ids,
+                            d.finished,
+                            d.finish_reason,
+                            d.metrics,
+                            sample,
+                            d.logprobs,
+                        )
         finally:  # a consumer that stops early (or a disconnect) frees the rows
             for rid, (_, _, p) in procs.items():
                 if not p.done:
                     self.engine.abort(rid)
 
-    def _submit(self, prompt_ids: list[list[int]], params_list: list[SamplingParams], stream_drafts: bool,
-                decoder: Callable[[], IncrementalDecoder | None]) -> dict[str, tuple[int, int, OutputProcessor]]:
-        """Queue every request (n samples each), or none (ValueError): request id -> (prompt index, sample index,
-        its output processor)."""
+    def _submit(
+        self, jobs: list[tuple[list[int], SamplingParams]], drafts: bool, decoder: Callable[[], Any]
+    ) -> dict[str, tuple[int, int, OutputProcessor]]:
+        """Queue every (prompt ids, params) job's n samples, or none (ValueError): request id -> (prompt index,
+        sample index, its output processor); `decoder()` makes each one's detokeniser."""
         procs: dict[str, tuple[int, int, OutputProcessor]] = {}
         try:
-            for i, (ids, sp) in enumerate(zip(prompt_ids, params_list)):
-                for k, rid in enumerate(self.engine.add_samples(ids, sp, stream_drafts=stream_drafts)):
+            for i, (ids, sp) in enumerate(jobs):
+                for k, rid in enumerate(self.engine.add_samples(ids, sp, stream_drafts=drafts)):
                     procs[rid] = (i, k, OutputProcessor(decoder(), sp.stop, self._finisher(rid)))
         except ValueError:
             for rid in procs:
@@ -226,8 +242,14 @@ class LLM:
                 out.prompt_logprobs = prompt_logprobs(self.model, out.prompt_token_ids, sp.prompt_logprobs)
 
     def _generate_reference(self, encoded, params_list) -> list[RequestOutput]:
-        res = reference.generate(self.model, [ids for _, ids in encoded], params_list, self.generation_config,
-                                 self.engine.max_model_len, self.engine.eos)
+        res = reference.generate(
+            self.model,
+            [ids for _, ids in encoded],
+            params_list,
+            self.generation_config,
+            self.engine.max_model_len,
+            self.engine.eos,
+        )
         stops = params_list[0].stop
         outs = []
         for i, ((text, ids), r) in enumerate(zip(encoded, res)):
@@ -239,13 +261,27 @@ class LLM:
                     toks, reason = cut.tokens, "stop"
                 cut.finish()
                 out_text = cut.text
-            outs.append(RequestOutput(f"ref-{i}", text, ids, [CompletionOutput(0, out_text, toks, reason)], True,
-                                      r.metrics(len(ids), len(toks))))
+            outs.append(
+                RequestOutput(
+                    f"ref-{i}",
+                    text,
+                    ids,
+                    [CompletionOutput(0, out_text, toks, reason)],
+                    True,
+                    r.metrics(len(ids), len(toks)),
+                )
+            )
         return outs
 
-    def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None, tools: Any = None,
-             tool_choice: Any = None, parallel_tool_calls: bool | None = None,
-             chat_template_kwargs: dict[str, Any] | None = None) -> RequestOutput:
+    def chat(
+        self,
+        messages: list[dict[str, Any]],
+        params: SamplingParams | None = None,
+        tools: Any = None,
+        tool_choice: Any = None,
+        parallel_tool_calls: bool | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> RequestOutput:
         """Answer a conversation, as vLLM's `LLM.chat`: `tools` (OpenAI function declarations), `tool_choice`
         ("none", "auto", "required" or {"type": "function", "function": {"name": ...}}), `parallel_tool_calls` and
         `chat_template_kwargs` (e.g. {"enable_thinking": True}) as in the server. Each output's `message` holds the

@@ -52,8 +52,9 @@ def from_logits(logits: torch.Tensor, tokens: Sequence[int] | torch.Tensor, top_
 
 
 @torch.no_grad()
-def prompt_logprobs(model: Any, token_ids: Sequence[int], top_k: int = 0,
-                    chunk: int = PROMPT_CHUNK) -> list[TokenLogprob | None]:
+def prompt_logprobs(
+    model: Any, token_ids: Sequence[int], top_k: int = 0, chunk: int = PROMPT_CHUNK
+) -> list[TokenLogprob | None]:
     """Log-probabilities of a prompt's tokens from one causal encoder pass of `model` (a DiffusionGemma) in a
     fresh cache: entry t scores token t given tokens < t; entry 0 is None. The LM head runs `chunk` positions at
     a time, so a long prompt never materialises (T, V) logits."""
@@ -65,7 +66,7 @@ def prompt_logprobs(model: Any, token_ids: Sequence[int], top_k: int = 0,
     out: list[TokenLogprob | None] = [None]
     for a in range(0, n - 1, chunk):
         b = min(a + chunk, n - 1)
-        out.extend(from_logits(model.logits(hidden[0, a:b]), ids[0, a + 1:b + 1], top_k))
+        out.extend(from_logits(model.logits(hidden[0, a:b]), ids[0, a + 1 : b + 1], top_k))
     return out
 
 
@@ -76,12 +77,20 @@ def _entry(token_text: Callable[[int], str], tid: int, logprob: float) -> dict[s
 
 def chat_logprobs(entries: Sequence[TokenLogprob], token_text: Callable[[int], str]) -> dict[str, Any]:
     """The chat completion shape: {"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}, ...]}."""
-    return {"content": [{**_entry(token_text, e.token_id, e.logprob),
-                         "top_logprobs": [_entry(token_text, t, lp) for t, lp in e.top]} for e in entries]}
+    return {
+        "content": [
+            {
+                **_entry(token_text, e.token_id, e.logprob),
+                "top_logprobs": [_entry(token_text, t, lp) for t, lp in e.top],
+            }
+            for e in entries
+        ]
+    }
 
 
-def completion_logprobs(entries: Sequence[TokenLogprob | None], token_ids: Sequence[int],
-                        token_text: Callable[[int], str], offset: int = 0) -> dict[str, Any]:
+def completion_logprobs(
+    entries: Sequence[TokenLogprob | None], token_ids: Sequence[int], token_text: Callable[[int], str], offset: int = 0
+) -> dict[str, Any]:
     """The legacy completions shape: parallel lists `tokens`, `token_logprobs`, `top_logprobs` ({text: logprob},
     None for a token without a distribution, i.e. the first prompt token) and `text_offset` (characters from the
     start of the returned text, counting from `offset`)."""
@@ -90,11 +99,12 @@ def completion_logprobs(entries: Sequence[TokenLogprob | None], token_ids: Seque
     for s in texts:
         offsets.append(at)
         at += len(s)
-    return {"tokens": texts,
-            "token_logprobs": [None if e is None else e.logprob for e in entries],
-            "top_logprobs": [None if e is None else {token_text(t): lp for t, lp in e.top} for e in entries],
-            "text_offset": offsets}
+    return {
+        "tokens": texts,
+        "token_logprobs": [None if e is None else e.logprob for e in entries],
+        "top_logprobs": [None if e is None else {token_text(t): lp for t, lp in e.top} for e in entries],
+        "text_offset": offsets,
+    }
 
 
-__all__ = ["MAX_TOP_LOGPROBS", "TokenLogprob", "chat_logprobs", "completion_logprobs", "from_logits",
-           "prompt_logprobs"]
+__all__ = ["MAX_TOP_LOGPROBS", "TokenLogprob", "chat_logprobs", "completion_logprobs", "from_logits", "prompt_logprobs"]

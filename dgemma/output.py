@@ -132,7 +132,7 @@ class OutputProcessor:
         kept = self.out.tokens[before:]
         if ev.logprobs is not None:
             self.logprobs.extend(ev.logprobs)
-        delta = Delta(text, kept, logprobs=self.logprobs[before:before + len(kept)] if ev.logprobs else None)
+        delta = Delta(text, kept, logprobs=self.logprobs[before : before + len(kept)] if ev.logprobs else None)
         if not self.out.stopped:
             return delta
         self.stopping = True
@@ -140,8 +140,9 @@ class OutputProcessor:
         if ended is None:
             return delta
         last = self.finish("stop", ended.metrics)
-        return Delta(delta.text + last.text, delta.token_ids, finish_reason="stop", metrics=last.metrics,
-                     logprobs=delta.logprobs)
+        return Delta(
+            delta.text + last.text, delta.token_ids, finish_reason="stop", metrics=last.metrics, logprobs=delta.logprobs
+        )
 
     def finish(self, reason: str | None, metrics: dict[str, Any]) -> Delta:
         """The last delta: the rest of the text; the reason is 'stop' whenever a stop string matched."""

@@ -290,18 +290,27 @@ def usage(
     }
 
 
-def completion_choice(index: int, text: str, finish_reason: str | None,
-                      logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+def completion_choice(
+    index: int, text: str, finish_reason: str | None, logprobs: dict[str, Any] | None = None
+) -> dict[str, Any]:
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def chat_choice(index: int, message: dict[str, Any], finish_reason: str | None,
-                logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+def chat_choice(
+    index: int, message: dict[str, Any], finish_reason: str | None, logprobs: dict[str, Any] | None = None
+) -> dict[str, Any]:
     return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def response(rid: str, created: int, model: str, obj: str, choices: list[dict[str, Any]], use: dict[str, Any],
-             warnings: list[str] | None = None) -> dict[str, Any]:
+def response(
+    rid: str,
+    created: int,
+    model: str,
+    obj: str,
+    choices: list[dict[str, Any]],
+    use: dict[str, Any],
+    warnings: list[str] | None = None,
+) -> dict[str, Any]:
     """A whole (non-streaming) response: `obj` "text_completion" or "chat.completion"; `warnings` (what a
     constraint could not enforce, e.g. an unknown format) only when there are any."""
     out = {**_envelope(rid, created, model, obj, choices), "usage": use}
@@ -309,17 +318,30 @@ def response(rid: str, created: int, model: str, obj: str, choices: list[dict[st
 
 
 def completion_chunk(
-    rid: str, created: int, model: str, text: str = "", finish_reason: str | None = None, index: int = 0,
-    logprobs: dict[str, Any] | None = None, **extra: Any
+    rid: str,
+    created: int,
+    model: str,
+    text: str = "",
+    finish_reason: str | None = None,
+    index: int = 0,
+    logprobs: dict[str, Any] | None = None,
+    **extra: Any,
 ) -> dict[str, Any]:
     """A /v1/completions streaming chunk; `extra` as in `_chunk`."""
-    return _chunk(rid, created, model, "text_completion", completion_choice(index, text, finish_reason, logprobs),
-                  **extra)
+    return _chunk(
+        rid, created, model, "text_completion", completion_choice(index, text, finish_reason, logprobs), **extra
+    )
 
 
 def chat_chunk(
-    rid: str, created: int, model: str, delta: dict[str, Any], finish_reason: str | None = None, index: int = 0,
-    logprobs: dict[str, Any] | None = None, **extra: Any
+    rid: str,
+    created: int,
+    model: str,
+    delta: dict[str, Any],
+    finish_reason: str | None = None,
+    index: int = 0,
+    logprobs: dict[str, Any] | None = None,
+    **extra: Any,
 ) -> dict[str, Any]:
     """A /v1/chat/completions streaming chunk; `extra` as in `_chunk`."""
     choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}

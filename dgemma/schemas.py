@@ -25,7 +25,7 @@ FORMATS = {
     "date": r"[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])",
     "time": r"([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]+)?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])?",
     "date-time": r"[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]"
-                 r"(\.[0-9]+)?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])",
+    r"(\.[0-9]+)?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])",
     "uuid": r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
     "email": r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+",
     "ipv4": r"((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])",
@@ -68,7 +68,7 @@ def whole_string_regex(pattern: str, min_length: bool = False) -> str:
     out = []
     for branch in split_alternatives(pattern):
         head, tail = branch.startswith("^"), _ends_anchored(branch)
-        core = branch[1 if head else 0:len(branch) - 1 if tail else len(branch)]
+        core = branch[1 if head else 0 : len(branch) - 1 if tail else len(branch)]
         prefix = ANY if (tail and not head and min_length) else ""
         out.append(f"{prefix}(?:{core}){'' if tail else ANY}")
     return out[0] if len(out) == 1 else "|".join(f"(?:{b})" for b in out)

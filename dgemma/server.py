@@ -627,8 +627,15 @@ class _Server:
                 param="messages",
             )
         try:
-            prompt = render_chat(tok, req.messages, req.tools, req.tool_choice, req.parallel_tool_calls,
-                                 req.chat_template_kwargs, req.add_generation_prompt)
+            prompt = render_chat(
+                tok,
+                req.messages,
+                req.tools,
+                req.tool_choice,
+                req.parallel_tool_calls,
+                req.chat_template_kwargs,
+                req.add_generation_prompt,
+            )
         except ChatRequestError as e:
             raise APIError(400, str(e), param=e.param) from None
         except ValueError as e:
@@ -902,8 +909,9 @@ def _chat_choice(srv: "_Server", job: _Job, i: int, res: _Result) -> dict[str, A
     return chat_choice(i, msg, res.finish_reason, lp)
 
 
-def _completion_chunk(srv: "_Server", job: _Job, rid: str, created: int, i: int, upd: _Update,
-                      **extra: Any) -> dict[str, Any]:
+def _completion_chunk(
+    srv: "_Server", job: _Job, rid: str, created: int, i: int, upd: _Update, **extra: Any
+) -> dict[str, Any]:
     from .logprobs import completion_logprobs
     from .protocol import completion_chunk
 
@@ -913,8 +921,9 @@ def _completion_chunk(srv: "_Server", job: _Job, rid: str, created: int, i: int,
     return completion_chunk(rid, created, srv.model_name, upd.text, upd.finish_reason, i, lp, **extra)
 
 
-def _chat_chunk(srv: "_Server", job: _Job, rid: str, created: int, i: int, upd: _Update,
-                **extra: Any) -> dict[str, Any]:
+def _chat_chunk(
+    srv: "_Server", job: _Job, rid: str, created: int, i: int, upd: _Update, **extra: Any
+) -> dict[str, Any]:
     from .logprobs import chat_logprobs
     from .protocol import chat_chunk
 
@@ -939,10 +948,26 @@ class _Endpoint:
 
 def _endpoints() -> dict[str, _Endpoint]:
     return {
-        "completions": _Endpoint("CompletionRequest", "cmpl", "text_completion", "text_completion",
-                                 _prepare_completion, _completion_choice, _completion_chunk, False),
-        "chat": _Endpoint("ChatCompletionRequest", "chatcmpl", "chat.completion", "chat.completion.chunk",
-                          _prepare_chat, _chat_choice, _chat_chunk, True),
+        "completions": _Endpoint(
+            "CompletionRequest",
+            "cmpl",
+            "text_completion",
+            "text_completion",
+            _prepare_completion,
+            _completion_choice,
+            _completion_chunk,
+            False,
+        ),
+        "chat": _Endpoint(
+            "ChatCompletionRequest",
+            "chatcmpl",
+            "chat.completion",
+            "chat.completion.chunk",
+            _prepare_chat,
+            _chat_choice,
+            _chat_chunk,
+            True,
+        ),
     }
 
 
@@ -970,8 +995,10 @@ async def _generate(request: Any, ep: _Endpoint) -> Any:
         results = [_Result("", [], [], "length", P.usage(len(job.prompt_ids), 0))] * job.params.n
         return _json(_response(srv, ep, job, rid, created, results))
     queues = await srv.engine_loop.submit(rid, job.prompt_ids, job.params, bool(req.stream_drafts and req.stream))
-    gens = [_Generation(srv, sid, q, len(job.prompt_ids), job.params, t0, request if req.stream else None, job.chat)
-            for sid, q in queues]
+    gens = [
+        _Generation(srv, sid, q, len(job.prompt_ids), job.params, t0, request if req.stream else None, job.chat)
+        for sid, q in queues
+    ]
     if req.stream:
         return _SSE(gens, _stream_events(srv, gens, ep, job, rid, created))
     try:
@@ -984,8 +1011,9 @@ async def _generate(request: Any, ep: _Endpoint) -> Any:
     return _json(_response(srv, ep, job, rid, created, results))
 
 
-def _response(srv: "_Server", ep: _Endpoint, job: _Job, rid: str, created: int,
-              results: list[_Result]) -> dict[str, Any]:
+def _response(
+    srv: "_Server", ep: _Endpoint, job: _Job, rid: str, created: int, results: list[_Result]
+) -> dict[str, Any]:
     from .protocol import response
 
     constraint = job.params.constraint()
@@ -1063,11 +1091,13 @@ async def _stream_events(
     try:
         for i in range(len(gens)):  # openings: the assistant role (chat), the echoed prompt (completions)
             if ep.role_chunk:
-                yield _sse(chat_chunk(rid, created, name, {"role": "assistant", "content": ""}, index=i,
-                                      include_usage=inc))
+                yield _sse(
+                    chat_chunk(rid, created, name, {"role": "assistant", "content": ""}, index=i, include_usage=inc)
+                )
             elif job.echo_text:
-                echo = _Update(job.echo_text, token_ids=job.prompt_ids if job.echo_logprobs else [],
-                               logprobs=job.echo_logprobs)
+                echo = _Update(
+                    job.echo_text, token_ids=job.prompt_ids if job.echo_logprobs else [], logprobs=job.echo_logprobs
+                )
                 yield _sse(ep.chunk(srv, job, rid, created, i, echo, include_usage=inc))
         async for i, upd in _merged(gens):
             if upd.draft is not None:

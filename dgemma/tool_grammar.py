@@ -37,8 +37,18 @@ from .constraints import Constraint, ConstraintError
 from .schemas import FORMATS, whole_string_regex
 
 # Keywords whose meaning a context-free grammar cannot enforce: ignored with a warning.
-UNENFORCED = ("not", "if", "then", "else", "uniqueItems", "contains", "dependentRequired", "dependentSchemas",
-              "dependencies", "unevaluatedItems")
+UNENFORCED = (
+    "not",
+    "if",
+    "then",
+    "else",
+    "uniqueItems",
+    "contains",
+    "dependentRequired",
+    "dependentSchemas",
+    "dependencies",
+    "unevaluatedItems",
+)
 NUMBER_KEYS = ("type", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
 STRING_KEYS = ("pattern", "minLength", "maxLength", "format")
 OBJECT_KEYS = ("properties", "required", "additionalProperties", "minProperties", "maxProperties")
@@ -196,8 +206,10 @@ class SchemaGrammar:
         for key in ("anyOf", "oneOf"):
             if key in schema:
                 rest = {k: v for k, v in schema.items() if k != key}
-                alts = [self.value(self._merge([rest, s], path) if rest else s, f"{path}.{key}[{i}]")
-                        for i, s in enumerate(schema[key])]
+                alts = [
+                    self.value(self._merge([rest, s], path) if rest else s, f"{path}.{key}[{i}]")
+                    for i, s in enumerate(schema[key])
+                ]
                 return " | ".join(alts)
         if "const" in schema:
             return self.literal(schema["const"])
@@ -210,8 +222,16 @@ class SchemaGrammar:
     def _types(self, schema: dict[str, Any], path: str) -> list[str]:
         kinds = schema.get("type")
         if kinds is None:
-            inferred = [t for t, keys in (("object", OBJECT_KEYS), ("array", ARRAY_KEYS), ("string", STRING_KEYS),
-                                          ("number", NUMBER_KEYS[1:])) if any(k in schema for k in keys)]
+            inferred = [
+                t
+                for t, keys in (
+                    ("object", OBJECT_KEYS),
+                    ("array", ARRAY_KEYS),
+                    ("string", STRING_KEYS),
+                    ("number", NUMBER_KEYS[1:]),
+                )
+                if any(k in schema for k in keys)
+            ]
             kinds = inferred or ["string", "number", "boolean", "null", "object", "array"]
         kinds = [kinds] if isinstance(kinds, str) else list(kinds)
         if schema.get("nullable") is True and "null" not in kinds:
@@ -280,9 +300,14 @@ class SchemaGrammar:
         must = self._must(names, set(required), schema)
         optional = [k for k in names if k not in must]
         if "maxProperties" in schema:
-            optional = optional[:max(0, schema["maxProperties"] - len(must))]
-        return self._members([(f'{self.key(k)} ":" {self.value(props[k], f"{path}.properties.{k}")}', k in must)
-                              for k in names if k in must or k in optional])
+            optional = optional[: max(0, schema["maxProperties"] - len(must))]
+        return self._members(
+            [
+                (f'{self.key(k)} ":" {self.value(props[k], f"{path}.properties.{k}")}', k in must)
+                for k in names
+                if k in must or k in optional
+            ]
+        )
 
     @staticmethod
     def _must(names: list[str], required: set[str], schema: dict[str, Any]) -> set[str]:
@@ -318,17 +343,24 @@ class SchemaGrammar:
             num = self._typed("number", {}, "any")
             pair = self._new('KEY ":" any', "m")
             self.rules["KEY"] = _regex("[A-Za-z_][A-Za-z0-9_]{0,63}")
-            self.rules["any"] = (f'{str_} | {num} | "true" | "false" | "null" | "{{" {_reps(pair, 0, None)} "}}" | '
-                                 f'"[" {_reps("any", 0, None)} "]"')
+            self.rules["any"] = (
+                f'{str_} | {num} | "true" | "false" | "null" | "{{" {_reps(pair, 0, None)} "}}" | '
+                f'"[" {_reps("any", 0, None)} "]"'
+            )
         return "any"
 
     def render(self, start: str) -> str:
         return "\n".join([f"start: {start}"] + [f"{k}: {v}" for k, v in self.rules.items()]) + "\n"
 
 
-def tool_call_grammar(tools: list[Tool], choice: ToolChoice, fmt: ChatFormat,
-                      token_id: Callable[[str], int | None], parallel: bool = True,
-                      reasoning: bool = False) -> ToolGrammar:
+def tool_call_grammar(
+    tools: list[Tool],
+    choice: ToolChoice,
+    fmt: ChatFormat,
+    token_id: Callable[[str], int | None],
+    parallel: bool = True,
+    reasoning: bool = False,
+) -> ToolGrammar:
     """The constraint for `choice` ('required', 'function' or 'auto'); raises ConstraintError naming the tool.
 
     `reasoning`: the model may write a thinking channel before a required call (thinking was switched on).
@@ -347,8 +379,9 @@ def tool_call_grammar(tools: list[Tool], choice: ToolChoice, fmt: ChatFormat,
     body = g._new(f"{_lit(fmt.call_prefix)} ({' | '.join(fns)}) {close}", "call")
     many = parallel and choice.mode != "function"
     if choice.mode == "auto":  # what follows the opening marker the model wrote
-        return ToolGrammar(g.render(f"{body} ({open_} {body})*" if many else body), g.token_id(fmt.tool_call_open),
-                           g.warnings, closers)
+        return ToolGrammar(
+            g.render(f"{body} ({open_} {body})*" if many else body), g.token_id(fmt.tool_call_open), g.warnings, closers
+        )
     start = f"({open_} {body})+" if many else f"{open_} {body}"
     if reasoning:
         think = f"{g.marker(fmt.channel_open)} /(?s:.)*/ {g.marker(fmt.channel_close)}"

@@ -16,8 +16,20 @@ from tokenizers import AddedToken, Tokenizer
 
 from bpe import build_bpe_tokenizer
 
-MARKERS = ["<|turn>", "<turn|>", "<|tool_call>", "<tool_call|>", '<|"|>', "<|channel>", "<channel|>", "<|tool>",
-           "<tool|>", "<|tool_response>", "<tool_response|>", "<|think|>"]
+MARKERS = [
+    "<|turn>",
+    "<turn|>",
+    "<|tool_call>",
+    "<tool_call|>",
+    '<|"|>',
+    "<|channel>",
+    "<channel|>",
+    "<|tool>",
+    "<tool|>",
+    "<|tool_response>",
+    "<tool_response|>",
+    "<|think|>",
+]
 
 GEMMA4_TEMPLATE = r"""
 {%- macro arg(v, quote_keys=true) -%}

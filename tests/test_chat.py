@@ -9,10 +9,15 @@ import json
 import random
 import pytest
 
-from dgemma.chat import GEMMA4, ChatRequestError, ToolChoice, check_tool_choice, check_tools, detect_format, \
-    render_chat
-from dgemma.chat_output import ChatOutputParser, NativeSyntaxError, parse_call, parse_chat_output, parse_native, \
-    to_native
+from dgemma.chat import GEMMA4, ChatRequestError, ToolChoice, check_tool_choice, check_tools, detect_format, render_chat
+from dgemma.chat_output import (
+    ChatOutputParser,
+    NativeSyntaxError,
+    parse_call,
+    parse_chat_output,
+    parse_native,
+    to_native,
+)
 from dgemma.constraints import Constraint, ConstraintError, GuideFactory
 from dgemma.tokenizer import Tokenizer
 from dgemma.schemas import narrow_patterns, whole_string_regex
@@ -21,41 +26,93 @@ from gemma4_chat import GEMMA4_TEMPLATE, build_gemma4_tokenizer
 
 jsonschema = pytest.importorskip("jsonschema")
 
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "Current weather",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
-                   "required": ["city"]}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+            "required": ["city"],
+        },
+    },
+}
 Q = '<|"|>'
 
 # Five tool schemas of the kinds real tool definitions use; every constrained call must validate against them.
 TOOL_SCHEMAS = {
-    "get_weather": {"type": "object", "properties": {
-        "city": {"type": "string", "minLength": 1, "maxLength": 12},
-        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-        "days": {"type": "integer", "minimum": 1, "maximum": 14}}, "required": ["city"]},
-    "search_issues": {"type": "object", "properties": {
-        "query": {"type": "string", "pattern": "^[a-z][a-z0-9 ]*$", "maxLength": 20},
-        "labels": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 3},
-        "state": {"enum": ["open", "closed", None]},
-        "page": {"type": ["integer", "null"], "minimum": 1}}, "required": ["query", "state"],
-        "additionalProperties": False},
-    "create_event": {"type": "object", "$defs": {"person": {"type": "object", "properties": {
-        "name": {"type": "string", "maxLength": 10}, "email": {"type": "string", "format": "email"}},
-        "required": ["name"]}}, "properties": {
-        "title": {"type": "string", "maxLength": 16},
-        "date": {"type": "string", "format": "date"},
-        "attendees": {"type": "array", "items": {"$ref": "#/$defs/person"}, "minItems": 1, "maxItems": 2},
-        "all_day": {"type": "boolean"}}, "required": ["title", "date", "attendees"]},
-    "set_config": {"type": "object", "properties": {
-        "settings": {"type": "object", "additionalProperties": {"type": ["number", "boolean"]}},
-        "mode": {"anyOf": [{"const": "fast"}, {"type": "object", "properties": {"level": {
-            "type": "number", "exclusiveMinimum": 0, "maximum": 1}}, "required": ["level"]}]}},
-        "required": ["mode"]},
-    "move": {"type": "object", "properties": {
-        "to": {"type": "array", "prefixItems": [{"type": "integer"}, {"type": "integer"}], "items": False,
-               "minItems": 2},
-        "id": {"type": "string", "format": "uuid"},
-        "note": {"allOf": [{"type": "string"}, {"maxLength": 8}]}}, "required": ["to", "id"]},
+    "get_weather": {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "minLength": 1, "maxLength": 12},
+            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            "days": {"type": "integer", "minimum": 1, "maximum": 14},
+        },
+        "required": ["city"],
+    },
+    "search_issues": {
+        "type": "object",
+        "properties": {
+            "query": {"type": "string", "pattern": "^[a-z][a-z0-9 ]*$", "maxLength": 20},
+            "labels": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 3},
+            "state": {"enum": ["open", "closed", None]},
+            "page": {"type": ["integer", "null"], "minimum": 1},
+        },
+        "required": ["query", "state"],
+        "additionalProperties": False,
+    },
+    "create_event": {
+        "type": "object",
+        "$defs": {
+            "person": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string", "maxLength": 10},
+                    "email": {"type": "string", "format": "email"},
+                },
+                "required": ["name"],
+            }
+        },
+        "properties": {
+            "title": {"type": "string", "maxLength": 16},
+            "date": {"type": "string", "format": "date"},
+            "attendees": {"type": "array", "items": {"$ref": "#/$defs/person"}, "minItems": 1, "maxItems": 2},
+            "all_day": {"type": "boolean"},
+        },
+        "required": ["title", "date", "attendees"],
+    },
+    "set_config": {
+        "type": "object",
+        "properties": {
+            "settings": {"type": "object", "additionalProperties": {"type": ["number", "boolean"]}},
+            "mode": {
+                "anyOf": [
+                    {"const": "fast"},
+                    {
+                        "type": "object",
+                        "properties": {"level": {"type": "number", "exclusiveMinimum": 0, "maximum": 1}},
+                        "required": ["level"],
+                    },
+                ]
+            },
+        },
+        "required": ["mode"],
+    },
+    "move": {
+        "type": "object",
+        "properties": {
+            "to": {
+                "type": "array",
+                "prefixItems": [{"type": "integer"}, {"type": "integer"}],
+                "items": False,
+                "minItems": 2,
+            },
+            "id": {"type": "string", "format": "uuid"},
+            "note": {"allOf": [{"type": "string"}, {"maxLength": 8}]},
+        },
+        "required": ["to", "id"],
+    },
 }
 TOOLS = [{"type": "function", "function": {"name": n, "parameters": s}} for n, s in TOOL_SCHEMAS.items()]
 
@@ -69,21 +126,36 @@ def gemma_tok(tmp_path_factory) -> tuple[Tokenizer, dict[str, int]]:
 # -- rendering ------------------------------------------------------------------------------------------------------
 def test_render_tools_calls_and_results(gemma_tok):
     tok, _ = gemma_tok
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Paris?"},
-            {"role": "assistant", "content": None, "tool_calls": [
-                {"id": "c1", "type": "function", "function": {"name": "get_weather",
-                                                              "arguments": '{"days": 2, "city": "Paris"}'}}]},
-            {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
-            {"role": "assistant", "content": "Sunny."}, {"role": "user", "content": "Thanks"}]
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Paris?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"days": 2, "city": "Paris"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+        {"role": "assistant", "content": "Sunny."},
+        {"role": "user", "content": "Thanks"},
+    ]
     p = render_chat(tok, msgs, [WEATHER])
-    decl = (f"<|tool>declaration:get_weather{{description:{Q}Current weather{Q},parameters:{{properties:{{city:"
-            f"{{type:{Q}string{Q}}},days:{{type:{Q}integer{Q}}}}},required:[{Q}city{Q}],type:{Q}object{Q}}}}}"
-            "<tool|>")
+    decl = (
+        f"<|tool>declaration:get_weather{{description:{Q}Current weather{Q},parameters:{{properties:{{city:"
+        f"{{type:{Q}string{Q}}},days:{{type:{Q}integer{Q}}}}},required:[{Q}city{Q}],type:{Q}object{Q}}}}}"
+        "<tool|>"
+    )
     assert p.text == (
         f"<bos><|turn>system\nBe brief.{decl}<turn|>\n<|turn>user\nParis?<turn|>\n<|turn>model\n"
         f"<|tool_call>call:get_weather{{city:{Q}Paris{Q},days:2}}<tool_call|>"  # arguments parsed, keys sorted
         f"<|tool_response>response:get_weather{{value:{Q}sunny{Q}}}<tool_response|>"  # name found by tool_call_id
-        "Sunny.<turn|>\n<|turn>user\nThanks<turn|>\n<|turn>model\n<|channel>thought\n<channel|>")
+        "Sunny.<turn|>\n<|turn>user\nThanks<turn|>\n<|turn>model\n<|channel>thought\n<channel|>"
+    )
     assert p.format == GEMMA4 and p.choice == ToolChoice("auto") and p.parallel and not p.in_reasoning
 
 
@@ -103,28 +175,39 @@ def test_render_thinking_switch(gemma_tok):
 def test_chat_template_kwargs_pass_through(gemma_tok):
     tok, _ = gemma_tok
     t = Tokenizer(tok.backend, tok.config, "{{ greeting }}|{{ messages[0]['content'] }}")
-    assert render_chat(t, [{"role": "user", "content": "x"}], chat_template_kwargs={"greeting": "hey"}).text \
-        == "hey|x"
+    assert render_chat(t, [{"role": "user", "content": "x"}], chat_template_kwargs={"greeting": "hey"}).text == "hey|x"
 
 
-@pytest.mark.parametrize("tools,choice,param", [
-    ("nope", None, "tools"),
-    ([{"type": "retrieval"}], None, "tools[0].type"),
-    ([{"type": "function"}], None, "tools[0].function"),
-    ([{"type": "function", "function": {"name": "has space"}}], None, "tools[0].function.name"),
-    ([{"type": "function", "function": {"name": "f", "description": 3}}], None, "tools[0].function.description"),
-    ([{"type": "function", "function": {"name": "f", "parameters": []}}], None, "tools[0].function.parameters"),
-    ([{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}], None,
-     "tools[0].function.parameters.type"),
-    ([{"type": "function", "function": {"name": "f", "parameters": {"properties": {"a": 3}}}}], None,
-     "tools[0].function.parameters.properties.a"),
-    ([{"type": "function", "function": {"name": "f", "parameters": {"required": "a"}}}], None,
-     "tools[0].function.parameters.required"),
-    ([WEATHER, WEATHER], None, "tools[1].function.name"),
-    ([WEATHER], "sometimes", "tool_choice"),
-    ([WEATHER], {"type": "function", "function": {"name": "other"}}, "tool_choice.function.name"),
-    (None, "required", "tool_choice"),
-])
+@pytest.mark.parametrize(
+    "tools,choice,param",
+    [
+        ("nope", None, "tools"),
+        ([{"type": "retrieval"}], None, "tools[0].type"),
+        ([{"type": "function"}], None, "tools[0].function"),
+        ([{"type": "function", "function": {"name": "has space"}}], None, "tools[0].function.name"),
+        ([{"type": "function", "function": {"name": "f", "description": 3}}], None, "tools[0].function.description"),
+        ([{"type": "function", "function": {"name": "f", "parameters": []}}], None, "tools[0].function.parameters"),
+        (
+            [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}],
+            None,
+            "tools[0].function.parameters.type",
+        ),
+        (
+            [{"type": "function", "function": {"name": "f", "parameters": {"properties": {"a": 3}}}}],
+            None,
+            "tools[0].function.parameters.properties.a",
+        ),
+        (
+            [{"type": "function", "function": {"name": "f", "parameters": {"required": "a"}}}],
+            None,
+            "tools[0].function.parameters.required",
+        ),
+        ([WEATHER, WEATHER], None, "tools[1].function.name"),
+        ([WEATHER], "sometimes", "tool_choice"),
+        ([WEATHER], {"type": "function", "function": {"name": "other"}}, "tool_choice.function.name"),
+        (None, "required", "tool_choice"),
+    ],
+)
 def test_bad_tool_declarations_name_the_field(gemma_tok, tools, choice, param):
     tok, _ = gemma_tok
     with pytest.raises(ChatRequestError) as e:
@@ -132,17 +215,26 @@ def test_bad_tool_declarations_name_the_field(gemma_tok, tools, choice, param):
     assert e.value.param == param, str(e.value)
 
 
-@pytest.mark.parametrize("msg,param", [
-    ({"role": "assistant", "content": None, "tool_calls": {"id": "x"}}, "messages[1].tool_calls"),
-    ({"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f", "arguments": "{bad"}}]},
-     "messages[1].tool_calls[0].function.arguments"),
-    ({"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f", "arguments": "[1]"}}]},
-     "messages[1].tool_calls[0].function.arguments"),
-    ({"role": "assistant", "content": None, "tool_calls": [{"id": 3, "function": {"name": "f"}}]},
-     "messages[1].tool_calls[0].id"),
-    ({"role": "tool", "content": "r", "tool_call_id": 7}, "messages[1].tool_call_id"),
-    ({"role": "assistant", "content": "a", "reasoning_content": ["x"]}, "messages[1].reasoning_content"),
-])
+@pytest.mark.parametrize(
+    "msg,param",
+    [
+        ({"role": "assistant", "content": None, "tool_calls": {"id": "x"}}, "messages[1].tool_calls"),
+        (
+            {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f", "arguments": "{bad"}}]},
+            "messages[1].tool_calls[0].function.arguments",
+        ),
+        (
+            {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f", "arguments": "[1]"}}]},
+            "messages[1].tool_calls[0].function.arguments",
+        ),
+        (
+            {"role": "assistant", "content": None, "tool_calls": [{"id": 3, "function": {"name": "f"}}]},
+            "messages[1].tool_calls[0].id",
+        ),
+        ({"role": "tool", "content": "r", "tool_call_id": 7}, "messages[1].tool_call_id"),
+        ({"role": "assistant", "content": "a", "reasoning_content": ["x"]}, "messages[1].reasoning_content"),
+    ],
+)
 def test_bad_tool_messages_name_the_field(gemma_tok, msg, param):
     tok, _ = gemma_tok
     with pytest.raises(ChatRequestError) as e:
@@ -172,8 +264,9 @@ def test_tool_choice_defaults():
     assert check_tool_choice(None, tools) == ToolChoice("auto")
     assert check_tool_choice(None, []) == ToolChoice("none")
     assert check_tool_choice("auto", []) == ToolChoice("none")
-    assert check_tool_choice({"type": "function", "function": {"name": "get_weather"}}, tools) \
-        == ToolChoice("function", "get_weather")
+    assert check_tool_choice({"type": "function", "function": {"name": "get_weather"}}, tools) == ToolChoice(
+        "function", "get_weather"
+    )
 
 
 # -- parsing the output ---------------------------------------------------------------------------------------------
@@ -216,7 +309,8 @@ def test_parsed_fields():
     assert m.content is None and m.reasoning == "Need weather."
     assert [(c.id, c.name, json.loads(c.arguments)) for c in m.tool_calls] == [
         ("call_0", "get_weather", {"city": "Paris, <FR>", "days": 3}),
-        ("call_1", "search", {"q": "a:b", "opts": {"exact": True, "n": None, "list": [1, -2500.0, "x"]}})]
+        ("call_1", "search", {"q": "a:b", "opts": {"exact": True, "n": None, "list": [1, -2500.0, "x"]}}),
+    ]
     assert m.tool_calls[1].to_openai(with_index=True)["index"] == 1
     m = parse_chat_output(OUTPUTS[1], GEMMA4)
     assert (m.content, m.reasoning, m.tool_calls) == ("The answer is 4.", "Let me think.", [])
@@ -332,8 +426,7 @@ def test_required_call_may_think_first(gemma_tok):
     tg = tool_call_grammar(check_tools([WEATHER]), ToolChoice("required"), GEMMA4, tok.token_to_id, reasoning=True)
     f = _factory(tok, ids)
     g = f.guide(Constraint("grammar", tg.lark))
-    for t in tok.encode("<|channel>thought\nhm<channel|><|tool_call>call:get_weather{city:<|\"|>x<|\"|>}"
-                        "<tool_call|>"):
+    for t in tok.encode('<|channel>thought\nhm<channel|><|tool_call>call:get_weather{city:<|"|>x<|"|>}<tool_call|>'):
         assert g.allowed()[t], tok.decode([t], skip_special_tokens=False)
         g.consume(t)
     assert g.m.is_accepting()
@@ -341,9 +434,20 @@ def test_required_call_may_think_first(gemma_tok):
 
 def test_grammar_warnings_and_errors(gemma_tok):
     tok, _ = gemma_tok
-    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
-        "a": {"type": "string", "format": "binary"}, "b": {"type": "array", "uniqueItems": True},
-        "c": {"not": {"type": "string"}}}}}}
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "f",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "a": {"type": "string", "format": "binary"},
+                    "b": {"type": "array", "uniqueItems": True},
+                    "c": {"not": {"type": "string"}},
+                },
+            },
+        },
+    }
     tg = tool_call_grammar(check_tools([tool]), ToolChoice("required"), GEMMA4, tok.token_to_id)
     assert len(tg.warnings) == 3 and "format 'binary'" in tg.warnings[0]
     bad = {"type": "function", "function": {"name": "f", "parameters": {"properties": {"a": {"$ref": "http://x"}}}}}
@@ -362,8 +466,10 @@ def test_patterns_are_narrowed_to_match_from_the_start():
     assert whole_string_regex(r"^a\$") == r"(?:a\$)(?s:.)*"  # '\$' is a literal dollar
     assert whole_string_regex("^(a|b)$") == "(?:(a|b))"
     schema = {"properties": {"pattern": {"type": "string", "pattern": "x"}}, "enum": [{"pattern": "keep"}]}
-    assert narrow_patterns(schema) == {"properties": {"pattern": {"type": "string", "pattern": "^(?:(?:x)(?s:.)*)$"}},
-                                       "enum": [{"pattern": "keep"}]}
+    assert narrow_patterns(schema) == {
+        "properties": {"pattern": {"type": "string", "pattern": "^(?:(?:x)(?s:.)*)$"}},
+        "enum": [{"pattern": "keep"}],
+    }
     re = pytest.importorskip("re")
     for pat, samples in {"[0-9]{2}-x": ["12-x", "12-xyz"], "^all|tags$": ["all", "allx", "tags"]}.items():
         for text in samples:
@@ -373,11 +479,21 @@ def test_patterns_are_narrowed_to_match_from_the_start():
 
 def test_recursive_schema(gemma_tok):
     tok, ids = gemma_tok
-    tree = {"type": "object", "properties": {"label": {"type": "string", "maxLength": 3},
-                                             "children": {"type": "array", "items": {"$ref": "#"}, "maxItems": 2}},
-            "required": ["label"]}
-    tg = tool_call_grammar(check_tools([{"type": "function", "function": {"name": "t", "parameters": tree}}]),
-                           ToolChoice("required"), GEMMA4, tok.token_to_id, parallel=False)
+    tree = {
+        "type": "object",
+        "properties": {
+            "label": {"type": "string", "maxLength": 3},
+            "children": {"type": "array", "items": {"$ref": "#"}, "maxItems": 2},
+        },
+        "required": ["label"],
+    }
+    tg = tool_call_grammar(
+        check_tools([{"type": "function", "function": {"name": "t", "parameters": tree}}]),
+        ToolChoice("required"),
+        GEMMA4,
+        tok.token_to_id,
+        parallel=False,
+    )
     f = _factory(tok, ids)
     rng = random.Random(3)
     for _ in range(6):
@@ -387,28 +503,32 @@ def test_recursive_schema(gemma_tok):
         jsonschema.validate(json.loads(call.arguments), tree)
 
 
-
 def test_decoder_keeps_only_the_markers(gemma_tok):
     from dgemma.chat import output_decoder
 
     tok, ids = gemma_tok
     dec = output_decoder(tok, GEMMA4)
-    out = tok.encode("<bos>hi<|channel>x<channel|><turn|><|tool_call>call:f{a:<|\"|>b<|\"|>}<tool_call|><eos>")
+    out = tok.encode('<bos>hi<|channel>x<channel|><turn|><|tool_call>call:f{a:<|"|>b<|"|>}<tool_call|><eos>')
     text = "".join(dec.push([t]) for t in out) + dec.flush()
-    assert text == "hi<|channel>x<channel|><|tool_call>call:f{a:<|\"|>b<|\"|>}<tool_call|>"
+    assert text == 'hi<|channel>x<channel|><|tool_call>call:f{a:<|"|>b<|"|>}<tool_call|>'
 
 
 def test_openai_shapes_of_parsed_output():
     m = parse_chat_output(OUTPUTS[2], GEMMA4, new_id=_ids())
     msg = m.to_openai()
     assert msg["role"] == "assistant" and msg["content"] is None and msg["reasoning_content"] == "Need weather."
-    assert msg["tool_calls"][0] == {"id": "call_0", "type": "function", "function": {
-        "name": "get_weather", "arguments": '{"city": "Paris, <FR>", "days": 3}'}}
+    assert msg["tool_calls"][0] == {
+        "id": "call_0",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris, <FR>", "days": 3}'},
+    }
     p = ChatOutputParser(GEMMA4, new_id=_ids())
     assert p.push("<|channel>thought\nab").to_openai() == {"reasoning_content": "ab"}
     d = p.push("<channel|>hi<|tool_call>call:f{}<tool_call|>").to_openai()
-    assert d == {"content": "hi", "tool_calls": [{"index": 0, "id": "call_0", "type": "function",
-                                                   "function": {"name": "f", "arguments": "{}"}}]}
+    assert d == {
+        "content": "hi",
+        "tool_calls": [{"index": 0, "id": "call_0", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+    }
 
 
 def test_prompt_grammar(gemma_tok):
@@ -419,6 +539,7 @@ def test_prompt_grammar(gemma_tok):
     assert prompt_grammar(render_chat(tok, msgs), tok.token_to_id) is None
     assert prompt_grammar(render_chat(tok, msgs, [WEATHER], "none"), tok.token_to_id) is None
     assert prompt_grammar(render_chat(tok, msgs, [WEATHER]), tok.token_to_id).trigger == ids["<|tool_call>"]
-    g = prompt_grammar(render_chat(tok, msgs, [WEATHER], "required", chat_template_kwargs={"enable_thinking": True}),
-                       tok.token_to_id)
+    g = prompt_grammar(
+        render_chat(tok, msgs, [WEATHER], "required", chat_template_kwargs={"enable_thinking": True}), tok.token_to_id
+    )
     assert g.trigger is None and f"<[{ids['<|channel>']}]>" in g.lark

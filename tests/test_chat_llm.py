@@ -48,8 +48,12 @@ def _valid(output) -> None:
 @pytest.mark.parametrize("mode", ["diffusion", "ar"])
 def test_required_call(llm, mode):
     for seed in range(3):
-        r = llm.chat(MSGS, SamplingParams(max_new_tokens=160, seed=seed, mode=mode, temperature=1.0),
-                     tools=TOOLS, tool_choice="required")
+        r = llm.chat(
+            MSGS,
+            SamplingParams(max_new_tokens=160, seed=seed, mode=mode, temperature=1.0),
+            tools=TOOLS,
+            tool_choice="required",
+        )
         _valid(r.outputs[0])
 
 
@@ -72,10 +76,12 @@ def test_auto_text_stays_unconstrained(llm, monkeypatch):
 
 def test_ar_logprobs_equal_a_direct_encode(llm):
     prompt = [40, 41, 42, 43]
-    r = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(max_new_tokens=6, mode="ar", logprobs=2,
-                                                                    ignore_eos=True, temperature=1.0, seed=3))[0]
+    r = llm.generate(
+        [{"prompt_token_ids": prompt}],
+        SamplingParams(max_new_tokens=6, mode="ar", logprobs=2, ignore_eos=True, temperature=1.0, seed=3),
+    )[0]
     o = r.outputs[0]
-    ref = prompt_logprobs(llm.model, prompt + o.token_ids, top_k=2)[len(prompt):]
+    ref = prompt_logprobs(llm.model, prompt + o.token_ids, top_k=2)[len(prompt) :]
     assert [e.token_id for e in o.logprobs] == o.token_ids
     for got, want in zip(o.logprobs, ref):
         assert got.logprob == pytest.approx(want.logprob, abs=1e-5)
@@ -101,21 +107,23 @@ def test_diffusion_logprobs_follow_their_definition(llm, monkeypatch):
         return real(logits, canvas, temperature, *a, **kw)
 
     monkeypatch.setattr(E, "sample_step", spy)
-    r = llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(max_new_tokens=8, logprobs=1, seed=1,
-                                                                       ignore_eos=True))[0]
+    r = llm.generate(
+        [{"prompt_token_ids": [5, 6, 7]}], SamplingParams(max_new_tokens=8, logprobs=1, seed=1, ignore_eos=True)
+    )[0]
     o = r.outputs[0]
     last = seen[-1][0]  # the step whose argmax canvas was committed (one canvas of 8)
-    assert [e.logprob for e in o.logprobs] == pytest.approx([float(last[p, t]) for p, t in enumerate(o.token_ids)],
-                                                            abs=1e-5)
+    assert [e.logprob for e in o.logprobs] == pytest.approx(
+        [float(last[p, t]) for p, t in enumerate(o.token_ids)], abs=1e-5
+    )
 
 
 def test_n_samples_share_one_prefill(llm):
     prompt = list(range(30, 50))
     before = llm.engine.stats["prefill_tokens"]
-    r = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(max_new_tokens=8, n=4, seed=9,
-                                                                    ignore_eos=True))[0]
+    r = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(max_new_tokens=8, n=4, seed=9, ignore_eos=True))[0]
     assert [o.index for o in r.outputs] == [0, 1, 2, 3] and all(len(o.token_ids) == 8 for o in r.outputs)
     assert llm.engine.stats["prefill_tokens"] - before == len(prompt)
-    again = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(max_new_tokens=8, n=4, seed=9,
-                                                                        ignore_eos=True))[0]
+    again = llm.generate(
+        [{"prompt_token_ids": prompt}], SamplingParams(max_new_tokens=8, n=4, seed=9, ignore_eos=True)
+    )[0]
     assert [o.token_ids for o in again.outputs] == [o.token_ids for o in r.outputs]

@@ -62,8 +62,13 @@ def run(llm, schemas: list[tuple[str, dict]], budget: int = BUDGET) -> dict[str,
             jsonschema.validate(json.loads(o.text), schema)
         except (ValueError, jsonschema.ValidationError) as e:
             invalid.append((name, str(e)[:200]))
-    return {"schemas": len(schemas), "rejected": rejected, "stopped": stopped, "invalid": invalid,
-            "unfinished": unfinished}
+    return {
+        "schemas": len(schemas),
+        "rejected": rejected,
+        "stopped": stopped,
+        "invalid": invalid,
+        "unfinished": unfinished,
+    }
 
 
 def test_every_schema_compiles(tmp_path):
@@ -90,5 +95,7 @@ if __name__ == "__main__":
         llm = build_llm(Path(d))
         result = run(llm, suite())
         print(json.dumps(result, indent=1))
-        print(f"{result['stopped']}/{result['schemas']} finished, {len(result['invalid'])} invalid, "
-              f"{len(result['rejected'])} rejected, {time.time() - t0:.0f} s")
+        print(
+            f"{result['stopped']}/{result['schemas']} finished, {len(result['invalid'])} invalid, "
+            f"{len(result['rejected'])} rejected, {time.time() - t0:.0f} s"
+        )

@@ -42,6 +42,7 @@ VOCAB = 320  # the BPE's 300 tokens, Gemma 4's 12 markers, and spare ids
 CANVAS = 8
 MAX_LEN = 2048
 MSGS = [{"role": "user", "content": "what is the weather in the city?"}]
+LOGPROB_CHAT = dict(model=MODEL, messages=MSGS, logprobs=True)
 
 
 def _checkpoint(root: Path, boost: str | None = None) -> tuple[Path, Tokenizer]:
@@ -94,8 +95,9 @@ def test_required_and_named_calls_validate(srv):
     def run(job):
         seed, how = job
         choice = how if how == "required" else {"type": "function", "function": {"name": how}}
-        return job, client.chat.completions.create(model=MODEL, messages=MSGS, tools=TOOLS, tool_choice=choice,
-                                                   seed=seed, max_tokens=160)
+        return job, client.chat.completions.create(
+            model=MODEL, messages=MSGS, tools=TOOLS, tool_choice=choice, seed=seed, max_tokens=160
+        )
 
     with cf.ThreadPoolExecutor(4) as ex:
         for (seed, how), r in ex.map(run, jobs):
@@ -128,15 +130,24 @@ def test_tool_results_reach_the_prompt(srv, ck):
     _, client = srv
     tok = ck[1]
     msgs = MSGS + [
-        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
-            "name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
-        {"role": "tool", "tool_call_id": "c1", "content": "rain"}]
-    r = client.chat.completions.create(model=MODEL, messages=msgs, tools=TOOLS[:1], max_tokens=4, seed=0,
-                                       tool_choice="none")
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "rain"},
+    ]
+    r = client.chat.completions.create(
+        model=MODEL, messages=msgs, tools=TOOLS[:1], max_tokens=4, seed=0, tool_choice="none"
+    )
     q = '<|"|>'
     decl = tok.apply_chat_template(MSGS, tools=[TOOLS[0]], add_generation_prompt=False)
-    expected = (decl + "<|turn>model\n" + f"<|tool_call>call:get_weather{{city:{q}Oslo{q}}}<tool_call|>"
-                f"<|tool_response>response:get_weather{{value:{q}rain{q}}}<tool_response|>")
+    expected = (
+        decl + "<|turn>model\n" + f"<|tool_call>call:get_weather{{city:{q}Oslo{q}}}<tool_call|>"
+        f"<|tool_response>response:get_weather{{value:{q}rain{q}}}<tool_response|>"
+    )
     assert r.usage.prompt_tokens == len(tok.encode(expected))
 
 
@@ -156,24 +167,42 @@ def test_auto_constrains_a_call_once_it_starts(tmp_path_factory):
     proc, _, client = _serve(path)
     try:
         for seed in range(3):
-            r = client.chat.completions.create(model=MODEL, messages=MSGS, tools=TOOLS, seed=seed, max_tokens=160,
-                                               parallel_tool_calls=False)
+            r = client.chat.completions.create(
+                model=MODEL, messages=MSGS, tools=TOOLS, seed=seed, max_tokens=160, parallel_tool_calls=False
+            )
             _check_calls(r.choices[0], set(TOOL_SCHEMAS))
             assert len(r.choices[0].message.tool_calls) == 1
     finally:
         assert _stop(proc) == 0
 
 
-@pytest.mark.parametrize("tools,choice,param", [
-    ([{"type": "function", "function": {"name": "bad name"}}], None, "tools[0].function.name"),
-    ([{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}], None,
-     "tools[0].function.parameters.type"),
-    ([{"type": "code_interpreter"}], None, "tools[0].type"),
-    (TOOLS, {"type": "function", "function": {"name": "nope"}}, "tool_choice.function.name"),
-    (TOOLS, "always", "tool_choice"),
-    ([{"type": "function", "function": {"name": "f", "parameters": {"properties": {
-        "a": {"$ref": "https://example.com/s.json"}}}}}], "required", "tools"),
-])
+@pytest.mark.parametrize(
+    "tools,choice,param",
+    [
+        ([{"type": "function", "function": {"name": "bad name"}}], None, "tools[0].function.name"),
+        (
+            [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}],
+            None,
+            "tools[0].function.parameters.type",
+        ),
+        ([{"type": "code_interpreter"}], None, "tools[0].type"),
+        (TOOLS, {"type": "function", "function": {"name": "nope"}}, "tool_choice.function.name"),
+        (TOOLS, "always", "tool_choice"),
+        (
+            [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": "f",
+                        "parameters": {"properties": {"a": {"$ref": "https://example.com/s.json"}}},
+                    },
+                }
+            ],
+            "required",
+            "tools",
+        ),
+    ],
+)
 def test_bad_tools_are_400s(srv, tools, choice, param):
     url, _ = srv
     body = {"model": MODEL, "messages": MSGS, "tools": tools, "max_tokens": 4}
@@ -190,8 +219,13 @@ THINK = '<[305]> "thought\\n" "the sky" <[306]> "blue"'  # <|channel> thought\n 
 
 def test_reasoning_is_split(srv):
     _, client = srv
-    kw = dict(model=MODEL, messages=MSGS, max_tokens=32, seed=1,
-              extra_body={"structured_outputs": {"grammar": "start: " + THINK}})
+    kw = dict(
+        model=MODEL,
+        messages=MSGS,
+        max_tokens=32,
+        seed=1,
+        extra_body={"structured_outputs": {"grammar": "start: " + THINK}},
+    )
     m = client.chat.completions.create(**kw).choices[0].message
     assert (m.reasoning_content, m.content) == ("the sky", "blue")
     parts = {"reasoning_content": "", "content": ""}
@@ -215,17 +249,24 @@ def _ids(tokens: list[str]) -> list[int]:
 def test_ar_logprobs_are_the_encoders(srv, model):
     _, client = srv
     prompt = [40, 41, 42, 43, 44]
-    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, logprobs=3, temperature=0,
-                                  extra_body={"mode": "ar", "ignore_eos": True, "return_tokens_as_token_ids": True})
+    r = client.completions.create(
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=6,
+        logprobs=3,
+        temperature=0,
+        extra_body={"mode": "ar", "ignore_eos": True, "return_tokens_as_token_ids": True},
+    )
     lp = r.choices[0].logprobs
     out = _ids(lp.tokens)
     assert len(out) == 6
-    ref = prompt_logprobs(model, prompt + out, top_k=3)[len(prompt):]
+    ref = prompt_logprobs(model, prompt + out, top_k=3)[len(prompt) :]
     for got, top, want in zip(lp.token_logprobs, lp.top_logprobs, ref):
         assert got == pytest.approx(want.logprob, abs=1e-4)
         assert sorted(top.values(), reverse=True) == pytest.approx([v for _, v in want.top], abs=1e-4)
-    chat = client.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=5, logprobs=True, top_logprobs=2,
-                                          temperature=0, extra_body={"mode": "ar", "ignore_eos": True})
+    chat = client.chat.completions.create(
+        **LOGPROB_CHAT, max_tokens=5, top_logprobs=2, temperature=0, extra_body={"mode": "ar", "ignore_eos": True}
+    )
     content = chat.choices[0].logprobs.content
     assert len(content) == 5 and all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
     assert all(t.top_logprobs[0].logprob >= t.logprob - 1e-6 for t in content)  # greedy: the best token
@@ -234,8 +275,9 @@ def test_ar_logprobs_are_the_encoders(srv, model):
 def test_echo_logprobs_with_no_new_tokens(srv, model):
     _, client = srv
     prompt = [7, 70, 170, 27, 99, 12, 250]
-    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=1,
-                                  extra_body={"return_tokens_as_token_ids": True})
+    r = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=1, extra_body={"return_tokens_as_token_ids": True}
+    )
     lp = r.choices[0].logprobs
     assert _ids(lp.tokens) == prompt and lp.token_logprobs[0] is None and r.usage.completion_tokens == 0
     ref = prompt_logprobs(model, prompt, top_k=1)
@@ -247,13 +289,15 @@ def test_echo_logprobs_with_no_new_tokens(srv, model):
 
 def test_diffusion_logprobs_are_well_formed(srv):
     _, client = srv
-    r = client.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=12, logprobs=True, top_logprobs=3,
-                                       seed=2, extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(
+        **LOGPROB_CHAT, max_tokens=12, top_logprobs=3, seed=2, extra_body={"ignore_eos": True}
+    )
     content = r.choices[0].logprobs.content
     assert len(content) == r.usage.completion_tokens == 12
     for t in content:
         assert t.logprob <= 0 and [x.logprob for x in t.top_logprobs] == sorted(
-            [x.logprob for x in t.top_logprobs], reverse=True)
+            [x.logprob for x in t.top_logprobs], reverse=True
+        )
 
 
 def test_n_samples(srv):
@@ -276,10 +320,21 @@ def test_n_samples(srv):
 
 def test_unknown_formats_are_warnings(srv):
     _, client = srv
-    schema = {"type": "object", "properties": {"file": {"type": "string", "format": "binary", "maxLength": 4},
-                                               "n": {"type": "integer", "format": "int64"}}, "required": ["file", "n"]}
-    r = client.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=64, seed=0, response_format={
-        "type": "json_schema", "json_schema": {"name": "upload", "schema": schema}})
+    schema = {
+        "type": "object",
+        "properties": {
+            "file": {"type": "string", "format": "binary", "maxLength": 4},
+            "n": {"type": "integer", "format": "int64"},
+        },
+        "required": ["file", "n"],
+    }
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=MSGS,
+        max_tokens=64,
+        seed=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "upload", "schema": schema}},
+    )
     assert any("binary" in w for w in r.model_extra["warnings"])
     assert r.choices[0].finish_reason == "stop"  # the budget-aware closing finishes it
     jsonschema.validate(json.loads(r.choices[0].message.content), schema)
