@@ -93,6 +93,19 @@ class KVCache:
         for p in self.pos.values():
             p[idx] = -1
 
+    def copy_rows(self, src: int, dst: list[int]) -> None:
+        """Make rows `dst` hold exactly what row `src` holds (a prompt prefilled once, shared by several samples)."""
+        idx = torch.as_tensor(dst, dtype=torch.long, device=self.device)
+        self.version += 1
+        for layer in self.layers:  # (a row indexed with an int is a view of the buffer: copy it first)
+            layer.k[idx] = layer.k[src].clone()
+            layer.v[idx] = layer.v[src].clone()
+        for p in self.pos.values():
+            p[idx] = p[src].clone()
+        self.lengths[idx] = self.lengths[src].clone()
+        for r in dst:
+            self.host_lengths[r] = self.host_lengths[src]
+
     @staticmethod
     def rows_of(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         """Rows of a per-row tensor: a view for all rows, a gathered copy for a subset."""

@@ -33,7 +33,9 @@ from typing import Any, Callable, Iterable, Literal
 
 import torch
 
-Kind = Literal["json_schema", "json_object", "regex", "choice", "grammar"]
+from .schemas import narrow_patterns
+
+Kind = Literal["json_schema", "json_object", "regex", "choice", "grammar", "tool_calls"]
 
 # Limits checked before llguidance sees a request, so that hostile inputs fail fast with a reason.
 MAX_SPEC_BYTES = 64 * 1024
@@ -44,8 +46,11 @@ MAX_REGEX_CHARS = 2048
 COMPILE_TIMEOUT_S = 5.0
 MAX_FORCED_TOKENS = 32_768
 MAX_CACHED_GRAMMARS = 256  # compiled constraints kept per model (clients often resend the same schema)
-# Compact JSON (no free whitespace): fewer tokens, and random weights cannot wander through blanks.
-JSON_OPTIONS = {"whitespace_flexible": False}
+# Compact JSON (no free whitespace): fewer tokens, and random weights cannot wander through blanks. Lenient:
+# unknown formats and keywords llguidance does not implement are warnings, not errors (formats are annotations in
+# JSON Schema, which validators do not assert by default).
+JSON_OPTIONS = {"whitespace_flexible": False, "lenient": True}
+MAX_TOOL_GRAMMAR_BYTES = 1024 * 1024  # tool-call grammars are built here from checked declarations
 
 # Single characters tried first when searching for a short way to finish, then the rest of printable ASCII.
 CLOSING_ALPHABET = '"]})0,:1a-.[{tfne'
@@ -63,10 +68,18 @@ class ConstraintError(ValueError):
 
 @dataclass(frozen=True)
 class Constraint:
-    """What the output must match. `value`: a JSON schema (dict), a regex (str), a list of strings, a Lark grammar."""
+    """What the output must match. `value`: a JSON schema (dict), a regex (str), a list of strings, a Lark grammar
+    (`grammar` from a client; `tool_calls` built by `tool_grammar`).
+
+    `trigger`: a token id after which the constraint applies (a lazily triggered grammar: the output is free until
+    the model writes it); None: from the first token. `closers`: extra token ids the budget-aware closing search may
+    place (e.g. the special tokens that end a string or a tool call in a chat format)."""
 
     kind: Kind
     value: Any = None
+    trigger: int | None = None
+    closers: tuple[int, ...] = ()
+    warnings: tuple[str, ...] = ()  # what the builder of `value` ignored (tool schemas' unenforced keywords)
 
     @staticmethod
     def from_fields(json_schema: Any = None, regex: str | None = None, choice: list[str] | None = None,
@@ -122,7 +135,7 @@ def _json_schema_grammar(schema: Any) -> str:
             raise ConstraintError(f"json_schema is not valid JSON: {e.msg}") from None
     _check_schema(schema)
     try:
-        return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
+        return llguidance.LLMatcher.grammar_from_json_schema(narrow_patterns(schema), overrides=JSON_OPTIONS)
     except ValueError as e:
         raise ConstraintError(f"json_schema: {e}") from None
 
@@ -171,10 +184,19 @@ def _lark_grammar(text: Any) -> str:
     return llguidance.LLMatcher.grammar_from_lark(text)
 
 
+def _tool_calls_grammar(text: Any) -> str:
+    import llguidance
+
+    if not isinstance(text, str) or len(text) > MAX_TOOL_GRAMMAR_BYTES:
+        raise ConstraintError(f"the tools' grammar is larger than {MAX_TOOL_GRAMMAR_BYTES} bytes: declare fewer "
+                              "or smaller tools")
+    return llguidance.LLMatcher.grammar_from_lark(text)
+
+
 # Each kind's grammar builder: the constraint's value -> the llguidance grammar, ConstraintError when malformed.
 GRAMMARS: dict[str, Callable[[Any], str]] = {"json_schema": _json_schema_grammar, "json_object": _json_object_grammar,
                                              "regex": _regex_grammar, "choice": _choice_grammar,
-                                             "grammar": _lark_grammar}
+                                             "grammar": _lark_grammar, "tool_calls": _tool_calls_grammar}
 
 
 def to_grammar(c: Constraint) -> str:
@@ -195,7 +217,7 @@ class GuideFactory:
         self.single_chars: list[int] = []  # single-token characters, closing alphabet first
         self.closers: set[int] = set()
         self.separators: set[int] = set()
-        self._cache: dict[str, str] = {}
+        self._cache: dict[str, tuple[str, list[str]]] = {}  # key -> (grammar, warnings)
         self._lock = threading.Lock()
 
     @property
@@ -232,6 +254,13 @@ class GuideFactory:
 
     def compile(self, c: Constraint) -> str:
         """Validate a constraint within `COMPILE_TIMEOUT_S`; returns the grammar. Raises ConstraintError."""
+        return self._compile(c)[0]
+
+    def warnings(self, c: Constraint) -> list[str]:
+        """What `c` cannot enforce (unknown formats, unimplemented keywords), for the client."""
+        return list(c.warnings) + self._compile(c)[1]
+
+    def _compile(self, c: Constraint) -> tuple[str, list[str]]:
         import llguidance
 
         if c.kind == "json_schema" and not isinstance(c.value, str):
@@ -264,16 +293,16 @@ class GuideFactory:
         if n_forced > MAX_FORCED_TOKENS:
             raise ConstraintError(f"{c.kind} forces {n_forced} tokens, more than any request can generate")
         with self._lock:
-            self._cache[key] = grammar
+            self._cache[key] = (grammar, [_short(w) for w in messages])
             while len(self._cache) > MAX_CACHED_GRAMMARS:  # oldest first: dicts keep insertion order
                 self._cache.pop(next(iter(self._cache)))
-        return grammar
+        return self._cache[key]
 
     def guide(self, c: Constraint) -> "Guide":
         import llguidance
 
         grammar = self.compile(c)
-        return Guide(llguidance.LLMatcher(self.tok, grammar, limits=self.limits, log_level=0), self)
+        return Guide(llguidance.LLMatcher(self.tok, grammar, limits=self.limits, log_level=0), self, c.closers)
 
 
 def _bounded(fn: Any, what: str) -> Any:
@@ -295,9 +324,10 @@ def _short(msg: str, n: int = 300) -> str:
 class Guide:
     """One request's matcher state at its committed frontier (everything consumed is output or frozen canvas)."""
 
-    def __init__(self, matcher: Any, factory: GuideFactory):
+    def __init__(self, matcher: Any, factory: GuideFactory, closers: tuple[int, ...] = ()):
         self.m = matcher
         self.f = factory
+        self.closers = list(closers)  # the constraint's own closing tokens, tried first
         self.finished = False  # the grammar is complete (EOS chosen, or nothing but EOS is allowed)
 
     def allowed(self) -> torch.Tensor:
@@ -353,7 +383,7 @@ class Guide:
         None if no candidate is accepted."""
         f = self.f
         mask = self.allowed()
-        cands = [t for t in f.single_chars if mask[t]][:MAX_LOOKAHEAD]
+        cands = [t for t in self.closers + f.single_chars if mask[t]][:MAX_LOOKAHEAD]
         if not cands:  # nothing single-character fits (e.g. a multi-byte character): first allowed token
             cands = [t for t in mask.nonzero().flatten().tolist() if t not in f.eos][:1]
         best: tuple | None = None
@@ -363,7 +393,8 @@ class Guide:
             done = self.m.is_accepting() or self.m.is_stopped()
             size = 0 if done else int(self.allowed().sum())
             self.m.rollback(1)
-            bonus = CLOSER_BONUS if t in f.closers else SEPARATOR_BONUS if t in f.separators else 0.0
+            closer = t in f.closers or t in self.closers
+            bonus = CLOSER_BONUS if closer else SEPARATOR_BONUS if t in f.separators else 0.0
             score = (not done, math.log(size + 1) - bonus, rank)
             if best is None or score < best[0]:
                 best = (score, t)
@@ -391,6 +422,10 @@ class ConstraintState:
         self.out_of_budget = False  # the request used its whole max_new_tokens
         self.pending: list[int] = []  # a forced closing path, placed before anything else
         self.closing_len: int | None = None  # length of the last closing path found
+        # The shortest complete output: the closing margin is never below it, so the budget is watched early
+        # enough to finish even a structure that starts from scratch (e.g. another tool call).
+        path = guide.closing_path(max_new_tokens)
+        self.shortest = len(path) if path is not None else 0
 
     @property
     def finished(self) -> bool:
@@ -457,13 +492,15 @@ class ConstraintState:
 
     def _closing_margin(self) -> int:
         """Tokens left below which the request watches for the point where it must close."""
-        return max(8, min(64, self.max_new_tokens // 4))
+        return max(8, min(64, self.max_new_tokens // 4), self.shortest + CLOSING_SLACK)
 
     def _next_forced(self, left: int) -> list[int]:
         """Tokens to place without sampling: a pending closing path, or what the grammar forces.
 
         Within the closing margin, a short completion is searched now and then (whenever the tokens left come
         within twice the last path's length, and every 8 tokens); once it only just fits, it is forced."""
+        if not self.pending and left <= self._closing_margin() and self.guide.m.is_accepting():
+            return [min(self.eos)]  # it may end here: do not start what the budget may not finish
         if not self.pending and left <= self._closing_margin() and (
                 self.closing_len is None or left <= 2 * self.closing_len + 8 or left % 8 == 0):
             path = self.guide.closing_path(left)

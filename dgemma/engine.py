@@ -9,7 +9,11 @@ committed: its argmax tokens are emitted and encoded into the cache, and a new c
 A denoising step is four named parts: gather the rows' inputs (`_gather`) and run the decoder pass (`_decode`),
 the per-row temperatures (`_temperatures`), sampling tile by tile (`_sample`), and the commit (`_after_step`,
 `_commit`). Structured output is `constraints.ConstraintState`'s work: the engine asks it for each canvas's fixed
-positions and hands it each row's logits. The transformers-exact path is in reference.py.
+positions and hands it each row's logits. A lazily triggered constraint (tool calls under `auto`) starts when its
+trigger token is output: the canvas holding it is committed up to the trigger, and the next canvas is constrained.
+`add_samples` queues n samples of one prompt: they are admitted together, the first prefills, the others get
+copies of its cache row. Token events carry log-probabilities when asked for (dgemma/logprobs.py defines them).
+The transformers-exact path is in reference.py.
 
 Everything non-streaming (`generate`) is built on `stream`, which is built on `step`.
 """
@@ -26,7 +30,8 @@ import torch
 
 from .cache import CanvasView, KVCache
 from .config import token_ids
-from .constraints import ConstraintError, ConstraintState
+from .constraints import Constraint, ConstraintError, ConstraintState
+from .logprobs import TokenLogprob, from_logits
 from .model import DiffusionGemma, expert_kernel
 from .quant import FP8
 from .params import SamplingParams, resolve
@@ -77,6 +82,7 @@ class Event:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    logprobs: list[TokenLogprob] | None = None  # per token of a 'tokens' event, when the request asked for them
 
 
 @dataclass
@@ -113,7 +119,7 @@ class _Req:
     generator: torch.Generator
     t_arrival: float
     row: int = -1
-    state: Literal["waiting", "prefill", "denoise", "ar", "done"] = "waiting"
+    state: Literal["waiting", "prefill", "follow", "denoise", "ar", "done"] = "waiting"
     prefilled: int = 0
     output: list[int] = field(default_factory=list)
     t_first: float | None = None
@@ -121,6 +127,9 @@ class _Req:
     diffusion: _Diffusion | None = None
     ar: _AR | None = None
     constraint: ConstraintState | None = None  # structured output (constraints.py owns it)
+    lazy: Constraint | None = None  # a constraint that starts when its trigger token is output (tool calls)
+    leader: _Req | None = None  # n > 1: the sibling whose prefill this request shares
+    followers: list[_Req] = field(default_factory=list)  # n > 1: the siblings waiting for this request's prefill
 
 
 @dataclass
@@ -218,7 +227,7 @@ class Engine:
         self.rows: list[_Req | None] = [None] * max_batch
         self.row_tokens: list[list[int]] = [[] for _ in range(max_batch)]  # tokens held in each cache row
         self._ids = itertools.count()
-        self.stats = {"decoder_passes": 0, "encoder_passes": 0, "steps": 0}
+        self.stats = {"decoder_passes": 0, "encoder_passes": 0, "steps": 0, "prefill_tokens": 0}
         self._mask_key: tuple | None = None
         self._workspace: dict[str, torch.Tensor] = {}
         self._stop_rules = _StopRules(max_batch, self.canvas_length, model.device)
@@ -242,29 +251,60 @@ class Engine:
     # -- requests ---------------------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None, request_id: str | None = None,
                     stream_drafts: bool = False) -> str:
-        """Queue a request; raises ValueError for a bad prompt or parameters (the engine state is unchanged)."""
+        """Queue a request; raises ValueError for a bad prompt or parameters (the engine state is unchanged).
+        `params.n` must be 1 here: several samples of one prompt are `add_samples`."""
+        if params is not None and params.n != 1:
+            raise ValueError("n > 1: use add_samples, which returns one request id per sample")
+        return self.add_samples(prompt_ids, params, None if request_id is None else [request_id], stream_drafts)[0]
+
+    def add_samples(self, prompt_ids: list[int], params: SamplingParams | None = None,
+                    request_ids: list[str] | None = None, stream_drafts: bool = False) -> list[str]:
+        """Queue `params.n` samples of one prompt (ids `request_ids`, default generated); they share the prompt's
+        prefill (it runs once; its cache row is copied) and are admitted together. Sample i draws from the seed
+        `params.seed + i` when a seed is given. Raises ValueError as `add_request` does."""
         params = resolve((params or SamplingParams()).validate(self.vocab_size), self.gen_config)
         if not isinstance(prompt_ids, (list, tuple)) or not prompt_ids:
             raise ValueError("prompt must be a non-empty list of token ids")
         if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt_ids):
             raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size})")
         check_context(len(prompt_ids), params, self.max_model_len, self.canvas_length)
-        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        g = torch.Generator(device=self.model.device)
-        g.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2 ** 62, (1,)).item()))
-        req = _Req(rid, list(prompt_ids), params, g, time.perf_counter())
-        if params.mode == "ar":
-            req.ar = _AR()
-        else:
-            req.diffusion = self._diffusion_state(params, stream_drafts)
+        if params.n > self.max_batch:
+            raise ValueError(f"invalid n={params.n}: at most max_batch ({self.max_batch}) samples per prompt")
+        ids = request_ids or [f"req-{next(self._ids)}" for _ in range(params.n)]
+        if len(ids) != params.n:
+            raise ValueError(f"{len(ids)} request ids for n={params.n} samples")
+        constraint = self._compiled(params)
+        reqs = [self._new_req(list(prompt_ids), params, rid, i, constraint, stream_drafts) for i, rid in enumerate(ids)]
+        reqs[0].followers = reqs[1:]
+        for f in reqs[1:]:
+            f.leader = reqs[0]
+        self.waiting.append(reqs[0])
+        return ids
+
+    def _compiled(self, params: SamplingParams) -> Constraint | None:
+        """The request's constraint, compiled and checked now so that errors reach the caller."""
         constraint = params.constraint()
         if constraint is not None:
             if self.guides is None:
                 raise ValueError("structured output needs the model's tokenizer (tokenizer.json)")
-            # compiled and checked now: errors reach the caller
+            self.guides.compile(constraint)
+        return constraint
+
+    def _new_req(self, prompt: list[int], params: SamplingParams, rid: str, sample: int,
+                 constraint: Constraint | None, stream_drafts: bool) -> _Req:
+        g = torch.Generator(device=self.model.device)
+        seed = (params.seed + sample) % 2 ** 63 if params.seed is not None else int(torch.randint(0, 2 ** 62, (1,)))
+        g.manual_seed(seed)
+        req = _Req(rid, prompt, params, g, time.perf_counter())
+        if params.mode == "ar":
+            req.ar = _AR()
+        else:
+            req.diffusion = self._diffusion_state(params, stream_drafts)
+        if constraint is not None and constraint.trigger is not None:
+            req.lazy = constraint  # applies once the model writes the trigger token
+        elif constraint is not None:
             req.constraint = ConstraintState(self.guides.guide(constraint), params.max_new_tokens, self.eos, g)
-        self.waiting.append(req)
-        return rid
+        return req
 
     def _diffusion_state(self, params: SamplingParams, want_drafts: bool) -> _Diffusion:
         """A diffusion request's template and suffix on the device (ValueError for a template longer than a canvas;
@@ -282,9 +322,14 @@ class Engine:
 
     def abort(self, request_id: str) -> bool:
         """Drop a request wherever it is; its row is freed at once. Returns False if it is unknown."""
-        for r in list(self.waiting):
-            if r.id == request_id:
-                self.waiting.remove(r)
+        for k, r in enumerate(self.waiting):
+            if r.id == request_id:  # a waiting leader: its next sibling takes its place
+                del self.waiting[k]
+                if r.followers:
+                    self.waiting.insert(k, self._promote(r))
+                return True
+            if any(f.id == request_id for f in r.followers):
+                r.followers = [f for f in r.followers if f.id != request_id]
                 return True
         for r in self.rows:
             if r is not None and r.id == request_id:
@@ -331,7 +376,7 @@ class Engine:
 
     # -- admission & prefix reuse -------------------------------------------------------------------------------
     def _admit(self) -> None:
-        while self.waiting and None in self.rows:
+        while self.waiting and self.rows.count(None) > len(self.waiting[0].followers):
             req = self.waiting.popleft()
             free = [i for i, r in enumerate(self.rows) if r is None]
             # Prefer the free row whose cached tokens are the longest prefix of this prompt (multi-turn chat).
@@ -341,17 +386,37 @@ class Engine:
                 n = len(toks)
                 if 0 < n < len(req.prompt) and n > best_len and req.prompt[:n] == toks:
                     best, best_len = i, n
-            req.row = best
-            if best_len == 0:
-                self.cache.reset_rows([best])
-                self.row_tokens[best] = []
-            req.prefilled = best_len
-            req.state = "prefill"
-            self.rows[best] = req
+            self._place(req, best, best_len, "prefill")
+            for f, row in zip(req.followers, [i for i in free if i != best]):
+                self._place(f, row, 0, "follow")  # waits for the leader's prefill, then copies its row
+
+    def _place(self, req: _Req, row: int, reused: int, state: Literal["prefill", "follow"]) -> None:
+        req.row = row
+        if reused == 0:
+            self.cache.reset_rows([row])
+            self.row_tokens[row] = []
+        req.prefilled = reused
+        req.state = state
+        self.rows[row] = req
 
     def _release(self, req: _Req) -> None:
+        was = req.state
         req.state = "done"
         self.rows[req.row] = None
+        if req.leader is not None and req in req.leader.followers:
+            req.leader.followers.remove(req)
+        if was == "prefill" and req.followers:  # a leader left before its prefill: the next sibling prefills
+            new = self._promote(req)
+            self._place(new, new.row, 0, "prefill")
+
+    @staticmethod
+    def _promote(leader: _Req) -> _Req:
+        """The first follower becomes the leader of the others."""
+        new, rest = leader.followers[0], leader.followers[1:]
+        new.leader, new.followers, leader.followers = None, rest, []
+        for f in rest:
+            f.leader = new
+        return new
 
     # -- prefill --------------------------------------------------------------------------------------------------
     def _prefill(self, events: list[Event]) -> None:
@@ -370,16 +435,28 @@ class Engine:
         hidden = self.model.encode(tokens, self.cache, n_new=n_new, rows=rows, last_only=True)
         self.stats["encoder_passes"] += 1
         logits = self.model.logits(hidden)[:, 0] if need_logits else None
+        self.stats["prefill_tokens"] += sum(len(c) for c in chunks)
         for i, (r, c) in enumerate(zip(reqs, chunks)):
             r.prefilled += len(c)
             self.row_tokens[r.row].extend(c)
             if r.prefilled < len(r.prompt):
                 continue
-            if r.params.mode == "ar":
-                r.state = "ar"
-                self._ar_emit(r, logits[i:i + 1], events)
-            else:
-                self._new_canvas(r)
+            for x in self._share_prefill(r):
+                if x.params.mode == "ar":
+                    x.state = "ar"
+                    self._ar_emit(x, logits[i:i + 1], events)
+                else:
+                    self._new_canvas(x)
+
+    def _share_prefill(self, r: _Req) -> list[_Req]:
+        """A prompt is prefilled: its waiting siblings get copies of its cache row. Returns them all, `r` first."""
+        group, r.followers = [r] + r.followers, []
+        if len(group) > 1:
+            self.cache.copy_rows(r.row, [f.row for f in group[1:]])
+            for f in group[1:]:
+                f.prefilled, f.leader = len(f.prompt), None
+                self.row_tokens[f.row] = list(self.row_tokens[r.row])
+        return group
 
     def _new_canvas(self, r: _Req) -> None:
         """Start a canvas from noise, with its fixed positions in place, and reset the row's stop rule."""
@@ -420,7 +497,7 @@ class Engine:
             return
         batch = self._gather(reqs)
         self._decode(batch)
-        commits: list[tuple[_Req, torch.Tensor]] = []
+        commits: list[tuple[_Req, torch.Tensor, int]] = []
         for rule, idx in _tiles(reqs, self.tile):
             tile = [reqs[i] for i in idx]
             out = self._sample(batch, rule, idx)
@@ -460,15 +537,18 @@ class Engine:
         soft[pick(batch.rows)] = self.model.soft_embedding(out.probs)
         return out
 
-    def _commit(self, commits: list[tuple[_Req, torch.Tensor]]) -> None:
-        """Encode all committed canvases in one encoder pass, so the next canvases see them as context."""
+    def _commit(self, commits: list[tuple[_Req, torch.Tensor, int]]) -> None:
+        """Encode all committed canvases (their first n tokens) in one encoder pass, so the next canvases see them
+        as context."""
         if not commits:
             return
-        rows = torch.tensor([r.row for r, _ in commits], dtype=torch.long, device=self.model.device)
-        self.model.encode(torch.stack([a for _, a in commits]), self.cache, rows=rows, last_only=True)
+        dev = self.model.device
+        rows = torch.tensor([r.row for r, _, _ in commits], dtype=torch.long, device=dev)
+        n_new = torch.tensor([n for _, _, n in commits], dtype=torch.long, device=dev)
+        self.model.encode(torch.stack([a for _, a, _ in commits]), self.cache, n_new=n_new, rows=rows, last_only=True)
         self.stats["encoder_passes"] += 1
-        for r, a in commits:
-            self.row_tokens[r.row].extend(a.tolist())
+        for r, a, n in commits:
+            self.row_tokens[r.row].extend(a[:n].tolist())
             self._new_canvas(r)
 
     def _soft_input(self, reqs: list[_Req], rows: torch.Tensor | None) -> torch.Tensor | None:
@@ -534,13 +614,19 @@ class Engine:
                 self._finish(r, "abort", events)
                 continue
             if done[i] or d.steps_left == 0:
-                if self._emit_canvas(r, out.argmax[i], events):
-                    commits.append((r, out.argmax[i]))
+                n = self._emit_canvas(r, out.argmax[i], out.probs[i], events)
+                if n:
+                    commits.append((r, out.argmax[i], n))
 
-    def _emit_canvas(self, r: _Req, argmax: torch.Tensor, events: list[Event]) -> bool:
-        """A canvas has converged: emit its tokens; True if generation goes on (the canvas must be committed)."""
+    def _emit_canvas(self, r: _Req, argmax: torch.Tensor, probs: torch.Tensor, events: list[Event]) -> int:
+        """A canvas has converged: emit its tokens; returns how many of them to commit (0: the request ended).
+        `probs` (C, V): the last step's distribution (logprobs). A lazy constraint's trigger ends the canvas after
+        it: the rest is written again, under the constraint, from the next canvas on."""
         r.diffusion.canvases += 1
         toks = argmax.tolist()
+        trigger = toks.index(r.lazy.trigger) if r.lazy is not None and r.lazy.trigger in toks else None
+        if trigger is not None:
+            toks = toks[:trigger + 1]
         stop_ids = set(r.params.stop_token_ids) | (set() if r.params.ignore_eos else self.eos)
         budget = r.params.max_new_tokens - len(r.output)
         reason: FinishReason | None = None
@@ -557,18 +643,27 @@ class Engine:
             toks, reason = toks[:budget], "length"
         elif len(r.prompt) + len(r.output) + 2 * self.canvas_length > self.max_model_len + self.canvas_length:
             reason = "length"  # no room to encode this canvas and denoise another
-        self._emit(r, toks, events)
+        k = r.params.logprobs
+        self._emit(r, toks, events, None if k is None else from_logits(probs[:len(toks)].log(), toks, k))
         if reason is not None:
             self._finish(r, reason, events)
-            return False
-        return True
+            return 0
+        if trigger is not None:
+            self._activate(r)
+        return len(toks)
 
-    def _emit(self, r: _Req, toks: list[int], events: list[Event]) -> None:
+    def _activate(self, r: _Req) -> None:
+        """The lazy constraint's trigger was output: from the next token on, the constraint applies."""
+        c, r.lazy = r.lazy, None
+        r.constraint = ConstraintState(self.guides.guide(c), r.params.max_new_tokens, self.eos, r.generator)
+
+    def _emit(self, r: _Req, toks: list[int], events: list[Event],
+              logprobs: list[TokenLogprob] | None = None) -> None:
         if r.t_first is None:
             r.t_first = time.perf_counter()
         r.output.extend(toks)
         if toks:
-            events.append(Event(r.id, "tokens", toks))
+            events.append(Event(r.id, "tokens", toks, logprobs=logprobs))
 
     def _finish(self, r: _Req, reason: FinishReason, events: list[Event]) -> None:
         now = time.perf_counter()
@@ -619,7 +714,9 @@ class Engine:
         if tok in set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos):
             self._finish(r, "stop", events)
             return
-        self._emit(r, [tok], events)
+        self._emit(r, [tok], events, None if p.logprobs is None else from_logits(logits, [tok], p.logprobs))
+        if r.lazy is not None and tok == r.lazy.trigger:
+            self._activate(r)
         if r.constraint is not None and r.constraint.finished:  # the token completed the grammar
             self._finish(r, "stop", events)
         elif len(r.output) >= p.max_new_tokens or len(r.prompt) + len(r.output) > self.max_model_len:

@@ -10,15 +10,19 @@ from typing import Any, Callable, Iterator, Sequence, Union
 
 import torch
 
+from .chat import ChatPrompt, output_decoder, render_chat
+from .chat_output import ChatMessage, parse_chat_output
 from .checkpoint import load_generation_config, load_model, resolve_model_path
 from .config import token_ids
 from .constraints import GuideFactory
 from .device import resolve as resolve_placement
 from . import reference
 from .engine import Engine, Event
+from .logprobs import TokenLogprob, prompt_logprobs
 from .output import OutputProcessor, StopText
 from .params import SamplingParamError, SamplingParams
 from .tokenizer import IncrementalDecoder, Tokenizer
+from .tool_grammar import prompt_grammar
 
 Prompt = Union[str, list[dict[str, Any]], dict[str, Any]]
 Prompts = Union[Prompt, Sequence[Prompt]]  # one prompt, or several
@@ -28,10 +32,15 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class CompletionOutput:
+    """One sample: `logprobs` when asked for (SamplingParams.logprobs); `message` for `LLM.chat`: the text split
+    into content, reasoning and tool calls (then finish_reason is "tool_calls" when calls ended the answer)."""
+
     index: int
     text: str
     token_ids: list[int]
     finish_reason: str | None
+    logprobs: list[TokenLogprob] | None = None
+    message: ChatMessage | None = None
 
 
 @dataclass
@@ -42,11 +51,13 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = True
     metrics: dict[str, Any] = field(default_factory=dict)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # SamplingParams.prompt_logprobs: one per prompt token
 
 
 @dataclass
 class StreamDelta:
-    """One streaming update for prompt `index`: newly committed text/tokens, or a draft of the current canvas."""
+    """One streaming update for prompt `index` (its sample `sample` when n > 1): newly committed text/tokens, or a
+    draft of the current canvas."""
 
     index: int
     request_id: str
@@ -56,6 +67,8 @@ class StreamDelta:
     finished: bool = False
     finish_reason: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    sample: int = 0
+    logprobs: list[TokenLogprob] | None = None
 
 
 class LLM:
@@ -142,11 +155,20 @@ class LLM:
         plist, params_list = _normalise(prompts, params)
         params_list = [self.prepare_params(sp) for sp in params_list]
         encoded = [self.encode_prompt(p) for p in plist]
-        procs = self._submit([ids for _, ids in encoded], params_list, stream_drafts)
+        return self._stream([ids for _, ids in encoded], params_list, stream_drafts, self.decoder)
+
+    def _stream(
+        self,
+        prompt_ids: list[list[int]],
+        params_list: list[SamplingParams],
+        stream_drafts: bool,
+        decoder: Callable[[], IncrementalDecoder | None],
+    ) -> Iterator[StreamDelta]:
+        procs = self._submit(list(zip(prompt_ids, params_list)), stream_drafts, decoder)
         try:
-            while any(not p.done for _, p in procs.values()) and self.engine.has_unfinished():
+            while any(not p.done for _, _, p in procs.values()) and self.engine.has_unfinished():
                 for ev in self.engine.step():
-                    index, proc = procs.get(ev.request_id, (-1, None))
+                    index, sample, proc = procs.get(ev.request_id, (-1, 0, None))
                     d = proc.on_event(ev) if proc is not None else None
                     if d is not None:
                         yield StreamDelta(
@@ -158,21 +180,24 @@ class LLM:
                             d.finished,
                             d.finish_reason,
                             d.metrics,
+                            sample,
+                            d.logprobs,
                         )
         finally:  # a consumer that stops early (or a disconnect) frees the rows
-            for rid, (_, p) in procs.items():
+            for rid, (_, _, p) in procs.items():
                 if not p.done:
                     self.engine.abort(rid)
 
     def _submit(
-        self, prompt_ids: list[list[int]], params_list: list[SamplingParams], stream_drafts: bool
-    ) -> dict[str, tuple[int, OutputProcessor]]:
-        """Queue every request, or none (ValueError): request id -> (prompt index, its output processor)."""
-        procs: dict[str, tuple[int, OutputProcessor]] = {}
+        self, jobs: list[tuple[list[int], SamplingParams]], drafts: bool, decoder: Callable[[], Any]
+    ) -> dict[str, tuple[int, int, OutputProcessor]]:
+        """Queue every (prompt ids, params) job's n samples, or none (ValueError): request id -> (prompt index,
+        sample index, its output processor); `decoder()` makes each one's detokeniser."""
+        procs: dict[str, tuple[int, int, OutputProcessor]] = {}
         try:
-            for i, (ids, sp) in enumerate(zip(prompt_ids, params_list)):
-                rid = self.engine.add_request(ids, sp, stream_drafts=stream_drafts)
-                procs[rid] = (i, OutputProcessor(self.decoder(), sp.stop, self._finisher(rid)))
+            for i, (ids, sp) in enumerate(jobs):
+                for k, rid in enumerate(self.engine.add_samples(ids, sp, stream_drafts=drafts)):
+                    procs[rid] = (i, k, OutputProcessor(decoder(), sp.stop, self._finisher(rid)))
         except ValueError:
             for rid in procs:
                 self.engine.abort(rid)
@@ -205,11 +230,26 @@ class LLM:
         if reference_sampling:
             return self._generate_reference(encoded, params_list)
         t0 = time.perf_counter()
-        return _collect(encoded, self.generate_stream(plist, params_list), t0)
+        params_list = [self.prepare_params(sp) for sp in params_list]
+        outs = _collect(encoded, self._stream([ids for _, ids in encoded], params_list, False, self.decoder), t0)
+        self._prompt_logprobs(outs, params_list)
+        return outs
+
+    def _prompt_logprobs(self, outs: list[RequestOutput], params_list: list[SamplingParams]) -> None:
+        """Prompt tokens' log-probabilities where asked for: one causal encoder pass over each prompt."""
+        for out, sp in zip(outs, params_list):
+            if sp.prompt_logprobs is not None:
+                out.prompt_logprobs = prompt_logprobs(self.model, out.prompt_token_ids, sp.prompt_logprobs)
 
     def _generate_reference(self, encoded, params_list) -> list[RequestOutput]:
-        res = reference.generate(self.model, [ids for _, ids in encoded], params_list, self.generation_config,
-                                 self.engine.max_model_len, self.engine.eos)
+        res = reference.generate(
+            self.model,
+            [ids for _, ids in encoded],
+            params_list,
+            self.generation_config,
+            self.engine.max_model_len,
+            self.engine.eos,
+        )
         stops = params_list[0].stop
         outs = []
         for i, ((text, ids), r) in enumerate(zip(encoded, res)):
@@ -221,12 +261,48 @@ class LLM:
                     toks, reason = cut.tokens, "stop"
                 cut.finish()
                 out_text = cut.text
-            outs.append(RequestOutput(f"ref-{i}", text, ids, [CompletionOutput(0, out_text, toks, reason)], True,
-                                      r.metrics(len(ids), len(toks))))
+            outs.append(
+                RequestOutput(
+                    f"ref-{i}",
+                    text,
+                    ids,
+                    [CompletionOutput(0, out_text, toks, reason)],
+                    True,
+                    r.metrics(len(ids), len(toks)),
+                )
+            )
         return outs
 
-    def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None) -> RequestOutput:
-        return self.generate([messages], params)[0]
+    def chat(
+        self,
+        messages: list[dict[str, Any]],
+        params: SamplingParams | None = None,
+        tools: Any = None,
+        tool_choice: Any = None,
+        parallel_tool_calls: bool | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> RequestOutput:
+        """Answer a conversation, as vLLM's `LLM.chat`: `tools` (OpenAI function declarations), `tool_choice`
+        ("none", "auto", "required" or {"type": "function", "function": {"name": ...}}), `parallel_tool_calls` and
+        `chat_template_kwargs` (e.g. {"enable_thinking": True}) as in the server. Each output's `message` holds the
+        content, the reasoning and the parsed tool calls; calls are constrained to the declared tools' schemas
+        (see dgemma/chat.py). Raises ValueError (chat.ChatRequestError naming the field) for a bad request."""
+        if self.tokenizer is None:
+            raise ValueError(f"{self.path} has no tokenizer.json: chat needs one")
+        prompt = render_chat(self.tokenizer, messages, tools, tool_choice, parallel_tool_calls, chat_template_kwargs)
+        sp = self.chat_params(prompt, params or SamplingParams())
+        ids = self.tokenizer.encode(prompt.text)
+        decoder = (lambda: output_decoder(self.tokenizer, prompt.format)) if prompt.format else self.decoder
+        out = _collect([(prompt.text, ids)], self._stream([ids], [sp], False, decoder), time.perf_counter())[0]
+        self._prompt_logprobs([out], [sp])
+        for o in out.outputs:
+            o.message, o.finish_reason = parse_answer(prompt, o.text, o.finish_reason)
+        return out
+
+    def chat_params(self, prompt: ChatPrompt, sp: SamplingParams) -> SamplingParams:
+        """`sp` with the tool-call constraint the rendered request asks for (none without tools)."""
+        grammar = prompt_grammar(prompt, self.tokenizer.token_to_id)
+        return self.prepare_params(sp if grammar is None else replace(sp, tool_constraint=grammar.constraint()))
 
     def prepare_params(self, sp: SamplingParams) -> SamplingParams:
         """Text-level fields to token ids: `suffix` becomes `suffix_token_ids` (SamplingParamError when invalid)."""
@@ -259,22 +335,39 @@ def _normalise(
     return plist, params_list
 
 
+def parse_answer(prompt: ChatPrompt, text: str, reason: str | None) -> tuple[ChatMessage, str | None]:
+    """A chat answer split into content, reasoning and tool calls; "tool_calls" as the finish reason when calls
+    ended it."""
+    if prompt.format is None:
+        return ChatMessage(text, None, []), reason
+    msg = parse_chat_output(text, prompt.format, prompt.parses_tools, prompt.in_reasoning)
+    return msg, ("tool_calls" if msg.tool_calls and reason == "stop" else reason)
+
+
 def _collect(
     encoded: list[tuple[str | None, list[int]]], deltas: Iterator[StreamDelta], t0: float
 ) -> list[RequestOutput]:
-    """Streamed deltas -> one finished RequestOutput per prompt, in order."""
-    outs = [RequestOutput("", text, ids, [CompletionOutput(0, "", [], None)]) for text, ids in encoded]
-    texts: list[list[str]] = [[] for _ in encoded]
+    """Streamed deltas -> one finished RequestOutput per prompt (one output per sample), in order."""
+    outs = [RequestOutput("", text, ids, []) for text, ids in encoded]
+    texts: dict[tuple[int, int], list[str]] = {}
     for d in deltas:
         out = outs[d.index]
-        out.request_id = d.request_id
-        out.outputs[0].token_ids.extend(d.token_ids)
-        texts[d.index].append(d.text)
+        while len(out.outputs) <= d.sample:
+            out.outputs.append(CompletionOutput(len(out.outputs), "", [], None))
+        o = out.outputs[d.sample]
+        if d.sample == 0:
+            out.request_id = d.request_id
+        o.token_ids.extend(d.token_ids)
+        if d.logprobs is not None:
+            o.logprobs = (o.logprobs or []) + d.logprobs
+        texts.setdefault((d.index, d.sample), []).append(d.text)
         if d.finished:
-            out.outputs[0].finish_reason = d.finish_reason
-            out.metrics = dict(d.metrics)
-    for out, text in zip(outs, texts):
-        out.outputs[0].text = "".join(text)
-        out.metrics.setdefault("completion_tokens", len(out.outputs[0].token_ids))
+            o.finish_reason = d.finish_reason
+            if d.sample == 0:
+                out.metrics = dict(d.metrics)
+    for i, out in enumerate(outs):
+        for o in out.outputs:
+            o.text = "".join(texts.get((i, o.index), []))
+        out.metrics.setdefault("completion_tokens", sum(len(o.token_ids) for o in out.outputs))
         out.metrics["wall_s"] = time.perf_counter() - t0
     return outs

@@ -25,6 +25,7 @@ class Delta:
     draft_token_ids: list[int] | None = None
     finish_reason: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    logprobs: list[Any] | None = None  # one `logprobs.TokenLogprob` per token, when the request asked for them
 
     @property
     def finished(self) -> bool:
@@ -110,6 +111,7 @@ class OutputProcessor:
         self.finish_request = finish_request
         self.stopping = False  # a stop string matched; waiting for the engine's word
         self.done = False  # the last delta was returned
+        self.logprobs: list[Any] = []  # of every token the engine emitted (the text may keep fewer)
 
     @property
     def tokens(self) -> list[int]:
@@ -127,7 +129,10 @@ class OutputProcessor:
             return Delta(draft_token_ids=ev.token_ids)
         before = len(self.out.tokens)
         text = self.out.push(ev.token_ids)
-        delta = Delta(text, self.out.tokens[before:])
+        kept = self.out.tokens[before:]
+        if ev.logprobs is not None:
+            self.logprobs.extend(ev.logprobs)
+        delta = Delta(text, kept, logprobs=self.logprobs[before : before + len(kept)] if ev.logprobs else None)
         if not self.out.stopped:
             return delta
         self.stopping = True
@@ -135,7 +140,9 @@ class OutputProcessor:
         if ended is None:
             return delta
         last = self.finish("stop", ended.metrics)
-        return Delta(delta.text + last.text, delta.token_ids, finish_reason="stop", metrics=last.metrics)
+        return Delta(
+            delta.text + last.text, delta.token_ids, finish_reason="stop", metrics=last.metrics, logprobs=delta.logprobs
+        )
 
     def finish(self, reason: str | None, metrics: dict[str, Any]) -> Delta:
         """The last delta: the rest of the text; the reason is 'stop' whenever a stop string matched."""

@@ -12,10 +12,12 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Literal, Sequence
 
+from .logprobs import MAX_TOP_LOGPROBS
 from .sampler import ACCEPTANCE, SCHEDULES, STOPPING
 
 Mode = Literal["diffusion", "ar"]
 MODES = ("diffusion", "ar")
+MAX_N = 128  # samples per prompt (the engine also needs that many free rows)
 
 
 class SamplingParamError(ValueError):
@@ -266,6 +268,14 @@ class SamplingParams:
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
+    # a tool-call constraint built by `tool_grammar` (LLM.chat and the server set it; not a user knob)
+    tool_constraint: Any = None
+    # log-probabilities (dgemma/logprobs.py): of each output token with this many alternatives (None: none), and of
+    # the prompt's tokens (one causal encoder pass)
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    # samples of the prompt: they share its prefill; sample i draws from seed + i
+    n: int = 1
     # autoregressive knobs (mode="ar"): temperature 0 is greedy
     temperature: float = 0.0
     top_k: int = 0
@@ -281,6 +291,12 @@ class SamplingParams:
             self._bad("stop", "must be a list of non-empty strings")
         if not _token_ids_ok(self.stop_token_ids, 0, vocab_size):
             self._bad("stop_token_ids", "must be a list of token ids inside the vocabulary")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_TOP_LOGPROBS):
+                self._bad(name, f"must be an integer in [0, {MAX_TOP_LOGPROBS}]")
+        if not isinstance(self.n, int) or isinstance(self.n, bool) or not 1 <= self.n <= MAX_N:
+            self._bad("n", f"must be an integer in [1, {MAX_N}]")
         self._validate_canvas_fields(vocab_size)
         return self
 
@@ -314,7 +330,12 @@ class SamplingParams:
         """The structured-output constraint these params ask for (a `constraints.Constraint`), or None."""
         from .constraints import Constraint
 
-        return Constraint.from_fields(self.json_schema, self.regex, self.choice, self.grammar, bool(self.json_object))
+        given = Constraint.from_fields(self.json_schema, self.regex, self.choice, self.grammar, bool(self.json_object))
+        if self.tool_constraint is None:
+            return given
+        if given is not None:
+            self._bad("tool_constraint", "tool calls cannot be combined with another structured-output constraint")
+        return self.tool_constraint
 
 
 def resolve(params: SamplingParams, generation_config: dict[str, Any] | None = None) -> SamplingParams:

@@ -2,8 +2,13 @@
 
 Requests are validated strictly (no "5" -> 5 coercion, no bool for int, no NaN/inf): a wrong type is a client
 mistake and is answered with HTTP 400 and an OpenAI error body, never 422 or 500. Unknown fields are ignored (as
-in vLLM), but OpenAI features this server does not implement (logprobs, n > 1, echo, best_of > 1, tools,
-penalties, logit_bias) are rejected with 400 rather than silently ignored.
+in vLLM), but OpenAI features this server does not implement (best_of > 1, penalties, logit_bias) are rejected with
+400 rather than silently ignored.
+
+Chat with tools and reasoning (docs/chat.md): `tools`, `tool_choice`, `parallel_tool_calls`, `chat_template_kwargs`
+(checked and rendered by `dgemma.chat`). Log-probabilities: `logprobs`/`top_logprobs` (chat), `logprobs`
+(completions), `echo` (completions: the prompt first, with its log-probabilities when `logprobs` is set;
+`max_tokens: 0` generates nothing), `return_tokens_as_token_ids`; `n` samples per request.
 
 Sampling fields:
 
@@ -36,7 +41,8 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
-from .params import KNOBS, Knob, SamplingParamError, SamplingParams
+from .logprobs import MAX_TOP_LOGPROBS
+from .params import KNOBS, MAX_N, Knob, SamplingParamError, SamplingParams
 
 # Prompts are either text or token ids; a list holding exactly one of those is accepted too (OpenAI's batch form).
 PromptInput = Union[str, list[int]]
@@ -94,11 +100,12 @@ class _SamplingFields(_Knobs):
     stream_drafts: bool = False
     response_format: Optional[dict[str, Any]] = None
     structured_outputs: Optional[dict[str, Any]] = None
+    return_tokens_as_token_ids: bool = False  # vLLM's: logprobs name tokens "token_id:N"
 
     def unsupported(self) -> tuple[str, str] | None:
         """(param, message) for the first requested feature this server does not implement, else None."""
-        if self.n is not None and self.n != 1:
-            return "n", "n > 1 is not supported: send one request per completion"
+        if self.n is not None and not 1 <= self.n <= MAX_N:
+            return "n", f"n must be in [1, {MAX_N}]"
         if self.presence_penalty not in (None, 0, 0.0):
             return "presence_penalty", "presence_penalty is not supported"
         if self.frequency_penalty not in (None, 0, 0.0):
@@ -158,6 +165,10 @@ class _SamplingFields(_Knobs):
     def token_budget(self) -> Optional[int]:
         return self.max_tokens
 
+    def output_logprobs(self) -> Optional[int]:
+        """Alternatives per output token's log-probability (None: no logprobs)."""
+        return None
+
     def constraint_param(self) -> str:
         """The request field a structured-output error is about."""
         return "structured_outputs" if self.structured_outputs is not None else "response_format"
@@ -173,6 +184,8 @@ class _SamplingFields(_Knobs):
             stop=self.stop_list(),
             stop_token_ids=list(self.stop_token_ids or []),
             suffix=getattr(self, "suffix", None),
+            n=self.n or 1,
+            logprobs=self.output_logprobs(),
         )
         kw.update({k: float(v) for k, v in kw.items() if k in ("temperature", "top_p")})
         try:
@@ -187,10 +200,17 @@ class _SamplingFields(_Knobs):
 
 class CompletionRequest(_SamplingFields):
     prompt: Any
+    max_tokens: Optional[int] = Field(default=None, ge=0)  # 0: no new tokens (`echo` scoring, lm-evaluation-harness)
     echo: bool = False
-    logprobs: Optional[int] = None
+    logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     best_of: Optional[int] = None
     suffix: Optional[str] = None
+
+    def output_logprobs(self) -> Optional[int]:
+        return self.logprobs
+
+    def token_budget(self) -> Optional[int]:
+        return self.max_tokens or None  # 0 generates nothing: the server answers without the engine
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -211,10 +231,10 @@ class CompletionRequest(_SamplingFields):
         raise ValueError("prompt must be a string, a list of token ids, or a list holding one of those")
 
     def unsupported(self) -> tuple[str, str] | None:
-        if self.echo:
-            return "echo", "echo is not supported"
-        if self.logprobs is not None:
-            return "logprobs", "logprobs are not supported"
+        if self.echo and self.suffix is not None:
+            return "echo", "echo cannot be combined with suffix"
+        if self.max_tokens == 0 and self.stream:
+            return "max_tokens", "max_tokens 0 cannot be streamed"
         if self.best_of is not None and self.best_of != 1:
             return "best_of", "best_of > 1 is not supported"
         return super().unsupported()
@@ -224,30 +244,23 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[dict[str, Any]] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)
     logprobs: Optional[bool] = False
-    top_logprobs: Optional[int] = None
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: Optional[list[Any]] = None
     tool_choice: Optional[Any] = None
     parallel_tool_calls: Optional[bool] = None
+    chat_template_kwargs: Optional[dict[str, Any]] = None
     add_generation_prompt: bool = True
 
     def unsupported(self) -> tuple[str, str] | None:
-        if self.logprobs or self.top_logprobs:
-            return "logprobs", "logprobs are not supported"
-        if self.tools:
-            return "tools", "tools are not supported"
-        if self.tool_choice not in (None, "none", "auto"):
-            return "tool_choice", "tool_choice is not supported"
+        if self.top_logprobs is not None and not self.logprobs:
+            return "top_logprobs", "top_logprobs needs logprobs: true"
         return super().unsupported()
+
+    def output_logprobs(self) -> Optional[int]:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def token_budget(self) -> Optional[int]:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-
-
-def chat_text_chunk(
-    rid: str, created: int, model: str, text: str = "", finish_reason: str | None = None, **extra: Any
-) -> dict[str, Any]:
-    """A chat streaming chunk carrying text (an empty delta when there is none); `extra` as in `_chunk`."""
-    return chat_chunk(rid, created, model, {"content": text} if text else {}, finish_reason, **extra)
 
 
 # -- responses (plain dicts built by helpers: the shapes are OpenAI's) -----------------------------------------------
@@ -277,34 +290,61 @@ def usage(
     }
 
 
-def completion_response(
-    rid: str, created: int, model: str, text: str, finish_reason: str | None, use: dict[str, Any]
+def completion_choice(
+    index: int, text: str, finish_reason: str | None, logprobs: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-    return {**_envelope(rid, created, model, "text_completion", [choice]), "usage": use}
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def chat_choice(
+    index: int, message: dict[str, Any], finish_reason: str | None, logprobs: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def response(
+    rid: str,
+    created: int,
+    model: str,
+    obj: str,
+    choices: list[dict[str, Any]],
+    use: dict[str, Any],
+    warnings: list[str] | None = None,
+) -> dict[str, Any]:
+    """A whole (non-streaming) response: `obj` "text_completion" or "chat.completion"; `warnings` (what a
+    constraint could not enforce, e.g. an unknown format) only when there are any."""
+    out = {**_envelope(rid, created, model, obj, choices), "usage": use}
+    return {**out, "warnings": warnings} if warnings else out
 
 
 def completion_chunk(
-    rid: str, created: int, model: str, text: str = "", finish_reason: str | None = None, **extra: Any
+    rid: str,
+    created: int,
+    model: str,
+    text: str = "",
+    finish_reason: str | None = None,
+    index: int = 0,
+    logprobs: dict[str, Any] | None = None,
+    **extra: Any,
 ) -> dict[str, Any]:
     """A /v1/completions streaming chunk; `extra` as in `_chunk`."""
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-    return _chunk(rid, created, model, "text_completion", choice, **extra)
-
-
-def chat_response(
-    rid: str, created: int, model: str, text: str, finish_reason: str | None, use: dict[str, Any]
-) -> dict[str, Any]:
-    message = {"role": "assistant", "content": text}
-    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
-    return {**_envelope(rid, created, model, "chat.completion", [choice]), "usage": use}
+    return _chunk(
+        rid, created, model, "text_completion", completion_choice(index, text, finish_reason, logprobs), **extra
+    )
 
 
 def chat_chunk(
-    rid: str, created: int, model: str, delta: dict[str, Any], finish_reason: str | None = None, **extra: Any
+    rid: str,
+    created: int,
+    model: str,
+    delta: dict[str, Any],
+    finish_reason: str | None = None,
+    index: int = 0,
+    logprobs: dict[str, Any] | None = None,
+    **extra: Any,
 ) -> dict[str, Any]:
     """A /v1/chat/completions streaming chunk; `extra` as in `_chunk`."""
-    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     return _chunk(rid, created, model, "chat.completion.chunk", choice, **extra)
 
 

@@ -25,7 +25,8 @@ from .sampler import StableConfident, entropy_bound_accept
 
 # Knobs whose non-default values transformers' loop does not have.
 DEFAULTS_ONLY = (("mode", "diffusion"), ("schedule", "linear"), ("acceptance", "entropy_bound"),
-                 ("stopping", "stable_confident"), ("template", None), ("suffix_token_ids", None))
+                 ("stopping", "stable_confident"), ("template", None), ("suffix_token_ids", None), ("n", 1),
+                 ("logprobs", None))
 
 
 @dataclass

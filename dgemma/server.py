@@ -36,12 +36,14 @@ import sys
 import threading
 import time
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Union
 
 from . import __version__
 
 if TYPE_CHECKING:  # imported lazily: `dgemma --help` (which imports this module to register `serve`) stays fast
+    from .chat import ChatPrompt
+    from .chat_output import ChatDelta, ChatMessage
     from .engine import Event
     from .llm import LLM
     from .params import SamplingParams
@@ -170,10 +172,27 @@ class TorchThread:
 # -- messages between the asyncio side and the engine thread ----------------------------------------------------------
 @dataclass
 class _Add:
+    """Queue the request's samples (ids `sample_ids`, the first being `rid`; more when params.n > 1)."""
+
     rid: str
     prompt_ids: list[int]
     params: "SamplingParams"
     drafts: bool
+    sample_ids: list[str]
+
+
+@dataclass
+class _Score:
+    """The prompt tokens' log-probabilities (`echo` with `logprobs`): one encoder pass on the engine thread."""
+
+    rid: str
+    prompt_ids: list[int]
+    top_k: int
+
+
+@dataclass
+class _Scored:
+    logprobs: list[Any]
 
 
 @dataclass
@@ -213,8 +232,8 @@ class _Aborted:
     """A `_Finish` found the request no longer running (its 'finished' event, if any, is on the way)."""
 
 
-_Command = Union[_Add, _Abort, _Finish, _Stop]
-_Reply = Union[_Accepted, _Rejected, _Aborted, "Event"]
+_Command = Union[_Add, _Abort, _Finish, _Stop, _Score]
+_Reply = Union[_Accepted, _Rejected, _Aborted, _Scored, "Event"]
 
 
 class EngineLoop:
@@ -258,28 +277,50 @@ class EngineLoop:
         if self.draining or self._job is None:
             raise APIError(503, "the server is shutting down")
 
-    async def submit(self, rid: str, prompt_ids: list[int], params: "SamplingParams", drafts: bool) -> asyncio.Queue:
-        """Queue a request; returns its event queue once the engine accepted it (APIError if it did not)."""
+    async def submit(
+        self, rid: str, prompt_ids: list[int], params: "SamplingParams", drafts: bool
+    ) -> list[tuple[str, asyncio.Queue]]:
+        """Queue a request's `params.n` samples; returns each one's id and event queue once the engine accepted
+        them (APIError if it did not)."""
         self.check_available()
-        if len(self._queues) >= self.max_queue:
+        ids = [rid] if params.n == 1 else [f"{rid}-{i}" for i in range(params.n)]
+        if len(self._queues) + len(ids) > self.max_queue:
             raise APIError(
                 429,
                 f"the server is at capacity ({self.max_queue} requests in flight); retry later",
                 headers={"Retry-After": "1"},
             )
+        queues = [(sid, asyncio.Queue()) for sid in ids]
+        self._queues.update(queues)
+        reply = await self._ask(_Add(ids[0], prompt_ids, params, drafts, ids), queues[0][1], ids)
+        if isinstance(reply, _Rejected):
+            for sid in ids:
+                self.release(sid)
+            raise APIError(reply.status, reply.message, param=reply.param)
+        return queues
+
+    async def score(self, rid: str, prompt_ids: list[int], top_k: int) -> list[Any]:
+        """The prompt's log-probabilities (logprobs.prompt_logprobs), computed on the engine thread."""
+        self.check_available()
         q: asyncio.Queue = asyncio.Queue()
         self._queues[rid] = q
-        self._cmds.put(_Add(rid, prompt_ids, params, drafts))
         try:
-            reply = await q.get()
-        except BaseException:
-            self.abort(rid)
+            reply = await self._ask(_Score(rid, prompt_ids, top_k), q, [rid])
+        finally:
             self.release(rid)
-            raise
         if isinstance(reply, _Rejected):
-            self.release(rid)
-            raise APIError(reply.status, reply.message, param=reply.param)
-        return q
+            raise APIError(reply.status, reply.message)
+        return reply.logprobs
+
+    async def _ask(self, cmd: _Command, q: asyncio.Queue, ids: list[str]) -> _Reply:
+        self._cmds.put(cmd)
+        try:
+            return await q.get()
+        except BaseException:
+            for sid in ids:
+                self.abort(sid)
+                self.release(sid)
+            raise
 
     def abort(self, rid: str) -> None:
         self._cmds.put(_Abort(rid))
@@ -370,16 +411,20 @@ class _EngineWorker:
             ev = self.engine.finish_request(cmd.rid, "stop", completion_tokens=cmd.completion_tokens)
             # None: it was not running (still waiting, or already finished with its event on the way)
             out.append((cmd.rid, ev if ev is not None else _Aborted()))
+        elif isinstance(cmd, _Score):
+            from .logprobs import prompt_logprobs
+
+            out.append((cmd.rid, _Scored(prompt_logprobs(self.engine.model, cmd.prompt_ids, cmd.top_k))))
 
     def _add(self, cmd: _Add) -> _Reply:
         try:
-            self.engine.add_request(cmd.prompt_ids, cmd.params, request_id=cmd.rid, stream_drafts=cmd.drafts)
+            self.engine.add_samples(cmd.prompt_ids, cmd.params, request_ids=cmd.sample_ids, stream_drafts=cmd.drafts)
         except ValueError as e:
             return _Rejected(400, str(e), getattr(e, "param", None))
         except Exception as e:  # a bug, not the client's fault; the engine state is unchanged
             logger.exception("add_request failed")
             return _Rejected(500, f"failed to queue the request: {type(e).__name__}: {e}")
-        self.metrics.prompt_tokens.labels(**self.metrics.labels).inc(len(cmd.prompt_ids))
+        self.metrics.prompt_tokens.labels(**self.metrics.labels).inc(len(cmd.prompt_ids))  # once for n samples
         return _Accepted()
 
     def _gauges(self) -> None:
@@ -395,10 +440,26 @@ class _Update:
     draft: str | None = None
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[Any] | None = None  # one TokenLogprob per token (when asked for)
+    chat: "ChatDelta | None" = None  # the text split into content, reasoning and tool calls (chat in a known format)
+
+
+@dataclass
+class _Result:
+    """A whole sample (non-streaming)."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[Any]
+    finish_reason: str
+    usage: dict[str, Any]
+    message: "ChatMessage | None" = None
 
 
 class _Generation:
-    """Consumes one request's events and turns them into text updates (used by streaming and non-streaming)."""
+    """Consumes one sample's events and turns them into updates (used by streaming and non-streaming). Chat in a
+    tool/thinking format decodes with the format's markers kept and splits the text with `parser`."""
 
     def __init__(
         self,
@@ -409,7 +470,10 @@ class _Generation:
         params: "SamplingParams",
         t_arrival: float,
         request: Any = None,
+        chat: "ChatPrompt | None" = None,
     ):
+        from .chat import output_decoder
+        from .chat_output import ChatOutputParser
         from .output import OutputProcessor
 
         self.server, self.rid, self.q, self.prompt_len, self.params = server, rid, q, prompt_len, params
@@ -417,9 +481,10 @@ class _Generation:
         self.t_arrival = t_arrival
         self.deadline = self.loop.time() + server.request_timeout
         self.request = request  # for disconnect polling while streaming
-        self.out = OutputProcessor(
-            server.llm.decoder(), params.stop, lambda n: server.engine_loop.finish(rid, n)
-        )  # the answer comes via the queue
+        fmt = chat.format if chat is not None else None
+        self.parser = None if fmt is None else ChatOutputParser(fmt, chat.parses_tools, chat.in_reasoning)
+        decoder = server.llm.decoder() if fmt is None else output_decoder(server.llm.tokenizer, fmt)
+        self.out = OutputProcessor(decoder, params.stop, lambda n: server.engine_loop.finish(rid, n))
         self.done = False
         self.t_first: float | None = None
 
@@ -447,10 +512,11 @@ class _Generation:
                     self._count_tokens(len(item.token_ids))
                 delta = self.out.on_event(item)
             if delta is not None and delta.finished:
-                return self._finish(delta.text, delta.finish_reason, delta.metrics)
-            if delta is not None and (delta.text or delta.draft_token_ids is not None):
+                return self._finish(delta)
+            if delta is not None and (delta.text or delta.token_ids or delta.draft_token_ids is not None):
                 draft = None if delta.draft_token_ids is None else self.server.llm.decode(delta.draft_token_ids)
-                return _Update(text=delta.text, draft=draft)
+                chat = self.parser.push(delta.text) if self.parser is not None else None
+                return _Update(delta.text, draft, None, None, delta.token_ids, delta.logprobs, chat)
         return None
 
     def _count_tokens(self, n: int) -> None:
@@ -460,19 +526,23 @@ class _Generation:
             self.t_first = time.perf_counter()
             m.ttft.labels(**m.labels).observe(self.t_first - self.t_arrival)
 
-    def _finish(self, text: str, reason: str, em: dict[str, Any]) -> _Update:
+    def _finish(self, delta: Any) -> _Update:
         from .protocol import usage
 
         self.done = True
+        text, reason, em = delta.text, delta.finish_reason, delta.metrics
         if em.get("error"):  # the request's constraint tripped a resource limit mid-way (the engine went on)
             raise APIError(400, str(em["error"]), param="response_format" if self.params.constraint() else None)
+        chat = None
+        if self.parser is not None:
+            chat = self.parser.push(text).extend(self.parser.finish())
+            reason = "tool_calls" if self.parser.calls and reason == "stop" else reason
         n = len(self.out.tokens)
         forwards = em.get("forwards", 0)
         tpf = n / forwards if forwards else 0.0
         self._observe(reason, em, tpf)
-        return _Update(
-            text=text, finish_reason=reason, usage=usage(self.prompt_len, n, tpf, int(em.get("denoising_steps", 0)))
-        )
+        use = usage(self.prompt_len, n, tpf, int(em.get("denoising_steps", 0)))
+        return _Update(text, None, reason, use, delta.token_ids, delta.logprobs, chat)
 
     def _observe(self, reason: str, em: dict[str, Any], tpf: float) -> None:
         m = self.server.metrics
@@ -545,7 +615,10 @@ class _Server:
                 raise APIError(400, str(e), param="prompt") from None
         return list(prompt)
 
-    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> list[int]:
+    def render_chat(self, req: Any) -> "ChatPrompt":
+        """The chat request's prompt, rendered by the checkpoint's template with its tools and template kwargs."""
+        from .chat import ChatRequestError, render_chat
+
         tok = self.llm.tokenizer
         if tok is None:
             raise APIError(
@@ -554,26 +627,42 @@ class _Server:
                 param="messages",
             )
         try:
-            text = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+            prompt = render_chat(
+                tok,
+                req.messages,
+                req.tools,
+                req.tool_choice,
+                req.parallel_tool_calls,
+                req.chat_template_kwargs,
+                req.add_generation_prompt,
+            )
+        except ChatRequestError as e:
+            raise APIError(400, str(e), param=e.param) from None
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
-        self._check_text_length(text)
+        self._check_text_length(prompt.text)
+        return prompt
+
+    def encode_chat(self, prompt: "ChatPrompt") -> list[int]:
         try:
-            return tok.encode(text)
+            return self.llm.tokenizer.encode(prompt.text)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
 
-    def sampling(self, req: Any, prompt_ids: list[int]) -> "SamplingParams":
-        """The request's SamplingParams (`protocol`'s translation), then the checks that need the model: the
-        suffix's tokens, the vocabulary, the constraint's compilation, the prompt's tokens and the context."""
+    def sampling(self, req: Any, prompt_ids: list[int], chat: "ChatPrompt | None" = None) -> "SamplingParams":
+        """The request's SamplingParams (`protocol`'s translation, plus the tool-call constraint a chat request's
+        tools ask for), then the checks that need the model: the suffix's tokens, the vocabulary, the constraint's
+        compilation, the prompt's tokens and the context."""
         from .engine import check_context
         from .params import SamplingParamError
         from .protocol import RequestError, api_param
 
         eng = self.llm.engine
+        tools = chat is not None and chat.parses_tools
         try:
             params = req.sampling_params(eng.max_model_len - len(prompt_ids))
-            params = self.llm.prepare_params(params).validate(eng.vocab_size)
+            params = self.llm.chat_params(chat, params) if tools else self.llm.prepare_params(params)
+            params = params.validate(eng.vocab_size)
             constraint = params.constraint()
             if constraint is not None:  # compile now (bounded time, cached): a bad one is the client's 400
                 if eng.guides is None:
@@ -583,8 +672,8 @@ class _Server:
             raise APIError(400, str(e), param=e.param) from None
         except SamplingParamError as e:
             raise APIError(400, str(e), param=api_param(e.param)) from None
-        except ValueError as e:  # the constraint did not compile
-            raise APIError(400, str(e), param=req.constraint_param()) from None
+        except ValueError as e:  # the constraint did not compile (the tools' or the response format's)
+            raise APIError(400, str(e), param="tools" if tools else req.constraint_param()) from None
         if not all(0 <= t < eng.vocab_size for t in prompt_ids):
             raise APIError(400, f"prompt token ids must be integers in [0, {eng.vocab_size})", param="prompt")
         try:
@@ -767,39 +856,116 @@ async def metrics(request: Any) -> Any:
     return Response(content=data, media_type=ctype)
 
 
+@dataclass
+class _Job:
+    """A parsed request ready for the engine: its prompt, params and what its answer is read with."""
+
+    req: Any
+    prompt_ids: list[int]
+    params: "SamplingParams"
+    chat: "ChatPrompt | None" = None  # chat requests
+    echo_text: str = ""  # completions with `echo`: the prompt's text, returned before the completion
+    echo_logprobs: list[Any] | None = None  # ... and its tokens' log-probabilities, when asked for
+
+    def token_text(self, srv: "_Server") -> Callable[[int], str]:
+        """How a token is named in logprobs: its text, or "token_id:N" (vLLM's `return_tokens_as_token_ids`)."""
+        if self.req.return_tokens_as_token_ids or srv.llm.tokenizer is None:
+            return lambda t: f"token_id:{t}"
+        return lambda t: srv.llm.tokenizer.decode([t], skip_special_tokens=False)
+
+
+def _prepare_completion(srv: "_Server", req: Any) -> _Job:
+    ids = srv.encode_completion_prompt(req.prompt)
+    job = _Job(req, ids, srv.sampling(req, ids))
+    if req.echo:
+        job.echo_text = req.prompt if isinstance(req.prompt, str) else srv.llm.decode(ids)
+    return job
+
+
+def _prepare_chat(srv: "_Server", req: Any) -> _Job:
+    prompt = srv.render_chat(req)
+    ids = srv.encode_chat(prompt)
+    return _Job(req, ids, srv.sampling(req, ids, prompt), chat=prompt)
+
+
+def _completion_choice(srv: "_Server", job: _Job, i: int, res: _Result) -> dict[str, Any]:
+    from .logprobs import completion_logprobs
+    from .protocol import completion_choice
+
+    lp = None
+    if job.req.logprobs is not None:
+        echo = job.echo_logprobs or []
+        ids = (job.prompt_ids if echo else []) + res.token_ids
+        lp = completion_logprobs(echo + res.logprobs, ids, job.token_text(srv))
+    return completion_choice(i, job.echo_text + res.text, res.finish_reason, lp)
+
+
+def _chat_choice(srv: "_Server", job: _Job, i: int, res: _Result) -> dict[str, Any]:
+    from .logprobs import chat_logprobs
+    from .protocol import chat_choice
+
+    msg = res.message.to_openai() if res.message is not None else {"role": "assistant", "content": res.text}
+    lp = chat_logprobs(res.logprobs, job.token_text(srv)) if job.req.logprobs else None
+    return chat_choice(i, msg, res.finish_reason, lp)
+
+
+def _completion_chunk(
+    srv: "_Server", job: _Job, rid: str, created: int, i: int, upd: _Update, **extra: Any
+) -> dict[str, Any]:
+    from .logprobs import completion_logprobs
+    from .protocol import completion_chunk
+
+    lp = None
+    if job.req.logprobs is not None and upd.token_ids:
+        lp = completion_logprobs(upd.logprobs or [], upd.token_ids, job.token_text(srv))
+    return completion_chunk(rid, created, srv.model_name, upd.text, upd.finish_reason, i, lp, **extra)
+
+
+def _chat_chunk(
+    srv: "_Server", job: _Job, rid: str, created: int, i: int, upd: _Update, **extra: Any
+) -> dict[str, Any]:
+    from .logprobs import chat_logprobs
+    from .protocol import chat_chunk
+
+    delta = upd.chat.to_openai() if upd.chat is not None else ({"content": upd.text} if upd.text else {})
+    lp = chat_logprobs(upd.logprobs, job.token_text(srv)) if job.req.logprobs and upd.token_ids else None
+    return chat_chunk(rid, created, srv.model_name, delta, upd.finish_reason, i, lp, **extra)
+
+
 @dataclass(frozen=True)
 class _Endpoint:
     """What differs between /v1/completions and /v1/chat/completions; `_generate` does the rest."""
 
     schema: str  # the protocol class of the request
     id_prefix: str
+    obj: str  # `object` of a whole response
     chunk_object: str  # `object` of the usage-only last chunk
-    encode: Callable[["_Server", Any], list[int]]  # request -> prompt token ids (APIError when it cannot)
-    text_chunk: Callable[..., dict[str, Any]]  # protocol.completion_chunk or chat_text_chunk
-    response: Callable[..., dict[str, Any]]  # protocol.completion_response or chat_response
+    prepare: Callable[["_Server", Any], _Job]  # request -> prompt and params (APIError when it cannot)
+    choice: Callable[..., dict[str, Any]]  # (srv, job, index, _Result) -> a response choice
+    chunk: Callable[..., dict[str, Any]]  # (srv, job, rid, created, index, _Update, **extra) -> a stream chunk
     role_chunk: bool  # chat streams open with a chunk giving the assistant role
 
 
 def _endpoints() -> dict[str, _Endpoint]:
-    from . import protocol as P
-
     return {
         "completions": _Endpoint(
             "CompletionRequest",
             "cmpl",
             "text_completion",
-            lambda srv, req: srv.encode_completion_prompt(req.prompt),
-            P.completion_chunk,
-            P.completion_response,
+            "text_completion",
+            _prepare_completion,
+            _completion_choice,
+            _completion_chunk,
             False,
         ),
         "chat": _Endpoint(
             "ChatCompletionRequest",
             "chatcmpl",
+            "chat.completion",
             "chat.completion.chunk",
-            lambda srv, req: srv.encode_chat(req.messages, req.add_generation_prompt),
-            P.chat_text_chunk,
-            P.chat_response,
+            _prepare_chat,
+            _chat_choice,
+            _chat_chunk,
             True,
         ),
     }
@@ -821,55 +987,127 @@ async def _generate(request: Any, ep: _Endpoint) -> Any:
     t0 = time.perf_counter()
     req = _parse(getattr(P, ep.schema), await _read_json(request, srv.max_body_bytes), srv.model_name)
     srv.engine_loop.check_available()
-    prompt_ids = await asyncio.to_thread(ep.encode, srv, req)
-    params = srv.sampling(req, prompt_ids)
+    job = await asyncio.to_thread(ep.prepare, srv, req)
     rid, created = P.new_id(ep.id_prefix), P.now()
-    q = await srv.engine_loop.submit(rid, prompt_ids, params, bool(req.stream_drafts and req.stream))
-    gen = _Generation(srv, rid, q, len(prompt_ids), params, t0, request if req.stream else None)
+    if getattr(req, "echo", False) and req.logprobs is not None:  # the prompt's log-probabilities, scored first
+        job.echo_logprobs = await srv.engine_loop.score(rid + "-prompt", job.prompt_ids, req.logprobs)
+    if getattr(req, "max_tokens", None) == 0:  # nothing to generate (echo scoring)
+        results = [_Result("", [], [], "length", P.usage(len(job.prompt_ids), 0))] * job.params.n
+        return _json(_response(srv, ep, job, rid, created, results))
+    queues = await srv.engine_loop.submit(rid, job.prompt_ids, job.params, bool(req.stream_drafts and req.stream))
+    gens = [
+        _Generation(srv, sid, q, len(job.prompt_ids), job.params, t0, request if req.stream else None, job.chat)
+        for sid, q in queues
+    ]
     if req.stream:
-        return _SSE(gen, _stream_events(srv, gen, ep, req, rid, created))
+        return _SSE(gens, _stream_events(srv, gens, ep, job, rid, created))
     try:
-        res = await _until_disconnect(request, _collect(gen))
+        results = await _until_disconnect(request, asyncio.gather(*(_collect(g) for g in gens)))
     except _ClientGone:
         return _empty(499)
     finally:
-        gen.close()
-    return _json(ep.response(rid, created, srv.model_name, res.text, res.finish_reason, res.usage))
+        for g in gens:
+            g.close()
+    return _json(_response(srv, ep, job, rid, created, results))
 
 
-async def _collect(gen: _Generation) -> _Update:
-    """A non-streaming request's whole text and finish."""
+def _response(
+    srv: "_Server", ep: _Endpoint, job: _Job, rid: str, created: int, results: list[_Result]
+) -> dict[str, Any]:
+    from .protocol import response
+
+    constraint = job.params.constraint()
+    warnings = srv.llm.engine.guides.warnings(constraint) if constraint is not None else None
+    choices = [ep.choice(srv, job, i, res) for i, res in enumerate(results)]
+    return response(rid, created, srv.model_name, ep.obj, choices, _total_usage([r.usage for r in results]), warnings)
+
+
+def _total_usage(usages: list[dict[str, Any]]) -> dict[str, Any]:
+    """One usage for n samples: the prompt once, the completions summed, tokens per forward averaged."""
+    from .protocol import usage
+
+    n = sum(u["completion_tokens"] for u in usages)
+    tpf = sum(u["tokens_per_forward"] for u in usages) / len(usages)
+    return usage(usages[0]["prompt_tokens"], n, tpf, sum(u["denoising_steps"] for u in usages))
+
+
+async def _collect(gen: _Generation) -> _Result:
+    """A non-streaming sample's whole text, tokens, logprobs and finish."""
     text: list[str] = []
+    tokens: list[int] = []
+    logprobs: list[Any] = []
     while True:
         upd = await gen.next()
         if upd is None:  # pragma: no cover - next() returns a finish update before None
             raise APIError(500, "the request ended without a result")
         text.append(upd.text)
+        tokens += upd.token_ids
+        logprobs += upd.logprobs or []
         if upd.finish_reason is not None:
-            return _Update("".join(text), None, upd.finish_reason, upd.usage)
+            message = gen.parser.message() if gen.parser is not None else None
+            return _Result("".join(text), tokens, logprobs, upd.finish_reason, upd.usage, message)
+
+
+async def _merged(gens: list[_Generation]) -> AsyncIterator[tuple[int, _Update]]:
+    """(sample index, update) pairs of several samples, as they come, until every one has finished."""
+    q: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, gen: _Generation) -> None:
+        try:
+            while (upd := await gen.next()) is not None:
+                await q.put((i, upd, None))
+                if upd.finish_reason is not None:
+                    break
+        except BaseException as e:  # handed to the consumer
+            await q.put((i, None, e))
+            return
+        await q.put((i, None, None))
+
+    tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(gens)]
+    try:
+        left = len(gens)
+        while left:
+            i, upd, err = await q.get()
+            if err is not None:
+                raise err
+            if upd is None:
+                left -= 1
+            else:
+                yield i, upd
+    finally:
+        for t in tasks:
+            t.cancel()
 
 
 async def _stream_events(
-    srv: "_Server", gen: _Generation, ep: _Endpoint, req: Any, rid: str, created: int
+    srv: "_Server", gens: list[_Generation], ep: _Endpoint, job: _Job, rid: str, created: int
 ) -> AsyncIterator[str]:
     """The server-sent events of a streaming request, ending with `data: [DONE]` (errors become an error event)."""
     from .protocol import chat_chunk, error_body, usage_chunk
 
+    req = job.req
     inc = bool(req.stream_options and req.stream_options.include_usage)
-    name = srv.model_name
+    name, usages = srv.model_name, []
     try:
-        if ep.role_chunk:
-            yield _sse(chat_chunk(rid, created, name, {"role": "assistant", "content": ""}, include_usage=inc))
-        while (upd := await gen.next()) is not None:
+        for i in range(len(gens)):  # openings: the assistant role (chat), the echoed prompt (completions)
+            if ep.role_chunk:
+                yield _sse(
+                    chat_chunk(rid, created, name, {"role": "assistant", "content": ""}, index=i, include_usage=inc)
+                )
+            elif job.echo_text:
+                echo = _Update(
+                    job.echo_text, token_ids=job.prompt_ids if job.echo_logprobs else [], logprobs=job.echo_logprobs
+                )
+                yield _sse(ep.chunk(srv, job, rid, created, i, echo, include_usage=inc))
+        async for i, upd in _merged(gens):
             if upd.draft is not None:
-                yield _sse(ep.text_chunk(rid, created, name, "", include_usage=inc, draft=upd.draft))
+                yield _sse(ep.chunk(srv, job, rid, created, i, _Update(), include_usage=inc, draft=upd.draft))
             if upd.finish_reason is not None:
-                yield _sse(ep.text_chunk(rid, created, name, upd.text, upd.finish_reason, include_usage=inc))
-                if inc:
-                    yield _sse(usage_chunk(rid, created, name, ep.chunk_object, upd.usage))
-                break
-            if upd.text:
-                yield _sse(ep.text_chunk(rid, created, name, upd.text, include_usage=inc))
+                usages.append(upd.usage)
+            if upd.text or upd.token_ids or upd.finish_reason is not None or upd.chat:
+                yield _sse(ep.chunk(srv, job, rid, created, i, upd, include_usage=inc))
+        if inc:
+            yield _sse(usage_chunk(rid, created, name, ep.chunk_object, _total_usage(usages)))
     except _ClientGone:
         return
     except APIError as e:
@@ -881,19 +1119,20 @@ async def _stream_events(
         logger.exception("streaming failed")
         yield _sse(error_body(f"internal error: {type(e).__name__}: {e}", "InternalServerError", None, 500))
     finally:
-        gen.close()
+        for g in gens:
+            g.close()
     yield "data: [DONE]\n\n"
 
 
 class _SSE:
-    """A streaming response (an ASGI app) that closes the generation however the response ends, even if the body
+    """A streaming response (an ASGI app) that closes the generations however the response ends, even if the body
     never started (a client gone before the first byte), so an abandoned request never keeps its row or its
     queue slot."""
 
-    def __init__(self, gen: _Generation, body: AsyncIterator[str]):
+    def __init__(self, gens: list[_Generation], body: AsyncIterator[str]):
         from starlette.responses import StreamingResponse
 
-        self.gen = gen
+        self.gens = gens
         self.response = StreamingResponse(
             body, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         )
@@ -902,7 +1141,8 @@ class _SSE:
         try:
             await self.response(scope, receive, send)
         finally:
-            self.gen.close()
+            for g in self.gens:
+                g.close()
 
 
 _ROUTES = (

@@ -284,15 +284,15 @@ def test_diffusion_knobs(client):
 
 # -- client mistakes ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs,param", [
-    (dict(n=2), "n"),
-    (dict(logprobs=2), "logprobs"),
-    (dict(echo=True), "echo"),
+    (dict(n=0), "n"),
+    (dict(logprobs=21), "logprobs"),
+    (dict(echo=True, suffix="x"), "echo"),
     (dict(best_of=3), "best_of"),
     (dict(suffix="x", extra_body={"mode": "ar"}), "suffix"),
     (dict(extra_body={"response_format": {"type": "xml"}}), "response_format"),
     (dict(extra_body={"structured_outputs": {"regex": "[a-z]+", "choice": ["a"]}}), "structured_outputs"),
     (dict(extra_body={"structured_outputs": {"regex": "(unclosed"}}), "structured_outputs"),
-    (dict(max_tokens=0), "max_tokens"),
+    (dict(max_tokens=-1), "max_tokens"),
     (dict(seed=-1), "seed"),
     (dict(top_p=1.5), "top_p"),
     (dict(temperature=-1.0), "temperature"),
@@ -312,11 +312,11 @@ def test_bad_fields_openai(client, server, kwargs, param):
 
 def test_bad_chat_openai(client, server):
     for kw in (dict(messages=[]), dict(messages=[{"role": "user"}]), dict(messages=[{"role": 1, "content": "x"}]),
-               dict(messages=[{"role": "user", "content": "x"}], logprobs=True),
+               dict(messages=[{"role": "user", "content": "x"}], top_logprobs=2),  # without logprobs
                dict(messages=[{"role": "user", "content": "x"}], response_format={"type": "xml"}),
                dict(messages=[{"role": "user", "content": "x"}],
                     response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}}),
-               dict(messages=[{"role": "user", "content": "x"}], n=3)):
+               dict(messages=[{"role": "user", "content": "x"}], n=0)):
         with pytest.raises(openai.BadRequestError):
             client.chat.completions.create(model=MODEL, max_tokens=4, **kw)
     _healthy(server)
