@@ -357,6 +357,11 @@ class Engine:
     def num_running(self) -> int:
         return sum(r is not None for r in self.rows)
 
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued for a free row."""
+        return len(self.waiting)
+
     # -- the step ---------------------------------------------------------------------------------------------
     def step(self) -> list[Event]:
         """Advance every running request by one unit of work; returns the events produced."""

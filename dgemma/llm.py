@@ -103,19 +103,21 @@ class LLM:
         self.model = load_model(self.path, dtype=self.dtype, device=self.device, quantization=quantization)
         self.generation_config = load_generation_config(self.path)
         self.tokenizer = Tokenizer.from_dir(self.path)
+        self.token_ids = token_ids(self.model.config.text, self.generation_config)
+        guides = None
+        if self.tokenizer is not None:  # structured output: matchers over this tokenizer, ending at EOS
+            guides = GuideFactory(
+                self.tokenizer.backend.to_str(), self.model.config.text.vocab_size, sorted(self.token_ids.eos_set)
+            )
         self.engine = Engine(
             self.model,
             self.generation_config,
             max_batch=max_batch,
             max_model_len=max_model_len,
             prefill_chunk=prefill_chunk,
+            guides=guides,
         )
         logger.log(logging.INFO if auto else logging.DEBUG, "dgemma: %s", self.engine.describe())
-        self.token_ids = token_ids(self.model.config.text, self.generation_config)
-        if self.tokenizer is not None:  # structured output: matchers over this tokenizer, ending at EOS
-            self.engine.guides = GuideFactory(
-                self.tokenizer.backend.to_str(), self.model.config.text.vocab_size, sorted(self.token_ids.eos_set)
-            )
 
     # -- prompts ------------------------------------------------------------------------------------------------
     def encode_prompt(self, prompt: Prompt) -> tuple[str | None, list[int]]:

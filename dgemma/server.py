@@ -430,7 +430,7 @@ class _EngineWorker:
     def _gauges(self) -> None:
         m = self.metrics
         m.running.labels(**m.labels).set(self.engine.num_running)
-        m.waiting.labels(**m.labels).set(len(self.engine.waiting))
+        m.waiting.labels(**m.labels).set(self.engine.num_waiting)
 
 
 # -- one request's output --------------------------------------------------------------------------------------------
