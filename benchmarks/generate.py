@@ -105,7 +105,7 @@ def run_one(args) -> dict:
             (new / out.tokens_per_forward.float()).mean())
     else:
         from dgemma.llm import LLM
-        from dgemma.sampler import SamplingParams
+        from dgemma.params import SamplingParams
         llm = LLM(args.ckpt, device="cpu", dtype=args.dtype, max_batch=args.batch,  # CPU, like the reference
                   max_model_len=prompt_len + new + 256)
         sp = SamplingParams(max_new_tokens=new, max_denoising_steps=steps, fixed_steps=not args.adaptive,

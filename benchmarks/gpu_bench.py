@@ -94,7 +94,7 @@ def main() -> int:
     torch.manual_seed(0)
     hf, ours = build(text, canvas, args.device, dtype)
     from dgemma.engine import Engine
-    from dgemma.sampler import SamplingParams
+    from dgemma.params import SamplingParams
 
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     cfg = ours.config.text

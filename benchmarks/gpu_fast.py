@@ -39,7 +39,8 @@ from gpu_bench import SHAPES_26B, TINY, build, roofline_ms  # noqa: E402
 from dgemma.config import ModelConfig, TextConfig  # noqa: E402
 from dgemma.engine import Engine, denoise_step  # noqa: E402
 from dgemma.model import DiffusionGemma  # noqa: E402
-from dgemma.sampler import SamplingParams, draw_uniforms  # noqa: E402
+from dgemma.params import SamplingParams  # noqa: E402
+from dgemma.sampler import draw_uniforms  # noqa: E402
 
 
 class Bench:
@@ -96,7 +97,7 @@ def step_inputs(b: Bench, batch: int):
     soft = torch.zeros(batch, C, m.config.text.hidden_size, dtype=m.dtype, device=b.dev)
     u = draw_uniforms([torch.Generator(device=b.dev).manual_seed(s) for s in range(batch)], C, b.dev)
     temp, bound = torch.full((batch,), 0.6, device=b.dev), torch.full((batch,), 0.1, device=b.dev)
-    return cache, dict(canvas=canvas, soft=soft, u=u), temp, bound, cache.decoder_masks(C)
+    return cache, dict(canvas=canvas, soft=soft, u=u), temp, bound, cache.decoder_masks(C, in_place=True)
 
 
 def step_variant(b: Bench, batch: int, impl: str, graph: bool, compile_: bool = False) -> None:

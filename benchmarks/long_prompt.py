@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dgemma import DiffusionGemma  # noqa: E402
 from dgemma.config import sized_config  # noqa: E402
 from dgemma.engine import Engine  # noqa: E402
-from dgemma.sampler import SamplingParams  # noqa: E402
+from dgemma.params import SamplingParams  # noqa: E402
 
 
 def one(tokens: int, chunk: int, params: float, dtype: str) -> dict:

@@ -39,7 +39,7 @@ def rss() -> int:
 
 def run_one(ckpt: str, batch: int, canvas: int) -> dict:
     from dgemma.llm import LLM
-    from dgemma.sampler import SamplingParams
+    from dgemma.params import SamplingParams
 
     llm = LLM(ckpt, device="cpu", dtype="float32", max_batch=batch, max_model_len=64 + canvas)
     base = rss()

@@ -4,7 +4,7 @@ from .config import ConfigError, ModelConfig, TextConfig
 from .model import DiffusionGemma
 from .cache import KVCache
 from .checkpoint import CheckpointError, load_model, save_model
-from .sampler import SamplingParams
+from .params import SamplingParams
 from .llm import LLM, CompletionOutput, RequestOutput
 
 __version__ = "0.1.0"

@@ -22,6 +22,20 @@ from .config import TextConfig
 
 
 @dataclass
+class CanvasView:
+    """How a canvas pass reads the cache (from `KVCache.decoder_masks`).
+
+    `masks[sliding]`: the boolean key mask (R, 1, 1, keys) or None (every key visible). `slots` is None when the
+    canvas's keys/values are concatenated after the cached ones (`keys` = span + C); otherwise, per layer kind, the
+    buffer entries (R, C) the canvas's own keys/values are written to before attending over the first `span`
+    entries of the buffer in place (no copy of the cache per layer and step; the entries belong to the slots the
+    canvas will occupy once committed, and the commit overwrites them)."""
+    masks: dict[bool, torch.Tensor | None]
+    slots: dict[bool, torch.Tensor] | None = None
+    span: dict[bool, int] | None = None
+
+
+@dataclass
 class LayerKV:
     k: torch.Tensor  # (B, Hkv, cap + 1, D); entry `cap` is a trash slot for writes that must not land
     v: torch.Tensor  # (B, Hkv, cap + 1, D)
@@ -91,10 +105,11 @@ class KVCache:
         n = max(self.host_lengths)
         return min(self.pos[True].shape[1] - 1, n) if sliding else n
 
-    def kv(self, layer: int, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cached keys/values (R, Hkv, used, D) of one layer for the given rows."""
+    def kv(self, layer: int, rows: torch.Tensor | None = None,
+           span: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached keys/values (R, Hkv, used, D) of one layer for the given rows (the first `span` entries if given)."""
         L = self.layers[layer]
-        used = self.used(L.sliding, rows)
+        used = self.used(L.sliding, rows) if span is None else span
         if rows is None:
             return L.k[:, :, :used], L.v[:, :, :used]
         return L.k[rows, :, :used], L.v[rows, :, :used]
@@ -126,26 +141,49 @@ class KVCache:
             masks[sliding] = "causal" if plain else m
         return masks
 
-    def decoder_masks(self, canvas_length: int, rows: torch.Tensor | None = None) -> dict[bool, torch.Tensor | None]:
-        """Boolean masks (B, 1, 1, used + C) for a bidirectional canvas pass: the canvas sees itself and the cache
-        (None when every key is visible).
-
-        On sliding layers the canvas sees the last `window - 1` cached slots (as transformers' sliding cache keeps),
-        whatever the canvas length.
-        """
+    def decoder_masks(self, canvas_length: int, rows: torch.Tensor | None = None,
+                      in_place: bool = False) -> CanvasView:
+        """How a bidirectional canvas pass of `canvas_length` tokens reads the cache: the canvas sees itself and
+        the cache; on sliding layers the last `window - 1` cached slots (as transformers' sliding cache keeps),
+        whatever the canvas length. With `in_place` (when `fits_in_place`) the canvas keys/values go into their
+        future slots (see `CanvasView`), else after the cached ones."""
+        C = canvas_length
+        if in_place and self.fits_in_place(C):
+            return self._in_place_view(C, rows)
         masks = {}
         for sliding in (True, False):
-            used = self.used(sliding, rows)
-            kpos = self.rows_of(self.pos[sliding], rows)[:, :used]
-            m = kpos >= 0
-            if sliding:
-                m &= kpos >= (self.rows_of(self.lengths, rows)[:, None] - (self.window - 1))
-            if bool(m.all()):
-                masks[sliding] = None  # everything visible: no mask at all (faster kernel, as transformers does)
-                continue
-            ones = torch.ones(m.shape[0], canvas_length, dtype=torch.bool, device=m.device)
-            masks[sliding] = torch.cat([m, ones], dim=1)[:, None, None, :]
-        return masks
+            m = self._visible(sliding, self.used(sliding, rows), rows)
+            ones = torch.ones(m.shape[0], C, dtype=torch.bool, device=m.device)
+            masks[sliding] = None if bool(m.all()) else torch.cat([m, ones], dim=1)[:, None, None, :]
+        return CanvasView(masks)
+
+    def fits_in_place(self, canvas_length: int) -> bool:
+        """Whether a canvas at every row's next slots can be written into the buffers without overwriting a key it
+        attends to: the full layers' buffers reach that far, and the sliding ring has a canvas of slack (or the
+        canvas ends before the ring wraps)."""
+        end = max(self.host_lengths) + canvas_length
+        ring = self.pos[True].shape[1] - 1
+        return end <= self.max_len and (ring >= self.window - 1 + canvas_length or end <= ring)
+
+    def _visible(self, sliding: bool, span: int, rows: torch.Tensor | None) -> torch.Tensor:
+        """(R, span) bool: buffer entries holding a cached key the canvas may see."""
+        kpos = self.rows_of(self.pos[sliding], rows)[:, :span]
+        m = kpos >= 0
+        if sliding:
+            m &= kpos >= (self.rows_of(self.lengths, rows)[:, None] - (self.window - 1))
+        return m
+
+    def _in_place_view(self, C: int, rows: torch.Tensor | None) -> CanvasView:
+        positions = self.rows_of(self.lengths, rows)[:, None] + torch.arange(C, device=self.device)[None, :]  # (R, C)
+        top = max(self.host_lengths) + C
+        masks, slots, span = {}, {}, {}
+        for sliding in (True, False):
+            cap = self.pos[sliding].shape[1] - 1
+            slots[sliding] = positions % cap if sliding else positions
+            span[sliding] = min(cap, top)
+            m = self._visible(sliding, span[sliding], rows).scatter_(1, slots[sliding], True)
+            masks[sliding] = None if bool(m.all()) else m[:, None, None, :]
+        return CanvasView(masks, slots, span)
 
     # -- writes ------------------------------------------------------------------------------------------------
     def write_plan(self, positions: torch.Tensor, n_new: torch.Tensor,

@@ -5,7 +5,7 @@
     dgemma chat --model ./ckpt
 
 Subcommands live in the `SUBCOMMANDS` registry; another module adds one with
-`register(name, help, add_arguments, run)`. A module listed in `PLUGINS` (e.g. `dgemma.serve`) is imported before the
+`register(name, help, add_arguments, run)`. A module listed in `PLUGINS` (e.g. `dgemma.server`) is imported before the
 parser is built, so registering at import time is enough for `dgemma <name>` to appear. Such a module should import
 heavy optional dependencies inside its `run`, not at import time.
 
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple, TextIO
 if TYPE_CHECKING:  # imported lazily at run time: `dgemma --help` should not wait for torch more than needed
     from .device import Placement
     from .llm import LLM
-    from .sampler import SamplingParams
+    from .params import Knob, SamplingParams
 
 PROG = "dgemma"
 EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130
@@ -57,9 +57,14 @@ class Subcommand(NamedTuple):
 SUBCOMMANDS: dict[str, Subcommand] = {}
 
 
-def register(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None],
-             run: Callable[[argparse.Namespace], int], description: str | None = None,
-             replace: bool = False) -> Subcommand:
+def register(
+    name: str,
+    help: str,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[argparse.Namespace], int],
+    description: str | None = None,
+    replace: bool = False,
+) -> Subcommand:
     """Add the subcommand `dgemma <name>`.
 
     `help` is the one-line summary shown by `dgemma --help`; `description` (default: `help`) heads
@@ -125,136 +130,153 @@ def _token_ids(s: str) -> list[int]:
 
 
 DEVICE_HELP = "torch device: auto (CUDA when available, else the CPU), cpu, cuda, cuda:1, ... (default: auto)"
-DTYPE_HELP = ("weight and activation dtype (default: auto: bfloat16 on CUDA and on CPUs where bf16 matmul is native "
-              "and faster, i.e. with AMX, or AVX512-BF16 on AMD; float32 elsewhere: on AVX2-only CPUs bf16 is "
-              "emulated, ~100x slower per matmul). bfloat16 halves memory; float32 reproduces transformers bit for "
-              "bit")
+DTYPE_HELP = (
+    "weight and activation dtype (default: auto: bfloat16 on CUDA and on CPUs where bf16 matmul is native "
+    "and faster, i.e. with AMX, or AVX512-BF16 on AMD; float32 elsewhere: on AVX2-only CPUs bf16 is "
+    "emulated, ~100x slower per matmul). bfloat16 halves memory; float32 reproduces transformers bit for "
+    "bit"
+)
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """--model, --dtype, --device, --max-model-len, --threads."""
     g = p.add_argument_group("model")
-    g.add_argument("--model", "-m", required=True, metavar="PATH",
-                   help="checkpoint directory in the Hugging Face format (config.json, model.safetensors or a "
-                        "sharded index, optional generation_config.json and tokenizer files)")
+    g.add_argument(
+        "--model",
+        "-m",
+        required=True,
+        metavar="PATH",
+        help="checkpoint directory in the Hugging Face format (config.json, model.safetensors or a "
+        "sharded index, optional generation_config.json and tokenizer files)",
+    )
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help=DTYPE_HELP)
     g.add_argument("--device", default="auto", help=DEVICE_HELP)
-    g.add_argument("--quantization", choices=["fp8"], default=None,
-                   help="fp8: FP8 (e4m3) dense and expert weights with per-channel scales and bf16 activations, "
-                        "quantized at load (about half the weight memory; needs a device with FP8 matmuls: "
-                        "Ada/Hopper GPUs, or torch's CPU kernel); a checkpoint saved in FP8 loads as FP8 without it")
-    g.add_argument("--max-model-len", type=_positive_int, default=None, metavar="N",
-                   help="context length in tokens (prompt + generated) that the KV cache is sized for "
-                        "(default: the checkpoint's max_position_embeddings, at most 8192)")
-    g.add_argument("--threads", type=_positive_int, default=None, metavar="N",
-                   help="CPU threads for torch (default: torch's choice, usually one per core)")
+    g.add_argument(
+        "--quantization",
+        choices=["fp8"],
+        default=None,
+        help="fp8: FP8 (e4m3) dense and expert weights with per-channel scales and bf16 activations, "
+        "quantized at load (about half the weight memory; needs a device with FP8 matmuls: "
+        "Ada/Hopper GPUs, or torch's CPU kernel); a checkpoint saved in FP8 loads as FP8 without it",
+    )
+    g.add_argument(
+        "--max-model-len",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="context length in tokens (prompt + generated) that the KV cache is sized for "
+        "(default: the checkpoint's max_position_embeddings, at most 8192)",
+    )
+    g.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="CPU threads for torch (default: torch's choice, usually one per core)",
+    )
 
 
-# SamplingParams fields that only one mode uses: giving one with the other --mode is a usage error.
-_DIFFUSION_FLAGS = ("max_denoising_steps", "t_min", "t_max", "entropy_bound", "stability_threshold",
-                    "confidence_threshold", "fixed_steps", "schedule", "acceptance", "stopping")
-_AR_FLAGS = ("temperature", "top_k", "top_p")
+_GROUPS = {
+    None: "generation",
+    "diffusion": "diffusion sampler (--mode diffusion)",
+    "ar": "autoregressive sampler (--mode ar)",
+}
+
+
+def _add_knob(g: argparse._ArgumentGroup, knob: Knob) -> None:
+    """One `KNOBS` entry as an option: unset (None) unless given, so that `sampling_params_from_args` can tell."""
+    if knob.kind is bool:
+        g.add_argument(knob.flag, action="store_true", help=knob.help)
+        return
+    default = f" (default: {knob.default})" if knob.default is not None else ""
+    if knob.kind is str:
+        g.add_argument(knob.flag, choices=list(knob.choices()), default=None, help=knob.help + default)
+        return
+    kind = _positive_int if knob.strict_flag else knob.kind
+    g.add_argument(
+        knob.flag, type=kind, default=None, metavar=knob.metavar, help=f"{knob.help}, {knob.range_text()}{default}"
+    )
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
-    """Every SamplingParams knob as an option (unset diffusion knobs come from the checkpoint)."""
-    from .sampler import ACCEPTANCE, DEFAULTS, SCHEDULES, STOPPING
+    """Every SamplingParams knob as an option (from `params.KNOBS`; unset diffusion knobs come from the checkpoint)."""
+    from .params import DEFAULTS, KNOBS
 
-    g = p.add_argument_group("generation")
-    g.add_argument("--max-new-tokens", type=_positive_int, default=256, metavar="N",
-                   help="most tokens to generate (default: %(default)s); diffusion commits whole canvases and "
-                        "trims the last one")
-    g.add_argument("--seed", type=int, default=None, metavar="S",
-                   help="random seed; the same seed, prompt and options give the same tokens (default: random)")
-    g.add_argument("--mode", choices=["diffusion", "ar"], default="diffusion",
-                   help="diffusion: denoise a canvas of tokens at a time (the model's native mode); ar: one token "
-                        "per forward pass, for comparison (default: %(default)s)")
-    g.add_argument("--stop", action="append", default=None, metavar="STR",
-                   help="stop when the generated text contains STR (repeatable); the text ends before it. "
-                        "Needs a tokenizer")
-    g.add_argument("--stop-token-id", action="append", type=int, default=None, metavar="ID",
-                   help="stop at this token id, as at EOS (repeatable)")
-    g.add_argument("--ignore-eos", action="store_true",
-                   help="keep generating past the checkpoint's EOS tokens, up to --max-new-tokens")
-
-    d = p.add_argument_group(
-        "diffusion sampler (--mode diffusion)",
+    groups = {mode: p.add_argument_group(title) for mode, title in _GROUPS.items()}
+    groups["diffusion"].description = (
         "Unset knobs come from the checkpoint's generation_config.json, then the published defaults:\n"
-        f"max_denoising_steps={DEFAULTS['max_denoising_steps']}, t_min={DEFAULTS['t_min']}, "
-        f"t_max={DEFAULTS['t_max']}, entropy_bound={DEFAULTS['entropy_bound']},\n"
-        f"stability_threshold={DEFAULTS['stability_threshold']}, "
-        f"confidence_threshold={DEFAULTS['confidence_threshold']}.")
-    d.add_argument("--max-denoising-steps", type=int, default=None, metavar="N",
-                   help="most denoising steps per canvas, 1..10000")
-    d.add_argument("--t-min", type=float, default=None, metavar="F",
-                   help="sampling temperature at the last step, in (0, 100]")
-    d.add_argument("--t-max", type=float, default=None, metavar="F",
-                   help="sampling temperature at the first step, in (0, 100] and >= --t-min "
-                        "(the temperature falls from t-max to t-min over the steps)")
-    d.add_argument("--entropy-bound", type=float, default=None, metavar="F",
-                   help="per step, accept the lowest-entropy positions while their summed entropy stays within F "
-                        "(> 0); larger accepts more tokens per step: faster, less careful")
-    d.add_argument("--stability-threshold", type=int, default=None, metavar="N",
-                   help="adaptive stop: the canvas's argmax must be unchanged for N steps, 0..1000")
-    d.add_argument("--confidence-threshold", type=float, default=None, metavar="F",
-                   help="adaptive stop: and its mean entropy must be below F (> 0)")
-    d.add_argument("--fixed-steps", action="store_true",
-                   help="no adaptive stop: run exactly --max-denoising-steps steps per canvas")
-    d.add_argument("--schedule", choices=sorted(SCHEDULES), default="linear",
-                   help="temperature schedule from t-max to t-min (default: %(default)s)")
-    d.add_argument("--acceptance", choices=sorted(ACCEPTANCE), default="entropy_bound",
-                   help="which positions keep their sampled token each step (default: %(default)s)")
-    d.add_argument("--stopping", choices=sorted(STOPPING), default="stable_confident",
-                   help="adaptive stop rule; 'none' is the same as --fixed-steps (default: %(default)s)")
-
+        + ", ".join(f"{k}={v}" for k, v in DEFAULTS.items())
+        + "."
+    )
+    for knob in KNOBS:
+        _add_knob(groups[knob.mode], knob)
+    g = groups[None]
+    g.add_argument(
+        "--stop",
+        action="append",
+        default=None,
+        metavar="STR",
+        help="stop when the generated text contains STR (repeatable); the text ends before it. Needs a tokenizer",
+    )
+    g.add_argument(
+        "--stop-token-id",
+        action="append",
+        type=int,
+        default=None,
+        metavar="ID",
+        help="stop at this token id, as at EOS (repeatable)",
+    )
     c = p.add_argument_group("structured output and infilling (docs/structured.md)")
-    c.add_argument("--json-schema", metavar="JSON|FILE", default=None,
-                   help="the output must validate against this JSON schema (inline JSON or a file)")
+    c.add_argument(
+        "--json-schema",
+        metavar="JSON|FILE",
+        default=None,
+        help="the output must validate against this JSON schema (inline JSON or a file)",
+    )
     c.add_argument("--json-object", action="store_true", help="the output must be a JSON object")
     c.add_argument("--regex", metavar="RE", default=None, help="the output must match this regular expression")
-    c.add_argument("--choice", action="append", default=None, metavar="STR",
-                   help="the output must be one of these strings (repeatable)")
-    c.add_argument("--grammar", metavar="LARK|FILE", default=None,
-                   help="the output must match this Lark grammar (or GBNF, if it uses ::=); inline or a file")
-    c.add_argument("--suffix", metavar="STR", default=None,
-                   help="infill: generate the text between the prompt and STR (diffusion mode)")
-
-    a = p.add_argument_group("autoregressive sampler (--mode ar)")
-    a.add_argument("--temperature", type=float, default=None, metavar="F",
-                   help="sampling temperature in [0, 100]; 0 is greedy (default: 0)")
-    a.add_argument("--top-k", type=int, default=None, metavar="K",
-                   help="sample among the K most likely tokens; 0 disables (default: 0)")
-    a.add_argument("--top-p", type=float, default=None, metavar="P",
-                   help="nucleus sampling: the smallest set of tokens with probability >= P, in (0, 1] "
-                        "(default: 1, disabled)")
+    c.add_argument(
+        "--choice",
+        action="append",
+        default=None,
+        metavar="STR",
+        help="the output must be one of these strings (repeatable)",
+    )
+    c.add_argument(
+        "--grammar",
+        metavar="LARK|FILE",
+        default=None,
+        help="the output must match this Lark grammar (or GBNF, if it uses ::=); inline or a file",
+    )
+    c.add_argument(
+        "--suffix",
+        metavar="STR",
+        default=None,
+        help="infill: generate the text between the prompt and STR (diffusion mode)",
+    )
 
 
 def sampling_params_from_args(args: argparse.Namespace) -> SamplingParams:
     """Build and validate SamplingParams from `add_sampling_arguments` options (raises ValueError naming the field)."""
-    from .sampler import SamplingParams
+    from .params import KNOBS, SamplingParams
 
-    def given(name: str) -> bool:
-        v = getattr(args, name)
-        defaults = {"fixed_steps": False, "schedule": "linear", "acceptance": "entropy_bound",
-                    "stopping": "stable_confident"}
-        return v != defaults[name] if name in defaults else v is not None
+    values = {k.name: getattr(args, k.name) for k in KNOBS}
+    given = {name: v for name, v in values.items() if v is not None and v is not False}  # 0 is a given value
+    mode = given.get("mode", "diffusion")
+    bad = [k.flag for k in KNOBS if k.name in given and k.mode not in (None, mode)]
+    if bad:
+        raise CLIError(
+            f"{', '.join(bad)} {'applies' if len(bad) == 1 else 'apply'} only to --mode "
+            f"{'diffusion' if mode == 'ar' else 'ar'}"
+        )
+    kw: dict[str, Any] = dict(given, stop=list(args.stop or []), stop_token_ids=list(args.stop_token_id or []))
+    kw.update(_constraint_args(args))
+    return SamplingParams(**kw).validate()
 
-    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
-    if args.mode == "ar":
-        bad = [flag(n) for n in _DIFFUSION_FLAGS if given(n)]
-        if bad:
-            raise CLIError(f"{', '.join(bad)} {'applies' if len(bad) == 1 else 'apply'} only to --mode diffusion")
-    else:
-        bad = [flag(n) for n in _AR_FLAGS if given(n)]
-        if bad:
-            raise CLIError(f"{', '.join(bad)} {'applies' if len(bad) == 1 else 'apply'} only to --mode ar")
-    kw: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, seed=args.seed, mode=args.mode,
-                              stop=list(args.stop or []), stop_token_ids=list(args.stop_token_id or []),
-                              ignore_eos=args.ignore_eos)
-    for name in _DIFFUSION_FLAGS + _AR_FLAGS:
-        v = getattr(args, name)
-        if v is not None:
-            kw[name] = v
+
+def _constraint_args(args: argparse.Namespace) -> dict[str, Any]:
+    """SamplingParams fields from the structured-output and infilling options."""
+    kw: dict[str, Any] = {}
     if getattr(args, "json_schema", None) is not None:
         text = _inline_or_file(args.json_schema, "--json-schema")
         try:
@@ -268,7 +290,7 @@ def sampling_params_from_args(args: argparse.Namespace) -> SamplingParams:
             kw[name] = getattr(args, name)
     if getattr(args, "json_object", False):
         kw["json_object"] = True
-    return SamplingParams(**kw).validate()
+    return kw
 
 
 def _inline_or_file(value: str, flag: str) -> str:
@@ -293,8 +315,14 @@ def load_llm(args: argparse.Namespace, max_batch: int = 1) -> LLM:
         torch.set_num_threads(args.threads)
     quantization = getattr(args, "quantization", None)
     where = placement(args.device, args.dtype, quantization)
-    llm = LLM(args.model, device=where.device, dtype=where.dtype, max_batch=max_batch,
-              max_model_len=args.max_model_len, quantization=quantization)
+    llm = LLM(
+        args.model,
+        device=where.device,
+        dtype=where.dtype,
+        max_batch=max_batch,
+        max_model_len=args.max_model_len,
+        quantization=quantization,
+    )
     print(f"dgemma: {llm.engine.describe()}", file=sys.stderr)
     return llm
 
@@ -369,7 +397,7 @@ class DraftLine:
         self.active = False
 
     def _visible_tail(self, width: int) -> str:
-        return self.tail[len(self.tail) - len(self.tail) % width:] if width > 0 else self.tail
+        return self.tail[len(self.tail) - len(self.tail) % width :] if width > 0 else self.tail
 
     def committed(self, text: str) -> None:
         self.tail = text.rsplit("\n", 1)[1] if "\n" in text else self.tail + text
@@ -405,67 +433,90 @@ class GenerationResult:
         out: dict[str, Any] = {"token_ids": self.token_ids}
         if self.text is not None:
             out["text"] = self.text
-        out.update(finish_reason=self.finish_reason, tokens_per_forward=m.get("tokens_per_forward"),
-                   denoising_steps=m.get("denoising_steps"), prompt_tokens=self.prompt_tokens,
-                   completion_tokens=len(self.token_ids), timings=self.timings)
+        out.update(
+            finish_reason=self.finish_reason,
+            tokens_per_forward=m.get("tokens_per_forward"),
+            denoising_steps=m.get("denoising_steps"),
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=len(self.token_ids),
+            timings=self.timings,
+        )
         return out
 
 
-def generate_one(llm: LLM, prompt_ids: list[int], params: SamplingParams, *, out: TextIO | None = None,
-                 drafts: DraftLine | None = None, terminal: bool = False,
-                 reference_sampling: bool = False) -> GenerationResult:
+class _Printer:
+    """Writes committed text (or, without a tokenizer, token ids) to `out` as it arrives, keeping the draft line
+    after it; `terminal` writes control characters as U+FFFD."""
+
+    def __init__(self, out: TextIO | None, drafts: DraftLine | None, terminal: bool, tokenized: bool) -> None:
+        self.out, self.drafts, self.tokenized = out, drafts, tokenized
+        self.show = terminal_safe if terminal else (lambda t: t)
+        self.pieces: list[str] = []  # the text, unaltered
+
+    def emit(self, res: GenerationResult, text: str, ids: list[int]) -> None:
+        piece = text if self.tokenized else ("" if not res.token_ids else " ") + " ".join(map(str, ids))
+        res.token_ids.extend(ids)
+        self.pieces.append(text)
+        if self.out is None or not piece:
+            return
+        if self.drafts is not None:
+            self.drafts.clear()
+        piece = self.show(piece)
+        self.out.write(piece)
+        self.out.flush()
+        if self.drafts is not None:
+            self.drafts.committed(piece)
+
+
+def generate_one(
+    llm: LLM,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    *,
+    out: TextIO | None = None,
+    drafts: DraftLine | None = None,
+    terminal: bool = False,
+    reference_sampling: bool = False,
+) -> GenerationResult:
     """Generate for one tokenized prompt. Text (or, without a tokenizer, token ids) is written to `out` as each
     canvas commits; `drafts`, if given, shows the canvas being denoised; `terminal` writes control characters as
     U+FFFD (see `terminal_safe`). Returns tokens, text (unaltered), finish reason and metrics."""
-    show = terminal_safe if terminal else (lambda t: t)
+    printer = _Printer(out, drafts, terminal, llm.tokenizer is not None)
     res = GenerationResult(prompt_tokens=len(prompt_ids))
-    tok = llm.tokenizer
-    pieces: list[str] = []
-
-    def emit(text: str, ids: list[int]) -> None:
-        piece = text if tok is not None else ("" if not res.token_ids else " ") + " ".join(map(str, ids))
-        res.token_ids.extend(ids)
-        pieces.append(text)
-        if out is None or not piece:
-            return
-        if drafts is not None:
-            drafts.clear()
-        piece = show(piece)
-        out.write(piece)
-        out.flush()
-        if drafts is not None:
-            drafts.committed(piece)
-
     t0 = time.perf_counter()
     prompt = [{"prompt_token_ids": prompt_ids}]
     if reference_sampling:
         o = llm.generate(prompt, params, reference_sampling=True)[0]
         res.metrics, res.finish_reason = dict(o.metrics), o.outputs[0].finish_reason
         res.timings["ttft_s"] = time.perf_counter() - t0
-        emit(o.outputs[0].text, o.outputs[0].token_ids)
+        printer.emit(res, o.outputs[0].text, o.outputs[0].token_ids)
     else:
-        stream = llm.generate_stream(prompt, params, stream_drafts=drafts is not None)
-        try:
-            for d in stream:
-                if d.draft_token_ids is not None:
-                    drafts.show(llm.decode(d.draft_token_ids) if tok is not None
-                                else " ".join(map(str, d.draft_token_ids)))
-                    continue
-                if d.token_ids and "ttft_s" not in res.timings:
-                    res.timings["ttft_s"] = time.perf_counter() - t0
-                if d.token_ids or d.text:
-                    emit(d.text, d.token_ids)
-                if d.finished:
-                    res.finish_reason = d.finish_reason
-                    res.metrics = dict(d.metrics)
-        finally:
-            stream.close()  # on Ctrl-C or an error, free the engine row at once
+        _print_stream(llm, llm.generate_stream(prompt, params, stream_drafts=drafts is not None), res, printer, t0)
     if drafts is not None:
         drafts.clear()
-    res.text = "".join(pieces) if tok is not None else None
+    res.text = "".join(printer.pieces) if llm.tokenizer is not None else None
     res.timings["generate_s"] = time.perf_counter() - t0
     res.timings.setdefault("ttft_s", res.timings["generate_s"])
     return res
+
+
+def _print_stream(llm: LLM, stream: Any, res: GenerationResult, printer: _Printer, t0: float) -> None:
+    """Consume one prompt's stream of deltas into `res`, printing as it goes."""
+    try:
+        for d in stream:
+            if d.draft_token_ids is not None:
+                ids = d.draft_token_ids
+                printer.drafts.show(llm.decode(ids) if printer.tokenized else " ".join(map(str, ids)))
+                continue
+            if d.token_ids and "ttft_s" not in res.timings:
+                res.timings["ttft_s"] = time.perf_counter() - t0
+            if d.token_ids or d.text:
+                printer.emit(res, d.text, d.token_ids)
+            if d.finished:
+                res.finish_reason = d.finish_reason
+                res.metrics = dict(d.metrics)
+    finally:
+        stream.close()  # on Ctrl-C or an error, free the engine row at once
 
 
 def _want_drafts(args: argparse.Namespace) -> bool:
@@ -501,24 +552,43 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     g = p.add_argument_group("prompt (one of)")
     src = g.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", "-p", metavar="TEXT",
-                     help="prompt text, tokenized with the checkpoint's tokenizer (BOS prepended); '-' reads it "
-                          "from stdin")
-    src.add_argument("--prompt-ids", type=_token_ids, metavar="IDS",
-                     help="prompt as comma-separated token ids, e.g. 2,651,1234 (works without a tokenizer)")
-    g.add_argument("--chat", action="store_true",
-                   help="wrap --prompt as a user message and apply the checkpoint's chat template (Gemma turns if "
-                        "it has none); generation also stops at <end_of_turn>")
+    src.add_argument(
+        "--prompt",
+        "-p",
+        metavar="TEXT",
+        help="prompt text, tokenized with the checkpoint's tokenizer (BOS prepended); '-' reads it from stdin",
+    )
+    src.add_argument(
+        "--prompt-ids",
+        type=_token_ids,
+        metavar="IDS",
+        help="prompt as comma-separated token ids, e.g. 2,651,1234 (works without a tokenizer)",
+    )
+    g.add_argument(
+        "--chat",
+        action="store_true",
+        help="wrap --prompt as a user message and apply the checkpoint's chat template (Gemma turns if "
+        "it has none); generation also stops at <end_of_turn>",
+    )
     add_sampling_arguments(p)
     o = p.add_argument_group("output")
-    o.add_argument("--reference-sampling", action="store_true",
-                   help="run transformers' exact sampling loop and random-number order instead of the fast engine: "
-                        "with the same --seed and --device cpu --dtype float32 it reproduces transformers' "
-                        "generate() token for token (slower; output is printed when done)")
-    o.add_argument("--json", action="store_true",
-                   help="print one JSON object with the tokens, text, finish reason and statistics (see above)")
-    o.add_argument("--no-drafts", action="store_true",
-                   help="do not show the canvas being denoised (shown on stderr only when stdout is a terminal)")
+    o.add_argument(
+        "--reference-sampling",
+        action="store_true",
+        help="run transformers' exact sampling loop and random-number order instead of the fast engine: "
+        "with the same --seed and --device cpu --dtype float32 it reproduces transformers' "
+        "generate() token for token (slower; output is printed when done)",
+    )
+    o.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object with the tokens, text, finish reason and statistics (see above)",
+    )
+    o.add_argument(
+        "--no-drafts",
+        action="store_true",
+        help="do not show the canvas being denoised (shown on stderr only when stdout is a terminal)",
+    )
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -535,8 +605,7 @@ def run_generate(args: argparse.Namespace) -> int:
         if text is not None:
             raise CLIError(f"{args.model} has no tokenizer.json: pass the prompt with --prompt-ids")
         if params.stop:
-            raise CLIError(f"--stop needs a tokenizer, and {args.model} has no tokenizer.json "
-                           "(use --stop-token-id)")
+            raise CLIError(f"--stop needs a tokenizer, and {args.model} has no tokenizer.json (use --stop-token-id)")
     if text is not None:
         _, ids = llm.encode_prompt([{"role": "user", "content": text}] if args.chat else text)
     else:
@@ -547,8 +616,15 @@ def run_generate(args: argparse.Namespace) -> int:
         res = generate_one(llm, ids, params, reference_sampling=args.reference_sampling)
     else:
         drafts = DraftLine(sys.stdout, sys.stderr) if _want_drafts(args) else None
-        res = generate_one(llm, ids, params, out=sys.stdout, drafts=drafts, terminal=sys.stdout.isatty(),
-                           reference_sampling=args.reference_sampling)
+        res = generate_one(
+            llm,
+            ids,
+            params,
+            out=sys.stdout,
+            drafts=drafts,
+            terminal=sys.stdout.isatty(),
+            reference_sampling=args.reference_sampling,
+        )
     res.timings = {"load_s": load_s, **res.timings, "total_s": time.perf_counter() - t0}
     if args.json:
         sys.stdout.write(json.dumps(res.to_json(), ensure_ascii=False) + "\n")
@@ -574,11 +650,18 @@ CHAT_HELP = "commands: /reset forgets the conversation, /exit quits"
 
 def add_chat_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
-    p.add_argument("--system", metavar="TEXT", default=None,
-                   help="a system message placed before the conversation (kept across /reset)")
+    p.add_argument(
+        "--system",
+        metavar="TEXT",
+        default=None,
+        help="a system message placed before the conversation (kept across /reset)",
+    )
     add_sampling_arguments(p)
-    p.add_argument("--no-drafts", action="store_true",
-                   help="do not show the canvas being denoised (shown on stderr only when stdout is a terminal)")
+    p.add_argument(
+        "--no-drafts",
+        action="store_true",
+        help="do not show the canvas being denoised (shown on stderr only when stdout is a terminal)",
+    )
 
 
 def _read_line(interactive: bool) -> str | None:
@@ -595,8 +678,9 @@ def run_chat(args: argparse.Namespace) -> int:
     params = sampling_params_from_args(args)
     llm = load_llm(args)
     if llm.tokenizer is None:
-        raise CLIError(f"{args.model} has no tokenizer.json; chat needs a tokenizer (use `dgemma generate "
-                       f"--prompt-ids` instead)")
+        raise CLIError(
+            f"{args.model} has no tokenizer.json; chat needs a tokenizer (use `dgemma generate --prompt-ids` instead)"
+        )
     params.stop_token_ids = sorted(set(params.stop_token_ids) | set(_end_of_turn_ids(llm)))
     interactive = sys.stdin.isatty()
     if interactive:
@@ -641,8 +725,7 @@ def run_chat(args: argparse.Namespace) -> int:
             continue
         except ValueError as e:
             sys.stdout.flush()
-            print(f"{PROG}: error: {_one_line(e)}" + (" (/reset starts over)" if history[:-1] else ""),
-                  file=sys.stderr)
+            print(f"{PROG}: error: {_one_line(e)}" + (" (/reset starts over)" if history[:-1] else ""), file=sys.stderr)
             history.pop()
             continue
         history.append({"role": "assistant", "content": res.text or ""})
@@ -651,16 +734,18 @@ def run_chat(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-register("generate", "generate a completion for one prompt", add_generate_arguments, run_generate,
-         GENERATE_DESCRIPTION)
-register("chat", "chat interactively (reads user messages from stdin)", add_chat_arguments, run_chat,
-         CHAT_DESCRIPTION)
+register("generate", "generate a completion for one prompt", add_generate_arguments, run_generate, GENERATE_DESCRIPTION)
+register("chat", "chat interactively (reads user messages from stdin)", add_chat_arguments, run_chat, CHAT_DESCRIPTION)
 
 
 def add_init_random_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", metavar="OUT", help="directory to write the checkpoint to (created if missing)")
-    p.add_argument("--params", type=float, default=5e6,
-                   help="approximate parameter count of the Gemma-4-shaped model (default: 5e6)")
+    p.add_argument(
+        "--params",
+        type=float,
+        default=5e6,
+        help="approximate parameter count of the Gemma-4-shaped model (default: 5e6)",
+    )
     p.add_argument("--vocab", type=_positive_int, default=4096, help="vocabulary size (default: 4096)")
     p.add_argument("--canvas-length", type=_positive_int, default=64, help="canvas length (default: 64)")
     p.add_argument("--seed", type=int, default=0, help="random seed for the weights (default: 0)")
@@ -683,60 +768,109 @@ def run_init_random(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-register("init-random", "write a random-weights model in the HF checkpoint format", add_init_random_arguments,
-         run_init_random, "Write a random-weights DiffusionGemma checkpoint (config.json, model.safetensors,\n"
-         "generation_config.json) for demos, tests and benchmarks: no weights are downloaded.")
+register(
+    "init-random",
+    "write a random-weights model in the HF checkpoint format",
+    add_init_random_arguments,
+    run_init_random,
+    "Write a random-weights DiffusionGemma checkpoint (config.json, model.safetensors,\n"
+    "generation_config.json) for demos, tests and benchmarks: no weights are downloaded.",
+)
 
 
 # -- train ------------------------------------------------------------------------------------------------------------
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """`dgemma train`'s flags, defaults from `TrainConfig`. Long only because it is a flat list of declarations, in
+    `--help` order: nothing in it branches."""
     from .train import TrainConfig
 
     d = TrainConfig()
     p.add_argument("--model", "-m", required=True, metavar="PATH", help="checkpoint to start from (HF format)")
-    p.add_argument("--data", required=True, metavar="FILE",
-                   help='JSONL training data: {"prompt": ..., "completion": ...}, {"messages": [...]} (the last '
-                        'turn, an assistant one, is learned) or {"prompt_ids": [...], "completion_ids": [...]}')
-    p.add_argument("--output", "-o", required=True, metavar="DIR",
-                   help="where checkpoint-N/, final/, train_log.jsonl and loss.svg go; re-running resumes from "
-                        "the newest checkpoint-N/ there")
+    p.add_argument(
+        "--data",
+        required=True,
+        metavar="FILE",
+        help='JSONL training data: {"prompt": ..., "completion": ...}, {"messages": [...]} (the last '
+        'turn, an assistant one, is learned) or {"prompt_ids": [...], "completion_ids": [...]}',
+    )
+    p.add_argument(
+        "--output",
+        "-o",
+        required=True,
+        metavar="DIR",
+        help="where checkpoint-N/, final/, train_log.jsonl and loss.svg go; re-running resumes from "
+        "the newest checkpoint-N/ there",
+    )
     g = p.add_argument_group("objective")
-    g.add_argument("--objective", choices=["diffusion", "ar"], default=d.objective,
-                   help="diffusion: the published block-diffusion SFT loss (+ the encoder's AR loss); ar: a plain "
-                        "causal LM, the baseline (default: %(default)s)")
-    g.add_argument("--ar-weight", type=float, default=d.ar_weight, help="weight of the encoder AR loss "
-                   "(default: %(default)s)")
-    g.add_argument("--self-cond-prob", type=float, default=d.self_cond_prob,
-                   help="probability of training with self-conditioning (default: %(default)s)")
+    g.add_argument(
+        "--objective",
+        choices=["diffusion", "ar"],
+        default=d.objective,
+        help="diffusion: the published block-diffusion SFT loss (+ the encoder's AR loss); ar: a plain "
+        "causal LM, the baseline (default: %(default)s)",
+    )
+    g.add_argument(
+        "--ar-weight", type=float, default=d.ar_weight, help="weight of the encoder AR loss (default: %(default)s)"
+    )
+    g.add_argument(
+        "--self-cond-prob",
+        type=float,
+        default=d.self_cond_prob,
+        help="probability of training with self-conditioning (default: %(default)s)",
+    )
     g.add_argument("--no-prompt-loss", action="store_true", help="no next-token loss on prompt tokens")
-    g.add_argument("--template-prob", type=float, default=d.template_prob,
-                   help="examples with a 'fixed' list keep those response positions uncorrupted with this "
-                        "probability, to train for inference with templates (default: %(default)s)")
+    g.add_argument(
+        "--template-prob",
+        type=float,
+        default=d.template_prob,
+        help="examples with a 'fixed' list keep those response positions uncorrupted with this "
+        "probability, to train for inference with templates (default: %(default)s)",
+    )
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=_positive_int, default=d.steps, help="optimizer steps (default: %(default)s)")
-    g.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
-                   help="global examples per step, over all processes (default: %(default)s)")
-    g.add_argument("--grad-accum", type=_positive_int, default=d.grad_accum,
-                   help="micro-batches per step per process (default: %(default)s)")
+    g.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=d.batch_size,
+        help="global examples per step, over all processes (default: %(default)s)",
+    )
+    g.add_argument(
+        "--grad-accum",
+        type=_positive_int,
+        default=d.grad_accum,
+        help="micro-batches per step per process (default: %(default)s)",
+    )
     g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default: %(default)s)")
     g.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="(default: %(default)s)")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="(default: %(default)s)")
     g.add_argument("--clip-norm", type=float, default=d.clip_norm, help="(default: %(default)s)")
-    g.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default=d.precision,
-                   help="bfloat16: autocast matmuls with float32 master weights; auto: bfloat16 on a GPU with "
-                        "native bf16, float32 elsewhere (float32 stays the CPU default) (default: %(default)s)")
+    g.add_argument(
+        "--precision",
+        choices=["auto", "float32", "bfloat16"],
+        default=d.precision,
+        help="bfloat16: autocast matmuls with float32 master weights; auto: bfloat16 on a GPU with "
+        "native bf16, float32 elsewhere (float32 stays the CPU default) (default: %(default)s)",
+    )
     g.add_argument("--lora-rank", type=int, default=0, help="LoRA rank; 0 trains every weight (default: 0)")
     g.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="(default: %(default)s)")
-    g.add_argument("--lora-targets", default=",".join(d.lora_targets),
-                   help="comma-separated linear layer names (default: all attention and MLP projections)")
+    g.add_argument(
+        "--lora-targets",
+        default=",".join(d.lora_targets),
+        help="comma-separated linear layer names (default: all attention and MLP projections)",
+    )
     g = p.add_argument_group("run")
-    g.add_argument("--save-every", type=int, default=0, metavar="N", help="checkpoint every N steps (default: end "
-                   "only)")
+    g.add_argument(
+        "--save-every", type=int, default=0, metavar="N", help="checkpoint every N steps (default: end only)"
+    )
     g.add_argument("--log-every", type=_positive_int, default=d.log_every, help="(default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     g.add_argument("--threads", type=_positive_int, default=None, help="torch threads per process")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto: this process's GPU "
-                   "if there is one, under torchrun the LOCAL_RANK-th, else the CPU)")
+    g.add_argument(
+        "--device",
+        default="auto",
+        help="auto, cpu, cuda or cuda:N (default: auto: this process's GPU "
+        "if there is one, under torchrun the LOCAL_RANK-th, else the CPU)",
+    )
     g.add_argument("--no-resume", action="store_true", help="start over even if OUTPUT has checkpoints")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -750,27 +884,44 @@ def run_train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     where = training_placement(args.device, args.precision)
-    cfg = TrainConfig(objective=args.objective, steps=args.steps, batch_size=args.batch_size,
-                      grad_accum=args.grad_accum, lr=args.lr, warmup_steps=args.warmup_steps,
-                      weight_decay=args.weight_decay, clip_norm=args.clip_norm, ar_weight=args.ar_weight,
-                      prompt_loss=not args.no_prompt_loss, self_cond_prob=args.self_cond_prob,
-                      template_prob=args.template_prob,
-                      lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-                      lora_targets=tuple(t for t in args.lora_targets.split(",") if t),
-                      precision=dtype_name(where.dtype),  # type: ignore[arg-type]
-                      seed=args.seed, save_every=args.save_every, log_every=args.log_every)
-    final = run_training(args.model, args.data, args.output, cfg, resume=not args.no_resume,
-                         progress=not args.quiet, device=where.device)
+    cfg = TrainConfig(
+        objective=args.objective,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay,
+        clip_norm=args.clip_norm,
+        ar_weight=args.ar_weight,
+        prompt_loss=not args.no_prompt_loss,
+        self_cond_prob=args.self_cond_prob,
+        template_prob=args.template_prob,
+        lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        lora_targets=tuple(t for t in args.lora_targets.split(",") if t),
+        precision=dtype_name(where.dtype),  # type: ignore[arg-type]
+        seed=args.seed,
+        save_every=args.save_every,
+        log_every=args.log_every,
+    )
+    final = run_training(
+        args.model, args.data, args.output, cfg, resume=not args.no_resume, progress=not args.quiet, device=where.device
+    )
     if int(__import__("os").environ.get("RANK", "0")) == 0:
         print(f"wrote {final}")
     return EXIT_OK
 
 
-register("train", "fine-tune a checkpoint (block-diffusion SFT or the AR baseline; LoRA; torchrun)",
-         add_train_arguments, run_train,
-         "Fine-tune a DiffusionGemma checkpoint on JSONL data with the published block-diffusion objective\n"
-         "(or --objective ar). Writes HF-format checkpoints; re-running the same command resumes.\n"
-         "Data-parallel: torchrun --nproc-per-node 2 -m dgemma.cli train ... (gloo on CPU, nccl on GPU).")
+register(
+    "train",
+    "fine-tune a checkpoint (block-diffusion SFT or the AR baseline; LoRA; torchrun)",
+    add_train_arguments,
+    run_train,
+    "Fine-tune a DiffusionGemma checkpoint on JSONL data with the published block-diffusion objective\n"
+    "(or --objective ar). Writes HF-format checkpoints; re-running the same command resumes.\n"
+    "Data-parallel: torchrun --nproc-per-node 2 -m dgemma.cli train ... (gloo on CPU, nccl on GPU).",
+)
 
 
 # -- main -------------------------------------------------------------------------------------------------------------
@@ -779,9 +930,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     _load_plugins()
     parser = argparse.ArgumentParser(
-        prog=PROG, formatter_class=_Formatter,
+        prog=PROG,
+        formatter_class=_Formatter,
         description="dgemma: run DiffusionGemma block-diffusion language models.",
-        epilog=f"Run '{PROG} COMMAND --help' for a command's options.")
+        epilog=f"Run '{PROG} COMMAND --help' for a command's options.",
+    )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     for name, cmd in SUBCOMMANDS.items():
@@ -816,6 +969,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `dgemma generate ... | head -c 10`
         try:
             import os
+
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         except (OSError, ValueError, AttributeError):
             pass

@@ -287,6 +287,29 @@ class ModelConfig:
         return cls.from_hf_dict(d)
 
 
+@dataclass(frozen=True)
+class TokenIds:
+    """The special token ids that generation and training use, from one policy (`token_ids`)."""
+
+    pad: int
+    eos: tuple[int, ...]  # the config's EOS ids first (training appends the first), then generation_config's
+
+    @property
+    def eos_set(self) -> set[int]:
+        return set(self.eos)
+
+
+def token_ids(text: TextConfig, generation_config: dict[str, Any] | None = None) -> TokenIds:
+    """EOS: text_config's eos_token_id(s), plus generation_config.json's. Pad: pad_token_id, else the smallest of
+    the config's EOS ids (a token the model already ends on), else 0."""
+    g = (generation_config or {}).get("eos_token_id")
+    extra = [] if g is None else list(g) if isinstance(g, (list, tuple)) else [g]
+    eos = tuple(dict.fromkeys(list(text.eos_token_ids) + [int(e) for e in extra]))
+    own = text.eos_token_ids
+    pad = text.pad_token_id if text.pad_token_id is not None else min(own) if own else 0
+    return TokenIds(int(pad), eos)
+
+
 def tiny_config(**overrides: Any) -> ModelConfig:
     """A small random-weights config for tests, demos and benchmarks (text fields and `canvas_length`)."""
     canvas = overrides.pop("canvas_length", 16)

@@ -18,7 +18,8 @@ canvas. A grammar matcher, though, reads left to right. The design (docs/structu
   structural tokens such as `"`, `]`, `}`, `0`, `,`) and forced, so even random weights close their JSON. If no
   completion fits, the request ends with finish_reason "length" and is never reported as complete.
 
-Everything here is CPU-side bookkeeping; the model is untouched.
+`ConstraintState` is all of this for one request; the engine only calls it (see its docstring). Everything here
+is CPU-side bookkeeping; the model is untouched.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import math
 import re
 import threading
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Callable, Iterable, Literal
 
 import torch
 
@@ -53,6 +54,7 @@ CLOSER_BONUS = math.log(8.0)
 SEPARATORS = ',:'  # end the current item (a number, a value) without opening anything
 SEPARATOR_BONUS = math.log(2.0)
 MAX_LOOKAHEAD = 48
+CLOSING_SLACK = 8  # spare tokens kept when a closing path is forced: one token can lengthen it by several
 
 
 class ConstraintError(ValueError):
@@ -110,52 +112,76 @@ def _lark_string(s: str) -> str:
     return json.dumps(s)  # a JSON string literal is a valid Lark string literal
 
 
-def to_grammar(c: Constraint) -> str:
-    """The llguidance grammar (serialised) for a constraint; raises ConstraintError for malformed input."""
+def _json_schema_grammar(schema: Any) -> str:
     import llguidance
 
-    if c.kind == "json_schema":
-        schema = c.value
-        if isinstance(schema, str):
-            try:
-                schema = json.loads(schema)
-            except json.JSONDecodeError as e:
-                raise ConstraintError(f"json_schema is not valid JSON: {e.msg}") from None
-        _check_schema(schema)
+    if isinstance(schema, str):
         try:
-            return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
-        except ValueError as e:
-            raise ConstraintError(f"json_schema: {e}") from None
-    if c.kind == "json_object":
-        return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, overrides=JSON_OPTIONS)
-    if c.kind == "regex":
-        if not isinstance(c.value, str) or not c.value:
-            raise ConstraintError("regex must be a non-empty string")
-        if len(c.value) > MAX_REGEX_CHARS:
-            raise ConstraintError(f"regex has {len(c.value)} characters; the limit is {MAX_REGEX_CHARS}")
-        return llguidance.LLMatcher.grammar_from_regex(c.value)
-    if c.kind == "choice":
-        if not isinstance(c.value, list) or not c.value or not all(isinstance(s, str) and s for s in c.value):
-            raise ConstraintError("choice must be a non-empty list of non-empty strings")
-        if len(c.value) > MAX_CHOICES or sum(len(s) for s in c.value) > MAX_SPEC_BYTES:
-            raise ConstraintError(f"choice is too large (at most {MAX_CHOICES} options, {MAX_SPEC_BYTES} bytes)")
-        return llguidance.LLMatcher.grammar_from_lark(
-            "start: " + " | ".join(_lark_string(s) for s in dict.fromkeys(c.value)) + "\n")
-    if c.kind == "grammar":
-        if not isinstance(c.value, str) or not c.value.strip():
-            raise ConstraintError("grammar must be a non-empty string")
-        if len(c.value) > MAX_SPEC_BYTES:
-            raise ConstraintError(f"grammar is {len(c.value)} bytes; the limit is {MAX_SPEC_BYTES}")
-        text = c.value
-        if "::=" in text:  # GBNF / EBNF (llama.cpp style): convert to Lark
-            from llguidance.gbnf_to_lark import gbnf_to_lark
+            schema = json.loads(schema)
+        except json.JSONDecodeError as e:
+            raise ConstraintError(f"json_schema is not valid JSON: {e.msg}") from None
+    _check_schema(schema)
+    try:
+        return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
+    except ValueError as e:
+        raise ConstraintError(f"json_schema: {e}") from None
 
-            try:
-                text = gbnf_to_lark(text)
-            except Exception as e:  # the converter raises plain exceptions on malformed input
-                raise ConstraintError(f"grammar: cannot convert EBNF: {e}") from None
-        return llguidance.LLMatcher.grammar_from_lark(text)
-    raise ConstraintError(f"unknown constraint kind {c.kind!r}")
+
+def _json_object_grammar(_: Any) -> str:
+    import llguidance
+
+    return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, overrides=JSON_OPTIONS)
+
+
+def _regex_grammar(regex: Any) -> str:
+    import llguidance
+
+    if not isinstance(regex, str) or not regex:
+        raise ConstraintError("regex must be a non-empty string")
+    if len(regex) > MAX_REGEX_CHARS:
+        raise ConstraintError(f"regex has {len(regex)} characters; the limit is {MAX_REGEX_CHARS}")
+    return llguidance.LLMatcher.grammar_from_regex(regex)
+
+
+def _choice_grammar(choice: Any) -> str:
+    import llguidance
+
+    if not isinstance(choice, list) or not choice or not all(isinstance(s, str) and s for s in choice):
+        raise ConstraintError("choice must be a non-empty list of non-empty strings")
+    if len(choice) > MAX_CHOICES or sum(len(s) for s in choice) > MAX_SPEC_BYTES:
+        raise ConstraintError(f"choice is too large (at most {MAX_CHOICES} options, {MAX_SPEC_BYTES} bytes)")
+    return llguidance.LLMatcher.grammar_from_lark(
+        "start: " + " | ".join(_lark_string(s) for s in dict.fromkeys(choice)) + "\n")
+
+
+def _lark_grammar(text: Any) -> str:
+    import llguidance
+
+    if not isinstance(text, str) or not text.strip():
+        raise ConstraintError("grammar must be a non-empty string")
+    if len(text) > MAX_SPEC_BYTES:
+        raise ConstraintError(f"grammar is {len(text)} bytes; the limit is {MAX_SPEC_BYTES}")
+    if "::=" in text:  # GBNF / EBNF (llama.cpp style): convert to Lark
+        from llguidance.gbnf_to_lark import gbnf_to_lark
+
+        try:
+            text = gbnf_to_lark(text)
+        except Exception as e:  # the converter raises plain exceptions on malformed input
+            raise ConstraintError(f"grammar: cannot convert EBNF: {e}") from None
+    return llguidance.LLMatcher.grammar_from_lark(text)
+
+
+# Each kind's grammar builder: the constraint's value -> the llguidance grammar, ConstraintError when malformed.
+GRAMMARS: dict[str, Callable[[Any], str]] = {"json_schema": _json_schema_grammar, "json_object": _json_object_grammar,
+                                             "regex": _regex_grammar, "choice": _choice_grammar,
+                                             "grammar": _lark_grammar}
+
+
+def to_grammar(c: Constraint) -> str:
+    """The llguidance grammar (serialised) for a constraint; raises ConstraintError for malformed input."""
+    if c.kind not in GRAMMARS:
+        raise ConstraintError(f"unknown constraint kind {c.kind!r}")
+    return GRAMMARS[c.kind](c.value)
 
 
 class GuideFactory:
@@ -273,8 +299,6 @@ class Guide:
         self.m = matcher
         self.f = factory
         self.finished = False  # the grammar is complete (EOS chosen, or nothing but EOS is allowed)
-        self.pending: list[int] = []  # a forced closing path, placed before anything else
-        self.consumed = 0
 
     def allowed(self) -> torch.Tensor:
         """Tokens the matcher allows next, as a bool mask (V,)."""
@@ -292,16 +316,13 @@ class Guide:
             return
         if not self.m.consume_token(token):  # a resource limit tripped mid-way (the mask never allows a bad token)
             raise ConstraintError(f"the constraint failed during generation: {_short(self.m.get_error())}")
-        self.consumed += 1
         if self.m.is_stopped():
             self.finished = True
 
     def closing_path(self, max_len: int) -> list[int] | None:
         """A short token sequence that completes the grammar, ending with EOS; None if none is found within
-        `max_len` tokens. Greedy with one token of lookahead over single-character tokens: prefer a token after
-        which the grammar may end, else the one that leaves the fewest allowed tokens (closing brackets and quotes,
-        and less so separators, get a bonus, so items end and arrays and objects close instead of growing).
-        The matcher is left as it was."""
+        `max_len` tokens: forced tokens, else one single-character token at a time (`_closing_token`). The matcher
+        is left as it was."""
         f = self.f
         f.tok  # noqa: B018 - builds the single-character table
         path: list[int] = []
@@ -316,25 +337,151 @@ class Guide:
                             return None
                         path.append(t)
                     continue
-                mask = self.allowed()
-                cands = [t for t in f.single_chars if mask[t]][:MAX_LOOKAHEAD]
-                if not cands:  # nothing single-character fits (e.g. a multi-byte character): first allowed token
-                    cands = [t for t in mask.nonzero().flatten().tolist() if t not in f.eos][:1]
-                best: tuple | None = None
-                for rank, t in enumerate(cands):
-                    if not self.m.consume_token(t):
-                        continue
-                    done = self.m.is_accepting() or self.m.is_stopped()
-                    size = 0 if done else int(self.allowed().sum())
-                    self.m.rollback(1)
-                    bonus = CLOSER_BONUS if t in f.closers else SEPARATOR_BONUS if t in f.separators else 0.0
-                    score = (not done, math.log(size + 1) - bonus, rank)
-                    if best is None or score < best[0]:
-                        best = (score, t)
-                if best is None or not self.m.consume_token(best[1]):
+                t = self._closing_token()
+                if t is None or not self.m.consume_token(t):
                     return None
-                path.append(best[1])
+                path.append(t)
             return None
         finally:
             if path:
                 self.m.rollback(len(path))
+
+    def _closing_token(self) -> int | None:
+        """The next token of a closing path, greedy with one token of lookahead over single-character tokens: one
+        after which the grammar may end, else the one that leaves the fewest allowed tokens (closing brackets and
+        quotes, and less so separators, get a bonus, so items end and arrays and objects close instead of growing).
+        None if no candidate is accepted."""
+        f = self.f
+        mask = self.allowed()
+        cands = [t for t in f.single_chars if mask[t]][:MAX_LOOKAHEAD]
+        if not cands:  # nothing single-character fits (e.g. a multi-byte character): first allowed token
+            cands = [t for t in mask.nonzero().flatten().tolist() if t not in f.eos][:1]
+        best: tuple | None = None
+        for rank, t in enumerate(cands):
+            if not self.m.consume_token(t):
+                continue
+            done = self.m.is_accepting() or self.m.is_stopped()
+            size = 0 if done else int(self.allowed().sum())
+            self.m.rollback(1)
+            bonus = CLOSER_BONUS if t in f.closers else SEPARATOR_BONUS if t in f.separators else 0.0
+            score = (not done, math.log(size + 1) - bonus, rank)
+            if best is None or score < best[0]:
+                best = (score, t)
+        return None if best is None else best[1]
+
+
+class ConstraintState:
+    """One request's constrained decoding, end to end: its matcher, the frontier in the current canvas, the budget.
+
+    The engine's side is small (as vLLM's scheduler asks its structured-output manager for a token mask): per canvas
+    `start_canvas` gives the canvas's fixed positions; per denoising step `advance` extends the frontier from the
+    row's logits (before the sampler consumes them) and writes the validated tokens into those fixed positions, and
+    `canvas_complete` says when the canvas may be committed; in AR mode `next_token` picks each token. `produced` is
+    the number of tokens the request has already output. A resource limit tripping mid-way raises ConstraintError:
+    the engine ends that request, the batch goes on.
+    """
+
+    def __init__(self, guide: Guide, max_new_tokens: int, eos: Iterable[int], generator: torch.Generator):
+        self.guide = guide
+        self.max_new_tokens = max_new_tokens
+        self.eos = set(eos)
+        self.generator = generator  # the request's own: constrained draws stay independent of the batch
+        self.fixed: torch.Tensor | None = None  # (C,) validated tokens of this canvas before the frontier, -1 after
+        self.frontier = 0  # canvas positions [0, frontier) are validated and frozen
+        self.out_of_budget = False  # the request used its whole max_new_tokens
+        self.pending: list[int] = []  # a forced closing path, placed before anything else
+        self.closing_len: int | None = None  # length of the last closing path found
+
+    @property
+    def finished(self) -> bool:
+        """The grammar is complete."""
+        return self.guide.finished
+
+    @property
+    def canvas_complete(self) -> bool:
+        """The frontier reached the canvas end, or the budget ran out: the canvas is ready to commit."""
+        return self.out_of_budget or (self.fixed is not None and self.frontier >= len(self.fixed))
+
+    def start_canvas(self, canvas_length: int, device: torch.device | str) -> torch.Tensor:
+        """A new canvas: the frontier restarts at 0 (the matcher carries over). Returns its fixed positions (C,),
+        which `advance` fills in place."""
+        self.fixed = torch.full((canvas_length,), -1, dtype=torch.long, device=device)
+        self.frontier = 0
+        return self.fixed
+
+    def advance(self, logits: torch.Tensor, temperature: float, bound: float, produced: int) -> None:
+        """Extend the frontier by one entropy-bounded run of grammar-valid tokens (at least one) sampled from the
+        canvas logits (C, V); forced tokens are placed for free."""
+        C, g = len(self.fixed), self.guide
+        taken, h_sum, h_max = 0, 0.0, 0.0
+        while self.frontier < C and not self.out_of_budget:
+            left = self.max_new_tokens - produced - self.frontier
+            if left <= 0:
+                self.out_of_budget = True
+                break
+            if g.finished:  # complete: the rest of the canvas is EOS, which ends the request
+                self.fixed[self.frontier:] = min(self.eos)
+                self.frontier = C
+                break
+            forced = self._next_forced(left)
+            if forced:
+                self._place_forced(forced[: C - self.frontier])
+                continue
+            tok, h = self._sample(logits[self.frontier], temperature)
+            if taken and h_sum + h - max(h_max, h) > bound:
+                break  # the entropy-bound rule, over the contiguous run from the frontier
+            g.consume(tok)
+            taken, h_sum, h_max = taken + 1, h_sum + h, max(h_max, h)
+            if not (g.finished and tok in self.eos):  # an EOS that completes the grammar is filled in above
+                self._place(tok)
+
+    def next_token(self, logits: torch.Tensor, temperature: float, produced: int) -> int:
+        """The AR baseline under a constraint: the next token from next-token logits (V,), masked (greedy or
+        sampled), or forced (closing when the budget runs short); consumed by the matcher."""
+        forced = self._next_forced(self.max_new_tokens - produced)
+        # Only the first forced token: the rest of a forced run is forced again at the next step.
+        tok = forced[0] if forced else self._sample(logits, temperature)[0]
+        self.guide.consume(tok)
+        return tok
+
+    def _place(self, token: int) -> None:
+        self.fixed[self.frontier] = token
+        self.frontier += 1
+
+    def _place_forced(self, tokens: list[int]) -> None:
+        for t in tokens:
+            self.guide.consume(t)
+            if self.guide.finished and t in self.eos:
+                break
+            self._place(t)
+
+    def _closing_margin(self) -> int:
+        """Tokens left below which the request watches for the point where it must close."""
+        return max(8, min(64, self.max_new_tokens // 4))
+
+    def _next_forced(self, left: int) -> list[int]:
+        """Tokens to place without sampling: a pending closing path, or what the grammar forces.
+
+        Within the closing margin, a short completion is searched now and then (whenever the tokens left come
+        within twice the last path's length, and every 8 tokens); once it only just fits, it is forced."""
+        if not self.pending and left <= self._closing_margin() and (
+                self.closing_len is None or left <= 2 * self.closing_len + 8 or left % 8 == 0):
+            path = self.guide.closing_path(left)
+            if path is not None and len(path) + CLOSING_SLACK >= left:
+                self.pending = path
+            self.closing_len = len(path) if path is not None else left
+        if self.pending:
+            return [self.pending.pop(0)]
+        return self.guide.forced()
+
+    def _sample(self, logits: torch.Tensor, temperature: float) -> tuple[int, float]:
+        """A token from `logits` (V,) masked to what the grammar allows, and the masked distribution's entropy (the
+        acceptance rule's input)."""
+        x = logits.float() / max(temperature, 1e-6)
+        x = x.masked_fill(~self.guide.allowed().to(x.device), float("-inf"))
+        logp = torch.log_softmax(x, dim=-1)
+        p = logp.exp()
+        entropy = float(-(p * logp.masked_fill(p == 0, 0)).sum())
+        if temperature <= 0:
+            return int(x.argmax()), entropy
+        return int(torch.multinomial(p, 1, generator=self.generator)), entropy

@@ -6,6 +6,11 @@ denoising a canvas (rows may be at different steps: a request joins at the next 
 stalling the others), and one batched token step for rows in autoregressive mode. A canvas that has converged is
 committed: its argmax tokens are emitted and encoded into the cache, and a new canvas starts from noise.
 
+A denoising step is four named parts: gather the rows' inputs (`_gather`) and run the decoder pass (`_decode`),
+the per-row temperatures (`_temperatures`), sampling tile by tile (`_sample`), and the commit (`_after_step`,
+`_commit`). Structured output is `constraints.ConstraintState`'s work: the engine asks it for each canvas's fixed
+positions and hands it each row's logits. The transformers-exact path is in reference.py.
+
 Everything non-streaming (`generate`) is built on `stream`, which is built on `step`.
 """
 
@@ -15,19 +20,20 @@ import itertools
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 
-from .cache import KVCache
+from .cache import CanvasView, KVCache
+from .config import token_ids
+from .constraints import ConstraintError, ConstraintState
 from .model import DiffusionGemma, expert_kernel
 from .quant import FP8
-from .sampler import (ACCEPTANCE, SCHEDULES, STOPPING, SamplingParams, StepOut, draw_uniforms, entropy_bound_accept,
-                      reference_denoise, resolve, sample_step)
+from .params import SamplingParams, resolve
+from .sampler import ACCEPTANCE, SCHEDULES, STOPPING, StepOut, draw_uniforms, entropy_bound_accept, sample_step
 
 FinishReason = Literal["stop", "length", "abort"]
 SAMPLER_MEMORY = 1 << 30  # default byte budget of the sampler's (rows, canvas, vocab) buffers
-CLOSING_SLACK = 8  # spare tokens kept when a closing path is forced: one token can lengthen it by several
 
 
 def check_context(prompt_len: int, params: SamplingParams, limit: int, canvas: int) -> None:
@@ -47,12 +53,13 @@ def check_context(prompt_len: int, params: SamplingParams, limit: int, canvas: i
 
 def denoise_step(model: DiffusionGemma, cache: KVCache, canvas: torch.Tensor, soft: torch.Tensor | None,
                  uniforms: torch.Tensor, temperature: torch.Tensor, bound: torch.Tensor,
-                 masks: dict[bool, torch.Tensor | None], rows: torch.Tensor | None = None,
+                 masks: CanvasView, rows: torch.Tensor | None = None,
                  accept: Callable = entropy_bound_accept) -> tuple[StepOut, torch.Tensor]:
     """One whole denoising step of unconstrained rows, with no host synchronisation and no data-dependent shape, so
     a CUDA graph or `torch.compile(fullgraph=True)` can capture it: decoder pass, LM head, sampling at every position
     from the drawn `uniforms` (R, 2C), and the next self-conditioning input (R, C, hidden). `masks` from
-    `cache.decoder_masks` (built once per canvas). The engine's `_denoise` does this work tile by tile, with
+    `cache.decoder_masks(C, rows, in_place=True)` (built once per canvas: the canvas's keys/values go into their
+    future cache slots, so no per-layer copy of the cache). The engine's `_denoise` does this work tile by tile, with
     constraints, on the accepted-only sampling path (the same tokens)."""
     hidden = model.denoise(canvas, cache, soft=soft, rows=rows, masks=masks, hidden_only=True)
     out = sample_step(model.logits(hidden), canvas, temperature, bound, accept, uniforms, model.config.vocab_size,
@@ -73,33 +80,112 @@ class Event:
 
 
 @dataclass
+class _Diffusion:
+    """A diffusion request's canvas state (`_Req.diffusion`)."""
+
+    template: torch.Tensor | None = None  # (C,) the request's fixed ids per canvas position, -1 free (inpainting)
+    suffix: torch.Tensor | None = None  # infilling: ids placed right after the middle's room
+    want_drafts: bool = False
+    canvas: torch.Tensor | None = None  # (C,) the canvas being denoised
+    fixed: torch.Tensor | None = None  # (C,) this canvas's fixed ids (template, suffix, constraint frontier), -1 free
+    has_sc: bool = False  # the row's self-conditioning buffer holds the previous step's probabilities
+    steps_left: int = 0
+    stopping: str = "stable_confident"
+    passes: int = 0
+    canvases: int = 0
+
+
+@dataclass
+class _AR:
+    """An autoregressive request's state (`_Req.ar`)."""
+
+    next_token: int | None = None  # the last token picked, encoded at the next step
+    steps: int = 0
+
+
+@dataclass
 class _Req:
+    """A request: its core, and the state of its mode (`diffusion` or `ar`) and of its constraint, if any."""
+
     id: str
     prompt: list[int]
     params: SamplingParams
     generator: torch.Generator
-    template: torch.Tensor | None = None  # (n_template,) fixed ids per canvas position, -1 free
+    t_arrival: float
     row: int = -1
     state: Literal["waiting", "prefill", "denoise", "ar", "done"] = "waiting"
     prefilled: int = 0
     output: list[int] = field(default_factory=list)
-    canvas: torch.Tensor | None = None
-    has_sc: bool = False  # the row's self-conditioning buffer holds the previous step's probabilities
-    steps_left: int = 0
-    passes: int = 0
-    canvases: int = 0
-    ar_steps: int = 0
-    next_token: int | None = None
-    t_arrival: float = 0.0
     t_first: float | None = None
-    want_drafts: bool = False
-    stopping: str = "stable_confident"
-    guide: Any = None  # constraints.Guide: the matcher at the committed frontier (structured output)
-    frontier: int = 0  # canvas positions [0, frontier) are validated and frozen
-    out_of_budget: bool = False  # a constrained row used its whole max_new_tokens
     error: str | None = None  # the constraint failed mid-way (a resource limit): the request is aborted
-    closing_len: int | None = None  # length of the last closing path found (structured output)
-    suffix: torch.Tensor | None = None  # infilling: ids placed right after the middle's room
+    diffusion: _Diffusion | None = None
+    ar: _AR | None = None
+    constraint: ConstraintState | None = None  # structured output (constraints.py owns it)
+
+
+@dataclass
+class _Batch:
+    """One denoising step's inputs for R rows, gathered once and sampled tile by tile."""
+
+    reqs: list[_Req]
+    rows: torch.Tensor  # (R,) cache rows
+    rows_arg: torch.Tensor | None  # the rows the model reads; None when they are all cache rows in order
+    canvas: torch.Tensor  # (R, C)
+    temp: torch.Tensor  # (R,) temperatures
+    bound: torch.Tensor  # (R,) entropy bounds
+    hidden: torch.Tensor | None = None  # (R, C, hidden) from the decoder pass
+
+
+class _StopRules:
+    """The stop rules in use: one object per rule over all cache rows (built on first use)."""
+
+    def __init__(self, rows: int, canvas: int, device: torch.device):
+        self.rows, self.canvas, self.device = rows, canvas, device
+        self._rules: dict[str, Any] = {}
+
+    def rule(self, name: str) -> Any:
+        if name not in self._rules:
+            n = self.rows
+            self._rules[name] = STOPPING[name](n, self.canvas, torch.ones(n, dtype=torch.long), torch.zeros(n),
+                                               self.device)
+        return self._rules[name]
+
+    def reset(self, r: _Req) -> None:
+        """A new canvas on the request's row, under its rule and thresholds."""
+        self.rule(r.diffusion.stopping).reset(torch.tensor([r.row], device=self.device), r.params.stability_threshold,
+                                              float(r.params.confidence_threshold))
+
+    def converged(self, reqs: list[_Req], out: StepOut) -> torch.Tensor:
+        """Which rows' canvases their rules call converged after a step (R,) on the host: one call per rule."""
+        done = torch.zeros(len(reqs), dtype=torch.bool)
+        for name in {r.diffusion.stopping for r in reqs}:
+            idx = [i for i, r in enumerate(reqs) if r.diffusion.stopping == name]
+            sel = torch.tensor(idx, device=out.argmax.device)
+            rows = torch.tensor([reqs[i].row for i in idx], device=out.argmax.device)
+            done[idx] = self.rule(name)(rows, out.argmax[sel], out.mean_entropy[sel]).cpu()
+        return done
+
+
+def _temperatures(reqs: list[_Req], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row temperature from each row's schedule and step, and entropy bound: (R,), (R,) on the device."""
+    p0 = [r.params for r in reqs]
+    N = torch.tensor([p.max_denoising_steps for p in p0], dtype=torch.float32)
+    n = torch.tensor([r.diffusion.steps_left for r in reqs], dtype=torch.float32)
+    t_min = torch.tensor([p.t_min for p in p0], dtype=torch.float32)
+    t_max = torch.tensor([p.t_max for p in p0], dtype=torch.float32)
+    temp = torch.empty(len(reqs))
+    for name in {p.schedule for p in p0}:  # one call per schedule (usually one)
+        sel = torch.tensor([i for i, p in enumerate(p0) if p.schedule == name])
+        temp[sel] = SCHEDULES[name](n[sel], N[sel], t_min[sel], t_max[sel])
+    return temp.to(device), torch.tensor([p.entropy_bound for p in p0], device=device)
+
+
+def _tiles(reqs: list[_Req], tile: int) -> Iterator[tuple[str, list[int]]]:
+    """(acceptance rule, row indices) groups: rows sharing a rule, at most `tile` at a time."""
+    for rule in sorted({r.params.acceptance for r in reqs}):
+        idx = [i for i, r in enumerate(reqs) if r.params.acceptance == rule]
+        for start in range(0, len(idx), tile):
+            yield rule, idx[start:start + tile]
 
 
 class Engine:
@@ -126,12 +212,8 @@ class Engine:
         self.tile = max(1, min(max_batch, sampler_memory // self.sampler_row_bytes))
         # One canvas of headroom past the context limit: the last canvas is encoded only if generation goes on.
         self.cache = model.new_cache(max_batch, self.max_model_len, slack=self.canvas_length)
-        self.eos = set(self.config.text.eos_token_ids)
-        pad = self.config.text.pad_token_id
-        self.pad_id = int(pad) if pad is not None else min(self.eos)
-        g_eos = self.gen_config.get("eos_token_id")
-        if g_eos is not None:
-            self.eos |= set(g_eos if isinstance(g_eos, list) else [g_eos])
+        ids = token_ids(self.config.text, self.gen_config)
+        self.eos, self.pad_id = ids.eos_set, ids.pad
         self.waiting: deque[_Req] = deque()
         self.rows: list[_Req | None] = [None] * max_batch
         self.row_tokens: list[list[int]] = [[] for _ in range(max_batch)]  # tokens held in each cache row
@@ -139,7 +221,7 @@ class Engine:
         self.stats = {"decoder_passes": 0, "encoder_passes": 0, "steps": 0}
         self._mask_key: tuple | None = None
         self._workspace: dict[str, torch.Tensor] = {}
-        self._stoppers: dict[str, Any] = {}
+        self._stop_rules = _StopRules(max_batch, self.canvas_length, model.device)
         self._masks: dict | None = None
 
     def describe(self) -> str:
@@ -148,11 +230,14 @@ class Engine:
         if w.dtype == FP8:
             kernel = "fp8 grouped" if w.device.type == "cuda" else "fp8 per-expert"
         else:
-            with torch.no_grad():
-                kernel = expert_kernel(w)
+            k, C = self.config.text.top_k_experts, self.canvas_length
+            with torch.no_grad():  # the choice may depend on how many canvas tokens a step carries
+                one, full = (expert_kernel(w, tokens=n * C, top_k=k) for n in (1, self.max_batch))
+            kernel = one if one == full else f"{one} (1 row), {full} ({self.max_batch} rows)"
         gib = self.tile * self.sampler_row_bytes / 2 ** 30
-        return (f"kernels: experts {kernel}; attention SDPA, canvas GQA folded into queries; sampler {self.tile} "
-                f"row(s) per tile ({gib:.2f} GiB of (rows, canvas, vocab) buffers); steps eager")
+        return (f"kernels: experts {kernel}; attention SDPA, canvas GQA folded into queries, canvas K/V in its cache "
+                f"slots; sampler {self.tile} row(s) per tile ({gib:.2f} GiB of (rows, canvas, vocab) buffers); "
+                f"steps eager")
 
     # -- requests ---------------------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None, request_id: str | None = None,
@@ -167,24 +252,33 @@ class Engine:
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         g = torch.Generator(device=self.model.device)
         g.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2 ** 62, (1,)).item()))
-        tmpl = None
-        if params.template is not None:  # ids were checked by validate(); only the canvas length is ours to check
-            if len(params.template) > self.canvas_length:
-                raise ValueError(f"invalid template: {len(params.template)} positions, the canvas has "
-                                 f"{self.canvas_length}")
-            tmpl = torch.full((self.canvas_length,), -1, dtype=torch.long, device=self.model.device)
-            tmpl[:len(params.template)] = torch.tensor(params.template, dtype=torch.long)
-        req = _Req(rid, list(prompt_ids), params, g, template=tmpl, t_arrival=time.perf_counter(),
-                   want_drafts=stream_drafts)
+        req = _Req(rid, list(prompt_ids), params, g, time.perf_counter())
+        if params.mode == "ar":
+            req.ar = _AR()
+        else:
+            req.diffusion = self._diffusion_state(params, stream_drafts)
         constraint = params.constraint()
         if constraint is not None:
             if self.guides is None:
                 raise ValueError("structured output needs the model's tokenizer (tokenizer.json)")
-            req.guide = self.guides.guide(constraint)  # compiled and checked now: errors reach the caller
-        if params.suffix_token_ids is not None:  # may be longer than a canvas: the part that fits is visible
-            req.suffix = torch.tensor(params.suffix_token_ids, dtype=torch.long, device=self.model.device)
+            # compiled and checked now: errors reach the caller
+            req.constraint = ConstraintState(self.guides.guide(constraint), params.max_new_tokens, self.eos, g)
         self.waiting.append(req)
         return rid
+
+    def _diffusion_state(self, params: SamplingParams, want_drafts: bool) -> _Diffusion:
+        """A diffusion request's template and suffix on the device (ValueError for a template longer than a canvas;
+        its ids were checked by `validate`)."""
+        dev, tmpl, suffix = self.model.device, None, None
+        if params.template is not None:
+            if len(params.template) > self.canvas_length:
+                raise ValueError(f"invalid template: {len(params.template)} positions, the canvas has "
+                                 f"{self.canvas_length}")
+            tmpl = torch.full((self.canvas_length,), -1, dtype=torch.long, device=dev)
+            tmpl[:len(params.template)] = torch.tensor(params.template, dtype=torch.long)
+        if params.suffix_token_ids is not None:  # may be longer than a canvas: the part that fits is visible
+            suffix = torch.tensor(params.suffix_token_ids, dtype=torch.long, device=dev)
+        return _Diffusion(tmpl, suffix, want_drafts)
 
     def abort(self, request_id: str) -> bool:
         """Drop a request wherever it is; its row is freed at once. Returns False if it is unknown."""
@@ -288,111 +382,106 @@ class Engine:
                 self._new_canvas(r)
 
     def _new_canvas(self, r: _Req) -> None:
+        """Start a canvas from noise, with its fixed positions in place, and reset the row's stop rule."""
+        d, dev = r.diffusion, self.model.device
         r.state = "denoise"
-        r.canvas = torch.randint(0, self.vocab_size, (self.canvas_length,), generator=r.generator,
-                                 device=self.model.device)
-        if r.guide is not None:  # structured output: a frontier of validated, frozen positions grows from 0
-            r.template = torch.full((self.canvas_length,), -1, dtype=torch.long, device=self.model.device)
-            r.frontier = 0
-        elif r.suffix is not None:
-            # Infilling: the suffix sits right after the middle's room (max_new_tokens), padding after it, all fixed
-            # and visible to every step of the canvas that holds them.
-            C, m, S = self.canvas_length, r.params.max_new_tokens, len(r.suffix)
-            pos = r.canvases * C + torch.arange(C, device=self.model.device)  # output offsets of this canvas
-            tmpl = torch.full((C,), -1, dtype=torch.long, device=self.model.device)
-            inside = (pos >= m) & (pos < m + S)
-            tmpl[inside] = r.suffix[(pos[inside] - m)]
-            tmpl[pos >= m + S] = self.pad_id
-            r.template = tmpl if bool((tmpl >= 0).any()) else None
-        if r.template is not None:
-            r.canvas = torch.where(r.template >= 0, r.template, r.canvas)
-        r.has_sc = False
-        r.steps_left = r.params.max_denoising_steps
-        r.stopping = "none" if r.params.fixed_steps else r.params.stopping
-        self._stopper(r.stopping).reset(torch.tensor([r.row], device=self.model.device),
-                                        r.params.stability_threshold, float(r.params.confidence_threshold))
+        d.canvas = torch.randint(0, self.vocab_size, (self.canvas_length,), generator=r.generator, device=dev)
+        if r.constraint is not None:  # structured output: a frontier of validated, frozen positions grows from 0
+            d.fixed = r.constraint.start_canvas(self.canvas_length, dev)
+        elif d.suffix is not None:
+            d.fixed = self._infill_positions(r)
+        else:
+            d.fixed = d.template
+        if d.fixed is not None:
+            d.canvas = torch.where(d.fixed >= 0, d.fixed, d.canvas)
+        d.has_sc = False
+        d.steps_left = r.params.max_denoising_steps
+        d.stopping = "none" if r.params.fixed_steps else r.params.stopping
+        self._stop_rules.reset(r)
 
-    def _stopper(self, name: str):
-        """One stop-rule object per rule, over all cache rows."""
-        if name not in self._stoppers:
-            n = self.max_batch
-            self._stoppers[name] = STOPPING[name](n, self.canvas_length, torch.ones(n, dtype=torch.long),
-                                                  torch.zeros(n), self.model.device)
-        return self._stoppers[name]
+    def _infill_positions(self, r: _Req) -> torch.Tensor | None:
+        """Infilling: the suffix sits right after the middle's room (max_new_tokens), padding after it, all fixed and
+        visible to every step of the canvas that holds them. (C,) ids, -1 free; None if this canvas has none."""
+        C, m, S = self.canvas_length, r.params.max_new_tokens, len(r.diffusion.suffix)
+        pos = r.diffusion.canvases * C + torch.arange(C, device=self.model.device)  # output offsets of this canvas
+        fixed = torch.full((C,), -1, dtype=torch.long, device=self.model.device)
+        inside = (pos >= m) & (pos < m + S)
+        fixed[inside] = r.diffusion.suffix[(pos[inside] - m)]
+        fixed[pos >= m + S] = self.pad_id
+        return fixed if bool((fixed >= 0).any()) else None
 
     # -- diffusion ------------------------------------------------------------------------------------------------
     def _denoise(self, events: list[Event]) -> None:
         """One denoising step for every row with a canvas: one decoder pass, then the LM head, the sampler and the
-        next self-conditioning input, tile by tile (rows sharing an acceptance rule, `self.tile` at a time)."""
+        next self-conditioning input, tile by tile (rows sharing an acceptance rule, `self.tile` at a time), then
+        one encoder pass that commits the converged canvases."""
         reqs = [r for r in self.rows if r is not None and r.state == "denoise"]
         if not reqs:
             return
-        dev = self.model.device
-        rows = torch.tensor([r.row for r in reqs], dtype=torch.long, device=dev)
-        all_rows = len(reqs) == self.max_batch and all(r.row == i for i, r in enumerate(reqs))
-        rows_arg = None if all_rows else rows
-        key = (tuple(r.row for r in reqs), self.cache.version)
-        if key != self._mask_key:  # masks change only when rows join/leave or the cache grows
-            self._mask_key, self._masks = key, self.cache.decoder_masks(self.canvas_length, rows_arg)
-        canvas = torch.stack([r.canvas for r in reqs])
-        hidden = self.model.denoise(canvas, self.cache, soft=self._soft_input(reqs, rows_arg), rows=rows_arg,
-                                    masks=self._masks, hidden_only=True)  # (R, C, hidden)
-        self.stats["decoder_passes"] += 1
-        temp, bound = self._temperatures(reqs)
+        batch = self._gather(reqs)
+        self._decode(batch)
         commits: list[tuple[_Req, torch.Tensor]] = []
-        for rule, idx in self._tiles(reqs):
+        for rule, idx in _tiles(reqs, self.tile):
             tile = [reqs[i] for i in idx]
-            sel = torch.tensor(idx, device=dev)
-            pick = (lambda t: t) if len(idx) == len(reqs) else (lambda t: t[sel])  # noqa: E731 (no copy when whole)
-            logits = self._head(pick(hidden))
-            template = self._templates(tile, logits, pick(temp), pick(bound))
-            u = draw_uniforms([r.generator for r in tile], self.canvas_length, dev)
-            out = sample_step(logits, pick(canvas), pick(temp), pick(bound), ACCEPTANCE[rule], u, self.vocab_size,
-                              template, probs_out=self._tile_buffer("probs", len(idx), torch.float32))
-            soft = self._buffer("soft", (self.max_batch, *hidden.shape[1:]), self.model.dtype, zero=True)
-            soft[pick(rows)] = self.model.soft_embedding(out.probs)
+            out = self._sample(batch, rule, idx)
             self._after_step(tile, out, events, commits)
-        if commits:
-            # Encode all committed canvases in one encoder pass, so the next canvases see them as context.
-            rows = torch.tensor([r.row for r, _ in commits], dtype=torch.long, device=dev)
-            self.model.encode(torch.stack([a for _, a in commits]), self.cache, rows=rows, last_only=True)
-            self.stats["encoder_passes"] += 1
-            for r, a in commits:
-                self.row_tokens[r.row].extend(a.tolist())
-                self._new_canvas(r)
+        self._commit(commits)
+
+    def _gather(self, reqs: list[_Req]) -> _Batch:
+        """The step's inputs: cache rows, canvases, temperatures and entropy bounds."""
+        rows = torch.tensor([r.row for r in reqs], dtype=torch.long, device=self.model.device)
+        all_rows = len(reqs) == self.max_batch and all(r.row == i for i, r in enumerate(reqs))
+        canvas = torch.stack([r.diffusion.canvas for r in reqs])
+        return _Batch(reqs, rows, None if all_rows else rows, canvas, *_temperatures(reqs, self.model.device))
+
+    def _decode(self, batch: _Batch) -> None:
+        """The decoder pass over the batch's canvases: `batch.hidden` (R, C, hidden)."""
+        key = (tuple(r.row for r in batch.reqs), self.cache.version)
+        if key != self._mask_key:  # masks change only when rows join/leave or the cache grows
+            self._mask_key, self._masks = key, self.cache.decoder_masks(self.canvas_length, batch.rows_arg,
+                                                                           in_place=True)
+        batch.hidden = self.model.denoise(batch.canvas, self.cache, soft=self._soft_input(batch.reqs, batch.rows_arg),
+                                          rows=batch.rows_arg, masks=self._masks, hidden_only=True)
+        self.stats["decoder_passes"] += 1
+
+    def _sample(self, batch: _Batch, rule: str, idx: list[int]) -> StepOut:
+        """Sample one tile (rows `idx` of the batch): LM head, constraint frontiers, the sampler step from the rows'
+        own random numbers, and the next self-conditioning input written to the rows' buffers."""
+        dev = self.model.device
+        sel = torch.tensor(idx, device=dev)
+        pick = (lambda t: t) if len(idx) == len(batch.reqs) else (lambda t: t[sel])  # noqa: E731 (no copy when whole)
+        tile, temp, bound = [batch.reqs[i] for i in idx], pick(batch.temp), pick(batch.bound)
+        logits = self._head(pick(batch.hidden))
+        fixed = self._fixed_positions(tile, logits, temp, bound)
+        u = draw_uniforms([r.generator for r in tile], self.canvas_length, dev)
+        out = sample_step(logits, pick(batch.canvas), temp, bound, ACCEPTANCE[rule], u, self.vocab_size, fixed,
+                          probs_out=self._tile_buffer("probs", len(idx), torch.float32))
+        soft = self._buffer("soft", (self.max_batch, *batch.hidden.shape[1:]), self.model.dtype, zero=True)
+        soft[pick(batch.rows)] = self.model.soft_embedding(out.probs)
+        return out
+
+    def _commit(self, commits: list[tuple[_Req, torch.Tensor]]) -> None:
+        """Encode all committed canvases in one encoder pass, so the next canvases see them as context."""
+        if not commits:
+            return
+        rows = torch.tensor([r.row for r, _ in commits], dtype=torch.long, device=self.model.device)
+        self.model.encode(torch.stack([a for _, a in commits]), self.cache, rows=rows, last_only=True)
+        self.stats["encoder_passes"] += 1
+        for r, a in commits:
+            self.row_tokens[r.row].extend(a.tolist())
+            self._new_canvas(r)
 
     def _soft_input(self, reqs: list[_Req], rows: torch.Tensor | None) -> torch.Tensor | None:
         """The self-conditioning input (R, C, hidden) of this step: the previous step's soft embeddings, zero for
         rows on the first step of a canvas; None when no row has a previous step."""
-        if not any(r.has_sc for r in reqs):
+        if not any(r.diffusion.has_sc for r in reqs):
             return None
         soft = self._buffer("soft", (self.max_batch, self.canvas_length, self.config.text.hidden_size),
                             self.model.dtype, zero=True)
         for r in reqs:
-            if not r.has_sc:  # a zero soft embedding is a zero signal
+            if not r.diffusion.has_sc:  # a zero soft embedding is a zero signal
                 soft[r.row].zero_()
         return soft if rows is None else soft[rows]
-
-    def _temperatures(self, reqs: list[_Req]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row temperature from each row's schedule and step, and entropy bound: (R,), (R,) on the device."""
-        p0 = [r.params for r in reqs]
-        N = torch.tensor([p.max_denoising_steps for p in p0], dtype=torch.float32)
-        n = torch.tensor([r.steps_left for r in reqs], dtype=torch.float32)
-        t_min = torch.tensor([p.t_min for p in p0], dtype=torch.float32)
-        t_max = torch.tensor([p.t_max for p in p0], dtype=torch.float32)
-        temp = torch.empty(len(reqs))
-        for name in {p.schedule for p in p0}:  # one call per schedule (usually one)
-            sel = torch.tensor([i for i, p in enumerate(p0) if p.schedule == name])
-            temp[sel] = SCHEDULES[name](n[sel], N[sel], t_min[sel], t_max[sel])
-        dev = self.model.device
-        return temp.to(dev), torch.tensor([p.entropy_bound for p in p0], device=dev)
-
-    def _tiles(self, reqs: list[_Req]) -> Iterator[tuple[str, list[int]]]:
-        """(acceptance rule, row indices) groups: rows sharing a rule, at most `self.tile` at a time."""
-        for rule in sorted({r.params.acceptance for r in reqs}):
-            idx = [i for i, r in enumerate(reqs) if r.params.acceptance == rule]
-            for start in range(0, len(idx), self.tile):
-                yield rule, idx[start:start + self.tile]
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head over a tile's hidden states (T, C, hidden) -> float32 logits (T, C, V) in a reused buffer."""
@@ -400,20 +489,20 @@ class Engine:
         return self.model.logits(hidden, out=self._tile_buffer("logits", T, torch.float32),
                                  scratch=self._tile_buffer("logits_lowp", T, self.model.dtype) if lowp else None)
 
-    def _templates(self, tile: list[_Req], logits: torch.Tensor, temp: torch.Tensor,
-                   bound: torch.Tensor) -> torch.Tensor | None:
+    def _fixed_positions(self, tile: list[_Req], logits: torch.Tensor, temp: torch.Tensor,
+                         bound: torch.Tensor) -> torch.Tensor | None:
         """Fixed positions (T, C) of a tile (-1 free), after extending each constrained row's validated frontier
         from its logits (before the sampler consumes them); None when no row has any."""
         for i, r in enumerate(tile):
-            if r.guide is not None:
+            if r.constraint is not None:
                 try:
-                    self._advance(r, logits[i], float(temp[i]), float(bound[i]))
-                except ValueError as e:  # ConstraintError: a limit tripped; this request ends, the batch goes on
-                    r.error, r.out_of_budget = str(e), True
-        if all(r.template is None for r in tile):
+                    r.constraint.advance(logits[i], float(temp[i]), float(bound[i]), len(r.output))
+                except ConstraintError as e:  # a limit tripped: this request ends (in _after_step), the batch goes on
+                    r.error = str(e)
+        if all(r.diffusion.fixed is None for r in tile):
             return None
         free = torch.full((self.canvas_length,), -1, dtype=torch.long, device=self.model.device)
-        return torch.stack([r.template if r.template is not None else free for r in tile])
+        return torch.stack([r.diffusion.fixed if r.diffusion.fixed is not None else free for r in tile])
 
     def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, zero: bool = False) -> torch.Tensor:
         """A persistent workspace tensor (allocated on first use)."""
@@ -427,46 +516,42 @@ class Engine:
         """The first `rows` rows of a persistent (tile, C, V) workspace tensor."""
         return self._buffer(name, (self.tile, self.canvas_length, self.vocab_size), dtype)[:rows]
 
-    def _after_step(self, reqs: list[_Req], out, events: list[Event], commits: list) -> None:
+    def _after_step(self, reqs: list[_Req], out: StepOut, events: list[Event], commits: list) -> None:
         """Advance each row's state after a sampler step; converged canvases are emitted and queued to commit."""
-        done = torch.zeros(len(reqs), dtype=torch.bool)
-        for name in {r.stopping for r in reqs}:  # one call per stop rule (usually one)
-            idx = [i for i, r in enumerate(reqs) if r.stopping == name]
-            sel = torch.tensor(idx, device=out.argmax.device)
-            rows = torch.tensor([reqs[i].row for i in idx], device=out.argmax.device)
-            done[idx] = self._stopper(name)(rows, out.argmax[sel], out.mean_entropy[sel]).cpu()
+        done = self._stop_rules.converged(reqs, out)
         for i, r in enumerate(reqs):
-            r.passes += 1
-            r.steps_left -= 1
-            if r.guide is not None:  # a constrained canvas is done when its frontier is (never by the stop rule)
-                done[i] = r.frontier >= self.canvas_length or r.out_of_budget
-                r.steps_left = max(r.steps_left, 1)
-            r.canvas = out.canvas[i]
-            r.has_sc = True
-            if r.want_drafts:
+            d = r.diffusion
+            d.passes += 1
+            d.steps_left -= 1
+            if r.constraint is not None:  # a constrained canvas is done when its frontier is (never by the stop rule)
+                done[i] = r.constraint.canvas_complete
+                d.steps_left = max(d.steps_left, 1)
+            d.canvas = out.canvas[i]
+            d.has_sc = True
+            if d.want_drafts:
                 events.append(Event(r.id, "draft", out.argmax[i].tolist()))
             if r.error is not None:
                 self._finish(r, "abort", events)
                 continue
-            if done[i] or r.steps_left == 0:
+            if done[i] or d.steps_left == 0:
                 if self._emit_canvas(r, out.argmax[i], events):
                     commits.append((r, out.argmax[i]))
 
     def _emit_canvas(self, r: _Req, argmax: torch.Tensor, events: list[Event]) -> bool:
         """A canvas has converged: emit its tokens; True if generation goes on (the canvas must be committed)."""
-        r.canvases += 1
+        r.diffusion.canvases += 1
         toks = argmax.tolist()
         stop_ids = set(r.params.stop_token_ids) | (set() if r.params.ignore_eos else self.eos)
         budget = r.params.max_new_tokens - len(r.output)
         reason: FinishReason | None = None
-        if r.suffix is not None:  # a middle ends at EOS or padding (or where the suffix begins: the budget)
+        if r.diffusion.suffix is not None:  # a middle ends at EOS or padding (or where the suffix begins: the budget)
             stop_ids = stop_ids | {self.pad_id}
-        if r.guide is not None:  # a constrained canvas holds EOS only as the fill after the grammar completed
+        if r.constraint is not None:  # a constrained canvas holds EOS only as the fill after the grammar completed
             stop_ids = stop_ids | self.eos
         cut = next((j for j, t in enumerate(toks) if t in stop_ids), None)
         if cut is not None and cut < budget:
             toks, reason = toks[:cut], "stop"
-        elif r.guide is not None and r.guide.finished and len(toks) <= budget:
+        elif r.constraint is not None and r.constraint.finished and len(toks) <= budget:
             reason = "stop"  # the grammar completed exactly at the canvas end
         elif len(toks) >= budget:
             toks, reason = toks[:budget], "length"
@@ -487,14 +572,15 @@ class Engine:
 
     def _finish(self, r: _Req, reason: FinishReason, events: list[Event]) -> None:
         now = time.perf_counter()
-        forwards = r.passes if r.params.mode == "diffusion" else r.ar_steps
+        passes, canvases = (r.diffusion.passes, r.diffusion.canvases) if r.diffusion is not None else (0, 0)
+        forwards = r.ar.steps if r.ar is not None else passes
         events.append(Event(r.id, "finished", [], reason, {
             "prompt_tokens": len(r.prompt),
             "completion_tokens": len(r.output),
-            "decoder_passes": r.passes,
-            "canvases": r.canvases,
-            "denoising_steps": r.passes,
-            "steps_per_canvas": r.passes / r.canvases if r.canvases else 0.0,
+            "decoder_passes": passes,
+            "canvases": canvases,
+            "denoising_steps": passes,
+            "steps_per_canvas": passes / canvases if canvases else 0.0,
             "forwards": forwards,
             "tokens_per_forward": len(r.output) / forwards if forwards else 0.0,
             "ttft_s": (r.t_first or now) - r.t_arrival,
@@ -504,184 +590,55 @@ class Engine:
         }))
         self._release(r)
 
-    # -- structured output ----------------------------------------------------------------------------------------
-    def _closing_margin(self, r: _Req) -> int:
-        """Tokens left below which a constrained row watches for the point where it must close."""
-        return max(8, min(64, r.params.max_new_tokens // 4))
-
-    def _constrained_token(self, r: _Req, logits: torch.Tensor, temperature: float) -> tuple[int, float]:
-        """Sample the next token at the frontier from `logits` (V,) masked to what the grammar allows; returns the
-        token and the masked distribution's entropy (the acceptance rule's input)."""
-        allowed = r.guide.allowed()
-        x = logits.float() / max(temperature, 1e-6)
-        x = x.masked_fill(~allowed.to(x.device), float("-inf"))
-        logp = torch.log_softmax(x, dim=-1)
-        p = logp.exp()
-        entropy = float(-(p * logp.masked_fill(p == 0, 0)).sum())
-        if temperature <= 0:
-            return int(x.argmax()), entropy
-        return int(torch.multinomial(p, 1, generator=r.generator)), entropy
-
-    def _next_forced(self, r: _Req, left: int) -> list[int]:
-        """Tokens to place without sampling: a pending closing path, or what the grammar forces.
-
-        Within the closing margin, a short completion is searched now and then (whenever the tokens left come
-        within twice the last path's length, and every 8 tokens); once it only just fits, it is forced."""
-        g = r.guide
-        if not g.pending and left <= self._closing_margin(r) and (
-                r.closing_len is None or left <= 2 * r.closing_len + 8 or left % 8 == 0):
-            path = g.closing_path(left)
-            if path is not None and len(path) + CLOSING_SLACK >= left:
-                g.pending = path
-            r.closing_len = len(path) if path is not None else left
-        if g.pending:
-            return [g.pending.pop(0)]
-        return g.forced()
-
-    def _advance(self, r: _Req, logits: torch.Tensor, temperature: float, bound: float) -> None:
-        """Extend a constrained row's frontier by one entropy-bounded run of grammar-valid tokens (at least one)."""
-        C, g, tmpl = self.canvas_length, r.guide, r.template
-        eos = min(self.eos)
-        taken, h_sum, h_max = 0, 0.0, 0.0
-        while r.frontier < C and not r.out_of_budget:
-            left = r.params.max_new_tokens - len(r.output) - r.frontier
-            if left <= 0:
-                r.out_of_budget = True
-                break
-            if g.finished:  # complete: the rest of the canvas is EOS, which ends the request
-                tmpl[r.frontier:] = eos
-                r.frontier = C
-                break
-            forced = self._next_forced(r, left)
-            if forced:
-                for t in forced[: C - r.frontier]:
-                    g.consume(t)
-                    if g.finished and t in self.eos:
-                        break
-                    tmpl[r.frontier] = t
-                    r.frontier += 1
-                continue
-            tok, h = self._constrained_token(r, logits[r.frontier], temperature)
-            if taken and h_sum + h - max(h_max, h) > bound:
-                break  # the entropy-bound rule, over the contiguous run from the frontier
-            g.consume(tok)
-            taken, h_sum, h_max = taken + 1, h_sum + h, max(h_max, h)
-            if g.finished and tok in self.eos:
-                continue
-            tmpl[r.frontier] = tok
-            r.frontier += 1
-
-    def _ar_guided(self, r: _Req, logits: torch.Tensor) -> int:
-        """The AR baseline under a constraint: mask the next-token logits (greedy or sampled), close when short."""
-        g = r.guide
-        left = r.params.max_new_tokens - len(r.output)
-        forced = self._next_forced(r, left)
-        if forced:
-            tok = forced[0]  # the rest of a forced run is forced again at the next step
-        else:
-            tok, _ = self._constrained_token(r, logits, r.params.temperature)
-        g.consume(tok)
-        return tok
-
     # -- autoregressive baseline -----------------------------------------------------------------------------------
     def _ar(self, events: list[Event]) -> None:
-        reqs = [r for r in self.rows if r is not None and r.state == "ar" and r.next_token is not None]
+        reqs = [r for r in self.rows if r is not None and r.state == "ar" and r.ar.next_token is not None]
         if not reqs:
             return
         dev = self.model.device
         rows = torch.tensor([r.row for r in reqs], dtype=torch.long, device=dev)
-        tokens = torch.tensor([[r.next_token] for r in reqs], dtype=torch.long, device=dev)
+        tokens = torch.tensor([[r.ar.next_token] for r in reqs], dtype=torch.long, device=dev)
         logits = self.model.logits(self.model.encode(tokens, self.cache, rows=rows))[:, -1]
         self.stats["encoder_passes"] += 1
         for i, r in enumerate(reqs):
-            self.row_tokens[r.row].append(r.next_token)
+            self.row_tokens[r.row].append(r.ar.next_token)
             self._ar_emit(r, logits[i:i + 1], events)
 
     def _ar_emit(self, r: _Req, logits: torch.Tensor, events: list[Event]) -> None:
         """Pick the next token from next-token logits (1, V); emit it or finish."""
-        r.ar_steps += 1
+        r.ar.steps += 1
         p = r.params
-        if p.temperature == 0:
-            tok = int(logits.argmax(-1))
-        else:
-            lg = logits[0] / p.temperature
-            if p.top_k:
-                kth = torch.topk(lg, min(p.top_k, lg.numel())).values[-1]
-                lg = lg.masked_fill(lg < kth, float("-inf"))
-            if p.top_p < 1.0:
-                sp, si = torch.sort(lg.softmax(-1), descending=True)
-                drop = (sp.cumsum(-1) - sp) > p.top_p
-                lg[si[drop]] = float("-inf")
-            tok = int(torch.multinomial(lg.softmax(-1), 1, generator=r.generator))
-        if r.guide is not None:
+        tok = _ar_sample(logits, p, r.generator)
+        if r.constraint is not None:  # the constraint picks (after the free draw: the generator moves the same)
             try:
-                tok = self._ar_guided(r, logits[0])
-            except ValueError as e:  # ConstraintError: a limit tripped; this request ends
+                tok = r.constraint.next_token(logits[0], p.temperature, len(r.output))
+            except ConstraintError as e:  # a limit tripped: this request ends
                 r.error = str(e)
                 self._finish(r, "abort", events)
                 return
-        stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos)
-        if tok in stop_ids:
+        if tok in set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos):
             self._finish(r, "stop", events)
             return
         self._emit(r, [tok], events)
-        if r.guide is not None and r.guide.finished:  # the token completed the grammar
+        if r.constraint is not None and r.constraint.finished:  # the token completed the grammar
             self._finish(r, "stop", events)
-            return
-        if len(r.output) >= p.max_new_tokens or len(r.prompt) + len(r.output) > self.max_model_len:
+        elif len(r.output) >= p.max_new_tokens or len(r.prompt) + len(r.output) > self.max_model_len:
             self._finish(r, "length", events)
-            return
-        r.next_token = tok
+        else:
+            r.ar.next_token = tok
 
 
-def reference_generate(model: DiffusionGemma, prompts: list[list[int]], params: SamplingParams, pad_id: int,
-                       eos_ids: Iterable[int], generator: torch.Generator | None = None
-                       ) -> list[tuple[list[int], FinishReason, int]]:
-    """Generate exactly as transformers' `DiffusionGemmaForBlockDiffusion.generate` does: one left-padded batch,
-    every row denoised at every step, the same random-number order. With the same seed on CPU in float32 the tokens
-    are identical. Returns per prompt (token ids without EOS/padding, finish reason, decoder passes).
-    """
-    dev, C, V = model.device, model.config.canvas_length, model.config.vocab_size
-    B, T = len(prompts), max(len(p) for p in prompts)
-    ids = torch.full((B, T), pad_id, dtype=torch.long, device=dev)
-    visible = torch.zeros(B, T, dtype=torch.bool, device=dev)
-    for i, p in enumerate(prompts):  # left padding, as the reference expects; pads still take a position
-        ids[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
-        visible[i, T - len(p):] = True
-    n_canvases = -(-params.max_new_tokens // C)
-    cache = model.new_cache(B, T + n_canvases * C)
-    eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=dev)
-    outputs: list[list[int]] = [[] for _ in range(B)]
-    reasons: list[FinishReason] = ["length"] * B
-    done = torch.zeros(B, dtype=torch.bool, device=dev)
-    passes = torch.zeros(B, dtype=torch.long, device=dev)
-    with torch.inference_mode(), model.reference_kernels():
-        model.encode(ids, cache, visible=visible)
-        for _ in range(n_canvases):
-            masks = cache.decoder_masks(C)
-            argmax, p = reference_denoise(lambda c, sc: model.denoise(c, cache, self_cond=sc, masks=masks),
-                                          B, C, V, params, dev, model.dtype, generator, skip=done)
-            passes += p
-            committed = argmax.clone()
-            for i in range(B):
-                if done[i]:  # finished rows keep running (same random numbers) but commit padding
-                    committed[i] = pad_id
-                    continue
-                toks = argmax[i].tolist()
-                hit = torch.isin(argmax[i], eos).nonzero() if eos.numel() else []
-                if len(hit):
-                    toks = toks[:int(hit[0])]
-                    committed[i, int(hit[0]) + 1:] = pad_id  # the reference pads after EOS before encoding
-                    done[i] = True
-                    reasons[i] = "stop"
-                outputs[i].extend(toks)
-            if bool(done.all()):
-                break
-            model.encode(committed, cache)
-    result = []
-    for i in range(B):
-        toks = outputs[i]
-        if len(toks) >= params.max_new_tokens:
-            toks, reasons[i] = toks[:params.max_new_tokens], "length"
-        result.append((toks, reasons[i], int(passes[i])))
-    return result
+def _ar_sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator) -> int:
+    """The AR baseline's token from next-token logits (1, V): greedy at temperature 0, else sampled after top-k and
+    top-p filtering."""
+    if p.temperature == 0:
+        return int(logits.argmax(-1))
+    lg = logits[0] / p.temperature
+    if p.top_k:
+        kth = torch.topk(lg, min(p.top_k, lg.numel())).values[-1]
+        lg = lg.masked_fill(lg < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sp, si = torch.sort(lg.softmax(-1), descending=True)
+        drop = (sp.cumsum(-1) - sp) > p.top_p
+        lg[si[drop]] = float("-inf")
+    return int(torch.multinomial(lg.softmax(-1), 1, generator=generator))

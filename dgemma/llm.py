@@ -6,18 +6,23 @@ import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence, Union
+from typing import Any, Callable, Iterator, Sequence, Union
 
 import torch
 
 from .checkpoint import load_generation_config, load_model, resolve_model_path
+from .config import token_ids
 from .constraints import GuideFactory
 from .device import resolve as resolve_placement
-from .engine import Engine, Event, check_context, reference_generate
-from .sampler import SamplingParams, resolve
-from .tokenizer import Tokenizer
+from . import reference
+from .engine import Engine, Event
+from .output import OutputProcessor, StopText
+from .params import SamplingParamError, SamplingParams
+from .tokenizer import IncrementalDecoder, Tokenizer
 
 Prompt = Union[str, list[dict[str, Any]], dict[str, Any]]
+Prompts = Union[Prompt, Sequence[Prompt]]  # one prompt, or several
+ParamsArg = Union[SamplingParams, Sequence[SamplingParams], None]  # one for all prompts, or one per prompt
 logger = logging.getLogger(__name__)
 
 
@@ -53,70 +58,6 @@ class StreamDelta:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-class TextAssembler:
-    """Committed token ids -> text that is safe to print now.
-
-    Holds back a trailing incomplete UTF-8 character (U+FFFD that later bytes may complete) and a trailing partial
-    match of a stop string; cuts the text at the first stop string. The concatenation of everything `push` and
-    `finish` return equals `text` after `finish`.
-    """
-
-    def __init__(self, decode: Callable[[list[int]], str], stops: Iterable[str] = ()) -> None:
-        self.decode = decode
-        self.stops = [s for s in stops if s]
-        self.tokens: list[int] = []
-        self.printed = ""
-        self.text = ""
-
-    @property
-    def stopped(self) -> bool:
-        """True once the text contains a stop string."""
-        return self._stop_at(self.decode(self.tokens)) is not None
-
-    def _stop_at(self, text: str) -> int | None:
-        found = [text.find(s) for s in self.stops if s in text]
-        return min(found) if found else None
-
-    def _advance(self, safe: str) -> str:
-        if not safe.startswith(self.printed):  # the decoder revised printed text: cannot unprint, print nothing
-            return ""
-        delta, self.printed = safe[len(self.printed):], safe
-        return delta
-
-    def push(self, ids: Iterable[int]) -> str:
-        self.tokens.extend(ids)
-        full = self.decode(self.tokens)
-        hit = self._stop_at(full)
-        if hit is not None:
-            return self._advance(full[:hit])
-        safe = full.rstrip("\ufffd")
-        hold = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(safe)), hold, -1):
-                if safe.endswith(s[:k]):
-                    hold = k
-                    break
-        return self._advance(safe[:len(safe) - hold])
-
-    def finish(self) -> str:
-        full = self.decode(self.tokens)
-        hit = self._stop_at(full)
-        self.text = full[:hit] if hit is not None else full
-        if not self.text.startswith(self.printed):
-            return ""
-        delta, self.printed = self.text[len(self.printed):], self.text
-        return delta
-
-
-def stop_prefix(tokens: list[int], decode: Callable[[list[int]], str], stops: list[str]) -> int:
-    """The shortest token prefix whose text contains a stop string (len(tokens) if none does)."""
-    for k in range(1, len(tokens) + 1):
-        text = decode(tokens[:k])
-        if any(x in text for x in stops):
-            return k
-    return len(tokens)
-
-
 class LLM:
     """A DiffusionGemma checkpoint ready to generate: model + tokenizer (optional) + engine.
 
@@ -131,9 +72,16 @@ class LLM:
     checkpoint is quantized at load, an FP8 checkpoint is read as it is (and needs no argument).
     """
 
-    def __init__(self, model: str | Path, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
-                 max_batch: int = 8, max_model_len: int | None = None, prefill_chunk: int = 1024,
-                 quantization: str | None = None):
+    def __init__(
+        self,
+        model: str | Path,
+        device: str | torch.device = "auto",
+        dtype: str | torch.dtype = "auto",
+        max_batch: int = 8,
+        max_model_len: int | None = None,
+        prefill_chunk: int = 1024,
+        quantization: str | None = None,
+    ):
         self.path = resolve_model_path(model)
         placement = resolve_placement(device, dtype, quantization)
         auto = placement.why_device or placement.why_dtype  # an automatic choice is INFO, an explicit one DEBUG
@@ -142,12 +90,19 @@ class LLM:
         self.model = load_model(self.path, dtype=self.dtype, device=self.device, quantization=quantization)
         self.generation_config = load_generation_config(self.path)
         self.tokenizer = Tokenizer.from_dir(self.path)
-        self.engine = Engine(self.model, self.generation_config, max_batch=max_batch, max_model_len=max_model_len,
-                             prefill_chunk=prefill_chunk)
+        self.engine = Engine(
+            self.model,
+            self.generation_config,
+            max_batch=max_batch,
+            max_model_len=max_model_len,
+            prefill_chunk=prefill_chunk,
+        )
         logger.log(logging.INFO if auto else logging.DEBUG, "dgemma: %s", self.engine.describe())
-        if self.tokenizer is not None:  # structured output: matchers over this tokenizer, ending at the engine's EOS
-            self.engine.guides = GuideFactory(self.tokenizer.backend.to_str(), self.model.config.text.vocab_size,
-                                              sorted(self.engine.eos))
+        self.token_ids = token_ids(self.model.config.text, self.generation_config)
+        if self.tokenizer is not None:  # structured output: matchers over this tokenizer, ending at EOS
+            self.engine.guides = GuideFactory(
+                self.tokenizer.backend.to_str(), self.model.config.text.vocab_size, sorted(self.token_ids.eos_set)
+            )
 
     # -- prompts ------------------------------------------------------------------------------------------------
     def encode_prompt(self, prompt: Prompt) -> tuple[str | None, list[int]]:
@@ -175,161 +130,151 @@ class LLM:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
 
+    def decoder(self) -> IncrementalDecoder | None:
+        """A fresh incremental detokeniser (None without a tokenizer: no text)."""
+        return self.tokenizer.incremental_decoder() if self.tokenizer is not None else None
+
     # -- generation ---------------------------------------------------------------------------------------------
-    def generate_stream(self, prompts: Prompt | Sequence[Prompt],
-                        params: SamplingParams | Sequence[SamplingParams] | None = None,
-                        stream_drafts: bool = False) -> Iterator[StreamDelta]:
+    def generate_stream(
+        self, prompts: Prompts, params: ParamsArg = None, stream_drafts: bool = False
+    ) -> Iterator[StreamDelta]:
         """Stream deltas for several prompts at once (batched by the engine)."""
-        plist, params_list = self._normalise(prompts, params)
+        plist, params_list = _normalise(prompts, params)
         params_list = [self.prepare_params(sp) for sp in params_list]
         encoded = [self.encode_prompt(p) for p in plist]
-        ids: dict[str, int] = {}
+        procs = self._submit([ids for _, ids in encoded], params_list, stream_drafts)
         try:
-            for i, ((_, toks), sp) in enumerate(zip(encoded, params_list)):
-                ids[self.engine.add_request(toks, sp, stream_drafts=stream_drafts)] = i
-        except ValueError:
-            for rid in ids:
-                self.engine.abort(rid)
-            raise
-        state = {rid: {"asm": TextAssembler(self.decode if self.tokenizer else (lambda t: ""), sp.stop),
-                       "stopped": False} for rid, sp in zip(ids, params_list)}
-        try:
-            while any(not s["stopped"] for s in state.values()):
-                if not self.engine.has_unfinished():
-                    break
+            while any(not p.done for _, p in procs.values()) and self.engine.has_unfinished():
                 for ev in self.engine.step():
-                    if ev.request_id not in ids:
-                        continue
-                    yield from self._on_event(ev, ids[ev.request_id], state)
+                    index, proc = procs.get(ev.request_id, (-1, None))
+                    d = proc.on_event(ev) if proc is not None else None
+                    if d is not None:
+                        yield StreamDelta(
+                            index,
+                            ev.request_id,
+                            d.text,
+                            d.token_ids,
+                            d.draft_token_ids,
+                            d.finished,
+                            d.finish_reason,
+                            d.metrics,
+                        )
         finally:  # a consumer that stops early (or a disconnect) frees the rows
-            for rid, s in state.items():
-                if not s["stopped"]:
+            for rid, (_, p) in procs.items():
+                if not p.done:
                     self.engine.abort(rid)
 
-    def _on_event(self, ev: Event, index: int, state: dict) -> Iterator[StreamDelta]:
-        s = state[ev.request_id]
-        if s["stopped"]:
-            return
-        asm: TextAssembler = s["asm"]
-        if ev.kind == "draft":
-            yield StreamDelta(index, ev.request_id, draft_token_ids=ev.token_ids)
-        elif ev.kind == "tokens":
-            before = len(asm.tokens)
-            delta = asm.push(ev.token_ids)
-            if asm.stopped:
-                # Keep the shortest token prefix whose text reaches the stop string; the text ends before it.
-                cut = stop_prefix(asm.tokens, self.decode, asm.stops)
-                new_ids = asm.tokens[before:cut]
-                del asm.tokens[cut:]
-                s["stopped"] = True
-                done = self.engine.finish_request(ev.request_id, "stop", completion_tokens=cut)
-                yield StreamDelta(index, ev.request_id, delta + asm.finish(), new_ids, finished=True,
-                                  finish_reason="stop", metrics=done.metrics if done else {})
-                return
-            yield StreamDelta(index, ev.request_id, delta, ev.token_ids)
-        elif ev.kind == "finished":
-            s["stopped"] = True
-            yield StreamDelta(index, ev.request_id, asm.finish(), finished=True, finish_reason=ev.finish_reason,
-                              metrics=ev.metrics)
+    def _submit(
+        self, prompt_ids: list[list[int]], params_list: list[SamplingParams], stream_drafts: bool
+    ) -> dict[str, tuple[int, OutputProcessor]]:
+        """Queue every request, or none (ValueError): request id -> (prompt index, its output processor)."""
+        procs: dict[str, tuple[int, OutputProcessor]] = {}
+        try:
+            for i, (ids, sp) in enumerate(zip(prompt_ids, params_list)):
+                rid = self.engine.add_request(ids, sp, stream_drafts=stream_drafts)
+                procs[rid] = (i, OutputProcessor(self.decoder(), sp.stop, self._finisher(rid)))
+        except ValueError:
+            for rid in procs:
+                self.engine.abort(rid)
+            raise
+        return procs
 
-    def generate(self, prompts: Prompt | Sequence[Prompt],
-                 params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 reference_sampling: bool = False) -> list[RequestOutput]:
+    def _finisher(self, rid: str) -> Callable[[int], Event]:
+        """Ends `rid` at once keeping n tokens (the engine runs in this thread). If it had already finished in
+        this step, its output ends here all the same (without metrics)."""
+
+        def finish(n: int) -> Event:
+            return self.engine.finish_request(rid, "stop", completion_tokens=n) or Event(rid, "finished")
+
+        return finish
+
+    def generate(
+        self,
+        prompts: Prompts,
+        params: ParamsArg = None,
+        reference_sampling: bool = False,
+    ) -> list[RequestOutput]:
         """Generate for each prompt; returns one RequestOutput per prompt, in order.
 
         `reference_sampling=True` runs transformers' exact algorithm and random-number order (one left-padded
         batch, every row at every step): with the same seed on CPU in float32 it reproduces `model.generate`.
         """
-        plist, params_list = self._normalise(prompts, params)
+        plist, params_list = _normalise(prompts, params)
         params_list = [self.prepare_params(sp) for sp in params_list]
         encoded = [self.encode_prompt(p) for p in plist]
         if reference_sampling:
             return self._generate_reference(encoded, params_list)
         t0 = time.perf_counter()
-        results: dict[int, dict[str, Any]] = {i: {"tokens": [], "text": "", "reason": None, "metrics": {}, "id": ""}
-                                              for i in range(len(plist))}
-        for d in self.generate_stream(plist, params_list):
-            r = results[d.index]
-            r["id"] = d.request_id
-            r["tokens"].extend(d.token_ids)
-            r["text"] += d.text
-            if d.finished:
-                r["reason"] = d.finish_reason
-                r["metrics"] = dict(d.metrics)
-        outs = []
-        for i, (text, ids) in enumerate(encoded):
-            r = results[i]
-            m = r["metrics"]
-            m.setdefault("completion_tokens", len(r["tokens"]))
-            m["wall_s"] = time.perf_counter() - t0
-            outs.append(RequestOutput(r["id"], text, ids, [CompletionOutput(0, r["text"], r["tokens"], r["reason"])],
-                                      True, m))
-        return outs
+        return _collect(encoded, self.generate_stream(plist, params_list), t0)
 
     def _generate_reference(self, encoded, params_list) -> list[RequestOutput]:
-        sp = params_list[0]
-        if any(p != sp for p in params_list):
-            raise ValueError("reference_sampling needs the same SamplingParams for every prompt (one batch)")
-        sp = resolve(sp.validate(self.model.config.vocab_size), self.generation_config)
-        odd = [f for f, default in (("mode", "diffusion"), ("schedule", "linear"), ("acceptance", "entropy_bound"),
-                                    ("stopping", "stable_confident"), ("template", None), ("suffix_token_ids", None))
-               if getattr(sp, f) != default]
-        if sp.constraint() is not None:
-            odd.append("structured output")
-        if odd:
-            raise ValueError(f"reference_sampling runs transformers' exact algorithm; it does not support "
-                             f"non-default {', '.join(odd)}")
-        for _, ids in encoded:
-            if not ids:
-                raise ValueError("prompt must be a non-empty list of token ids")
-            check_context(len(ids), sp, self.engine.max_model_len, self.engine.canvas_length)
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(sp.seed if sp.seed is not None else int(torch.randint(0, 2 ** 62, (1,)).item()))
-        pad = self.model.config.text.pad_token_id or 0
-        t0 = time.perf_counter()
-        eos = set(sp.stop_token_ids) | (set() if sp.ignore_eos else self.engine.eos)
-        res = reference_generate(self.model, [ids for _, ids in encoded], sp, pad, sorted(eos), gen)
-        wall = time.perf_counter() - t0
+        res = reference.generate(self.model, [ids for _, ids in encoded], params_list, self.generation_config,
+                                 self.engine.max_model_len, self.engine.eos)
+        stops = params_list[0].stop
         outs = []
-        for i, ((text, ids), (toks, reason, passes)) in enumerate(zip(encoded, res)):
-            out_text = self.decode(toks)
-            if sp.stop and self.tokenizer is not None:  # stop strings cut the finished output
-                asm = TextAssembler(self.decode, sp.stop)
-                asm.push(toks)
-                if asm.stopped:
-                    toks, reason = toks[:stop_prefix(toks, self.decode, sp.stop)], "stop"
-                asm.finish()
-                out_text = asm.text
-            outs.append(RequestOutput(f"ref-{i}", text, ids, [CompletionOutput(0, out_text, toks, reason)], True, {
-                "prompt_tokens": len(ids), "completion_tokens": len(toks), "decoder_passes": passes,
-                "denoising_steps": passes, "tokens_per_forward": len(toks) / passes if passes else 0.0,
-                "wall_s": wall}))
+        for i, ((text, ids), r) in enumerate(zip(encoded, res)):
+            toks, reason, out_text = r.token_ids, r.finish_reason, self.decode(r.token_ids)
+            if stops and self.tokenizer is not None:  # stop strings cut the finished output
+                cut = StopText(self.decoder(), stops)
+                cut.push(toks)
+                if cut.stopped:
+                    toks, reason = cut.tokens, "stop"
+                cut.finish()
+                out_text = cut.text
+            outs.append(RequestOutput(f"ref-{i}", text, ids, [CompletionOutput(0, out_text, toks, reason)], True,
+                                      r.metrics(len(ids), len(toks))))
         return outs
 
     def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None) -> RequestOutput:
         return self.generate([messages], params)[0]
 
     def prepare_params(self, sp: SamplingParams) -> SamplingParams:
-        """Text-level fields to token ids: `suffix` becomes `suffix_token_ids` (ValueError when invalid)."""
+        """Text-level fields to token ids: `suffix` becomes `suffix_token_ids` (SamplingParamError when invalid)."""
         if sp.suffix is None:
             return sp
         sp.validate(self.model.config.vocab_size)
         if self.tokenizer is None:
-            raise ValueError(f"invalid suffix={sp.suffix!r}: {self.path} has no tokenizer.json (pass suffix_token_ids)")
+            raise SamplingParamError("suffix", sp.suffix, f"{self.path} has no tokenizer.json (pass suffix_token_ids)")
         return replace(sp, suffix=None, suffix_token_ids=self.tokenizer.encode(sp.suffix))
 
-    @staticmethod
-    def _normalise(prompts, params) -> tuple[list[Prompt], list[SamplingParams]]:
-        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)
-                                                and "role" in prompts[0]):
-            prompts = [prompts]
-        plist = list(prompts)
-        if not plist:
-            raise ValueError("no prompts given")
-        if params is None or isinstance(params, SamplingParams):
-            params_list = [params or SamplingParams()] * len(plist)
-        else:
-            params_list = list(params)
-            if len(params_list) != len(plist):
-                raise ValueError(f"{len(params_list)} SamplingParams for {len(plist)} prompts")
-        return plist, params_list
+
+def _normalise(
+    prompts: Prompts,
+    params: ParamsArg,
+) -> tuple[list[Prompt], list[SamplingParams]]:
+    """One prompt or several, and one SamplingParams for all or one per prompt -> two lists of equal length."""
+    if isinstance(prompts, (str, dict)) or (
+        isinstance(prompts, list) and prompts and isinstance(prompts[0], dict) and "role" in prompts[0]
+    ):
+        prompts = [prompts]
+    plist = list(prompts)
+    if not plist:
+        raise ValueError("no prompts given")
+    if params is None or isinstance(params, SamplingParams):
+        params_list = [params or SamplingParams()] * len(plist)
+    else:
+        params_list = list(params)
+        if len(params_list) != len(plist):
+            raise ValueError(f"{len(params_list)} SamplingParams for {len(plist)} prompts")
+    return plist, params_list
+
+
+def _collect(
+    encoded: list[tuple[str | None, list[int]]], deltas: Iterator[StreamDelta], t0: float
+) -> list[RequestOutput]:
+    """Streamed deltas -> one finished RequestOutput per prompt, in order."""
+    outs = [RequestOutput("", text, ids, [CompletionOutput(0, "", [], None)]) for text, ids in encoded]
+    texts: list[list[str]] = [[] for _ in encoded]
+    for d in deltas:
+        out = outs[d.index]
+        out.request_id = d.request_id
+        out.outputs[0].token_ids.extend(d.token_ids)
+        texts[d.index].append(d.text)
+        if d.finished:
+            out.outputs[0].finish_reason = d.finish_reason
+            out.metrics = dict(d.metrics)
+    for out, text in zip(outs, texts):
+        out.outputs[0].text = "".join(text)
+        out.metrics.setdefault("completion_tokens", len(out.outputs[0].token_ids))
+        out.metrics["wall_s"] = time.perf_counter() - t0
+    return outs

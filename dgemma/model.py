@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import KVCache
+from .cache import CanvasView, KVCache
 from .config import ModelConfig, TextConfig
 
 ACT = {
@@ -41,6 +41,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if scale else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and (self.weight is None or self.weight.dtype == torch.float32):
+            # One call instead of three (weight applied after normalising: the same arithmetic, bit for bit)
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return self.scale_unit(self.unit(x), x.dtype)
 
     def unit(self, x: torch.Tensor) -> torch.Tensor:
@@ -197,7 +200,10 @@ class Experts(nn.Module):
         Assignments are sorted by expert and run as one grouped matmul per projection (`expert_kernel` picks the
         kernel); the K contributions of a token are summed in slot order, the reference's arithmetic.
         """
-        mm = EXPERT_KERNELS[expert_kernel(self.gate_up_proj, self.exact)]
+        kernel = expert_kernel(self.gate_up_proj, self.exact, tokens=x.shape[0], top_k=idx.shape[1])
+        if kernel == "dense":
+            return dense_mixture(x, weights, idx, self.gate_up_proj, self.down_proj, self.act)
+        mm = EXPERT_KERNELS[kernel]
         return mixture(x, weights, idx, self.gate_up_proj.shape[0], self.act,
                        lambda h, offs: mm(h, self.gate_up_proj.transpose(-2, -1), offs),
                        lambda h, offs: mm(h, self.down_proj.transpose(-2, -1), offs))
@@ -214,6 +220,19 @@ def mixture(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, n_experts
     gate, up = gate_up(x[order // K], offs).chunk(2, dim=-1)  # (N*K, I) each
     y = down(act(gate) * up, offs) * weights.reshape(-1)[order][:, None]  # (N*K, hidden)
     return y[inv].view(idx.shape[0], K, -1).sum(dim=1).to(x.dtype)
+
+
+def dense_mixture(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, gate_up: torch.Tensor,
+                  down: torch.Tensor, act: Callable) -> torch.Tensor:
+    """The expert branch with every expert run on every token and weighted by the routing (zero where a token is
+    not routed): E/K times the arithmetic of `mixture` but three large matmuls instead of a sort, gathers and 2E
+    small ones. x (N, hidden), weights/idx (N, K), gate_up (E, 2I, hidden), down (E, hidden, I) -> (N, hidden)."""
+    (N, h), (E, two_i, _) = x.shape, gate_up.shape
+    a = (x @ gate_up.reshape(E * two_i, h).t()).view(N, E, 2, two_i // 2)  # (N, E, 2, I)
+    mid = act(a[:, :, 0]) * a[:, :, 1]  # (N, E, I)
+    y = torch.bmm(mid.transpose(0, 1), down.transpose(1, 2))  # (E, N, hidden)
+    route = torch.zeros(N, E, dtype=weights.dtype, device=x.device).scatter_(1, idx, weights)  # (N, E)
+    return torch.einsum("ne,enh->nh", route.to(y.dtype), y).to(x.dtype)
 
 
 def expert_plan(idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -246,19 +265,29 @@ def _looped(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tenso
     return out
 
 
-# The expert matmul kernels, by name (`expert_kernel` picks one).
+# The grouped expert matmul kernels, by name (`expert_kernel` picks one of these, or "dense").
 EXPERT_KERNELS = {"grouped": _grouped, "looped": _looped}
 
 
-def expert_kernel(w: torch.Tensor, exact: bool = False) -> str:
-    """Which expert kernel runs: grouped where torch has it and it is the fast (or the reference's) choice:
-    bf16 on CUDA, anything on CPU in reference mode or bf16; the loop for training (differentiable), for float32
-    on CUDA (grouped_mm would loop on the host) and for float32 on CPU (as fast, and no worse numerically)."""
-    if not hasattr(F, "grouped_mm") or (torch.is_grad_enabled() and w.requires_grad):
+# Above this much wasted arithmetic (flops of the experts a token is not routed to), `dense` stops paying for the
+# host overhead it saves (about 0.2 ms of launches per layer on a 2-core laptop CPU).
+DENSE_EXTRA_FLOPS = 64e6
+
+
+def expert_kernel(w: torch.Tensor, exact: bool = False, tokens: int = 1, top_k: int = 1) -> str:
+    """Which expert kernel runs for `tokens` rows routed to `top_k` of the experts in `w` (E, 2I, hidden):
+    grouped where torch has it and it is the fast (or the reference's) choice: bf16 on CUDA, anything on CPU in
+    reference mode or bf16; the loop for training (differentiable) and for float32 on CUDA (grouped_mm would loop
+    on the host); for float32 on CPU, dense (`dense_mixture`) while the extra arithmetic is small (small models:
+    overhead-bound), else the loop (as fast as grouped there, and no worse numerically)."""
+    if torch.is_grad_enabled() and w.requires_grad:
         return "looped"
-    if w.device.type == "cpu":
-        return "grouped" if exact or w.dtype != torch.float32 else "looped"
-    return "grouped" if w.dtype == torch.bfloat16 else "looped"
+    if w.device.type == "cpu" and w.dtype == torch.float32 and not exact:
+        E, two_i, h = w.shape
+        return "dense" if (E - top_k) * tokens * 3 * (two_i // 2) * h * 2 <= DENSE_EXTRA_FLOPS else "looped"
+    if not hasattr(F, "grouped_mm"):
+        return "looped"
+    return "grouped" if w.device.type == "cpu" or w.dtype == torch.bfloat16 else "looped"
 
 
 # (new keys, new values) of one layer -> the keys/values it attends to
@@ -473,7 +502,7 @@ class DiffusionGemma(nn.Module):
         return self.norm(x)
 
     def denoise(self, canvas: torch.Tensor, cache: KVCache, self_cond: torch.Tensor | None = None,
-                self_cond_mask: torch.Tensor | None = None, masks: dict[bool, torch.Tensor] | None = None,
+                self_cond_mask: torch.Tensor | None = None, masks: CanvasView | None = None,
                 rows: torch.Tensor | None = None, soft: torch.Tensor | None = None,
                 hidden_only: bool = False) -> torch.Tensor:
         """Bidirectional pass over `canvas` (B, C) after each row's cached context; returns logits (B, C, V), or with
@@ -482,12 +511,14 @@ class DiffusionGemma(nn.Module):
         Self-conditioning: `self_cond`, the previous step's (processed) logits (B, C, V), or `soft`, their
         `soft_embedding` (B, C, hidden); neither on the first step (zero signal). `self_cond_mask` (B,): rows whose
         signal is zeroed (training). `masks`: from `cache.decoder_masks`, to build them once per canvas instead of
-        once per step. `rows`: which cache rows the canvases extend. The cache is only read.
+        once per step (default: in place, except in reference mode). `rows`: which cache rows the canvases extend.
+        The cache's contents are only read; an in-place view writes the canvas's keys/values into the entries of
+        its future slots, which stay invisible to every other pass until a commit overwrites them.
         """
         C = canvas.shape[1]
         positions = cache.rows_of(cache.lengths, rows)[:, None] + torch.arange(C, device=canvas.device)[None, :]
         if masks is None:
-            masks = cache.decoder_masks(C, rows)
+            masks = cache.decoder_masks(C, rows, in_place=not self.exact)
         x = self.embed(canvas)
         sc = self.self_conditioning
         if self_cond is not None:
@@ -501,11 +532,14 @@ class DiffusionGemma(nn.Module):
 
         def context(i: int) -> Context:
             def read(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                if masks.slots is not None:  # in place: into the future slots, then the buffer as it stands
+                    cache.write_layer(i, masks.slots, k, v, rows)
+                    return cache.kv(i, rows, span=masks.span[cache.layers[i].sliding])
                 ck, cv = cache.kv(i, rows)
                 return torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)
             return read
 
-        x = self.norm(self._layers(x, positions, cache, context, masks, encoder=False))
+        x = self.norm(self._layers(x, positions, cache, context, masks.masks, encoder=False))
         return x if hidden_only else self.logits(x)
 
     def _layers(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, context: Callable[[int], Context],

@@ -34,7 +34,9 @@ import time
 import uuid
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+
+from .params import KNOBS, Knob, SamplingParamError, SamplingParams
 
 # Prompts are either text or token ids; a list holding exactly one of those is accepted too (OpenAI's batch form).
 PromptInput = Union[str, list[int]]
@@ -49,34 +51,46 @@ class StreamOptions(_Strict):
     continuous_usage_stats: bool = False  # accepted for vLLM compatibility; usage is only sent at the end
 
 
-class _SamplingFields(_Strict):
+def _knob_field(knob: Knob) -> tuple[Any, Any]:
+    """A request field for one `params.KNOBS` entry: its type and range; unset (None) means the default."""
+    if knob.kind is bool:
+        return bool, Field(default=False, description=knob.help)
+    if knob.kind is str:
+        return Literal[tuple(knob.choices())], Field(default=knob.default, description=knob.help)
+    return Optional[knob.kind], Field(default=None, ge=knob.ge, gt=knob.gt, le=knob.le, description=knob.help)
+
+
+# The sampling knobs of both endpoints, derived from the one table in dgemma.params.
+_Knobs = create_model("_Knobs", __base__=_Strict, **{k.api_name: _knob_field(k) for k in KNOBS if k.api_name})
+_API_NAME = {k.name: k.api_name for k in KNOBS if k.api_name} | {"suffix_token_ids": "suffix"}
+
+
+class RequestError(ValueError):
+    """A request the server answers with 400; `.param` names the request field."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def api_param(name: str | None) -> str | None:
+    """The request field for a SamplingParams field (`max_new_tokens` is `max_tokens`)."""
+    return _API_NAME.get(name, name) if name is not None else None
+
+
+class _SamplingFields(_Knobs):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model: Optional[str] = None
-    max_tokens: Optional[int] = Field(default=None, ge=1)
-    temperature: Optional[float] = Field(default=None, ge=0)
-    top_p: Optional[float] = Field(default=None, gt=0, le=1)
-    top_k: Optional[int] = Field(default=None, ge=0)
     n: Optional[int] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = Field(default=None, ge=0, le=2 ** 63 - 1)
     user: Optional[str] = None
     presence_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = None
     logit_bias: Optional[dict[str, Any]] = None
-    # diffusion / engine knobs (vLLM-style extra parameters)
-    mode: Literal["diffusion", "ar"] = "diffusion"
     stop_token_ids: Optional[list[int]] = None
-    ignore_eos: bool = False
-    max_denoising_steps: Optional[int] = Field(default=None, ge=1, le=10_000)
-    t_min: Optional[float] = Field(default=None, gt=0, le=100)
-    t_max: Optional[float] = Field(default=None, gt=0, le=100)
-    entropy_bound: Optional[float] = Field(default=None, gt=0)
-    stability_threshold: Optional[int] = Field(default=None, ge=0, le=1000)
-    confidence_threshold: Optional[float] = Field(default=None, gt=0)
-    fixed_steps: bool = False
     stream_drafts: bool = False
     response_format: Optional[dict[str, Any]] = None
     structured_outputs: Optional[dict[str, Any]] = None
@@ -112,17 +126,27 @@ class _SamplingFields(_Strict):
                 raise ValueError(f"response_format type {kind!r} is not supported (text, json_object, json_schema)")
         so = self.structured_outputs
         if so is not None:
-            keys = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar",
-                    "json_object": "json_object"}
+            keys = {
+                "json": "json_schema",
+                "regex": "regex",
+                "choice": "choice",
+                "grammar": "grammar",
+                "json_object": "json_object",
+            }
             given = {k: v for k, v in so.items() if k in keys and v not in (None, False)}
-            unknown = sorted(set(so) - set(keys) - {"disable_fallback", "disable_any_whitespace",
-                                                     "disable_additional_properties", "whitespace_pattern"})
+            unknown = sorted(
+                set(so)
+                - set(keys)
+                - {"disable_fallback", "disable_any_whitespace", "disable_additional_properties", "whitespace_pattern"}
+            )
             if unknown:
                 raise ValueError(f"structured_outputs has unsupported field {unknown[0]!r}")
             if len(given) != 1 or out:
-                raise ValueError("give exactly one structured output constraint (response_format or one of "
-                                 "structured_outputs' json, regex, choice, grammar, json_object)")
-            (k, v), = given.items()
+                raise ValueError(
+                    "give exactly one structured output constraint (response_format or one of "
+                    "structured_outputs' json, regex, choice, grammar, json_object)"
+                )
+            ((k, v),) = given.items()
             out[keys[k]] = v
         return out
 
@@ -130,6 +154,35 @@ class _SamplingFields(_Strict):
         if self.stop is None:
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def token_budget(self) -> Optional[int]:
+        return self.max_tokens
+
+    def constraint_param(self) -> str:
+        """The request field a structured-output error is about."""
+        return "structured_outputs" if self.structured_outputs is not None else "response_format"
+
+    def sampling_params(self, default_max_tokens: int) -> SamplingParams:
+        """The SamplingParams this request asks for, checked as far as possible without the model (RequestError
+        naming the request field); `default_max_tokens` applies when no budget is given."""
+        kw: dict[str, Any] = {
+            k.name: getattr(self, k.api_name) for k in KNOBS if k.api_name and getattr(self, k.api_name) is not None
+        }
+        kw.update(
+            max_new_tokens=self.token_budget() or max(1, default_max_tokens),
+            stop=self.stop_list(),
+            stop_token_ids=list(self.stop_token_ids or []),
+            suffix=getattr(self, "suffix", None),
+        )
+        kw.update({k: float(v) for k, v in kw.items() if k in ("temperature", "top_p")})
+        try:
+            kw.update(self.constraint_fields())
+        except ValueError as e:
+            raise RequestError(str(e), self.constraint_param()) from None
+        try:
+            return SamplingParams(**kw).validate()
+        except SamplingParamError as e:
+            raise RequestError(str(e), api_param(e.param)) from None
 
 
 class CompletionRequest(_SamplingFields):
@@ -190,6 +243,13 @@ class ChatCompletionRequest(_SamplingFields):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
+def chat_text_chunk(
+    rid: str, created: int, model: str, text: str = "", finish_reason: str | None = None, **extra: Any
+) -> dict[str, Any]:
+    """A chat streaming chunk carrying text (an empty delta when there is none); `extra` as in `_chunk`."""
+    return chat_chunk(rid, created, model, {"content": text} if text else {}, finish_reason, **extra)
+
+
 # -- responses (plain dicts built by helpers: the shapes are OpenAI's) -----------------------------------------------
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
@@ -199,53 +259,67 @@ def now() -> int:
     return int(time.time())
 
 
-def error_body(message: str, type_: str = "BadRequestError", param: str | None = None,
-               code: int | str | None = 400) -> dict[str, Any]:
+def error_body(
+    message: str, type_: str = "BadRequestError", param: str | None = None, code: int | str | None = 400
+) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def usage(prompt_tokens: int, completion_tokens: int, tokens_per_forward: float = 0.0,
-          denoising_steps: int = 0) -> dict[str, Any]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens, "tokens_per_forward": tokens_per_forward,
-            "denoising_steps": denoising_steps}
+def usage(
+    prompt_tokens: int, completion_tokens: int, tokens_per_forward: float = 0.0, denoising_steps: int = 0
+) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "tokens_per_forward": tokens_per_forward,
+        "denoising_steps": denoising_steps,
+    }
 
 
-def completion_response(rid: str, created: int, model: str, text: str, finish_reason: str | None,
-                        use: dict[str, Any]) -> dict[str, Any]:
-    return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
-            "usage": use}
+def completion_response(
+    rid: str, created: int, model: str, text: str, finish_reason: str | None, use: dict[str, Any]
+) -> dict[str, Any]:
+    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    return {**_envelope(rid, created, model, "text_completion", [choice]), "usage": use}
 
 
-def completion_chunk(rid: str, created: int, model: str, text: str = "", finish_reason: str | None = None,
-                     use: dict[str, Any] | None = None, include_usage: bool = False,
-                     draft: str | None = None) -> dict[str, Any]:
-    return _chunk(rid, created, model, "text_completion",
-                  {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason},
-                  use, include_usage, draft)
+def completion_chunk(
+    rid: str, created: int, model: str, text: str = "", finish_reason: str | None = None, **extra: Any
+) -> dict[str, Any]:
+    """A /v1/completions streaming chunk; `extra` as in `_chunk`."""
+    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    return _chunk(rid, created, model, "text_completion", choice, **extra)
 
 
-def chat_response(rid: str, created: int, model: str, text: str, finish_reason: str | None,
-                  use: dict[str, Any]) -> dict[str, Any]:
-    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                         "finish_reason": finish_reason}],
-            "usage": use}
+def chat_response(
+    rid: str, created: int, model: str, text: str, finish_reason: str | None, use: dict[str, Any]
+) -> dict[str, Any]:
+    message = {"role": "assistant", "content": text}
+    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
+    return {**_envelope(rid, created, model, "chat.completion", [choice]), "usage": use}
 
 
-def chat_chunk(rid: str, created: int, model: str, delta: dict[str, Any], finish_reason: str | None = None,
-               use: dict[str, Any] | None = None, include_usage: bool = False,
-               draft: str | None = None) -> dict[str, Any]:
-    return _chunk(rid, created, model, "chat.completion.chunk",
-                  {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason},
-                  use, include_usage, draft)
+def chat_chunk(
+    rid: str, created: int, model: str, delta: dict[str, Any], finish_reason: str | None = None, **extra: Any
+) -> dict[str, Any]:
+    """A /v1/chat/completions streaming chunk; `extra` as in `_chunk`."""
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    return _chunk(rid, created, model, "chat.completion.chunk", choice, **extra)
 
 
-def _chunk(rid: str, created: int, model: str, obj: str, choice: dict[str, Any], use: dict[str, Any] | None,
-           include_usage: bool, draft: str | None) -> dict[str, Any]:
+def _chunk(
+    rid: str,
+    created: int,
+    model: str,
+    obj: str,
+    choice: dict[str, Any],
+    use: dict[str, Any] | None = None,
+    include_usage: bool = False,
+    draft: str | None = None,
+) -> dict[str, Any]:
     """A streaming chunk: one choice, usage when asked for (null until the last chunk), the draft if any."""
-    out: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
+    out = _envelope(rid, created, model, obj, [choice])
     if include_usage:
         out["usage"] = use
     if draft is not None:
@@ -255,4 +329,8 @@ def _chunk(rid: str, created: int, model: str, obj: str, choice: dict[str, Any],
 
 def usage_chunk(rid: str, created: int, model: str, object_: str, use: dict[str, Any]) -> dict[str, Any]:
     """The last chunk of a stream with `stream_options.include_usage`: no choices, just usage."""
-    return {"id": rid, "object": object_, "created": created, "model": model, "choices": [], "usage": use}
+    return {**_envelope(rid, created, model, object_, []), "usage": use}
+
+
+def _envelope(rid: str, created: int, model: str, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": choices}

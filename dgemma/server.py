@@ -9,9 +9,10 @@ temperature follows the t_max -> t_min schedule); they apply in `mode="ar"`.
 
 Concurrency model: ONE background thread owns the `Engine` and calls `step()` while there is work, so requests
 are batched continuously (a new request joins at the next step, a finished one leaves). The asyncio side sends
-commands ("add", "abort", "stop") through a thread-safe queue; the engine thread answers each step's events with
-one `loop.call_soon_threadsafe`, which routes them into per-request `asyncio.Queue`s. Only the engine thread ever
-touches the engine.
+typed commands (`_Add`, `_Abort`, `_Finish`, `_Stop`) through a thread-safe queue; the engine thread answers with
+replies (`_Accepted`, `_Rejected`, `_Aborted`) and the engine's `Event`s, one `loop.call_soon_threadsafe` per step,
+which routes them into per-request `asyncio.Queue`s. Only the engine thread ever touches the engine. Text is made
+by `dgemma.output.OutputProcessor`, as in `LLM`; requests become `SamplingParams` in `dgemma.protocol`.
 
 Admission control: at most `max_queue` requests are in flight (waiting + running); more get 429 with Retry-After.
 A request that exceeds `request_timeout` is aborted (504). A client that disconnects (streaming or not) has its
@@ -30,34 +31,46 @@ import concurrent.futures
 import json
 import logging
 import queue
-import re
 import signal
 import sys
 import threading
 import time
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Union
 
 from . import __version__
 
 if TYPE_CHECKING:  # imported lazily: `dgemma --help` (which imports this module to register `serve`) stays fast
+    from .engine import Event
     from .llm import LLM
-    from .sampler import SamplingParams
+    from .params import SamplingParams
 
 logger = logging.getLogger("dgemma.server")
 
 DEFAULT_MAX_BODY_BYTES = 16 << 20
-_STATUS_TYPES = {400: "BadRequestError", 404: "NotFoundError", 413: "RequestTooLargeError",
-                 429: "RateLimitError", 500: "InternalServerError", 503: "ServiceUnavailableError",
-                 504: "TimeoutError"}
+_STATUS_TYPES = {
+    400: "BadRequestError",
+    404: "NotFoundError",
+    413: "RequestTooLargeError",
+    429: "RateLimitError",
+    500: "InternalServerError",
+    503: "ServiceUnavailableError",
+    504: "TimeoutError",
+}
 
 
 class APIError(Exception):
     """An error answered with an OpenAI error body."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, type_: str | None = None,
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        type_: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param = status, message, param
         self.type = type_ or _STATUS_TYPES.get(status, "APIError")
@@ -86,24 +99,39 @@ class _Metrics:
         self.prompt_tokens = Counter("dgemma:prompt_tokens", "Prompt tokens of admitted requests.", L, registry=r)
         self.generation_tokens = Counter("dgemma:generation_tokens", "Generated (committed) tokens.", L, registry=r)
         self.finished = Counter("dgemma:request_success", "Finished requests.", L + ["finished_reason"], registry=r)
-        self.rejected = Counter("dgemma:request_rejected", "Requests refused or failed, by HTTP status.",
-                                L + ["status"], registry=r)
+        self.rejected = Counter(
+            "dgemma:request_rejected", "Requests refused or failed, by HTTP status.", L + ["status"], registry=r
+        )
         self.aborted = Counter("dgemma:request_aborted", "Requests aborted (disconnect or timeout).", L, registry=r)
         self.tokens_per_forward = Histogram(
-            "dgemma:tokens_per_forward", "Completion tokens per decoder pass (per token step in AR mode).", L,
-            buckets=(0.125, 0.25, 0.5, 1, 1.5, 2, 3, 4, 6, 8, 12, 16, 32, 64, 128, 256), registry=r)
+            "dgemma:tokens_per_forward",
+            "Completion tokens per decoder pass (per token step in AR mode).",
+            L,
+            buckets=(0.125, 0.25, 0.5, 1, 1.5, 2, 3, 4, 6, 8, 12, 16, 32, 64, 128, 256),
+            registry=r,
+        )
         self.steps_per_canvas = Histogram(
-            "dgemma:denoising_steps_per_canvas", "Denoising steps per committed canvas (request average, one "
-            "observation per canvas).", L, buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256),
-            registry=r)
+            "dgemma:denoising_steps_per_canvas",
+            "Denoising steps per committed canvas (request average, one observation per canvas).",
+            L,
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256),
+            registry=r,
+        )
         lat = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
-        self.ttft = Histogram("dgemma:time_to_first_token_seconds", "Request arrival to first committed tokens.",
-                              L, buckets=lat, registry=r)
-        self.e2e = Histogram("dgemma:e2e_request_latency_seconds", "Request arrival to completion.", L,
-                             buckets=lat, registry=r)
+        self.ttft = Histogram(
+            "dgemma:time_to_first_token_seconds",
+            "Request arrival to first committed tokens.",
+            L,
+            buckets=lat,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "dgemma:e2e_request_latency_seconds", "Request arrival to completion.", L, buckets=lat, registry=r
+        )
 
     def render(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
@@ -139,227 +167,228 @@ class TorchThread:
         return self.submit(fn).result()
 
 
-class _Job:
-    """A job on a TorchThread seen through the small part of the Thread API the engine loop uses."""
+# -- messages between the asyncio side and the engine thread ----------------------------------------------------------
+@dataclass
+class _Add:
+    rid: str
+    prompt_ids: list[int]
+    params: "SamplingParams"
+    drafts: bool
 
-    def __init__(self, fut: "concurrent.futures.Future") -> None:
-        self.fut = fut
 
-    def is_alive(self) -> bool:
-        return not self.fut.done()
+@dataclass
+class _Abort:
+    rid: str
 
-    def join(self, timeout: float | None = None) -> None:
-        with suppress(Exception):
-            self.fut.result(timeout)
+
+@dataclass
+class _Finish:
+    """End a running request early (a stop string matched), keeping its first `completion_tokens` tokens."""
+
+    rid: str
+    completion_tokens: int
+
+
+@dataclass
+class _Stop:
+    """Shut the engine thread down."""
+
+
+@dataclass
+class _Accepted:
+    pass
+
+
+@dataclass
+class _Rejected:
+    """The engine refused the request (or failed): answered with `status`."""
+
+    status: int
+    message: str
+    param: str | None = None
+
+
+@dataclass
+class _Aborted:
+    """A `_Finish` found the request no longer running (its 'finished' event, if any, is on the way)."""
+
+
+_Command = Union[_Add, _Abort, _Finish, _Stop]
+_Reply = Union[_Accepted, _Rejected, _Aborted, "Event"]
 
 
 class EngineLoop:
-    """Owns the engine thread and routes its events to per-request asyncio queues."""
+    """Runs the engine on the torch thread (`_EngineWorker`) and routes its replies and events to per-request
+    asyncio queues."""
 
-    def __init__(self, llm: "LLM", max_queue: int, metrics: _Metrics, torch_thread: TorchThread | None = None):
-        self.llm, self.engine, self.max_queue, self.metrics = llm, llm.engine, max_queue, metrics
+    def __init__(self, llm: "LLM", max_queue: int, metrics: _Metrics, torch_thread: TorchThread):
+        self.llm, self.engine, self.max_queue = llm, llm.engine, max_queue
         self.torch_thread = torch_thread
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
         self._queues: dict[str, asyncio.Queue] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self.error: str | None = None  # set when the engine thread died
+        self._job: concurrent.futures.Future | None = None
+        self._worker = _EngineWorker(llm.engine, metrics, self._cmds, self._post)
         self.draining = False  # set on shutdown: no new requests
 
-    # -- asyncio side ----------------------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        if self.torch_thread is not None:  # run where the model was loaded
-            self._thread = _Job(self.torch_thread.submit(self._run))
-            return
-        self._thread = threading.Thread(target=self._run, name="dgemma-engine", daemon=True)
-        self._thread.start()
+        self._job = self.torch_thread.submit(self._worker.run)  # run where the model was loaded
+
+    @property
+    def error(self) -> str | None:
+        """Why the engine thread died (None while it is well)."""
+        return self._worker.error
+
+    @property
+    def running(self) -> bool:
+        return self._job is not None and not self._job.done()
 
     @property
     def healthy(self) -> bool:
-        return self.error is None and not self.draining and self._thread is not None and self._thread.is_alive()
+        return self.error is None and not self.draining and self.running
 
     @property
     def num_inflight(self) -> int:
         return len(self._queues)
 
     def check_available(self) -> None:
-        if self.error is not None or (self._thread is not None and not self._thread.is_alive() and not self.draining):
+        if self.error is not None or (self._job is not None and not self.running and not self.draining):
             raise APIError(500, f"the engine has failed and cannot serve requests: {self.error}")
-        if self.draining or self._thread is None:
+        if self.draining or self._job is None:
             raise APIError(503, "the server is shutting down")
 
     async def submit(self, rid: str, prompt_ids: list[int], params: "SamplingParams", drafts: bool) -> asyncio.Queue:
-        """Queue a request; returns its event queue once the engine accepted it (APIError 400 if it did not)."""
+        """Queue a request; returns its event queue once the engine accepted it (APIError if it did not)."""
         self.check_available()
         if len(self._queues) >= self.max_queue:
-            raise APIError(429, f"the server is at capacity ({self.max_queue} requests in flight); retry later",
-                           headers={"Retry-After": "1"})
+            raise APIError(
+                429,
+                f"the server is at capacity ({self.max_queue} requests in flight); retry later",
+                headers={"Retry-After": "1"},
+            )
         q: asyncio.Queue = asyncio.Queue()
         self._queues[rid] = q
-        self._cmds.put(("add", rid, prompt_ids, params, drafts))
+        self._cmds.put(_Add(rid, prompt_ids, params, drafts))
         try:
-            item = await q.get()
+            reply = await q.get()
         except BaseException:
             self.abort(rid)
             self.release(rid)
             raise
-        if item[0] != "accepted":
+        if isinstance(reply, _Rejected):
             self.release(rid)
-            if item[0] == "rejected":
-                raise APIError(item[1], item[2], param=item[3])
-            raise APIError(item[1], item[2])
+            raise APIError(reply.status, reply.message, param=reply.param)
         return q
 
     def abort(self, rid: str) -> None:
-        self._cmds.put(("abort", rid))
+        self._cmds.put(_Abort(rid))
 
     def finish(self, rid: str, completion_tokens: int) -> None:
-        """End a request early (a stop string matched), keeping `completion_tokens`; its handler then receives a
-        'finished' event with the metrics, or ("aborted", {}) if the request was no longer running."""
-        self._cmds.put(("finish", rid, completion_tokens))
+        """End a request early keeping `completion_tokens`; its handler then receives the 'finished' event, or
+        `_Aborted` if the request was no longer running."""
+        self._cmds.put(_Finish(rid, completion_tokens))
 
     def release(self, rid: str) -> None:
         self._queues.pop(rid, None)
 
     async def shutdown(self, timeout: float = 10.0) -> None:
         self.draining = True
-        if self._thread is not None and self._thread.is_alive():
-            self._cmds.put(("stop",))
-            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, timeout)
+        if self.running:
+            self._cmds.put(_Stop())
+            with suppress(Exception):  # a timeout, or the engine's own failure (already reported)
+                await asyncio.wait_for(asyncio.wrap_future(self._job), timeout)
 
-    def _deliver(self, items: list[tuple[str | None, Any]]) -> None:
+    def _post(self, items: list[tuple[str | None, _Reply]]) -> None:
+        """Called on the engine thread: hand `items` to the event loop (one wake-up per step)."""
+        if items and self._loop is not None:
+            with suppress(RuntimeError):  # the loop is closed: nobody is listening any more
+                self._loop.call_soon_threadsafe(self._deliver, items)
+
+    def _deliver(self, items: list[tuple[str | None, _Reply]]) -> None:
         for rid, item in items:
-            if rid is None:  # broadcast (engine died / stopped)
+            if rid is None:  # broadcast (the engine died or stopped)
                 for q in self._queues.values():
                     q.put_nowait(item)
-                continue
-            q = self._queues.get(rid)
-            if q is not None:
-                q.put_nowait(item)
+            elif rid in self._queues:
+                self._queues[rid].put_nowait(item)
 
-    # -- engine thread -----------------------------------------------------------------------------------------
-    def _post(self, items: list[tuple[str | None, Any]]) -> None:
-        if not items or self._loop is None:
-            return
-        with suppress(RuntimeError):  # the loop is closed: nobody is listening any more
-            self._loop.call_soon_threadsafe(self._deliver, items)
 
-    def _handle(self, cmd: tuple, out: list) -> bool:
+class _EngineWorker:
+    """The engine thread's loop: run the queued commands, step the engine while it has work, post what happened
+    (`(request id or None for everyone, reply or Event)` pairs) through `post`."""
+
+    def __init__(
+        self,
+        engine: Any,
+        metrics: _Metrics,
+        cmds: queue.SimpleQueue,
+        post: Callable[[list[tuple[str | None, _Reply]]], None],
+    ) -> None:
+        self.engine, self.metrics, self.cmds, self.post = engine, metrics, cmds, post
+        self.error: str | None = None  # set when the loop died
+
+    def run(self) -> None:
         eng = self.engine
-        if cmd[0] == "add":
-            _, rid, ids, params, drafts = cmd
+        out: list = []
+        try:
+            while self._commands(out):
+                if eng.has_unfinished():
+                    out.extend((ev.request_id, ev) for ev in eng.step())
+                self._gauges()
+                self.post(out)
+                out = []
+            for r in list(eng.waiting) + [r for r in eng.rows if r is not None]:  # shutdown: abort what is left
+                eng.abort(r.id)
+            self._gauges()
+            out.append((None, _Rejected(503, "the server is shutting down")))
+        except Exception as e:
+            self.error = f"{type(e).__name__}: {e}"
+            logger.exception("the engine thread failed; the server now answers 500/503")
+            out.append((None, _Rejected(500, f"the engine failed: {self.error}")))
+        self.post(out)
+
+    def _commands(self, out: list) -> bool:
+        """Handle the queued commands (waiting a little for one when the engine is idle); False on `_Stop`."""
+        block = not self.engine.has_unfinished()
+        while True:
             try:
-                eng.add_request(ids, params, request_id=rid, stream_drafts=drafts)
-            except ValueError as e:
-                out.append((rid, ("rejected", 400, str(e), _param_of(str(e)))))
-            except Exception as e:  # a bug, not the client's fault; the engine state is unchanged
-                logger.exception("add_request failed")
-                out.append((rid, ("error", 500, f"failed to queue the request: {type(e).__name__}: {e}")))
-            else:
-                out.append((rid, ("accepted",)))
-                self.metrics.prompt_tokens.labels(**self.metrics.labels).inc(len(ids))
-        elif cmd[0] == "abort":
-            eng.abort(cmd[1])
-        elif cmd[0] == "finish":
-            _, rid, n = cmd
-            ev = eng.finish_request(rid, "stop", completion_tokens=n)
+                cmd = self.cmds.get(timeout=0.5) if block else self.cmds.get_nowait()
+            except queue.Empty:
+                return True
+            if isinstance(cmd, _Stop):
+                return False
+            self._handle(cmd, out)
+            block = False
+
+    def _handle(self, cmd: _Command, out: list) -> None:
+        if isinstance(cmd, _Add):
+            out.append((cmd.rid, self._add(cmd)))
+        elif isinstance(cmd, _Abort):
+            self.engine.abort(cmd.rid)
+        elif isinstance(cmd, _Finish):
+            ev = self.engine.finish_request(cmd.rid, "stop", completion_tokens=cmd.completion_tokens)
             # None: it was not running (still waiting, or already finished with its event on the way)
-            out.append((rid, ev if ev is not None else ("aborted", {})))
-        elif cmd[0] == "stop":
-            return True
-        return False
+            out.append((cmd.rid, ev if ev is not None else _Aborted()))
+
+    def _add(self, cmd: _Add) -> _Reply:
+        try:
+            self.engine.add_request(cmd.prompt_ids, cmd.params, request_id=cmd.rid, stream_drafts=cmd.drafts)
+        except ValueError as e:
+            return _Rejected(400, str(e), getattr(e, "param", None))
+        except Exception as e:  # a bug, not the client's fault; the engine state is unchanged
+            logger.exception("add_request failed")
+            return _Rejected(500, f"failed to queue the request: {type(e).__name__}: {e}")
+        self.metrics.prompt_tokens.labels(**self.metrics.labels).inc(len(cmd.prompt_ids))
+        return _Accepted()
 
     def _gauges(self) -> None:
         m = self.metrics
         m.running.labels(**m.labels).set(self.engine.num_running)
         m.waiting.labels(**m.labels).set(len(self.engine.waiting))
 
-    def _run(self) -> None:
-        eng = self.engine
-        out: list = []
-        try:
-            while True:
-                busy = eng.has_unfinished()
-                try:
-                    cmd = self._cmds.get_nowait() if busy else self._cmds.get(timeout=0.5)
-                except queue.Empty:
-                    cmd = None
-                stop = False
-                while cmd is not None and not stop:
-                    stop = self._handle(cmd, out)
-                    try:
-                        cmd = None if stop else self._cmds.get_nowait()
-                    except queue.Empty:
-                        cmd = None
-                if stop:
-                    break
-                if eng.has_unfinished():
-                    for ev in eng.step():
-                        out.append((ev.request_id, ev))
-                self._gauges()
-                if out:
-                    self._post(out)
-                    out = []
-            # Shutdown: abort whatever is left and tell its handlers.
-            for r in list(eng.waiting) + [r for r in eng.rows if r is not None]:
-                eng.abort(r.id)
-            self._gauges()
-            out.append((None, ("error", 503, "the server is shutting down")))
-            self._post(out)
-        except Exception as e:
-            self.error = f"{type(e).__name__}: {e}"
-            logger.exception("the engine thread failed; the server now answers 500/503")
-            out.append((None, ("error", 500, f"the engine failed: {self.error}")))
-            self._post(out)
 
-
-_PARAM_RE = re.compile(r"invalid (\w+)=")
-
-
-def _param_of(message: str) -> str | None:
-    m = _PARAM_RE.search(message)
-    if m:
-        return {"max_new_tokens": "max_tokens", "suffix_token_ids": "suffix"}.get(m.group(1), m.group(1))
-    if "max_new_tokens" in message:
-        return "max_tokens"
-    if "prompt" in message:
-        return "prompt"
-    return None
-
-
-# -- one request's output: incremental text, stop strings ---------------------------------------------------------
-class _Text:
-    """Committed tokens -> text safe to send now; `llm.TextAssembler` holds back partial characters and partial
-    stop strings, and cuts at a stop string (tokens are then cut to the shortest prefix reaching it)."""
-
-    def __init__(self, llm: "LLM", stops: list[str]):
-        from .llm import TextAssembler
-
-        self.llm = llm
-        self.asm = TextAssembler(llm.decode if llm.tokenizer is not None else (lambda ids: ""), stops)
-        self.pending = ""
-        self.stopped = False
-
-    @property
-    def tokens(self) -> list[int]:
-        return self.asm.tokens
-
-    def push(self, ids: list[int]) -> bool:
-        """Append committed tokens; True when a stop string appeared."""
-        from .llm import stop_prefix
-
-        self.pending += self.asm.push(ids)
-        if self.asm.stops and self.llm.tokenizer is not None and self.asm.stopped:
-            del self.asm.tokens[stop_prefix(self.asm.tokens, self.llm.decode, self.asm.stops):]
-            self.stopped = True
-        return self.stopped
-
-    def take(self, final: bool) -> str:
-        out, self.pending = self.pending + (self.asm.finish() if final else ""), ""
-        return out
-
-
+# -- one request's output --------------------------------------------------------------------------------------------
 @dataclass
 class _Update:
     text: str = ""
@@ -371,15 +400,26 @@ class _Update:
 class _Generation:
     """Consumes one request's events and turns them into text updates (used by streaming and non-streaming)."""
 
-    def __init__(self, server: "_Server", rid: str, q: asyncio.Queue, prompt_len: int, params: "SamplingParams",
-                 t_arrival: float, request: Any = None):
+    def __init__(
+        self,
+        server: "_Server",
+        rid: str,
+        q: asyncio.Queue,
+        prompt_len: int,
+        params: "SamplingParams",
+        t_arrival: float,
+        request: Any = None,
+    ):
+        from .output import OutputProcessor
+
         self.server, self.rid, self.q, self.prompt_len, self.params = server, rid, q, prompt_len, params
         self.loop = asyncio.get_running_loop()
         self.t_arrival = t_arrival
         self.deadline = self.loop.time() + server.request_timeout
         self.request = request  # for disconnect polling while streaming
-        self.out = _Text(server.llm, params.stop)
-        self.stopping = False
+        self.out = OutputProcessor(
+            server.llm.decoder(), params.stop, lambda n: server.engine_loop.finish(rid, n)
+        )  # the answer comes via the queue
         self.done = False
         self.t_first: float | None = None
 
@@ -395,65 +435,58 @@ class _Generation:
                     raise _ClientGone() from None
 
     async def next(self) -> _Update | None:
-        if self.done:
-            return None
-        m = self.server.metrics
-        while True:
+        while not self.done:
             item = await self._get()
-            if not isinstance(item, tuple):  # an engine Event (control messages are tuples)
-                if item.kind == "draft":
-                    if not self.stopping:
-                        return _Update(draft=self.server.llm.decode(item.token_ids))
-                elif item.kind == "tokens":
-                    if self.stopping:
-                        continue
-                    m.generation_tokens.labels(**m.labels).inc(len(item.token_ids))
-                    if self.t_first is None:
-                        self.t_first = time.perf_counter()
-                        m.ttft.labels(**m.labels).observe(self.t_first - self.t_arrival)
-                    if self.out.push(item.token_ids):
-                        self.stopping = True
-                        self.server.engine_loop.finish(self.rid, len(self.out.tokens))
-                        continue
-                    text = self.out.take(final=False)
-                    if text:
-                        return _Update(text=text)
-                elif item.kind == "finished":
-                    return self._finish(item.finish_reason or "stop", item.metrics)
-            elif item[0] == "aborted":
-                if self.stopping:
-                    return self._finish("stop", item[1])
-            elif item[0] == "error":
+            if isinstance(item, _Rejected):
                 self.done = True
-                raise APIError(item[1], item[2])
+                raise APIError(item.status, item.message)
+            if isinstance(item, _Aborted):
+                delta = self.out.finish("stop", {}) if self.out.stopping else None
+            else:
+                if item.kind == "tokens" and not self.out.stopping:
+                    self._count_tokens(len(item.token_ids))
+                delta = self.out.on_event(item)
+            if delta is not None and delta.finished:
+                return self._finish(delta.text, delta.finish_reason, delta.metrics)
+            if delta is not None and (delta.text or delta.draft_token_ids is not None):
+                draft = None if delta.draft_token_ids is None else self.server.llm.decode(delta.draft_token_ids)
+                return _Update(text=delta.text, draft=draft)
+        return None
 
-    def _finish(self, reason: str, em: dict[str, Any]) -> _Update:
+    def _count_tokens(self, n: int) -> None:
+        m = self.server.metrics
+        m.generation_tokens.labels(**m.labels).inc(n)
+        if self.t_first is None:
+            self.t_first = time.perf_counter()
+            m.ttft.labels(**m.labels).observe(self.t_first - self.t_arrival)
+
+    def _finish(self, text: str, reason: str, em: dict[str, Any]) -> _Update:
+        from .protocol import usage
+
         self.done = True
         if em.get("error"):  # the request's constraint tripped a resource limit mid-way (the engine went on)
             raise APIError(400, str(em["error"]), param="response_format" if self.params.constraint() else None)
-        if self.out.stopped:
-            reason = "stop"
-        text = self.out.take(final=True)
         n = len(self.out.tokens)
-        mode = em.get("mode", self.params.mode)
         forwards = em.get("forwards", 0)
-        steps = int(em.get("denoising_steps", 0))
         tpf = n / forwards if forwards else 0.0
-        from .protocol import usage
-        use = usage(self.prompt_len, n, tpf, steps)
+        self._observe(reason, em, tpf)
+        return _Update(
+            text=text, finish_reason=reason, usage=usage(self.prompt_len, n, tpf, int(em.get("denoising_steps", 0)))
+        )
+
+    def _observe(self, reason: str, em: dict[str, Any], tpf: float) -> None:
         m = self.server.metrics
         now = time.perf_counter()
         if self.t_first is None:
             m.ttft.labels(**m.labels).observe(now - self.t_arrival)
         m.e2e.labels(**m.labels).observe(now - self.t_arrival)
         m.finished.labels(**m.labels, finished_reason=reason).inc()
-        if forwards:
+        if em.get("forwards", 0):
             m.tokens_per_forward.labels(**m.labels).observe(tpf)
-        canvases = int(em.get("canvases", 0))
-        if mode == "diffusion" and canvases:
+        canvases, steps = int(em.get("canvases", 0)), int(em.get("denoising_steps", 0))
+        if em.get("mode", self.params.mode) == "diffusion" and canvases:
             for _ in range(min(canvases, 1024)):
                 m.steps_per_canvas.labels(**m.labels).observe(steps / canvases)
-        return _Update(text=text, finish_reason=reason, usage=use)
 
     def close(self) -> None:
         """Abort the request if it has not finished (disconnect, timeout, error) and forget its queue."""
@@ -466,69 +499,23 @@ class _Generation:
 
 # -- the app ---------------------------------------------------------------------------------------------------------
 class _Server:
-    def __init__(self, llm: "LLM", model_name: str, max_queue: int, request_timeout: float, max_body_bytes: int,
-                 torch_thread: TorchThread | None = None):
+    """The serving state of one app: the model, its engine loop, metrics and limits."""
+
+    def __init__(
+        self,
+        llm: "LLM",
+        model_name: str,
+        max_queue: int,
+        request_timeout: float,
+        max_body_bytes: int,
+        torch_thread: TorchThread,
+    ):
         self.llm, self.model_name = llm, model_name
         self.request_timeout, self.max_body_bytes = request_timeout, max_body_bytes
         self.metrics = _Metrics(model_name)
         self.engine_loop = EngineLoop(llm, max_queue, self.metrics, torch_thread)
         self.created = int(time.time())
-
-    # -- request parsing ----------------------------------------------------------------------------------------
-    async def read_json(self, request: Any) -> dict[str, Any]:
-        ctype = request.headers.get("content-type")
-        if ctype is not None:
-            mt = ctype.split(";")[0].strip().lower()
-            if mt != "application/json" and not mt.endswith("+json"):
-                raise APIError(400, f"unsupported content type {mt!r}: send a JSON body as application/json")
-        cl = request.headers.get("content-length")
-        if cl is not None and cl.isdigit() and int(cl) > self.max_body_bytes:
-            raise APIError(413, f"the request body is larger than {self.max_body_bytes} bytes")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                raise APIError(413, f"the request body is larger than {self.max_body_bytes} bytes")
-            chunks.append(chunk)
-        raw = b"".join(chunks)
-        if not raw.strip():
-            raise APIError(400, "the request body is empty: send a JSON object")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise APIError(400, f"the request body is not valid UTF-8 ({e.reason} at byte {e.start})") from None
-        try:
-            body = json.loads(text)
-        except (ValueError, RecursionError) as e:
-            msg = str(e) if len(str(e)) < 200 else str(e)[:200] + "..."
-            raise APIError(400, f"the request body is not valid JSON: {msg}") from None
-        if not isinstance(body, dict):
-            raise APIError(400, f"the request body must be a JSON object, not {type(body).__name__}")
-        return body
-
-    def parse(self, cls: Any, body: dict[str, Any]) -> Any:
-        from pydantic import ValidationError
-        try:
-            req = cls.model_validate(body)
-        except ValidationError as e:
-            err = e.errors(include_url=False, include_input=False)[0]
-            loc = ".".join(str(x) for x in err.get("loc", ())) or None
-            msg = str(err.get("msg", "invalid value"))
-            for prefix in ("Value error, ", "Assertion failed, "):
-                if msg.startswith(prefix):
-                    msg = msg[len(prefix):]
-            raise APIError(400, f"{loc}: {msg}" if loc and not msg.startswith(loc) else msg, param=loc) from None
-        except (RecursionError, ValueError) as e:
-            raise APIError(400, f"invalid request: {e}") from None
-        unknown = [k for k in body if k not in cls.model_fields]
-        if unknown:
-            logger.warning("ignoring unknown request fields: %s", ", ".join(repr(k[:40]) for k in unknown[:10]))
-        bad = req.unsupported()
-        if bad is not None:
-            raise APIError(400, bad[1], param=bad[0])
-        if req.model is not None and req.model != self.model_name:
-            raise APIError(404, f"The model `{req.model}` does not exist.", param="model")
-        return req
+        self.endpoints = _endpoints()
 
     def _check_text_length(self, text: str) -> None:
         """Refuse an enormous prompt before tokenizing all of it: tokenize a prefix and see it is over the limit."""
@@ -538,14 +525,19 @@ class _Server:
         if len(text) > probe:
             n = len(self.llm.tokenizer.encode(text[:probe]))
             if n > limit + eng.canvas_length + 16:
-                raise APIError(400, f"the prompt is too long: over {n - 16} tokens ({len(text)} characters); the "
-                                    f"context length is {limit} tokens", param="prompt")
+                raise APIError(
+                    400,
+                    f"the prompt is too long: over {n - 16} tokens ({len(text)} characters); the "
+                    f"context length is {limit} tokens",
+                    param="prompt",
+                )
 
     def encode_completion_prompt(self, prompt: Any) -> list[int]:
         if isinstance(prompt, str):
             if self.llm.tokenizer is None:
-                raise APIError(400, "this model has no tokenizer: send the prompt as a list of token ids",
-                               param="prompt")
+                raise APIError(
+                    400, "this model has no tokenizer: send the prompt as a list of token ids", param="prompt"
+                )
             self._check_text_length(prompt)
             try:
                 return self.llm.encode_prompt(prompt)[1]
@@ -556,8 +548,11 @@ class _Server:
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> list[int]:
         tok = self.llm.tokenizer
         if tok is None:
-            raise APIError(400, "this model has no tokenizer, so chat is unavailable: use /v1/completions with "
-                                "token ids", param="messages")
+            raise APIError(
+                400,
+                "this model has no tokenizer, so chat is unavailable: use /v1/completions with token ids",
+                param="messages",
+            )
         try:
             text = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
         except ValueError as e:
@@ -568,43 +563,97 @@ class _Server:
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
 
-    def sampling(self, req: Any, budget: int | None, prompt_len: int) -> "SamplingParams":
-        from .sampler import SamplingParams
+    def sampling(self, req: Any, prompt_ids: list[int]) -> "SamplingParams":
+        """The request's SamplingParams (`protocol`'s translation), then the checks that need the model: the
+        suffix's tokens, the vocabulary, the constraint's compilation, the prompt's tokens and the context."""
+        from .engine import check_context
+        from .params import SamplingParamError
+        from .protocol import RequestError, api_param
 
         eng = self.llm.engine
-        kw: dict[str, Any] = dict(
-            max_new_tokens=budget if budget is not None else max(1, eng.max_model_len - prompt_len),
-            seed=req.seed, mode=req.mode, stop=req.stop_list(), stop_token_ids=list(req.stop_token_ids or []),
-            ignore_eos=req.ignore_eos, max_denoising_steps=req.max_denoising_steps, t_min=req.t_min,
-            t_max=req.t_max, entropy_bound=req.entropy_bound, stability_threshold=req.stability_threshold,
-            confidence_threshold=req.confidence_threshold, fixed_steps=req.fixed_steps)
-        # temperature/top_p/top_k drive AR sampling only; the diffusion sampler uses its t_max -> t_min schedule.
-        if req.temperature is not None:
-            kw["temperature"] = float(req.temperature)
-        if req.top_p is not None:
-            kw["top_p"] = float(req.top_p)
-        if req.top_k is not None:
-            kw["top_k"] = req.top_k
         try:
-            kw.update(req.constraint_fields())
-        except ValueError as e:
-            raise APIError(400, str(e), param="structured_outputs" if req.structured_outputs is not None
-                           else "response_format") from None
-        kw["suffix"] = getattr(req, "suffix", None)
-        params = SamplingParams(**kw)
-        try:
+            params = req.sampling_params(eng.max_model_len - len(prompt_ids))
             params = self.llm.prepare_params(params).validate(eng.vocab_size)
             constraint = params.constraint()
             if constraint is not None:  # compile now (bounded time, cached): a bad one is the client's 400
                 if eng.guides is None:
                     raise ValueError("structured output needs the model's tokenizer")
                 eng.guides.compile(constraint)
+        except RequestError as e:
+            raise APIError(400, str(e), param=e.param) from None
+        except SamplingParamError as e:
+            raise APIError(400, str(e), param=api_param(e.param)) from None
+        except ValueError as e:  # the constraint did not compile
+            raise APIError(400, str(e), param=req.constraint_param()) from None
+        if not all(0 <= t < eng.vocab_size for t in prompt_ids):
+            raise APIError(400, f"prompt token ids must be integers in [0, {eng.vocab_size})", param="prompt")
+        try:
+            check_context(len(prompt_ids), params, eng.max_model_len, eng.canvas_length)
         except ValueError as e:
-            param = _param_of(str(e))
-            if param is None and params.constraint() is not None:  # constraint_fields() allowed at most one
-                param = "response_format" if req.response_format is not None else "structured_outputs"
-            raise APIError(400, str(e), param=param) from None
+            raise APIError(
+                400, str(e), param="prompt" if len(prompt_ids) >= eng.max_model_len else "max_tokens"
+            ) from None
         return params
+
+
+async def _read_json(request: Any, max_body_bytes: int) -> dict[str, Any]:
+    """The request body as a JSON object (APIError 400 or 413 when it is not one, or too large)."""
+    ctype = request.headers.get("content-type")
+    if ctype is not None:
+        mt = ctype.split(";")[0].strip().lower()
+        if mt != "application/json" and not mt.endswith("+json"):
+            raise APIError(400, f"unsupported content type {mt!r}: send a JSON body as application/json")
+    cl = request.headers.get("content-length")
+    if cl is not None and cl.isdigit() and int(cl) > max_body_bytes:
+        raise APIError(413, f"the request body is larger than {max_body_bytes} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_body_bytes:
+            raise APIError(413, f"the request body is larger than {max_body_bytes} bytes")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw.strip():
+        raise APIError(400, "the request body is empty: send a JSON object")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise APIError(400, f"the request body is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    try:
+        body = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        msg = str(e) if len(str(e)) < 200 else str(e)[:200] + "..."
+        raise APIError(400, f"the request body is not valid JSON: {msg}") from None
+    if not isinstance(body, dict):
+        raise APIError(400, f"the request body must be a JSON object, not {type(body).__name__}")
+    return body
+
+
+def _parse(cls: Any, body: dict[str, Any], model_name: str) -> Any:
+    """`body` validated as the protocol class `cls` (APIError naming the field when it is not valid)."""
+    from pydantic import ValidationError
+
+    try:
+        req = cls.model_validate(body)
+    except ValidationError as e:
+        err = e.errors(include_url=False, include_input=False)[0]
+        loc = ".".join(str(x) for x in err.get("loc", ())) or None
+        msg = str(err.get("msg", "invalid value"))
+        for prefix in ("Value error, ", "Assertion failed, "):
+            if msg.startswith(prefix):
+                msg = msg[len(prefix) :]
+        raise APIError(400, f"{loc}: {msg}" if loc and not msg.startswith(loc) else msg, param=loc) from None
+    except (RecursionError, ValueError) as e:
+        raise APIError(400, f"invalid request: {e}") from None
+    unknown = [k for k in body if k not in cls.model_fields]
+    if unknown:
+        logger.warning("ignoring unknown request fields: %s", ", ".join(repr(k[:40]) for k in unknown[:10]))
+    bad = req.unsupported()
+    if bad is not None:
+        raise APIError(400, bad[1], param=bad[0])
+    if req.model is not None and req.model != model_name:
+        raise APIError(404, f"The model `{req.model}` does not exist.", param="model")
+    return req
 
 
 async def _until_disconnect(request: Any, coro: Any) -> Any:
@@ -633,21 +682,257 @@ async def _until_disconnect(request: Any, coro: Any) -> Any:
     raise _ClientGone()
 
 
-def create_app(llm: "LLM", *, model_name: str, max_queue: int = 64, request_timeout: float = 600,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, torch_thread: TorchThread | None = None) -> Any:
-    """The FastAPI app serving `llm` under `model_name`. The engine thread runs for the app's lifespan (on
-    `torch_thread` when given: pass the one the model was loaded on)."""
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, Response, StreamingResponse
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-    from starlette.requests import ClientDisconnect
+# -- handlers ----------------------------------------------------------------------------------------------------------
+# Plain Starlette endpoints `async (request) -> response` (the app is a FastAPI app for its docs and conventions);
+# the serving state lives in `request.app.state.dgemma`. Starlette is imported when a handler runs.
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Any:
+    from starlette.responses import JSONResponse
 
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _empty(status: int) -> Any:
+    from starlette.responses import Response
+
+    return Response(status_code=status)
+
+
+def _sse(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _api_error(request: Any, e: APIError) -> Any:
+    if e.status >= 400:
+        srv: _Server = request.app.state.dgemma
+        srv.metrics.rejected.labels(**srv.metrics.labels, status=str(e.status)).inc()
+    return _json(e.body(), e.status, e.headers)
+
+
+async def _http_error(request: Any, e: Any) -> Any:
+    from .protocol import error_body
+
+    status = e.status_code
+    return _json(error_body(str(e.detail), _STATUS_TYPES.get(status, "APIError"), None, status), status, e.headers)
+
+
+async def _client_gone(request: Any, e: Exception) -> Any:
+    return _empty(499)  # nobody is listening; just do not log a traceback
+
+
+async def _internal_error(request: Any, e: Exception) -> Any:
+    from .protocol import error_body
+
+    logger.exception("unhandled error")
+    return _json(error_body(f"internal error: {type(e).__name__}", "InternalServerError", None, 500), 500)
+
+
+async def health(request: Any) -> Any:
+    from .protocol import error_body
+
+    el = request.app.state.dgemma.engine_loop
+    if el.healthy:
+        return _empty(200)
+    reason = "the server is shutting down" if el.draining else f"the engine has failed: {el.error}"
+    return _json(error_body(reason, "ServiceUnavailableError", None, 503), 503)
+
+
+async def version(request: Any) -> Any:
+    return _json({"version": __version__})
+
+
+async def models(request: Any) -> Any:
+    srv: _Server = request.app.state.dgemma
+    return _json(
+        {
+            "object": "list",
+            "data": [
+                {
+                    "id": srv.model_name,
+                    "object": "model",
+                    "created": srv.created,
+                    "owned_by": "dgemma",
+                    "root": str(srv.llm.path),
+                    "parent": None,
+                    "max_model_len": srv.llm.engine.max_model_len,
+                }
+            ],
+        }
+    )
+
+
+async def metrics(request: Any) -> Any:
+    from starlette.responses import Response
+
+    data, ctype = request.app.state.dgemma.metrics.render()
+    return Response(content=data, media_type=ctype)
+
+
+@dataclass(frozen=True)
+class _Endpoint:
+    """What differs between /v1/completions and /v1/chat/completions; `_generate` does the rest."""
+
+    schema: str  # the protocol class of the request
+    id_prefix: str
+    chunk_object: str  # `object` of the usage-only last chunk
+    encode: Callable[["_Server", Any], list[int]]  # request -> prompt token ids (APIError when it cannot)
+    text_chunk: Callable[..., dict[str, Any]]  # protocol.completion_chunk or chat_text_chunk
+    response: Callable[..., dict[str, Any]]  # protocol.completion_response or chat_response
+    role_chunk: bool  # chat streams open with a chunk giving the assistant role
+
+
+def _endpoints() -> dict[str, _Endpoint]:
     from . import protocol as P
+
+    return {
+        "completions": _Endpoint(
+            "CompletionRequest",
+            "cmpl",
+            "text_completion",
+            lambda srv, req: srv.encode_completion_prompt(req.prompt),
+            P.completion_chunk,
+            P.completion_response,
+            False,
+        ),
+        "chat": _Endpoint(
+            "ChatCompletionRequest",
+            "chatcmpl",
+            "chat.completion.chunk",
+            lambda srv, req: srv.encode_chat(req.messages, req.add_generation_prompt),
+            P.chat_text_chunk,
+            P.chat_response,
+            True,
+        ),
+    }
+
+
+async def completions(request: Any) -> Any:
+    return await _generate(request, request.app.state.dgemma.endpoints["completions"])
+
+
+async def chat_completions(request: Any) -> Any:
+    return await _generate(request, request.app.state.dgemma.endpoints["chat"])
+
+
+async def _generate(request: Any, ep: _Endpoint) -> Any:
+    """Parse, tokenize, translate, submit; then stream the result or wait for it."""
+    from . import protocol as P
+
+    srv: _Server = request.app.state.dgemma
+    t0 = time.perf_counter()
+    req = _parse(getattr(P, ep.schema), await _read_json(request, srv.max_body_bytes), srv.model_name)
+    srv.engine_loop.check_available()
+    prompt_ids = await asyncio.to_thread(ep.encode, srv, req)
+    params = srv.sampling(req, prompt_ids)
+    rid, created = P.new_id(ep.id_prefix), P.now()
+    q = await srv.engine_loop.submit(rid, prompt_ids, params, bool(req.stream_drafts and req.stream))
+    gen = _Generation(srv, rid, q, len(prompt_ids), params, t0, request if req.stream else None)
+    if req.stream:
+        return _SSE(gen, _stream_events(srv, gen, ep, req, rid, created))
+    try:
+        res = await _until_disconnect(request, _collect(gen))
+    except _ClientGone:
+        return _empty(499)
+    finally:
+        gen.close()
+    return _json(ep.response(rid, created, srv.model_name, res.text, res.finish_reason, res.usage))
+
+
+async def _collect(gen: _Generation) -> _Update:
+    """A non-streaming request's whole text and finish."""
+    text: list[str] = []
+    while True:
+        upd = await gen.next()
+        if upd is None:  # pragma: no cover - next() returns a finish update before None
+            raise APIError(500, "the request ended without a result")
+        text.append(upd.text)
+        if upd.finish_reason is not None:
+            return _Update("".join(text), None, upd.finish_reason, upd.usage)
+
+
+async def _stream_events(
+    srv: "_Server", gen: _Generation, ep: _Endpoint, req: Any, rid: str, created: int
+) -> AsyncIterator[str]:
+    """The server-sent events of a streaming request, ending with `data: [DONE]` (errors become an error event)."""
+    from .protocol import chat_chunk, error_body, usage_chunk
+
+    inc = bool(req.stream_options and req.stream_options.include_usage)
+    name = srv.model_name
+    try:
+        if ep.role_chunk:
+            yield _sse(chat_chunk(rid, created, name, {"role": "assistant", "content": ""}, include_usage=inc))
+        while (upd := await gen.next()) is not None:
+            if upd.draft is not None:
+                yield _sse(ep.text_chunk(rid, created, name, "", include_usage=inc, draft=upd.draft))
+            if upd.finish_reason is not None:
+                yield _sse(ep.text_chunk(rid, created, name, upd.text, upd.finish_reason, include_usage=inc))
+                if inc:
+                    yield _sse(usage_chunk(rid, created, name, ep.chunk_object, upd.usage))
+                break
+            if upd.text:
+                yield _sse(ep.text_chunk(rid, created, name, upd.text, include_usage=inc))
+    except _ClientGone:
+        return
+    except APIError as e:
+        srv.metrics.rejected.labels(**srv.metrics.labels, status=str(e.status)).inc()
+        yield _sse(e.body())
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:
+        logger.exception("streaming failed")
+        yield _sse(error_body(f"internal error: {type(e).__name__}: {e}", "InternalServerError", None, 500))
+    finally:
+        gen.close()
+    yield "data: [DONE]\n\n"
+
+
+class _SSE:
+    """A streaming response (an ASGI app) that closes the generation however the response ends, even if the body
+    never started (a client gone before the first byte), so an abandoned request never keeps its row or its
+    queue slot."""
+
+    def __init__(self, gen: _Generation, body: AsyncIterator[str]):
+        from starlette.responses import StreamingResponse
+
+        self.gen = gen
+        self.response = StreamingResponse(
+            body, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await self.response(scope, receive, send)
+        finally:
+            self.gen.close()
+
+
+_ROUTES = (
+    ("/health", health, "GET"),
+    ("/version", version, "GET"),
+    ("/v1/models", models, "GET"),
+    ("/metrics", metrics, "GET"),
+    ("/v1/completions", completions, "POST"),
+    ("/v1/chat/completions", chat_completions, "POST"),
+)
+
+
+def create_app(
+    llm: "LLM",
+    *,
+    model_name: str,
+    max_queue: int = 64,
+    request_timeout: float = 600,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    torch_thread: TorchThread | None = None,
+) -> Any:
+    """The FastAPI app serving `llm` under `model_name`. The engine runs for the app's lifespan on `torch_thread`
+    (pass the one the model was loaded on; by default a new one)."""
+    from fastapi import FastAPI
+    from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
 
     if max_queue < 1:
         raise ValueError("max_queue must be >= 1")
-    srv = _Server(llm, model_name, max_queue, float(request_timeout), max_body_bytes)
+    srv = _Server(llm, model_name, max_queue, float(request_timeout), max_body_bytes, torch_thread or TorchThread())
 
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
@@ -659,190 +944,15 @@ def create_app(llm: "LLM", *, model_name: str, max_queue: int = 64, request_time
 
     app = FastAPI(title="dgemma OpenAI-compatible server", version=__version__, lifespan=lifespan)
     app.state.dgemma = srv
-
-    def error_response(e: APIError) -> Any:
-        if e.status >= 400:
-            srv.metrics.rejected.labels(**srv.metrics.labels, status=str(e.status)).inc()
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
-
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, e: APIError) -> Any:
-        return error_response(e)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, e: RequestValidationError) -> Any:
-        errs = e.errors()
-        first = errs[0] if errs else {}
-        loc = ".".join(str(x) for x in first.get("loc", ())) or None
-        return error_response(APIError(400, f"{loc}: {first.get('msg', 'invalid request')}", param=loc))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, e: StarletteHTTPException) -> Any:
-        return JSONResponse(P.error_body(str(e.detail), _STATUS_TYPES.get(e.status_code, "APIError"), None,
-                                         e.status_code), status_code=e.status_code, headers=e.headers)
-
-    @app.exception_handler(ClientDisconnect)
-    async def _client_gone(request: Request, e: ClientDisconnect) -> Any:
-        return Response(status_code=499)  # nobody is listening; just do not log a traceback
-
-    @app.exception_handler(Exception)
-    async def _internal_error(request: Request, e: Exception) -> Any:
-        logger.exception("unhandled error")
-        return JSONResponse(P.error_body(f"internal error: {type(e).__name__}", "InternalServerError", None, 500),
-                            status_code=500)
-
-    # -- info endpoints ------------------------------------------------------------------------------------------
-    @app.get("/health")
-    async def health() -> Any:
-        el = srv.engine_loop
-        if el.healthy:
-            return Response(status_code=200)
-        reason = "the server is shutting down" if el.draining else f"the engine has failed: {el.error}"
-        return JSONResponse(P.error_body(reason, "ServiceUnavailableError", None, 503), status_code=503)
-
-    @app.get("/version")
-    async def version() -> Any:
-        return {"version": __version__}
-
-    @app.get("/v1/models")
-    async def models() -> Any:
-        return {"object": "list", "data": [{
-            "id": model_name, "object": "model", "created": srv.created, "owned_by": "dgemma",
-            "root": str(llm.path), "parent": None, "max_model_len": llm.engine.max_model_len}]}
-
-    @app.get("/metrics")
-    async def metrics() -> Any:
-        data, ctype = srv.metrics.render()
-        return Response(content=data, media_type=ctype)
-
-    # -- generation --------------------------------------------------------------------------------------------------
-    async def start(request: Request, rid: str, prompt_ids: list[int], req: Any, budget: int | None,
-                    t0: float, streaming: bool) -> _Generation:
-        params = srv.sampling(req, budget, len(prompt_ids))
-        drafts = bool(req.stream_drafts and req.stream)
-        q = await srv.engine_loop.submit(rid, prompt_ids, params, drafts)
-        return _Generation(srv, rid, q, len(prompt_ids), params, t0, request if streaming else None)
-
-    def sse(obj: dict[str, Any]) -> str:
-        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-    async def stream_events(gen: _Generation, first: list[dict[str, Any]], chunk: Any, final_usage: Any,
-                            ) -> AsyncIterator[str]:
-        try:
-            for c in first:
-                yield sse(c)
-            while True:
-                upd = await gen.next()
-                if upd is None:
-                    break
-                if upd.draft is not None:
-                    yield sse(chunk("", None, draft=upd.draft))
-                if upd.finish_reason is not None:
-                    yield sse(chunk(upd.text, upd.finish_reason))
-                    if final_usage is not None:
-                        yield sse(final_usage(upd.usage))
-                    break
-                if upd.text:
-                    yield sse(chunk(upd.text, None))
-        except _ClientGone:
-            return
-        except APIError as e:
-            srv.metrics.rejected.labels(**srv.metrics.labels, status=str(e.status)).inc()
-            yield sse(e.body())
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            logger.exception("streaming failed")
-            yield sse(P.error_body(f"internal error: {type(e).__name__}: {e}", "InternalServerError", None, 500))
-        finally:
-            gen.close()
-        yield "data: [DONE]\n\n"
-
-    class SSEResponse(StreamingResponse):
-        """Closes the generation however the response ends, even if the body iterator never started (a client
-        gone before the first byte), so an abandoned request never keeps its row or its queue slot."""
-
-        def __init__(self, gen: _Generation, body: AsyncIterator[str]):
-            super().__init__(body, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            self.gen = gen
-
-        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-            try:
-                await super().__call__(scope, receive, send)
-            finally:
-                self.gen.close()
-
-    def stream_response(gen: _Generation, first: list[dict[str, Any]], chunk: Any, final_usage: Any) -> Any:
-        return SSEResponse(gen, stream_events(gen, first, chunk, final_usage))
-
-    async def collect(gen: _Generation) -> _Update:
-        text: list[str] = []
-        try:
-            while True:
-                upd = await gen.next()
-                if upd is None:  # pragma: no cover - next() returns a finish update before None
-                    raise APIError(500, "the request ended without a result")
-                text.append(upd.text)
-                if upd.finish_reason is not None:
-                    return _Update("".join(text), None, upd.finish_reason, upd.usage)
-        finally:
-            gen.close()
-
-    async def unary(request: Request, gen: _Generation) -> Any:
-        """A non-streaming request's result (a 499 response if the client went away first)."""
-        try:
-            return await _until_disconnect(request, collect(gen))
-        except _ClientGone:
-            return Response(status_code=499)
-        finally:
-            gen.close()
-
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Any:
-        t0 = time.perf_counter()
-        req = srv.parse(P.CompletionRequest, await srv.read_json(request))
-        srv.engine_loop.check_available()
-        prompt_ids = await asyncio.to_thread(srv.encode_completion_prompt, req.prompt)
-        rid, created = P.new_id("cmpl"), P.now()
-        gen = await start(request, rid, prompt_ids, req, req.max_tokens, t0, req.stream)
-        if req.stream:
-            inc = bool(req.stream_options and req.stream_options.include_usage)
-
-            def chunk(text: str, reason: str | None, draft: str | None = None) -> dict[str, Any]:
-                return P.completion_chunk(rid, created, model_name, text, reason, None, inc, draft)
-
-            final = (lambda use: P.usage_chunk(rid, created, model_name, "text_completion", use)) if inc else None
-            return stream_response(gen, [], chunk, final)
-        res = await unary(request, gen)
-        if isinstance(res, Response):
-            return res
-        return P.completion_response(rid, created, model_name, res.text, res.finish_reason, res.usage)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Any:
-        t0 = time.perf_counter()
-        req = srv.parse(P.ChatCompletionRequest, await srv.read_json(request))
-        srv.engine_loop.check_available()
-        prompt_ids = await asyncio.to_thread(srv.encode_chat, req.messages, req.add_generation_prompt)
-        rid, created = P.new_id("chatcmpl"), P.now()
-        gen = await start(request, rid, prompt_ids, req, req.token_budget(), t0, req.stream)
-        if req.stream:
-            inc = bool(req.stream_options and req.stream_options.include_usage)
-
-            def chunk(text: str, reason: str | None, draft: str | None = None) -> dict[str, Any]:
-                delta = {"content": text} if text else {}
-                return P.chat_chunk(rid, created, model_name, delta, reason, None, inc, draft)
-
-            first = [P.chat_chunk(rid, created, model_name, {"role": "assistant", "content": ""}, None, None, inc)]
-            final = (lambda use: P.usage_chunk(rid, created, model_name, "chat.completion.chunk", use)) \
-                if inc else None
-            return stream_response(gen, first, chunk, final)
-        res = await unary(request, gen)
-        if isinstance(res, Response):
-            return res
-        return P.chat_response(rid, created, model_name, res.text, res.finish_reason, res.usage)
-
+    for exc, handler in (
+        (APIError, _api_error),
+        (HTTPException, _http_error),
+        (ClientDisconnect, _client_gone),
+        (Exception, _internal_error),
+    ):
+        app.add_exception_handler(exc, handler)
+    for path, endpoint, method in _ROUTES:
+        app.add_route(path, endpoint, methods=[method])
     return app
 
 
@@ -854,76 +964,118 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--model", required=True, help="checkpoint directory (HF format)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
-    parser.add_argument("--served-model-name", default=None,
-                        help="model name clients must use (default: the --model argument)")
+    parser.add_argument(
+        "--served-model-name", default=None, help="model name clients must use (default: the --model argument)"
+    )
     parser.add_argument("--max-batch", type=int, default=8, help="requests generated together (cache rows)")
-    parser.add_argument("--max-queue", type=int, default=64,
-                        help="requests in flight (running + waiting) before answering 429")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help=DTYPE_HELP)
+    parser.add_argument(
+        "--max-queue", type=int, default=64, help="requests in flight (running + waiting) before answering 429"
+    )
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help=DTYPE_HELP)
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
-    parser.add_argument("--quantization", choices=["fp8"], default=None,
-                        help="fp8: FP8 dense and expert weights, bf16 activations (see `dgemma generate --help`)")
+    parser.add_argument(
+        "--quantization",
+        choices=["fp8"],
+        default=None,
+        help="fp8: FP8 dense and expert weights, bf16 activations (see `dgemma generate --help`)",
+    )
     parser.add_argument("--max-model-len", type=int, default=None, help="context length the cache is sized for")
-    parser.add_argument("--request-timeout", type=float, default=600.0,
-                        help="seconds before a request is aborted (default 600)")
-    parser.add_argument("--shutdown-timeout", type=int, default=30,
-                        help="seconds to let in-flight requests finish on SIGTERM before aborting them")
-    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
-                        help="largest accepted request body (default 16 MiB)")
-    parser.add_argument("--torch-threads", type=int, default=None,
-                        help="torch intra-op threads (default: torch's choice; 1 is often best for small models)")
+    parser.add_argument(
+        "--request-timeout", type=float, default=600.0, help="seconds before a request is aborted (default 600)"
+    )
+    parser.add_argument(
+        "--shutdown-timeout",
+        type=int,
+        default=30,
+        help="seconds to let in-flight requests finish on SIGTERM before aborting them",
+    )
+    parser.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        help="largest accepted request body (default 16 MiB)",
+    )
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: torch's choice; 1 is often best for small models)",
+    )
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     parser.add_argument("--no-access-log", action="store_true", help="do not log every request")
     return parser
 
 
-def run_serve(args: argparse.Namespace) -> int:
-    """Load the model and serve it until SIGTERM/SIGINT; returns the process exit status."""
-    import uvicorn
-
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _arg_error(args: argparse.Namespace) -> str | None:
+    """The first out-of-range `serve` option, as a message (None when all are fine)."""
     for name, lo, hi in (("max_batch", 1, 1 << 16), ("max_queue", 1, 1 << 20), ("port", 0, 65535)):
         v = getattr(args, name)
         if not lo <= v <= hi:
-            print(f"error: --{name.replace('_', '-')} must be in [{lo}, {hi}], got {v}", file=sys.stderr)
-            return 2
+            return f"--{name.replace('_', '-')} must be in [{lo}, {hi}], got {v}"
     threads = getattr(args, "torch_threads", None)
     if threads is not None and threads < 1:
-        print(f"error: --torch-threads must be >= 1, got {threads}", file=sys.stderr)
-        return 2
-    from .device import resolve
+        return f"--torch-threads must be >= 1, got {threads}"
+    return None
+
+
+def _load(args: argparse.Namespace, where: Any) -> "LLM":
+    """Load the model (on the torch thread that will run it)."""
     from .llm import LLM
 
-    quantization = getattr(args, "quantization", None)
+    if getattr(args, "torch_threads", None) is not None:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
+    llm = LLM(
+        args.model,
+        device=where.device,
+        dtype=where.dtype,
+        max_batch=args.max_batch,
+        max_model_len=args.max_model_len,
+        quantization=getattr(args, "quantization", None),
+    )
+    print(f"dgemma: {llm.engine.describe()}", file=sys.stderr, flush=True)
+    return llm
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Load the model and serve it until SIGTERM/SIGINT; returns the process exit status."""
+    from .device import resolve
+
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    error = _arg_error(args)
     try:
-        where = resolve(args.device, args.dtype, quantization)
+        where = resolve(args.device, args.dtype, getattr(args, "quantization", None)) if error is None else None
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        error = str(e)
+    if error is not None:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"dgemma: {where.describe()}", file=sys.stderr, flush=True)
-
-    def load() -> "LLM":
-        if threads is not None:
-            import torch
-            torch.set_num_threads(threads)
-        llm = LLM(args.model, device=where.device, dtype=where.dtype, max_batch=args.max_batch,
-                  max_model_len=args.max_model_len, quantization=quantization)
-        print(f"dgemma: {llm.engine.describe()}", file=sys.stderr, flush=True)
-        return llm
-
     torch_thread = TorchThread()  # the model is loaded and run on this one thread
     try:
-        llm = torch_thread.call(load)
+        llm = torch_thread.call(lambda: _load(args, where))
     except (ValueError, OSError) as e:
         print(f"error: cannot load {args.model}: {e}", file=sys.stderr)
         return 2
-    name = args.served_model_name or args.model
-    app = create_app(llm, model_name=name, max_queue=args.max_queue, request_timeout=args.request_timeout,
-                     max_body_bytes=args.max_body_bytes, torch_thread=torch_thread)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="on",
-                            access_log=not args.no_access_log, timeout_graceful_shutdown=args.shutdown_timeout)
+    app = create_app(
+        llm,
+        model_name=args.served_model_name or args.model,
+        max_queue=args.max_queue,
+        request_timeout=args.request_timeout,
+        max_body_bytes=args.max_body_bytes,
+        torch_thread=torch_thread,
+    )
+    return _run_uvicorn(app, args)
+
+
+def _run_uvicorn(app: Any, args: argparse.Namespace) -> int:
+    """Serve `app` until SIGTERM/SIGINT, draining in-flight requests first; the exit status."""
+    import uvicorn
+
     engine_loop: EngineLoop = app.state.dgemma.engine_loop
 
     class Server(uvicorn.Server):
@@ -935,7 +1087,17 @@ def run_serve(args: argparse.Namespace) -> int:
             if isinstance(captured, list):
                 captured[:] = [s for s in captured if s not in (signal.SIGTERM, signal.SIGINT)]
 
-    server = Server(config)
+    server = Server(
+        uvicorn.Config(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            lifespan="on",
+            access_log=not args.no_access_log,
+            timeout_graceful_shutdown=args.shutdown_timeout,
+        )
+    )
     try:
         server.run()
     except SystemExit as e:  # uvicorn exits on e.g. a port already in use
@@ -957,8 +1119,14 @@ def _register_cli() -> None:
     register, commands = getattr(cli, "register", None), getattr(cli, "SUBCOMMANDS", None)
     if callable(register) and isinstance(commands, dict) and "serve" not in commands:
         with suppress(Exception):
-            register("serve", SERVE_HELP, add_serve_arguments, run_serve, __doc__.split("\n\n")[0] + "\n\n"
-                     "    dgemma serve --model PATH [--host 127.0.0.1] [--port 8000] [--max-batch 8] [--max-queue 64]")
+            register(
+                "serve",
+                SERVE_HELP,
+                add_serve_arguments,
+                run_serve,
+                __doc__.split("\n\n")[0] + "\n\n"
+                "    dgemma serve --model PATH [--host 127.0.0.1] [--port 8000] [--max-batch 8] [--max-queue 64]",
+            )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -328,22 +328,29 @@ class Tokenizer:
 
 
 class IncrementalDecoder:
-    """Turns a stream of token ids into a stream of text deltas.
+    """Turns a stream of token ids into a stream of text deltas, in time linear in the stream's length.
 
     Decoding tokens one at a time is wrong for byte-level and SentencePiece vocabularies: a multi-byte character
     can span several tokens, and some decoders strip or add a leading space depending on context. As in vLLM/TGI,
     we decode a window `ids[prefix_offset:]` and subtract the text of `ids[prefix_offset:read_offset]` (the
-    already-emitted part of the same window), and hold text back while it ends in U+FFFD (an incomplete UTF-8
-    sequence that later bytes may complete). The concatenation of all `push` results plus `flush()` equals
-    `tokenizer.decode(all_ids)`.
+    already-emitted part of the same window). A trailing U+FFFD (an incomplete UTF-8 sequence that later bytes may
+    complete) is held back, while the complete text before it is emitted at once. The concatenation of all `push`
+    results plus `flush()` equals `tokenizer.decode(all_ids)`. `tokenizer` needs only `decode(ids,
+    skip_special_tokens=...)`.
+
+    A character spans at most 4 bytes, so a U+FFFD still trailing after `MAX_HELD` tokens is invalid bytes (a model
+    emitting garbage), not a character in progress: it is emitted, so the window and each step's cost stay bounded.
     """
 
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
+    MAX_HELD = 16
+
+    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = []
         self.prefix_offset = 0  # start of the decode window
         self.read_offset = 0  # ids before this have been emitted as text
+        self.early = 0  # characters after the window's prefix already emitted (complete text before a partial one)
 
     def _window_texts(self) -> tuple[str, str]:
         dec = self.tokenizer.decode
@@ -353,16 +360,20 @@ class IncrementalDecoder:
 
     def _step(self) -> str:
         prefix, full = self._window_texts()
-        if len(full) > len(prefix) and not full.endswith(REPLACEMENT_CHAR):
-            delta = full[len(prefix):]
-            # Slide the window: the new prefix is what we just emitted, so context (spaces) stays correct.
-            self.prefix_offset = self.read_offset
-            self.read_offset = len(self.ids)
+        start = len(prefix) + self.early
+        held = len(self.ids) - self.read_offset
+        if full.endswith(REPLACEMENT_CHAR) and held <= self.MAX_HELD:  # emit what is complete, keep the partial char
+            delta = full.rstrip(REPLACEMENT_CHAR)[start:]
+            self.early += len(delta)
             return delta
+        if len(full) > len(prefix):
+            # Slide the window: the new prefix is what we just emitted, so context (spaces) stays correct.
+            self.prefix_offset, self.read_offset, self.early = self.read_offset, len(self.ids), 0
+            return full[start:]
         return ""
 
     def push(self, ids: Iterable[int]) -> str:
-        """Append `ids`; return the text they complete ("" while a character is still incomplete)."""
+        """Append `ids`; return the text they complete (an incomplete trailing character is held back)."""
         out: list[str] = []
         # One step per token so that complete text before a trailing partial character is not held back.
         for i in ids:
@@ -373,8 +384,10 @@ class IncrementalDecoder:
     def flush(self) -> str:
         """Return whatever is held back (an incomplete character comes out as U+FFFD) and end the window."""
         prefix, full = self._window_texts()
+        delta = full[len(prefix) + self.early:]
         self.prefix_offset = self.read_offset = len(self.ids)
-        return full[len(prefix):] if len(full) > len(prefix) else ""
+        self.early = 0
+        return delta
 
 
 __all__ = ["Tokenizer", "TokenizerError", "IncrementalDecoder", "DEFAULT_CHAT_TEMPLATE"]

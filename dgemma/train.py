@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .checkpoint import load_generation_config, load_model, save_model
+from .config import token_ids
 from .device import resolve_training, training_device
 from .model import DiffusionGemma
 
@@ -176,8 +177,12 @@ def _pair(rec: dict, tokenizer: Any | None, where: str) -> Example:
         raise TrainError(f"{where}: text examples need a tokenizer.json next to the checkpoint")
     if "messages" in rec:
         msgs = rec["messages"]
-        if not isinstance(msgs, list) or not msgs or not isinstance(msgs[-1], dict) \
-                or msgs[-1].get("role") != "assistant":
+        if (
+            not isinstance(msgs, list)
+            or not msgs
+            or not isinstance(msgs[-1], dict)
+            or msgs[-1].get("role") != "assistant"
+        ):
             raise TrainError(f"{where}: 'messages' must end with an assistant turn")
         prompt = tokenizer.encode(tokenizer.apply_chat_template(msgs[:-1], add_generation_prompt=True))
         return Example(prompt, tokenizer.encode(str(msgs[-1].get("content", ""))))
@@ -207,16 +212,21 @@ def collate(examples: Sequence[Example], canvas_length: int, pad_id: int, eos_id
     sup = torch.zeros(B, K * C, dtype=torch.bool)
     fixed = torch.zeros(B, K * C, dtype=torch.bool)
     for b, e in enumerate(examples):
-        prompt[b, :len(e.prompt)] = torch.tensor(e.prompt)
+        prompt[b, : len(e.prompt)] = torch.tensor(e.prompt)
         r = e.response + [eos_id]
-        canv[b, :len(r)] = torch.tensor(r)
-        sup[b, :math.ceil(len(r) / C) * C] = True
+        canv[b, : len(r)] = torch.tensor(r)
+        sup[b, : math.ceil(len(r) / C) * C] = True
         if e.fixed:
             if not all(0 <= i < len(r) for i in e.fixed):
                 raise TrainError(f"fixed positions must index the response + EOS (0..{len(r) - 1})")
             fixed[b, e.fixed] = True
-    return Batch(prompt, torch.tensor([len(e.prompt) for e in examples]), canv.view(B, K, C), sup.view(B, K, C),
-                 fixed=fixed.view(B, K, C) if bool(fixed.any()) else None)
+    return Batch(
+        prompt,
+        torch.tensor([len(e.prompt) for e in examples]),
+        canv.view(B, K, C),
+        sup.view(B, K, C),
+        fixed=fixed.view(B, K, C) if bool(fixed.any()) else None,
+    )
 
 
 def corrupt(batch: Batch, vocab_size: int, cfg: TrainConfig, generator: torch.Generator) -> Batch:
@@ -240,11 +250,20 @@ def corrupt(batch: Batch, vocab_size: int, cfg: TrainConfig, generator: torch.Ge
 def take(batch: Batch, idx: slice) -> Batch:
     """Rows `idx` of a batch (the prompt is trimmed to its longest row)."""
     P = int(batch.prompt_len[idx].max())
+
     def rows(x: torch.Tensor | None) -> torch.Tensor | None:
         return None if x is None else x[idx]
 
-    return Batch(batch.prompt[idx, :P], batch.prompt_len[idx], batch.canvases[idx], batch.supervised[idx],
-                 rows(batch.noisy), rows(batch.self_cond), rows(batch.t), rows(batch.fixed))
+    return Batch(
+        batch.prompt[idx, :P],
+        batch.prompt_len[idx],
+        batch.canvases[idx],
+        batch.supervised[idx],
+        rows(batch.noisy),
+        rows(batch.self_cond),
+        rows(batch.t),
+        rows(batch.fixed),
+    )
 
 
 # -- the objectives ---------------------------------------------------------------------------------------------------
@@ -356,6 +375,7 @@ class LoRA(nn.Module):
         def hook(mod: nn.Linear, inputs: tuple[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
             x = inputs[0]
             return out + (x.to(self.A[key].dtype) @ self.A[key].t() @ self.B[key].t() * self.scale).to(out.dtype)
+
         return hook
 
     @torch.no_grad()
@@ -421,7 +441,7 @@ def _all_reduce(tensors: list[torch.Tensor], info: DistInfo) -> None:
     off = 0
     for t in tensors:
         n = t.numel()
-        t.copy_(flat[off:off + n].view_as(t))
+        t.copy_(flat[off : off + n].view_as(t))
         off += n
 
 
@@ -445,20 +465,20 @@ class Trainer:
             prec = resolve_training(self.model.device, "auto").dtype
             self.cfg = replace(self.cfg, precision="bfloat16" if prec == torch.bfloat16 else "float32")
         if self.cfg.batch_size % (self.dist.world * self.cfg.grad_accum):
-            raise TrainError(f"batch_size {self.cfg.batch_size} must be divisible by processes x grad_accum "
-                             f"({self.dist.world} x {self.cfg.grad_accum})")
-        text = self.model.config.text
-        self.pad_id = text.pad_token_id if text.pad_token_id is not None else 0
-        eos = text.eos_token_id
-        self.eos_id = int(eos[0] if isinstance(eos, (list, tuple)) else (eos if eos is not None else 1))
-        self.lora = LoRA(self.model, self.cfg.lora_rank, self.cfg.lora_alpha, self.cfg.lora_targets) \
-            if self.cfg.lora_rank else None
-        params = self.trainable()
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.cfg.weight_decay},
-                                      {"params": no_decay, "weight_decay": 0.0}],
-                                     lr=self.cfg.lr, betas=self.cfg.betas)
+            raise TrainError(
+                f"batch_size {self.cfg.batch_size} must be divisible by processes x grad_accum "
+                f"({self.dist.world} x {self.cfg.grad_accum})"
+            )
+        ids = token_ids(self.model.config.text)
+        if not ids.eos:
+            raise TrainError("the model config has no eos_token_id: training appends EOS to every response")
+        self.pad_id, self.eos_id = ids.pad, ids.eos[0]
+        self.lora = (
+            LoRA(self.model, self.cfg.lora_rank, self.cfg.lora_alpha, self.cfg.lora_targets)
+            if self.cfg.lora_rank
+            else None
+        )
+        self.opt = _adamw(self.trainable(), self.cfg)
         self.out_dir = Path(self.out_dir)
 
     def trainable(self) -> list[nn.Parameter]:
@@ -474,19 +494,11 @@ class Trainer:
     # -- one step ----------------------------------------------------------------------------------------------
     def global_batch(self, step: int) -> Batch:
         """The examples of `step` (an epoch-wise permutation seeded by seed and epoch), corrupted."""
-        n, bs = len(self.examples), self.cfg.batch_size
-        idx = []
-        pos = step * bs
-        while len(idx) < bs:
-            epoch, off = divmod(pos, n)
-            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
-            perm = torch.randperm(n, generator=g)
-            take_n = min(bs - len(idx), n - off)
-            idx.extend(perm[off:off + take_n].tolist())
-            pos += take_n
+        idx = _batch_indices(len(self.examples), self.cfg.batch_size, step, self.cfg.seed)
         text = self.model.config.text
-        batch = collate([self.examples[i] for i in idx], self.model.config.canvas_length, self.pad_id, self.eos_id,
-                        text.vocab_size)
+        batch = collate(
+            [self.examples[i] for i in idx], self.model.config.canvas_length, self.pad_id, self.eos_id, text.vocab_size
+        )
         g = torch.Generator().manual_seed(self.cfg.seed * 7_919 + 1_000_000_007 * (step + 1))
         return corrupt(batch, text.vocab_size, self.cfg, g)
 
@@ -505,15 +517,7 @@ class Trainer:
         sums = torch.zeros(2)
         for m in range(cfg.grad_accum):
             start = self.dist.rank * per_rank + m * per_micro
-            micro = take(batch, slice(start, start + per_micro)).to(model.device)
-            with torch.autocast("cpu" if model.device.type == "cpu" else model.device.type, dtype=torch.bfloat16,
-                                enabled=cfg.precision == "bfloat16"):
-                parts = loss_parts(model, micro, cfg)
-            loss = (parts.ar_sum / max(n_ar, 1)) * (cfg.ar_weight if cfg.objective == "diffusion" else 1.0)
-            if cfg.objective == "diffusion":
-                loss = loss + parts.diffusion_sum / max(n_diff, 1)
-            loss.backward()
-            sums += torch.stack([parts.diffusion_sum.detach().float().cpu(), parts.ar_sum.detach().float().cpu()])
+            sums += self._backward(take(batch, slice(start, start + per_micro)).to(model.device), n_diff, n_ar)
         params = self.trainable()
         grads = [p.grad for p in params if p.grad is not None]
         _all_reduce(grads + [sums], self.dist)
@@ -523,8 +527,29 @@ class Trainer:
         diff = float(sums[0]) / max(n_diff, 1)
         ar = float(sums[1]) / max(n_ar, 1)
         total = diff + cfg.ar_weight * ar if cfg.objective == "diffusion" else ar
-        return {"step": self.step, "loss": total, "diffusion_loss": diff if cfg.objective == "diffusion" else None,
-                "ar_loss": ar if cfg.uses_ar_loss else None, "lr": lr, "grad_norm": gnorm}
+        return {
+            "step": self.step,
+            "loss": total,
+            "diffusion_loss": diff if cfg.objective == "diffusion" else None,
+            "ar_loss": ar if cfg.uses_ar_loss else None,
+            "lr": lr,
+            "grad_norm": gnorm,
+        }
+
+    def _backward(self, micro: Batch, n_diff: int, n_ar: int) -> torch.Tensor:
+        """Backpropagate one micro-batch's share of the global mean loss; its (diffusion, AR) loss sums (2,)."""
+        cfg, model = self.cfg, self.model
+        with torch.autocast(
+            "cpu" if model.device.type == "cpu" else model.device.type,
+            dtype=torch.bfloat16,
+            enabled=cfg.precision == "bfloat16",
+        ):
+            parts = loss_parts(model, micro, cfg)
+        loss = (parts.ar_sum / max(n_ar, 1)) * (cfg.ar_weight if cfg.objective == "diffusion" else 1.0)
+        if cfg.objective == "diffusion":
+            loss = loss + parts.diffusion_sum / max(n_diff, 1)
+        loss.backward()
+        return torch.stack([parts.diffusion_sum.detach().float().cpu(), parts.ar_sum.detach().float().cpu()])
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def save(self, final: bool = False) -> Path:
@@ -543,16 +568,10 @@ class Trainer:
                 self.lora.merge(-1)
         state = tmp / "train_state"
         state.mkdir(exist_ok=True)
-        tensors: dict[str, torch.Tensor] = {}
-        named = self.named_trainable()
-        index = {id(p): n for n, p in named.items()}
-        for p, st in self.opt.state.items():
-            name = index[id(p)]
-            for k, v in st.items():
-                tensors[f"{name}::{k}"] = torch.as_tensor(v).detach().contiguous().cpu()
-        if self.lora is not None:
-            tensors.update({f"{n}::value": p.detach().contiguous().cpu() for n, p in named.items()})
-        save_file(tensors, str(state / "optimizer.safetensors"))
+        save_file(
+            _optimizer_tensors(self.opt, self.named_trainable(), values=self.lora is not None),
+            str(state / "optimizer.safetensors"),
+        )
         meta = {"step": self.step, "config": _jsonable(asdict(self.cfg)), "log": self.log}
         (state / "state.json").write_text(json.dumps(meta, indent=1) + "\n")
         if path.exists():
@@ -570,8 +589,10 @@ class Trainer:
         saved = meta["config"]
         for key in ("objective", "batch_size", "lora_rank", "seed"):
             if saved.get(key) != _jsonable(asdict(self.cfg))[key]:
-                raise TrainError(f"cannot resume {path}: it was trained with {key}={saved.get(key)!r}, "
-                                 f"now {getattr(self.cfg, key)!r}")
+                raise TrainError(
+                    f"cannot resume {path}: it was trained with {key}={saved.get(key)!r}, "
+                    f"now {getattr(self.cfg, key)!r}"
+                )
         tensors = load_file(str(state / "optimizer.safetensors"))
         named = self.named_trainable()
         if self.lora is None:
@@ -581,13 +602,7 @@ class Trainer:
             with torch.no_grad():
                 for n, p in named.items():
                     p.copy_(tensors[f"{n}::value"])
-        self.opt.zero_grad(set_to_none=False)
-        for n, p in named.items():
-            st = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.split("::", 1)[0] == n and
-                  not k.endswith("::value")}
-            if st:
-                # moments on the parameter's device; AdamW keeps its step counter on the CPU
-                self.opt.state[p] = {k: (v.to(p.device) if k != "step" else v.float()) for k, v in st.items()}
+        _restore_optimizer(self.opt, named, tensors)
         self.step = int(meta["step"])
         self.log = list(meta.get("log", []))
 
@@ -597,8 +612,14 @@ class Trainer:
         from tqdm import tqdm
 
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not (progress and self.dist.main),
-                   desc=f"train ({self.cfg.objective})", unit="step", dynamic_ncols=True)
+        bar = tqdm(
+            total=self.cfg.steps,
+            initial=self.step,
+            disable=not (progress and self.dist.main),
+            desc=f"train ({self.cfg.objective})",
+            unit="step",
+            dynamic_ncols=True,
+        )
         t0 = time.perf_counter()
         acc: list[dict[str, float]] = []
         while self.step < self.cfg.steps:
@@ -607,12 +628,7 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")
             if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
-                entry = {"step": self.step, "loss": sum(r["loss"] for r in acc) / len(acc),
-                         "ar_loss": None if rec["ar_loss"] is None else sum(r["ar_loss"] for r in acc) / len(acc),
-                         "lr": rec["lr"],
-                         "grad_norm": rec["grad_norm"], "elapsed_s": round(time.perf_counter() - t0, 2)}
-                if self.cfg.objective == "diffusion":
-                    entry["diffusion_loss"] = sum(r["diffusion_loss"] for r in acc) / len(acc)
+                entry = _log_entry(acc, self.cfg.objective, round(time.perf_counter() - t0, 2))
                 acc = []
                 self.log.append(entry)
                 if self.dist.main:
@@ -626,10 +642,84 @@ class Trainer:
         return self.save(final=True)
 
 
+def _adamw(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms' scales and biases)."""
+    return torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        betas=cfg.betas,
+    )
+
+
+def _batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Example indices of global batch `step`: consecutive slices of a permutation per epoch (seeded by seed and
+    epoch), a batch straddling two epochs taking the end of one and the start of the next."""
+    idx: list[int] = []
+    pos = step * batch_size
+    while len(idx) < batch_size:
+        epoch, off = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        take_n = min(batch_size - len(idx), n - off)
+        idx.extend(perm[off : off + take_n].tolist())
+        pos += take_n
+    return idx
+
+
+def _optimizer_tensors(
+    opt: torch.optim.Optimizer, named: dict[str, nn.Parameter], values: bool
+) -> dict[str, torch.Tensor]:
+    """The optimizer's state as `<param name>::<key>` tensors, plus `<name>::value` (the parameters) if `values`."""
+    index = {id(p): n for n, p in named.items()}
+    tensors = {
+        f"{index[id(p)]}::{k}": torch.as_tensor(v).detach().contiguous().cpu()
+        for p, st in opt.state.items()
+        for k, v in st.items()
+    }
+    if values:
+        tensors.update({f"{n}::value": p.detach().contiguous().cpu() for n, p in named.items()})
+    return tensors
+
+
+def _restore_optimizer(
+    opt: torch.optim.Optimizer, named: dict[str, nn.Parameter], tensors: dict[str, torch.Tensor]
+) -> None:
+    """The inverse of `_optimizer_tensors` (parameter values aside)."""
+    opt.zero_grad(set_to_none=False)
+    for n, p in named.items():
+        st = {
+            k.split("::", 1)[1]: v for k, v in tensors.items() if k.split("::", 1)[0] == n and not k.endswith("::value")
+        }
+        if st:
+            # moments on the parameter's device; AdamW keeps its step counter on the CPU
+            opt.state[p] = {k: (v.to(p.device) if k != "step" else v.float()) for k, v in st.items()}
+
+
+def _log_entry(acc: list[dict[str, Any]], objective: str, elapsed_s: float) -> dict[str, Any]:
+    """One log line: the mean losses of the steps in `acc`, the last step's lr and gradient norm."""
+    last = acc[-1]
+    entry = {
+        "step": last["step"],
+        "loss": sum(r["loss"] for r in acc) / len(acc),
+        "ar_loss": None if last["ar_loss"] is None else sum(r["ar_loss"] for r in acc) / len(acc),
+        "lr": last["lr"],
+        "grad_norm": last["grad_norm"],
+        "elapsed_s": elapsed_s,
+    }
+    if objective == "diffusion":
+        entry["diffusion_loss"] = sum(r["diffusion_loss"] for r in acc) / len(acc)
+    return entry
+
+
 def latest_checkpoint(out_dir: Path) -> Path | None:
     """The newest complete `checkpoint-*` directory under `out_dir` (one with a train state), if any."""
-    found = sorted(p for p in Path(out_dir).glob("checkpoint-*") if (p / "train_state" / "state.json").is_file()
-                   and not p.name.endswith(".tmp"))
+    found = sorted(
+        p
+        for p in Path(out_dir).glob("checkpoint-*")
+        if (p / "train_state" / "state.json").is_file() and not p.name.endswith(".tmp")
+    )
     return found[-1] if found else None
 
 
@@ -639,8 +729,9 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
 
 def write_loss_plot(log: list[dict[str, Any]], path: Path) -> None:
     """A dependency-free SVG of the loss curves (total, diffusion, AR) against the step."""
-    series = {k: [(e["step"], e[k]) for e in log if e.get(k) is not None]
-              for k in ("loss", "diffusion_loss", "ar_loss")}
+    series = {
+        k: [(e["step"], e[k]) for e in log if e.get(k) is not None] for k in ("loss", "diffusion_loss", "ar_loss")
+    }
     series = {k: v for k, v in series.items() if v}
     if not series:
         return
@@ -656,23 +747,34 @@ def write_loss_plot(log: list[dict[str, Any]], path: Path) -> None:
         return f"{px:.1f},{py:.1f}"
 
     colors = {"loss": "#222", "diffusion_loss": "#1f77b4", "ar_loss": "#d62728"}
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
-             f'font-size="12"><rect width="{W}" height="{H}" fill="white"/>',
-             f'<line x1="{pad}" y1="{H - pad}" x2="{W - pad}" y2="{H - pad}" stroke="#888"/>',
-             f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{H - pad}" stroke="#888"/>',
-             f'<text x="{W / 2}" y="{H - 12}" text-anchor="middle">step ({x0}-{x1})</text>',
-             f'<text x="8" y="{pad - 12}">loss (log10 axis, {10 ** y0:.3g}-{10 ** y1:.3g})</text>']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
+        f'font-size="12"><rect width="{W}" height="{H}" fill="white"/>',
+        f'<line x1="{pad}" y1="{H - pad}" x2="{W - pad}" y2="{H - pad}" stroke="#888"/>',
+        f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{H - pad}" stroke="#888"/>',
+        f'<text x="{W / 2}" y="{H - 12}" text-anchor="middle">step ({x0}-{x1})</text>',
+        f'<text x="8" y="{pad - 12}">loss (log10 axis, {10**y0:.3g}-{10**y1:.3g})</text>',
+    ]
     for i, (k, v) in enumerate(series.items()):
-        parts.append(f'<polyline fill="none" stroke="{colors[k]}" stroke-width="1.5" '
-                     f'points="{" ".join(pt(s, y) for s, y in v)}"/>')
+        parts.append(
+            f'<polyline fill="none" stroke="{colors[k]}" stroke-width="1.5" '
+            f'points="{" ".join(pt(s, y) for s, y in v)}"/>'
+        )
         parts.append(f'<text x="{W - pad - 120}" y="{pad + 16 * i}" fill="{colors[k]}">{k}</text>')
     parts.append("</svg>")
     path.write_text("\n".join(parts) + "\n")
 
 
-def run_training(model_path: str | Path, data: list[Example] | str | Path, out_dir: str | Path, cfg: TrainConfig,
-                 resume: bool = True, progress: bool = True, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device | None = "auto") -> Path:
+def run_training(
+    model_path: str | Path,
+    data: list[Example] | str | Path,
+    out_dir: str | Path,
+    cfg: TrainConfig,
+    resume: bool = True,
+    progress: bool = True,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = "auto",
+) -> Path:
     """Load a checkpoint, fine-tune it on `data` (examples or a JSONL path) and write HF checkpoints to `out_dir`.
 
     With `resume`, continues from the newest `checkpoint-*` in `out_dir`. `device` "auto" (or None): this process's
@@ -686,8 +788,15 @@ def run_training(model_path: str | Path, data: list[Example] | str | Path, out_d
     model = load_model(model_path, dtype=dtype, device=training_device(device))
     tok_dir = model_path if (model_path / "tokenizer.json").is_file() else None
     examples = data if isinstance(data, list) else load_examples(data, Tokenizer.from_dir(model_path))
-    trainer = Trainer(model, examples, cfg, Path(out_dir), generation_config=load_generation_config(model_path),
-                      tokenizer_dir=tok_dir, dist=info)
+    trainer = Trainer(
+        model,
+        examples,
+        cfg,
+        Path(out_dir),
+        generation_config=load_generation_config(model_path),
+        tokenizer_dir=tok_dir,
+        dist=info,
+    )
     if resume and (ck := latest_checkpoint(Path(out_dir))) is not None:
         trainer.resume(ck)
     return trainer.train(progress=progress)

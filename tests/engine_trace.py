@@ -66,7 +66,7 @@ class Trace:
             entropy = out.mean_entropy.tolist()
             real(engine, reqs, out, *args, **kw)
             for r, s, e in zip(reqs, tile, entropy):
-                s.stop = (r.canvases, r.state)
+                s.stop = (r.diffusion.canvases, r.state)
                 s.below = e < float(r.params.confidence_threshold)
                 self.steps[r.generator.initial_seed()].append(s)
         return wrapped

@@ -215,7 +215,7 @@ def test_cli_prints_the_choice(monkeypatch, capsys, ckpt):
     code, out, err = run(capsys, *args)
     assert code == 0 and '"token_ids"' in out, err
     placed, kernels = err.splitlines()  # where the model runs, then what runs it
-    assert placed == f"dgemma: {NO_BF16}" and kernels.startswith("dgemma: kernels: experts looped; ")
+    assert placed == f"dgemma: {NO_BF16}" and kernels.startswith("dgemma: kernels: experts dense; ")
     code, _, err = run(capsys, *args, "--device", "cpu", "--dtype", "bfloat16")
     assert code == 0 and err.splitlines()[0] == "dgemma: device cpu, dtype bfloat16"
     assert "experts grouped" in err.splitlines()[1]  # bf16 experts run as one grouped matmul

@@ -16,10 +16,9 @@ import torch
 from dgemma import DiffusionGemma, save_model
 from dgemma import cli
 from dgemma.cli import SUBCOMMANDS, main, register
-from dgemma.llm import TextAssembler
 from dgemma.config import tiny_config
 from dgemma.llm import LLM
-from dgemma.sampler import SamplingParams
+from dgemma.params import SamplingParams
 
 from bpe import build_bpe_tokenizer
 from forcing import force_canvas, printable_tokens
@@ -171,15 +170,6 @@ def test_stop_string_cuts_text_and_stream(capsys, tok_ckpt, llms, monkeypatch):
     assert out == expect + "\n"
 
 
-def test_text_assembler_holds_back_partial_characters_and_stops():
-    chunks = [b"ab\xc3", b"\xa9 x", b"y", b"Z"]
-    decode = lambda ids: b"".join(chunks[i] for i in ids).decode("utf-8", "replace")  # noqa: E731
-    asm = TextAssembler(decode, stops=["xyZ"])
-    got = [asm.push([0]), asm.push([1]), asm.push([2])]
-    assert got == ["ab", "é ", ""]  # "\xc3" waits for its second byte; "xy" may start the stop string
-    assert asm.push([3]) == "" and asm.finish() == "" and asm.text == "abé "
-    asm = TextAssembler(decode)
-    assert asm.push([0]) + asm.finish() == "ab\ufffd" == asm.text
 
 
 def test_mode_ar(capsys, ids_ckpt, llms):

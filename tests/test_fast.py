@@ -13,7 +13,8 @@ from dgemma import DiffusionGemma
 from dgemma.config import tiny_config
 from dgemma.engine import Engine, denoise_step
 from dgemma.model import EXPERT_KERNELS, Attention, Experts, expert_kernel
-from dgemma.sampler import SamplingParams, draw_uniforms, entropy_bound_accept, sample_step
+from dgemma.params import SamplingParams
+from dgemma.sampler import draw_uniforms, entropy_bound_accept, max_argmax, sample_step
 
 
 def _model(dtype=torch.float32, seed: int = 0, **over) -> DiffusionGemma:
@@ -38,23 +39,27 @@ def test_grouped_experts_match_the_loop(dtype, tol):
     w = torch.rand(40, 2)
     out = {}
     with torch.no_grad():
-        for name in EXPERT_KERNELS:
+        for name in [*EXPERT_KERNELS, "dense"]:
             mp = pytest.MonkeyPatch()
-            mp.setattr("dgemma.model.expert_kernel", lambda w_, exact=False, n=name: n)
+            mp.setattr("dgemma.model.expert_kernel", lambda w_, exact=False, tokens=1, top_k=1, n=name: n)
             try:
                 out[name] = ex(x, w, idx).float()
             finally:
                 mp.undo()
     assert out["grouped"].abs().max() > 0.1
     torch.testing.assert_close(out["grouped"], out["looped"], rtol=tol, atol=tol)
+    torch.testing.assert_close(out["dense"], out["looped"], rtol=tol, atol=tol)
 
 
 def test_expert_kernel_choice():
     w32, w16 = torch.zeros(2, 2, 2), torch.zeros(2, 2, 2, dtype=torch.bfloat16)
     with torch.no_grad():
         assert expert_kernel(w16) == "grouped"  # no host sync: graph-capturable
-        assert expert_kernel(w32) == "looped"  # as fast on CPU in float32
+        assert expert_kernel(w32) == "dense"  # float32 on CPU, little wasted arithmetic: overhead-bound
         assert expert_kernel(w32, exact=True) == "grouped"  # the reference's kernel
+        big = torch.zeros(8, 512, 512)  # 8 experts, I 256: 6 of 8 experts' arithmetic wasted on 256 tokens
+        assert expert_kernel(big, tokens=256, top_k=2) == "looped"
+        assert expert_kernel(big, tokens=8, top_k=2) == "dense"
     p = torch.nn.Parameter(w16)
     assert expert_kernel(p) == "looped"  # training: differentiable
 
@@ -80,6 +85,63 @@ def test_folded_gqa_matches_repeated_kv(head_dim, n_kv):
             attn.exact = False
         torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(attn.attend(q, k, v, key_mask), attn.attend(q, k, v, None))  # the mask matters
+
+
+# -- canvas keys/values in their cache slots ---------------------------------------------------------------------------
+def _ragged_cache(m: DiffusionGemma, lengths: list[int], slack: int):
+    """A cache whose rows hold `lengths` tokens (right-padded encode), long enough to wrap the sliding ring."""
+    cache = m.new_cache(len(lengths), 96, slack=slack)
+    T = max(lengths)
+    with torch.no_grad():
+        m.encode(torch.randint(0, 128, (len(lengths), T)), cache, n_new=torch.tensor(lengths))
+    return cache
+
+
+@pytest.mark.parametrize("rows,extra", [(None, 0), ([1], 0), (None, 5)])
+def test_in_place_canvas_matches_concatenation(rows, extra):
+    """Canvas keys/values written into their future slots (no per-layer copy of the cache) give the decoder what
+    concatenating them after the cache gives: ragged rows, a sliding ring that has wrapped (window 8, 21 cached
+    tokens), a subset of rows, a ring with stale entries (`extra` slack); the cache's visible state is untouched,
+    and the next commit and canvas see the same context either way."""
+    m = _model(sliding_window=8)
+    C = m.config.canvas_length
+    torch.manual_seed(3)
+    cache = _ragged_cache(m, [21, 13], slack=C + extra)
+    plain = _ragged_cache(m, [21, 13], slack=C + extra)
+    for a, b in zip(cache.layers, plain.layers):  # the same contents in both
+        b.k.copy_(a.k), b.v.copy_(a.v)
+    idx = None if rows is None else torch.tensor(rows)
+    R = 2 if rows is None else len(rows)
+    canvas = torch.randint(0, 128, (R, C))
+    soft = m.soft_embedding(torch.softmax(torch.randn(R, C, 128), -1))
+    with torch.no_grad():
+        assert cache.fits_in_place(C)
+        view = cache.decoder_masks(C, idx, in_place=True)
+        assert view.slots is not None and int(view.slots[True].min()) == 0  # row 0's canvas wraps the ring
+        assert (view.masks[True] is not None) == (extra > 0)  # stale ring entries, masked
+        got = m.denoise(canvas, cache, soft=soft, rows=idx, masks=view, hidden_only=True)
+        want = m.denoise(canvas, plain, soft=soft, rows=idx, masks=plain.decoder_masks(C, idx), hidden_only=True)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert got.abs().max() > 0.1
+        assert torch.equal(cache.lengths, plain.lengths) and cache.host_lengths == plain.host_lengths
+        assert all(torch.equal(cache.pos[s], plain.pos[s]) for s in (True, False))
+        for c in (cache, plain):  # commit the canvas, then denoise the next one
+            m.encode(canvas, c, rows=idx)
+        nxt = [m.denoise(canvas, c, rows=idx, hidden_only=True) for c in (cache, plain)]
+        torch.testing.assert_close(*nxt, rtol=1e-5, atol=1e-5)
+
+
+def test_in_place_needs_room():
+    """Without a canvas of slack in the sliding ring (or room in the full layers' buffers), the view falls back to
+    concatenation instead of overwriting keys the canvas attends to."""
+    m = _model(sliding_window=8)
+    C = m.config.canvas_length
+    cache = _ragged_cache(m, [21, 13], slack=0)
+    assert not cache.fits_in_place(C) and cache.decoder_masks(C, in_place=True).slots is None
+    full = m.new_cache(1, 20, slack=C)
+    with torch.no_grad():
+        m.encode(torch.randint(0, 128, (1, 8)), full)
+    assert not full.fits_in_place(C)  # 8 + 16 slots > 20
 
 
 # -- sampler --------------------------------------------------------------------------------------------------------
@@ -111,6 +173,20 @@ def test_all_position_sampling_matches_accepted_only(with_template):
     other = draw_uniforms([torch.Generator().manual_seed(99 + r) for r in range(R)], C, "cpu")
     c = sample_step(logits.clone(), canvas, temp, bound, entropy_bound_accept, other, V, template, all_positions=True)
     assert not torch.equal(c.canvas, b.canvas)  # the tokens do come from the uniforms
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 1024), (3, 384), (2, 300), (1, 128)])
+def test_blocked_argmax_is_torch_max(shape):
+    """The two-step max/argmax equals `max(dim=-1)`, including ties (the first index wins), a max in the last
+    block and vocabularies that are not a multiple of the block."""
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    x[..., -1] = x.amax(-1)  # a tie between the last entry and an earlier one
+    ties = torch.randint(0, 3, shape).float()  # many ties in every block
+    for t in (x, ties, -x.abs()):
+        top, idx = max_argmax(t)
+        ref_top, ref_idx = t.max(dim=-1, keepdim=True)
+        assert torch.equal(top, ref_top) and torch.equal(idx, ref_idx.squeeze(-1))
 
 
 def test_soft_embedding_is_logit_self_conditioning():
@@ -173,7 +249,7 @@ def _step_inputs(m: DiffusionGemma, B: int = 2):
     canvas = torch.randint(0, 128, (B, C))
     soft = m.soft_embedding(torch.softmax(torch.randn(B, C, 128), -1))
     u = draw_uniforms([torch.Generator().manual_seed(s) for s in range(B)], C, "cpu")
-    return cache, canvas, soft, u, torch.full((B,), 0.6), torch.full((B,), 0.1), cache.decoder_masks(C)
+    return cache, canvas, soft, u, torch.full((B,), 0.6), torch.full((B,), 0.1), cache.decoder_masks(C, in_place=True)
 
 
 def _no_data_dependence(gm: torch.fx.GraphModule, example_inputs):
@@ -194,7 +270,7 @@ def _compile_strict(fn):
     return torch.compile(fn, fullgraph=True, backend=_no_data_dependence)
 
 
-def test_denoise_step_is_graph_safe():
+def test_denoise_step_is_graph_safe(monkeypatch):
     """The whole fast step traced by `torch.compile(fullgraph=True)` in bf16 on CPU, with a backend that rejects
     data-dependent shapes and values: any `.item()`, `.tolist()`, `nonzero` or boolean indexing in the step fails.
     Compiled and eager results are identical."""
@@ -211,18 +287,24 @@ def test_denoise_step_is_graph_safe():
     for a, b in zip(eager, compiled):
         assert torch.equal(a, b)
 
-    # The check has power: the accepted-only sampler (nonzero) and the float32 expert loop (.tolist()) both fail.
+    # float32 on CPU runs the dense experts, also capturable.
+    m32 = _model(torch.float32)
+    cache32, canvas32, soft32, u32, _, _, masks32 = _step_inputs(m32)
+
+    def float32_step(canvas, soft, u):
+        return denoise_step(m32, cache32, canvas, soft, u, temp, bound, masks32)[0].canvas
+
+    with torch.no_grad():
+        assert expert_kernel(m32.layers[0].experts.gate_up_proj, tokens=canvas32.numel(), top_k=2) == "dense"
+        assert torch.equal(_compile_strict(float32_step)(canvas32, soft32, u32), float32_step(canvas32, soft32, u32))
+
+    # The check has power: the accepted-only sampler (nonzero) and the expert loop (.tolist()) both fail.
     def accepted_only(canvas, soft, u):
         hidden = m.denoise(canvas, cache, soft=soft, masks=masks, hidden_only=True)
         return sample_step(m.logits(hidden), canvas, temp, bound, entropy_bound_accept, u, 128).canvas
 
-    m32 = _model(torch.float32)
-    cache32, canvas32, soft32, u32, _, _, masks32 = _step_inputs(m32)
-
-    def looped_experts(canvas, soft, u):
-        return denoise_step(m32, cache32, canvas, soft, u, temp, bound, masks32)[0].canvas
-
-    for fn, args in ((accepted_only, (canvas, soft, u)), (looped_experts, (canvas32, soft32, u32))):
+    monkeypatch.setattr("dgemma.model.expert_kernel", lambda *a, **k: "looped")
+    for fn, args in ((accepted_only, (canvas, soft, u)), (float32_step, (canvas32, soft32, u32))):
         with torch.no_grad(), pytest.raises(Exception, match="data-dependent|tolist|Unsupported"):
             _compile_strict(fn)(*args)
     torch._dynamo.reset()

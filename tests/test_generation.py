@@ -40,8 +40,8 @@ import dgemma.sampler as dgemma_sampler
 from dgemma import DiffusionGemma, save_model
 from dgemma.config import tiny_config
 from dgemma.llm import LLM
-from dgemma.sampler import (SCHEDULES, SamplingParams, confidence_accept, draw_uniforms, entropy_bound_accept,
-                            sample_step)
+from dgemma.params import SamplingParams
+from dgemma.sampler import SCHEDULES, confidence_accept, draw_uniforms, entropy_bound_accept, sample_step
 
 from bpe import build_bpe_tokenizer
 from engine_trace import same_run, tracing

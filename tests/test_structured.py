@@ -1,4 +1,4 @@
-"""Structured output (`dgemma/constraints.py` + the engine's frontier sampling) and infilling.
+"""Structured output (`dgemma/constraints.py`, called by the engine at each step) and infilling.
 
 Random weights are the hardest case: nothing but the constraint keeps the output valid, so every output of a tiny
 random-weights model with a real byte-level BPE tokenizer must validate (jsonschema for schemas, `re.fullmatch` for
@@ -19,7 +19,7 @@ from dgemma import DiffusionGemma, save_model
 from dgemma.config import tiny_config
 from dgemma.constraints import Constraint, ConstraintError
 from dgemma.llm import LLM
-from dgemma.sampler import SamplingParams
+from dgemma.params import SamplingParams
 
 from bpe import build_bpe_tokenizer
 from forcing import boost_token, force_canvas
@@ -347,6 +347,48 @@ def test_a_constraint_failing_mid_generation_aborts_only_its_request(llm, monkey
         assert outs[0].outputs[0].finish_reason == "abort" and "lexer limit" in outs[0].metrics["error"]
         assert outs[1].outputs[0].finish_reason == "stop" and outs[1].outputs[0].text in ("yes", "no")
     assert not llm.engine.has_unfinished()
+
+
+def test_a_bug_in_a_constraint_is_not_taken_for_a_constraint_failure(llm, monkeypatch):
+    """Only ConstraintError ends a request as a constraint failure; any other error (a bug) reaches the caller."""
+    from dgemma.constraints import Guide
+
+    def broken(self, token):
+        raise ValueError("a bug, not a limit")
+
+    monkeypatch.setattr(Guide, "consume", broken)
+    for mode in ("diffusion", "ar"):
+        with pytest.raises(ValueError, match="a bug, not a limit"):
+            llm.generate("x", SamplingParams(max_new_tokens=16, seed=0, mode=mode, regex="[a-z]{8}"))
+        assert not llm.engine.has_unfinished()
+
+
+def test_constraint_state_on_its_own(llm):
+    """The engine's whole view of a constraint: `start_canvas`, `advance` (at least one validated token per call, the
+    rest of the canvas EOS once the grammar is complete) and, in AR mode, `next_token`. Arbitrary logits."""
+    from dgemma.constraints import ConstraintState
+
+    g = torch.Generator().manual_seed(0)
+    digits = Constraint("regex", "[0-9]{5}")
+    cs = ConstraintState(llm.engine.guides.guide(digits), 32, {1}, g)
+    fixed = cs.start_canvas(CANVAS, "cpu")
+    assert fixed.tolist() == [-1] * CANVAS and not cs.canvas_complete
+    for _ in range(CANVAS):
+        before = cs.frontier
+        cs.advance(torch.randn(CANVAS, 300, generator=g), 1.0, 0.1, produced=0)
+        assert cs.frontier > before
+        if cs.canvas_complete:
+            break
+    assert cs.canvas_complete and cs.finished
+    toks = fixed.tolist()
+    end = toks.index(1)
+    assert re.fullmatch("[0-9]{5}", llm.tokenizer.decode(toks[:end])) and set(toks[end:]) == {1}
+    ar = ConstraintState(llm.engine.guides.guide(digits), 32, {1}, g)
+    out: list[int] = []
+    while not ar.finished and len(out) < 32:
+        t = ar.next_token(torch.randn(300, generator=g), 1.0, len(out))
+        out += [] if t == 1 else [t]
+    assert ar.finished and re.fullmatch("[0-9]{5}", llm.tokenizer.decode(out))
 
 
 def test_ignore_eos_does_not_return_the_fill_after_a_completed_grammar(llm):

@@ -143,80 +143,96 @@ def _search(cells: list[int], cand: list[int], out: list[str], limit: int, rng: 
     `cells[i]` is the digit (0 = blank); `cand[i]` the candidate bitmask of blank cells. Mutates both (callers pass
     copies).
     """
-    # propagate naked singles (and, when none are left, hidden singles) to a fixed point
-    while True:
-        best = -1
-        best_n = 10
-        progressed = False
-        for i in range(81):
-            if cells[i]:
-                continue
-            m = cand[i]
-            n = _POPCOUNT[m]
-            if n == 0:
-                return
-            if n == 1:
-                d = _DIGIT_OF_SINGLE[m]
-                cells[i] = d
-                for p in _PEERS[i]:
-                    if not cells[p] and cand[p] & m:
-                        cand[p] &= ~m
-                        if not cand[p]:
-                            return
-                progressed = True
-            elif n < best_n:
-                best_n = n
-                best = i
-        if progressed:
-            continue
-        if best < 0:
-            break
-        # hidden singles: a digit with exactly one possible cell in a unit goes there
-        for unit in _UNITS:
-            once = twice = placed = 0
-            for i in unit:
-                if cells[i]:
-                    placed |= _BIT[cells[i]]
-                else:
-                    m = cand[i]
-                    twice |= once & m
-                    once |= m
-            if (once | placed) != _ALL:
-                return  # some digit has no place in this unit
-            hidden = once & ~twice & ~placed
-            while hidden:
-                b = hidden & -hidden
-                hidden ^= b
-                for i in unit:
-                    if not cells[i] and cand[i] & b:
-                        cand[i] &= b
-                        progressed = True
-                        break
-        if not progressed:
-            break
+    best = _propagate(cells, cand)
+    if best is None:
+        return
     if best < 0:
         out.append("".join(map(str, cells)))
         return
     digits = list(_DIGITS_OF[cand[best]])
     if rng is not None:
         rng.shuffle(digits)
-    peers = _PEERS[best]
     for d in digits:
-        b = _BIT[d]
-        c2 = cells[:]
-        k2 = cand[:]
+        c2, k2 = cells[:], cand[:]
         c2[best] = d
-        ok = True
-        for p in peers:
-            if not c2[p] and k2[p] & b:
-                k2[p] &= ~b
-                if not k2[p]:
-                    ok = False
-                    break
-        if ok:
+        if _eliminate(c2, k2, _PEERS[best], _BIT[d]):
             _search(c2, k2, out, limit, rng)
             if len(out) >= limit:
                 return
+
+
+def _propagate(cells: list[int], cand: list[int]) -> int | None:
+    """Naked singles (and, when none are left, hidden singles) to a fixed point. Returns the blank cell with the
+    fewest candidates (where to branch), -1 when the grid is full, None on a contradiction."""
+    while True:
+        swept = _naked_singles(cells, cand)
+        if swept is None:
+            return None
+        progressed, best = swept
+        if progressed:
+            continue
+        if best < 0:
+            return -1
+        hidden = _hidden_singles(cells, cand)
+        if not hidden:
+            return None if hidden is None else best
+
+
+def _naked_singles(cells: list[int], cand: list[int]) -> tuple[bool, int] | None:
+    """One sweep placing every blank cell that has a single candidate. Returns (whether any was placed, the blank
+    cell with the fewest candidates or -1), None on a contradiction."""
+    best, best_n, progressed = -1, 10, False
+    for i in range(81):
+        if cells[i]:
+            continue
+        m = cand[i]
+        n = _POPCOUNT[m]
+        if n == 0:
+            return None
+        if n == 1:
+            cells[i] = _DIGIT_OF_SINGLE[m]
+            if not _eliminate(cells, cand, _PEERS[i], m):
+                return None
+            progressed = True
+        elif n < best_n:
+            best_n, best = n, i
+    return progressed, best
+
+
+def _eliminate(cells: list[int], cand: list[int], peers: Iterable[int], m: int) -> bool:
+    """Remove the candidate bits `m` from the blank `peers`; False if one is left without candidates."""
+    for p in peers:
+        if not cells[p] and cand[p] & m:
+            cand[p] &= ~m
+            if not cand[p]:
+                return False
+    return True
+
+
+def _hidden_singles(cells: list[int], cand: list[int]) -> bool | None:
+    """Pin every digit that has exactly one possible cell in a unit to that cell. Returns whether anything changed,
+    None on a contradiction (a digit with no place in some unit)."""
+    progressed = False
+    for unit in _UNITS:
+        once = twice = placed = 0
+        for i in unit:
+            if cells[i]:
+                placed |= _BIT[cells[i]]
+            else:
+                twice |= once & cand[i]
+                once |= cand[i]
+        if (once | placed) != _ALL:
+            return None
+        hidden = once & ~twice & ~placed
+        while hidden:
+            b = hidden & -hidden
+            hidden ^= b
+            for i in unit:
+                if not cells[i] and cand[i] & b:
+                    cand[i] &= b
+                    progressed = True
+                    break
+    return progressed
 
 
 def _initial(grid: str) -> tuple[list[int], list[int]]:

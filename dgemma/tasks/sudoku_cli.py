@@ -33,6 +33,8 @@ EXAMPLE = "000723000900560000230100057620000103050097800009000475002931586090006
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The `sudoku` actions and their flags. Long only because it is a flat list of declarations, in `--help`
+    order: nothing in it branches."""
     from .sudoku_model import VARIANTS, Recipe
 
     sub = p.add_subparsers(dest="sudoku_command", metavar="ACTION", title="actions")

@@ -218,7 +218,7 @@ class Solver:
         self.rounds, self.samples = rounds, samples
 
     def params(self, puzzle: str):
-        from ..sampler import SamplingParams
+        from ..params import SamplingParams
 
         extra = {"temperature": 1.0} if self.mode == "ar" and self.samples > 1 else {}
         return SamplingParams(max_new_tokens=CANVAS, seed=self.seed, mode=self.mode,
