@@ -11,7 +11,7 @@ import pytest
 from dgemma import LLM
 from dgemma.checkpoint import BUNDLED_MODELS
 from dgemma.cli import main as cli_main
-from dgemma.sampler import SamplingParams
+from dgemma.params import SamplingParams
 from dgemma.tasks import code as C
 from dgemma.tasks.code_model import BUNDLED, VARIANTS, Infiller, Recipe, model_config
 

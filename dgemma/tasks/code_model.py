@@ -234,7 +234,7 @@ class Infiller:
         self.fmt, self.adaptive, self.seed, self.sampler = fmt, adaptive, seed, sampler
 
     def _request(self, p: list[int], s: list[int], seed: int):
-        from ..sampler import SamplingParams
+        from ..params import SamplingParams
 
         if self.fmt == "diffusion":
             return C.ar_prompt(p), SamplingParams(max_new_tokens=C.ROOM, seed=seed, suffix_token_ids=C.suffix_ids(s),
