@@ -135,7 +135,6 @@ class Recipe:
     precision: str = "auto"  # float32 on a CPU (as the bundled models were trained), bf16 autocast on a GPU
     device: str = "auto"
     stdlib: str | None = None  # default: the running interpreter's
-    extra: dict[str, Any] = field(default_factory=dict)  # recorded as is (e.g. the machine)
 
 
 def init_checkpoint(path: Path, recipe: Recipe, tokenizer_dir: Path) -> Path:
