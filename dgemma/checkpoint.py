@@ -135,7 +135,8 @@ def load_generation_config(path: str | Path) -> dict[str, Any]:
 
 
 # Models shipped inside the package, by name: `LLM(model="sudoku")` needs no download.
-BUNDLED_MODELS = {name: Path(__file__).resolve().parent / "models" / name for name in ("sudoku", "sudoku-ar")}
+BUNDLED_MODELS = {name: Path(__file__).resolve().parent / "models" / name
+                  for name in ("sudoku", "sudoku-ar", "code", "code-fim", "code-ar")}
 
 
 def resolve_model_path(model: str | Path) -> Path:

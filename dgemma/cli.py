@@ -34,7 +34,7 @@ PROG = "dgemma"
 EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130
 
 # Modules imported (if installed) before the parser is built, so that they can `register` their subcommands.
-PLUGINS: list[str] = ["dgemma.server", "dgemma.tasks.sudoku_cli"]
+PLUGINS: list[str] = ["dgemma.server", "dgemma.tasks.sudoku_cli", "dgemma.tasks.code_cli"]
 
 # Chat turns end with one of these tokens (when the tokenizer has it): generation stops there.
 END_OF_TURN_TOKENS = ("<end_of_turn>",)
