@@ -67,10 +67,23 @@ def step_flops(cfg, batch: int, context: int) -> float:
 def small_config() -> ModelConfig:
     """The `--preset small` model: 6 layers (5 sliding, 1 full), hidden 256, vocab 8,192, 4 experts top-2."""
     types = ["sliding_attention"] * 5 + ["full_attention"]
-    text = TextConfig(vocab_size=8192, hidden_size=256, intermediate_size=512, num_hidden_layers=6,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, global_head_dim=128,
-                      num_global_key_value_heads=1, sliding_window=512, num_experts=4, top_k_experts=2,
-                      moe_intermediate_size=128, layer_types=types, max_position_embeddings=4096)
+    text = TextConfig(
+        vocab_size=8192,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        global_head_dim=128,
+        num_global_key_value_heads=1,
+        sliding_window=512,
+        num_experts=4,
+        top_k_experts=2,
+        moe_intermediate_size=128,
+        layer_types=types,
+        max_position_embeddings=4096,
+    )
     return ModelConfig(text=text, canvas_length=64)
 
 
@@ -93,6 +106,7 @@ def run_one(args) -> dict:
     steps = args.steps
     if args.impl == "reference":
         from transformers import DiffusionGemmaForBlockDiffusion
+
         model = DiffusionGemmaForBlockDiffusion.from_pretrained(args.ckpt, dtype=dtype).eval()
         ids = torch.tensor(prompts)
         kw = dict(max_new_tokens=new, max_denoising_steps=steps, eos_token_id=None, pad_token_id=0)
@@ -101,16 +115,33 @@ def run_one(args) -> dict:
         model.generate(ids[:, :8], **dict(kw, max_new_tokens=8, max_denoising_steps=1))  # warm-up
         wall, out = best_of(args.repeat, lambda: model.generate(ids, **kw))
         tokens = args.batch * new
-        passes = float(steps * -(-new // model.config.canvas_length)) if not args.adaptive else float(
-            (new / out.tokens_per_forward.float()).mean())
+        passes = (
+            float(steps * -(-new // model.config.canvas_length))
+            if not args.adaptive
+            else float((new / out.tokens_per_forward.float()).mean())
+        )
     else:
         from dgemma import LLM, SamplingParams  # the package's names: the same in a --baseline tree
-        llm = LLM(args.ckpt, device="cpu", dtype=args.dtype, max_batch=args.batch,  # CPU, like the reference
-                  max_model_len=prompt_len + new + 256)
-        sp = SamplingParams(max_new_tokens=new, max_denoising_steps=steps, fixed_steps=not args.adaptive,
-                            ignore_eos=True, seed=0, mode="ar" if args.impl == "ar" else "diffusion")
-        llm.generate([{"prompt_token_ids": p[:8]} for p in prompts], SamplingParams(
-            max_new_tokens=8, max_denoising_steps=1, ignore_eos=True, mode=sp.mode))  # warm-up
+
+        llm = LLM(
+            args.ckpt,
+            device="cpu",
+            dtype=args.dtype,
+            max_batch=args.batch,  # CPU, like the reference
+            max_model_len=prompt_len + new + 256,
+        )
+        sp = SamplingParams(
+            max_new_tokens=new,
+            max_denoising_steps=steps,
+            fixed_steps=not args.adaptive,
+            ignore_eos=True,
+            seed=0,
+            mode="ar" if args.impl == "ar" else "diffusion",
+        )
+        llm.generate(
+            [{"prompt_token_ids": p[:8]} for p in prompts],
+            SamplingParams(max_new_tokens=8, max_denoising_steps=1, ignore_eos=True, mode=sp.mode),
+        )  # warm-up
         wall, outs = best_of(args.repeat, lambda: llm.generate([{"prompt_token_ids": p} for p in prompts], sp))
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
         passes = float(sum(o.metrics.get("decoder_passes", 0) for o in outs) / len(outs))
@@ -131,19 +162,28 @@ def cpu_line() -> str:
     except OSError:
         pass
     isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    env = [f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
-           if k in os.environ]
-    return (f"cpu: {name}, {os.cpu_count()} cores; flags {' '.join(isa) or 'none of avx2/avx512'}; torch kernels "
-            f"{torch.backends.cpu.get_cpu_capability()}" + (f" ({', '.join(env)})" if env else ""))
+    env = [
+        f"{k}={os.environ[k]}"
+        for k in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+        if k in os.environ
+    ]
+    return (
+        f"cpu: {name}, {os.cpu_count()} cores; flags {' '.join(isa) or 'none of avx2/avx512'}; torch kernels "
+        f"{torch.backends.cpu.get_cpu_capability()}" + (f" ({', '.join(env)})" if env else "")
+    )
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="checkpoint directory (default: a random model of --params parameters)")
     ap.add_argument("--params", type=float, default=75e6, help="size of the random model (default 75e6)")
-    ap.add_argument("--preset", choices=["sized", "small"], default="sized",
-                    help="sized: a Gemma-4-shaped model of --params parameters; small: the laptop-sized model above "
-                         "(sets --max-new-tokens 128 unless given)")
+    ap.add_argument(
+        "--preset",
+        choices=["sized", "small"],
+        default="sized",
+        help="sized: a Gemma-4-shaped model of --params parameters; small: the laptop-sized model above "
+        "(sets --max-new-tokens 128 unless given)",
+    )
     ap.add_argument("--vocab", type=int, default=32_768, help="vocabulary of the random model")
     ap.add_argument("--batch-sizes", default="1,2,4,8", help="comma list (the issue's full set: 1,2,4,8,16,32)")
     ap.add_argument("--dtypes", default="float32,bfloat16")
@@ -176,6 +216,7 @@ def main() -> int:
     if args.model:
         ckpt = args.model
         from dgemma.checkpoint import load_config
+
         cfg = load_config(ckpt)
     else:
         cfg = small_config() if args.preset == "small" else sized_config(args.params, vocab_size=args.vocab)
@@ -184,14 +225,18 @@ def main() -> int:
         ckpt = tmp
     n_params = cfg.text.num_parameters()
     rates = {d: matmul_rate(DT[d], k=cfg.text.hidden_size, n=4 * cfg.text.hidden_size) for d in args.dtypes.split(",")}
-    print(f"model: {n_params / 1e6:.1f}M parameters, canvas {cfg.canvas_length}, vocab {cfg.text.vocab_size}, "
-          f"{cfg.text.num_hidden_layers} layers, hidden {cfg.text.hidden_size}; steps/canvas {args.steps}"
-          f"{' (adaptive)' if args.adaptive else ' (fixed)'}; torch threads {torch.get_num_threads()}")
+    print(
+        f"model: {n_params / 1e6:.1f}M parameters, canvas {cfg.canvas_length}, vocab {cfg.text.vocab_size}, "
+        f"{cfg.text.num_hidden_layers} layers, hidden {cfg.text.hidden_size}; steps/canvas {args.steps}"
+        f"{' (adaptive)' if args.adaptive else ' (fixed)'}; torch threads {torch.get_num_threads()}"
+    )
     print(cpu_line())
     print("matmul rate: " + ", ".join(f"{d} {r:.0f} GFLOP/s" for d, r in rates.items()))
     rows = []
-    header = f"{'impl':10} {'dtype':9} {'batch':>5} {'tok/s':>9} {'tok/fwd':>8} {'ms/step':>9} {'%matmul':>8} " \
-             f"{'peak MiB':>9} {'vs ref':>7}"
+    header = (
+        f"{'impl':10} {'dtype':9} {'batch':>5} {'tok/s':>9} {'tok/fwd':>8} {'ms/step':>9} {'%matmul':>8} "
+        f"{'peak MiB':>9} {'vs ref':>7}"
+    )
     print(header)
     print("-" * len(header))
     for dtype in args.dtypes.split(","):
@@ -199,12 +244,32 @@ def main() -> int:
             for impl in args.impls.split(",") + (["baseline"] if args.baseline else []):
                 if impl == "reference" and b > args.reference_max_batch:
                     continue
-                cmd = [sys.executable, __file__, "--_one", "--ckpt", ckpt, "--impl", impl, "--dtype", dtype,
-                       "--batch", str(b), "--steps", str(args.steps), "--prompt-len", str(args.prompt_len),
-                       "--max-new-tokens", str(args.max_new_tokens), "--repeat", str(args.repeat)] + \
-                      (["--adaptive"] if args.adaptive else []) + \
-                      (["--threads", str(args.threads)] if args.threads else []) + \
-                      (["--src", os.path.abspath(args.baseline)] if impl == "baseline" else [])
+                cmd = (
+                    [
+                        sys.executable,
+                        __file__,
+                        "--_one",
+                        "--ckpt",
+                        ckpt,
+                        "--impl",
+                        impl,
+                        "--dtype",
+                        dtype,
+                        "--batch",
+                        str(b),
+                        "--steps",
+                        str(args.steps),
+                        "--prompt-len",
+                        str(args.prompt_len),
+                        "--max-new-tokens",
+                        str(args.max_new_tokens),
+                        "--repeat",
+                        str(args.repeat),
+                    ]
+                    + (["--adaptive"] if args.adaptive else [])
+                    + (["--threads", str(args.threads)] if args.threads else [])
+                    + (["--src", os.path.abspath(args.baseline)] if impl == "baseline" else [])
+                )
                 res = subprocess.run(cmd, capture_output=True, text=True)
                 if res.returncode != 0:
                     print(f"{impl} {dtype} batch {b} failed:\n{res.stderr[-2000:]}", file=sys.stderr)
@@ -216,8 +281,16 @@ def main() -> int:
                     flops = step_flops(cfg, b, args.prompt_len + args.max_new_tokens // 2)
                     pct = 100 * flops / (ms_step / 1000) / 1e9 / rates[dtype]
                 tpf = r["tokens"] / b / r["passes"] if r["passes"] else 1.0
-                row = dict(impl=impl, dtype=dtype, batch=b, tok_s=r["tok_s"], tokens_per_forward=tpf,
-                           ms_per_step=ms_step, pct_matmul=pct, peak_mib=r["peak_mib"])
+                row = dict(
+                    impl=impl,
+                    dtype=dtype,
+                    batch=b,
+                    tok_s=r["tok_s"],
+                    tokens_per_forward=tpf,
+                    ms_per_step=ms_step,
+                    pct_matmul=pct,
+                    peak_mib=r["peak_mib"],
+                )
                 rows.append(row)
     # ratios against the reference of the same dtype and batch, and against the fp32 reference
     ref = {(r["dtype"], r["batch"]): r["tok_s"] for r in rows if r["impl"] == "reference"}
@@ -227,11 +300,23 @@ def main() -> int:
         base32 = ref.get(("float32", r["batch"]))
         r["vs_ref_fp32"] = r["tok_s"] / base32 if base32 else None
         f = lambda v, fmt: format(v, fmt) if v is not None else "-"  # noqa: E731
-        print(f"{r['impl']:10} {r['dtype']:9} {r['batch']:>5} {r['tok_s']:>9.1f} {r['tokens_per_forward']:>8.2f} "
-              f"{f(r['ms_per_step'], '>9.1f')} {f(r['pct_matmul'], '>8.0f')} {r['peak_mib']:>9.0f} "
-              f"{f(r['vs_ref'], '>7.2f')}")
-    print(json.dumps({"benchmark": "generate", "params": n_params, "steps": args.steps, "adaptive": args.adaptive,
-                      "matmul_gflops": rates, "rows": rows}))
+        print(
+            f"{r['impl']:10} {r['dtype']:9} {r['batch']:>5} {r['tok_s']:>9.1f} {r['tokens_per_forward']:>8.2f} "
+            f"{f(r['ms_per_step'], '>9.1f')} {f(r['pct_matmul'], '>8.0f')} {r['peak_mib']:>9.0f} "
+            f"{f(r['vs_ref'], '>7.2f')}"
+        )
+    print(
+        json.dumps(
+            {
+                "benchmark": "generate",
+                "params": n_params,
+                "steps": args.steps,
+                "adaptive": args.adaptive,
+                "matmul_gflops": rates,
+                "rows": rows,
+            }
+        )
+    )
     return 0
 
 

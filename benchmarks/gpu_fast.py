@@ -58,7 +58,7 @@ class Bench:
             torch.cuda.synchronize()
 
     def record(self, **row) -> None:
-        row["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30 if self.cuda else 0.0
+        row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if self.cuda else 0.0
         self.rows.append(row)
         ms = f"{row['ms_per_step']:9.2f}" if row.get("ms_per_step") else f"{'-':>9}"
         print(f"{row['impl']:20} {row['batch']:>5} {row['tok_s']:>9.1f} {ms} {row['peak_gib']:>9.1f}", flush=True)
@@ -127,9 +127,11 @@ def step_variant(b: Bench, batch: int, impl: str, graph: bool, compile_: bool = 
                 static["canvas"].copy_(out_canvas)
                 static["soft"].copy_(out_soft)
         else:
+
             def run():
                 c, s = fn(**static)
                 static["canvas"], static["soft"] = c, s
+
         ms = b.timed(run, b.args.steps)
         commit = torch.randint(0, m.config.text.vocab_size, (batch, b.C), device=b.dev)
         enc_ms = b.timed(lambda: (cache.reset_rows(), m.encode(commit, cache)), 2)
@@ -143,8 +145,9 @@ def engine_variant(b: Bench, batch: int, mode: str) -> None:
     V = b.model.config.text.vocab_size
     eng = Engine(b.model, max_batch=batch, max_model_len=a.prompt_len + 3 * C)
     prompts = torch.randint(3, V, (batch, a.prompt_len)).tolist()
-    sp = SamplingParams(max_new_tokens=C, max_denoising_steps=a.steps, fixed_steps=True, ignore_eos=True, seed=0,
-                        mode=mode)
+    sp = SamplingParams(
+        max_new_tokens=C, max_denoising_steps=a.steps, fixed_steps=True, ignore_eos=True, seed=0, mode=mode
+    )
     for p in prompts:
         eng.add_request(p[:8], SamplingParams(max_new_tokens=8, max_denoising_steps=1, ignore_eos=True, mode=mode))
     list(eng.stream())
@@ -155,15 +158,20 @@ def engine_variant(b: Bench, batch: int, mode: str) -> None:
     list(eng.stream())
     b.sync()
     wall = time.perf_counter() - t
-    b.record(impl="engine" if mode == "diffusion" else "ar", batch=batch, tok_s=batch * C / wall,
-             ms_per_step=1e3 * wall / a.steps if mode == "diffusion" else None)
+    b.record(
+        impl="engine" if mode == "diffusion" else "ar",
+        batch=batch,
+        tok_s=batch * C / wall,
+        ms_per_step=1e3 * wall / a.steps if mode == "diffusion" else None,
+    )
 
 
 def reference_variant(b: Bench, batch: int) -> None:
     a, C = b.args, b.C
     ids = torch.randint(3, b.model.config.text.vocab_size, (batch, a.prompt_len), device=b.dev)
-    kw = dict(max_new_tokens=C, max_denoising_steps=a.steps, confidence_threshold=1e-30, eos_token_id=None,
-              pad_token_id=0)
+    kw = dict(
+        max_new_tokens=C, max_denoising_steps=a.steps, confidence_threshold=1e-30, eos_token_id=None, pad_token_id=0
+    )
     b.hf.generate(ids[:, :8], **dict(kw, max_new_tokens=8, max_denoising_steps=1))
     b.sync()
     t = time.perf_counter()
@@ -216,13 +224,17 @@ def main() -> int:
     ap.add_argument("--out", help="append each result to this JSON-lines file as it is measured")
     args = ap.parse_args()
     torch.manual_seed(0)
-    hf, model = build_models(TINY if args.tiny else SHAPES_26B, 16 if args.tiny else 256, args.device,
-                             args.no_reference)
+    hf, model = build_models(
+        TINY if args.tiny else SHAPES_26B, 16 if args.tiny else 256, args.device, args.no_reference
+    )
     b = Bench(args, hf, model)
     name = torch.cuda.get_device_name() if b.cuda else "cpu"
     roof = roofline_ms(model, name)
-    print(f"device {name}; torch {torch.__version__}; steps/canvas {args.steps}; canvas {b.C}; roofline "
-          f"{roof and round(roof, 2)} ms/step (weights read once per step at batch 1)", flush=True)
+    print(
+        f"device {name}; torch {torch.__version__}; steps/canvas {args.steps}; canvas {b.C}; roofline "
+        f"{roof and round(roof, 2)} ms/step (weights read once per step at batch 1)",
+        flush=True,
+    )
     print(f"{'impl':20} {'batch':>5} {'tok/s':>9} {'ms/step':>9} {'peak GiB':>9}")
     batches = [int(x) for x in args.batch_sizes.split(",")]
     plan: list[tuple[str, Callable[[int], None]]] = [
@@ -231,8 +243,12 @@ def main() -> int:
         ("step-eager", lambda n: step_variant(b, n, "step-eager", graph=False)),
         ("step-graph", lambda n: b.cuda and step_variant(b, n, "step-graph", graph=True)),
         ("ar", lambda n: engine_variant(b, n, "ar")),
-        ("step-compile-graph", lambda n: b.cuda and not args.no_compile and
-         step_variant(b, n, "step-compile-graph", graph=True, compile_=True)),
+        (
+            "step-compile-graph",
+            lambda n: (
+                b.cuda and not args.no_compile and step_variant(b, n, "step-compile-graph", graph=True, compile_=True)
+            ),
+        ),
     ]
     for label, run in plan:
         for n in batches:
@@ -246,14 +262,25 @@ def main() -> int:
         print(f"  {k['ms']:8.3f} ms {k['calls']:5}x  {k['name']}")
     if not args.no_fp8:
         from dgemma.quant import quantize_fp8
+
         try:
             quantize_fp8(model)
             for n in batches:
                 step_variant(b, n, "fp8-graph" if b.cuda else "fp8-eager", graph=b.cuda)
         except Exception as e:
             print(f"fp8 failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
-    print(json.dumps({"benchmark": "gpu_fast", "device": name, "torch": torch.__version__,
-                      "roofline_ms_per_step": roof, "top_kernels": kernels, "rows": b.rows}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "gpu_fast",
+                "device": name,
+                "torch": torch.__version__,
+                "roofline_ms_per_step": roof,
+                "top_kernels": kernels,
+                "rows": b.rows,
+            }
+        )
+    )
     return 0
 
 

@@ -34,8 +34,9 @@ def one(tokens: int, chunk: int, params: float, dtype: str) -> dict:
     eng = Engine(model, max_batch=1, max_model_len=tokens + 2 * C, prefill_chunk=chunk)
     prompt = torch.randint(3, cfg.vocab_size, (tokens,)).tolist()
     t = time.perf_counter()
-    eng.add_request(prompt, SamplingParams(max_new_tokens=C, max_denoising_steps=4, fixed_steps=True,
-                                           ignore_eos=True, seed=0))
+    eng.add_request(
+        prompt, SamplingParams(max_new_tokens=C, max_denoising_steps=4, fixed_steps=True, ignore_eos=True, seed=0)
+    )
     t_prefill = None
     for _ in eng.stream():
         pass
@@ -47,9 +48,16 @@ def one(tokens: int, chunk: int, params: float, dtype: str) -> dict:
     for _ in eng2.stream():
         pass
     t_prefill = time.perf_counter() - t
-    return {"tokens": tokens, "chunk": chunk, "params": cfg.text.num_parameters(), "prefill_s": t_prefill,
-            "prefill_tok_s": tokens / t_prefill, "total_s": wall, "cache_mib": eng.cache.nbytes() / 2 ** 20,
-            "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "tokens": tokens,
+        "chunk": chunk,
+        "params": cfg.text.num_parameters(),
+        "prefill_s": t_prefill,
+        "prefill_tok_s": tokens / t_prefill,
+        "total_s": wall,
+        "cache_mib": eng.cache.nbytes() / 2**20,
+        "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def main() -> int:
@@ -64,20 +72,24 @@ def main() -> int:
     if args._one:
         print(json.dumps(one(args._one[0], args._one[1], args.params, args.dtype)))
         return 0
-    runs = [(args.baseline_tokens, args.baseline_tokens), (args.baseline_tokens, args.chunk),
-            (args.tokens, args.chunk)]
+    runs = [(args.baseline_tokens, args.baseline_tokens), (args.baseline_tokens, args.chunk), (args.tokens, args.chunk)]
     rows = []
     print(f"{'tokens':>7} {'chunk':>6} {'prefill s':>10} {'tok/s':>8} {'cache MiB':>10} {'peak MiB':>9}")
     for n, c in runs:
-        res = subprocess.run([sys.executable, __file__, "--_one", str(n), str(c), "--params", str(args.params),
-                              "--dtype", args.dtype], capture_output=True, text=True)
+        res = subprocess.run(
+            [sys.executable, __file__, "--_one", str(n), str(c), "--params", str(args.params), "--dtype", args.dtype],
+            capture_output=True,
+            text=True,
+        )
         if res.returncode:
             print(res.stderr[-2000:], file=sys.stderr)
             continue
         r = json.loads(res.stdout.strip().splitlines()[-1])
         rows.append(r)
-        print(f"{n:>7} {c:>6} {r['prefill_s']:>10.1f} {r['prefill_tok_s']:>8.0f} {r['cache_mib']:>10.0f} "
-              f"{r['peak_mib']:>9.0f}")
+        print(
+            f"{n:>7} {c:>6} {r['prefill_s']:>10.1f} {r['prefill_tok_s']:>8.0f} {r['cache_mib']:>10.0f} "
+            f"{r['peak_mib']:>9.0f}"
+        )
     print(json.dumps({"benchmark": "long_prompt", "dtype": args.dtype, "rows": rows}))
     return 0
 

@@ -43,8 +43,10 @@ def run_one(ckpt: str, batch: int, canvas: int) -> dict:
 
     llm = LLM(ckpt, device="cpu", dtype="float32", max_batch=batch, max_model_len=64 + canvas)
     base = rss()
-    sp = [SamplingParams(max_new_tokens=canvas, max_denoising_steps=2, fixed_steps=True, ignore_eos=True, seed=s)
-          for s in range(batch)]
+    sp = [
+        SamplingParams(max_new_tokens=canvas, max_denoising_steps=2, fixed_steps=True, ignore_eos=True, seed=s)
+        for s in range(batch)
+    ]
     llm.generate([{"prompt_token_ids": [5, 6, 7, 8]}] * batch, sp)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"base_bytes": base, "peak_bytes": peak, "above_bytes": peak - base}
@@ -67,20 +69,38 @@ def main() -> int:
         print(json.dumps(run_one(args.ckpt, args.batch, args.canvas)))
         return 0
     torch.manual_seed(0)
-    cfg = tiny_config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
-                      head_dim=16, global_head_dim=32, canvas_length=args.canvas, sliding_window=512,
-                      max_position_embeddings=4096)
+    cfg = tiny_config(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=2 * args.hidden,
+        head_dim=16,
+        global_head_dim=32,
+        canvas_length=args.canvas,
+        sliding_window=512,
+        max_position_embeddings=4096,
+    )
     ckpt = save_model(DiffusionGemma(cfg), tempfile.mkdtemp(prefix="dgemma-mem-"))
     plan = [("dgemma", None, int(b)) for b in args.batch_sizes.split(",")]
     if args.baseline:
         plan += [("baseline", os.path.abspath(args.baseline), int(b)) for b in args.baseline_batch_sizes.split(",")]
-    print(f"model: vocab {args.vocab}, hidden {args.hidden}, canvas {args.canvas}, float32; "
-          f"one row's fp32 (canvas, vocab) buffer is {args.canvas * args.vocab * 4 / GIB:.2f} GiB")
+    print(
+        f"model: vocab {args.vocab}, hidden {args.hidden}, canvas {args.canvas}, float32; "
+        f"one row's fp32 (canvas, vocab) buffer is {args.canvas * args.vocab * 4 / GIB:.2f} GiB"
+    )
     print(f"{'impl':9} {'batch':>5} {'base GiB':>9} {'peak GiB':>9} {'above GiB':>10}")
     rows = []
     for impl, src, b in plan:
-        cmd = [sys.executable, __file__, "--_one", "--ckpt", str(ckpt), "--batch", str(b),
-               "--canvas", str(args.canvas)] + (["--src", src] if src else [])
+        cmd = [
+            sys.executable,
+            __file__,
+            "--_one",
+            "--ckpt",
+            str(ckpt),
+            "--batch",
+            str(b),
+            "--canvas",
+            str(args.canvas),
+        ] + (["--src", src] if src else [])
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             print(f"{impl} batch {b} failed (exit {res.returncode}): {res.stderr.strip()[-300:]}", file=sys.stderr)
@@ -88,8 +108,10 @@ def main() -> int:
             continue
         r = json.loads(res.stdout.strip().splitlines()[-1])
         rows.append({"impl": impl, "batch": b, **r})
-        print(f"{impl:9} {b:>5} {r['base_bytes'] / GIB:>9.2f} {r['peak_bytes'] / GIB:>9.2f} "
-              f"{r['above_bytes'] / GIB:>10.2f}")
+        print(
+            f"{impl:9} {b:>5} {r['base_bytes'] / GIB:>9.2f} {r['peak_bytes'] / GIB:>9.2f} "
+            f"{r['above_bytes'] / GIB:>10.2f}"
+        )
     print(json.dumps({"benchmark": "sampler_memory", "vocab": args.vocab, "canvas": args.canvas, "rows": rows}))
     return 0
 

@@ -37,8 +37,10 @@ from typing import Any
 
 import httpx
 
-WORDS = ("the quick brown fox jumps over lazy dog model user answer question name value city price count item "
-         "result status hello world diffusion block token canvas sample step number list object array").split()
+WORDS = (
+    "the quick brown fox jumps over lazy dog model user answer question name value city price count item "
+    "result status hello world diffusion block token canvas sample step number list object array"
+).split()
 
 
 def make_prompts(n: int, words: int, seed: int) -> list[str]:
@@ -92,16 +94,30 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict[str, Any])
         return {"error": error}
     n = (usage or {}).get("completion_tokens", 0)
     ttft = (chunk_times[0] - t0) if chunk_times else end - t0
-    return {"latency": end - t0, "ttft": ttft, "tokens": n,
-            "tpot": (end - t0 - ttft) / (n - 1) if n > 1 else None,
-            "itl": [b - a for a, b in zip(chunk_times, chunk_times[1:])],
-            "tokens_per_forward": (usage or {}).get("tokens_per_forward")}
+    return {
+        "latency": end - t0,
+        "ttft": ttft,
+        "tokens": n,
+        "tpot": (end - t0 - ttft) / (n - 1) if n > 1 else None,
+        "itl": [b - a for a, b in zip(chunk_times, chunk_times[1:])],
+        "tokens_per_forward": (usage or {}).get("tokens_per_forward"),
+    }
 
 
 async def run_level(url: str, model: str, mode: str, concurrency: int, prompts: list[str], args) -> dict[str, Any]:
-    bodies = [{"model": model, "prompt": p, "max_tokens": args.max_tokens, "seed": args.seed + i, "stream": True,
-               "stream_options": {"include_usage": True}, "mode": mode, "ignore_eos": args.ignore_eos}
-              for i, p in enumerate(prompts)]
+    bodies = [
+        {
+            "model": model,
+            "prompt": p,
+            "max_tokens": args.max_tokens,
+            "seed": args.seed + i,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "mode": mode,
+            "ignore_eos": args.ignore_eos,
+        }
+        for i, p in enumerate(prompts)
+    ]
     if args.max_denoising_steps is not None and mode == "diffusion":
         for b in bodies:
             b["max_denoising_steps"] = args.max_denoising_steps
@@ -109,6 +125,7 @@ async def run_level(url: str, model: str, mode: str, concurrency: int, prompts: 
     results: list[dict[str, Any]] = []
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=args.timeout, limits=limits) as client:
+
         async def worker() -> None:
             while todo:
                 results.append(await one_request(client, url, todo.pop()))
@@ -121,12 +138,18 @@ async def run_level(url: str, model: str, mode: str, concurrency: int, prompts: 
     ms = lambda xs: {k: v * 1000 for k, v in summary(xs).items()}  # noqa: E731
     tokens = sum(r["tokens"] for r in ok)
     return {
-        "mode": mode, "concurrency": concurrency, "requests": len(results), "errors": len(errors),
-        "first_error": errors[0] if errors else None, "wall_s": wall,
-        "request_throughput": len(ok) / wall, "output_throughput": tokens / wall,
+        "mode": mode,
+        "concurrency": concurrency,
+        "requests": len(results),
+        "errors": len(errors),
+        "first_error": errors[0] if errors else None,
+        "wall_s": wall,
+        "request_throughput": len(ok) / wall,
+        "output_throughput": tokens / wall,
         "completion_tokens": tokens,
-        "tokens_per_forward": statistics.fmean(tpf) if (tpf := [r["tokens_per_forward"] for r in ok
-                                                                if r["tokens_per_forward"]]) else None,
+        "tokens_per_forward": statistics.fmean(tpf)
+        if (tpf := [r["tokens_per_forward"] for r in ok if r["tokens_per_forward"]])
+        else None,
         "ttft_ms": ms([r["ttft"] for r in ok]),
         "tpot_ms": ms([r["tpot"] for r in ok if r["tpot"] is not None]),
         "itl_ms": ms([x for r in ok for x in r["itl"]]),
@@ -143,9 +166,22 @@ def free_port() -> int:
 def start_server(args) -> tuple[subprocess.Popen, str]:
     port = free_port()
     conc = max(int(c) for c in args.concurrency.split(","))
-    cmd = [sys.executable, "-m", "dgemma.server", "--model", args.model, "--port", str(port),
-           "--max-batch", str(args.max_batch), "--max-queue", str(max(64, 2 * conc)), "--log-level", "warning",
-           "--no-access-log"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dgemma.server",
+        "--model",
+        args.model,
+        "--port",
+        str(port),
+        "--max-batch",
+        str(args.max_batch),
+        "--max-queue",
+        str(max(64, 2 * conc)),
+        "--log-level",
+        "warning",
+        "--no-access-log",
+    ]
     if args.max_model_len:
         cmd += ["--max-model-len", str(args.max_model_len)]
     if args.dtype:
@@ -215,13 +251,17 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for mode in modes:
             if args.warmup:
-                asyncio.run(run_level(url, model, mode, 1, prompts[:args.warmup], args))
+                asyncio.run(run_level(url, model, mode, 1, prompts[: args.warmup], args))
             for c in levels:
                 res = asyncio.run(run_level(url, model, mode, c, prompts, args))
                 rows.append(res)
-                print(f"  {mode:9s} c={c:<3d} {res['request_throughput']:.2f} req/s "
-                      f"{res['output_throughput']:.1f} tok/s errors={res['errors']}"
-                      + (f" (first: {res['first_error']})" if res["errors"] else ""), file=sys.stderr, flush=True)
+                print(
+                    f"  {mode:9s} c={c:<3d} {res['request_throughput']:.2f} req/s "
+                    f"{res['output_throughput']:.1f} tok/s errors={res['errors']}"
+                    + (f" (first: {res['first_error']})" if res["errors"] else ""),
+                    file=sys.stderr,
+                    flush=True,
+                )
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
@@ -230,16 +270,20 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
 
-    head = (f"{'mode':9s} {'conc':>4s} {'req/s':>7s} {'tok/s':>8s} {'tok/fwd':>7s} | {'TTFT ms mean/p50/p99':>26s} | "
-            f"{'TPOT ms mean/p50/p99':>26s} | {'ITL ms mean/p50/p99':>26s} | {'E2E ms mean/p50/p99':>26s} | err")
+    head = (
+        f"{'mode':9s} {'conc':>4s} {'req/s':>7s} {'tok/s':>8s} {'tok/fwd':>7s} | {'TTFT ms mean/p50/p99':>26s} | "
+        f"{'TPOT ms mean/p50/p99':>26s} | {'ITL ms mean/p50/p99':>26s} | {'E2E ms mean/p50/p99':>26s} | err"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
         tpf = f"{r['tokens_per_forward']:7.2f}" if r["tokens_per_forward"] else f"{'-':>7s}"
-        print(f"{r['mode']:9s} {r['concurrency']:4d} {r['request_throughput']:7.2f} "
-              f"{r['output_throughput']:8.1f} {tpf} | "
-              f"{fmt(r['ttft_ms'])} | {fmt(r['tpot_ms'])} | {fmt(r['itl_ms'])} | {fmt(r['e2e_ms'])} | "
-              f"{r['errors']}")
+        print(
+            f"{r['mode']:9s} {r['concurrency']:4d} {r['request_throughput']:7.2f} "
+            f"{r['output_throughput']:8.1f} {tpf} | "
+            f"{fmt(r['ttft_ms'])} | {fmt(r['tpot_ms'])} | {fmt(r['itl_ms'])} | {fmt(r['e2e_ms'])} | "
+            f"{r['errors']}"
+        )
     config = {k: v for k, v in vars(args).items()}
     print(json.dumps({"benchmark": "serve", "url": url, "model": model, "config": config, "results": rows}))
     return 0 if all(r["errors"] == 0 for r in rows) else 1

@@ -25,14 +25,26 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age", "email", "tags", "address"],
-          "properties": {"name": {"type": "string", "maxLength": 24},
-                         "age": {"type": "integer", "minimum": 0, "maximum": 120},
-                         "email": {"type": "string", "pattern": "^[a-z]{1,12}@[a-z]{1,12}\\.com$"},
-                         "tags": {"type": "array", "items": {"enum": ["admin", "user", "guest"]}, "maxItems": 3},
-                         "address": {"type": "object", "additionalProperties": False, "required": ["city", "zip"],
-                                     "properties": {"city": {"type": "string", "maxLength": 20},
-                                                    "zip": {"type": "string", "pattern": "^[0-9]{5}$"}}}}}
+SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["name", "age", "email", "tags", "address"],
+    "properties": {
+        "name": {"type": "string", "maxLength": 24},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "email": {"type": "string", "pattern": "^[a-z]{1,12}@[a-z]{1,12}\\.com$"},
+        "tags": {"type": "array", "items": {"enum": ["admin", "user", "guest"]}, "maxItems": 3},
+        "address": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["city", "zip"],
+            "properties": {
+                "city": {"type": "string", "maxLength": 20},
+                "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
+            },
+        },
+    },
+}
 REGEX = r"[A-Z][a-z]{2,8} [0-9]{1,3} (street|road|avenue), [0-9]{5}"
 
 
@@ -56,12 +68,16 @@ def _record(rng) -> dict:
     names = ["ada", "bob", "carla", "dan", "eve", "frank", "grace", "heidi", "ivan", "judy"]
     cities = ["paris", "rome", "oslo", "lima", "cairo", "tokyo", "quito", "perth"]
     letters = "abcdefghijklmnopqrstuvwxyz"
-    return {"name": rng.choice(names).capitalize() + " " + rng.choice(names).capitalize(),
-            "age": rng.randint(0, 120),
-            "email": "".join(rng.choice(letters) for _ in range(rng.randint(3, 8))) + "@"
-                     + "".join(rng.choice(letters) for _ in range(rng.randint(3, 8))) + ".com",
-            "tags": rng.sample(["admin", "user", "guest"], rng.randint(0, 3)),
-            "address": {"city": rng.choice(cities).capitalize(), "zip": f"{rng.randint(0, 99999):05d}"}}
+    return {
+        "name": rng.choice(names).capitalize() + " " + rng.choice(names).capitalize(),
+        "age": rng.randint(0, 120),
+        "email": "".join(rng.choice(letters) for _ in range(rng.randint(3, 8)))
+        + "@"
+        + "".join(rng.choice(letters) for _ in range(rng.randint(3, 8)))
+        + ".com",
+        "tags": rng.sample(["admin", "user", "guest"], rng.randint(0, 3)),
+        "address": {"city": rng.choice(cities).capitalize(), "zip": f"{rng.randint(0, 99999):05d}"},
+    }
 
 
 def train_demo(path: Path, steps: int) -> Path:
@@ -75,10 +91,25 @@ def train_demo(path: Path, steps: int) -> Path:
     data = path.parent / "records.jsonl"
     with data.open("w") as f:
         for i in range(4000):
-            f.write(json.dumps({"prompt": f"Write record number {i} as JSON:",
-                                "completion": json.dumps(_record(rng), separators=(",", ":"))}) + "\n")
-    cfg = TrainConfig(steps=steps, batch_size=16, lr=2e-3, warmup_steps=min(50, steps // 5), prompt_loss=False,
-                      weight_decay=0.01, betas=(0.9, 0.99), log_every=max(1, steps // 10))
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": f"Write record number {i} as JSON:",
+                        "completion": json.dumps(_record(rng), separators=(",", ":")),
+                    }
+                )
+                + "\n"
+            )
+    cfg = TrainConfig(
+        steps=steps,
+        batch_size=16,
+        lr=2e-3,
+        warmup_steps=min(50, steps // 5),
+        prompt_loss=False,
+        weight_decay=0.01,
+        betas=(0.9, 0.99),
+        log_every=max(1, steps // 10),
+    )
     return run_training(path, data, path.parent / "trained", cfg, resume=False)
 
 
@@ -91,9 +122,13 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=256, help="(default: %(default)s)")
     ap.add_argument("--batch", type=int, default=4, help="engine batch size (default: %(default)s)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads")
-    ap.add_argument("--train-steps", type=int, default=0,
-                    help="first fine-tune the random model on JSON records for this many steps (dgemma train), "
-                         "to measure a model that knows the format as well (default: 0, random weights only)")
+    ap.add_argument(
+        "--train-steps",
+        type=int,
+        default=0,
+        help="first fine-tune the random model on JSON records for this many steps (dgemma train), "
+        "to measure a model that knows the format as well (default: 0, random weights only)",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -126,8 +161,9 @@ def main() -> None:
     llm.generate(prompts[:1], SamplingParams(max_new_tokens=8, seed=0, regex="[a-z]+"))  # warm-up, compile caches
     rows = []
     for mode, constraint, extra, check in runs:
-        params = [SamplingParams(max_new_tokens=args.max_tokens, seed=i, mode=mode, **extra)
-                  for i in range(len(prompts))]
+        params = [
+            SamplingParams(max_new_tokens=args.max_tokens, seed=i, mode=mode, **extra) for i in range(len(prompts))
+        ]
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params)
         wall = time.perf_counter() - t0
@@ -135,18 +171,31 @@ def main() -> None:
         fwd = sum(o.metrics.get("forwards", 0) for o in outs)
         valid = sum(check(o.outputs[0].text) for o in outs)
         stopped = sum(o.outputs[0].finish_reason == "stop" for o in outs)
-        rows.append({"mode": mode, "constraint": constraint, "requests": len(outs), "tokens": toks,
-                     "forwards": fwd, "tokens_per_forward": toks / max(fwd, 1), "tok_s": toks / wall,
-                     "wall_s": wall, "valid": valid, "finished_stop": stopped})
+        rows.append(
+            {
+                "mode": mode,
+                "constraint": constraint,
+                "requests": len(outs),
+                "tokens": toks,
+                "forwards": fwd,
+                "tokens_per_forward": toks / max(fwd, 1),
+                "tok_s": toks / wall,
+                "wall_s": wall,
+                "valid": valid,
+                "finished_stop": stopped,
+            }
+        )
     print(f"model: {path}  threads: {torch.get_num_threads()}  prompts: {len(prompts)}  batch: {args.batch}")
-    print(f"{'mode':<10}{'constraint':<13}{'tokens':>8}{'forwards':>10}{'tok/fwd':>9}{'tok/s':>9}{'valid':>8}"
-          f"{'stop':>6}")
+    print(
+        f"{'mode':<10}{'constraint':<13}{'tokens':>8}{'forwards':>10}{'tok/fwd':>9}{'tok/s':>9}{'valid':>8}{'stop':>6}"
+    )
     for r in rows:
         v = f"{r['valid']}/{r['requests']}"
-        print(f"{r['mode']:<10}{r['constraint']:<13}{r['tokens']:>8}{r['forwards']:>10}"
-              f"{r['tokens_per_forward']:>9.2f}{r['tok_s']:>9.1f}{v:>8}{r['finished_stop']:>6}")
-    print(json.dumps({"benchmark": "structured", "model": str(path), "train_steps": args.train_steps,
-                      "rows": rows}))
+        print(
+            f"{r['mode']:<10}{r['constraint']:<13}{r['tokens']:>8}{r['forwards']:>10}"
+            f"{r['tokens_per_forward']:>9.2f}{r['tok_s']:>9.1f}{v:>8}{r['finished_stop']:>6}"
+        )
+    print(json.dumps({"benchmark": "structured", "model": str(path), "train_steps": args.train_steps, "rows": rows}))
 
 
 if __name__ == "__main__":

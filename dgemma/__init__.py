@@ -8,5 +8,17 @@ from .params import SamplingParams
 from .llm import LLM, CompletionOutput, RequestOutput
 
 __version__ = "0.1.0"
-__all__ = ["ConfigError", "ModelConfig", "TextConfig", "DiffusionGemma", "KVCache", "CheckpointError",
-           "load_model", "save_model", "LLM", "SamplingParams", "CompletionOutput", "RequestOutput"]
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "TextConfig",
+    "DiffusionGemma",
+    "KVCache",
+    "CheckpointError",
+    "load_model",
+    "save_model",
+    "LLM",
+    "SamplingParams",
+    "CompletionOutput",
+    "RequestOutput",
+]

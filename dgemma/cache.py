@@ -30,6 +30,7 @@ class CanvasView:
     buffer entries (R, C) the canvas's own keys/values are written to before attending over the first `span`
     entries of the buffer in place (no copy of the cache per layer and step; the entries belong to the slots the
     canvas will occupy once committed, and the commit overwrites them)."""
+
     masks: dict[bool, torch.Tensor | None]
     slots: dict[bool, torch.Tensor] | None = None
     span: dict[bool, int] | None = None
@@ -49,8 +50,15 @@ class LayerKV:
 class KVCache:
     """Preallocated per-layer key/value buffers plus per-row lengths (see module docstring)."""
 
-    def __init__(self, config: TextConfig, batch_size: int, max_len: int, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", slack: int = 0):
+    def __init__(
+        self,
+        config: TextConfig,
+        batch_size: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        slack: int = 0,
+    ):
         if batch_size < 1 or max_len < 1:
             raise ValueError(f"cache needs batch_size >= 1 and max_len >= 1, got {batch_size}, {max_len}")
         self.config = config
@@ -60,14 +68,21 @@ class KVCache:
         ring = max(1, min(max_len, config.sliding_window - 1 + slack))
         self.layers: list[LayerKV] = []
         # Layers of the same kind share one `pos` table: they hold the same slots.
-        self.pos = {True: torch.full((batch_size, ring + 1), -1, dtype=torch.long, device=device),
-                    False: torch.full((batch_size, max_len + 1), -1, dtype=torch.long, device=device)}
+        self.pos = {
+            True: torch.full((batch_size, ring + 1), -1, dtype=torch.long, device=device),
+            False: torch.full((batch_size, max_len + 1), -1, dtype=torch.long, device=device),
+        }
         for i in range(config.num_hidden_layers):
             sliding = config.is_sliding(i)
             cap = ring if sliding else max_len
             shape = (batch_size, config.layer_kv_heads(i), cap + 1, config.layer_head_dim(i))
-            self.layers.append(LayerKV(torch.zeros(shape, dtype=dtype, device=device),
-                                       torch.zeros(shape, dtype=dtype, device=device), sliding))
+            self.layers.append(
+                LayerKV(
+                    torch.zeros(shape, dtype=dtype, device=device),
+                    torch.zeros(shape, dtype=dtype, device=device),
+                    sliding,
+                )
+            )
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.host_lengths = [0] * batch_size  # the same, on the host: spans are sized without a device sync
         self.version = 0  # bumped on every change of contents, so masks can be built once and reused
@@ -118,8 +133,9 @@ class KVCache:
         n = max(self.host_lengths)
         return min(self.pos[True].shape[1] - 1, n) if sliding else n
 
-    def kv(self, layer: int, rows: torch.Tensor | None = None,
-           span: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def kv(
+        self, layer: int, rows: torch.Tensor | None = None, span: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached keys/values (R, Hkv, used, D) of one layer for the given rows (the first `span` entries if given)."""
         L = self.layers[layer]
         used = self.used(L.sliding, rows) if span is None else span
@@ -128,8 +144,9 @@ class KVCache:
         return L.k[rows, :, :used], L.v[rows, :, :used]
 
     # -- masks -------------------------------------------------------------------------------------------------
-    def encoder_masks(self, positions: torch.Tensor, visible: torch.Tensor,
-                      rows: torch.Tensor | None = None) -> dict[bool, torch.Tensor | str]:
+    def encoder_masks(
+        self, positions: torch.Tensor, visible: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> dict[bool, torch.Tensor | str]:
         """Boolean masks (B, 1, T, used + T) for a causal pass of T new tokens at `positions` (B, T), or "causal"
         when a plain causal mask is exact.
 
@@ -154,8 +171,7 @@ class KVCache:
             masks[sliding] = "causal" if plain else m
         return masks
 
-    def decoder_masks(self, canvas_length: int, rows: torch.Tensor | None = None,
-                      in_place: bool = False) -> CanvasView:
+    def decoder_masks(self, canvas_length: int, rows: torch.Tensor | None = None, in_place: bool = False) -> CanvasView:
         """How a bidirectional canvas pass of `canvas_length` tokens reads the cache: the canvas sees itself and
         the cache; on sliding layers the last `window - 1` cached slots (as transformers' sliding cache keeps),
         whatever the canvas length. With `in_place` (when `fits_in_place`) the canvas keys/values go into their
@@ -199,8 +215,9 @@ class KVCache:
         return CanvasView(masks, slots, span)
 
     # -- writes ------------------------------------------------------------------------------------------------
-    def write_plan(self, positions: torch.Tensor, n_new: torch.Tensor,
-                   rows: torch.Tensor | None = None) -> dict[bool, torch.Tensor]:
+    def write_plan(
+        self, positions: torch.Tensor, n_new: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> dict[bool, torch.Tensor]:
         """Buffer entry index (R, T) for each new token per layer kind; tokens that must not land go to trash."""
         plan = {}
         end = self.rows_of(self.lengths, rows) + n_new  # (R,)
@@ -214,8 +231,14 @@ class KVCache:
             plan[sliding] = torch.where(ok, positions % cap, torch.full_like(positions, cap))
         return plan
 
-    def write_layer(self, layer: int, plan: dict[bool, torch.Tensor], k: torch.Tensor, v: torch.Tensor,
-                    rows: torch.Tensor | None = None) -> None:
+    def write_layer(
+        self,
+        layer: int,
+        plan: dict[bool, torch.Tensor],
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rows: torch.Tensor | None = None,
+    ) -> None:
         """Store new keys/values (R, Hkv, T, D) of one layer at the planned entries of the given rows."""
         L = self.layers[layer]
         idx = plan[L.sliding]  # (R, T)
@@ -228,8 +251,14 @@ class KVCache:
             L.k[r, :, idx] = k.transpose(1, 2).to(L.k.dtype)
             L.v[r, :, idx] = v.transpose(1, 2).to(L.v.dtype)
 
-    def commit(self, plan: dict[bool, torch.Tensor], positions: torch.Tensor, visible: torch.Tensor,
-               n_new: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+    def commit(
+        self,
+        plan: dict[bool, torch.Tensor],
+        positions: torch.Tensor,
+        visible: torch.Tensor,
+        n_new: torch.Tensor,
+        rows: torch.Tensor | None = None,
+    ) -> None:
         """After all layers are written: record which slot each entry holds and advance the lengths."""
         for sliding, idx in plan.items():
             cap = self.pos[sliding].shape[1] - 1

@@ -35,9 +35,18 @@ _ENC_SCALAR = re.compile(r"^layers\.(\d+)\.layer_scalar$")
 
 # A tiny vision config written when a checkpoint has none, so that transformers (which always builds a vision
 # tower) can load what we save without allocating a full-size one.
-TINY_VISION = {"model_type": "gemma4_vision", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-               "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 8, "patch_size": 4,
-               "position_embedding_size": 8, "pooling_kernel_size": 1}
+TINY_VISION = {
+    "model_type": "gemma4_vision",
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "patch_size": 4,
+    "position_embedding_size": 8,
+    "pooling_kernel_size": 1,
+}
 
 
 class CheckpointError(ValueError):
@@ -51,9 +60,9 @@ def hf_to_ours(key: str) -> str | None:
     if key == LM_HEAD:  # tied to the embeddings: checked against them, not stored
         return "embed_tokens.weight"
     if key.startswith(DECODER):
-        return key[len(DECODER):]
+        return key[len(DECODER) :]
     if key.startswith(ENCODER):
-        rest = key[len(ENCODER):]
+        rest = key[len(ENCODER) :]
         m = _ENC_SCALAR.match(rest)
         return f"layers.{m.group(1)}.encoder_layer_scalar" if m else rest
     raise CheckpointError(f"unexpected tensor {key!r}: not a DiffusionGemma text weight")
@@ -99,15 +108,16 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
                     # Encoder, decoder (and LM head) copies are tied: store once, refuse copies that differ.
                     if name in state:
                         if state[name].shape != t.shape or not torch.equal(state[name], t):
-                            raise CheckpointError(f"{f}: {key} differs from its tied copy; dgemma needs the encoder, "
-                                                  "decoder and LM head weights tied")
+                            raise CheckpointError(
+                                f"{f}: {key} differs from its tied copy; dgemma needs the encoder, "
+                                "decoder and LM head weights tied"
+                            )
                         continue
                     state[name] = t
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{f} is truncated or corrupt: {e}") from None
     if skipped:
-        warnings.warn(f"{path}: skipped {skipped} vision-tower tensors (dgemma runs the text model only)",
-                      stacklevel=3)
+        warnings.warn(f"{path}: skipped {skipped} vision-tower tensors (dgemma runs the text model only)", stacklevel=3)
     return state
 
 
@@ -135,8 +145,10 @@ def load_generation_config(path: str | Path) -> dict[str, Any]:
 
 
 # Models shipped inside the package, by name: `LLM(model="sudoku")` needs no download.
-BUNDLED_MODELS = {name: Path(__file__).resolve().parent / "models" / name
-                  for name in ("sudoku", "sudoku-ar", "code", "code-fim", "code-ar")}
+BUNDLED_MODELS = {
+    name: Path(__file__).resolve().parent / "models" / name
+    for name in ("sudoku", "sudoku-ar", "code", "code-fim", "code-ar")
+}
 
 
 def resolve_model_path(model: str | Path) -> Path:
@@ -150,8 +162,12 @@ def resolve_model_path(model: str | Path) -> Path:
     return path
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-               quantization: str | None = None) -> DiffusionGemma:
+def load_model(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    quantization: str | None = None,
+) -> DiffusionGemma:
     """Build the model described by `path/config.json` and fill it from the safetensors weights.
 
     `quantization="fp8"`: FP8 dense and expert weights (see `quant.py`), quantized at load from a bf16 checkpoint,
@@ -191,8 +207,10 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: tor
         for name, target in expected.items():
             t = state[name]
             if tuple(t.shape) != tuple(target.shape):
-                raise CheckpointError(f"{path}: tensor {ours_to_hf(name)} has shape {tuple(t.shape)} but config.json "
-                                      f"implies {tuple(target.shape)}")
+                raise CheckpointError(
+                    f"{path}: tensor {ours_to_hf(name)} has shape {tuple(t.shape)} but config.json "
+                    f"implies {tuple(target.shape)}"
+                )
             if not (t.is_floating_point()):
                 raise CheckpointError(f"{path}: tensor {ours_to_hf(name)} has non-float dtype {t.dtype}")
             target.copy_(t.to(target.dtype))
@@ -207,13 +225,20 @@ def _check_quantization(quantization: str | None, saved_fp8: bool, dtype: torch.
         raise CheckpointError(f"unknown quantization {quantization!r}; choose one of {', '.join(QUANTIZATIONS)}")
     quantization = "fp8" if saved_fp8 else quantization
     if quantization == "fp8" and dtype != torch.bfloat16:
-        raise CheckpointError(f"{path}: FP8 weights run with bfloat16 activations; load with dtype bfloat16, not "
-                              f"{str(dtype).replace('torch.', '')}")
+        raise CheckpointError(
+            f"{path}: FP8 weights run with bfloat16 activations; load with dtype bfloat16, not "
+            f"{str(dtype).replace('torch.', '')}"
+        )
     return quantization
 
 
-def save_model(model: DiffusionGemma, path: str | Path, generation_config: dict[str, Any] | None = None,
-               tokenizer_dir: str | Path | None = None, max_shard_bytes: int | None = None) -> Path:
+def save_model(
+    model: DiffusionGemma,
+    path: str | Path,
+    generation_config: dict[str, Any] | None = None,
+    tokenizer_dir: str | Path | None = None,
+    max_shard_bytes: int | None = None,
+) -> Path:
     """Write `model` as an HF-format checkpoint directory that both dgemma and transformers load."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -223,8 +248,11 @@ def save_model(model: DiffusionGemma, path: str | Path, generation_config: dict[
         cfg["vision_config"] = dict(TINY_VISION)
     cfg["dtype"] = str(model.dtype).replace("torch.", "")
     if getattr(model, "quantization", None) == "fp8":
-        cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
-                                      "weight_scale": "per output channel, float32"}
+        cfg["quantization_config"] = {
+            "quant_method": "fp8",
+            "activation_scheme": "dynamic",
+            "weight_scale": "per output channel, float32",
+        }
     (path / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     gen = dict(generation_config or {})
     text = model.config.text
@@ -262,5 +290,14 @@ def save_model(model: DiffusionGemma, path: str | Path, generation_config: dict[
     return path
 
 
-__all__ = ["CheckpointError", "ConfigError", "load_model", "save_model", "load_config", "load_generation_config",
-           "read_state", "hf_to_ours", "ours_to_hf"]
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "load_model",
+    "save_model",
+    "load_config",
+    "load_generation_config",
+    "read_state",
+    "hf_to_ours",
+    "ours_to_hf",
+]

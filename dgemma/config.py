@@ -92,27 +92,41 @@ class TextConfig:
 
     # -- validation ---------------------------------------------------------------------------------------------
     def validate(self) -> None:
+        """ConfigError naming the first invalid field. A flat sequence of independent per-field checks, long only
+        because the fields are many."""
+
         def need_int(name: str, minimum: int = 1) -> None:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
                 raise ConfigError(f"text_config.{name} must be an integer >= {minimum}, got {v!r}")
 
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "head_dim", "global_head_dim", "sliding_window",
-                     "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "global_head_dim",
+            "sliding_window",
+            "max_position_embeddings",
+        ):
             need_int(name)
         for name in ("num_experts", "top_k_experts", "moe_intermediate_size"):
             if getattr(self, name) is None:
                 raise ConfigError(f"text_config.{name} is missing: DiffusionGemma layers always have an MoE branch")
             need_int(name)
         if self.top_k_experts > self.num_experts:
-            raise ConfigError(f"text_config.top_k_experts ({self.top_k_experts}) exceeds num_experts "
-                              f"({self.num_experts})")
+            raise ConfigError(
+                f"text_config.top_k_experts ({self.top_k_experts}) exceeds num_experts ({self.num_experts})"
+            )
         if self.num_global_key_value_heads is not None:
             need_int("num_global_key_value_heads")
         if not isinstance(self.layer_types, list) or len(self.layer_types) != self.num_hidden_layers:
             raise ConfigError(
-                f"text_config.layer_types must list {self.num_hidden_layers} layer types, got {self.layer_types!r}")
+                f"text_config.layer_types must list {self.num_hidden_layers} layer types, got {self.layer_types!r}"
+            )
         bad = [t for t in self.layer_types if t not in ("sliding_attention", "full_attention")]
         if bad:
             raise ConfigError(f"text_config.layer_types has unknown layer type(s) {sorted(set(bad))}")
@@ -123,7 +137,8 @@ class TextConfig:
             if self.num_attention_heads % kv:
                 raise ConfigError(
                     f"text_config: layer {i} has {kv} kv heads, which does not divide num_attention_heads "
-                    f"({self.num_attention_heads})")
+                    f"({self.num_attention_heads})"
+                )
         if self.hidden_activation not in ACTIVATIONS:
             raise ConfigError(f"text_config.hidden_activation {self.hidden_activation!r} is not one of {ACTIVATIONS}")
         if not isinstance(self.rope_parameters, dict):
@@ -134,15 +149,18 @@ class TextConfig:
                 raise ConfigError(f"text_config.rope_parameters[{lt!r}] must be a mapping with rope_theta")
             if rp.get("rope_type", "default") not in ROPE_TYPES:
                 raise ConfigError(
-                    f"text_config.rope_parameters[{lt!r}].rope_type {rp.get('rope_type')!r} is not one of {ROPE_TYPES}")
+                    f"text_config.rope_parameters[{lt!r}].rope_type {rp.get('rope_type')!r} is not one of {ROPE_TYPES}"
+                )
         if self.use_bidirectional_attention == "all":
             raise ConfigError("text_config.use_bidirectional_attention='all' (a non-causal encoder) is not supported")
         if not isinstance(self.rms_norm_eps, (int, float)) or not self.rms_norm_eps > 0:
             raise ConfigError(f"text_config.rms_norm_eps must be a positive number, got {self.rms_norm_eps!r}")
         if self.final_logit_softcapping is not None and not (
-                isinstance(self.final_logit_softcapping, (int, float)) and self.final_logit_softcapping > 0):
-            raise ConfigError(f"text_config.final_logit_softcapping must be positive or null, "
-                              f"got {self.final_logit_softcapping!r}")
+            isinstance(self.final_logit_softcapping, (int, float)) and self.final_logit_softcapping > 0
+        ):
+            raise ConfigError(
+                f"text_config.final_logit_softcapping must be positive or null, got {self.final_logit_softcapping!r}"
+            )
         for name in ("pad_token_id", "bos_token_id"):
             v = getattr(self, name)
             if v is not None and not (isinstance(v, int) and 0 <= v < self.vocab_size):
@@ -160,8 +178,9 @@ class TextConfig:
         known = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in known}
         layer_types = kwargs.get("layer_types")
-        if layer_types is not None and (not isinstance(layer_types, list)
-                                        or not all(isinstance(t, str) for t in layer_types)):
+        if layer_types is not None and (
+            not isinstance(layer_types, list) or not all(isinstance(t, str) for t in layer_types)
+        ):
             raise ConfigError(f"text_config.layer_types must be a list of layer type names, got {layer_types!r}")
         n_layers = kwargs.get("num_hidden_layers", cls.num_hidden_layers)
         # HF serialises the full-layer overrides as `per_layer_config: {"<idx>": {"head_dim": .., ...}}`.
@@ -177,8 +196,9 @@ class TextConfig:
             if not isinstance(n_layers, int) or not 0 <= i < n_layers or not isinstance(over, dict):
                 raise ConfigError(f"text_config.per_layer_config[{idx!r}] is not a valid layer override")
             if layer_types is not None and i < len(layer_types) and layer_types[i] != "full_attention":
-                raise ConfigError(f"text_config.per_layer_config overrides sliding layer {i}; only full-attention "
-                                  "layers may differ")
+                raise ConfigError(
+                    f"text_config.per_layer_config overrides sliding layer {i}; only full-attention layers may differ"
+                )
             unknown = set(over) - {"head_dim", "num_key_value_heads"}
             if unknown:
                 raise ConfigError(f"text_config.per_layer_config[{idx!r}] has unsupported keys {sorted(unknown)}")
@@ -187,13 +207,17 @@ class TextConfig:
             if "num_key_value_heads" in over:
                 full_kv.add(over["num_key_value_heads"])
         if len(full_dims) > 1 or len(full_kv) > 1:
-            raise ConfigError("text_config.per_layer_config: all full-attention layers must share head_dim and "
-                              "num_key_value_heads")
+            raise ConfigError(
+                "text_config.per_layer_config: all full-attention layers must share head_dim and num_key_value_heads"
+            )
         if "per_layer_config" in d and "global_head_dim" not in kwargs:
             # Full layers without a head_dim override use the global head_dim (transformers omits equal values).
             base = kwargs.get("head_dim", cls.head_dim)
-            full = [i for i, t in enumerate(layer_types or [])
-                    if t == "full_attention" and isinstance(n_layers, int) and i < n_layers]
+            full = [
+                i
+                for i, t in enumerate(layer_types or [])
+                if t == "full_attention" and isinstance(n_layers, int) and i < n_layers
+            ]
             dims = {plc.get(str(i), plc.get(i, {})).get("head_dim", base) for i in full} or full_dims or {base}
             if len(dims) > 1:
                 raise ConfigError("text_config.per_layer_config: all full-attention layers must share head_dim")
@@ -268,13 +292,15 @@ class ModelConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         out = {k: copy.deepcopy(v) for k, v in self.extra.items() if k not in ("transformers_version", "dtype")}
-        out.update({
-            "architectures": ["DiffusionGemmaForBlockDiffusion"],
-            "model_type": "diffusion_gemma",
-            "text_config": self.text.to_hf_dict(),
-            "canvas_length": self.canvas_length,
-            "tie_word_embeddings": True,
-        })
+        out.update(
+            {
+                "architectures": ["DiffusionGemmaForBlockDiffusion"],
+                "model_type": "diffusion_gemma",
+                "text_config": self.text.to_hf_dict(),
+                "canvas_length": self.canvas_length,
+                "tie_word_embeddings": True,
+            }
+        )
         return out
 
     @classmethod
@@ -313,10 +339,22 @@ def token_ids(text: TextConfig, generation_config: dict[str, Any] | None = None)
 def tiny_config(**overrides: Any) -> ModelConfig:
     """A small random-weights config for tests, demos and benchmarks (text fields and `canvas_length`)."""
     canvas = overrides.pop("canvas_length", 16)
-    text = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=8, global_head_dim=16, num_global_key_value_heads=1,
-                sliding_window=8, num_experts=4, top_k_experts=2, moe_intermediate_size=16,
-                layer_types=["sliding_attention", "full_attention"])
+    text = dict(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        global_head_dim=16,
+        num_global_key_value_heads=1,
+        sliding_window=8,
+        num_experts=4,
+        top_k_experts=2,
+        moe_intermediate_size=16,
+        layer_types=["sliding_attention", "full_attention"],
+    )
     text.update(overrides)
     return ModelConfig(text=TextConfig(**text), canvas_length=canvas)
 
@@ -329,11 +367,23 @@ def sized_config(n_params: float, vocab_size: int = 32_768, canvas_length: int =
         for layers in range(2, 49):
             types = ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(layers)]
             types[-1] = "full_attention"
-            t = TextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
-                           num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
-                           head_dim=64, global_head_dim=128, num_global_key_value_heads=max(1, heads // 4),
-                           sliding_window=512, num_experts=8, top_k_experts=2, moe_intermediate_size=hidden // 2,
-                           layer_types=types, max_position_embeddings=131_072)
+            t = TextConfig(
+                vocab_size=vocab_size,
+                hidden_size=hidden,
+                intermediate_size=2 * hidden,
+                num_hidden_layers=layers,
+                num_attention_heads=heads,
+                num_key_value_heads=max(1, heads // 2),
+                head_dim=64,
+                global_head_dim=128,
+                num_global_key_value_heads=max(1, heads // 4),
+                sliding_window=512,
+                num_experts=8,
+                top_k_experts=2,
+                moe_intermediate_size=hidden // 2,
+                layer_types=types,
+                max_position_embeddings=131_072,
+            )
             err = abs(math.log(t.num_parameters() / n_params))
             if best is None or err < best[0]:
                 best = (err, t)

@@ -56,7 +56,7 @@ MAX_TOOL_GRAMMAR_BYTES = 1024 * 1024  # tool-call grammars are built here from c
 CLOSING_ALPHABET = '"]})0,:1a-.[{tfne'
 CLOSERS = '"]})'
 CLOSER_BONUS = math.log(8.0)
-SEPARATORS = ',:'  # end the current item (a number, a value) without opening anything
+SEPARATORS = ",:"  # end the current item (a number, a value) without opening anything
 SEPARATOR_BONUS = math.log(2.0)
 MAX_LOOKAHEAD = 48
 CLOSING_SLACK = 8  # spare tokens kept when a closing path is forced: one token can lengthen it by several
@@ -82,15 +82,24 @@ class Constraint:
     warnings: tuple[str, ...] = ()  # what the builder of `value` ignored (tool schemas' unenforced keywords)
 
     @staticmethod
-    def from_fields(json_schema: Any = None, regex: str | None = None, choice: list[str] | None = None,
-                    grammar: str | None = None, json_object: bool = False) -> "Constraint | None":
-        given = [(k, v) for k, v in (("json_schema", json_schema), ("regex", regex), ("choice", choice),
-                                     ("grammar", grammar)) if v is not None]
+    def from_fields(
+        json_schema: Any = None,
+        regex: str | None = None,
+        choice: list[str] | None = None,
+        grammar: str | None = None,
+        json_object: bool = False,
+    ) -> "Constraint | None":
+        given = [
+            (k, v)
+            for k, v in (("json_schema", json_schema), ("regex", regex), ("choice", choice), ("grammar", grammar))
+            if v is not None
+        ]
         if json_object:
             given.append(("json_object", None))
         if len(given) > 1:
-            raise ConstraintError(f"give at most one of json_schema, regex, choice, grammar (got "
-                                  f"{', '.join(k for k, _ in given)})")
+            raise ConstraintError(
+                f"give at most one of json_schema, regex, choice, grammar (got {', '.join(k for k, _ in given)})"
+            )
         return Constraint(*given[0]) if given else None
 
 
@@ -108,8 +117,9 @@ def _check_schema(schema: Any) -> None:
         if isinstance(node, dict):
             for key in ("enum",):
                 if isinstance(node.get(key), list) and len(node[key]) > MAX_ENUM:
-                    raise ConstraintError(f"json_schema has an enum of {len(node[key])} values; the limit is "
-                                          f"{MAX_ENUM}")
+                    raise ConstraintError(
+                        f"json_schema has an enum of {len(node[key])} values; the limit is {MAX_ENUM}"
+                    )
             pattern = node.get("pattern")
             if isinstance(pattern, str) and len(pattern) > MAX_REGEX_CHARS:
                 raise ConstraintError(f"a pattern has {len(pattern)} characters; the limit is {MAX_REGEX_CHARS}")
@@ -164,7 +174,8 @@ def _choice_grammar(choice: Any) -> str:
     if len(choice) > MAX_CHOICES or sum(len(s) for s in choice) > MAX_SPEC_BYTES:
         raise ConstraintError(f"choice is too large (at most {MAX_CHOICES} options, {MAX_SPEC_BYTES} bytes)")
     return llguidance.LLMatcher.grammar_from_lark(
-        "start: " + " | ".join(_lark_string(s) for s in dict.fromkeys(choice)) + "\n")
+        "start: " + " | ".join(_lark_string(s) for s in dict.fromkeys(choice)) + "\n"
+    )
 
 
 def _lark_grammar(text: Any) -> str:
@@ -188,15 +199,21 @@ def _tool_calls_grammar(text: Any) -> str:
     import llguidance
 
     if not isinstance(text, str) or len(text) > MAX_TOOL_GRAMMAR_BYTES:
-        raise ConstraintError(f"the tools' grammar is larger than {MAX_TOOL_GRAMMAR_BYTES} bytes: declare fewer "
-                              "or smaller tools")
+        raise ConstraintError(
+            f"the tools' grammar is larger than {MAX_TOOL_GRAMMAR_BYTES} bytes: declare fewer or smaller tools"
+        )
     return llguidance.LLMatcher.grammar_from_lark(text)
 
 
 # Each kind's grammar builder: the constraint's value -> the llguidance grammar, ConstraintError when malformed.
-GRAMMARS: dict[str, Callable[[Any], str]] = {"json_schema": _json_schema_grammar, "json_object": _json_object_grammar,
-                                             "regex": _regex_grammar, "choice": _choice_grammar,
-                                             "grammar": _lark_grammar, "tool_calls": _tool_calls_grammar}
+GRAMMARS: dict[str, Callable[[Any], str]] = {
+    "json_schema": _json_schema_grammar,
+    "json_object": _json_object_grammar,
+    "regex": _regex_grammar,
+    "choice": _choice_grammar,
+    "grammar": _lark_grammar,
+    "tool_calls": _tool_calls_grammar,
+}
 
 
 def to_grammar(c: Constraint) -> str:
@@ -227,18 +244,24 @@ class GuideFactory:
             try:
                 import llguidance
             except ImportError:
-                raise ConstraintError("structured output needs the llguidance package (pip install llguidance)") \
-                    from None
+                raise ConstraintError(
+                    "structured output needs the llguidance package (pip install llguidance)"
+                ) from None
             if not self.eos:
                 raise ConstraintError("structured output needs an EOS token")
             try:
                 tok = llguidance.LLTokenizer(self._json, n_vocab=self.vocab_size, eos_token=self.eos)
             except (ValueError, RuntimeError) as e:  # e.g. a word-level tokenizer: no byte-level decoding
                 raise ConstraintError(f"this model's tokenizer does not support structured output ({e})") from None
-            self.limits = llguidance.LLParserLimits(max_items_in_row=2000, initial_lexer_fuel=1_000_000,
-                                                    step_lexer_fuel=200_000, step_max_items=50_000,
-                                                    max_lexer_states=100_000, max_grammar_size=200_000,
-                                                    verbose_errors=False)
+            self.limits = llguidance.LLParserLimits(
+                max_items_in_row=2000,
+                initial_lexer_fuel=1_000_000,
+                step_lexer_fuel=200_000,
+                step_max_items=50_000,
+                max_lexer_states=100_000,
+                max_grammar_size=200_000,
+                verbose_errors=False,
+            )
             # Single-token ids of printable ASCII characters, the closing alphabet first.
             chars = CLOSING_ALPHABET + "".join(chr(b) for b in range(32, 127) if chr(b) not in CLOSING_ALPHABET)
             for ch in chars:
@@ -455,7 +478,7 @@ class ConstraintState:
                 self.out_of_budget = True
                 break
             if g.finished:  # complete: the rest of the canvas is EOS, which ends the request
-                self.fixed[self.frontier:] = min(self.eos)
+                self.fixed[self.frontier :] = min(self.eos)
                 self.frontier = C
                 break
             forced = self._next_forced(left)
@@ -501,8 +524,11 @@ class ConstraintState:
         within twice the last path's length, and every 8 tokens); once it only just fits, it is forced."""
         if not self.pending and left <= self._closing_margin() and self.guide.m.is_accepting():
             return [min(self.eos)]  # it may end here: do not start what the budget may not finish
-        if not self.pending and left <= self._closing_margin() and (
-                self.closing_len is None or left <= 2 * self.closing_len + 8 or left % 8 == 0):
+        if (
+            not self.pending
+            and left <= self._closing_margin()
+            and (self.closing_len is None or left <= 2 * self.closing_len + 8 or left % 8 == 0)
+        ):
             path = self.guide.closing_path(left)
             if path is not None and len(path) + CLOSING_SLACK >= left:
                 self.pending = path

@@ -24,12 +24,25 @@ from dataclasses import dataclass
 
 import torch
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 # oneDNN ISA limits (ONEDNN_MAX_CPU_ISA) that still include AMX, and those that include at least AVX512-BF16; any
 # other limit (SSE41, AVX, AVX2, AVX2_VNNI, AVX2_VNNI_2, AVX512_CORE, AVX512_CORE_VNNI, ...) means emulated bf16.
-ONEDNN_AMX_ISAS = ("ALL", "DEFAULT", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX",
-                   "AVX10_1_512_AMX_FP16", "AVX10_2_512_AMX_2")
+ONEDNN_AMX_ISAS = (
+    "ALL",
+    "DEFAULT",
+    "AVX512_CORE_AMX",
+    "AVX512_CORE_AMX_FP16",
+    "AVX10_1_512_AMX",
+    "AVX10_1_512_AMX_FP16",
+    "AVX10_2_512_AMX_2",
+)
 ONEDNN_BF16_ISAS = (*ONEDNN_AMX_ISAS, "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512", "AVX10_2_512")
 
 
@@ -59,9 +72,10 @@ def is_auto(value: object) -> bool:
     return value is None or value == "auto"
 
 
-def resolve_device(device: str | torch.device | None = "auto", local_rank: int | None = None,
-                   what: str = "device") -> torch.device:
-    """"auto" (or None): CUDA when available (device `local_rank` if given, else the current one), else the CPU.
+def resolve_device(
+    device: str | torch.device | None = "auto", local_rank: int | None = None, what: str = "device"
+) -> torch.device:
+    """ "auto" (or None): CUDA when available (device `local_rank` if given, else the current one), else the CPU.
     Anything else is parsed by torch; ValueError for a bad name or CUDA on a machine without it (the message
     calls the value `what`, e.g. "--device")."""
     if is_auto(device):
@@ -146,8 +160,9 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None
     return resolve(device, dtype).dtype
 
 
-def resolve(device: str | torch.device | None = "auto", dtype: str | torch.dtype = "auto",
-            quantization: str | None = None) -> Placement:
+def resolve(
+    device: str | torch.device | None = "auto", dtype: str | torch.dtype = "auto", quantization: str | None = None
+) -> Placement:
     """Both choices at once, for inference; ValueError (one line) for a bad device or dtype. With a `quantization`
     (FP8 weights, bf16 activations) "auto" is bfloat16."""
     dev = resolve_device(device)

@@ -52,14 +52,24 @@ def check_context(prompt_len: int, params: SamplingParams, limit: int, canvas: i
         need = prompt_len + (-(-params.max_new_tokens // canvas) - 1) * canvas
     if need > limit:
         whole = "" if params.mode == "ar" else f"; diffusion generates whole canvases of {canvas}"
-        raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the context "
-                         f"length ({limit} tokens{whole})")
+        raise ValueError(
+            f"prompt ({prompt_len} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the context "
+            f"length ({limit} tokens{whole})"
+        )
 
 
-def denoise_step(model: DiffusionGemma, cache: KVCache, canvas: torch.Tensor, soft: torch.Tensor | None,
-                 uniforms: torch.Tensor, temperature: torch.Tensor, bound: torch.Tensor,
-                 masks: CanvasView, rows: torch.Tensor | None = None,
-                 accept: Callable = entropy_bound_accept) -> tuple[StepOut, torch.Tensor]:
+def denoise_step(
+    model: DiffusionGemma,
+    cache: KVCache,
+    canvas: torch.Tensor,
+    soft: torch.Tensor | None,
+    uniforms: torch.Tensor,
+    temperature: torch.Tensor,
+    bound: torch.Tensor,
+    masks: CanvasView,
+    rows: torch.Tensor | None = None,
+    accept: Callable = entropy_bound_accept,
+) -> tuple[StepOut, torch.Tensor]:
     """One whole denoising step of unconstrained rows, with no host synchronisation and no data-dependent shape, so
     a CUDA graph or `torch.compile(fullgraph=True)` can capture it: decoder pass, LM head, sampling at every position
     from the drawn `uniforms` (R, 2C), and the next self-conditioning input (R, C, hidden). `masks` from
@@ -67,8 +77,9 @@ def denoise_step(model: DiffusionGemma, cache: KVCache, canvas: torch.Tensor, so
     future cache slots, so no per-layer copy of the cache). The engine's `_denoise` does this work tile by tile, with
     constraints, on the accepted-only sampling path (the same tokens)."""
     hidden = model.denoise(canvas, cache, soft=soft, rows=rows, masks=masks, hidden_only=True)
-    out = sample_step(model.logits(hidden), canvas, temperature, bound, accept, uniforms, model.config.vocab_size,
-                      all_positions=True)
+    out = sample_step(
+        model.logits(hidden), canvas, temperature, bound, accept, uniforms, model.config.vocab_size, all_positions=True
+    )
     return out, model.soft_embedding(out.probs)
 
 
@@ -155,14 +166,18 @@ class _StopRules:
     def rule(self, name: str) -> Any:
         if name not in self._rules:
             n = self.rows
-            self._rules[name] = STOPPING[name](n, self.canvas, torch.ones(n, dtype=torch.long), torch.zeros(n),
-                                               self.device)
+            self._rules[name] = STOPPING[name](
+                n, self.canvas, torch.ones(n, dtype=torch.long), torch.zeros(n), self.device
+            )
         return self._rules[name]
 
     def reset(self, r: _Req) -> None:
         """A new canvas on the request's row, under its rule and thresholds."""
-        self.rule(r.diffusion.stopping).reset(torch.tensor([r.row], device=self.device), r.params.stability_threshold,
-                                              float(r.params.confidence_threshold))
+        self.rule(r.diffusion.stopping).reset(
+            torch.tensor([r.row], device=self.device),
+            r.params.stability_threshold,
+            float(r.params.confidence_threshold),
+        )
 
     def converged(self, reqs: list[_Req], out: StepOut) -> torch.Tensor:
         """Which rows' canvases their rules call converged after a step (R,) on the host: one call per rule."""
@@ -194,15 +209,22 @@ def _tiles(reqs: list[_Req], tile: int) -> Iterator[tuple[str, list[int]]]:
     for rule in sorted({r.params.acceptance for r in reqs}):
         idx = [i for i, r in enumerate(reqs) if r.params.acceptance == rule]
         for start in range(0, len(idx), tile):
-            yield rule, idx[start:start + tile]
+            yield rule, idx[start : start + tile]
 
 
 class Engine:
     """Continuous-batching generation over one `DiffusionGemma` model and one preallocated `KVCache`."""
 
-    def __init__(self, model: DiffusionGemma, generation_config: dict[str, Any] | None = None, max_batch: int = 8,
-                 max_model_len: int | None = None, prefill_chunk: int = 1024, guides: Any = None,
-                 sampler_memory: int = SAMPLER_MEMORY):
+    def __init__(
+        self,
+        model: DiffusionGemma,
+        generation_config: dict[str, Any] | None = None,
+        max_batch: int = 8,
+        max_model_len: int | None = None,
+        prefill_chunk: int = 1024,
+        guides: Any = None,
+        sampler_memory: int = SAMPLER_MEMORY,
+    ):
         """`guides`: a `constraints.GuideFactory` for this model's tokenizer (structured output needs one).
         `sampler_memory`: bytes for the sampler's (rows, canvas, vocab) buffers; rows are sampled in tiles that fit,
         so memory does not grow with the batch (one row at least)."""
@@ -243,22 +265,34 @@ class Engine:
             with torch.no_grad():  # the choice may depend on how many canvas tokens a step carries
                 one, full = (expert_kernel(w, tokens=n * C, top_k=k) for n in (1, self.max_batch))
             kernel = one if one == full else f"{one} (1 row), {full} ({self.max_batch} rows)"
-        gib = self.tile * self.sampler_row_bytes / 2 ** 30
-        return (f"kernels: experts {kernel}; attention SDPA, canvas GQA folded into queries, canvas K/V in its cache "
-                f"slots; sampler {self.tile} row(s) per tile ({gib:.2f} GiB of (rows, canvas, vocab) buffers); "
-                f"steps eager")
+        gib = self.tile * self.sampler_row_bytes / 2**30
+        return (
+            f"kernels: experts {kernel}; attention SDPA, canvas GQA folded into queries, canvas K/V in its cache "
+            f"slots; sampler {self.tile} row(s) per tile ({gib:.2f} GiB of (rows, canvas, vocab) buffers); "
+            f"steps eager"
+        )
 
     # -- requests ---------------------------------------------------------------------------------------------
-    def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None, request_id: str | None = None,
-                    stream_drafts: bool = False) -> str:
+    def add_request(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        stream_drafts: bool = False,
+    ) -> str:
         """Queue a request; raises ValueError for a bad prompt or parameters (the engine state is unchanged).
         `params.n` must be 1 here: several samples of one prompt are `add_samples`."""
         if params is not None and params.n != 1:
             raise ValueError("n > 1: use add_samples, which returns one request id per sample")
         return self.add_samples(prompt_ids, params, None if request_id is None else [request_id], stream_drafts)[0]
 
-    def add_samples(self, prompt_ids: list[int], params: SamplingParams | None = None,
-                    request_ids: list[str] | None = None, stream_drafts: bool = False) -> list[str]:
+    def add_samples(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams | None = None,
+        request_ids: list[str] | None = None,
+        stream_drafts: bool = False,
+    ) -> list[str]:
         """Queue `params.n` samples of one prompt (ids `request_ids`, default generated); they share the prompt's
         prefill (it runs once; its cache row is copied) and are admitted together. Sample i draws from the seed
         `params.seed + i` when a seed is given. Raises ValueError as `add_request` does."""
@@ -290,10 +324,17 @@ class Engine:
             self.guides.compile(constraint)
         return constraint
 
-    def _new_req(self, prompt: list[int], params: SamplingParams, rid: str, sample: int,
-                 constraint: Constraint | None, stream_drafts: bool) -> _Req:
+    def _new_req(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        rid: str,
+        sample: int,
+        constraint: Constraint | None,
+        stream_drafts: bool,
+    ) -> _Req:
         g = torch.Generator(device=self.model.device)
-        seed = (params.seed + sample) % 2 ** 63 if params.seed is not None else int(torch.randint(0, 2 ** 62, (1,)))
+        seed = (params.seed + sample) % 2**63 if params.seed is not None else int(torch.randint(0, 2**62, (1,)))
         g.manual_seed(seed)
         req = _Req(rid, prompt, params, g, time.perf_counter())
         if params.mode == "ar":
@@ -312,10 +353,11 @@ class Engine:
         dev, tmpl, suffix = self.model.device, None, None
         if params.template is not None:
             if len(params.template) > self.canvas_length:
-                raise ValueError(f"invalid template: {len(params.template)} positions, the canvas has "
-                                 f"{self.canvas_length}")
+                raise ValueError(
+                    f"invalid template: {len(params.template)} positions, the canvas has {self.canvas_length}"
+                )
             tmpl = torch.full((self.canvas_length,), -1, dtype=torch.long, device=dev)
-            tmpl[:len(params.template)] = torch.tensor(params.template, dtype=torch.long)
+            tmpl[: len(params.template)] = torch.tensor(params.template, dtype=torch.long)
         if params.suffix_token_ids is not None:  # may be longer than a canvas: the part that fits is visible
             suffix = torch.tensor(params.suffix_token_ids, dtype=torch.long, device=dev)
         return _Diffusion(tmpl, suffix, want_drafts)
@@ -337,8 +379,9 @@ class Engine:
                 return True
         return False
 
-    def finish_request(self, request_id: str, reason: FinishReason = "stop",
-                       completion_tokens: int | None = None) -> Event | None:
+    def finish_request(
+        self, request_id: str, reason: FinishReason = "stop", completion_tokens: int | None = None
+    ) -> Event | None:
         """End a running request now (e.g. a stop string matched); returns its 'finished' event with metrics."""
         for r in self.rows:
             if r is not None and r.id == request_id:
@@ -428,12 +471,12 @@ class Engine:
         reqs = [r for r in self.rows if r is not None and r.state == "prefill"]
         if not reqs:
             return
-        chunks = [r.prompt[r.prefilled:r.prefilled + self.prefill_chunk] for r in reqs]
+        chunks = [r.prompt[r.prefilled : r.prefilled + self.prefill_chunk] for r in reqs]
         T = max(len(c) for c in chunks)
         dev = self.model.device
         tokens = torch.zeros(len(reqs), T, dtype=torch.long, device=dev)
         for i, c in enumerate(chunks):
-            tokens[i, :len(c)] = torch.tensor(c, dtype=torch.long)
+            tokens[i, : len(c)] = torch.tensor(c, dtype=torch.long)
         n_new = torch.tensor([len(c) for c in chunks], dtype=torch.long, device=dev)
         rows = torch.tensor([r.row for r in reqs], dtype=torch.long, device=dev)
         need_logits = any(r.params.mode == "ar" and r.prefilled + len(c) == len(r.prompt) for r, c in zip(reqs, chunks))
@@ -449,7 +492,7 @@ class Engine:
             for x in self._share_prefill(r):
                 if x.params.mode == "ar":
                     x.state = "ar"
-                    self._ar_emit(x, logits[i:i + 1], events)
+                    self._ar_emit(x, logits[i : i + 1], events)
                 else:
                     self._new_canvas(x)
 
@@ -520,10 +563,18 @@ class Engine:
         """The decoder pass over the batch's canvases: `batch.hidden` (R, C, hidden)."""
         key = (tuple(r.row for r in batch.reqs), self.cache.version)
         if key != self._mask_key:  # masks change only when rows join/leave or the cache grows
-            self._mask_key, self._masks = key, self.cache.decoder_masks(self.canvas_length, batch.rows_arg,
-                                                                           in_place=True)
-        batch.hidden = self.model.denoise(batch.canvas, self.cache, soft=self._soft_input(batch.reqs, batch.rows_arg),
-                                          rows=batch.rows_arg, masks=self._masks, hidden_only=True)
+            self._mask_key, self._masks = (
+                key,
+                self.cache.decoder_masks(self.canvas_length, batch.rows_arg, in_place=True),
+            )
+        batch.hidden = self.model.denoise(
+            batch.canvas,
+            self.cache,
+            soft=self._soft_input(batch.reqs, batch.rows_arg),
+            rows=batch.rows_arg,
+            masks=self._masks,
+            hidden_only=True,
+        )
         self.stats["decoder_passes"] += 1
 
     def _sample(self, batch: _Batch, rule: str, idx: list[int]) -> StepOut:
@@ -536,8 +587,17 @@ class Engine:
         logits = self._head(pick(batch.hidden))
         fixed = self._fixed_positions(tile, logits, temp, bound)
         u = draw_uniforms([r.generator for r in tile], self.canvas_length, dev)
-        out = sample_step(logits, pick(batch.canvas), temp, bound, ACCEPTANCE[rule], u, self.vocab_size, fixed,
-                          probs_out=self._tile_buffer("probs", len(idx), torch.float32))
+        out = sample_step(
+            logits,
+            pick(batch.canvas),
+            temp,
+            bound,
+            ACCEPTANCE[rule],
+            u,
+            self.vocab_size,
+            fixed,
+            probs_out=self._tile_buffer("probs", len(idx), torch.float32),
+        )
         soft = self._buffer("soft", (self.max_batch, *batch.hidden.shape[1:]), self.model.dtype, zero=True)
         soft[pick(batch.rows)] = self.model.soft_embedding(out.probs)
         return out
@@ -561,8 +621,9 @@ class Engine:
         rows on the first step of a canvas; None when no row has a previous step."""
         if not any(r.diffusion.has_sc for r in reqs):
             return None
-        soft = self._buffer("soft", (self.max_batch, self.canvas_length, self.config.text.hidden_size),
-                            self.model.dtype, zero=True)
+        soft = self._buffer(
+            "soft", (self.max_batch, self.canvas_length, self.config.text.hidden_size), self.model.dtype, zero=True
+        )
         for r in reqs:
             if not r.diffusion.has_sc:  # a zero soft embedding is a zero signal
                 soft[r.row].zero_()
@@ -571,11 +632,15 @@ class Engine:
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head over a tile's hidden states (T, C, hidden) -> float32 logits (T, C, V) in a reused buffer."""
         T, lowp = hidden.shape[0], self.model.dtype != torch.float32
-        return self.model.logits(hidden, out=self._tile_buffer("logits", T, torch.float32),
-                                 scratch=self._tile_buffer("logits_lowp", T, self.model.dtype) if lowp else None)
+        return self.model.logits(
+            hidden,
+            out=self._tile_buffer("logits", T, torch.float32),
+            scratch=self._tile_buffer("logits_lowp", T, self.model.dtype) if lowp else None,
+        )
 
-    def _fixed_positions(self, tile: list[_Req], logits: torch.Tensor, temp: torch.Tensor,
-                         bound: torch.Tensor) -> torch.Tensor | None:
+    def _fixed_positions(
+        self, tile: list[_Req], logits: torch.Tensor, temp: torch.Tensor, bound: torch.Tensor
+    ) -> torch.Tensor | None:
         """Fixed positions (T, C) of a tile (-1 free), after extending each constrained row's validated frontier
         from its logits (before the sampler consumes them); None when no row has any."""
         for i, r in enumerate(tile):
@@ -631,7 +696,7 @@ class Engine:
         toks = argmax.tolist()
         trigger = toks.index(r.lazy.trigger) if r.lazy is not None and r.lazy.trigger in toks else None
         if trigger is not None:
-            toks = toks[:trigger + 1]
+            toks = toks[: trigger + 1]
         stop_ids = set(r.params.stop_token_ids) | (set() if r.params.ignore_eos else self.eos)
         budget = r.params.max_new_tokens - len(r.output)
         reason: FinishReason | None = None
@@ -649,7 +714,7 @@ class Engine:
         elif len(r.prompt) + len(r.output) + 2 * self.canvas_length > self.max_model_len + self.canvas_length:
             reason = "length"  # no room to encode this canvas and denoise another
         k = r.params.logprobs
-        self._emit(r, toks, events, None if k is None else from_logits(probs[:len(toks)].log(), toks, k))
+        self._emit(r, toks, events, None if k is None else from_logits(probs[: len(toks)].log(), toks, k))
         if reason is not None:
             self._finish(r, reason, events)
             return 0
@@ -662,8 +727,7 @@ class Engine:
         c, r.lazy = r.lazy, None
         r.constraint = ConstraintState(self.guides.guide(c), r.params.max_new_tokens, self.eos, r.generator)
 
-    def _emit(self, r: _Req, toks: list[int], events: list[Event],
-              logprobs: list[TokenLogprob] | None = None) -> None:
+    def _emit(self, r: _Req, toks: list[int], events: list[Event], logprobs: list[TokenLogprob] | None = None) -> None:
         if r.t_first is None:
             r.t_first = time.perf_counter()
         r.output.extend(toks)
@@ -674,20 +738,28 @@ class Engine:
         now = time.perf_counter()
         passes, canvases = (r.diffusion.passes, r.diffusion.canvases) if r.diffusion is not None else (0, 0)
         forwards = r.ar.steps if r.ar is not None else passes
-        events.append(Event(r.id, "finished", [], reason, {
-            "prompt_tokens": len(r.prompt),
-            "completion_tokens": len(r.output),
-            "decoder_passes": passes,
-            "canvases": canvases,
-            "denoising_steps": passes,
-            "steps_per_canvas": passes / canvases if canvases else 0.0,
-            "forwards": forwards,
-            "tokens_per_forward": len(r.output) / forwards if forwards else 0.0,
-            "ttft_s": (r.t_first or now) - r.t_arrival,
-            "latency_s": now - r.t_arrival,
-            "mode": r.params.mode,
-            **({"error": r.error} if r.error else {}),
-        }))
+        events.append(
+            Event(
+                r.id,
+                "finished",
+                [],
+                reason,
+                {
+                    "prompt_tokens": len(r.prompt),
+                    "completion_tokens": len(r.output),
+                    "decoder_passes": passes,
+                    "canvases": canvases,
+                    "denoising_steps": passes,
+                    "steps_per_canvas": passes / canvases if canvases else 0.0,
+                    "forwards": forwards,
+                    "tokens_per_forward": len(r.output) / forwards if forwards else 0.0,
+                    "ttft_s": (r.t_first or now) - r.t_arrival,
+                    "latency_s": now - r.t_arrival,
+                    "mode": r.params.mode,
+                    **({"error": r.error} if r.error else {}),
+                },
+            )
+        )
         self._release(r)
 
     # -- autoregressive baseline -----------------------------------------------------------------------------------
@@ -702,7 +774,7 @@ class Engine:
         self.stats["encoder_passes"] += 1
         for i, r in enumerate(reqs):
             self.row_tokens[r.row].append(r.ar.next_token)
-            self._ar_emit(r, logits[i:i + 1], events)
+            self._ar_emit(r, logits[i : i + 1], events)
 
     def _ar_emit(self, r: _Req, logits: torch.Tensor, events: list[Event]) -> None:
         """Pick the next token from next-token logits (1, V); emit it or finish."""

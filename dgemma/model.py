@@ -116,8 +116,9 @@ class Attention(nn.Module):
     # Reference mode (`DiffusionGemma.reference_kernels`) keeps transformers' kernel choices, bit for bit.
     exact = False
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               mask: torch.Tensor | str | None) -> torch.Tensor:
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | str | None
+    ) -> torch.Tensor:
         """Scaled dot-product attention with scaling 1.0 (q/k are RMS-normed); returns (B, T, hidden).
 
         `mask`: a boolean (B, 1, T|1, K) mask, "causal", or None (all visible).
@@ -129,8 +130,9 @@ class Attention(nn.Module):
             # query length (exact) and a fused kernel runs without copying K/V per head, at any head_dim.
             o = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, rep * T, D), k, v, attn_mask=mask, scale=1.0)
         elif mask is None or isinstance(mask, str):
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=mask == "causal" and T > 1, scale=1.0,
-                                               enable_gqa=rep > 1)
+            o = F.scaled_dot_product_attention(
+                q, k, v, is_causal=mask == "causal" and T > 1, scale=1.0, enable_gqa=rep > 1
+            )
         else:
             if rep > 1:  # the reference's layout: K/V repeated per query head
                 k = k[:, :, None].expand(-1, -1, rep, -1, -1).reshape(B, H, k.shape[2], D)
@@ -170,7 +172,7 @@ class Router(nn.Module):
         self.proj = nn.Linear(text.hidden_size, text.num_experts, bias=False)
         self.scale = nn.Parameter(torch.ones(text.hidden_size))
         self.per_expert_scale = nn.Parameter(torch.ones(text.num_experts))
-        self.root = text.hidden_size ** -0.5
+        self.root = text.hidden_size**-0.5
 
     def forward(self, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """normed = self.norm(x) (N, hidden) -> top-k weights (N, K) float32 (renormalised, per-expert scaled),
@@ -204,16 +206,29 @@ class Experts(nn.Module):
         if kernel == "dense":
             return dense_mixture(x, weights, idx, self.gate_up_proj, self.down_proj, self.act)
         mm = EXPERT_KERNELS[kernel]
-        return mixture(x, weights, idx, self.gate_up_proj.shape[0], self.act,
-                       lambda h, offs: mm(h, self.gate_up_proj.transpose(-2, -1), offs),
-                       lambda h, offs: mm(h, self.down_proj.transpose(-2, -1), offs))
+        return mixture(
+            x,
+            weights,
+            idx,
+            self.gate_up_proj.shape[0],
+            self.act,
+            lambda h, offs: mm(h, self.gate_up_proj.transpose(-2, -1), offs),
+            lambda h, offs: mm(h, self.down_proj.transpose(-2, -1), offs),
+        )
 
 
 GroupedMatmul = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (rows grouped by expert, offs) -> rows
 
 
-def mixture(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, n_experts: int, act: Callable,
-            gate_up: GroupedMatmul, down: GroupedMatmul) -> torch.Tensor:
+def mixture(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    idx: torch.Tensor,
+    n_experts: int,
+    act: Callable,
+    gate_up: GroupedMatmul,
+    down: GroupedMatmul,
+) -> torch.Tensor:
     """The expert branch given its two grouped matmuls: x (N, hidden), weights/idx (N, K) -> (N, hidden)."""
     K = idx.shape[1]
     order, offs, inv = expert_plan(idx, n_experts)
@@ -222,8 +237,9 @@ def mixture(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, n_experts
     return y[inv].view(idx.shape[0], K, -1).sum(dim=1).to(x.dtype)
 
 
-def dense_mixture(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, gate_up: torch.Tensor,
-                  down: torch.Tensor, act: Callable) -> torch.Tensor:
+def dense_mixture(
+    x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act: Callable
+) -> torch.Tensor:
     """The expert branch with every expert run on every token and weighted by the routing (zero where a token is
     not routed): E/K times the arithmetic of `mixture` but three large matmuls instead of a sort, gathers and 2E
     small ones. x (N, hidden), weights/idx (N, K), gate_up (E, 2I, hidden), down (E, hidden, I) -> (N, hidden)."""
@@ -240,7 +256,8 @@ def expert_plan(idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.
     inverse permutation `inv`. Counts come from a scatter, not `bincount`: no shape depends on the data."""
     experts, order = torch.sort(idx.reshape(-1))
     counts = torch.zeros(n_experts, dtype=torch.int32, device=idx.device).scatter_add_(
-        0, experts, torch.ones_like(experts, dtype=torch.int32))
+        0, experts, torch.ones_like(experts, dtype=torch.int32)
+    )
     inv = torch.empty_like(order)
     inv[order] = torch.arange(order.numel(), device=order.device)
     return order, torch.cumsum(counts, 0, dtype=torch.int32), inv
@@ -315,8 +332,14 @@ class Layer(nn.Module):
         self.register_buffer("layer_scalar", torch.ones(1))
         self.register_buffer("encoder_layer_scalar", torch.ones(1))
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], context: Context,
-                mask: torch.Tensor | str | None, encoder: bool) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        context: Context,
+        mask: torch.Tensor | str | None,
+        encoder: bool,
+    ) -> torch.Tensor:
         """x (B, T, hidden) -> (B, T, hidden). `context(k, v)` returns the keys/values to attend to (the cache's
         and the new ones); the encoder and the decoder differ only in it, the mask and the layer scalar."""
         attn = self.self_attn
@@ -370,7 +393,7 @@ class DiffusionGemma(nn.Module):
         self._rope = None  # rebuilt on the next pass, in the new dtype and on the new device
         # sqrt(hidden) rounded to the weight dtype, as the reference scales embeddings; made once, not per pass
         # (a host-to-device copy inside a step would break CUDA-graph capture)
-        self._embed_scale = torch.tensor(self.text.hidden_size ** 0.5, dtype=self.dtype).to(self.device)
+        self._embed_scale = torch.tensor(self.text.hidden_size**0.5, dtype=self.dtype).to(self.device)
 
     @torch.no_grad()
     def init_buffers(self) -> None:
@@ -430,8 +453,9 @@ class DiffusionGemma(nn.Module):
         if self._rope is None or self._rope[True][0].shape[0] < need:
             n = max(need, 2 * self._rope[True][0].shape[0] if self._rope else 256)
             at = torch.arange(n, device=self.device)
-            self._rope = {s: rope_table(self.inv_freq_sliding if s else self.inv_freq_full, at, self.dtype)
-                          for s in (True, False)}
+            self._rope = {
+                s: rope_table(self.inv_freq_sliding if s else self.inv_freq_full, at, self.dtype) for s in (True, False)
+            }
         return {s: (cos[positions][:, :, None], sin[positions][:, :, None]) for s, (cos, sin) in self._rope.items()}
 
     def soft_embedding(self, probs: torch.Tensor) -> torch.Tensor:
@@ -439,8 +463,9 @@ class DiffusionGemma(nn.Module):
         in the model dtype. 170x smaller than the probabilities at the real vocabulary, so the engine keeps this."""
         return (probs.to(self.dtype) @ self.embed_tokens.weight) * self._embed_scale
 
-    def logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None,
-               scratch: torch.Tensor | None = None) -> torch.Tensor:
+    def logits(
+        self, hidden: torch.Tensor, out: torch.Tensor | None = None, scratch: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Tied LM head and soft-capping; float32 logits (..., V).
 
         `out` (float32) and, for a low-precision model, `scratch` (model dtype) are reusable buffers of the logits'
@@ -457,9 +482,15 @@ class DiffusionGemma(nn.Module):
         return out.div_(cap).tanh_().mul_(cap) if cap is not None else out
 
     # -- passes -----------------------------------------------------------------------------------------------
-    def encode(self, tokens: torch.Tensor, cache: KVCache, n_new: torch.Tensor | None = None,
-               visible: torch.Tensor | None = None, last_only: bool = False,
-               rows: torch.Tensor | None = None) -> torch.Tensor:
+    def encode(
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache,
+        n_new: torch.Tensor | None = None,
+        visible: torch.Tensor | None = None,
+        last_only: bool = False,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Causal pass over `tokens` (B, T) appended to each row of `cache`; returns hidden states (B, T, hidden).
 
         `n_new` (B,): how many of the T tokens each row really appends (right padding beyond; default all T).
@@ -493,6 +524,7 @@ class DiffusionGemma(nn.Module):
                 keys, values = torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)
                 cache.write_layer(i, plan, k, v, rows)
                 return keys, values
+
             return append
 
         x = self._layers(self.embed(tokens), positions, cache, context, masks, encoder=True)
@@ -501,10 +533,17 @@ class DiffusionGemma(nn.Module):
             x = x.gather(1, (n_new - 1).clamp(min=0)[:, None, None].expand(-1, 1, x.shape[-1]))
         return self.norm(x)
 
-    def denoise(self, canvas: torch.Tensor, cache: KVCache, self_cond: torch.Tensor | None = None,
-                self_cond_mask: torch.Tensor | None = None, masks: CanvasView | None = None,
-                rows: torch.Tensor | None = None, soft: torch.Tensor | None = None,
-                hidden_only: bool = False) -> torch.Tensor:
+    def denoise(
+        self,
+        canvas: torch.Tensor,
+        cache: KVCache,
+        self_cond: torch.Tensor | None = None,
+        self_cond_mask: torch.Tensor | None = None,
+        masks: CanvasView | None = None,
+        rows: torch.Tensor | None = None,
+        soft: torch.Tensor | None = None,
+        hidden_only: bool = False,
+    ) -> torch.Tensor:
         """Bidirectional pass over `canvas` (B, C) after each row's cached context; returns logits (B, C, V), or with
         `hidden_only` the normed hidden states (B, C, hidden) for the caller's own (tiled) LM head.
 
@@ -537,13 +576,21 @@ class DiffusionGemma(nn.Module):
                     return cache.kv(i, rows, span=masks.span[cache.layers[i].sliding])
                 ck, cv = cache.kv(i, rows)
                 return torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)
+
             return read
 
         x = self.norm(self._layers(x, positions, cache, context, masks.masks, encoder=False))
         return x if hidden_only else self.logits(x)
 
-    def _layers(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, context: Callable[[int], Context],
-                masks: dict[bool, torch.Tensor | str | None], encoder: bool) -> torch.Tensor:
+    def _layers(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        context: Callable[[int], Context],
+        masks: dict[bool, torch.Tensor | str | None],
+        encoder: bool,
+    ) -> torch.Tensor:
         """The one layer loop: x (B, T, hidden) at `positions` (B, T) through every layer."""
         rope = self.rope(positions, cache.max_len + positions.shape[1])  # cached lengths never exceed max_len
         for i, layer in enumerate(self.layers):

@@ -77,14 +77,20 @@ def fp8_grouped(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, offs: t
     """Rows of x (S, in) grouped by `offs` (E,) times FP8 w[e] (out, in) with scales (E, out) -> (S, out) bf16."""
     q, s = quantize_rows(x)
     if q.device.type == "cuda" and hasattr(torch, "_scaled_grouped_mm"):
-        return torch._scaled_grouped_mm(q, w.transpose(-2, -1), scale_a=s.squeeze(-1), scale_b=w_scale.float(),
-                                        offs=offs, out_dtype=torch.bfloat16)
+        return torch._scaled_grouped_mm(
+            q, w.transpose(-2, -1), scale_a=s.squeeze(-1), scale_b=w_scale.float(), offs=offs, out_dtype=torch.bfloat16
+        )
     out = torch.empty(x.shape[0], w.shape[1], dtype=torch.bfloat16, device=x.device)
     start = 0
     for e, end in enumerate(offs.tolist()):  # no grouped FP8 kernel here: one scaled matmul per expert
         if end > start:
-            out[start:end] = torch._scaled_mm(q[start:end], w[e].t(), scale_a=s[start:end],
-                                              scale_b=w_scale[e].float()[None, :], out_dtype=torch.bfloat16)
+            out[start:end] = torch._scaled_mm(
+                q[start:end],
+                w[e].t(),
+                scale_a=s[start:end],
+                scale_b=w_scale[e].float()[None, :],
+                out_dtype=torch.bfloat16,
+            )
         start = end
     return out
 
@@ -94,8 +100,9 @@ class Fp8Experts(nn.Module):
 
     exact = False
 
-    def __init__(self, gate_up: torch.Tensor, gate_up_scale: torch.Tensor, down: torch.Tensor,
-                 down_scale: torch.Tensor, act):
+    def __init__(
+        self, gate_up: torch.Tensor, gate_up_scale: torch.Tensor, down: torch.Tensor, down_scale: torch.Tensor, act
+    ):
         super().__init__()
         self.register_buffer("gate_up_proj", gate_up)
         self.register_buffer("gate_up_proj_scale", gate_up_scale.float())
@@ -113,14 +120,27 @@ class Fp8Experts(nn.Module):
         """As `model.Experts.forward` (same routing and combination order), FP8 matmuls."""
         from .model import mixture
 
-        return mixture(x, weights, idx, self.gate_up_proj.shape[0], self.act,
-                       lambda h, offs: fp8_grouped(h, self.gate_up_proj, self.gate_up_proj_scale, offs),
-                       lambda h, offs: fp8_grouped(h, self.down_proj, self.down_proj_scale, offs))
+        return mixture(
+            x,
+            weights,
+            idx,
+            self.gate_up_proj.shape[0],
+            self.act,
+            lambda h, offs: fp8_grouped(h, self.gate_up_proj, self.gate_up_proj_scale, offs),
+            lambda h, offs: fp8_grouped(h, self.down_proj, self.down_proj_scale, offs),
+        )
 
 
 # The dense linears quantized in each layer (attention and the dense MLP), by attribute path.
-DENSE = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+DENSE = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 
 
 def quantize_fp8(model: nn.Module) -> nn.Module:

@@ -24,9 +24,16 @@ from .params import SamplingParams, resolve
 from .sampler import StableConfident, entropy_bound_accept
 
 # Knobs whose non-default values transformers' loop does not have.
-DEFAULTS_ONLY = (("mode", "diffusion"), ("schedule", "linear"), ("acceptance", "entropy_bound"),
-                 ("stopping", "stable_confident"), ("template", None), ("suffix_token_ids", None), ("n", 1),
-                 ("logprobs", None))
+DEFAULTS_ONLY = (
+    ("mode", "diffusion"),
+    ("schedule", "linear"),
+    ("acceptance", "entropy_bound"),
+    ("stopping", "stable_confident"),
+    ("template", None),
+    ("suffix_token_ids", None),
+    ("n", 1),
+    ("logprobs", None),
+)
 
 
 @dataclass
@@ -41,19 +48,29 @@ class ReferenceOutput:
     def metrics(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
         """The request's metrics, for `completion_tokens` returned (fewer than `token_ids` after a stop string)."""
         passes = self.decoder_passes
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "decoder_passes": passes,
-                "denoising_steps": passes, "tokens_per_forward": completion_tokens / passes if passes else 0.0,
-                "wall_s": self.wall_s}
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "decoder_passes": passes,
+            "denoising_steps": passes,
+            "tokens_per_forward": completion_tokens / passes if passes else 0.0,
+            "wall_s": self.wall_s,
+        }
 
 
-def generate(model: DiffusionGemma, prompts: list[list[int]], params: list[SamplingParams],
-             generation_config: dict[str, Any] | None, max_model_len: int, eos: Iterable[int]
-             ) -> list[ReferenceOutput]:
+def generate(
+    model: DiffusionGemma,
+    prompts: list[list[int]],
+    params: list[SamplingParams],
+    generation_config: dict[str, Any] | None,
+    max_model_len: int,
+    eos: Iterable[int],
+) -> list[ReferenceOutput]:
     """Check a batch for reference mode (ValueError naming what it does not support), then generate it. `params`:
     one per prompt, all equal (one batch); `eos`: the model's EOS ids (`stop_token_ids` and `ignore_eos` apply)."""
     sp = _check(model, prompts, params, generation_config, max_model_len)
     gen = torch.Generator(device=model.device)
-    gen.manual_seed(sp.seed if sp.seed is not None else int(torch.randint(0, 2 ** 62, (1,)).item()))
+    gen.manual_seed(sp.seed if sp.seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
     pad = token_ids(model.config.text, generation_config).pad
     stop = set(sp.stop_token_ids) | (set() if sp.ignore_eos else set(eos))
     t0 = time.perf_counter()
@@ -62,8 +79,13 @@ def generate(model: DiffusionGemma, prompts: list[list[int]], params: list[Sampl
     return [ReferenceOutput(toks, reason, passes, wall) for toks, reason, passes in res]
 
 
-def _check(model: DiffusionGemma, prompts: list[list[int]], params: list[SamplingParams],
-           generation_config: dict[str, Any] | None, max_model_len: int) -> SamplingParams:
+def _check(
+    model: DiffusionGemma,
+    prompts: list[list[int]],
+    params: list[SamplingParams],
+    generation_config: dict[str, Any] | None,
+    max_model_len: int,
+) -> SamplingParams:
     """The batch's one resolved SamplingParams; ValueError for what reference mode cannot run."""
     sp = params[0]
     if any(p != sp for p in params):
@@ -73,8 +95,9 @@ def _check(model: DiffusionGemma, prompts: list[list[int]], params: list[Samplin
     if sp.constraint() is not None:
         odd.append("structured output")
     if odd:
-        raise ValueError(f"reference_sampling runs transformers' exact algorithm; it does not support "
-                         f"non-default {', '.join(odd)}")
+        raise ValueError(
+            f"reference_sampling runs transformers' exact algorithm; it does not support non-default {', '.join(odd)}"
+        )
     for ids in prompts:
         if not ids:
             raise ValueError("prompt must be a non-empty list of token ids")
@@ -82,9 +105,14 @@ def _check(model: DiffusionGemma, prompts: list[list[int]], params: list[Samplin
     return sp
 
 
-def reference_generate(model: DiffusionGemma, prompts: list[list[int]], params: SamplingParams, pad_id: int,
-                       eos_ids: Iterable[int], generator: torch.Generator | None = None
-                       ) -> list[tuple[list[int], FinishReason, int]]:
+def reference_generate(
+    model: DiffusionGemma,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    pad_id: int,
+    eos_ids: Iterable[int],
+    generator: torch.Generator | None = None,
+) -> list[tuple[list[int], FinishReason, int]]:
     """Generate as transformers' `generate` does: one left-padded batch, every row denoised at every step, the same
     random-number order. Returns per prompt (token ids without EOS/padding, finish reason, decoder passes)."""
     dev, C, V = model.device, model.config.canvas_length, model.config.vocab_size
@@ -101,16 +129,27 @@ def reference_generate(model: DiffusionGemma, prompts: list[list[int]], params: 
         model.encode(ids, cache, visible=visible)
         for _ in range(n_canvases):
             masks = cache.decoder_masks(C)
-            argmax, p = reference_denoise(lambda c, sc: model.denoise(c, cache, self_cond=sc, masks=masks),
-                                          B, C, V, params, dev, model.dtype, generator, skip=done)
+            argmax, p = reference_denoise(
+                lambda c, sc: model.denoise(c, cache, self_cond=sc, masks=masks),
+                B,
+                C,
+                V,
+                params,
+                dev,
+                model.dtype,
+                generator,
+                skip=done,
+            )
             passes += p
             committed = _take_canvas(argmax, eos, pad_id, done, outputs, reasons)
             if bool(done.all()):
                 break
             model.encode(committed, cache)
     limit = params.max_new_tokens
-    return [(toks[:limit], "length" if len(toks) >= limit else reason, int(n))
-            for toks, reason, n in zip(outputs, reasons, passes)]
+    return [
+        (toks[:limit], "length" if len(toks) >= limit else reason, int(n))
+        for toks, reason, n in zip(outputs, reasons, passes)
+    ]
 
 
 def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,13 +158,19 @@ def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tens
     ids = torch.full((B, T), pad_id, dtype=torch.long, device=device)
     visible = torch.zeros(B, T, dtype=torch.bool, device=device)
     for i, p in enumerate(prompts):
-        ids[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
-        visible[i, T - len(p):] = True
+        ids[i, T - len(p) :] = torch.tensor(p, dtype=torch.long)
+        visible[i, T - len(p) :] = True
     return ids, visible
 
 
-def _take_canvas(argmax: torch.Tensor, eos: torch.Tensor, pad_id: int, done: torch.Tensor,
-                 outputs: list[list[int]], reasons: list[FinishReason]) -> torch.Tensor:
+def _take_canvas(
+    argmax: torch.Tensor,
+    eos: torch.Tensor,
+    pad_id: int,
+    done: torch.Tensor,
+    outputs: list[list[int]],
+    reasons: list[FinishReason],
+) -> torch.Tensor:
     """Append each unfinished row's canvas (B, C) to its output up to its first EOS (which finishes the row);
     returns the canvas to encode: finished rows commit padding, and the reference pads after EOS."""
     committed = argmax.clone()
@@ -136,18 +181,25 @@ def _take_canvas(argmax: torch.Tensor, eos: torch.Tensor, pad_id: int, done: tor
         toks = argmax[i].tolist()
         hit = torch.isin(argmax[i], eos).nonzero() if eos.numel() else []
         if len(hit):
-            toks = toks[:int(hit[0])]
-            committed[i, int(hit[0]) + 1:] = pad_id
+            toks = toks[: int(hit[0])]
+            committed[i, int(hit[0]) + 1 :] = pad_id
             done[i] = True
             reasons[i] = "stop"
         outputs[i].extend(toks)
     return committed
 
 
-def reference_denoise(denoise: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], batch: int, canvas: int,
-                      vocab_size: int, p: SamplingParams, device, sc_dtype: torch.dtype,
-                      generator: torch.Generator | None = None,
-                      skip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_denoise(
+    denoise: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+    batch: int,
+    canvas: int,
+    vocab_size: int,
+    p: SamplingParams,
+    device,
+    sc_dtype: torch.dtype,
+    generator: torch.Generator | None = None,
+    skip: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Denoise one canvas exactly as transformers' `generate` does (same random-number order, all rows every step).
 
     `denoise(canvas, self_cond_logits)` returns logits (B, C, V). Returns the argmax canvas (B, C) and the number of
@@ -159,9 +211,17 @@ def reference_denoise(denoise: Callable[[torch.Tensor, torch.Tensor | None], tor
     sc = None
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     passes = torch.zeros(batch, dtype=torch.long, device=device)
-    stop = None if p.fixed_steps else StableConfident(
-        batch, canvas, torch.full((batch,), p.stability_threshold, device=device),
-        torch.full((batch,), float(p.confidence_threshold), device=device), device)
+    stop = (
+        None
+        if p.fixed_steps
+        else StableConfident(
+            batch,
+            canvas,
+            torch.full((batch,), p.stability_threshold, device=device),
+            torch.full((batch,), float(p.confidence_threshold), device=device),
+            device,
+        )
+    )
     for n in range(N, 0, -1):
         passes += ~(finished | skip) if skip is not None else ~finished
         temp = p.t_min + (p.t_max - p.t_min) * (torch.tensor(n, dtype=torch.int32) / N)
@@ -181,8 +241,14 @@ def reference_denoise(denoise: Callable[[torch.Tensor, torch.Tensor | None], tor
     return argmax, passes
 
 
-def _reference_step(logits: torch.Tensor, current: torch.Tensor, p: SamplingParams, vocab_size: int, device,
-                    generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _reference_step(
+    logits: torch.Tensor,
+    current: torch.Tensor,
+    p: SamplingParams,
+    vocab_size: int,
+    device,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One sampler step on temperature-scaled logits (B, C, V): the next canvas and the argmax draft (B, C). Every
     position is sampled, then the accepted ones kept and the rest redrawn from uniform noise (in this order)."""
     B, C = current.shape

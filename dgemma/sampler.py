@@ -138,10 +138,18 @@ def max_argmax(x: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.T
     return top, first.squeeze(-1) * block + inside
 
 
-def sample_step(logits: torch.Tensor, canvas: torch.Tensor, temperature: torch.Tensor, bound: torch.Tensor,
-                accept: Callable, uniforms: torch.Tensor, vocab_size: int,
-                template: torch.Tensor | None = None, probs_out: torch.Tensor | None = None,
-                all_positions: bool = False) -> StepOut:
+def sample_step(
+    logits: torch.Tensor,
+    canvas: torch.Tensor,
+    temperature: torch.Tensor,
+    bound: torch.Tensor,
+    accept: Callable,
+    uniforms: torch.Tensor,
+    vocab_size: int,
+    template: torch.Tensor | None = None,
+    probs_out: torch.Tensor | None = None,
+    all_positions: bool = False,
+) -> StepOut:
     """One sampler step. logits (R, C, V) float32 (consumed: scaled in place), canvas (R, C), temperature/bound (R,).
 
     `uniforms` (R, 2C) from `draw_uniforms`: C for the re-noising, C for inverse-CDF samples at accepted positions.
@@ -174,10 +182,9 @@ def sample_step(logits: torch.Tensor, canvas: torch.Tensor, temperature: torch.T
     else:
         r_idx, c_idx = mask.nonzero(as_tuple=True)  # accepted positions of all rows (K,)
         cdf = probs[r_idx, c_idx].cumsum(-1)  # (K, V)
-        target = (u[r_idx, C + c_idx].float()[:, None] * cdf[:, -1:])
+        target = u[r_idx, C + c_idx].float()[:, None] * cdf[:, -1:]
         nxt[r_idx, c_idx] = torch.searchsorted(cdf, target).squeeze(-1).clamp_(max=V - 1)
     if template is not None:
         nxt = torch.where(fixed, template, nxt)
         argmax = torch.where(fixed, template, argmax)
     return StepOut(nxt, argmax, probs, mask.sum(-1), entropy.mean(-1))
-

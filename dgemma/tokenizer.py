@@ -75,17 +75,21 @@ def _select_template(value: Any, source: Path) -> str | None:
     if isinstance(value, list):
         named: dict[str, str] = {}
         for item in value:
-            if not (isinstance(item, dict) and isinstance(item.get("name"), str)
-                    and isinstance(item.get("template"), str)):
-                raise TokenizerError(f"{source}: 'chat_template' list entries must be "
-                                     f"{{'name': str, 'template': str}}, got {item!r}")
+            if not (
+                isinstance(item, dict) and isinstance(item.get("name"), str) and isinstance(item.get("template"), str)
+            ):
+                raise TokenizerError(
+                    f"{source}: 'chat_template' list entries must be {{'name': str, 'template': str}}, got {item!r}"
+                )
             named[item["name"]] = item["template"]
         if "default" not in named:
-            raise TokenizerError(f"{source}: 'chat_template' list has no template named 'default' "
-                                 f"(have {sorted(named)})")
+            raise TokenizerError(
+                f"{source}: 'chat_template' list has no template named 'default' (have {sorted(named)})"
+            )
         return named["default"]
-    raise TokenizerError(f"{source}: 'chat_template' must be a string or a list of named templates, "
-                         f"got {type(value).__name__}")
+    raise TokenizerError(
+        f"{source}: 'chat_template' must be a string or a list of named templates, got {type(value).__name__}"
+    )
 
 
 def _raise_exception(message: str) -> None:
@@ -93,8 +97,13 @@ def _raise_exception(message: str) -> None:
     raise TokenizerError(f"chat template error: {message}")
 
 
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
-            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
     # jinja2's builtin `tojson` HTML-escapes <, >, & and '; chat templates want plain JSON (as in transformers).
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
@@ -113,7 +122,8 @@ class _StrictSandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
 
     def unsafe_undefined(self, obj: Any, attribute: str) -> jinja2.Undefined:
         raise jinja2.exceptions.SecurityError(
-            f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe.")
+            f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe."
+        )
 
 
 def _make_env() -> jinja2.sandbox.ImmutableSandboxedEnvironment:
@@ -146,13 +156,15 @@ def _normalize_messages(messages: Any) -> list[dict[str, Any]]:
             texts: list[str] = []
             for j, part in enumerate(content):
                 if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                    raise TokenizerError(f"messages[{i}]['content'][{j}] must be {{'type': 'text', 'text': str}}, "
-                                         f"got {part!r}")
+                    raise TokenizerError(
+                        f"messages[{i}]['content'][{j}] must be {{'type': 'text', 'text': str}}, got {part!r}"
+                    )
                 texts.append(part["text"])
             content = "\n".join(texts)
         elif not isinstance(content, str):
-            raise TokenizerError(f"messages[{i}]['content'] must be a string or a list of text parts, "
-                                 f"got {type(content).__name__}")
+            raise TokenizerError(
+                f"messages[{i}]['content'] must be a string or a list of text parts, got {type(content).__name__}"
+            )
         out.append({**msg, "role": role, "content": content})
     return out
 
@@ -160,8 +172,13 @@ def _normalize_messages(messages: Any) -> list[dict[str, Any]]:
 class Tokenizer:
     """A checkpoint's tokenizer: encode/decode, special-token ids and chat-template rendering."""
 
-    def __init__(self, tokenizer: _RustTokenizer, config: dict[str, Any] | None = None,
-                 chat_template: str | None = None, source_dir: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer: _RustTokenizer,
+        config: dict[str, Any] | None = None,
+        chat_template: str | None = None,
+        source_dir: str | Path | None = None,
+    ) -> None:
         self._tok = tokenizer
         self.config: dict[str, Any] = dict(config or {})
         # None means "no template shipped": apply_chat_template then uses DEFAULT_CHAT_TEMPLATE.
@@ -279,8 +296,9 @@ class Tokenizer:
                 raise TokenizerError(f"invalid chat template: {e}") from e
         return self._compiled
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                            **template_vars: Any) -> str:
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **template_vars: Any
+    ) -> str:
         """Render `messages` ([{"role": str, "content": str | [{"type": "text", "text": str}, ...]}]) to a prompt.
 
         Uses the checkpoint's template (chat_template.jinja, else tokenizer_config.json's chat_template), or
@@ -290,9 +308,14 @@ class Tokenizer:
         """
         msgs = _normalize_messages(messages)
         template = self._template()
-        context = {**template_vars, "messages": msgs, "add_generation_prompt": bool(add_generation_prompt),
-                   "bos_token": self.bos_token or "", "eos_token": self.eos_token or "",
-                   "pad_token": self.pad_token or ""}
+        context = {
+            **template_vars,
+            "messages": msgs,
+            "add_generation_prompt": bool(add_generation_prompt),
+            "bos_token": self.bos_token or "",
+            "eos_token": self.eos_token or "",
+            "pad_token": self.pad_token or "",
+        }
         try:
             return template.render(**context)
         except TokenizerError:
@@ -319,8 +342,9 @@ class Tokenizer:
                     shutil.copyfile(src, path / name)
             return path
         self._tok.save(str(path / TOKENIZER_JSON))
-        (path / TOKENIZER_CONFIG).write_text(json.dumps(self.config, indent=2, ensure_ascii=False) + "\n",
-                                             encoding="utf-8")
+        (path / TOKENIZER_CONFIG).write_text(
+            json.dumps(self.config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
         # A template kept in the config is already saved above; otherwise give it its own file.
         if self.chat_template is not None and self.config.get("chat_template") is None:
             (path / CHAT_TEMPLATE_FILE).write_text(self.chat_template, encoding="utf-8")
@@ -354,8 +378,8 @@ class IncrementalDecoder:
 
     def _window_texts(self) -> tuple[str, str]:
         dec = self.tokenizer.decode
-        prefix = dec(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=self.skip_special_tokens)
-        full = dec(self.ids[self.prefix_offset:], skip_special_tokens=self.skip_special_tokens)
+        prefix = dec(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=self.skip_special_tokens)
+        full = dec(self.ids[self.prefix_offset :], skip_special_tokens=self.skip_special_tokens)
         return prefix, full
 
     def _step(self) -> str:
@@ -384,7 +408,7 @@ class IncrementalDecoder:
     def flush(self) -> str:
         """Return whatever is held back (an incomplete character comes out as U+FFFD) and end the window."""
         prefix, full = self._window_texts()
-        delta = full[len(prefix) + self.early:]
+        delta = full[len(prefix) + self.early :]
         self.prefix_offset = self.read_offset = len(self.ids)
         self.early = 0
         return delta

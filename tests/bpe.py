@@ -11,10 +11,12 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 # Order matters: other tests rely on <pad>=0, <eos>=1, <bos>=2, <start_of_turn>=3, <end_of_turn>=4.
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
 
-_WORDS = ("the quick brown fox jumps over lazy dog model user answer question name value true false null "
-          "hello world diffusion block token canvas sample step number list object array string key data "
-          "city price count item result error status ok yes no please thank you what where when why how "
-          "café naïve résumé").split()
+_WORDS = (
+    "the quick brown fox jumps over lazy dog model user answer question name value true false null "
+    "hello world diffusion block token canvas sample step number list object array string key data "
+    "city price count item result error status ok yes no please thank you what where when why how "
+    "café naïve résumé"
+).split()
 _KEYS = ("name", "age", "city", "items", "id", "value", "ok", "tags", "score", "price")
 
 
@@ -28,15 +30,20 @@ def _corpus(lines: int = 400, seed: int = 0) -> list[str]:
             words = [rng.choice(_WORDS) for _ in range(rng.randint(4, 12))]
             out.append(" ".join(words).capitalize() + rng.choice([".", "?", "!", ","]))
         elif kind == 1:
-            obj = {rng.choice(_KEYS): rng.choice([rng.randint(-999, 99999), rng.choice(_WORDS), True, None,
-                                                  [rng.randint(0, 9) for _ in range(3)]])
-                   for _ in range(rng.randint(1, 4))}
+            obj = {
+                rng.choice(_KEYS): rng.choice(
+                    [rng.randint(-999, 99999), rng.choice(_WORDS), True, None, [rng.randint(0, 9) for _ in range(3)]]
+                )
+                for _ in range(rng.randint(1, 4))
+            }
             out.append(json.dumps(obj, separators=rng.choice([(",", ":"), (", ", ": ")])))
         elif kind == 2:
             out.append(" ".join(str(rng.randint(0, 10 ** rng.randint(1, 8))) for _ in range(rng.randint(2, 8))))
         else:
-            out.append(f'[{{"{rng.choice(_KEYS)}": "{rng.choice(_WORDS)}"}}, {rng.randint(0, 1000)}] '
-                       + " ".join(rng.choice(_WORDS) for _ in range(3)))
+            out.append(
+                f'[{{"{rng.choice(_KEYS)}": "{rng.choice(_WORDS)}"}}, {rng.randint(0, 1000)}] '
+                + " ".join(rng.choice(_WORDS) for _ in range(3))
+            )
     return out
 
 
@@ -51,14 +58,22 @@ def build_bpe_tokenizer(dir: Path, vocab_size: int = 300, chat_template: str | N
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(_corpus(), trainer=trainer)
     tok.save(str(dir / "tokenizer.json"))
-    cfg: dict = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<bos>", "eos_token": "<eos>",
-                 "pad_token": "<pad>", "model_max_length": 4096}
+    cfg: dict = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<bos>",
+        "eos_token": "<eos>",
+        "pad_token": "<pad>",
+        "model_max_length": 4096,
+    }
     if chat_template is not None:
         cfg["chat_template"] = chat_template
-    (dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n",
-                                               encoding="utf-8")
+    (dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return dir

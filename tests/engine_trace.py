@@ -51,12 +51,18 @@ class Trace:
     def sample_step(self, real):
         def wrapped(logits, canvas, temperature, bound, accept, uniforms, *args, **kw):
             # clone first: sample_step consumes the logits in place. The uniforms come from the row's own generator.
-            self._tile = [Step([canvas[i].clone(), uniforms[i].clone(), float(bound[i]), accept.__name__],
-                               [logits[i].clone(), temperature[i].clone()]) for i in range(len(canvas))]
+            self._tile = [
+                Step(
+                    [canvas[i].clone(), uniforms[i].clone(), float(bound[i]), accept.__name__],
+                    [logits[i].clone(), temperature[i].clone()],
+                )
+                for i in range(len(canvas))
+            ]
             out = real(logits, canvas, temperature, bound, accept, uniforms, *args, **kw)
             for i, s in enumerate(self._tile):
                 s.decided = [out.canvas[i].clone(), out.argmax[i].clone()]
             return out
+
         return wrapped
 
     def after_step(self, real):
@@ -69,6 +75,7 @@ class Trace:
                 s.stop = (r.diffusion.canvases, r.state)
                 s.below = e < float(r.params.confidence_threshold)
                 self.steps[r.generator.initial_seed()].append(s)
+
         return wrapped
 
     def ar_emit(self, real):
@@ -77,6 +84,7 @@ class Trace:
             real(engine, r, logits, *args, **kw)
             s.decided = [r.state, list(r.output)]
             self.steps[r.generator.initial_seed()].append(s)
+
         return wrapped
 
 
@@ -93,7 +101,8 @@ def tracing() -> Iterator[Trace]:
 
 def _same(xs: list, ys: list) -> bool:
     return len(xs) == len(ys) and all(
-        torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(xs, ys))
+        torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(xs, ys)
+    )
 
 
 def same_run(a: Trace, b: Trace, seed: int, tol: float = LOGIT_TOL) -> bool:

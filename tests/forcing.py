@@ -49,8 +49,11 @@ def boost_token(model, token: int, channel: int = 0) -> float:
 
     # Residual stream: the embedding (the denoiser RMS-normalises it first), plus two updates per layer, each an
     # RMSNorm output of norm <= sqrt(H) * max|weight|, none touching the channel.
-    w_post = max(float(n.weight.abs().max()) for layer in model.layers
-                 for n in (layer.post_attention_layernorm, layer.post_feedforward_layernorm))
+    w_post = max(
+        float(n.weight.abs().max())
+        for layer in model.layers
+        for n in (layer.post_attention_layernorm, layer.post_feedforward_layernorm)
+    )
     updates = 2 * len(model.layers) * w_post
     rows = [(carrier, math.hypot(carrier, r)), (carrier + boost, math.hypot(carrier + boost, r))]
     share_dec = min(c / n for c, n in rows) / (1 + updates)  # lower bounds of channel / norm of the final stream
@@ -68,8 +71,7 @@ def boost_token(model, token: int, channel: int = 0) -> float:
     return margin
 
 
-def force_canvas(monkeypatch: pytest.MonkeyPatch, at: Mapping[int, int] | None = None,
-                 ban: Iterable[int] = ()) -> None:
+def force_canvas(monkeypatch: pytest.MonkeyPatch, at: Mapping[int, int] | None = None, ban: Iterable[int] = ()) -> None:
     """From now on (in this process), every diffusion canvas commits token `at[p]` at canvas position p, and no
     token of `ban` anywhere else (the sampler's logits are overwritten before it samples and takes the argmax)."""
     import dgemma.engine as E

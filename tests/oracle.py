@@ -4,15 +4,36 @@ from __future__ import annotations
 
 import torch
 
-TINY_VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                   num_key_value_heads=2, head_dim=8, patch_size=4, position_embedding_size=8, pooling_kernel_size=1)
+TINY_VISION = dict(
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    head_dim=8,
+    patch_size=4,
+    position_embedding_size=8,
+    pooling_kernel_size=1,
+)
 
 
 def hf_text_config(**over):
-    base = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=8, global_head_dim=16, num_global_key_value_heads=1,
-                sliding_window=6, num_experts=4, top_k_experts=2, moe_intermediate_size=16,
-                layer_types=["sliding_attention", "sliding_attention", "full_attention"])
+    base = dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        global_head_dim=16,
+        num_global_key_value_heads=1,
+        sliding_window=6,
+        num_experts=4,
+        top_k_experts=2,
+        moe_intermediate_size=16,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+    )
     base.update(over)
     return base
 
@@ -21,8 +42,9 @@ def build_hf(seed: int = 0, canvas_length: int = 8, dtype=torch.float32, **text_
     """A transformers DiffusionGemmaForBlockDiffusion with every parameter and scalar randomised."""
     from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 
-    cfg = DiffusionGemmaConfig(text_config=hf_text_config(**text_over), vision_config=TINY_VISION,
-                               canvas_length=canvas_length)
+    cfg = DiffusionGemmaConfig(
+        text_config=hf_text_config(**text_over), vision_config=TINY_VISION, canvas_length=canvas_length
+    )
     cfg.text_config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     model = DiffusionGemmaForBlockDiffusion(cfg).eval()

@@ -29,8 +29,15 @@ AVX2_CPU = {"avx2", "fma"}
 NO_BF16 = "device cpu, dtype float32 (auto: no CUDA; this CPU has no native bf16 matmul)"
 
 
-def machine(monkeypatch, cuda: bool = False, capability: str = "AVX512", flags: set[str] = BF16_CPU,
-            vendor: str = AMD, gpu_cc: tuple[int, int] = (9, 0), **env: str) -> None:
+def machine(
+    monkeypatch,
+    cuda: bool = False,
+    capability: str = "AVX512",
+    flags: set[str] = BF16_CPU,
+    vendor: str = AMD,
+    gpu_cc: tuple[int, int] = (9, 0),
+    **env: str,
+) -> None:
     """Pretend to be a machine with (or without) CUDA, this torch CPU capability, this CPU (vendor and flags) and
     environment."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
@@ -57,8 +64,10 @@ def test_gpu_without_native_bf16_picks_float32(monkeypatch):
     assert D.resolve().dtype == torch.float32
 
 
-@pytest.mark.parametrize(("vendor", "flags", "via"), [(AMD, BF16_CPU, "avx512_bf16"), (INTEL, AMX_CPU, "amx_bf16"),
-                                                      (AMD, {"avx512f", "amx_bf16"}, "amx_bf16")])
+@pytest.mark.parametrize(
+    ("vendor", "flags", "via"),
+    [(AMD, BF16_CPU, "avx512_bf16"), (INTEL, AMX_CPU, "amx_bf16"), (AMD, {"avx512f", "amx_bf16"}, "amx_bf16")],
+)
 def test_cpu_with_native_bf16_picks_bfloat16(monkeypatch, vendor, flags, via):
     machine(monkeypatch, vendor=vendor, flags=flags)
     p = D.resolve()
@@ -122,16 +131,20 @@ def test_rules_are_a_function_of_their_inputs():
 
 def test_real_aten_switch_gives_float32_on_any_cpu():
     """In a fresh process with ATEN_CPU_CAPABILITY=avx2, auto is float32 whatever this CPU has."""
-    code = ("import torch; from dgemma.device import auto_dtype; "
-            "print(torch.backends.cpu.get_cpu_capability(), auto_dtype(torch.device('cpu'))[0])")
+    code = (
+        "import torch; from dgemma.device import auto_dtype; "
+        "print(torch.backends.cpu.get_cpu_capability(), auto_dtype(torch.device('cpu'))[0])"
+    )
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split()[-1] == "torch.float32" and out.split()[0] != "AVX512"
 
 
 def test_parse_cpuinfo():
-    text = ("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu avx2 avx512_bf16\n\n"
-            "processor\t: 1\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu\n")
+    text = (
+        "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu avx2 avx512_bf16\n\n"
+        "processor\t: 1\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu\n"
+    )
     assert D.parse_cpuinfo(text) == (AMD, {"fpu", "avx2", "avx512_bf16"})
     assert D.parse_cpuinfo("processor\t: 0\nFeatures\t: fp asimd bf16\n") == ("", {"fp", "asimd", "bf16"})  # Arm
     assert D.parse_cpuinfo("") == ("", set())
@@ -151,8 +164,11 @@ def test_explicit_values_win(monkeypatch):
 
 def test_bad_values_are_one_line_value_errors(monkeypatch):
     machine(monkeypatch)
-    for device, dtype, needle in (("cpu", "float8", "unknown dtype 'float8'"), ("nonsense", "auto", "nonsense"),
-                                  ("cuda", "auto", "CUDA is not available")):
+    for device, dtype, needle in (
+        ("cpu", "float8", "unknown dtype 'float8'"),
+        ("nonsense", "auto", "nonsense"),
+        ("cuda", "auto", "CUDA is not available"),
+    ):
         with pytest.raises(ValueError, match=needle) as e:
             D.resolve(device, dtype)
         assert "\n" not in str(e.value)
@@ -235,8 +251,13 @@ def test_cli_defaults_are_auto():
     from dgemma.cli import build_parser
 
     parser = build_parser()
-    for argv in (["generate", "-m", "x", "--prompt", "p"], ["chat", "-m", "x"], ["serve", "--model", "x"],
-                 ["sudoku", "solve"], ["sudoku", "eval"]):
+    for argv in (
+        ["generate", "-m", "x", "--prompt", "p"],
+        ["chat", "-m", "x"],
+        ["serve", "--model", "x"],
+        ["sudoku", "solve"],
+        ["sudoku", "eval"],
+    ):
         args = parser.parse_args(argv)
         assert (args.device, args.dtype) == ("auto", "auto"), argv
     for argv in (["train", "-m", "x", "--data", "d", "-o", "o"], ["sudoku", "train"]):

@@ -96,8 +96,9 @@ def _assert_same_state(a: DiffusionGemma, b: DiffusionGemma):
 def _hf_from_pretrained(path):
     from transformers import DiffusionGemmaForBlockDiffusion
 
-    hf, info = DiffusionGemmaForBlockDiffusion.from_pretrained(path, attn_implementation="sdpa",
-                                                               output_loading_info=True)
+    hf, info = DiffusionGemmaForBlockDiffusion.from_pretrained(
+        path, attn_implementation="sdpa", output_loading_info=True
+    )
     hf.config.text_config._attn_implementation = "sdpa"
     # dgemma writes no vision tower, so transformers initialises that (and only that) itself
     text_missing = [k for k in info["missing_keys"] if "vision" not in k]
@@ -112,8 +113,11 @@ def _randomise(model: DiffusionGemma, seed: int) -> DiffusionGemma:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, p in model.named_parameters():
-            p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g) if p.ndim == 1 else
-                    0.2 * torch.randn(p.shape, generator=g))
+            p.copy_(
+                1.0 + 0.3 * torch.randn(p.shape, generator=g)
+                if p.ndim == 1
+                else 0.2 * torch.randn(p.shape, generator=g)
+            )
         for name, b in model.named_buffers():
             if name.endswith("layer_scalar"):
                 b.copy_(0.5 + torch.rand(b.shape, generator=g))
@@ -141,6 +145,7 @@ def test_errors_are_value_errors():
 
 # -- round trip A: transformers -> dgemma ------------------------------------------------------------------------
 
+
 def test_transformers_checkpoint_loads_identically(hf_dir):
     hf, d = hf_dir
     model = _quiet_load(d)
@@ -149,8 +154,9 @@ def test_transformers_checkpoint_loads_identically(hf_dir):
     for name, t in ours.items():
         assert torch.equal(t, hf_state[ours_to_hf(name)]), name
     # tied encoder copies are the same tensors as the decoder ones in transformers
-    assert torch.equal(model.layers[0].encoder_layer_scalar,
-                       hf_state["model.encoder.language_model.layers.0.layer_scalar"])
+    assert torch.equal(
+        model.layers[0].encoder_layer_scalar, hf_state["model.encoder.language_model.layers.0.layer_scalar"]
+    )
     assert not torch.equal(model.layers[0].encoder_layer_scalar, model.layers[0].layer_scalar)
     assert model.config.canvas_length == RUN["C"]
     _compare(hf, model)
@@ -195,7 +201,7 @@ def test_encoder_only_keys_load_the_same(tmp_path):
         out = {}
         for k, v in t.items():
             if k.startswith("model.decoder."):
-                new = "model.encoder.language_model." + k[len("model.decoder."):]
+                new = "model.encoder.language_model." + k[len("model.decoder.") :]
                 if new in t:  # the layer scalars: the encoder copy is already there (and equal)
                     assert torch.equal(t[new], v)
                     continue
@@ -220,8 +226,9 @@ def _untied_hf(seed: int, **config_kw):
     from oracle import TINY_VISION, hf_text_config
 
     text = config_kw.pop("text", {})
-    cfg = DiffusionGemmaConfig(text_config=hf_text_config(**text), vision_config=TINY_VISION,
-                               canvas_length=RUN["C"], **config_kw)
+    cfg = DiffusionGemmaConfig(
+        text_config=hf_text_config(**text), vision_config=TINY_VISION, canvas_length=RUN["C"], **config_kw
+    )
     cfg.text_config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     hf = DiffusionGemmaForBlockDiffusion(cfg).eval()
@@ -229,8 +236,11 @@ def _untied_hf(seed: int, **config_kw):
     with torch.no_grad():
         for name, p in hf.named_parameters():
             if "vision" not in name:
-                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g) if p.ndim == 1 else
-                        0.2 * torch.randn(p.shape, generator=g))
+                p.copy_(
+                    1.0 + 0.3 * torch.randn(p.shape, generator=g)
+                    if p.ndim == 1
+                    else 0.2 * torch.randn(p.shape, generator=g)
+                )
     return hf
 
 
@@ -245,8 +255,10 @@ def test_untied_copies_are_not_silently_dropped(tmp_path, untied):
     """
     if untied == "attention biases":
         hf = _untied_hf(5, text=dict(attention_bias=True))
-        assert not torch.equal(hf.model.encoder.language_model.layers[0].self_attn.q_proj.bias,
-                               hf.model.decoder.layers[0].self_attn.q_proj.bias)
+        assert not torch.equal(
+            hf.model.encoder.language_model.layers[0].self_attn.q_proj.bias,
+            hf.model.decoder.layers[0].self_attn.q_proj.bias,
+        )
     else:
         hf = _untied_hf(6, tie_word_embeddings=False)
         assert not torch.equal(hf.lm_head.weight, hf.model.decoder.embed_tokens.weight)
@@ -275,6 +287,7 @@ def test_last_layer_must_be_full_attention(tmp_path):
 
 
 # -- round trip B: dgemma -> transformers ------------------------------------------------------------------------
+
 
 def test_dgemma_checkpoint_loads_in_transformers(hf_dir, tmp_path):
     hf, d = hf_dir
@@ -325,12 +338,15 @@ def test_sharded_dgemma_checkpoint(hf_dir, tmp_path):
     _assert_same_state(_quiet_load(tmp_path), model)
 
 
-@pytest.mark.parametrize("geometry", [
-    dict(head_dim=8, global_head_dim=16, num_key_value_heads=2, num_global_key_value_heads=1),
-    dict(head_dim=8, global_head_dim=16, num_key_value_heads=2, num_global_key_value_heads=2),
-    dict(head_dim=8, global_head_dim=8, num_key_value_heads=2, num_global_key_value_heads=None),
-    dict(head_dim=8, global_head_dim=8, num_key_value_heads=2, num_global_key_value_heads=1),
-])
+@pytest.mark.parametrize(
+    "geometry",
+    [
+        dict(head_dim=8, global_head_dim=16, num_key_value_heads=2, num_global_key_value_heads=1),
+        dict(head_dim=8, global_head_dim=16, num_key_value_heads=2, num_global_key_value_heads=2),
+        dict(head_dim=8, global_head_dim=8, num_key_value_heads=2, num_global_key_value_heads=None),
+        dict(head_dim=8, global_head_dim=8, num_key_value_heads=2, num_global_key_value_heads=1),
+    ],
+)
 def test_config_geometry_matches_transformers(tmp_path, geometry):
     """transformers drops per-layer overrides equal to the base value; dgemma must read the same geometry."""
     from transformers import DiffusionGemmaConfig
@@ -343,10 +359,13 @@ def test_config_geometry_matches_transformers(tmp_path, geometry):
     for i in range(cfg.text_config.num_hidden_layers):
         ref = cfg.text_config.per_layer_config[i]
         assert (text.layer_head_dim(i), text.layer_kv_heads(i)) == (ref.head_dim, ref.num_key_value_heads), (
-            i, json.loads((tmp_path / "config.json").read_text())["text_config"]["per_layer_config"])
+            i,
+            json.loads((tmp_path / "config.json").read_text())["text_config"]["per_layer_config"],
+        )
 
 
 # -- bad input ---------------------------------------------------------------------------------------------------
+
 
 def test_missing_directory(tmp_path):
     with pytest.raises(CheckpointError, match="does_not_exist"):
@@ -411,7 +430,9 @@ BAD_FIELDS = {
     "missing moe_intermediate_size": (_drop("moe_intermediate_size"), "moe_intermediate_size"),
     "kv heads do not divide heads": (_text(num_key_value_heads=3), "num_attention_heads"),
     "full-layer kv heads do not divide heads": (
-        _text(per_layer_config={"2": {"head_dim": 16, "num_key_value_heads": 3}}), "num_attention_heads"),
+        _text(per_layer_config={"2": {"head_dim": 16, "num_key_value_heads": 3}}),
+        "num_attention_heads",
+    ),
     "top_k > num_experts": (_text(top_k_experts=5), "top_k_experts"),
     "layer_types too short": (_text(layer_types=[S, FULL]), "layer_types"),
     "layer_types too long": (_text(layer_types=[S, S, FULL, FULL]), "layer_types"),
@@ -423,18 +444,26 @@ BAD_FIELDS = {
     "num_hidden_layers zero": (_text(num_hidden_layers=0, layer_types=[], per_layer_config={}), "num_hidden_layers"),
     "head_dim a bool": (_text(head_dim=True), "head_dim"),
     "unknown activation": (_text(hidden_activation="relu6"), "hidden_activation"),
-    "unknown rope type": (_text(rope_parameters={S: {"rope_type": "yarn", "rope_theta": 1e4},
-                                                 FULL: {"rope_type": "default", "rope_theta": 1e6}}), "rope_type"),
-    "rope params missing a layer type": (_text(rope_parameters={S: {"rope_type": "default", "rope_theta": 1e4}}),
-                                         "rope_parameters"),
+    "unknown rope type": (
+        _text(
+            rope_parameters={
+                S: {"rope_type": "yarn", "rope_theta": 1e4},
+                FULL: {"rope_type": "default", "rope_theta": 1e6},
+            }
+        ),
+        "rope_type",
+    ),
+    "rope params missing a layer type": (
+        _text(rope_parameters={S: {"rope_type": "default", "rope_theta": 1e4}}),
+        "rope_parameters",
+    ),
     "pad token outside vocab": (_text(pad_token_id=96), "pad_token_id"),
     "eos token outside vocab": (_text(eos_token_id=[1, 500]), "eos_token_id"),
     "negative rms_norm_eps": (_text(rms_norm_eps=-1e-6), "rms_norm_eps"),
     "zero softcapping": (_text(final_logit_softcapping=0), "final_logit_softcapping"),
     "bidirectional encoder": (_text(use_bidirectional_attention="all"), "use_bidirectional_attention"),
     "per-layer override of a sliding layer": (_text(per_layer_config={"0": {"head_dim": 16}}), "per_layer_config"),
-    "per-layer override with unknown key": (_text(per_layer_config={"2": {"sliding_window": 3}}),
-                                            "per_layer_config"),
+    "per-layer override with unknown key": (_text(per_layer_config={"2": {"sliding_window": 3}}), "per_layer_config"),
     "per-layer index out of range": (_text(per_layer_config={"9": {"head_dim": 16}}), "per_layer_config"),
     "text_config not an object": (lambda c: c.update(text_config="gemma"), "text_config"),
     "canvas_length zero": (lambda c: c.update(canvas_length=0), "canvas_length"),
@@ -450,13 +479,16 @@ def test_bad_config_field(ckpt, case):
     assert field in str(e.value), str(e.value)
 
 
-@pytest.mark.parametrize("edit,tensor", [
-    (_text(hidden_size=48), "model.decoder."),
-    (_text(vocab_size=100), "embed_tokens"),
-    (_text(moe_intermediate_size=8), "experts"),
-    (_text(num_experts=5), "layers.0."),
-    (_text(per_layer_config={"2": {"head_dim": 32, "num_key_value_heads": 1}}), "layers.2.self_attn"),
-])
+@pytest.mark.parametrize(
+    "edit,tensor",
+    [
+        (_text(hidden_size=48), "model.decoder."),
+        (_text(vocab_size=100), "embed_tokens"),
+        (_text(moe_intermediate_size=8), "experts"),
+        (_text(num_experts=5), "layers.0."),
+        (_text(per_layer_config={"2": {"head_dim": 32, "num_key_value_heads": 1}}), "layers.2.self_attn"),
+    ],
+)
 def test_shape_mismatch_between_config_and_weights(ckpt, edit, tensor):
     _edit_config(ckpt, edit)
     with pytest.raises(CheckpointError) as e:
@@ -467,8 +499,14 @@ def test_shape_mismatch_between_config_and_weights(ckpt, edit, tensor):
 
 def test_more_layers_in_config_than_weights(ckpt):
     # (every full layer gets the override: dgemma needs one head_dim for all full-attention layers)
-    _edit_config(ckpt, _text(num_hidden_layers=4, layer_types=[S, S, FULL, FULL],
-                             per_layer_config={"2": {"head_dim": 16}, "3": {"head_dim": 16}}))
+    _edit_config(
+        ckpt,
+        _text(
+            num_hidden_layers=4,
+            layer_types=[S, S, FULL, FULL],
+            per_layer_config={"2": {"head_dim": 16}, "3": {"head_dim": 16}},
+        ),
+    )
     with pytest.raises(CheckpointError, match="missing tensors.*layers.3"):
         load_model(ckpt)
 
@@ -498,7 +536,7 @@ def test_corrupt_safetensors_header(ckpt, kind):
     elif kind == "bad json header":
         f.write_bytes((16).to_bytes(8, "little") + b"{not json at all" + b"\0" * 64)
     else:
-        f.write_bytes((2 ** 60).to_bytes(8, "little") + b"{}")
+        f.write_bytes((2**60).to_bytes(8, "little") + b"{}")
     with pytest.raises(CheckpointError, match="model.safetensors"):
         load_model(ckpt)
 
@@ -513,7 +551,7 @@ def test_missing_shard(hf_dir, tmp_path):
 
 def test_corrupt_index(hf_dir, tmp_path):
     save_model(_quiet_load(hf_dir[1]), tmp_path, max_shard_bytes=2000)
-    (tmp_path / "model.safetensors.index.json").write_text("{\"weight_map\": ")
+    (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": ')
     with pytest.raises(CheckpointError, match="model.safetensors.index.json"):
         load_model(tmp_path)
 
@@ -565,16 +603,22 @@ def test_no_weights_at_all(ckpt):
         load_model(ckpt)
 
 
-@pytest.mark.parametrize("key", ["model.decoder.layers.1.self_attn.q_proj.weight", "model.decoder.norm.weight",
-                                 "model.decoder.layers.0.experts.gate_up_proj",
-                                 "model.decoder.self_conditioning.pre_norm.weight",
-                                 "model.decoder.embed_tokens.weight"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "model.decoder.layers.1.self_attn.q_proj.weight",
+        "model.decoder.norm.weight",
+        "model.decoder.layers.0.experts.gate_up_proj",
+        "model.decoder.self_conditioning.pre_norm.weight",
+        "model.decoder.embed_tokens.weight",
+    ],
+)
 def test_missing_tensor(ckpt, key):
     _edit_weights(ckpt, lambda t: {k: v for k, v in t.items() if k != key})
     with pytest.raises(CheckpointError) as e:
         load_model(ckpt)
     msg = str(e.value)
-    assert "missing" in msg and key[len("model.decoder."):] in msg, msg
+    assert "missing" in msg and key[len("model.decoder.") :] in msg, msg
 
 
 def test_missing_layer_scalars_default_to_one(ckpt):
@@ -584,11 +628,12 @@ def test_missing_layer_scalars_default_to_one(ckpt):
     assert model.layers[1].layer_scalar.item() == 1.0 and model.layers[1].encoder_layer_scalar.item() == 1.0
 
 
-@pytest.mark.parametrize("key", ["model.decoder.layers.9.mlp.gate_proj.weight",
-                                 "model.decoder.layers.2.self_attn.v_proj.weight"])
+@pytest.mark.parametrize(
+    "key", ["model.decoder.layers.9.mlp.gate_proj.weight", "model.decoder.layers.2.self_attn.v_proj.weight"]
+)
 def test_unexpected_tensor(ckpt, key):
     _edit_weights(ckpt, lambda t: {**t, key: torch.zeros(48, 32)})
-    with pytest.raises(CheckpointError, match=key[len("model.decoder."):].replace(".", r"\.")):
+    with pytest.raises(CheckpointError, match=key[len("model.decoder.") :].replace(".", r"\.")):
         load_model(ckpt)
 
 

@@ -42,8 +42,11 @@ def tok_ckpt(tmp_path_factory) -> Path:
     tok = build_bpe_tokenizer(tmp_path_factory.mktemp("tok"))
     torch.manual_seed(1)
     d = tmp_path_factory.mktemp("tokckpt") / "ckpt"
-    save_model(DiffusionGemma(tiny_config(vocab_size=300, canvas_length=CANVAS, max_position_embeddings=512)), d,
-               tokenizer_dir=tok)
+    save_model(
+        DiffusionGemma(tiny_config(vocab_size=300, canvas_length=CANVAS, max_position_embeddings=512)),
+        d,
+        tokenizer_dir=tok,
+    )
     return d
 
 
@@ -86,13 +89,22 @@ def assert_user_error(code: int, out: str, err: str, *needles: str) -> None:
 
 # -- generate ------------------------------------------------------------------------------------------------------
 def test_json_fields_and_tokens_match_llm_generate(capsys, ids_ckpt, llms):
-    obj = run_json(capsys, "generate", "--model", ids_ckpt, "--prompt-ids", "5,6,7", "--max-new-tokens", 20,
-                   "--seed", 1)
-    assert set(obj) == {"token_ids", "finish_reason", "tokens_per_forward", "denoising_steps", "prompt_tokens",
-                        "completion_tokens", "timings"}  # no "text": this checkpoint has no tokenizer
+    obj = run_json(
+        capsys, "generate", "--model", ids_ckpt, "--prompt-ids", "5,6,7", "--max-new-tokens", 20, "--seed", 1
+    )
+    assert set(obj) == {
+        "token_ids",
+        "finish_reason",
+        "tokens_per_forward",
+        "denoising_steps",
+        "prompt_tokens",
+        "completion_tokens",
+        "timings",
+    }  # no "text": this checkpoint has no tokenizer
     # The CLI's engine has one row; so has this one, so both run the same arithmetic (batch shapes change rounding).
-    ref = LLM(ids_ckpt, max_batch=1).generate([{"prompt_token_ids": [5, 6, 7]}],
-                                              SamplingParams(max_new_tokens=20, seed=1))[0]
+    ref = LLM(ids_ckpt, max_batch=1).generate(
+        [{"prompt_token_ids": [5, 6, 7]}], SamplingParams(max_new_tokens=20, seed=1)
+    )[0]
     assert obj["token_ids"] == ref.outputs[0].token_ids
     assert obj["finish_reason"] == ref.outputs[0].finish_reason
     assert obj["prompt_tokens"] == 3 and obj["completion_tokens"] == len(obj["token_ids"])
@@ -105,8 +117,18 @@ def test_json_fields_and_tokens_match_llm_generate(capsys, ids_ckpt, llms):
 
 
 def test_prompt_ids_without_tokenizer_prints_ids(capsys, ids_ckpt):
-    args = ("generate", "--model", ids_ckpt, "--prompt-ids", "5, 6,7", "--max-new-tokens", 40, "--seed", 3,
-            "--ignore-eos")
+    args = (
+        "generate",
+        "--model",
+        ids_ckpt,
+        "--prompt-ids",
+        "5, 6,7",
+        "--max-new-tokens",
+        40,
+        "--seed",
+        3,
+        "--ignore-eos",
+    )
     obj = run_json(capsys, *args)
     assert obj["completion_tokens"] == 40 and obj["finish_reason"] == "length"
     code, out, err = run(capsys, *args)
@@ -120,8 +142,18 @@ def test_text_prompt_streams_the_json_text(capsys, tok_ckpt, llms, monkeypatch):
     # tokens have text to write, on any CPU (a random model could end or write nothing printable in the first one).
     force_canvas(monkeypatch, at={0: printable_tokens(llms["tok"].tokenizer, 300)[0]})
     params = SamplingParams(max_new_tokens=40, seed=1, ignore_eos=True)
-    args = ("generate", "--model", tok_ckpt, "--prompt", "hello world", "--max-new-tokens", 40, "--seed", 1,
-            "--ignore-eos")
+    args = (
+        "generate",
+        "--model",
+        tok_ckpt,
+        "--prompt",
+        "hello world",
+        "--max-new-tokens",
+        40,
+        "--seed",
+        1,
+        "--ignore-eos",
+    )
     obj = run_json(capsys, *args)
     ref = llms["tok"].generate("hello world", params)[0]
     assert obj["token_ids"] == ref.outputs[0].token_ids
@@ -138,6 +170,7 @@ def test_text_prompt_streams_the_json_text(capsys, tok_ckpt, llms, monkeypatch):
 
             def flush(self):
                 out.flush()
+
         return real(llm, ids, params, out=Tee(), **kw)
 
     monkeypatch.setattr(cli, "generate_one", spy)
@@ -156,11 +189,21 @@ def test_stop_string_cuts_text_and_stream(capsys, tok_ckpt, llms, monkeypatch):
     tok = llms["tok"].tokenizer
     qz = [i for i in range(300) if {"Q", "Z"} & set(tok.decode([i]))]
     force_canvas(monkeypatch, at={CANVAS - 1: tok.encode("Q")[0], 0: tok.encode("Z")[0]}, ban=qz)
-    base = ("generate", "--model", tok_ckpt, "--prompt", "the quick brown fox", "--max-new-tokens", 48,
-            "--seed", 7, "--ignore-eos")
+    base = (
+        "generate",
+        "--model",
+        tok_ckpt,
+        "--prompt",
+        "the quick brown fox",
+        "--max-new-tokens",
+        48,
+        "--seed",
+        7,
+        "--ignore-eos",
+    )
     full = run_json(capsys, *base)["text"]
     stop = "QZ"
-    expect = full[:full.find(stop)]
+    expect = full[: full.find(stop)]
     obj = run_json(capsys, *base, "--stop", stop)
     assert obj["finish_reason"] == "stop"
     assert obj["text"] == expect and "Q" not in expect
@@ -170,28 +213,69 @@ def test_stop_string_cuts_text_and_stream(capsys, tok_ckpt, llms, monkeypatch):
     assert out == expect + "\n"
 
 
-
-
 def test_mode_ar(capsys, ids_ckpt, llms):
-    obj = run_json(capsys, "generate", "--model", ids_ckpt, "--prompt-ids", "9,10,11", "--max-new-tokens", 12,
-                   "--mode", "ar", "--seed", 2, "--ignore-eos")
-    ref = llms["ids"].generate([{"prompt_token_ids": [9, 10, 11]}],
-                               SamplingParams(max_new_tokens=12, mode="ar", seed=2, ignore_eos=True))[0]
+    obj = run_json(
+        capsys,
+        "generate",
+        "--model",
+        ids_ckpt,
+        "--prompt-ids",
+        "9,10,11",
+        "--max-new-tokens",
+        12,
+        "--mode",
+        "ar",
+        "--seed",
+        2,
+        "--ignore-eos",
+    )
+    ref = llms["ids"].generate(
+        [{"prompt_token_ids": [9, 10, 11]}], SamplingParams(max_new_tokens=12, mode="ar", seed=2, ignore_eos=True)
+    )[0]
     assert obj["token_ids"] == ref.outputs[0].token_ids and len(obj["token_ids"]) == 12
     assert obj["tokens_per_forward"] == pytest.approx(1.0)
     assert obj["denoising_steps"] == 0
-    sampled = run_json(capsys, "generate", "--model", ids_ckpt, "--prompt-ids", "9,10,11", "--max-new-tokens", 12,
-                       "--mode", "ar", "--seed", 2, "--ignore-eos", "--temperature", 1.0, "--top-k", 5,
-                       "--top-p", 0.9)
+    sampled = run_json(
+        capsys,
+        "generate",
+        "--model",
+        ids_ckpt,
+        "--prompt-ids",
+        "9,10,11",
+        "--max-new-tokens",
+        12,
+        "--mode",
+        "ar",
+        "--seed",
+        2,
+        "--ignore-eos",
+        "--temperature",
+        1.0,
+        "--top-k",
+        5,
+        "--top-p",
+        0.9,
+    )
     assert sampled["completion_tokens"] == 12
 
 
 def test_reference_sampling(capsys, ids_ckpt, llms):
-    args = ("generate", "--model", ids_ckpt, "--prompt-ids", "5,6,7", "--max-new-tokens", 20, "--seed", 1,
-            "--reference-sampling")
+    args = (
+        "generate",
+        "--model",
+        ids_ckpt,
+        "--prompt-ids",
+        "5,6,7",
+        "--max-new-tokens",
+        20,
+        "--seed",
+        1,
+        "--reference-sampling",
+    )
     obj = run_json(capsys, *args)
-    ref = llms["ids"].generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(max_new_tokens=20, seed=1),
-                               reference_sampling=True)[0]
+    ref = llms["ids"].generate(
+        [{"prompt_token_ids": [5, 6, 7]}], SamplingParams(max_new_tokens=20, seed=1), reference_sampling=True
+    )[0]
     assert obj["token_ids"] == ref.outputs[0].token_ids
     assert obj["denoising_steps"] == ref.metrics["decoder_passes"]
     code, out, err = run(capsys, *args)
@@ -202,8 +286,21 @@ def test_reference_sampling(capsys, ids_ckpt, llms):
 
 def test_drafts_on_a_terminal(capsys, tok_ckpt, monkeypatch):
     steps = 6  # 2 canvases x 3 steps, whatever the model writes: 6 drafts to draw
-    args = ("generate", "--model", tok_ckpt, "--prompt", "hello", "--max-new-tokens", 2 * CANVAS, "--seed", 5,
-            "--ignore-eos", "--fixed-steps", "--max-denoising-steps", steps // 2)
+    args = (
+        "generate",
+        "--model",
+        tok_ckpt,
+        "--prompt",
+        "hello",
+        "--max-new-tokens",
+        2 * CANVAS,
+        "--seed",
+        5,
+        "--ignore-eos",
+        "--fixed-steps",
+        "--max-denoising-steps",
+        steps // 2,
+    )
     code, plain, _ = run(capsys, *args)
     assert code == 0
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
@@ -231,12 +328,14 @@ def test_invalid_knob_names_the_field(capsys, ids_ckpt):
 
 
 def test_usage_errors_exit_2(capsys, ids_ckpt):
-    for argv in (["generate", "--model", ids_ckpt],  # no prompt
-                 ["generate", "--model", ids_ckpt, "--prompt-ids", "1,x"],
-                 ["generate", "--model", ids_ckpt, "--prompt-ids", "1", "--prompt", "a"],
-                 ["generate", "--model", ids_ckpt, "--prompt-ids", "1", "--max-new-tokens", "0"],
-                 ["generate", "--model", ids_ckpt, "--prompt-ids", "1", "--mode", "beam"],
-                 ["frobnicate"]):
+    for argv in (
+        ["generate", "--model", ids_ckpt],  # no prompt
+        ["generate", "--model", ids_ckpt, "--prompt-ids", "1,x"],
+        ["generate", "--model", ids_ckpt, "--prompt-ids", "1", "--prompt", "a"],
+        ["generate", "--model", ids_ckpt, "--prompt-ids", "1", "--max-new-tokens", "0"],
+        ["generate", "--model", ids_ckpt, "--prompt-ids", "1", "--mode", "beam"],
+        ["frobnicate"],
+    ):
         code, out, err = run(capsys, *argv)
         assert code == 2 and "usage:" in err and "Traceback" not in err, argv
     code, out, err = run(capsys)
@@ -265,11 +364,22 @@ def test_prompt_too_long_exits_2(capsys, ids_ckpt, tok_ckpt):
     ids = ",".join(["5"] * 200)  # the checkpoint's context is 128 tokens
     code, out, err = run(capsys, "generate", "--model", ids_ckpt, "--prompt-ids", ids, "--max-new-tokens", 8)
     assert_user_error(code, out, err, "context length")
-    code, out, err = run(capsys, "generate", "--model", ids_ckpt, "--prompt-ids", ids, "--max-new-tokens", 8,
-                         "--reference-sampling")
+    code, out, err = run(
+        capsys, "generate", "--model", ids_ckpt, "--prompt-ids", ids, "--max-new-tokens", 8, "--reference-sampling"
+    )
     assert_user_error(code, out, err, "context length")
-    code, out, err = run(capsys, "generate", "--model", tok_ckpt, "--prompt", "hello world " * 40,
-                         "--max-new-tokens", 8, "--max-model-len", 32)
+    code, out, err = run(
+        capsys,
+        "generate",
+        "--model",
+        tok_ckpt,
+        "--prompt",
+        "hello world " * 40,
+        "--max-new-tokens",
+        8,
+        "--max-model-len",
+        32,
+    )
     assert_user_error(code, out, err, "context length")
     code, out, err = run(capsys, "generate", "--model", ids_ckpt, "--prompt-ids", "1,2,3", "--max-new-tokens", 500)
     assert_user_error(code, out, err, "max_new_tokens", "context length")
@@ -282,10 +392,30 @@ def test_help(capsys):
         code, out, _ = run(capsys, name, "--help")
         assert code == 0 and out.startswith(f"usage: dgemma {name}"), name
     code, out, _ = run(capsys, "generate", "--help")
-    for flag in ("--model", "--prompt", "--prompt-ids", "--max-new-tokens", "--seed", "--max-denoising-steps",
-                 "--t-min", "--t-max", "--entropy-bound", "--stability-threshold", "--confidence-threshold",
-                 "--fixed-steps", "--temperature", "--top-k", "--top-p", "--stop", "--reference-sampling", "--mode",
-                 "--dtype", "--device", "--chat", "--json"):
+    for flag in (
+        "--model",
+        "--prompt",
+        "--prompt-ids",
+        "--max-new-tokens",
+        "--seed",
+        "--max-denoising-steps",
+        "--t-min",
+        "--t-max",
+        "--entropy-bound",
+        "--stability-threshold",
+        "--confidence-threshold",
+        "--fixed-steps",
+        "--temperature",
+        "--top-k",
+        "--top-p",
+        "--stop",
+        "--reference-sampling",
+        "--mode",
+        "--dtype",
+        "--device",
+        "--chat",
+        "--json",
+    ):
         assert flag in out, flag
     code, out, _ = run(capsys, "--version")
     assert code == 0 and out.startswith("dgemma ")
@@ -294,16 +424,19 @@ def test_help(capsys):
 def test_keyboard_interrupt_exits_130(capsys, ids_ckpt, monkeypatch):
     def interrupted(*a, **kw):
         raise KeyboardInterrupt
+
     monkeypatch.setattr(cli, "generate_one", interrupted)
     code, out, err = run(capsys, "generate", "--model", ids_ckpt, "--prompt-ids", "1,2")
     assert code == 130 and "Traceback" not in err
 
 
 def test_generate_chat_flag(capsys, tok_ckpt, llms):
-    obj = run_json(capsys, "generate", "--model", tok_ckpt, "--prompt", "hi", "--chat", "--max-new-tokens", 20,
-                   "--seed", 4)
-    ref = llms["tok"].generate([[{"role": "user", "content": "hi"}]],
-                               SamplingParams(max_new_tokens=20, seed=4, stop_token_ids=[EOT]))[0]
+    obj = run_json(
+        capsys, "generate", "--model", tok_ckpt, "--prompt", "hi", "--chat", "--max-new-tokens", 20, "--seed", 4
+    )
+    ref = llms["tok"].generate(
+        [[{"role": "user", "content": "hi"}]], SamplingParams(max_new_tokens=20, seed=4, stop_token_ids=[EOT])
+    )[0]
     assert obj["token_ids"] == ref.outputs[0].token_ids and obj["text"] == ref.outputs[0].text
     assert obj["prompt_tokens"] == len(ref.prompt_token_ids)
 
@@ -329,8 +462,11 @@ def test_chat_keeps_history_until_eof(capsys, tok_ckpt, llms, monkeypatch):
     code, out, err = run(capsys, "chat", "--model", tok_ckpt, "--max-new-tokens", 24, "--seed", 3)
     assert code == 0, err
     r1 = _reply(llms["tok"], [{"role": "user", "content": "hi"}], 3)
-    r2 = _reply(llms["tok"], [{"role": "user", "content": "hi"}, {"role": "assistant", "content": r1},
-                              {"role": "user", "content": "more"}], 3)
+    r2 = _reply(
+        llms["tok"],
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": r1}, {"role": "user", "content": "more"}],
+        3,
+    )
     assert out == f"{r1}\n{r2}\n"
 
 
@@ -340,8 +476,7 @@ def test_chat_errors(capsys, ids_ckpt, tok_ckpt, monkeypatch):
     assert_user_error(code, out, err, "tokenizer")
     # A message too long for the context is reported, and the conversation goes on.
     monkeypatch.setattr(sys, "stdin", io.StringIO("hello world " * 40 + "\n/bogus\nhi\n"))
-    code, out, err = run(capsys, "chat", "--model", tok_ckpt, "--max-new-tokens", 8, "--max-model-len", 64,
-                         "--seed", 0)
+    code, out, err = run(capsys, "chat", "--model", tok_ckpt, "--max-new-tokens", 8, "--max-model-len", 64, "--seed", 0)
     assert code == 0 and "context length" in err and "unknown command /bogus" in err and "Traceback" not in err
     # One reply, for "hi" alone (the rejected message is not kept). The reply is compared, not its newlines: a random
     # model may write some. Same engine shape and context length as the CLI's, so the same arithmetic.
@@ -375,14 +510,38 @@ def test_console_script_exit_codes(ids_ckpt, tmp_path):
     exe = shutil.which("dgemma")
     cmd = [exe] if exe else [sys.executable, "-m", "dgemma.cli"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    ok = subprocess.run(cmd + ["generate", "--model", str(ids_ckpt), "--prompt-ids", "5,6,7", "--max-new-tokens",
-                               "16", "--seed", "1", "--json", "--threads", "1", "--ignore-eos"],
-                        capture_output=True, text=True, env=env, timeout=120)
+    ok = subprocess.run(
+        cmd
+        + [
+            "generate",
+            "--model",
+            str(ids_ckpt),
+            "--prompt-ids",
+            "5,6,7",
+            "--max-new-tokens",
+            "16",
+            "--seed",
+            "1",
+            "--json",
+            "--threads",
+            "1",
+            "--ignore-eos",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert ok.returncode == 0, ok.stderr
     obj = json.loads(ok.stdout)
     assert obj["completion_tokens"] == len(obj["token_ids"]) == 16  # --ignore-eos: the length is not left to EOS
-    bad = subprocess.run(cmd + ["generate", "--model", str(tmp_path / "missing"), "--prompt-ids", "1"],
-                         capture_output=True, text=True, env=env, timeout=120)
+    bad = subprocess.run(
+        cmd + ["generate", "--model", str(tmp_path / "missing"), "--prompt-ids", "1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert bad.returncode == 2 and bad.stdout == ""
     err = without_setup_lines(bad.stderr)
     assert err.startswith("dgemma: error: ") and "Traceback" not in err
@@ -391,16 +550,54 @@ def test_console_script_exit_codes(ids_ckpt, tmp_path):
 def test_generate_structured_output_flags(capsys, tok_ckpt, tmp_path):
     import re as _re
 
-    out = run_json(capsys, "generate", "--model", str(tok_ckpt), "--prompt", "x", "--seed", "0",
-                   "--max-new-tokens", "32", "--regex", "[0-9]{4}")
+    out = run_json(
+        capsys,
+        "generate",
+        "--model",
+        str(tok_ckpt),
+        "--prompt",
+        "x",
+        "--seed",
+        "0",
+        "--max-new-tokens",
+        "32",
+        "--regex",
+        "[0-9]{4}",
+    )
     assert _re.fullmatch("[0-9]{4}", out["text"])
     schema = tmp_path / "s.json"
     schema.write_text(json.dumps({"type": "object", "properties": {"a": {"type": "boolean"}}, "required": ["a"]}))
-    out = run_json(capsys, "generate", "--model", str(tok_ckpt), "--prompt", "x", "--seed", "0",
-                   "--max-new-tokens", "64", "--json-schema", str(schema))
+    out = run_json(
+        capsys,
+        "generate",
+        "--model",
+        str(tok_ckpt),
+        "--prompt",
+        "x",
+        "--seed",
+        "0",
+        "--max-new-tokens",
+        "64",
+        "--json-schema",
+        str(schema),
+    )
     assert isinstance(json.loads(out["text"])["a"], bool)
-    out = run_json(capsys, "generate", "--model", str(tok_ckpt), "--prompt", "x", "--seed", "1",
-                   "--max-new-tokens", "16", "--choice", "yes", "--choice", "no")
+    out = run_json(
+        capsys,
+        "generate",
+        "--model",
+        str(tok_ckpt),
+        "--prompt",
+        "x",
+        "--seed",
+        "1",
+        "--max-new-tokens",
+        "16",
+        "--choice",
+        "yes",
+        "--choice",
+        "no",
+    )
     assert out["text"] in ("yes", "no")
     code, _, err = run(capsys, "generate", "--model", str(tok_ckpt), "--prompt", "x", "--json-schema", "nope.json")
     assert code == 2 and "neither inline text nor an existing file" in err

@@ -123,8 +123,10 @@ def test_span_kinds():
     spans = {k: [text[s:e] for s, e in v] for k, v in C.candidate_spans(text).items()}
     assert "    out = [p.strip() for p in parts]\n" in spans["line"] and "\n" not in spans["line"]
     assert all(s.count("\n") in (2, 3, 4) for s in spans["lines"])
-    assert '    """Join the parts of x."""\n    out = [p.strip() for p in parts]\n    return sep.join(out)\n' \
+    assert (
+        '    """Join the parts of x."""\n    out = [p.strip() for p in parts]\n    return sep.join(out)\n'
         in spans["body"]
+    )
     assert "        self.items[key] = (value, os.sep)\n        return len(self.items)\n" in spans["body"]
     for expected in ("[p.strip() for p in parts]", "(out)", "(value, os.sep)", "[key]", "('é' * 2)"):
         assert expected in spans["bracket"], expected  # non-ASCII before a node: offsets are characters
@@ -139,8 +141,8 @@ def test_sample_items_takes_kinds_in_turn_within_the_room(lib):
     assert all(1 <= words(it.middle) <= C.MAX_MIDDLE_TOKENS for it in items)
     for it in items:
         text = files[it.path]
-        assert it.middle == text[it.start:it.end] and text[:it.start].endswith(it.prefix)
-        assert text[it.end:].startswith(it.suffix)
+        assert it.middle == text[it.start : it.end] and text[: it.start].endswith(it.prefix)
+        assert text[it.end :].startswith(it.suffix)
     assert C.sample_items(files, 400, seed=3, count_tokens=words) == items
     assert len({(it.path, it.start, it.end) for it in items if it.kind == "body"}) < 100  # repeats once run out
     with pytest.raises(ValueError, match="no line span"):
@@ -151,11 +153,11 @@ def test_sample_items_takes_kinds_in_turn_within_the_room(lib):
 def test_diffusion_example_is_one_canvas_laid_out_as_inference_lays_it_out():
     prefix, middle, suffix = list(range(100, 300)), [7, 8, 9], list(range(400, 500))
     prompt, response, fixed = C.diffusion_example(prefix, middle, suffix)
-    assert prompt == [C.BOS_ID] + prefix[-C.PREFIX_TOKENS:]
+    assert prompt == [C.BOS_ID] + prefix[-C.PREFIX_TOKENS :]
     assert len(response) + 1 == C.CANVAS  # the collator's EOS is the canvas's last slot
-    assert response[:C.ROOM] == middle + [C.EOS_ID] + [C.PAD_ID] * (C.ROOM - 4)
+    assert response[: C.ROOM] == middle + [C.EOS_ID] + [C.PAD_ID] * (C.ROOM - 4)
     # SamplingParams(max_new_tokens=ROOM, suffix_token_ids=suffix_ids(...)) fixes canvas[ROOM:] to these ids
-    assert response[C.ROOM:] + [C.EOS_ID] == C.suffix_ids(suffix) and len(C.suffix_ids(suffix)) == C.CANVAS - C.ROOM
+    assert response[C.ROOM :] + [C.EOS_ID] == C.suffix_ids(suffix) and len(C.suffix_ids(suffix)) == C.CANVAS - C.ROOM
     assert fixed == list(range(C.ROOM, C.CANVAS))
     short = C.suffix_ids([5, 6])
     assert short == [5, 6] + [C.PAD_ID] * (C.SUFFIX_TOKENS - 2) + [C.EOS_ID]
@@ -167,9 +169,9 @@ def test_ar_formats():
     prefix, suffix = list(range(100, 300)), list(range(400, 500))
     fim = C.fim_prompt(prefix, suffix)
     assert fim[:2] == [C.BOS_ID, C.FIM_PREFIX_ID] and fim[-1] == C.FIM_MIDDLE_ID
-    assert fim[2:2 + C.PREFIX_TOKENS] == prefix[-C.PREFIX_TOKENS:]
-    assert fim[2 + C.PREFIX_TOKENS] == C.FIM_SUFFIX_ID and fim[3 + C.PREFIX_TOKENS:-1] == suffix[:C.SUFFIX_TOKENS]
-    assert C.ar_prompt(prefix) == [C.BOS_ID] + prefix[-C.PREFIX_TOKENS:]
+    assert fim[2 : 2 + C.PREFIX_TOKENS] == prefix[-C.PREFIX_TOKENS :]
+    assert fim[2 + C.PREFIX_TOKENS] == C.FIM_SUFFIX_ID and fim[3 + C.PREFIX_TOKENS : -1] == suffix[: C.SUFFIX_TOKENS]
+    assert C.ar_prompt(prefix) == [C.BOS_ID] + prefix[-C.PREFIX_TOKENS :]
 
 
 # -- metrics --------------------------------------------------------------------------------------------------------
@@ -194,19 +196,22 @@ def test_binary_reason():
 
 
 # -- CLI input errors -----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("args, setup, message", [
-    (["missing.py", "--line", "1"], None, "missing.py: no such file"),
-    (["src.py", "--line", "9"], "a = 1\nb = 2\n", "line 9 is out of range: src.py has 2 lines"),
-    (["src.py", "--span", "2:5"], "a = 1\nb = 2\n", "line 5 is out of range"),
-    (["src.py", "--span", "3:2"], "a = 1\n", "need 1 <= A <= B"),
-    (["src.py", "--span", "two"], "a = 1\n", "--span takes A:B"),
-    (["src.py", "--line", "1"], b"\x7fELF\x02\x01\x00\x00", "cannot infill: it contains NUL bytes"),
-    (["src.py", "--line", "1"], b"s = '\xe9'\n", "cannot infill: it is not UTF-8"),
-    (["src.py", "--line", "1"], "", "is empty: there is no line 1"),
-    (["src.py"], "a = 1\n", "give --line N or --span A:B, or mark the gap with one <FILL> (found 0"),
-    (["src.py"], "a = <FILL>\nb = <FILL>\n", "(found 2 markers)"),
-    (["."], None, "is a directory"),
-])
+@pytest.mark.parametrize(
+    "args, setup, message",
+    [
+        (["missing.py", "--line", "1"], None, "missing.py: no such file"),
+        (["src.py", "--line", "9"], "a = 1\nb = 2\n", "line 9 is out of range: src.py has 2 lines"),
+        (["src.py", "--span", "2:5"], "a = 1\nb = 2\n", "line 5 is out of range"),
+        (["src.py", "--span", "3:2"], "a = 1\n", "need 1 <= A <= B"),
+        (["src.py", "--span", "two"], "a = 1\n", "--span takes A:B"),
+        (["src.py", "--line", "1"], b"\x7fELF\x02\x01\x00\x00", "cannot infill: it contains NUL bytes"),
+        (["src.py", "--line", "1"], b"s = '\xe9'\n", "cannot infill: it is not UTF-8"),
+        (["src.py", "--line", "1"], "", "is empty: there is no line 1"),
+        (["src.py"], "a = 1\n", "give --line N or --span A:B, or mark the gap with one <FILL> (found 0"),
+        (["src.py"], "a = <FILL>\nb = <FILL>\n", "(found 2 markers)"),
+        (["."], None, "is a directory"),
+    ],
+)
 def test_infill_input_errors(args, setup, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     if setup is not None:

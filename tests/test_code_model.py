@@ -28,9 +28,37 @@ def run(tmp_path_factory) -> tuple[Path, Path]:
     lib.mkdir()
     fake_stdlib(lib)
     out = base / "run"
-    assert cli_main(["code", "train", "--output", str(out), "--stdlib", str(lib), "--steps", "2", "--batch-size", "4",
-                     "--examples", "16", "--held-out", "2", "--hidden", "32", "--layers", "2", "--vocab", "300",
-                     "--parallel", "1", "--device", "cpu"]) == 0
+    assert (
+        cli_main(
+            [
+                "code",
+                "train",
+                "--output",
+                str(out),
+                "--stdlib",
+                str(lib),
+                "--steps",
+                "2",
+                "--batch-size",
+                "4",
+                "--examples",
+                "16",
+                "--held-out",
+                "2",
+                "--hidden",
+                "32",
+                "--layers",
+                "2",
+                "--vocab",
+                "300",
+                "--parallel",
+                "1",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     return out, lib
 
 
@@ -53,7 +81,8 @@ def test_infiller_formats_stay_within_the_room(run):
     out, _ = run
     for fmt in BUNDLED:
         res = Infiller(out / fmt / "final", fmt, max_batch=2, device="cpu", max_denoising_steps=3).infill(
-            [FILE[:13], "x = ("], [FILE[33:], ")\n"])
+            [FILE[:13], "x = ("], [FILE[33:], ")\n"]
+        )
         assert len(res) == 2 and all(0 <= r.tokens <= C.ROOM and r.forwards >= 1 for r in res)
     with pytest.raises(ValueError, match="not a code model"):
         Infiller(BUNDLED_MODELS["sudoku"])
@@ -67,22 +96,59 @@ def test_infill_cli_prints_the_file_and_draws_the_canvas(run, tmp_path, capsys):
     assert cli_main(["code", "infill", str(src), "--line", "2", "--model", model, "--device", "cpu", "--json"]) == 0
     rec = json.loads(capsys.readouterr().out)
     assert rec["original"] == "    return 3.14 * r * r\n" and rec["gap"] == "line 2" and rec["forwards"] >= 1
-    assert cli_main(["code", "infill", str(src), "--span", "1:2", "--model", model, "--device", "cpu",
-                     "--print-file", "--live", "always"]) == 0
+    assert (
+        cli_main(
+            [
+                "code",
+                "infill",
+                str(src),
+                "--span",
+                "1:2",
+                "--model",
+                model,
+                "--device",
+                "cpu",
+                "--print-file",
+                "--live",
+                "always",
+            ]
+        )
+        == 0
+    )
     shown = capsys.readouterr().out
     assert "\x1b[1;4m" in shown  # the draft canvas, drawn in place
     assert shown.endswith("\n\nprint(area(2))\n")  # then the whole file with the gap filled
-    assert cli_main(["code", "infill", str(src), "--line", "2", "--model", model, "--format", "ar",
-                     "--fixed-steps"]) == 2
+    assert (
+        cli_main(["code", "infill", str(src), "--line", "2", "--model", model, "--format", "ar", "--fixed-steps"]) == 2
+    )
     assert "--fixed-steps applies only to --format diffusion" in capsys.readouterr().err
 
 
 def test_eval_cli_prints_a_table_and_json(run, capsys):
     out, lib = run
     finals = {o: str(out / o / "final") for o in BUNDLED}
-    assert cli_main(["code", "eval", "--diffusion-model", finals["diffusion"], "--fim-model", finals["fim"],
-                     "--ar-model", finals["ar"], "--data", str(out / "data" / "test.jsonl"), "--stdlib", str(lib),
-                     "--quiet", "--device", "cpu"]) == 0
+    assert (
+        cli_main(
+            [
+                "code",
+                "eval",
+                "--diffusion-model",
+                finals["diffusion"],
+                "--fim-model",
+                finals["fim"],
+                "--ar-model",
+                finals["ar"],
+                "--data",
+                str(out / "data" / "test.jsonl"),
+                "--stdlib",
+                str(lib),
+                "--quiet",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].split()[:3] == ["variant", "1-line", "exact"]
     res = json.loads(lines[-1])["results"]
@@ -109,8 +175,10 @@ def test_recipe_defaults_fit_the_bundle_budget():
 
 
 # -- the bundled models ------------------------------------------------------------------------------------------------
-bundled = pytest.mark.skipif(not all((BUNDLED_MODELS[n] / "config.json").is_file() for n in BUNDLED.values()),
-                             reason="the bundled code models are not in this checkout")
+bundled = pytest.mark.skipif(
+    not all((BUNDLED_MODELS[n] / "config.json").is_file() for n in BUNDLED.values()),
+    reason="the bundled code models are not in this checkout",
+)
 
 
 @bundled
@@ -121,8 +189,9 @@ def test_bundled_models_are_small_and_infill_by_name():
         assert (d / "README.md").is_file() or name != "code"
     llm = LLM(model="code", max_batch=1)
     assert llm.model.config.canvas_length == C.CANVAS and llm.tokenizer.token_to_id("<fim_middle>") == C.FIM_MIDDLE_ID
-    out = llm.generate("def area(r):\n", SamplingParams(max_new_tokens=C.ROOM, suffix="\n\nprint(area(2))\n",
-                                                       seed=0))[0]
+    out = llm.generate("def area(r):\n", SamplingParams(max_new_tokens=C.ROOM, suffix="\n\nprint(area(2))\n", seed=0))[
+        0
+    ]
     assert out.outputs[0].finish_reason in ("stop", "length") and len(out.outputs[0].token_ids) <= C.ROOM
 
 
@@ -135,7 +204,15 @@ def test_bundled_model_serves_fill_in_the_middle():
 
     app = create_app(LLM("code", max_batch=2), model_name="code")
     with TestClient(app) as tc:
-        r = tc.post("/v1/completions", json={"model": "code", "prompt": "def area(r):\n", "suffix": "\n\nx = 1\n",
-                                             "max_tokens": C.ROOM, "seed": 0})
+        r = tc.post(
+            "/v1/completions",
+            json={
+                "model": "code",
+                "prompt": "def area(r):\n",
+                "suffix": "\n\nx = 1\n",
+                "max_tokens": C.ROOM,
+                "seed": 0,
+            },
+        )
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")

@@ -223,8 +223,10 @@ def test_sampler_tiles_match_one_tile(monkeypatch):
         seen: list[dict] = []
         eng = Engine(m, max_batch=3, max_model_len=64, sampler_memory=budget)
         for s in range(3):
-            eng.add_request([5, 6, 7 + s], SamplingParams(seed=s, max_new_tokens=16, max_denoising_steps=3,
-                                                            fixed_steps=True, ignore_eos=True))
+            eng.add_request(
+                [5, 6, 7 + s],
+                SamplingParams(seed=s, max_new_tokens=16, max_denoising_steps=3, fixed_steps=True, ignore_eos=True),
+            )
         for _ in range(4):  # prefill + 3 denoising steps (the first canvas)
             eng.step()
         runs.append((eng.tile, seen))

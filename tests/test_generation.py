@@ -92,8 +92,8 @@ def _left_pad(prompts):
     ids = torch.full((len(prompts), T), PAD, dtype=torch.long)
     am = torch.zeros_like(ids)
     for i, p in enumerate(prompts):
-        ids[i, T - len(p):] = torch.tensor(p)
-        am[i, T - len(p):] = 1
+        ids[i, T - len(p) :] = torch.tensor(p)
+        am[i, T - len(p) :] = 1
     return ids, am
 
 
@@ -101,7 +101,7 @@ def _hf_generate(hf, prompts, seed, **kw):
     ids, am = _left_pad(prompts)
     torch.manual_seed(seed)
     out = hf.generate(ids, attention_mask=am, pad_token_id=PAD, **kw)
-    return out.sequences[:, ids.shape[1]:].tolist(), out.tokens_per_forward.tolist()
+    return out.sequences[:, ids.shape[1] :].tolist(), out.tokens_per_forward.tolist()
 
 
 REF_CASES = {
@@ -133,8 +133,9 @@ def test_reference_mode_matches_transformers(ref_model, case):
         if seed >= 3 and eos_rows and length_rows and (compared_tpf or mnt % 8):
             break
         seqs, tpfs = _hf_generate(hf, prompts, seed, max_new_tokens=mnt, eos_token_id=EOS)
-        outs = llm.generate([_ids(p) for p in prompts], SamplingParams(seed=seed, max_new_tokens=mnt),
-                            reference_sampling=True)
+        outs = llm.generate(
+            [_ids(p) for p in prompts], SamplingParams(seed=seed, max_new_tokens=mnt), reference_sampling=True
+        )
         assert len(outs) == len(prompts)
         for row, (seq, tpf, o) in enumerate(zip(seqs, tpfs, outs)):
             c = o.outputs[0]
@@ -171,11 +172,20 @@ def test_reference_mode_nondefault_knobs_match_transformers(ref_model):
     prompts = [[5, 6, 7, 8, 9, 10, 11], [22, 23, 12, 13]]
     knobs = dict(max_denoising_steps=12, t_min=0.3, t_max=1.1, stability_threshold=2, confidence_threshold=0.05)
     for seed in range(2):
-        seqs, _ = _hf_generate(hf, prompts, seed, max_new_tokens=16, eos_token_id=EOS,
-                               sampler_config=EntropyBoundSamplerConfig(entropy_bound=0.5), **knobs)
-        outs = llm.generate([_ids(p) for p in prompts],
-                            SamplingParams(seed=seed, max_new_tokens=16, entropy_bound=0.5, **knobs),
-                            reference_sampling=True)
+        seqs, _ = _hf_generate(
+            hf,
+            prompts,
+            seed,
+            max_new_tokens=16,
+            eos_token_id=EOS,
+            sampler_config=EntropyBoundSamplerConfig(entropy_bound=0.5),
+            **knobs,
+        )
+        outs = llm.generate(
+            [_ids(p) for p in prompts],
+            SamplingParams(seed=seed, max_new_tokens=16, entropy_bound=0.5, **knobs),
+            reference_sampling=True,
+        )
         for seq, o in zip(seqs, outs):
             assert o.outputs[0].token_ids == list(itertools.takewhile(lambda t: t != EOS, seq))[:16]
             assert o.metrics["decoder_passes"] <= 12 * 2
@@ -201,8 +211,11 @@ def test_reference_mode_stop_token_ids_match_transformers_eos_list(ref_model):
         pytest.fail("no seed put a new token at position >= 6 of row 1 before EOS")
     stop = row[k]
     seqs, _ = _hf_generate(hf, prompts, seed, max_new_tokens=24, eos_token_id=[EOS, stop])
-    outs = llm.generate([_ids(p) for p in prompts],
-                        SamplingParams(seed=seed, max_new_tokens=24, stop_token_ids=[stop]), reference_sampling=True)
+    outs = llm.generate(
+        [_ids(p) for p in prompts],
+        SamplingParams(seed=seed, max_new_tokens=24, stop_token_ids=[stop]),
+        reference_sampling=True,
+    )
     for seq, o in zip(seqs, outs):
         assert o.outputs[0].token_ids == list(itertools.takewhile(lambda t: t not in (EOS, stop), seq))[:24]
     assert outs[1].outputs[0].token_ids == row[:k] and outs[1].outputs[0].finish_reason == "stop"
@@ -221,8 +234,9 @@ def test_reference_mode_ignore_eos_matches_transformers_without_eos(ref_model):
     else:
         pytest.fail("no seed put EOS in the first two canvases")
     assert len(seq) == 24
-    o = llm.generate([_ids(prompt)], SamplingParams(seed=seed, max_new_tokens=24, ignore_eos=True),
-                     reference_sampling=True)[0]
+    o = llm.generate(
+        [_ids(prompt)], SamplingParams(seed=seed, max_new_tokens=24, ignore_eos=True), reference_sampling=True
+    )[0]
     assert o.outputs[0].token_ids == seq
     assert o.outputs[0].finish_reason == "length"
 
@@ -261,7 +275,10 @@ def test_sample_step_matches_transformers_sampler(cur_step, bound):
     are shown to break these checks.
     """
     from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
-        EntropyBoundSampler, EntropyBoundSamplerConfig, LinearTemperatureScheduleLogitsProcessor)
+        EntropyBoundSampler,
+        EntropyBoundSamplerConfig,
+        LinearTemperatureScheduleLogitsProcessor,
+    )
 
     K, C, V, N = 4000, 8, 16, 48
     raw = _step_logits()[None].expand(K, C, V).contiguous()
@@ -278,14 +295,22 @@ def test_sample_step_matches_transformers_sampler(cur_step, bound):
     hf_ent = torch.distributions.Categorical(logits=processed[0]).entropy()
 
     # dgemma's step: temperature from its schedule registry, one generator per row
-    temp = SCHEDULES["linear"](torch.tensor(float(cur_step)), torch.tensor(float(N)), torch.tensor(0.4),
-                               torch.tensor(0.8))
+    temp = SCHEDULES["linear"](
+        torch.tensor(float(cur_step)), torch.tensor(float(N)), torch.tensor(0.4), torch.tensor(0.8)
+    )
     assert float(temp) == pytest.approx(0.4 + 0.4 * cur_step / N, rel=1e-6)
 
     def run(t, accept):
         gens = [torch.Generator().manual_seed(10_000 + k) for k in range(K)]
-        return sample_step(raw.clone(), canvas.clone(), t.expand(K).clone(), torch.full((K,), bound), accept,
-                           draw_uniforms(gens, C, "cpu"), V)
+        return sample_step(
+            raw.clone(),
+            canvas.clone(),
+            t.expand(K).clone(),
+            torch.full((K,), bound),
+            accept,
+            draw_uniforms(gens, C, "cpu"),
+            V,
+        )
 
     out = run(temp, entropy_bound_accept)
     n_acc = int(hf_mask.sum())
@@ -350,7 +375,7 @@ def test_fast_generation_distribution_matches_reference(dist_model):
     def fast():
         return _canvas_hist(llm.generate([_ids(prompt)] * DIST_N, [sp(s) for s in range(DIST_N)]))
 
-    ref = _canvas_hist(llm.generate([_ids(prompt)] * DIST_N, sp(10 ** 6), reference_sampling=True))
+    ref = _canvas_hist(llm.generate([_ids(prompt)] * DIST_N, sp(10**6), reference_sampling=True))
     tv_ok = _tv(fast(), ref)
     assert tv_ok < DIST_TV, f"fast vs reference: TV {tv_ok:.3f}"
 
@@ -412,8 +437,14 @@ def SP(**kw) -> SamplingParams:
     return SamplingParams(**{"max_denoising_steps": 8, **kw})
 
 
-PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19], [20, 21, 22, 23, 24], [30] * 20, [40, 41],
-           [42, 43, 44, 45, 46, 47]]
+PROMPTS = [
+    [5, 6, 7],
+    [9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19],
+    [20, 21, 22, 23, 24],
+    [30] * 20,
+    [40, 41],
+    [42, 43, 44, 45, 46, 47],
+]
 
 
 def _toks(o):
@@ -439,8 +470,14 @@ def test_batch_invariance(eng):
     """Same seed, same tokens whether a request runs alone or with others of different lengths and budgets, and
     whether it is admitted at once or queued (6 requests on 4 rows). The requests also differ in their sampler
     settings (steps, fixed steps, temperatures, schedule, AR mode), which are per row."""
-    extra = [dict(), dict(max_denoising_steps=4), dict(fixed_steps=True), dict(t_min=0.005, t_max=0.01),
-             dict(mode="ar", temperature=0.7, top_k=50), dict(schedule="cosine", max_denoising_steps=12)]
+    extra = [
+        dict(),
+        dict(max_denoising_steps=4),
+        dict(fixed_steps=True),
+        dict(t_min=0.005, t_max=0.01),
+        dict(mode="ar", temperature=0.7, top_k=50),
+        dict(schedule="cosine", max_denoising_steps=12),
+    ]
     params = [SP(seed=100 + i, max_new_tokens=9 + 7 * i, **kw) for i, kw in enumerate(extra)]
     with tracing() as t_alone:
         alone = [eng.generate([_ids(p)], sp)[0] for p, sp in zip(PROMPTS, params)]
@@ -472,20 +509,25 @@ def test_eos_and_stop_token_ids(eos_eng):
     else:
         pytest.fail("no seed produced EOS and a new token in the second canvas")
     o = eos_eng.generate([_ids([5, 6, 7])], SP(seed=seed, max_new_tokens=32))[0]
-    assert _toks(o) == full[:full.index(EOS)]
+    assert _toks(o) == full[: full.index(EOS)]
     assert o.outputs[0].finish_reason == "stop"
     # a stop token id that is not EOS, first occurring in the second canvas
     stop = full[k]
-    o = eos_eng.generate([_ids([5, 6, 7])], SP(seed=seed, max_new_tokens=32, ignore_eos=True,
-                                                stop_token_ids=[stop]))[0]
+    o = eos_eng.generate([_ids([5, 6, 7])], SP(seed=seed, max_new_tokens=32, ignore_eos=True, stop_token_ids=[stop]))[0]
     assert _toks(o) == full[:k] and stop not in _toks(o)
     assert o.outputs[0].finish_reason == "stop"
 
 
 def _stop_string(text: str) -> int | None:
     """Start of a 2-character ASCII, non-blank string first occurring in the last two thirds of `text`."""
-    return next((i for i in range(len(text) // 3, len(text) - 2)
-                 if text[i:i + 2].isascii() and text[i:i + 2].strip() and text.find(text[i:i + 2]) == i), None)
+    return next(
+        (
+            i
+            for i in range(len(text) // 3, len(text) - 2)
+            if text[i : i + 2].isascii() and text[i : i + 2].strip() and text.find(text[i : i + 2]) == i
+        ),
+        None,
+    )
 
 
 def test_stop_strings(eng):
@@ -501,13 +543,13 @@ def test_stop_strings(eng):
     else:
         pytest.fail("no seed produced a text with a stop string to cut at")
     assert full.finish_reason == "length"
-    stop = text[a:a + 2]
+    stop = text[a : a + 2]
     sp_stop = SP(seed=seed, max_new_tokens=48, ignore_eos=True, stop=[stop, "\x00never"])
     o = eng.generate(["hello world"], sp_stop)[0].outputs[0]
     assert o.finish_reason == "stop"
     assert o.text == text[:a], (o.text, text[:a], stop)
     assert stop not in o.text
-    assert len(o.token_ids) < len(full.token_ids) and o.token_ids == full.token_ids[:len(o.token_ids)]
+    assert len(o.token_ids) < len(full.token_ids) and o.token_ids == full.token_ids[: len(o.token_ids)]
     deltas = list(eng.generate_stream(["hello world"], sp_stop))
     assert "".join(d.text for d in deltas) == text[:a]
     assert deltas[-1].finished and deltas[-1].finish_reason == "stop"
@@ -547,12 +589,12 @@ def test_fixed_steps_and_adaptive_stop(eng_dir, monkeypatch):
         fixed = llm.generate([_ids([5, 6, 7])], SP(seed=seed, fixed_steps=True, **kw))[0]
         assert fixed.metrics["canvases"] == 3 and fixed.metrics["decoder_passes"] == 30
         assert fixed.metrics["steps_per_canvas"] == 10
-        one = llm.generate([_ids([5, 6, 7])], SP(seed=seed, stability_threshold=0, confidence_threshold=100.0,
-                                                 **kw))[0]
+        one = llm.generate([_ids([5, 6, 7])], SP(seed=seed, stability_threshold=0, confidence_threshold=100.0, **kw))[0]
         assert one.metrics["decoder_passes"] == 3
         # fixed_steps overrides any stopping rule
-        fixed_one = llm.generate([_ids([5, 6, 7])], SP(seed=seed, fixed_steps=True, stability_threshold=0,
-                                                       confidence_threshold=100.0, **kw))[0]
+        fixed_one = llm.generate(
+            [_ids([5, 6, 7])], SP(seed=seed, fixed_steps=True, stability_threshold=0, confidence_threshold=100.0, **kw)
+        )[0]
         assert fixed_one.metrics["decoder_passes"] == 30
         unsure = llm.generate([_ids([5, 6, 7])], SP(seed=seed, **kw))[0]
         assert unsure.metrics["decoder_passes"] == 30
@@ -595,19 +637,22 @@ def test_ar_mode_greedy_matches_transformers_encoder(ar_model):
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [30, 2, 17]]
     n = 14
     for prompt in prompts:
-        got = llm.generate([_ids(prompt)], SamplingParams(mode="ar", temperature=0.0, max_new_tokens=n,
-                                                          ignore_eos=True))[0]
+        got = llm.generate(
+            [_ids(prompt)], SamplingParams(mode="ar", temperature=0.0, max_new_tokens=n, ignore_eos=True)
+        )[0]
         assert len(_toks(got)) == n
         assert got.outputs[0].finish_reason == "length"
         assert got.metrics["mode"] == "ar"
         cache = DynamicCache(config=hf.config.text_config)
-        out = hf.model.encoder(input_ids=torch.tensor([prompt]), past_key_values=cache,
-                               position_ids=torch.arange(len(prompt))[None])
+        out = hf.model.encoder(
+            input_ids=torch.tensor([prompt]), past_key_values=cache, position_ids=torch.arange(len(prompt))[None]
+        )
         for i, tok in enumerate(_toks(got)):
             lg = hf_logits(hf, out.last_hidden_state[:, -1])[0]
             assert float(lg.max() - lg[tok]) <= GREEDY_TIE, f"step {i}: {tok} is not transformers' argmax"
-            out = hf.model.encoder(input_ids=torch.tensor([[tok]]), past_key_values=cache,
-                                   position_ids=torch.tensor([[len(prompt) + i]]))
+            out = hf.model.encoder(
+                input_ids=torch.tensor([[tok]]), past_key_values=cache, position_ids=torch.tensor([[len(prompt) + i]])
+            )
     # both prompts batched make the same greedy choices as each alone (up to rounding: see engine_trace)
     params = [SamplingParams(mode="ar", max_new_tokens=n, ignore_eos=True, seed=i) for i in range(len(prompts))]
     with tracing() as t_both:
@@ -736,8 +781,7 @@ def test_abort_frees_row(eng):
         e.abort(rid)
     assert not e.has_unfinished()
     # a consumer that stops reading a stream frees its rows
-    gen = eng.generate_stream([_ids(PROMPTS[0]), _ids(PROMPTS[1])], SP(seed=2, max_new_tokens=64,
-                                                                        ignore_eos=True))
+    gen = eng.generate_stream([_ids(PROMPTS[0]), _ids(PROMPTS[1])], SP(seed=2, max_new_tokens=64, ignore_eos=True))
     next(gen)
     gen.close()
     assert not e.has_unfinished()
@@ -761,9 +805,17 @@ def test_template_fixes_canvas_positions(eng):
     _still_works(eng)
 
 
-@pytest.mark.parametrize("mode,prompt_len,max_new", [
-    ("diffusion", 40, 32), ("diffusion", 56, 16), ("diffusion", 45, 27), ("diffusion", 63, 9),
-    ("ar", 56, 8), ("ar", 60, 10)])
+@pytest.mark.parametrize(
+    "mode,prompt_len,max_new",
+    [
+        ("diffusion", 40, 32),
+        ("diffusion", 56, 16),
+        ("diffusion", 45, 27),
+        ("diffusion", 63, 9),
+        ("ar", 56, 8),
+        ("ar", 60, 10),
+    ],
+)
 def test_accepted_request_gets_its_full_budget_at_context_edge(eng_dir, mode, prompt_len, max_new):
     """max_model_len=64, canvas 8: a request that add_request accepts must either get max_new_tokens tokens (no
     EOS: ignore_eos) or be rejected up front, as reference mode does with the same LLM. A request the engine
@@ -776,8 +828,9 @@ def test_accepted_request_gets_its_full_budget_at_context_edge(eng_dir, mode, pr
     except ValueError as e:
         assert "64" in str(e)
         return
-    assert len(_toks(o)) == max_new, (f"accepted, but cut at {len(_toks(o))} of {max_new} tokens "
-                                      f"({o.outputs[0].finish_reason})")
+    assert len(_toks(o)) == max_new, (
+        f"accepted, but cut at {len(_toks(o))} of {max_new} tokens ({o.outputs[0].finish_reason})"
+    )
 
 
 def test_long_prompt_chunked(eng_dir):
@@ -816,24 +869,27 @@ def _still_works(llm: LLM):
     assert len(_toks(o)) == 5
 
 
-@pytest.mark.parametrize("field,kw", [
-    ("max_new_tokens", dict(max_new_tokens=0)),
-    ("max_new_tokens", dict(max_new_tokens=-3)),
-    ("t_max", dict(t_min=0.9, t_max=0.5)),
-    ("t_min", dict(t_min=0.0)),
-    ("entropy_bound", dict(entropy_bound=-1)),
-    ("mode", dict(mode="beam")),
-    ("seed", dict(seed=-1)),
-    ("stop_token_ids", dict(stop_token_ids=[300])),
-    ("stop_token_ids", dict(stop_token_ids=[-1])),
-    ("max_denoising_steps", dict(max_denoising_steps=0)),
-    ("schedule", dict(schedule="nope")),
-    ("acceptance", dict(acceptance="nope")),
-    ("stopping", dict(stopping="nope")),
-    ("stop", dict(stop=[""])),
-    ("temperature", dict(temperature=-0.5)),
-    ("top_p", dict(top_p=0.0)),
-])
+@pytest.mark.parametrize(
+    "field,kw",
+    [
+        ("max_new_tokens", dict(max_new_tokens=0)),
+        ("max_new_tokens", dict(max_new_tokens=-3)),
+        ("t_max", dict(t_min=0.9, t_max=0.5)),
+        ("t_min", dict(t_min=0.0)),
+        ("entropy_bound", dict(entropy_bound=-1)),
+        ("mode", dict(mode="beam")),
+        ("seed", dict(seed=-1)),
+        ("stop_token_ids", dict(stop_token_ids=[300])),
+        ("stop_token_ids", dict(stop_token_ids=[-1])),
+        ("max_denoising_steps", dict(max_denoising_steps=0)),
+        ("schedule", dict(schedule="nope")),
+        ("acceptance", dict(acceptance="nope")),
+        ("stopping", dict(stopping="nope")),
+        ("stop", dict(stop=[""])),
+        ("temperature", dict(temperature=-0.5)),
+        ("top_p", dict(top_p=0.0)),
+    ],
+)
 def test_invalid_sampling_params(eng, field, kw):
     with pytest.raises(ValueError, match=field):
         eng.generate([_ids([5, 6, 7])], SamplingParams(**kw))

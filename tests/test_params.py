@@ -39,8 +39,9 @@ def test_every_knob_is_validated_flagged_and_in_the_schema(knob):
     assert knob.api_name in P.ChatCompletionRequest.model_fields
     if knob.kind is not bool:
         with pytest.raises(pydantic.ValidationError) as v:  # (completions alone take max_tokens 0: echo scoring)
-            P.ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "x"}],
-                                                    knob.api_name: _outside(knob)})
+            P.ChatCompletionRequest.model_validate(
+                {"messages": [{"role": "user", "content": "x"}], knob.api_name: _outside(knob)}
+            )
         assert v.value.errors()[0]["loc"][0] == knob.api_name
 
 

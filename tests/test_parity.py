@@ -65,39 +65,100 @@ S, FULL = "sliding_attention", "full_attention"
 # biases, other activations and RoPE settings, and different layer_types patterns.
 CASES = {
     "moe_top2_window5_keqv": (
-        dict(num_hidden_layers=3, layer_types=[S, S, FULL], num_experts=4, top_k_experts=2, sliding_window=5,
-             head_dim=8, global_head_dim=16, num_key_value_heads=2, num_global_key_value_heads=1),
+        dict(
+            num_hidden_layers=3,
+            layer_types=[S, S, FULL],
+            num_experts=4,
+            top_k_experts=2,
+            sliding_window=5,
+            head_dim=8,
+            global_head_dim=16,
+            num_key_value_heads=2,
+            num_global_key_value_heads=1,
+        ),
         dict(B=2, T=11, C=8, pads=None, rounds=3, chunks=None),
     ),
     "moe_top1_leftpad_batch3": (
-        dict(num_hidden_layers=4, layer_types=[S, FULL, S, FULL], num_experts=3, top_k_experts=1, sliding_window=6,
-             head_dim=8, global_head_dim=16, num_key_value_heads=2, num_global_key_value_heads=1),
+        dict(
+            num_hidden_layers=4,
+            layer_types=[S, FULL, S, FULL],
+            num_experts=3,
+            top_k_experts=1,
+            sliding_window=6,
+            head_dim=8,
+            global_head_dim=16,
+            num_key_value_heads=2,
+            num_global_key_value_heads=1,
+        ),
         dict(B=3, T=9, C=8, pads=[0, 3, 7], rounds=3, chunks=None),
     ),
     "full_only_mha_bias_silu": (
-        dict(num_hidden_layers=2, layer_types=[FULL, FULL], num_experts=2, top_k_experts=2, sliding_window=4,
-             num_attention_heads=4, num_key_value_heads=4, num_global_key_value_heads=None, head_dim=8,
-             global_head_dim=8, attention_bias=True, hidden_activation="silu"),
+        dict(
+            num_hidden_layers=2,
+            layer_types=[FULL, FULL],
+            num_experts=2,
+            top_k_experts=2,
+            sliding_window=4,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            num_global_key_value_heads=None,
+            head_dim=8,
+            global_head_dim=8,
+            attention_bias=True,
+            hidden_activation="silu",
+        ),
         dict(B=2, T=7, C=4, pads=[2, 0], rounds=3, chunks=None),
     ),
     "mixed5_topall_window3_rope": (
-        dict(num_hidden_layers=5, layer_types=[S, FULL, S, S, FULL], num_experts=4, top_k_experts=4,
-             sliding_window=3, num_attention_heads=4, num_key_value_heads=4, num_global_key_value_heads=2,
-             head_dim=8, global_head_dim=32, hidden_activation="gelu",
-             rope_parameters={S: {"rope_type": "default", "rope_theta": 100.0},
-                              FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.5,
-                                     "rope_theta": 10_000.0}}),
+        dict(
+            num_hidden_layers=5,
+            layer_types=[S, FULL, S, S, FULL],
+            num_experts=4,
+            top_k_experts=4,
+            sliding_window=3,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            num_global_key_value_heads=2,
+            head_dim=8,
+            global_head_dim=32,
+            hidden_activation="gelu",
+            rope_parameters={
+                S: {"rope_type": "default", "rope_theta": 100.0},
+                FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.5, "rope_theta": 10_000.0},
+            },
+        ),
         dict(B=2, T=10, C=6, pads=[0, 4], rounds=3, chunks=[4, 6]),
     ),
     "gqa4_window7_chunked_pad": (
-        dict(num_hidden_layers=3, layer_types=[S, S, FULL], hidden_size=48, num_attention_heads=8,
-             num_key_value_heads=2, num_global_key_value_heads=4, head_dim=4, global_head_dim=12, num_experts=5,
-             top_k_experts=3, moe_intermediate_size=8, sliding_window=7, vocab_size=80),
+        dict(
+            num_hidden_layers=3,
+            layer_types=[S, S, FULL],
+            hidden_size=48,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            num_global_key_value_heads=4,
+            head_dim=4,
+            global_head_dim=12,
+            num_experts=5,
+            top_k_experts=3,
+            moe_intermediate_size=8,
+            sliding_window=7,
+            vocab_size=80,
+        ),
         dict(B=4, T=13, C=5, pads=[5, 0, 12, 1], rounds=3, chunks=[3, 8, 2]),
     ),
     "same_head_dim_keqv": (
-        dict(num_hidden_layers=2, layer_types=[S, FULL], num_experts=4, top_k_experts=2, sliding_window=5,
-             head_dim=8, global_head_dim=8, num_key_value_heads=2, num_global_key_value_heads=1),
+        dict(
+            num_hidden_layers=2,
+            layer_types=[S, FULL],
+            num_experts=4,
+            top_k_experts=2,
+            sliding_window=5,
+            head_dim=8,
+            global_head_dim=8,
+            num_key_value_heads=2,
+            num_global_key_value_heads=1,
+        ),
         dict(B=2, T=6, C=4, pads=[0, 2], rounds=1, chunks=None),
     ),
 }
@@ -144,13 +205,14 @@ def run_schedule(hf, model, B, T, C, pads, rounds, chunks, seed):
     # -- prompt: transformers in one call, dgemma in `chunks` -------------------------------------------------
     cache = DynamicCache(config=tc)
     pos = torch.arange(T)[None]
-    out = hf.model.encoder(input_ids=ids, attention_mask=am if padded else None, past_key_values=cache,
-                           position_ids=pos)
+    out = hf.model.encoder(
+        input_ids=ids, attention_mask=am if padded else None, past_key_values=cache, position_ids=pos
+    )
     ref = hf_logits(hf, out.last_hidden_state)
     kv = model.new_cache(B, T + C * (rounds + 1))
     hidden, start = [], 0
     for n in chunks or [T]:
-        hidden.append(model.encode(ids[:, start:start + n], kv, visible=am[:, start:start + n]))
+        hidden.append(model.encode(ids[:, start : start + n], kv, visible=am[:, start : start + n]))
         start += n
     assert start == T
     ours = model.logits(torch.cat(hidden, dim=1))
@@ -165,13 +227,20 @@ def run_schedule(hf, model, B, T, C, pads, rounds, chunks, seed):
         if padded:
             dam = F.pad(seen, (0, C), value=True)
             dmask = hf.model.decoder.create_diffusion_decoder_attention_mask(
-                config=hf.config, inputs_embeds=canvas[..., None], past_key_values=cache, decoder_attention_mask=dam)
+                config=hf.config, inputs_embeds=canvas[..., None], past_key_values=cache, decoder_attention_mask=dam
+            )
         variants = [("no self-cond", None, None), ("self-cond", sc, None)]
         if B > 1:
             variants.append(("self-cond masked", sc, torch.arange(B) % 2 == 0))
         for what, s, smask in variants:
-            r = hf(decoder_input_ids=canvas, past_key_values=cache, decoder_position_ids=dpos,
-                   decoder_attention_mask=dmask, self_conditioning_logits=s, self_conditioning_mask=smask).logits
+            r = hf(
+                decoder_input_ids=canvas,
+                past_key_values=cache,
+                decoder_position_ids=dpos,
+                decoder_attention_mask=dmask,
+                self_conditioning_logits=s,
+                self_conditioning_mask=smask,
+            ).logits
             o = model.denoise(canvas, kv, self_cond=s, self_cond_mask=smask)
             yield f"decoder canvas {j} ({what})", o, r, torch.ones(B, C, dtype=torch.bool)
         if j == rounds:
@@ -181,8 +250,12 @@ def run_schedule(hf, model, B, T, C, pads, rounds, chunks, seed):
         emask = None
         if padded:
             emask = hf.model.encoder.create_masks_for_generate(
-                config=hf.config, inputs_embeds=torch.empty(B, C, 0), attention_mask=seen, past_key_values=cache,
-                position_ids=dpos)
+                config=hf.config,
+                inputs_embeds=torch.empty(B, C, 0),
+                attention_mask=seen,
+                past_key_values=cache,
+                position_ids=dpos,
+            )
         out = hf.model.encoder(input_ids=canvas, attention_mask=emask, past_key_values=cache, position_ids=dpos)
         ref = hf_logits(hf, out.last_hidden_state)
         ours = model.logits(model.encode(canvas, kv))
@@ -285,8 +358,10 @@ def test_bf16_parity(tmp_path):
         total += int(same.numel())
         assert err <= BF16_TOL, f"{what}: bf16 max abs error {err:.3g} > {BF16_TOL}"
     ratio = float(torch.cat(pos_err).mean() / torch.cat(pos_hf).mean())
-    print(f"bf16: max |dgemma-hf| {worst_err:.3g}; vs fp32: dgemma {worst_own:.3g}, hf {worst_hf:.3g}; "
-          f"mean error ratio {ratio:.3f}; argmax agreement {agree / total:.4f} (not asserted: near-ties)")
+    print(
+        f"bf16: max |dgemma-hf| {worst_err:.3g}; vs fp32: dgemma {worst_own:.3g}, hf {worst_hf:.3g}; "
+        f"mean error ratio {ratio:.3f}; argmax agreement {agree / total:.4f} (not asserted: near-ties)"
+    )
     # dgemma in bf16 is not much further from the float32 reference than transformers in bf16
     assert worst_own <= 2 * worst_hf + 0.05, (worst_own, worst_hf)
     assert ratio <= BF16_MEAN_RATIO, f"dgemma-bf16 vs transformers-bf16: {ratio:.3f} x bf16's own error"

@@ -14,8 +14,9 @@ from dgemma.config import tiny_config
 from dgemma.quant import FP8, Fp8Experts, Fp8Linear, QuantizationError, quantize_fp8, quantize_rows
 
 # Attention heads and MLP widths are multiples of 16, as FP8 matmul kernels require.
-TEXT = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, head_dim=16, global_head_dim=32,
-            vocab_size=160)
+TEXT = dict(
+    hidden_size=64, intermediate_size=128, moe_intermediate_size=32, head_dim=16, global_head_dim=32, vocab_size=160
+)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def test_quantize_rows_error_bound():
     err = (q.float() * s - x).abs()
     # e4m3 keeps 3 mantissa bits: a relative rounding error of at most 2**-4 of each value, plus the subnormals'
     # absolute step near zero (2**-9 of the row scale).
-    assert (err <= x.abs() * 2 ** -4 + s * 2 ** -9 + 1e-30).all()
+    assert (err <= x.abs() * 2**-4 + s * 2**-9 + 1e-30).all()
 
 
 def test_quantized_model_is_close_to_bf16(ckpt):
@@ -131,10 +132,29 @@ def test_llm_and_cli_take_fp8(ckpt, capsys):
 
     llm = LLM(ckpt, device="cpu", quantization="fp8", max_batch=1)  # dtype auto becomes bf16 for FP8
     assert llm.dtype == torch.bfloat16 and "experts fp8 per-expert" in llm.engine.describe()
-    out = llm.generate([{"prompt_token_ids": [5, 6]}], SamplingParams(max_new_tokens=16, seed=0, ignore_eos=True,
-                                                                      max_denoising_steps=2))[0].outputs[0]
+    out = llm.generate(
+        [{"prompt_token_ids": [5, 6]}],
+        SamplingParams(max_new_tokens=16, seed=0, ignore_eos=True, max_denoising_steps=2),
+    )[0].outputs[0]
     assert len(out.token_ids) == 16
-    code = main(["generate", "--model", str(ckpt), "--prompt-ids", "5,6", "--quantization", "fp8", "--device", "cpu",
-                 "--max-new-tokens", "16", "--ignore-eos", "--max-denoising-steps", "2", "--json"])
+    code = main(
+        [
+            "generate",
+            "--model",
+            str(ckpt),
+            "--prompt-ids",
+            "5,6",
+            "--quantization",
+            "fp8",
+            "--device",
+            "cpu",
+            "--max-new-tokens",
+            "16",
+            "--ignore-eos",
+            "--max-denoising-steps",
+            "2",
+            "--json",
+        ]
+    )
     _, err = capsys.readouterr()
     assert code == 0 and "dtype bfloat16" in err and "experts fp8" in err, err

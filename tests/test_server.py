@@ -74,11 +74,35 @@ def _start(checkpoint: Path, *extra: str) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dgemma.server", "--model", str(checkpoint), "--port", str(port),
-         "--served-model-name", MODEL, "--max-batch", str(MAX_BATCH), "--max-queue", str(MAX_QUEUE),
-         "--max-model-len", str(MAX_MODEL_LEN), "--log-level", "warning", "--no-access-log",
-         "--dtype", "float32", *extra],  # float32 on every CPU (auto picks bfloat16 where it is native)
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "dgemma.server",
+            "--model",
+            str(checkpoint),
+            "--port",
+            str(port),
+            "--served-model-name",
+            MODEL,
+            "--max-batch",
+            str(MAX_BATCH),
+            "--max-queue",
+            str(MAX_QUEUE),
+            "--max-model-len",
+            str(MAX_MODEL_LEN),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+            "--dtype",
+            "float32",
+            *extra,
+        ],  # float32 on every CPU (auto picks bfloat16 where it is native)
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
     while time.time() < deadline:
@@ -137,8 +161,9 @@ def _wait_idle(url: str, timeout: float = 20) -> float:
     t0 = time.time()
     while time.time() - t0 < timeout:
         m = _metrics(url)
-        busy = sum(v for k, v in m.items() if k.split("{")[0] in ("dgemma:num_requests_running",
-                                                                  "dgemma:num_requests_waiting"))
+        busy = sum(
+            v for k, v in m.items() if k.split("{")[0] in ("dgemma:num_requests_running", "dgemma:num_requests_waiting")
+        )
         if busy == 0:
             return time.time() - t0
         time.sleep(0.1)
@@ -173,12 +198,14 @@ def test_completion(client):
     # Same seed, same output; token-id prompts and the one-element list forms work too.
     again = client.completions.create(model=MODEL, prompt=["hello world"], max_tokens=16, seed=1)
     assert again.choices[0].text == c.text
-    ids = client.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=8, seed=2,
-                                    extra_body={"ignore_eos": True})
+    ids = client.completions.create(
+        model=MODEL, prompt=[5, 6, 7], max_tokens=8, seed=2, extra_body={"ignore_eos": True}
+    )
     assert ids.usage.prompt_tokens == 3 and ids.usage.completion_tokens == 8
     assert ids.choices[0].finish_reason == "length"
-    nested = client.completions.create(model=MODEL, prompt=[[5, 6, 7]], max_tokens=8, seed=2,
-                                       extra_body={"ignore_eos": True})
+    nested = client.completions.create(
+        model=MODEL, prompt=[[5, 6, 7]], max_tokens=8, seed=2, extra_body={"ignore_eos": True}
+    )
     assert nested.choices[0].text == ids.choices[0].text
 
 
@@ -212,14 +239,25 @@ def test_streaming_completion_matches_non_streaming(client):
     assert all(c.choices for c in plain) and all(c.usage is None for c in plain)
     # Text arrives a canvas at a time: 20 one-character tokens (what a random model writes can have no printable
     # text at all, so the text is constrained to letters and digits) come as 8 + 8 + 4 characters.
-    chunks = client.completions.create(model=MODEL, prompt="the quick brown fox", max_tokens=24, seed=4, stream=True,
-                                       extra_body={"structured_outputs": {"regex": f"({ALNUM}){{10}}"}})
+    chunks = client.completions.create(
+        model=MODEL,
+        prompt="the quick brown fox",
+        max_tokens=24,
+        seed=4,
+        stream=True,
+        extra_body={"structured_outputs": {"regex": f"({ALNUM}){{10}}"}},
+    )
     assert [len(c.choices[0].text) for c in chunks if c.choices and c.choices[0].text] == [8, 8, 4]
 
 
 def test_streaming_chat(client):
-    kw = dict(model=MODEL, messages=[{"role": "user", "content": "hello"}], max_tokens=16, seed=5,
-              extra_body={"ignore_eos": True})
+    kw = dict(
+        model=MODEL,
+        messages=[{"role": "user", "content": "hello"}],
+        max_tokens=16,
+        seed=5,
+        extra_body={"ignore_eos": True},
+    )
     full = client.chat.completions.create(**kw)
     chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
     assert chunks[0].object == "chat.completion.chunk" and chunks[0].choices[0].delta.role == "assistant"
@@ -245,8 +283,9 @@ def test_stop_string(client):
     # The stop string must be in the output, past the first canvas, on any CPU: the regex puts "QZ" at tokens 12-13
     # (the second canvas of 8; see ALNUM), between characters the model picks.
     rx = f"({ALNUM}){{6}}QZ({ALNUM}){{6}}"
-    kw = dict(model=MODEL, prompt="data key value", max_tokens=32, seed=7,
-              extra_body={"structured_outputs": {"regex": rx}})
+    kw = dict(
+        model=MODEL, prompt="data key value", max_tokens=32, seed=7, extra_body={"structured_outputs": {"regex": rx}}
+    )
     base = client.completions.create(**kw)
     assert re.fullmatch(rx, base.choices[0].text) and base.usage.completion_tokens == 26
     stop = "QZ"
@@ -272,36 +311,54 @@ def test_ar_mode(client):
 
 
 def test_diffusion_knobs(client):
-    r = client.completions.create(model=MODEL, prompt="hello", max_tokens=8, seed=1, extra_body={
-        "max_denoising_steps": 3, "fixed_steps": True, "t_min": 0.3, "t_max": 0.9, "entropy_bound": 0.2,
-        "ignore_eos": True})
+    r = client.completions.create(
+        model=MODEL,
+        prompt="hello",
+        max_tokens=8,
+        seed=1,
+        extra_body={
+            "max_denoising_steps": 3,
+            "fixed_steps": True,
+            "t_min": 0.3,
+            "t_max": 0.9,
+            "entropy_bound": 0.2,
+            "ignore_eos": True,
+        },
+    )
     assert r.usage.model_extra["denoising_steps"] == 3 and r.usage.completion_tokens == 8
-    r = client.completions.create(model=MODEL, prompt="hello", max_tokens=8, seed=1,
-                                  extra_body={"stability_threshold": 2, "confidence_threshold": 0.5,
-                                              "stop_token_ids": [299]})
+    r = client.completions.create(
+        model=MODEL,
+        prompt="hello",
+        max_tokens=8,
+        seed=1,
+        extra_body={"stability_threshold": 2, "confidence_threshold": 0.5, "stop_token_ids": [299]},
+    )
     assert r.choices[0].finish_reason in ("stop", "length")
 
 
 # -- client mistakes ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs,param", [
-    (dict(n=0), "n"),
-    (dict(logprobs=21), "logprobs"),
-    (dict(echo=True, suffix="x"), "echo"),
-    (dict(best_of=3), "best_of"),
-    (dict(suffix="x", extra_body={"mode": "ar"}), "suffix"),
-    (dict(extra_body={"response_format": {"type": "xml"}}), "response_format"),
-    (dict(extra_body={"structured_outputs": {"regex": "[a-z]+", "choice": ["a"]}}), "structured_outputs"),
-    (dict(extra_body={"structured_outputs": {"regex": "(unclosed"}}), "structured_outputs"),
-    (dict(max_tokens=-1), "max_tokens"),
-    (dict(seed=-1), "seed"),
-    (dict(top_p=1.5), "top_p"),
-    (dict(temperature=-1.0), "temperature"),
-    (dict(extra_body={"mode": "fast"}), "mode"),
-    (dict(extra_body={"max_denoising_steps": 0}), "max_denoising_steps"),
-    (dict(extra_body={"t_min": 0.9, "t_max": 0.1}), "t_max"),
-    (dict(extra_body={"stop_token_ids": [100000]}), "stop_token_ids"),
-    (dict(extra_body={"entropy_bound": "big"}), "entropy_bound"),
-])
+@pytest.mark.parametrize(
+    "kwargs,param",
+    [
+        (dict(n=0), "n"),
+        (dict(logprobs=21), "logprobs"),
+        (dict(echo=True, suffix="x"), "echo"),
+        (dict(best_of=3), "best_of"),
+        (dict(suffix="x", extra_body={"mode": "ar"}), "suffix"),
+        (dict(extra_body={"response_format": {"type": "xml"}}), "response_format"),
+        (dict(extra_body={"structured_outputs": {"regex": "[a-z]+", "choice": ["a"]}}), "structured_outputs"),
+        (dict(extra_body={"structured_outputs": {"regex": "(unclosed"}}), "structured_outputs"),
+        (dict(max_tokens=-1), "max_tokens"),
+        (dict(seed=-1), "seed"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(extra_body={"mode": "fast"}), "mode"),
+        (dict(extra_body={"max_denoising_steps": 0}), "max_denoising_steps"),
+        (dict(extra_body={"t_min": 0.9, "t_max": 0.1}), "t_max"),
+        (dict(extra_body={"stop_token_ids": [100000]}), "stop_token_ids"),
+        (dict(extra_body={"entropy_bound": "big"}), "entropy_bound"),
+    ],
+)
 def test_bad_fields_openai(client, server, kwargs, param):
     with pytest.raises(openai.BadRequestError) as ei:
         client.completions.create(model=MODEL, prompt="hello", **{"max_tokens": 4, **kwargs})
@@ -311,12 +368,18 @@ def test_bad_fields_openai(client, server, kwargs, param):
 
 
 def test_bad_chat_openai(client, server):
-    for kw in (dict(messages=[]), dict(messages=[{"role": "user"}]), dict(messages=[{"role": 1, "content": "x"}]),
-               dict(messages=[{"role": "user", "content": "x"}], top_logprobs=2),  # without logprobs
-               dict(messages=[{"role": "user", "content": "x"}], response_format={"type": "xml"}),
-               dict(messages=[{"role": "user", "content": "x"}],
-                    response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}}),
-               dict(messages=[{"role": "user", "content": "x"}], n=0)):
+    for kw in (
+        dict(messages=[]),
+        dict(messages=[{"role": "user"}]),
+        dict(messages=[{"role": 1, "content": "x"}]),
+        dict(messages=[{"role": "user", "content": "x"}], top_logprobs=2),  # without logprobs
+        dict(messages=[{"role": "user", "content": "x"}], response_format={"type": "xml"}),
+        dict(
+            messages=[{"role": "user", "content": "x"}],
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}},
+        ),
+        dict(messages=[{"role": "user", "content": "x"}], n=0),
+    ):
         with pytest.raises(openai.BadRequestError):
             client.chat.completions.create(model=MODEL, max_tokens=4, **kw)
     _healthy(server)
@@ -339,36 +402,39 @@ def test_unknown_model_and_context_limit(client):
 _J = {"content-type": "application/json"}
 
 
-@pytest.mark.parametrize("content,headers", [
-    (b'{"prompt": 5, "max_tokens": 4}', _J),  # wrong type
-    (b'{"prompt": "hi", "max_tokens": "4"}', _J),
-    (b'{"prompt": "hi", "max_tokens": 4.5}', _J),
-    (b'{"prompt": "hi", "max_tokens": true}', _J),
-    (b'{"prompt": "hi", "stream": "yes"}', _J),
-    (b'{"prompt": "hi", "stop": 3}', _J),
-    (b'{"prompt": [1, "a"], "max_tokens": 4}', _J),
-    (b'{"prompt": [1.5], "max_tokens": 4}', _J),
-    (b'{"prompt": ["a", "b"], "max_tokens": 4}', _J),  # several prompts
-    (b'{"prompt": "hi", "max_tokens": 1' + b"0" * 40 + b"}", _J),  # huge numbers
-    (b'{"prompt": "hi", "max_tokens": 4, "seed": 1' + b"0" * 30 + b"}", _J),
-    (b'{"prompt": "hi", "max_tokens": 4, "temperature": 1e999}', _J),
-    (b'{"prompt": "hi", "max_tokens": 4, "t_min": NaN}', _J),
-    (b'{"prompt": "hi", "max_tokens": 4, "seed": 1' + b"0" * 5000 + b"}", _J),
-    (b'{"prompt": "", "max_tokens": 4}', _J),  # empty prompts
-    (b'{"prompt": [], "max_tokens": 4}', _J),
-    (b'{"prompt": [[]], "max_tokens": 4}', _J),
-    (b'{"max_tokens": 4}', _J),
-    (b'{"prompt": "\xff\xfe bad utf-8"}', _J),  # invalid UTF-8
-    (b'{"prompt": "hi"}', {"content-type": "text/plain"}),  # wrong content type
-    (b"prompt=hi", {"content-type": "application/x-www-form-urlencoded"}),
-    (b'["hi"]', _J),  # non-object JSON
-    (b'"hi"', _J),
-    (b"null", _J),
-    (b"{not json", _J),
-    (b"", _J),
-    (b"[" * 100000 + b"]" * 100000, _J),  # deeply nested
-    (b'{"prompt": "hi", "stream_options": {"include_usage": true}}', _J),  # stream_options without stream
-])
+@pytest.mark.parametrize(
+    "content,headers",
+    [
+        (b'{"prompt": 5, "max_tokens": 4}', _J),  # wrong type
+        (b'{"prompt": "hi", "max_tokens": "4"}', _J),
+        (b'{"prompt": "hi", "max_tokens": 4.5}', _J),
+        (b'{"prompt": "hi", "max_tokens": true}', _J),
+        (b'{"prompt": "hi", "stream": "yes"}', _J),
+        (b'{"prompt": "hi", "stop": 3}', _J),
+        (b'{"prompt": [1, "a"], "max_tokens": 4}', _J),
+        (b'{"prompt": [1.5], "max_tokens": 4}', _J),
+        (b'{"prompt": ["a", "b"], "max_tokens": 4}', _J),  # several prompts
+        (b'{"prompt": "hi", "max_tokens": 1' + b"0" * 40 + b"}", _J),  # huge numbers
+        (b'{"prompt": "hi", "max_tokens": 4, "seed": 1' + b"0" * 30 + b"}", _J),
+        (b'{"prompt": "hi", "max_tokens": 4, "temperature": 1e999}', _J),
+        (b'{"prompt": "hi", "max_tokens": 4, "t_min": NaN}', _J),
+        (b'{"prompt": "hi", "max_tokens": 4, "seed": 1' + b"0" * 5000 + b"}", _J),
+        (b'{"prompt": "", "max_tokens": 4}', _J),  # empty prompts
+        (b'{"prompt": [], "max_tokens": 4}', _J),
+        (b'{"prompt": [[]], "max_tokens": 4}', _J),
+        (b'{"max_tokens": 4}', _J),
+        (b'{"prompt": "\xff\xfe bad utf-8"}', _J),  # invalid UTF-8
+        (b'{"prompt": "hi"}', {"content-type": "text/plain"}),  # wrong content type
+        (b"prompt=hi", {"content-type": "application/x-www-form-urlencoded"}),
+        (b'["hi"]', _J),  # non-object JSON
+        (b'"hi"', _J),
+        (b"null", _J),
+        (b"{not json", _J),
+        (b"", _J),
+        (b"[" * 100000 + b"]" * 100000, _J),  # deeply nested
+        (b'{"prompt": "hi", "stream_options": {"include_usage": true}}', _J),  # stream_options without stream
+    ],
+)
 def test_malformed_completions(server, content, headers):
     r = httpx.post(server + "/v1/completions", content=content, headers=headers, timeout=30)
     assert r.status_code == 400, r.text
@@ -377,12 +443,17 @@ def test_malformed_completions(server, content, headers):
     _healthy(server)
 
 
-@pytest.mark.parametrize("body", [
-    {"messages": "hi"}, {"messages": [1]}, {"messages": [{"role": "user", "content": 5}]},
-    {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]},
-    {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -1},
-    {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"messages": "hi"},
+        {"messages": [1]},
+        {"messages": [{"role": "user", "content": 5}]},
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]},
+        {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -1},
+        {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+    ],
+)
 def test_malformed_chat(server, body):
     r = httpx.post(server + "/v1/chat/completions", json=body, timeout=30)
     assert r.status_code == 400, r.text
@@ -394,8 +465,11 @@ def test_huge_prompt_rejected_quickly(server):
     t0 = time.time()
     r = httpx.post(server + "/v1/completions", json={"prompt": "hello world " * 90_000, "max_tokens": 4}, timeout=30)
     assert r.status_code == 400 and "context length" in r.json()["error"]["message"]
-    r = httpx.post(server + "/v1/chat/completions", timeout=30,
-                   json={"messages": [{"role": "user", "content": "x" * 1_000_000}], "max_tokens": 4})
+    r = httpx.post(
+        server + "/v1/chat/completions",
+        timeout=30,
+        json={"messages": [{"role": "user", "content": "x" * 1_000_000}], "max_tokens": 4},
+    )
     assert r.status_code == 400
     assert time.time() - t0 < 60  # well under a second; a quadratic or blocking path would take far longer
     _healthy(server)
@@ -403,8 +477,9 @@ def test_huge_prompt_rejected_quickly(server):
 
 # -- concurrency -----------------------------------------------------------------------------------------------------
 def _complete(client, prompt, seed, max_tokens=16, **extra):
-    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, seed=seed,
-                                  extra_body={"ignore_eos": True, **extra})
+    r = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=max_tokens, seed=seed, extra_body={"ignore_eos": True, **extra}
+    )
     return r.choices[0].text, r.usage.completion_tokens, r.choices[0].finish_reason
 
 
@@ -418,8 +493,14 @@ def _literal(seed: int) -> dict:
 
 def test_batched_equals_unbatched(client):
     """Concurrent requests each get their own output (no row mix-up), the same as when run alone."""
-    jobs = [("hello world", 11), ("the quick brown fox", 12), ([5, 6, 7, 8], 13), ("data", 14),
-            ("what is the price", 15), ([9, 10], 16)]
+    jobs = [
+        ("hello world", 11),
+        ("the quick brown fox", 12),
+        ([5, 6, 7, 8], 13),
+        ("data", 14),
+        ("what is the price", 15),
+        ([9, 10], 16),
+    ]
     alone = [_complete(client, p, s, 20, **_literal(s)) for p, s in jobs]
     with cf.ThreadPoolExecutor(len(jobs)) as ex:
         together = list(ex.map(lambda j: _complete(client, j[0], j[1], 20, **_literal(j[1])), jobs))
@@ -437,8 +518,9 @@ def test_cancellation_frees_rows(server, client):
             httpx.post(server + "/v1/completions", json=slow, timeout=0.3)
 
     def cancel_stream(_):
-        with httpx.stream("POST", server + "/v1/completions", json={**slow, "stream": True, "stream_drafts": True},
-                          timeout=60) as r:
+        with httpx.stream(
+            "POST", server + "/v1/completions", json={**slow, "stream": True, "stream_drafts": True}, timeout=60
+        ) as r:
             assert r.status_code == 200
             next(r.iter_lines())  # the first chunk (a draft: one step) arrives, then the client goes away
 
@@ -489,10 +571,17 @@ def test_overload_gets_429(server, client):
 def test_metrics(server, client):
     client.completions.create(model=MODEL, prompt="hello", max_tokens=8, seed=1, extra_body={"ignore_eos": True})
     text = httpx.get(server + "/metrics").text
-    for name in ("dgemma:num_requests_running", "dgemma:num_requests_waiting", "dgemma:prompt_tokens_total",
-                 "dgemma:generation_tokens_total", "dgemma:tokens_per_forward_bucket",
-                 "dgemma:denoising_steps_per_canvas_bucket", "dgemma:time_to_first_token_seconds_bucket",
-                 "dgemma:e2e_request_latency_seconds_bucket", "dgemma:request_success_total"):
+    for name in (
+        "dgemma:num_requests_running",
+        "dgemma:num_requests_waiting",
+        "dgemma:prompt_tokens_total",
+        "dgemma:generation_tokens_total",
+        "dgemma:tokens_per_forward_bucket",
+        "dgemma:denoising_steps_per_canvas_bucket",
+        "dgemma:time_to_first_token_seconds_bucket",
+        "dgemma:e2e_request_latency_seconds_bucket",
+        "dgemma:request_success_total",
+    ):
         assert name in text, name
     m = _metrics(server)
     assert _metric(server, "dgemma:prompt_tokens_total") > 0
@@ -505,8 +594,15 @@ def test_sigterm_drains_and_exits_zero(checkpoint):
     proc, url = _start(checkpoint, "--shutdown-timeout", "300")  # room to drain on a loaded machine
     try:
         # 12 canvases x 100 steps: seconds, so it is still running when the signal comes, well within the drain.
-        body = {"model": MODEL, "prompt": "hello", "max_tokens": 96, "seed": 1, "ignore_eos": True,
-                "fixed_steps": True, "max_denoising_steps": 100}
+        body = {
+            "model": MODEL,
+            "prompt": "hello",
+            "max_tokens": 96,
+            "seed": 1,
+            "ignore_eos": True,
+            "fixed_steps": True,
+            "max_denoising_steps": 100,
+        }
         with cf.ThreadPoolExecutor(1) as ex:
             fut = ex.submit(httpx.post, url + "/v1/completions", json=body, timeout=300)
             t0 = time.time()
@@ -563,8 +659,17 @@ def test_dead_engine_gives_500_and_health_503(checkpoint, one_thread, monkeypatc
     app = create_app(llm, model_name=MODEL, max_queue=4)
     with TestClient(app) as tc:
         assert tc.get("/health").status_code == 200
-        r = tc.post("/v1/completions", json={"prompt": "hi", "max_tokens": 64, "ignore_eos": True, "stream": True,
-                                             "fixed_steps": True, "max_denoising_steps": 3})
+        r = tc.post(
+            "/v1/completions",
+            json={
+                "prompt": "hi",
+                "max_tokens": 64,
+                "ignore_eos": True,
+                "stream": True,
+                "fixed_steps": True,
+                "max_denoising_steps": 3,
+            },
+        )
         assert r.status_code == 200
         events = _sse(r.text)
         assert events[-1] == "[DONE]" and "simulated device failure" in events[-2]["error"]["message"]
@@ -602,10 +707,16 @@ def test_request_timeout_aborts(checkpoint, one_thread):
 
 
 # -- structured output and infilling ----------------------------------------------------------------------------------
-PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
-                                           "age": {"type": "integer", "minimum": 0, "maximum": 150},
-                                           "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}},
-          "required": ["name", "age", "tags"], "additionalProperties": False}
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3},
+    },
+    "required": ["name", "age", "tags"],
+    "additionalProperties": False,
+}
 
 
 def test_json_schema_through_the_openai_client(client):
@@ -613,26 +724,50 @@ def test_json_schema_through_the_openai_client(client):
 
     rf = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
     for seed in range(3):
-        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "a person"}],
-                                           max_tokens=96, seed=seed, response_format=rf)
+        r = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "a person"}],
+            max_tokens=96,
+            seed=seed,
+            response_format=rf,
+        )
         assert r.choices[0].finish_reason == "stop"
         jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
-    r = client.completions.create(model=MODEL, prompt="{", max_tokens=96, seed=1,
-                                  extra_body={"response_format": {"type": "json_object"}})
+    r = client.completions.create(
+        model=MODEL, prompt="{", max_tokens=96, seed=1, extra_body={"response_format": {"type": "json_object"}}
+    )
     assert isinstance(json.loads(r.choices[0].text), dict)
 
 
 def test_structured_outputs_object_and_streaming(client):
     import re as _re
 
-    r = client.completions.create(model=MODEL, prompt="pick", max_tokens=16, seed=2,
-                                  extra_body={"structured_outputs": {"choice": ["red", "green", "blue"]}})
+    r = client.completions.create(
+        model=MODEL,
+        prompt="pick",
+        max_tokens=16,
+        seed=2,
+        extra_body={"structured_outputs": {"choice": ["red", "green", "blue"]}},
+    )
     assert r.choices[0].text in ("red", "green", "blue") and r.choices[0].finish_reason == "stop"
-    r = client.completions.create(model=MODEL, prompt="date", max_tokens=32, seed=3,
-                                  extra_body={"structured_outputs": {"regex": r"20[0-9]{2}-[01][0-9]-[0-3][0-9]"}})
+    r = client.completions.create(
+        model=MODEL,
+        prompt="date",
+        max_tokens=32,
+        seed=3,
+        extra_body={"structured_outputs": {"regex": r"20[0-9]{2}-[01][0-9]-[0-3][0-9]"}},
+    )
     assert _re.fullmatch(r"20[0-9]{2}-[01][0-9]-[0-3][0-9]", r.choices[0].text)
-    chunks = list(client.completions.create(model=MODEL, prompt="x", max_tokens=96, seed=4, stream=True,
-                                            extra_body={"structured_outputs": {"json": PERSON}}))
+    chunks = list(
+        client.completions.create(
+            model=MODEL,
+            prompt="x",
+            max_tokens=96,
+            seed=4,
+            stream=True,
+            extra_body={"structured_outputs": {"json": PERSON}},
+        )
+    )
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     import jsonschema
 
@@ -647,15 +782,20 @@ def test_hostile_schemas_get_a_400_quickly(client, server):
     for schema in (deep, huge_enum, {"type": "string", "pattern": "(" * 5000}, {"type": "bogus"}):
         t0 = time.perf_counter()
         with pytest.raises(openai.BadRequestError) as ei:
-            client.completions.create(model=MODEL, prompt="x", max_tokens=16, extra_body={
-                "response_format": {"type": "json_schema", "json_schema": {"name": "h", "schema": schema}}})
+            client.completions.create(
+                model=MODEL,
+                prompt="x",
+                max_tokens=16,
+                extra_body={"response_format": {"type": "json_schema", "json_schema": {"name": "h", "schema": schema}}},
+            )
         assert time.perf_counter() - t0 < 60  # well under a second each; a hang would not be
         assert ei.value.body["param"] == "response_format" and ei.value.body["message"]
     _healthy(server)
 
 
 def test_suffix_infilling(client):
-    r = client.completions.create(model=MODEL, prompt="def add(a, b):\n    ", suffix="\n    return c\n",
-                                  max_tokens=12, seed=5)
+    r = client.completions.create(
+        model=MODEL, prompt="def add(a, b):\n    ", suffix="\n    return c\n", max_tokens=12, seed=5
+    )
     assert r.choices[0].finish_reason in ("stop", "length")
     assert "<eos>" not in r.choices[0].text and "<pad>" not in r.choices[0].text

@@ -32,8 +32,9 @@ def llm(tmp_path_factory) -> LLM:
     d = tmp_path_factory.mktemp("structured") / "model"
     build_bpe_tokenizer(d, 300)
     torch.manual_seed(0)
-    model = DiffusionGemma(tiny_config(vocab_size=300, canvas_length=CANVAS, pad_token_id=0, eos_token_id=1,
-                                       bos_token_id=2))
+    model = DiffusionGemma(
+        tiny_config(vocab_size=300, canvas_length=CANVAS, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    )
     model.reset_parameters(0.3)  # large random weights: confident, arbitrary logits (the adversarial case)
     save_model(model, d, tokenizer_dir=d)
     return LLM(d, max_batch=8, max_model_len=2048)
@@ -44,8 +45,9 @@ def beta_llm(tmp_path_factory, llm) -> LLM:
     """A model whose weights make the first token of "beta" win every position (tests/forcing.py), on any CPU."""
     d = tmp_path_factory.mktemp("prefers_beta") / "model"
     torch.manual_seed(1)
-    model = DiffusionGemma(tiny_config(vocab_size=300, canvas_length=CANVAS, pad_token_id=0, eos_token_id=1,
-                                       bos_token_id=2))
+    model = DiffusionGemma(
+        tiny_config(vocab_size=300, canvas_length=CANVAS, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    )
     boost_token(model, llm.tokenizer.encode("beta")[0])
     save_model(model, d, tokenizer_dir=llm.path)
     return LLM(d, max_batch=1, max_model_len=256)
@@ -55,37 +57,81 @@ _str = {"type": "string"}
 _int = {"type": "integer"}
 SCHEMAS: list[dict] = [
     {"type": "object", "properties": {"name": _str}, "required": ["name"]},
-    {"type": "object", "properties": {"a": _int, "b": {"type": "boolean"}}, "required": ["a", "b"],
-     "additionalProperties": False},
+    {
+        "type": "object",
+        "properties": {"a": _int, "b": {"type": "boolean"}},
+        "required": ["a", "b"],
+        "additionalProperties": False,
+    },
     {"type": "object", "properties": {"x": {"type": "number", "minimum": -5, "maximum": 5}}, "required": ["x"]},
     {"type": "object", "properties": {"n": {"type": "integer", "minimum": 10, "maximum": 20}}, "required": ["n"]},
-    {"type": "object", "properties": {"n": {"type": "integer", "exclusiveMinimum": 0, "exclusiveMaximum": 4}},
-     "required": ["n"]},
+    {
+        "type": "object",
+        "properties": {"n": {"type": "integer", "exclusiveMinimum": 0, "exclusiveMaximum": 4}},
+        "required": ["n"],
+    },
     {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}}, "required": ["color"]},
     {"type": "object", "properties": {"v": {"enum": [1, "two", None, True]}}, "required": ["v"]},
     {"type": "object", "properties": {"k": {"const": "fixed"}}, "required": ["k"]},
     {"type": "array", "items": _int, "minItems": 2, "maxItems": 4},
     {"type": "array", "items": _str, "maxItems": 2},
     {"type": "array", "items": {"type": "array", "items": {"type": "boolean"}, "maxItems": 2}, "maxItems": 2},
-    {"type": "object", "properties": {"tags": {"type": "array", "items": _str, "minItems": 1, "maxItems": 3}},
-     "required": ["tags"]},
-    {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{4}$"}},
-     "required": ["code"]},
-    {"type": "object", "properties": {"email": {"type": "string", "pattern": "^[a-z]+@[a-z]+\\.(com|org)$"}},
-     "required": ["email"]},
+    {
+        "type": "object",
+        "properties": {"tags": {"type": "array", "items": _str, "minItems": 1, "maxItems": 3}},
+        "required": ["tags"],
+    },
+    {
+        "type": "object",
+        "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{4}$"}},
+        "required": ["code"],
+    },
+    {
+        "type": "object",
+        "properties": {"email": {"type": "string", "pattern": "^[a-z]+@[a-z]+\\.(com|org)$"}},
+        "required": ["email"],
+    },
     {"type": "object", "properties": {"s": {"type": "string", "minLength": 3, "maxLength": 5}}, "required": ["s"]},
-    {"type": "object", "properties": {"inner": {"type": "object", "properties": {"deep": {
-        "type": "object", "properties": {"z": _int}, "required": ["z"]}}, "required": ["deep"]}},
-     "required": ["inner"]},
+    {
+        "type": "object",
+        "properties": {
+            "inner": {
+                "type": "object",
+                "properties": {"deep": {"type": "object", "properties": {"z": _int}, "required": ["z"]}},
+                "required": ["deep"],
+            }
+        },
+        "required": ["inner"],
+    },
     {"type": "object", "properties": {"id": {"anyOf": [_int, _str]}}, "required": ["id"]},
-    {"type": "object", "properties": {"v": {"anyOf": [{"type": "null"}, {"type": "number", "minimum": 0}]}},
-     "required": ["v"]},
-    {"type": "object", "properties": {"opt": _str, "req": {"type": "boolean"}}, "required": ["req"],
-     "additionalProperties": False},
-    {"type": "object", "properties": {"items": {"type": "array", "items": {
-        "type": "object", "properties": {"sku": _str, "qty": {"type": "integer", "minimum": 1}},
-        "required": ["sku", "qty"], "additionalProperties": False}, "minItems": 1, "maxItems": 3}},
-     "required": ["items"]},
+    {
+        "type": "object",
+        "properties": {"v": {"anyOf": [{"type": "null"}, {"type": "number", "minimum": 0}]}},
+        "required": ["v"],
+    },
+    {
+        "type": "object",
+        "properties": {"opt": _str, "req": {"type": "boolean"}},
+        "required": ["req"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "object",
+        "properties": {
+            "items": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {"sku": _str, "qty": {"type": "integer", "minimum": 1}},
+                    "required": ["sku", "qty"],
+                    "additionalProperties": False,
+                },
+                "minItems": 1,
+                "maxItems": 3,
+            }
+        },
+        "required": ["items"],
+    },
     {"type": "object", "properties": {"t": {"type": ["string", "null"]}}, "required": ["t"]},
     {"type": "string", "enum": ["yes", "no"]},
     {"type": "integer", "minimum": 100, "maximum": 999},
@@ -93,24 +139,65 @@ SCHEMAS: list[dict] = [
     {"type": "boolean"},
     {"type": "null"},
     {"type": "string", "maxLength": 8},
-    {"$defs": {"pt": {"type": "object", "properties": {"x": _int, "y": _int}, "required": ["x", "y"],
-                      "additionalProperties": False}},
-     "type": "object", "properties": {"a": {"$ref": "#/$defs/pt"}, "b": {"$ref": "#/$defs/pt"}},
-     "required": ["a", "b"]},
-    {"type": "object", "properties": {"matrix": {"type": "array", "items": {"type": "array", "items": _int,
-                                                                            "minItems": 2, "maxItems": 2},
-                                                 "minItems": 2, "maxItems": 2}}, "required": ["matrix"]},
-    {"type": "object", "properties": {"status": {"enum": ["ok", "error"]}, "detail": _str,
-                                      "code": {"type": "integer", "minimum": 0, "maximum": 599}},
-     "required": ["status", "code"], "additionalProperties": False},
+    {
+        "$defs": {
+            "pt": {
+                "type": "object",
+                "properties": {"x": _int, "y": _int},
+                "required": ["x", "y"],
+                "additionalProperties": False,
+            }
+        },
+        "type": "object",
+        "properties": {"a": {"$ref": "#/$defs/pt"}, "b": {"$ref": "#/$defs/pt"}},
+        "required": ["a", "b"],
+    },
+    {
+        "type": "object",
+        "properties": {
+            "matrix": {
+                "type": "array",
+                "items": {"type": "array", "items": _int, "minItems": 2, "maxItems": 2},
+                "minItems": 2,
+                "maxItems": 2,
+            }
+        },
+        "required": ["matrix"],
+    },
+    {
+        "type": "object",
+        "properties": {
+            "status": {"enum": ["ok", "error"]},
+            "detail": _str,
+            "code": {"type": "integer", "minimum": 0, "maximum": 599},
+        },
+        "required": ["status", "code"],
+        "additionalProperties": False,
+    },
     {"type": "object", "properties": {"a": {"type": "object"}, "b": {"type": "array"}}, "required": ["a", "b"]},
-    {"type": "object", "properties": {"price": {"type": "number", "minimum": 0, "maximum": 1000},
-                                      "currency": {"type": "string", "pattern": "^[A-Z]{3}$"}},
-     "required": ["price", "currency"]},
-    {"type": "object", "properties": {"date": {"type": "string", "pattern": "^20[0-9]{2}-[01][0-9]-[0-3][0-9]$"},
-                                      "ok": {"type": "boolean"}}, "required": ["date", "ok"]},
-    {"type": "object", "properties": {"ids": {"type": "array", "items": {"type": "integer", "minimum": 0},
-                                              "minItems": 3, "maxItems": 3}}, "required": ["ids"]},
+    {
+        "type": "object",
+        "properties": {
+            "price": {"type": "number", "minimum": 0, "maximum": 1000},
+            "currency": {"type": "string", "pattern": "^[A-Z]{3}$"},
+        },
+        "required": ["price", "currency"],
+    },
+    {
+        "type": "object",
+        "properties": {
+            "date": {"type": "string", "pattern": "^20[0-9]{2}-[01][0-9]-[0-3][0-9]$"},
+            "ok": {"type": "boolean"},
+        },
+        "required": ["date", "ok"],
+    },
+    {
+        "type": "object",
+        "properties": {
+            "ids": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 3, "maxItems": 3}
+        },
+        "required": ["ids"],
+    },
 ]
 
 
@@ -127,8 +214,7 @@ def test_every_schema_output_validates(llm, mode):
     for i, schema in enumerate(SCHEMAS):
         for seed in range(2):
             prompts.append("Reply in JSON:")
-            params.append(SamplingParams(max_new_tokens=512, seed=seed, mode=mode, json_schema=schema,
-                                         temperature=1.0))
+            params.append(SamplingParams(max_new_tokens=512, seed=seed, mode=mode, json_schema=schema, temperature=1.0))
             index.append(i)
     outs = llm.generate(prompts, params)
     for i, o in zip(index, outs):
@@ -146,17 +232,29 @@ def test_json_object_and_schema_as_text(llm):
     jsonschema.validate(json.loads(o.text), schema)
 
 
-REGEXES = [r"[a-z]+@[a-z]+\.com", r"20[0-9]{2}-[01][0-9]-[0-3][0-9]", r"(yes|no|maybe)",
-           r"[A-Z][a-z]{2,6}( [A-Z][a-z]{2,6})?",
-           r"\(\d{3}\) \d{3}-\d{4}", r"-?(0|[1-9][0-9]*)(\.[0-9]+)?", r"[0-9a-f]{8}", r"(ab|cd)+x"]
+REGEXES = [
+    r"[a-z]+@[a-z]+\.com",
+    r"20[0-9]{2}-[01][0-9]-[0-3][0-9]",
+    r"(yes|no|maybe)",
+    r"[A-Z][a-z]{2,6}( [A-Z][a-z]{2,6})?",
+    r"\(\d{3}\) \d{3}-\d{4}",
+    r"-?(0|[1-9][0-9]*)(\.[0-9]+)?",
+    r"[0-9a-f]{8}",
+    r"(ab|cd)+x",
+]
 
 
 @pytest.mark.parametrize("mode", ["diffusion", "ar"])
 def test_regex_outputs_match(llm, mode):
-    outs = llm.generate(["re:"] * (2 * len(REGEXES)),
-                        [SamplingParams(max_new_tokens=96, seed=s, regex=rx, mode=mode, temperature=1.0)
-                         for rx in REGEXES for s in range(2)])
-    for (rx, o) in zip([rx for rx in REGEXES for _ in range(2)], outs):
+    outs = llm.generate(
+        ["re:"] * (2 * len(REGEXES)),
+        [
+            SamplingParams(max_new_tokens=96, seed=s, regex=rx, mode=mode, temperature=1.0)
+            for rx in REGEXES
+            for s in range(2)
+        ],
+    )
+    for rx, o in zip([rx for rx in REGEXES for _ in range(2)], outs):
         c = o.outputs[0]
         assert c.finish_reason == "stop" and re.fullmatch(rx, c.text), (rx, c.text)
 
@@ -181,9 +279,11 @@ def test_choice_and_grammar(llm, beta_llm):
 
 def test_budget_too_small_says_length(llm):
     """When even the shortest completion does not fit, the answer is 'length', never a fake complete JSON."""
-    schema = {"type": "object", "properties": {"a_very_long_required_key_name": _str,
-                                               "another_long_required_key": _str},
-              "required": ["a_very_long_required_key_name", "another_long_required_key"]}
+    schema = {
+        "type": "object",
+        "properties": {"a_very_long_required_key_name": _str, "another_long_required_key": _str},
+        "required": ["a_very_long_required_key_name", "another_long_required_key"],
+    }
     c = llm.generate("x", SamplingParams(max_new_tokens=6, seed=0, json_schema=schema))[0].outputs[0]
     assert c.finish_reason == "length" and len(c.token_ids) <= 6
     with pytest.raises(json.JSONDecodeError):
@@ -193,9 +293,14 @@ def test_budget_too_small_says_length(llm):
 def test_constrained_rows_batch_with_free_rows(llm):
     """Constrained and unconstrained requests share batched steps; each keeps its own contract."""
     schema = {"type": "object", "properties": {"n": _int}, "required": ["n"]}
-    outs = llm.generate(["a", "b", "c"], [SamplingParams(max_new_tokens=40, seed=1, ignore_eos=True),
-                                          SamplingParams(max_new_tokens=200, seed=2, json_schema=schema),
-                                          SamplingParams(max_new_tokens=40, seed=3, regex="[0-9]{5}")])
+    outs = llm.generate(
+        ["a", "b", "c"],
+        [
+            SamplingParams(max_new_tokens=40, seed=1, ignore_eos=True),
+            SamplingParams(max_new_tokens=200, seed=2, json_schema=schema),
+            SamplingParams(max_new_tokens=40, seed=3, regex="[0-9]{5}"),
+        ],
+    )
     jsonschema.validate(json.loads(outs[1].outputs[0].text), schema)
     assert re.fullmatch("[0-9]{5}", outs[2].outputs[0].text)
     free = outs[0].outputs[0]  # the free row generated its whole budget (ignore_eos: its length is not left to EOS)
@@ -205,8 +310,12 @@ def test_constrained_rows_batch_with_free_rows(llm):
 def test_parallelism_survives_forced_tokens(llm):
     """Tokens the grammar forces are placed without a forward: a schema of long required keys needs far fewer
     denoising steps than tokens."""
-    schema = {"type": "object", "properties": {f"field_number_{i}": {"type": "boolean"} for i in range(6)},
-              "required": [f"field_number_{i}" for i in range(6)], "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {f"field_number_{i}": {"type": "boolean"} for i in range(6)},
+        "required": [f"field_number_{i}" for i in range(6)],
+        "additionalProperties": False,
+    }
     o = llm.generate("x", SamplingParams(max_new_tokens=256, seed=0, json_schema=schema))[0]
     jsonschema.validate(json.loads(o.outputs[0].text), schema)
     # Whatever the model picks: compact JSON leaves only the six values free (the rest, ~100 tokens, is forced), and
@@ -222,20 +331,23 @@ def _deep(n: int) -> dict:
     return s
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(json_schema=_deep(500)), "nests deeper"),
-    (dict(json_schema={"enum": list(range(100_000))}), "enum"),
-    (dict(json_schema={"type": "string", "pattern": "a" * 10_000}), "pattern"),
-    (dict(json_schema={"type": "nonsense"}), "invalid json_schema"),
-    (dict(json_schema="{not json"), "not valid JSON"),
-    (dict(regex="(unclosed"), "invalid regex"),
-    (dict(regex="(a{1000}){1000}"), "forces"),
-    (dict(grammar="start: undefined_rule\n"), "invalid grammar"),
-    (dict(choice=[]), "choice"),
-    (dict(choice=["a"], regex="b"), "at most one"),
-    (dict(json_schema={"type": "object"}, suffix="x"), "cannot be combined"),
-    (dict(json_schema={"type": "object"}, template=[5, -1]), "cannot be combined"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(json_schema=_deep(500)), "nests deeper"),
+        (dict(json_schema={"enum": list(range(100_000))}), "enum"),
+        (dict(json_schema={"type": "string", "pattern": "a" * 10_000}), "pattern"),
+        (dict(json_schema={"type": "nonsense"}), "invalid json_schema"),
+        (dict(json_schema="{not json"), "not valid JSON"),
+        (dict(regex="(unclosed"), "invalid regex"),
+        (dict(regex="(a{1000}){1000}"), "forces"),
+        (dict(grammar="start: undefined_rule\n"), "invalid grammar"),
+        (dict(choice=[]), "choice"),
+        (dict(choice=["a"], regex="b"), "at most one"),
+        (dict(json_schema={"type": "object"}, suffix="x"), "cannot be combined"),
+        (dict(json_schema={"type": "object"}, template=[5, -1]), "cannot be combined"),
+    ],
+)
 def test_bad_constraints_fail_fast_and_leave_the_engine_usable(llm, kwargs, match):
     t0 = time.perf_counter()
     with pytest.raises(ValueError, match=match):
@@ -277,16 +389,17 @@ def test_infilling_places_the_suffix_and_returns_a_clean_middle(llm, max_new, mo
     # The canvas holding the end of the middle's room holds (the start of) the suffix right after it, then pads.
     k = (max_new - 1) // CANVAS
     start = max_new - k * CANVAS
-    seen = drafts[-1][start:start + len(suffix_ids)]
-    assert seen == suffix_ids[:len(seen)] and len(seen) >= 1
-    assert all(t == 0 for t in drafts[-1][start + len(suffix_ids):])
+    seen = drafts[-1][start : start + len(suffix_ids)]
+    assert seen == suffix_ids[: len(seen)] and len(seen) >= 1
+    assert all(t == 0 for t in drafts[-1][start + len(suffix_ids) :])
     assert reason == "length" and len(middle) == max_new
     assert not ({0, 1} & set(middle))  # no EOS / padding inside the middle
     out = llm.generate("def f(x):", params)[0].outputs[0]
     assert out.token_ids == middle  # generate() is built on the stream
     # prefix + middle + suffix is exactly the text the three pieces make together
-    assert llm.tokenizer.decode(llm.tokenizer.encode("def f(x):") + middle + suffix_ids) == \
-        "def f(x):" + out.text + suffix
+    assert (
+        llm.tokenizer.decode(llm.tokenizer.encode("def f(x):") + middle + suffix_ids) == "def f(x):" + out.text + suffix
+    )
 
 
 def test_infilling_stops_at_eos_in_the_middle(llm, monkeypatch):
@@ -342,8 +455,13 @@ def test_a_constraint_failing_mid_generation_aborts_only_its_request(llm, monkey
     assert max(len(t) for i in range(300) if (t := llm.tokenizer.decode([i])).isalpha()) <= 5
     for mode in ("diffusion", "ar"):
         calls["n"] = 0
-        outs = llm.generate(["a", "b"], [SamplingParams(max_new_tokens=64, seed=1, mode=mode, regex="[a-z]{20,30}"),
-                                         SamplingParams(max_new_tokens=64, seed=2, mode=mode, choice=["yes", "no"])])
+        outs = llm.generate(
+            ["a", "b"],
+            [
+                SamplingParams(max_new_tokens=64, seed=1, mode=mode, regex="[a-z]{20,30}"),
+                SamplingParams(max_new_tokens=64, seed=2, mode=mode, choice=["yes", "no"]),
+            ],
+        )
         assert outs[0].outputs[0].finish_reason == "abort" and "lexer limit" in outs[0].metrics["error"]
         assert outs[1].outputs[0].finish_reason == "stop" and outs[1].outputs[0].text in ("yes", "no")
     assert not llm.engine.has_unfinished()
@@ -394,7 +512,8 @@ def test_constraint_state_on_its_own(llm):
 def test_ignore_eos_does_not_return_the_fill_after_a_completed_grammar(llm):
     """A grammar that completes early fills the rest of its canvas with EOS; with ignore_eos that fill is still not
     output (it is not the model's EOS but the constraint's end)."""
-    out = llm.generate("x", SamplingParams(max_new_tokens=24, seed=1, regex="([a-z][0-9]){5}",
-                                           ignore_eos=True))[0].outputs[0]
+    out = llm.generate("x", SamplingParams(max_new_tokens=24, seed=1, regex="([a-z][0-9]){5}", ignore_eos=True))[
+        0
+    ].outputs[0]
     assert out.finish_reason == "stop" and len(out.text) == 10
     assert len(out.token_ids) <= 10 and 1 not in out.token_ids

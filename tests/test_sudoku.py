@@ -1,4 +1,5 @@
 """Sudoku data side: parser, solver, generator, dataset, text formats and tokenizer."""
+
 import random
 
 import pytest
@@ -7,30 +8,36 @@ from dgemma.tasks import sudoku as S
 
 HARD17 = "000000010400000000020000000000050407008000300001090000300400200050100000000806000"
 # Independently known solution of HARD17 (checked below against the solver, not produced by it).
-SOLVED = ("693784512487512936125963874932651487568247391741398625319475268856129743274836159")
+SOLVED = "693784512487512936125963874932651487568247391741398625319475268856129743274836159"
 
 
 def test_parse_accepts_dots_and_whitespace():
-    s = "\n".join(HARD17[i:i + 9] for i in range(0, 81, 9)).replace("0", ".")
+    s = "\n".join(HARD17[i : i + 9] for i in range(0, 81, 9)).replace("0", ".")
     assert S.parse_puzzle(" " + s + " \n") == HARD17
 
 
-@pytest.mark.parametrize("bad, msg", [
-    (HARD17[:80], "81 cells, got 80"),
-    (HARD17 + "1", "81 cells, got 82"),
-    ("x" + HARD17[1:], "invalid characters"),
-])
+@pytest.mark.parametrize(
+    "bad, msg",
+    [
+        (HARD17[:80], "81 cells, got 80"),
+        (HARD17 + "1", "81 cells, got 82"),
+        ("x" + HARD17[1:], "invalid characters"),
+    ],
+)
 def test_parse_errors(bad, msg):
     with pytest.raises(S.SudokuError, match=msg):
         S.parse_puzzle(bad)
 
 
-@pytest.mark.parametrize("cells, unit", [
-    ({0: "5", 8: "5"}, "row 1"),
-    ({0: "5", 72: "5"}, "column 1"),
-    ({0: "5", 20: "5"}, "box 1"),
-    ({80: "3", 60: "3"}, "box 9"),
-])
+@pytest.mark.parametrize(
+    "cells, unit",
+    [
+        ({0: "5", 8: "5"}, "row 1"),
+        ({0: "5", 72: "5"}, "column 1"),
+        ({0: "5", 20: "5"}, "box 1"),
+        ({80: "3", 60: "3"}, "box 9"),
+    ],
+)
 def test_parse_contradictions_name_the_unit(cells, unit):
     g = ["0"] * 81
     for i, c in cells.items():
@@ -89,8 +96,8 @@ def test_generate_rejects_out_of_range():
 def test_difficulty_bins():
     def with_clues(n):
         return SOLVED[:n] + "0" * (81 - n)
-    assert [S.difficulty(with_clues(n)) for n in (29, 30, 39, 40, 50)] == ["hard", "medium", "medium", "easy",
-                                                                            "easy"]
+
+    assert [S.difficulty(with_clues(n)) for n in (29, 30, 39, 40, 50)] == ["hard", "medium", "medium", "easy", "easy"]
 
 
 def test_build_dataset_deterministic_and_bins():
@@ -163,6 +170,7 @@ def test_tokenizer_round_trip(tmp_path):
     assert tok.encode("<bos> 5 <eos>").ids == [2, 8, 1]
     # the project's own tokenizer loader accepts the directory too
     from dgemma.tokenizer import Tokenizer as DT
+
     dt = DT.from_dir(d)
     assert dt.bos_token_id == 2 and dt.eos_token_id == 1
     assert dt.encode(S.target_text(SOLVED)) == S.encode_grid(SOLVED)

@@ -15,8 +15,17 @@ from dgemma.cli import main as cli_main
 from dgemma.model import DiffusionGemma
 from dgemma.tasks import sudoku as S
 from dgemma.tasks.sudoku_cli import EXAMPLE
-from dgemma.tasks.sudoku_model import (CANVAS, GENERATION_CONFIG, Recipe, Solver, build_data, canvas_template,
-                                       model_config, prompt_ids, to_examples)
+from dgemma.tasks.sudoku_model import (
+    CANVAS,
+    GENERATION_CONFIG,
+    Recipe,
+    Solver,
+    build_data,
+    canvas_template,
+    model_config,
+    prompt_ids,
+    to_examples,
+)
 from dgemma.tokenizer import Tokenizer
 
 from forcing import boost_token
@@ -33,8 +42,9 @@ def tiny_sudoku(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = DiffusionGemma(model_config(hidden=32, layers=2, heads=2))
     boost_token(model, S.DIGIT_BASE_ID + 1)
-    save_model(model, d, generation_config={**GENERATION_CONFIG, "max_denoising_steps": 4},
-               tokenizer_dir=S.build_tokenizer(d))
+    save_model(
+        model, d, generation_config={**GENERATION_CONFIG, "max_denoising_steps": 4}, tokenizer_dir=S.build_tokenizer(d)
+    )
     return d
 
 
@@ -76,8 +86,9 @@ def test_solve_cli_lines_json_and_exit_status(tiny_sudoku, tmp_path, capsys):
     inp = tmp_path / "in.txt"
     inp.write_text(PUZZLE + "\nbad line\n")
     out = tmp_path / "out.txt"
-    code = cli_main(["sudoku", "solve", "--model", str(tiny_sudoku), "--input", str(inp), "--output", str(out),
-                     "--device", "cpu"])
+    code = cli_main(
+        ["sudoku", "solve", "--model", str(tiny_sudoku), "--input", str(inp), "--output", str(out), "--device", "cpu"]
+    )
     lines = out.read_text().splitlines()
     assert len(lines) == 2 and lines[1].startswith("error:")
     assert code == 1  # the model does not solve it, and one line was invalid
@@ -99,14 +110,38 @@ def test_eval_cli_prints_a_table_and_json(tiny_sudoku, tmp_path, capsys):
     data = tmp_path / "test.jsonl"
     rng = random.Random(1)
     S.save_jsonl([{"puzzle": S.generate(c, rng)[0]} for c in (45, 35, 26)], data)
-    assert cli_main(["sudoku", "eval", "--diffusion-model", str(tiny_sudoku), "--ar-model", str(tiny_sudoku),
-                     "--data", str(data), "--per-difficulty", "1", "--quiet"]) == 0
+    assert (
+        cli_main(
+            [
+                "sudoku",
+                "eval",
+                "--diffusion-model",
+                str(tiny_sudoku),
+                "--ar-model",
+                str(tiny_sudoku),
+                "--data",
+                str(data),
+                "--per-difficulty",
+                "1",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out.strip().splitlines()
     res = json.loads(out[-1])["results"]
-    variants = ("diffusion+clamp", "diffusion", "diffusion+clamp+vote", "diffusion+clamp+vote-16x8", "ar",
-                "ar+best-of-16", "ar+best-of-128")
-    assert {(r["variant"], r["difficulty"]) for r in res} == {(v, d) for v in variants
-                                                             for d in ("easy", "medium", "hard")}
+    variants = (
+        "diffusion+clamp",
+        "diffusion",
+        "diffusion+clamp+vote",
+        "diffusion+clamp+vote-16x8",
+        "ar",
+        "ar+best-of-16",
+        "ar+best-of-128",
+    )
+    assert {(r["variant"], r["difficulty"]) for r in res} == {
+        (v, d) for v in variants for d in ("easy", "medium", "hard")
+    }
     assert all(r["n"] == 1 and 0 <= r["rate"] <= 1 for r in res)
 
 
@@ -115,14 +150,25 @@ def test_train_recipe_runs_both_objectives_from_one_init(tmp_path):
     multi-core machine), the recipe saved, and the Sudoku default ar_weight 0 (no next-token loss logged)."""
     from dgemma.tasks.sudoku_model import train_recipe
 
-    r = Recipe(out_dir=str(tmp_path / "run"), hidden=32, layers=2, heads=2, n_base=4, n_train=8, n_test=2, steps=2,
-               batch_size=4, warmup_steps=1)
+    r = Recipe(
+        out_dir=str(tmp_path / "run"),
+        hidden=32,
+        layers=2,
+        heads=2,
+        n_base=4,
+        n_train=8,
+        n_test=2,
+        steps=2,
+        batch_size=4,
+        warmup_steps=1,
+    )
     finals = train_recipe(r, progress=False)
     assert set(finals) == {"diffusion", "ar"} and all((f / "model.safetensors").is_file() for f in finals.values())
     saved = json.loads((tmp_path / "run" / "recipe.json").read_text())
     assert saved["ar_weight"] == 0.0 and saved["steps"] == 2
-    logs = {o: [json.loads(x) for x in (tmp_path / "run" / o / "train_log.jsonl").read_text().splitlines()]
-            for o in finals}
+    logs = {
+        o: [json.loads(x) for x in (tmp_path / "run" / o / "train_log.jsonl").read_text().splitlines()] for o in finals
+    }
     assert logs["diffusion"][-1]["ar_loss"] is None and logs["ar"][-1]["ar_loss"] > 0
 
 
@@ -132,8 +178,9 @@ def test_recipe_defaults_fit_the_bundle_budget():
 
 
 # -- the bundled models ------------------------------------------------------------------------------------------------
-bundled = pytest.mark.skipif(not (BUNDLED_MODELS["sudoku"] / "config.json").is_file(),
-                             reason="the bundled Sudoku model is not in this checkout")
+bundled = pytest.mark.skipif(
+    not (BUNDLED_MODELS["sudoku"] / "config.json").is_file(), reason="the bundled Sudoku model is not in this checkout"
+)
 
 
 @bundled

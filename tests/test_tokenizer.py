@@ -52,6 +52,7 @@ def _with_config(tmp_path: Path, src: Path, **cfg_update) -> Path:
 
 # -- encode / decode ----------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("text", TEXTS)
 def test_round_trip(tok: Tokenizer, text: str) -> None:
     ids = tok.encode(text)
@@ -64,7 +65,7 @@ def test_special_tokens(tok: Tokenizer) -> None:
     assert tok.token_to_id("<start_of_turn>") == 3 and tok.token_to_id("<end_of_turn>") == 4
     assert tok.id_to_token(1) == "<eos>"
     assert tok.token_to_id("<definitely-not-a-token>") is None
-    assert tok.id_to_token(10 ** 6) is None
+    assert tok.id_to_token(10**6) is None
     assert tok.vocab_size == 300
     # Literal special tokens in text map to their ids; decode skips them unless asked not to.
     ids = tok.encode("<bos>hi<eos>")
@@ -95,6 +96,7 @@ def test_matches_transformers_oracle(tok: Tokenizer, tok_dir: Path) -> None:
 
 # -- loading errors -----------------------------------------------------------------------------------------
 
+
 def test_from_dir_without_tokenizer_returns_none(tmp_path: Path) -> None:
     assert Tokenizer.from_dir(tmp_path) is None
     assert Tokenizer.from_dir(tmp_path / "missing") is None
@@ -112,9 +114,13 @@ def test_corrupt_tokenizer_json(tmp_path: Path) -> None:
 def test_corrupt_tokenizer_config(tmp_path: Path, tok_dir: Path) -> None:
     (tmp_path / "tokenizer.json").write_bytes((tok_dir / "tokenizer.json").read_bytes())
     cfg = tmp_path / "tokenizer_config.json"
-    for bad in ["{not json", "[1, 2]", json.dumps({"chat_template": 5}),
-                json.dumps({"chat_template": [{"name": "tool_use", "template": "x"}]}),
-                json.dumps({"eos_token": 7})]:
+    for bad in [
+        "{not json",
+        "[1, 2]",
+        json.dumps({"chat_template": 5}),
+        json.dumps({"chat_template": [{"name": "tool_use", "template": "x"}]}),
+        json.dumps({"eos_token": 7}),
+    ]:
         cfg.write_text(bad)
         with pytest.raises(TokenizerError, match="tokenizer_config.json"):
             Tokenizer.from_dir(tmp_path)
@@ -126,23 +132,34 @@ def test_tokenizer_error_is_value_error() -> None:
 
 # -- chat templates -----------------------------------------------------------------------------------------
 
-MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-            {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"}]
+MESSAGES = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello"},
+    {"role": "user", "content": "Bye"},
+]
 
 
 def test_template_from_tokenizer_config(tmp_path: Path) -> None:
     t = Tokenizer.from_dir(build_bpe_tokenizer(tmp_path, chat_template=TEMPLATE))
     assert t is not None and t.has_chat_template
     with_prompt = t.apply_chat_template(MESSAGES)
-    assert with_prompt == ("<bos>[system]Be brief.<eos>\n[user]Hi<eos>\n[assistant]Hello<eos>\n[user]Bye<eos>\n"
-                           "[assistant]")
+    assert with_prompt == (
+        "<bos>[system]Be brief.<eos>\n[user]Hi<eos>\n[assistant]Hello<eos>\n[user]Bye<eos>\n[assistant]"
+    )
     without = t.apply_chat_template(MESSAGES, add_generation_prompt=False)
     assert without == with_prompt[: -len("[assistant]")]
 
 
 def test_template_named_list_takes_default(tmp_path: Path, tok_dir: Path) -> None:
-    d = _with_config(tmp_path, tok_dir, chat_template=[{"name": "tool_use", "template": "TOOLS"},
-                                                      {"name": "default", "template": "DEFAULT {{ messages|length }}"}])
+    d = _with_config(
+        tmp_path,
+        tok_dir,
+        chat_template=[
+            {"name": "tool_use", "template": "TOOLS"},
+            {"name": "default", "template": "DEFAULT {{ messages|length }}"},
+        ],
+    )
     t = Tokenizer.from_dir(d)
     assert t is not None and t.apply_chat_template(MESSAGES) == "DEFAULT 4"
 
@@ -155,7 +172,8 @@ def test_template_from_jinja_file_overrides_config(tmp_path: Path) -> None:
         "{% endfor %}\n"
         "{% if add_generation_prompt %}\n"
         "<model>\n"
-        "{% endif %}\n")
+        "{% endif %}\n"
+    )
     t = Tokenizer.from_dir(d)
     assert t is not None
     # trim_blocks/lstrip_blocks: the block tags' own lines leave no blank lines behind.
@@ -166,10 +184,13 @@ def test_template_from_jinja_file_overrides_config(tmp_path: Path) -> None:
 def test_default_template_when_none(tok: Tokenizer) -> None:
     assert not tok.has_chat_template
     out = tok.apply_chat_template(MESSAGES[1:3])
-    assert out == ("<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello<end_of_turn>\n"
-                   "<start_of_turn>model\n")
-    assert tok.apply_chat_template(MESSAGES[1:2], add_generation_prompt=False) == \
-        "<bos><start_of_turn>user\nHi<end_of_turn>\n"
+    assert out == (
+        "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello<end_of_turn>\n<start_of_turn>model\n"
+    )
+    assert (
+        tok.apply_chat_template(MESSAGES[1:2], add_generation_prompt=False)
+        == "<bos><start_of_turn>user\nHi<end_of_turn>\n"
+    )
     # The turn markers are single special tokens in the encoded prompt.
     ids = tok.encode(out)
     assert ids[:2] == [2, 3] and ids.count(3) == 3 and ids.count(4) == 2
@@ -178,29 +199,33 @@ def test_default_template_when_none(tok: Tokenizer) -> None:
 
 def test_content_parts_joined(tok: Tokenizer) -> None:
     msgs = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
-    assert tok.apply_chat_template(msgs, add_generation_prompt=False) == \
-        "<bos><start_of_turn>user\na\nb<end_of_turn>\n"
+    assert tok.apply_chat_template(msgs, add_generation_prompt=False) == "<bos><start_of_turn>user\na\nb<end_of_turn>\n"
 
 
-@pytest.mark.parametrize("messages", [
-    "hello",
-    [{"role": "user"}],
-    [{"content": "hi"}],
-    [{"role": 3, "content": "hi"}],
-    [{"role": "user", "content": 5}],
-    [{"role": "user", "content": None}],
-    [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
-    [{"role": "user", "content": [{"type": "text"}]}],
-    ["user: hi"],
-])
+@pytest.mark.parametrize(
+    "messages",
+    [
+        "hello",
+        [{"role": "user"}],
+        [{"content": "hi"}],
+        [{"role": 3, "content": "hi"}],
+        [{"role": "user", "content": 5}],
+        [{"role": "user", "content": None}],
+        [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+        [{"role": "user", "content": [{"type": "text"}]}],
+        ["user: hi"],
+    ],
+)
 def test_bad_messages(tok: Tokenizer, messages) -> None:
     with pytest.raises(TokenizerError):
         tok.apply_chat_template(messages)
 
 
 def test_raise_exception_and_tojson(tmp_path: Path, tok_dir: Path) -> None:
-    tpl = ("{% if messages[0]['role'] != 'user' %}{{ raise_exception('first must be user') }}{% endif %}"
-           "{{ messages | tojson }}|{{ {'k': '<&>é'} | tojson }}")
+    tpl = (
+        "{% if messages[0]['role'] != 'user' %}{{ raise_exception('first must be user') }}{% endif %}"
+        "{{ messages | tojson }}|{{ {'k': '<&>é'} | tojson }}"
+    )
     t = Tokenizer.from_dir(_with_config(tmp_path, tok_dir, chat_template=tpl))
     assert t is not None
     with pytest.raises(TokenizerError, match="first must be user"):
@@ -211,12 +236,15 @@ def test_raise_exception_and_tojson(tmp_path: Path, tok_dir: Path) -> None:
     assert obj == '{"k": "<&>é"}'  # plain JSON, not HTML-escaped
 
 
-@pytest.mark.parametrize("tpl", [
-    "{{ ''.__class__.__mro__ }}",
-    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
-    "{{ messages.__class__ }}",
-    "{% set x = messages.append(1) %}{{ x }}",  # immutable sandbox: no mutating builtins
-])
+@pytest.mark.parametrize(
+    "tpl",
+    [
+        "{{ ''.__class__.__mro__ }}",
+        "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+        "{{ messages.__class__ }}",
+        "{% set x = messages.append(1) %}{{ x }}",  # immutable sandbox: no mutating builtins
+    ],
+)
 def test_hostile_template_is_refused(tmp_path: Path, tok_dir: Path, tpl: str) -> None:
     t = Tokenizer.from_dir(_with_config(tmp_path, tok_dir, chat_template=tpl))
     assert t is not None
@@ -234,6 +262,7 @@ def test_template_syntax_error(tmp_path: Path, tok_dir: Path) -> None:
 
 
 # -- incremental decoding -----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("text", TEXTS + ["<bos>x 😀<eos> y"])
 def test_incremental_decoder_token_by_token(tok: Tokenizer, text: str) -> None:
@@ -261,7 +290,7 @@ def test_incremental_decoder_chunks_and_flush(tok: Tokenizer) -> None:
     text = TEXTS[2] + TEXTS[3]
     ids = tok.encode(text)
     dec = IncrementalDecoder(tok)
-    out = "".join(dec.push(ids[k:k + 3]) for k in range(0, len(ids), 3)) + dec.flush()
+    out = "".join(dec.push(ids[k : k + 3]) for k in range(0, len(ids), 3)) + dec.flush()
     assert out == text
     # A stream cut mid-character: flush surrenders the partial bytes as U+FFFD, like a one-shot decode.
     partial = tok.encode("é😀")[:-1]
@@ -271,6 +300,7 @@ def test_incremental_decoder_chunks_and_flush(tok: Tokenizer) -> None:
 
 
 # -- save ---------------------------------------------------------------------------------------------------
+
 
 def test_save_round_trip(tmp_path: Path) -> None:
     src = build_bpe_tokenizer(tmp_path / "src", chat_template=TEMPLATE)

@@ -19,8 +19,19 @@ from dgemma import DiffusionGemma, save_model
 from dgemma.checkpoint import load_model
 from dgemma.cli import main as cli_main
 from dgemma.config import tiny_config
-from dgemma.train import (Example, TrainConfig, Trainer, TrainError, collate, corrupt, counts, latest_checkpoint,
-                          load_examples, loss_parts, lr_at)
+from dgemma.train import (
+    Example,
+    TrainConfig,
+    Trainer,
+    TrainError,
+    collate,
+    corrupt,
+    counts,
+    latest_checkpoint,
+    load_examples,
+    loss_parts,
+    lr_at,
+)
 
 from oracle import build_hf, hf_logits
 
@@ -52,8 +63,9 @@ def _params(model) -> dict[str, torch.Tensor]:
 
 # -- the objective ------------------------------------------------------------------------------------------------
 def test_collate_cuts_response_plus_eos_into_canvases():
-    b = collate([Example([2, 5], [7] * 8), Example([2, 5, 6], [9, 9])], canvas_length=4, pad_id=0, eos_id=1,
-                vocab_size=V)
+    b = collate(
+        [Example([2, 5], [7] * 8), Example([2, 5, 6], [9, 9])], canvas_length=4, pad_id=0, eos_id=1, vocab_size=V
+    )
     assert b.canvases.shape == (2, 3, 4)  # 8 tokens + EOS need 3 canvases of 4
     assert b.canvases[0].flatten().tolist() == [7] * 8 + [1, 0, 0, 0]
     assert b.canvases[1].flatten().tolist() == [9, 9, 1, 0] + [0] * 8
@@ -272,10 +284,13 @@ def test_training_learns_a_toy_copy_task(tmp_path):
     """A few dozen steps on a copy task cut the diffusion loss by a quarter or more."""
     m = _model(seed=1)
     m.reset_parameters()  # the default small init: trains fast
-    ex = [Example([2] + p, p) for p in (torch.randint(3, V, (6,), generator=torch.Generator().manual_seed(i))
-                                        .tolist() for i in range(64))]
-    tr = Trainer(m, ex, TrainConfig(steps=60, batch_size=16, lr=1e-2, warmup_steps=5, self_cond_prob=0.5,
-                                    log_every=10), tmp_path)
+    ex = [
+        Example([2] + p, p)
+        for p in (torch.randint(3, V, (6,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(64))
+    ]
+    tr = Trainer(
+        m, ex, TrainConfig(steps=60, batch_size=16, lr=1e-2, warmup_steps=5, self_cond_prob=0.5, log_every=10), tmp_path
+    )
     tr.train(progress=False)
     first, last = tr.log[0], tr.log[-1]
     assert last["diffusion_loss"] < 0.75 * first["diffusion_loss"]  # a step that does not learn stays flat
@@ -343,8 +358,7 @@ def test_lora_trains_adapters_only_and_merges_on_save(tmp_path):
 
 def test_bfloat16_autocast_trains(tmp_path):
     m = _model()
-    tr = Trainer(m, _examples(8), TrainConfig(steps=2, batch_size=4, precision="bfloat16", warmup_steps=1),
-                 tmp_path)
+    tr = Trainer(m, _examples(8), TrainConfig(steps=2, batch_size=4, precision="bfloat16", warmup_steps=1), tmp_path)
     rec = tr.train_step()
     assert math.isfinite(rec["loss"]) and math.isfinite(rec["grad_norm"])
     assert all(p.dtype == torch.float32 for p in m.parameters())
@@ -417,8 +431,26 @@ def ckpt_and_data(tmp_path):
 def test_train_cli_writes_checkpoints_and_resumes(ckpt_and_data, tmp_path, capsys):
     d, data = ckpt_and_data
     out = tmp_path / "out"
-    args = ["train", "--model", str(d), "--data", str(data), "--output", str(out), "--steps", "4",
-            "--batch-size", "4", "--save-every", "2", "--log-every", "1", "--quiet", "--device", "cpu"]
+    args = [
+        "train",
+        "--model",
+        str(d),
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+        "--steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--save-every",
+        "2",
+        "--log-every",
+        "1",
+        "--quiet",
+        "--device",
+        "cpu",
+    ]
     assert cli_main(args) == 0
     assert (out / "final" / "tokenizer.json").is_file() and (out / "checkpoint-000002").is_dir()
     assert len((out / "train_log.jsonl").read_text().splitlines()) == 4
@@ -431,8 +463,7 @@ def test_train_cli_writes_checkpoints_and_resumes(ckpt_and_data, tmp_path, capsy
     steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 3, 4, 5, 6]  # the log file is appended; steps 3-4 were redone from the checkpoint
     capsys.readouterr()
-    assert cli_main(["train", "--model", str(d), "--data", str(tmp_path / "missing.jsonl"), "--output",
-                     str(out)]) == 2
+    assert cli_main(["train", "--model", str(d), "--data", str(tmp_path / "missing.jsonl"), "--output", str(out)]) == 2
     assert "no such data file" in capsys.readouterr().err
     assert cli_main(args + ["--device", "nonsense"]) == 2  # a clear error, not a traceback
     assert "invalid --device 'nonsense'" in capsys.readouterr().err
@@ -442,19 +473,61 @@ def test_torchrun_two_processes_match_one(ckpt_and_data, tmp_path):
     """Data-parallel (gloo) over 2 processes computes the same losses and weights as 1 process, same global batch."""
     d, data = ckpt_and_data
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
-    common = ["--model", str(d), "--data", str(data), "--steps", "3", "--batch-size", "4", "--log-every", "1",
-              "--quiet", "--threads", "1", "--lr", "1e-2", "--warmup-steps", "1"]
-    one = subprocess.run([sys.executable, "-m", "dgemma.cli", "train", *common, "--output", str(tmp_path / "one")],
-                         env=env, capture_output=True, text=True, timeout=300)
+    common = [
+        "--model",
+        str(d),
+        "--data",
+        str(data),
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--log-every",
+        "1",
+        "--quiet",
+        "--threads",
+        "1",
+        "--lr",
+        "1e-2",
+        "--warmup-steps",
+        "1",
+    ]
+    one = subprocess.run(
+        [sys.executable, "-m", "dgemma.cli", "train", *common, "--output", str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert one.returncode == 0, one.stderr
     import socket
 
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
-                          "127.0.0.1", "--master-port", str(port), "-m", "dgemma.cli", "train", *common,
-                          "--output", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(port),
+            "-m",
+            "dgemma.cli",
+            "train",
+            *common,
+            "--output",
+            str(tmp_path / "two"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     la = [json.loads(line)["loss"] for line in (tmp_path / "one" / "train_log.jsonl").read_text().splitlines()]
     lb = [json.loads(line)["loss"] for line in (tmp_path / "two" / "train_log.jsonl").read_text().splitlines()]

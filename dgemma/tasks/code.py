@@ -52,11 +52,38 @@ from typing import Callable, Iterable, Literal
 from .sudoku import load_jsonl, save_jsonl
 
 __all__ = [
-    "SPECIAL_TOKENS", "PAD_ID", "EOS_ID", "BOS_ID", "FIM_PREFIX_ID", "FIM_SUFFIX_ID", "FIM_MIDDLE_ID", "CANVAS",
-    "ROOM", "PREFIX_TOKENS", "SUFFIX_TOKENS", "MAX_MIDDLE_TOKENS", "SPAN_KINDS", "Item", "stdlib_dir",
-    "source_files", "split_of", "read_source", "build_tokenizer", "candidate_spans", "sample_items",
-    "diffusion_example", "suffix_ids", "fim_prompt", "ar_prompt", "exact_match", "parses", "brackets_ok",
-    "indent_ok", "binary_reason", "save_jsonl", "load_jsonl",
+    "SPECIAL_TOKENS",
+    "PAD_ID",
+    "EOS_ID",
+    "BOS_ID",
+    "FIM_PREFIX_ID",
+    "FIM_SUFFIX_ID",
+    "FIM_MIDDLE_ID",
+    "CANVAS",
+    "ROOM",
+    "PREFIX_TOKENS",
+    "SUFFIX_TOKENS",
+    "MAX_MIDDLE_TOKENS",
+    "SPAN_KINDS",
+    "Item",
+    "stdlib_dir",
+    "source_files",
+    "split_of",
+    "read_source",
+    "build_tokenizer",
+    "candidate_spans",
+    "sample_items",
+    "diffusion_example",
+    "suffix_ids",
+    "fim_prompt",
+    "ar_prompt",
+    "exact_match",
+    "parses",
+    "brackets_ok",
+    "indent_ok",
+    "binary_reason",
+    "save_jsonl",
+    "load_jsonl",
 ]
 
 PINNED_PYTHON = "3.11.7"  # the CPython whose standard library the bundled model was trained on
@@ -112,7 +139,7 @@ def source_files(root: Path) -> dict[str, str]:
 
 
 def split_of(rel_path: str) -> str:
-    """"test" for about `HELDOUT_PERCENT` % of paths, "train" for the rest, decided by the path alone."""
+    """ "test" for about `HELDOUT_PERCENT` % of paths, "train" for the rest, decided by the path alone."""
     h = int.from_bytes(hashlib.sha256(rel_path.encode()).digest()[:4], "big")
     return "test" if h % 100 < HELDOUT_PERCENT else "train"
 
@@ -127,12 +154,22 @@ def build_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     tok.save(str(d / "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": "<pad>", "eos_token": "<eos>",
-              "bos_token": "<bos>", "additional_special_tokens": list(SPECIAL_TOKENS[3:]), "model_max_length": 512}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "pad_token": "<pad>",
+        "eos_token": "<eos>",
+        "bos_token": "<bos>",
+        "additional_special_tokens": list(SPECIAL_TOKENS[3:]),
+        "model_max_length": 512,
+    }
     (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return d
 
@@ -152,8 +189,15 @@ class Item:
 
     @classmethod
     def cut(cls, path: str, kind: str, text: str, start: int, end: int) -> Item:
-        return cls(path, kind, start, end, text[max(0, start - PREFIX_CHARS):start], text[start:end],
-                   text[end:end + SUFFIX_CHARS])
+        return cls(
+            path,
+            kind,
+            start,
+            end,
+            text[max(0, start - PREFIX_CHARS) : start],
+            text[start:end],
+            text[end : end + SUFFIX_CHARS],
+        )
 
 
 class _Lines:
@@ -192,8 +236,12 @@ def _bracket_spans(tree: ast.AST, lines: _Lines) -> list[tuple[int, int]]:
             continue
         end = lines.offset(node.end_lineno, node.end_col_offset)  # type: ignore[arg-type]
         seg = lines.text[start:end]
-        if 3 <= len(seg) <= MAX_SPAN_CHARS and seg[0] in _OPENERS and seg[-1] == _OPENERS[seg[0]] \
-                and _unmatched(seg) == ("", ""):
+        if (
+            3 <= len(seg) <= MAX_SPAN_CHARS
+            and seg[0] in _OPENERS
+            and seg[-1] == _OPENERS[seg[0]]
+            and _unmatched(seg) == ("", "")
+        ):
             out.append((start, end))
     return out
 
@@ -203,7 +251,7 @@ def _body_spans(tree: ast.AST, lines: _Lines) -> list[tuple[int, int]]:
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno is not None:
             first = node.body[0]
-            if lines.lines[first.lineno - 1][:first.col_offset].strip():
+            if lines.lines[first.lineno - 1][: first.col_offset].strip():
                 continue  # the body starts on the header's line
             start, end = lines.span(first.lineno, node.end_lineno)
             if end - start <= MAX_SPAN_CHARS:
@@ -221,7 +269,7 @@ def candidate_spans(text: str) -> dict[str, list[tuple[int, int]]]:
     many = []
     for i in range(len(lines.lines)):
         for k in (2, 3, 4):
-            if i + k <= len(lines.lines) and sum(not b for b in blank[i:i + k]) >= 2 and not blank[i]:
+            if i + k <= len(lines.lines) and sum(not b for b in blank[i : i + k]) >= 2 and not blank[i]:
                 s, e = lines.span(i + 1, i + k)
                 if e - s <= MAX_SPAN_CHARS:
                     many.append((s, e))
@@ -264,8 +312,9 @@ def suffix_ids(suffix: list[int]) -> list[int]:
     return s + [PAD_ID] * (SUFFIX_TOKENS - len(s)) + [EOS_ID]
 
 
-def diffusion_example(prefix: list[int], middle: list[int], suffix: list[int]) -> tuple[list[int], list[int],
-                                                                                         list[int]]:
+def diffusion_example(
+    prefix: list[int], middle: list[int], suffix: list[int]
+) -> tuple[list[int], list[int], list[int]]:
     """(prompt, response, fixed) for the diffusion objective: the response plus the collator's EOS is exactly one
     canvas, laid out as inference lays it out; `fixed` marks the suffix region (never noised in training)."""
     if not 0 <= len(middle) <= MAX_MIDDLE_TOKENS:
@@ -276,8 +325,9 @@ def diffusion_example(prefix: list[int], middle: list[int], suffix: list[int]) -
 
 def fim_prompt(prefix: list[int], suffix: list[int]) -> list[int]:
     """The FIM-reordered AR prompt: the middle follows <fim_middle>."""
-    return ([BOS_ID, FIM_PREFIX_ID] + prefix[-PREFIX_TOKENS:] + [FIM_SUFFIX_ID] + suffix[:SUFFIX_TOKENS]
-            + [FIM_MIDDLE_ID])
+    return (
+        [BOS_ID, FIM_PREFIX_ID] + prefix[-PREFIX_TOKENS:] + [FIM_SUFFIX_ID] + suffix[:SUFFIX_TOKENS] + [FIM_MIDDLE_ID]
+    )
 
 
 def ar_prompt(prefix: list[int]) -> list[int]:
@@ -315,9 +365,9 @@ def _unmatched(s: str) -> tuple[str, str]:
             i = n if i < 0 else i
             continue
         if c in "'\"":
-            q = s[i:i + 3] if s[i:i + 3] in ("'''", '"""') else c
+            q = s[i : i + 3] if s[i : i + 3] in ("'''", '"""') else c
             j = i + len(q)
-            while j < n and s[j:j + len(q)] != q and not (len(q) == 1 and s[j] == "\n"):
+            while j < n and s[j : j + len(q)] != q and not (len(q) == 1 and s[j] == "\n"):
                 j += 2 if s[j] == "\\" else 1
             i = j + len(q)
             continue

@@ -1,10 +1,10 @@
 """`dgemma code infill | eval | train`: the Python fill-in-the-middle model from the command line (a CLI plugin).
 
-    dgemma code infill app.py --line 12             # rewrite line 12 from the lines around it (live in a terminal)
-    dgemma code infill app.py --span 12:14 --print-file
-    printf 'def area(r):\\n    <FILL>\\n' | dgemma code infill     # stdin; the gap is marked <FILL>
-    dgemma code eval --per-kind 100                 # diffusion (adaptive / fixed steps) vs FIM-AR vs prefix-only AR
-    dgemma code train --output runs/code            # the three models from one initial checkpoint
+dgemma code infill app.py --line 12             # rewrite line 12 from the lines around it (live in a terminal)
+dgemma code infill app.py --span 12:14 --print-file
+printf 'def area(r):\\n    <FILL>\\n' | dgemma code infill     # stdin; the gap is marked <FILL>
+dgemma code eval --per-kind 100                 # diffusion (adaptive / fixed steps) vs FIM-AR vs prefix-only AR
+dgemma code train --output runs/code            # the three models from one initial checkpoint
 """
 
 from __future__ import annotations
@@ -25,23 +25,35 @@ MARKER = "<FILL>"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="code_command", metavar="ACTION", title="actions")
-    _add_infill(sub.add_parser(
-        "infill", help="fill a gap in a Python file (a line, a span of lines, or a <FILL> marker)",
-        description="Remove line N (--line), lines A to B (--span) or the <FILL> marker from a Python file (or "
-                    "stdin) and let the model write what goes there, seeing the code before and after. Prints the "
-                    "middle (or the whole file with --print-file). The bundled model writes at most 31 tokens "
-                    "(about 100 characters)."))
-    _add_eval(sub.add_parser(
-        "eval", help="held-out infilling: diffusion vs FIM-reordered AR vs prefix-only AR",
-        description="Infill spans of held-out standard-library files (never trained on) with each variant and "
-                    "print a table and a final JSON line: single-line exact match, multi-line exact match and "
-                    "ast.parse rate, bracket and indentation consistency, tokens per forward, ms per infill."))
-    _add_train(sub.add_parser(
-        "train", help="train the diffusion model and both AR baselines from one random init",
-        description="Build the data (this Python's standard library, split by file), train the tokenizer on the "
-                    "training files, write one random initial checkpoint and train it three ways (same items, "
-                    "steps and batch): block diffusion with the suffix on the canvas, FIM-reordered AR, and "
-                    "prefix-only AR. Re-running resumes."))
+    _add_infill(
+        sub.add_parser(
+            "infill",
+            help="fill a gap in a Python file (a line, a span of lines, or a <FILL> marker)",
+            description="Remove line N (--line), lines A to B (--span) or the <FILL> marker from a Python file (or "
+            "stdin) and let the model write what goes there, seeing the code before and after. Prints the "
+            "middle (or the whole file with --print-file). The bundled model writes at most 31 tokens "
+            "(about 100 characters).",
+        )
+    )
+    _add_eval(
+        sub.add_parser(
+            "eval",
+            help="held-out infilling: diffusion vs FIM-reordered AR vs prefix-only AR",
+            description="Infill spans of held-out standard-library files (never trained on) with each variant and "
+            "print a table and a final JSON line: single-line exact match, multi-line exact match and "
+            "ast.parse rate, bracket and indentation consistency, tokens per forward, ms per infill.",
+        )
+    )
+    _add_train(
+        sub.add_parser(
+            "train",
+            help="train the diffusion model and both AR baselines from one random init",
+            description="Build the data (this Python's standard library, split by file), train the tokenizer on the "
+            "training files, write one random initial checkpoint and train it three ways (same items, "
+            "steps and batch): block diffusion with the suffix on the canvas, FIM-reordered AR, and "
+            "prefix-only AR. Re-running resumes.",
+        )
+    )
 
 
 def _add_placement(p: argparse.ArgumentParser) -> None:
@@ -54,18 +66,33 @@ def _add_infill(s: argparse.ArgumentParser) -> None:
     where = s.add_mutually_exclusive_group()
     where.add_argument("--line", "-l", type=_positive_int, metavar="N", help="the line to rewrite (1-based)")
     where.add_argument("--span", "-s", metavar="A:B", help="the lines A to B to rewrite (1-based, inclusive)")
-    s.add_argument("--model", "-m", default="code", metavar="PATH", help="checkpoint (default: the bundled 'code' "
-                   "model; code-fim and code-ar are the AR baselines)")
-    s.add_argument("--format", choices=["diffusion", "fim", "ar"], default=None,
-                   help="how the model sees the gap (default: fim for code-fim, ar for code-ar, else diffusion)")
+    s.add_argument(
+        "--model",
+        "-m",
+        default="code",
+        metavar="PATH",
+        help="checkpoint (default: the bundled 'code' model; code-fim and code-ar are the AR baselines)",
+    )
+    s.add_argument(
+        "--format",
+        choices=["diffusion", "fim", "ar"],
+        default=None,
+        help="how the model sees the gap (default: fim for code-fim, ar for code-ar, else diffusion)",
+    )
     s.add_argument("--fixed-steps", action="store_true", help="diffusion: no adaptive stop")
     s.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     s.add_argument("--print-file", action="store_true", help="print the whole file with the gap filled")
-    s.add_argument("--json", action="store_true", help="one JSON object: middle, original, lines, tokens, "
-                   "forwards, seconds, finish_reason")
-    s.add_argument("--live", choices=["auto", "always", "never"], default="auto",
-                   help="draw the canvas as it denoises, between the lines around the gap (auto: when stdout is "
-                        "a terminal)")
+    s.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object: middle, original, lines, tokens, forwards, seconds, finish_reason",
+    )
+    s.add_argument(
+        "--live",
+        choices=["auto", "always", "never"],
+        default="auto",
+        help="draw the canvas as it denoises, between the lines around the gap (auto: when stdout is a terminal)",
+    )
     _add_placement(s)
     s.set_defaults(_code=run_infill)
 
@@ -74,20 +101,38 @@ def _add_eval(e: argparse.ArgumentParser) -> None:
     from .code_model import VARIANTS
 
     e.add_argument("--diffusion-model", default="code", metavar="PATH", help="(default: the bundled model)")
-    e.add_argument("--fim-model", default="code-fim", metavar="PATH", help="the FIM-reordered AR baseline "
-                   "(default: bundled)")
-    e.add_argument("--ar-model", default="code-ar", metavar="PATH", help="the prefix-only AR baseline "
-                   "(default: bundled)")
-    e.add_argument("--data", metavar="FILE", help="JSONL items (path, kind, start, end, prefix, middle, suffix) "
-                   "from held-out files, e.g. a training run's data/test.jsonl (default: drawn from --seed)")
-    e.add_argument("--per-kind", type=_positive_int, default=100, metavar="N",
-                   help="items per span kind: line, lines, body, bracket (default: %(default)s)")
-    e.add_argument("--variants", default=",".join(VARIANTS),
-                   help="comma-separated: diffusion (adaptive stopping), diffusion-fixed (all "
-                        "max_denoising_steps), fim-ar, ar (default: all)")
+    e.add_argument(
+        "--fim-model", default="code-fim", metavar="PATH", help="the FIM-reordered AR baseline (default: bundled)"
+    )
+    e.add_argument(
+        "--ar-model", default="code-ar", metavar="PATH", help="the prefix-only AR baseline (default: bundled)"
+    )
+    e.add_argument(
+        "--data",
+        metavar="FILE",
+        help="JSONL items (path, kind, start, end, prefix, middle, suffix) "
+        "from held-out files, e.g. a training run's data/test.jsonl (default: drawn from --seed)",
+    )
+    e.add_argument(
+        "--per-kind",
+        type=_positive_int,
+        default=100,
+        metavar="N",
+        help="items per span kind: line, lines, body, bracket (default: %(default)s)",
+    )
+    e.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help="comma-separated: diffusion (adaptive stopping), diffusion-fixed (all "
+        "max_denoising_steps), fim-ar, ar (default: all)",
+    )
     e.add_argument("--seed", type=int, default=2026, help="item and sampling seed (default: %(default)s)")
-    e.add_argument("--stdlib", metavar="DIR", default=None, help="the Lib/ directory the items come from "
-                   "(default: this Python's standard library)")
+    e.add_argument(
+        "--stdlib",
+        metavar="DIR",
+        default=None,
+        help="the Lib/ directory the items come from (default: this Python's standard library)",
+    )
     e.add_argument("--batch-size", type=_positive_int, default=16, help="(default: %(default)s)")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_placement(e)
@@ -95,36 +140,67 @@ def _add_eval(e: argparse.ArgumentParser) -> None:
 
 
 def _add_train(t: argparse.ArgumentParser) -> None:
+    """`dgemma code train`'s flags, defaults from `Recipe`. Long only because it is a flat list of declarations."""
     from .code_model import Recipe
 
     r = Recipe()
     t.add_argument("--output", "-o", default=r.out_dir, metavar="DIR", help="(default: %(default)s)")
-    t.add_argument("--steps", type=_positive_int, default=r.steps, help="the budget: optimizer steps per model "
-                   "(default: %(default)s, about 25 min per model on one CPU thread; see the model card)")
+    t.add_argument(
+        "--steps",
+        type=_positive_int,
+        default=r.steps,
+        help="the budget: optimizer steps per model "
+        "(default: %(default)s, about 25 min per model on one CPU thread; see the model card)",
+    )
     t.add_argument("--batch-size", type=_positive_int, default=r.batch_size, help="(default: %(default)s)")
     t.add_argument("--lr", type=float, default=r.lr, help="(default: %(default)s)")
-    t.add_argument("--examples", type=_positive_int, default=r.n_train, help="training spans drawn from the "
-                   "training files (default: %(default)s)")
-    t.add_argument("--held-out", type=_positive_int, default=r.per_kind_test, metavar="N",
-                   help="held-out spans per kind written to OUTPUT/data/test.jsonl (default: %(default)s)")
+    t.add_argument(
+        "--examples",
+        type=_positive_int,
+        default=r.n_train,
+        help="training spans drawn from the training files (default: %(default)s)",
+    )
+    t.add_argument(
+        "--held-out",
+        type=_positive_int,
+        default=r.per_kind_test,
+        metavar="N",
+        help="held-out spans per kind written to OUTPUT/data/test.jsonl (default: %(default)s)",
+    )
     t.add_argument("--hidden", type=_positive_int, default=r.hidden, help="(default: %(default)s)")
     t.add_argument("--layers", type=_positive_int, default=r.layers, help="(default: %(default)s)")
-    t.add_argument("--vocab", type=_positive_int, default=r.vocab, help="BPE vocabulary size (default: "
-                   "%(default)s)")
+    t.add_argument("--vocab", type=_positive_int, default=r.vocab, help="BPE vocabulary size (default: %(default)s)")
     t.add_argument("--objectives", default=",".join(r.objectives), help="(default: %(default)s)")
-    t.add_argument("--parallel", type=_positive_int, default=None, metavar="N",
-                   help="models trained at once, one process each (default: as many as the cores allow at "
-                        "--threads each, at most 2)")
-    t.add_argument("--threads", type=_positive_int, default=r.threads, help="torch threads per process "
-                   "(default: %(default)s)")
+    t.add_argument(
+        "--parallel",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="models trained at once, one process each (default: as many as the cores allow at "
+        "--threads each, at most 2)",
+    )
+    t.add_argument(
+        "--threads", type=_positive_int, default=r.threads, help="torch threads per process (default: %(default)s)"
+    )
     t.add_argument("--seed", type=int, default=r.seed, help="(default: %(default)s)")
-    t.add_argument("--stdlib", metavar="DIR", default=None, help="the Lib/ directory to learn from (default: this "
-                   "Python's standard library)")
-    t.add_argument("--device", default=r.device, help="auto (this process's GPU if there is one, else the CPU), "
-                   "cpu, cuda or cuda:N (default: %(default)s)")
-    t.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default=r.precision,
-                   help="bfloat16: autocast matmuls with float32 master weights; auto: bfloat16 on a GPU with native "
-                        "bf16, float32 elsewhere (default: %(default)s)")
+    t.add_argument(
+        "--stdlib",
+        metavar="DIR",
+        default=None,
+        help="the Lib/ directory to learn from (default: this Python's standard library)",
+    )
+    t.add_argument(
+        "--device",
+        default=r.device,
+        help="auto (this process's GPU if there is one, else the CPU), cpu, cuda or cuda:N (default: %(default)s)",
+    )
+    t.add_argument(
+        "--precision",
+        choices=["auto", "float32", "bfloat16"],
+        default=r.precision,
+        help="bfloat16: autocast matmuls with float32 master weights; auto: bfloat16 on a GPU with native "
+        "bf16, float32 elsewhere (default: %(default)s)",
+    )
     t.set_defaults(_code=run_train)
 
 
@@ -163,12 +239,11 @@ def locate_gap(label: str, text: str, line: int | None, span: str | None) -> tup
             raise CLIError(f"{label} is empty: there is no line {a}")
         if b > len(lines):
             raise CLIError(f"line {b} is out of range: {label} has {len(lines)} line{'s' * (len(lines) != 1)}")
-        start = sum(len(ln) for ln in lines[:a - 1])
-        return start, start + sum(len(ln) for ln in lines[a - 1:b]), f"line {a}" if a == b else f"lines {a}-{b}"
+        start = sum(len(ln) for ln in lines[: a - 1])
+        return start, start + sum(len(ln) for ln in lines[a - 1 : b]), f"line {a}" if a == b else f"lines {a}-{b}"
     n = text.count(MARKER)
     if n != 1:
-        raise CLIError(f"{label}: give --line N or --span A:B, or mark the gap with one {MARKER} "
-                       f"(found {n} markers)")
+        raise CLIError(f"{label}: give --line N or --span A:B, or mark the gap with one {MARKER} (found {n} markers)")
     start = text.index(MARKER)
     return start, start + len(MARKER), f"the {MARKER} marker"
 
@@ -190,7 +265,7 @@ class Canvas:
         full, _, self.head = prefix.rpartition("\n")  # head: the gap's line up to the gap
         self.before = full.split("\n")[-context:] if "\n" in prefix else []
         after = suffix.split("\n")
-        self.tail, self.after = after[0], after[1:1 + context]  # tail: the gap's line after the gap
+        self.tail, self.after = after[0], after[1 : 1 + context]  # tail: the gap's line after the gap
         self.out, self.drawn = out or sys.stdout, 0
 
     def draw(self, middle: str) -> None:
@@ -214,15 +289,24 @@ def run_infill(args: argparse.Namespace) -> int:
     label, text = read_source(args.file)
     start, end, what = locate_gap(label, text, args.line, args.span)
     prefix, original, suffix = text[:start], text[start:end], text[end:]
-    fmt = args.format or next((f for f, name in BUNDLED.items() if name == args.model and f != "diffusion"),
-                              "diffusion")
+    fmt = args.format or next(
+        (f for f, name in BUNDLED.items() if name == args.model and f != "diffusion"), "diffusion"
+    )
     if fmt != "diffusion" and args.fixed_steps:
         raise CLIError("--fixed-steps applies only to --format diffusion")
     where = placement(args.device, args.dtype)
-    inf = Infiller(args.model, fmt, adaptive=not args.fixed_steps, max_batch=1, seed=args.seed,
-                   device=where.device, dtype=where.dtype)
-    live = fmt == "diffusion" and (args.live == "always" or (args.live == "auto" and sys.stdout.isatty()
-                                                              and not args.json))
+    inf = Infiller(
+        args.model,
+        fmt,
+        adaptive=not args.fixed_steps,
+        max_batch=1,
+        seed=args.seed,
+        device=where.device,
+        dtype=where.dtype,
+    )
+    live = fmt == "diffusion" and (
+        args.live == "always" or (args.live == "auto" and sys.stdout.isatty() and not args.json)
+    )
     canvas = Canvas(prefix, suffix) if live else None
     t0 = time.perf_counter()
     res = inf.infill([prefix], [suffix], on_draft=(lambda i, t: canvas.draw(t)) if canvas else None)[0]
@@ -230,16 +314,26 @@ def run_infill(args: argparse.Namespace) -> int:
     if canvas is not None:
         canvas.clear()
     if args.json:
-        print(json.dumps({"middle": res.text, "original": original, "gap": what, "tokens": res.tokens,
-                          "forwards": res.forwards, "seconds": round(seconds, 4),
-                          "finish_reason": res.finish_reason}, ensure_ascii=False))
+        print(
+            json.dumps(
+                {
+                    "middle": res.text,
+                    "original": original,
+                    "gap": what,
+                    "tokens": res.tokens,
+                    "forwards": res.forwards,
+                    "seconds": round(seconds, 4),
+                    "finish_reason": res.finish_reason,
+                },
+                ensure_ascii=False,
+            )
+        )
     elif args.print_file:
         sys.stdout.write(prefix + res.text + suffix)
     else:
         sys.stdout.write(res.text if res.text.endswith("\n") else res.text + "\n")
     sys.stdout.flush()
-    print(f"filled {what} of {label}: {res.tokens} tokens in {res.forwards} forwards, {seconds:.2f} s",
-          file=sys.stderr)
+    print(f"filled {what} of {label}: {res.tokens} tokens in {res.forwards} forwards, {seconds:.2f} s", file=sys.stderr)
     return EXIT_OK
 
 
@@ -261,24 +355,39 @@ def run_eval(args: argparse.Namespace) -> int:
     else:
         items = test_items(args.per_kind, args.seed, args.diffusion_model, root)
     models = {"diffusion": args.diffusion_model, "fim": args.fim_model, "ar": args.ar_model}
-    rows = evaluate(models, items, variants, max_batch=args.batch_size, seed=args.seed, progress=not args.quiet,
-                    root=root, device=where.device, dtype=where.dtype)
+    rows = evaluate(
+        models,
+        items,
+        variants,
+        max_batch=args.batch_size,
+        seed=args.seed,
+        progress=not args.quiet,
+        root=root,
+        device=where.device,
+        dtype=where.dtype,
+    )
     print(format_table(rows))
     print(json.dumps({"n": len(items), "results": [asdict(r) for r in rows]}))
     return EXIT_OK
 
 
-TABLE_COLUMNS = (("variant", "variant", "{:<16}"), ("1-line exact", "single_line_exact", "{:>13.1%}"),
-                 ("multi exact", "multi_line_exact", "{:>12.1%}"), ("multi parse", "multi_line_parse", "{:>12.1%}"),
-                 ("brackets", "brackets_ok", "{:>9.1%}"), ("indent", "indent_ok", "{:>8.1%}"),
-                 ("tok/fwd", "tokens_per_forward", "{:>8.2f}"), ("ms/infill", "ms_per_infill", "{:>10.1f}"))
+TABLE_COLUMNS = (
+    ("variant", "variant", "{:<16}"),
+    ("1-line exact", "single_line_exact", "{:>13.1%}"),
+    ("multi exact", "multi_line_exact", "{:>12.1%}"),
+    ("multi parse", "multi_line_parse", "{:>12.1%}"),
+    ("brackets", "brackets_ok", "{:>9.1%}"),
+    ("indent", "indent_ok", "{:>8.1%}"),
+    ("tok/fwd", "tokens_per_forward", "{:>8.2f}"),
+    ("ms/infill", "ms_per_infill", "{:>10.1f}"),
+)
 
 
 def format_table(rows) -> str:
-    head = "".join(f"{name:<16}" if key == "variant" else f"{name:>{len(fmt.format(0.0))}}"
-                   for name, key, fmt in TABLE_COLUMNS)
-    return "\n".join([head] + ["".join(fmt.format(getattr(r, key)) for _, key, fmt in TABLE_COLUMNS)
-                               for r in rows])
+    head = "".join(
+        f"{name:<16}" if key == "variant" else f"{name:>{len(fmt.format(0.0))}}" for name, key, fmt in TABLE_COLUMNS
+    )
+    return "\n".join([head] + ["".join(fmt.format(getattr(r, key)) for _, key, fmt in TABLE_COLUMNS) for r in rows])
 
 
 def _stdlib(d: str | None) -> Path | None:
@@ -297,20 +406,40 @@ def run_train(args: argparse.Namespace) -> int:
     _stdlib(args.stdlib)
     training_placement(args.device, args.precision)  # checked and printed here; each process resolves it again
     parallel = args.parallel or max(1, min(2, len(objectives), (os.cpu_count() or 1) // args.threads))
-    recipe = Recipe(out_dir=args.output, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                    n_train=args.examples, per_kind_test=args.held_out, hidden=args.hidden, layers=args.layers,
-                    vocab=args.vocab,
-                    objectives=objectives, parallel=parallel, threads=args.threads, seed=args.seed,
-                    device=args.device, precision=args.precision, stdlib=args.stdlib)
+    recipe = Recipe(
+        out_dir=args.output,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        n_train=args.examples,
+        per_kind_test=args.held_out,
+        hidden=args.hidden,
+        layers=args.layers,
+        vocab=args.vocab,
+        objectives=objectives,
+        parallel=parallel,
+        threads=args.threads,
+        seed=args.seed,
+        device=args.device,
+        precision=args.precision,
+        stdlib=args.stdlib,
+    )
     t0 = time.perf_counter()
     finals = train_recipe(recipe)
     for obj, path in finals.items():
         print(f"{obj}: {path}")
-    print(f"trained in {time.perf_counter() - t0:.0f} s; evaluate with: dgemma code eval --diffusion-model "
-          f"{finals.get('diffusion', 'code')} --fim-model {finals.get('fim', 'code-fim')} --ar-model "
-          f"{finals.get('ar', 'code-ar')}")
+    print(
+        f"trained in {time.perf_counter() - t0:.0f} s; evaluate with: dgemma code eval --diffusion-model "
+        f"{finals.get('diffusion', 'code')} --fim-model {finals.get('fim', 'code-fim')} --ar-model "
+        f"{finals.get('ar', 'code-ar')}"
+    )
     return EXIT_OK
 
 
-register("code", "infill, evaluate and train the Python fill-in-the-middle model (diffusion vs AR)", add_arguments,
-         run, __doc__.split("\n\n", 1)[1] if __doc__ else None)
+register(
+    "code",
+    "infill, evaluate and train the Python fill-in-the-middle model (diffusion vs AR)",
+    add_arguments,
+    run,
+    __doc__.split("\n\n", 1)[1] if __doc__ else None,
+)

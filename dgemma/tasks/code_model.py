@@ -64,8 +64,9 @@ def token_counter(tokenizer_dir: Path) -> Callable[[str], int]:
     return lambda s: len(tok.encode(s, add_special_tokens=False).ids)
 
 
-def build_data(out_dir: Path, n_train: int, per_kind_test: int, seed: int, vocab: int = C.VOCAB_SIZE,
-               root: Path | None = None) -> tuple[list[C.Item], list[C.Item]]:
+def build_data(
+    out_dir: Path, n_train: int, per_kind_test: int, seed: int, vocab: int = C.VOCAB_SIZE, root: Path | None = None
+) -> tuple[list[C.Item], list[C.Item]]:
     """Tokenizer (trained on the training files only) in `out_dir/tokenizer`, `n_train` training items and
     `per_kind_test` held-out items per kind, cached as JSONL in `out_dir` with a manifest of what they came from."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -73,8 +74,11 @@ def build_data(out_dir: Path, n_train: int, per_kind_test: int, seed: int, vocab
     cached = [out_dir / "train.jsonl", out_dir / "test.jsonl"]
     want = {"n_train": n_train, "per_kind_test": per_kind_test, "seed": seed, "vocab": vocab, "root": str(root)}
     manifest = out_dir / "manifest.json"
-    if manifest.is_file() and all(f.is_file() for f in cached) and \
-            {k: v for k, v in json.loads(manifest.read_text()).items() if k in want} == want:
+    if (
+        manifest.is_file()
+        and all(f.is_file() for f in cached)
+        and {k: v for k, v in json.loads(manifest.read_text()).items() if k in want} == want
+    ):
         return tuple([C.Item(**d) for d in C.load_jsonl(f)] for f in cached)  # type: ignore[return-value]
     files = split_files(root)
     tok_dir = C.build_tokenizer(files["train"].values(), out_dir / "tokenizer", vocab)
@@ -83,9 +87,19 @@ def build_data(out_dir: Path, n_train: int, per_kind_test: int, seed: int, vocab
     test = C.sample_items(files["test"], per_kind_test * len(C.SPAN_KINDS), seed + 1, count)
     for items, f in zip((train, test), cached):
         C.save_jsonl((asdict(it) for it in items), f)
-    manifest.write_text(json.dumps({**want, "python": platform.python_version(), "pinned_python": C.PINNED_PYTHON,
-                                    "train_files": sorted(files["train"]), "test_files": sorted(files["test"])},
-                                   indent=1) + "\n")
+    manifest.write_text(
+        json.dumps(
+            {
+                **want,
+                "python": platform.python_version(),
+                "pinned_python": C.PINNED_PYTHON,
+                "train_files": sorted(files["train"]),
+                "test_files": sorted(files["test"]),
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     return train, test
 
 
@@ -96,17 +110,20 @@ class Encoder:
         self.tok = load_tokenizer(tokenizer_dir)
 
     def parts(self, prefixes: list[str], middles: list[str], suffixes: list[str]) -> list[tuple[list[int], ...]]:
-        enc = [[e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
-               for texts in ([p[-C.PREFIX_CHARS:] for p in prefixes], middles, [s[:C.SUFFIX_CHARS] for s in suffixes])]
-        return [(p[-C.PREFIX_TOKENS:], m, s[:C.SUFFIX_TOKENS]) for p, m, s in zip(*enc)]
+        enc = [
+            [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+            for texts in ([p[-C.PREFIX_CHARS :] for p in prefixes], middles, [s[: C.SUFFIX_CHARS] for s in suffixes])
+        ]
+        return [(p[-C.PREFIX_TOKENS :], m, s[: C.SUFFIX_TOKENS]) for p, m, s in zip(*enc)]
 
 
 def to_examples(items: list[C.Item], tokenizer_dir: Path, fmt: Format) -> list[Example]:
     """Training examples in one format (diffusion examples mark the suffix region `fixed`)."""
     from ..train import Example
 
-    enc = Encoder(tokenizer_dir).parts([it.prefix for it in items], [it.middle for it in items],
-                                       [it.suffix for it in items])
+    enc = Encoder(tokenizer_dir).parts(
+        [it.prefix for it in items], [it.middle for it in items], [it.suffix for it in items]
+    )
     if fmt == "diffusion":
         return [Example(*C.diffusion_example(p, m, s)) for p, m, s in enc]
     return [Example(C.fim_prompt(p, s) if fmt == "fim" else C.ar_prompt(p), m) for p, m, s in enc]
@@ -152,8 +169,9 @@ def init_checkpoint(path: Path, recipe: Recipe, tokenizer_dir: Path) -> Path:
 
 def _data(recipe: Recipe) -> tuple[list[C.Item], list[C.Item]]:
     root = Path(recipe.stdlib) if recipe.stdlib else None
-    return build_data(Path(recipe.out_dir) / "data", recipe.n_train, recipe.per_kind_test, recipe.seed,
-                      recipe.vocab, root)
+    return build_data(
+        Path(recipe.out_dir) / "data", recipe.n_train, recipe.per_kind_test, recipe.seed, recipe.vocab, root
+    )
 
 
 def train_recipe(recipe: Recipe, progress: bool = True) -> dict[str, Path]:
@@ -194,11 +212,22 @@ def train_one(recipe: Recipe, objective: str, progress: bool = True) -> Path:
     out = Path(recipe.out_dir)
     train, _ = _data(recipe)
     diffusion = objective == "diffusion"
-    cfg = TrainConfig(objective="diffusion" if diffusion else "ar", steps=recipe.steps, batch_size=recipe.batch_size,
-                      lr=recipe.lr, warmup_steps=recipe.warmup_steps, prompt_loss=False, seed=recipe.seed,
-                      betas=(0.9, 0.99), weight_decay=0.01, save_every=max(1, recipe.steps // 10), log_every=20,
-                      precision=recipe.precision, template_prob=1.0 if diffusion else 0.0,  # type: ignore[arg-type]
-                      ar_weight=0.0)
+    cfg = TrainConfig(
+        objective="diffusion" if diffusion else "ar",
+        steps=recipe.steps,
+        batch_size=recipe.batch_size,
+        lr=recipe.lr,
+        warmup_steps=recipe.warmup_steps,
+        prompt_loss=False,
+        seed=recipe.seed,
+        betas=(0.9, 0.99),
+        weight_decay=0.01,
+        save_every=max(1, recipe.steps // 10),
+        log_every=20,
+        precision=recipe.precision,
+        template_prob=1.0 if diffusion else 0.0,  # type: ignore[arg-type]
+        ar_weight=0.0,
+    )
     examples = to_examples(train, out / "data" / "tokenizer", objective)  # type: ignore[arg-type]
     return run_training(out / "init", examples, out / objective, cfg, progress=progress, device=recipe.device)
 
@@ -218,15 +247,24 @@ class Infiller:
     `fmt="diffusion"` denoises one canvas with the suffix fixed after the middle's room; `adaptive=False` runs all
     `max_denoising_steps`. "fim" and "ar" decode greedily, with and without the suffix in the prompt."""
 
-    def __init__(self, model: str | Path = "code", fmt: Format = "diffusion", adaptive: bool = True,
-                 max_batch: int = 16, seed: int = 0, device: str | torch.device = "auto",
-                 dtype: str | torch.dtype = "auto", **sampler: Any):
+    def __init__(
+        self,
+        model: str | Path = "code",
+        fmt: Format = "diffusion",
+        adaptive: bool = True,
+        max_batch: int = 16,
+        seed: int = 0,
+        device: str | torch.device = "auto",
+        dtype: str | torch.dtype = "auto",
+        **sampler: Any,
+    ):
         from ..llm import LLM
 
         if fmt not in FORMATS:
             raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
-        self.llm = LLM(model, device=device, dtype=dtype, max_batch=max_batch, max_model_len=2 * C.PREFIX_TOKENS
-                       + 2 * C.CANVAS)
+        self.llm = LLM(
+            model, device=device, dtype=dtype, max_batch=max_batch, max_model_len=2 * C.PREFIX_TOKENS + 2 * C.CANVAS
+        )
         if self.llm.tokenizer is None or self.llm.tokenizer.token_to_id("<fim_middle>") != C.FIM_MIDDLE_ID:
             raise ValueError(f"{self.llm.path} is not a code model (its tokenizer lacks the FIM special tokens)")
         self.encoder = Encoder(self.llm.path)
@@ -236,32 +274,45 @@ class Infiller:
         from ..params import SamplingParams
 
         if self.fmt == "diffusion":
-            return C.ar_prompt(p), SamplingParams(max_new_tokens=C.ROOM, seed=seed, suffix_token_ids=C.suffix_ids(s),
-                                                  fixed_steps=not self.adaptive, **self.sampler)
+            return C.ar_prompt(p), SamplingParams(
+                max_new_tokens=C.ROOM,
+                seed=seed,
+                suffix_token_ids=C.suffix_ids(s),
+                fixed_steps=not self.adaptive,
+                **self.sampler,
+            )
         prompt = C.fim_prompt(p, s) if self.fmt == "fim" else C.ar_prompt(p)
         return prompt, SamplingParams(max_new_tokens=C.ROOM, seed=seed, mode="ar", **self.sampler)
 
-    def infill(self, prefixes: list[str], suffixes: list[str],
-               on_draft: Callable[[int, str], None] | None = None) -> list[Infill]:
+    def infill(
+        self, prefixes: list[str], suffixes: list[str], on_draft: Callable[[int, str], None] | None = None
+    ) -> list[Infill]:
         """One Infill per (prefix, suffix); `on_draft(i, text)` sees the middle of each denoising step's canvas."""
         enc = self.encoder.parts(prefixes, [""] * len(prefixes), suffixes)
         reqs = [self._request(p, s, self.seed + i) for i, (p, _, s) in enumerate(enc)]
         out = [Infill("") for _ in reqs]
         ids: list[list[int]] = [[] for _ in reqs]
-        stream = self.llm.generate_stream([{"prompt_token_ids": p} for p, _ in reqs], [sp for _, sp in reqs],
-                                          stream_drafts=on_draft is not None and self.fmt == "diffusion")
+        stream = self.llm.generate_stream(
+            [{"prompt_token_ids": p} for p, _ in reqs],
+            [sp for _, sp in reqs],
+            stream_drafts=on_draft is not None and self.fmt == "diffusion",
+        )
         for d in stream:
             if d.draft_token_ids is not None and on_draft is not None:
                 on_draft(d.index, self.draft_text(d.draft_token_ids))
             ids[d.index].extend(d.token_ids)
             if d.finished:
-                out[d.index] = Infill(self.llm.decode(ids[d.index]), len(ids[d.index]),
-                                      int(d.metrics.get("forwards") or 0), d.finish_reason)
+                out[d.index] = Infill(
+                    self.llm.decode(ids[d.index]),
+                    len(ids[d.index]),
+                    int(d.metrics.get("forwards") or 0),
+                    d.finish_reason,
+                )
         return out
 
     def draft_text(self, canvas: list[int]) -> str:
         """The middle of a draft canvas: its room, up to the first EOS or pad."""
-        room = canvas[:C.ROOM]
+        room = canvas[: C.ROOM]
         cut = next((j for j, t in enumerate(room) if t in (C.EOS_ID, C.PAD_ID)), len(room))
         return self.llm.decode(room[:cut])
 
@@ -297,7 +348,7 @@ def score(items: list[C.Item], preds: list[str], files: dict[str, str]) -> dict[
     acc: dict[str, dict[str, float]] = {}
     for it, pred in zip(items, preds):
         text = files[it.path]
-        filled = text[:it.start] + pred + text[it.end:]
+        filled = text[: it.start] + pred + text[it.end :]
         a = acc.setdefault(it.kind, {"n": 0, "exact": 0, "parse": 0, "brackets": 0, "indent": 0})
         a["n"] += 1
         a["exact"] += C.exact_match(pred, it.middle, it.kind)
@@ -322,7 +373,7 @@ def held_out_files(items: list[C.Item], root: Path | None = None) -> dict[str, s
             if C.split_of(it.path) != "test":
                 raise ValueError(f"{it.path} is a training file; evaluate on held-out files only")
             files[it.path] = (root / it.path).read_text(encoding="utf-8")
-        if files[it.path][it.start:it.end] != it.middle:
+        if files[it.path][it.start : it.end] != it.middle:
             raise ValueError(f"{root / it.path} differs from the file the items were drawn from")
     return files
 
@@ -336,9 +387,17 @@ def test_items(per_kind: int, seed: int, model: str | Path = "code", root: Path 
     return C.sample_items(files, per_kind * len(C.SPAN_KINDS), seed, token_counter(resolve_model_path(model)))
 
 
-def evaluate(models: dict[str, str | Path], items: list[C.Item], variants: Iterable[str] = tuple(VARIANTS),
-             max_batch: int = 16, seed: int = 0, progress: bool = True, root: Path | None = None,
-             device: str | torch.device = "auto", dtype: str | torch.dtype = "auto") -> list[EvalRow]:
+def evaluate(
+    models: dict[str, str | Path],
+    items: list[C.Item],
+    variants: Iterable[str] = tuple(VARIANTS),
+    max_batch: int = 16,
+    seed: int = 0,
+    progress: bool = True,
+    root: Path | None = None,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+) -> list[EvalRow]:
     """One row per variant; `models` maps the roles "diffusion", "fim", "ar" to checkpoints."""
     from tqdm import tqdm
 
@@ -349,15 +408,26 @@ def evaluate(models: dict[str, str | Path], items: list[C.Item], variants: Itera
         inf = Infiller(models[role], fmt, adaptive, max_batch=max_batch, seed=seed, device=device, dtype=dtype)
         t0, res = time.perf_counter(), []
         for k in tqdm(range(0, len(items), max_batch), desc=v, disable=not progress, leave=False):
-            batch = items[k:k + max_batch]
+            batch = items[k : k + max_batch]
             res += inf.infill([it.prefix for it in batch], [it.suffix for it in batch])
         ms = 1000 * (time.perf_counter() - t0) / max(1, len(items))
         per_kind = score(items, [r.text for r in res], files)
-        rows.append(EvalRow(v, len(items), _rate(per_kind, ["line"], "exact"), _rate(per_kind, C.MULTI_LINE, "exact"),
-                            _rate(per_kind, C.MULTI_LINE, "parse"), _rate(per_kind, ["bracket"], "exact"),
-                            _rate(per_kind, C.SPAN_KINDS, "brackets"),
-                            _rate(per_kind, ["line", *C.MULTI_LINE], "indent"), _rate(per_kind, C.SPAN_KINDS, "parse"),
-                            sum(r.tokens for r in res) / max(1, sum(r.forwards for r in res)), ms, per_kind))
+        rows.append(
+            EvalRow(
+                v,
+                len(items),
+                _rate(per_kind, ["line"], "exact"),
+                _rate(per_kind, C.MULTI_LINE, "exact"),
+                _rate(per_kind, C.MULTI_LINE, "parse"),
+                _rate(per_kind, ["bracket"], "exact"),
+                _rate(per_kind, C.SPAN_KINDS, "brackets"),
+                _rate(per_kind, ["line", *C.MULTI_LINE], "indent"),
+                _rate(per_kind, C.SPAN_KINDS, "parse"),
+                sum(r.tokens for r in res) / max(1, sum(r.forwards for r in res)),
+                ms,
+                per_kind,
+            )
+        )
     return rows
 
 

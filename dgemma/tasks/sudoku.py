@@ -36,6 +36,7 @@ Tokenizer (ids are stable; change them only with a new tokenizer version)
     Python, consistent with the tokenizer. The tokenizer decodes the prompt with whitespace normalised
     (the newline after the instruction becomes a space).
 """
+
 from __future__ import annotations
 
 import json
@@ -45,10 +46,33 @@ from pathlib import Path
 from typing import Iterable
 
 __all__ = [
-    "SudokuError", "parse_puzzle", "solve", "is_valid_solution", "keeps_clues", "generate", "difficulty",
-    "build_dataset", "split", "save_jsonl", "load_jsonl", "prompt_text", "target_text", "extract_grid",
-    "build_tokenizer", "encode_grid", "decode_grid", "INSTRUCTION", "INSTRUCTION_WORDS", "VOCAB",
-    "PAD_ID", "EOS_ID", "BOS_ID", "DIGIT_BASE_ID", "UNK_ID", "transform", "SEEDS_17",
+    "SudokuError",
+    "parse_puzzle",
+    "solve",
+    "is_valid_solution",
+    "keeps_clues",
+    "generate",
+    "difficulty",
+    "build_dataset",
+    "split",
+    "save_jsonl",
+    "load_jsonl",
+    "prompt_text",
+    "target_text",
+    "extract_grid",
+    "build_tokenizer",
+    "encode_grid",
+    "decode_grid",
+    "INSTRUCTION",
+    "INSTRUCTION_WORDS",
+    "VOCAB",
+    "PAD_ID",
+    "EOS_ID",
+    "BOS_ID",
+    "DIGIT_BASE_ID",
+    "UNK_ID",
+    "transform",
+    "SEEDS_17",
 ]
 
 
@@ -79,6 +103,7 @@ _DIGIT_OF_SINGLE = {1 << d: d for d in range(1, 10)}
 
 # --------------------------------------------------------------------------- parsing / checks
 
+
 def parse_puzzle(s: str) -> str:
     """Normalise a puzzle string: 81 cells of '1'-'9' or '0'/'.' for blanks, whitespace ignored."""
     if not isinstance(s, str):
@@ -105,7 +130,8 @@ def _check_consistent(grid: str) -> None:
                 j = seen[key]
                 raise SudokuError(
                     f"contradictory clues: digit {c} appears twice in {kind} {idx + 1} "
-                    f"(cells r{_ROW[j] + 1}c{_COL[j] + 1} and r{_ROW[i] + 1}c{_COL[i] + 1})")
+                    f"(cells r{_ROW[j] + 1}c{_COL[j] + 1} and r{_ROW[i] + 1}c{_COL[i] + 1})"
+                )
             seen[key] = i
 
 
@@ -119,7 +145,7 @@ def is_valid_solution(grid: str) -> bool:
         return False
     full = set("123456789")
     for u in range(9):
-        if set(grid[u * 9:(u + 1) * 9]) != full:
+        if set(grid[u * 9 : (u + 1) * 9]) != full:
             return False
         if set(grid[u::9]) != full:
             return False
@@ -136,6 +162,7 @@ def keeps_clues(puzzle: str, grid: str) -> bool:
 
 
 # --------------------------------------------------------------------------- solver
+
 
 def _search(cells: list[int], cand: list[int], out: list[str], limit: int, rng: random.Random | None) -> None:
     """Depth-first search with naked/hidden-single propagation and MRV branching.
@@ -267,6 +294,7 @@ def _solve_grid(grid: str, limit: int, rng: random.Random | None = None) -> list
 
 # --------------------------------------------------------------------------- generation
 
+
 def _random_full_grid(rng: random.Random) -> str:
     """A randomised backtracking fill of the empty grid (digits tried in random order at each branch)."""
     sols = _solve_grid("0" * 81, 1, rng)
@@ -355,6 +383,7 @@ def difficulty(puzzle: str) -> str:
 
 
 # --------------------------------------------------------------------------- datasets
+
 
 def build_dataset(n: int, seed: int, clue_range: tuple[int, int] = (24, 50)) -> list[dict]:
     """`n` items {"puzzle", "solution", "clues", "difficulty"}; clue counts uniform in `clue_range` (inclusive).
@@ -465,7 +494,10 @@ def build_tokenizer(dir: str | Path) -> Path:
     tok.save(str(d / "tokenizer.json"))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "pad_token": "<pad>", "eos_token": "<eos>", "bos_token": "<bos>", "unk_token": "<unk>",
+        "pad_token": "<pad>",
+        "eos_token": "<eos>",
+        "bos_token": "<bos>",
+        "unk_token": "<unk>",
         "model_max_length": 512,
     }
     (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

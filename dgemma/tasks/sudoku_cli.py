@@ -1,10 +1,10 @@
 """`dgemma sudoku train | solve | eval`: the Sudoku experiment from the command line (registered as a CLI plugin).
 
-    dgemma sudoku solve --example                       # the bundled model solves a puzzle, live in a terminal
-    dgemma sudoku solve 000260701680070090... --json
-    dgemma sudoku solve --input puzzles.txt --output solutions.txt
-    dgemma sudoku eval --per-difficulty 100             # diffusion (with/without clamping) vs the AR baseline
-    dgemma sudoku train --output runs/sudoku            # both objectives from one initial checkpoint
+dgemma sudoku solve --example                       # the bundled model solves a puzzle, live in a terminal
+dgemma sudoku solve 000260701680070090... --json
+dgemma sudoku solve --input puzzles.txt --output solutions.txt
+dgemma sudoku eval --per-difficulty 100             # diffusion (with/without clamping) vs the AR baseline
+dgemma sudoku train --output runs/sudoku            # both objectives from one initial checkpoint
 """
 
 from __future__ import annotations
@@ -38,96 +38,161 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from .sudoku_model import VARIANTS, Recipe
 
     sub = p.add_subparsers(dest="sudoku_command", metavar="ACTION", title="actions")
-    s = sub.add_parser("solve", help="solve puzzles (81 characters each, 0 or . for blanks)",
-                       description="Solve Sudoku puzzles with a DiffusionGemma checkpoint (default: the bundled "
-                                   "model). Prints one 81-digit line per puzzle, or 'error: ...' for an invalid "
-                                   "one (the batch goes on). Exit status 1 if any puzzle was invalid or unsolved.")
+    s = sub.add_parser(
+        "solve",
+        help="solve puzzles (81 characters each, 0 or . for blanks)",
+        description="Solve Sudoku puzzles with a DiffusionGemma checkpoint (default: the bundled "
+        "model). Prints one 81-digit line per puzzle, or 'error: ...' for an invalid "
+        "one (the batch goes on). Exit status 1 if any puzzle was invalid or unsolved.",
+    )
     s.add_argument("puzzles", nargs="*", metavar="PUZZLE", help="81 characters: digits, 0 or . for blanks")
     s.add_argument("--input", "-i", metavar="FILE", help="read puzzles from FILE, one per line ('-': stdin)")
     s.add_argument("--output", "-o", metavar="FILE", help="write results to FILE instead of stdout")
     s.add_argument("--example", action="store_true", help="solve a built-in example puzzle")
     _add_model(s)
-    s.add_argument("--json", action="store_true", help="one JSON object per puzzle: puzzle, grid, solved, "
-                   "error, steps, seconds")
-    s.add_argument("--live", choices=["auto", "always", "never"], default="auto",
-                   help="draw the grid as it denoises (auto: when stdout is a terminal)")
+    s.add_argument(
+        "--json", action="store_true", help="one JSON object per puzzle: puzzle, grid, solved, error, steps, seconds"
+    )
+    s.add_argument(
+        "--live",
+        choices=["auto", "always", "never"],
+        default="auto",
+        help="draw the grid as it denoises (auto: when stdout is a terminal)",
+    )
     s.set_defaults(_sudoku=run_solve)
 
-    e = sub.add_parser("eval", help="solve rate per difficulty: diffusion (clamped / free) vs AR",
-                       description="Solve held-out puzzles and report the solve rate (a valid grid that keeps every "
-                                   "clue) per difficulty (easy >= 40 clues, medium 30-39, hard < 30) for the "
-                                   "diffusion model with and without clue clamping and for the AR baseline. Prints "
-                                   "a table and a final JSON line.")
+    e = sub.add_parser(
+        "eval",
+        help="solve rate per difficulty: diffusion (clamped / free) vs AR",
+        description="Solve held-out puzzles and report the solve rate (a valid grid that keeps every "
+        "clue) per difficulty (easy >= 40 clues, medium 30-39, hard < 30) for the "
+        "diffusion model with and without clue clamping and for the AR baseline. Prints "
+        "a table and a final JSON line.",
+    )
     e.add_argument("--diffusion-model", default="sudoku", metavar="PATH", help="(default: the bundled model)")
-    e.add_argument("--ar-model", default="sudoku-ar", metavar="PATH",
-                   help="the AR baseline trained from the same initial checkpoint (default: bundled)")
-    e.add_argument("--data", metavar="FILE", help="JSONL puzzles with 'puzzle' (default: fresh puzzles from "
-                   "--seed, never in the training data)")
-    e.add_argument("--per-difficulty", type=_positive_int, default=100, metavar="N",
-                   help="puzzles per difficulty (default: %(default)s)")
-    e.add_argument("--variants", default=",".join(VARIANTS),
-                   help="comma-separated: diffusion+clamp (one pass), diffusion (one pass, no clamping), "
-                        "diffusion+clamp+vote (4 samples x 4 rounds, see solve --samples), "
-                        "diffusion+clamp+vote-16x8 (16 samples x 8 rounds, the solve default), ar (greedy), "
-                        "ar+best-of-16 and ar+best-of-128 (that many samples, a valid one kept: the vote "
-                        "variants' most passes) (default: all; at the default --per-difficulty, vote-16x8 took "
-                        "27 min and ar+best-of-128 17 min on one CPU thread, the others 6 min together on two)")
+    e.add_argument(
+        "--ar-model",
+        default="sudoku-ar",
+        metavar="PATH",
+        help="the AR baseline trained from the same initial checkpoint (default: bundled)",
+    )
+    e.add_argument(
+        "--data",
+        metavar="FILE",
+        help="JSONL puzzles with 'puzzle' (default: fresh puzzles from --seed, never in the training data)",
+    )
+    e.add_argument(
+        "--per-difficulty",
+        type=_positive_int,
+        default=100,
+        metavar="N",
+        help="puzzles per difficulty (default: %(default)s)",
+    )
+    e.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help="comma-separated: diffusion+clamp (one pass), diffusion (one pass, no clamping), "
+        "diffusion+clamp+vote (4 samples x 4 rounds, see solve --samples), "
+        "diffusion+clamp+vote-16x8 (16 samples x 8 rounds, the solve default), ar (greedy), "
+        "ar+best-of-16 and ar+best-of-128 (that many samples, a valid one kept: the vote "
+        "variants' most passes) (default: all; at the default --per-difficulty, vote-16x8 took "
+        "27 min and ar+best-of-128 17 min on one CPU thread, the others 6 min together on two)",
+    )
     e.add_argument("--seed", type=int, default=2026, help="puzzle and sampling seed (default: %(default)s)")
     e.add_argument("--batch-size", type=_positive_int, default=16, help="(default: %(default)s)")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_placement(e)
     e.set_defaults(_sudoku=run_eval)
 
-    t = sub.add_parser("train", help="train the diffusion model and the AR baseline from one random init",
-                       description="Generate puzzles, write one random initial checkpoint, and train it with the "
-                                   "block-diffusion objective and with the AR objective (same data, same steps), in "
-                                   "parallel processes when there are cores for both. Re-running resumes.")
+    t = sub.add_parser(
+        "train",
+        help="train the diffusion model and the AR baseline from one random init",
+        description="Generate puzzles, write one random initial checkpoint, and train it with the "
+        "block-diffusion objective and with the AR objective (same data, same steps), in "
+        "parallel processes when there are cores for both. Re-running resumes.",
+    )
     r = Recipe()
     t.add_argument("--output", "-o", default=r.out_dir, metavar="DIR", help="(default: %(default)s)")
     t.add_argument("--steps", type=_positive_int, default=r.steps, help="(default: %(default)s)")
     t.add_argument("--batch-size", type=_positive_int, default=r.batch_size, help="(default: %(default)s)")
     t.add_argument("--lr", type=float, default=r.lr, help="(default: %(default)s)")
-    t.add_argument("--puzzles", type=_positive_int, default=r.n_base, help="distinct generated training puzzles "
-                   "(default: %(default)s)")
-    t.add_argument("--examples", type=_positive_int, default=r.n_train, help="training examples after symmetry "
-                   "augmentation (default: %(default)s)")
+    t.add_argument(
+        "--puzzles",
+        type=_positive_int,
+        default=r.n_base,
+        help="distinct generated training puzzles (default: %(default)s)",
+    )
+    t.add_argument(
+        "--examples",
+        type=_positive_int,
+        default=r.n_train,
+        help="training examples after symmetry augmentation (default: %(default)s)",
+    )
     t.add_argument("--hidden", type=_positive_int, default=r.hidden, help="(default: %(default)s)")
     t.add_argument("--layers", type=_positive_int, default=r.layers, help="(default: %(default)s)")
     t.add_argument("--objectives", default="diffusion,ar", help="(default: %(default)s)")
-    t.add_argument("--threads", type=_positive_int, default=r.threads, help="torch threads per process "
-                   "(default: %(default)s)")
+    t.add_argument(
+        "--threads", type=_positive_int, default=r.threads, help="torch threads per process (default: %(default)s)"
+    )
     t.add_argument("--seed", type=int, default=r.seed, help="(default: %(default)s)")
-    t.add_argument("--template-prob", type=float, default=r.template_prob,
-                   help="diffusion: share of examples whose clue cells stay uncorrupted, as clamped solving shows "
-                        "them (default: %(default)s)")
-    t.add_argument("--ar-weight", type=float, default=r.ar_weight,
-                   help="diffusion: weight of the next-token loss on the solution; 0 skips its extra pass, so "
-                        "the same time buys more denoising steps (default: %(default)s)")
-    t.add_argument("--device", default=r.device, help="auto (this process's GPU if there is one, else the CPU), "
-                   "cpu, cuda or cuda:N (default: %(default)s)")
-    t.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default=r.precision,
-                   help="bfloat16: autocast matmuls with float32 master weights; auto: bfloat16 on a GPU with native "
-                        "bf16, float32 elsewhere (the bundled models were trained in float32 on a CPU) "
-                        "(default: %(default)s)")
+    t.add_argument(
+        "--template-prob",
+        type=float,
+        default=r.template_prob,
+        help="diffusion: share of examples whose clue cells stay uncorrupted, as clamped solving shows "
+        "them (default: %(default)s)",
+    )
+    t.add_argument(
+        "--ar-weight",
+        type=float,
+        default=r.ar_weight,
+        help="diffusion: weight of the next-token loss on the solution; 0 skips its extra pass, so "
+        "the same time buys more denoising steps (default: %(default)s)",
+    )
+    t.add_argument(
+        "--device",
+        default=r.device,
+        help="auto (this process's GPU if there is one, else the CPU), cpu, cuda or cuda:N (default: %(default)s)",
+    )
+    t.add_argument(
+        "--precision",
+        choices=["auto", "float32", "bfloat16"],
+        default=r.precision,
+        help="bfloat16: autocast matmuls with float32 master weights; auto: bfloat16 on a GPU with native "
+        "bf16, float32 elsewhere (the bundled models were trained in float32 on a CPU) "
+        "(default: %(default)s)",
+    )
     t.set_defaults(_sudoku=run_train)
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", default="sudoku", metavar="PATH", help="checkpoint (default: the bundled "
-                   "'sudoku' model)")
+    p.add_argument(
+        "--model", "-m", default="sudoku", metavar="PATH", help="checkpoint (default: the bundled 'sudoku' model)"
+    )
     p.add_argument("--mode", choices=["diffusion", "ar"], default="diffusion", help="(default: %(default)s)")
     p.add_argument("--no-clamp", action="store_true", help="do not fix the clues on the canvas (diffusion)")
-    p.add_argument("--samples", type=_positive_int, default=16, metavar="K",
-                   help="clamped diffusion: canvases drawn per puzzle and round (different seeds); a valid grid "
-                        "that keeps the clues ends the search. --mode ar: K temperature-1 answers, a valid one "
-                        "kept (default: %(default)s)")
-    p.add_argument("--rounds", type=_positive_int, default=8, metavar="N",
-                   help="clamped diffusion: rounds of sampling; each next round clamps the cells all samples agree "
-                        "on (minus rule conflicts) and re-noises the rest. --samples 1 --rounds 1 is a single "
-                        "denoising pass (default: %(default)s)")
+    p.add_argument(
+        "--samples",
+        type=_positive_int,
+        default=16,
+        metavar="K",
+        help="clamped diffusion: canvases drawn per puzzle and round (different seeds); a valid grid "
+        "that keeps the clues ends the search. --mode ar: K temperature-1 answers, a valid one "
+        "kept (default: %(default)s)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=_positive_int,
+        default=8,
+        metavar="N",
+        help="clamped diffusion: rounds of sampling; each next round clamps the cells all samples agree "
+        "on (minus rule conflicts) and re-noises the rest. --samples 1 --rounds 1 is a single "
+        "denoising pass (default: %(default)s)",
+    )
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
-    p.add_argument("--batch-size", type=_positive_int, default=16, help="puzzles solved together "
-                   "(default: %(default)s)")
+    p.add_argument(
+        "--batch-size", type=_positive_int, default=16, help="puzzles solved together (default: %(default)s)"
+    )
     _add_placement(p)
 
 
@@ -163,10 +228,20 @@ def run_solve(args: argparse.Namespace) -> int:
     puzzles = _read_puzzles(args)
     where = placement(args.device, args.dtype)
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
-    live = args.live == "always" or (args.live == "auto" and out is sys.stdout and sys.stdout.isatty()
-                                     and not args.json)
-    solver = Solver(args.model, mode=args.mode, clamp=not args.no_clamp, max_batch=args.batch_size, seed=args.seed,
-                    rounds=args.rounds, samples=args.samples, device=where.device, dtype=where.dtype)
+    live = args.live == "always" or (
+        args.live == "auto" and out is sys.stdout and sys.stdout.isatty() and not args.json
+    )
+    solver = Solver(
+        args.model,
+        mode=args.mode,
+        clamp=not args.no_clamp,
+        max_batch=args.batch_size,
+        seed=args.seed,
+        rounds=args.rounds,
+        samples=args.samples,
+        device=where.device,
+        dtype=where.dtype,
+    )
     results = []
     if live:  # one at a time, redrawing the grid in place
         for p in puzzles:
@@ -190,11 +265,14 @@ def run_solve(args: argparse.Namespace) -> int:
                 draw(0, [S.DIGIT_BASE_ID + int(c) for c in r.grid])
             _print(r, out, args.json)
             if r.error is None:
-                print(f"{'solved' if r.solved else 'not solved'}: {r.steps} denoising passes (all samples), "
-                      f"{r.seconds:.2f} s", file=sys.stderr)
+                print(
+                    f"{'solved' if r.solved else 'not solved'}: {r.steps} denoising passes (all samples), "
+                    f"{r.seconds:.2f} s",
+                    file=sys.stderr,
+                )
     else:
         for k in range(0, len(puzzles), args.batch_size):
-            for r in solver.solve(puzzles[k:k + args.batch_size]):
+            for r in solver.solve(puzzles[k : k + args.batch_size]):
                 results.append(r)
                 _print(r, out, args.json)
     if out is not sys.stdout:
@@ -242,14 +320,24 @@ def run_eval(args: argparse.Namespace) -> int:
             for _ in range(args.per_difficulty):
                 p, sol = S.generate(rng.randint(lo, hi), rng)
                 items.append({"puzzle": p, "solution": sol})
-    rows = evaluate({"diffusion": args.diffusion_model, "ar": args.ar_model}, items, args.per_difficulty,
-                    variants, progress=not args.quiet, max_batch=args.batch_size, seed=args.seed,
-                    device=where.device, dtype=where.dtype)
+    rows = evaluate(
+        {"diffusion": args.diffusion_model, "ar": args.ar_model},
+        items,
+        args.per_difficulty,
+        variants,
+        progress=not args.quiet,
+        max_batch=args.batch_size,
+        seed=args.seed,
+        device=where.device,
+        dtype=where.dtype,
+    )
     w = max([len("variant")] + [len(r.variant) for r in rows]) + 2
     print(f"{'variant':<{w}}{'difficulty':<11}{'n':>5}{'solved':>8}{'rate':>8}{'puzzles/s':>11}{'forwards':>10}")
     for r in rows:
-        print(f"{r.variant:<{w}}{r.difficulty:<11}{r.n:>5}{r.solved:>8}{r.rate:>8.1%}{r.n / r.seconds:>11.2f}"
-              f"{r.steps:>10.1f}")
+        print(
+            f"{r.variant:<{w}}{r.difficulty:<11}{r.n:>5}{r.solved:>8}{r.rate:>8.1%}{r.n / r.seconds:>11.2f}"
+            f"{r.steps:>10.1f}"
+        )
     print(json.dumps({"results": [{**asdict(r), "rate": r.rate, "puzzles_per_s": r.n / r.seconds} for r in rows]}))
     return EXIT_OK
 
@@ -262,18 +350,38 @@ def run_train(args: argparse.Namespace) -> int:
     if not objectives or any(o not in ("diffusion", "ar") for o in objectives):
         raise CLIError("--objectives takes diffusion, ar or both (comma-separated)")
     training_placement(args.device, args.precision)  # checked and printed here; each process resolves it again
-    recipe = Recipe(out_dir=args.output, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                    n_base=args.puzzles, n_train=args.examples, hidden=args.hidden, layers=args.layers,
-                    objectives=objectives, threads=args.threads, seed=args.seed, template_prob=args.template_prob,
-                    ar_weight=args.ar_weight, device=args.device, precision=args.precision)
+    recipe = Recipe(
+        out_dir=args.output,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        n_base=args.puzzles,
+        n_train=args.examples,
+        hidden=args.hidden,
+        layers=args.layers,
+        objectives=objectives,
+        threads=args.threads,
+        seed=args.seed,
+        template_prob=args.template_prob,
+        ar_weight=args.ar_weight,
+        device=args.device,
+        precision=args.precision,
+    )
     t0 = time.perf_counter()
     finals = train_recipe(recipe)
     for obj, path in finals.items():
         print(f"{obj}: {path}")
-    print(f"trained in {time.perf_counter() - t0:.0f} s; evaluate with: dgemma sudoku eval "
-          f"--diffusion-model {finals.get('diffusion', 'sudoku')} --ar-model {finals.get('ar', 'sudoku-ar')}")
+    print(
+        f"trained in {time.perf_counter() - t0:.0f} s; evaluate with: dgemma sudoku eval "
+        f"--diffusion-model {finals.get('diffusion', 'sudoku')} --ar-model {finals.get('ar', 'sudoku-ar')}"
+    )
     return EXIT_OK
 
 
-register("sudoku", "solve, evaluate and train the Sudoku model (diffusion vs AR)", add_arguments, run,
-         __doc__.split("\n\n", 1)[1] if __doc__ else None)
+register(
+    "sudoku",
+    "solve, evaluate and train the Sudoku model (diffusion vs AR)",
+    add_arguments,
+    run,
+    __doc__.split("\n\n", 1)[1] if __doc__ else None,
+)

@@ -35,13 +35,27 @@ def model_config(hidden: int = 128, layers: int = 4, heads: int = 4, seed_vocab:
     from ..config import tiny_config
 
     types = ["sliding_attention"] * (layers - 1) + ["full_attention"]
-    return tiny_config(vocab_size=seed_vocab, hidden_size=hidden, intermediate_size=2 * hidden,
-                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
-                       head_dim=hidden // heads, global_head_dim=hidden // heads,
-                       num_global_key_value_heads=max(1, heads // 2), sliding_window=256, num_experts=4,
-                       top_k_experts=1, moe_intermediate_size=hidden // 2, layer_types=types, canvas_length=CANVAS,
-                       pad_token_id=S.PAD_ID, eos_token_id=S.EOS_ID, bos_token_id=S.BOS_ID,
-                       max_position_embeddings=512)
+    return tiny_config(
+        vocab_size=seed_vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
+        head_dim=hidden // heads,
+        global_head_dim=hidden // heads,
+        num_global_key_value_heads=max(1, heads // 2),
+        sliding_window=256,
+        num_experts=4,
+        top_k_experts=1,
+        moe_intermediate_size=hidden // 2,
+        layer_types=types,
+        canvas_length=CANVAS,
+        pad_token_id=S.PAD_ID,
+        eos_token_id=S.EOS_ID,
+        bos_token_id=S.BOS_ID,
+        max_position_embeddings=512,
+    )
 
 
 def prompt_ids(puzzle: str) -> list[int]:
@@ -55,8 +69,9 @@ def canvas_template(puzzle: str) -> list[int]:
 
 
 # -- data ---------------------------------------------------------------------------------------------------------
-def build_data(out_dir: Path, n_base: int, n_test: int, n_train: int, seed: int,
-               progress: bool = True) -> tuple[list[dict], list[dict]]:
+def build_data(
+    out_dir: Path, n_base: int, n_test: int, n_train: int, seed: int, progress: bool = True
+) -> tuple[list[dict], list[dict]]:
     """Generate `n_base` training puzzles and `n_test` held-out ones (cached as JSONL in `out_dir`), and expand the
     training puzzles to `n_train` items with random symmetries. Test puzzles are generated separately (seed + 1)."""
     from tqdm import tqdm
@@ -90,8 +105,14 @@ def to_examples(items: Iterable[dict]):
     """Training examples; the clue cells and the EOS are marked `fixed` (what clamped solving fixes)."""
     from ..train import Example
 
-    return [Example(prompt_ids(it["puzzle"]), S.encode_grid(it["solution"]),
-                    fixed=[i for i, c in enumerate(it["puzzle"]) if c != "0"] + [81]) for it in items]
+    return [
+        Example(
+            prompt_ids(it["puzzle"]),
+            S.encode_grid(it["solution"]),
+            fixed=[i for i, c in enumerate(it["puzzle"]) if c != "0"] + [81],
+        )
+        for it in items
+    ]
 
 
 # -- training -------------------------------------------------------------------------------------------------------
@@ -173,13 +194,23 @@ def train_one(recipe: Recipe, objective: str, progress: bool = True) -> Path:
     torch.set_num_threads(recipe.threads)
     out = Path(recipe.out_dir)
     train, _ = build_data(out / "data", recipe.n_base, recipe.n_test, recipe.n_train, recipe.seed, progress=False)
-    cfg = TrainConfig(objective=objective, steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr,
-                      warmup_steps=recipe.warmup_steps, prompt_loss=False, seed=recipe.seed,
-                      betas=(0.9, 0.99), weight_decay=0.01, save_every=max(1, recipe.steps // 10), log_every=20,
-                      precision=recipe.precision, template_prob=recipe.template_prob,  # type: ignore[arg-type]
-                      ar_weight=recipe.ar_weight)
-    return run_training(out / "init", to_examples(train), out / objective, cfg, progress=progress,
-                        device=recipe.device)
+    cfg = TrainConfig(
+        objective=objective,
+        steps=recipe.steps,
+        batch_size=recipe.batch_size,
+        lr=recipe.lr,
+        warmup_steps=recipe.warmup_steps,
+        prompt_loss=False,
+        seed=recipe.seed,
+        betas=(0.9, 0.99),
+        weight_decay=0.01,
+        save_every=max(1, recipe.steps // 10),
+        log_every=20,
+        precision=recipe.precision,
+        template_prob=recipe.template_prob,  # type: ignore[arg-type]
+        ar_weight=recipe.ar_weight,
+    )
+    return run_training(out / "init", to_examples(train), out / objective, cfg, progress=progress, device=recipe.device)
 
 
 # -- solving --------------------------------------------------------------------------------------------------------
@@ -204,13 +235,24 @@ class Solver:
     decodes left to right instead (the baseline): greedily, or with `samples` > 1 by drawing that many
     temperature-1 samples and keeping a valid one (clamping and rounds do not apply)."""
 
-    def __init__(self, model: str | Path = "sudoku", mode: Mode = "diffusion", clamp: bool = True,
-                 max_batch: int = 16, seed: int = 0, dtype: str | torch.dtype = "auto", rounds: int = 1,
-                 samples: int = 1, device: str | torch.device = "auto", **sampler: Any):
+    def __init__(
+        self,
+        model: str | Path = "sudoku",
+        mode: Mode = "diffusion",
+        clamp: bool = True,
+        max_batch: int = 16,
+        seed: int = 0,
+        dtype: str | torch.dtype = "auto",
+        rounds: int = 1,
+        samples: int = 1,
+        device: str | torch.device = "auto",
+        **sampler: Any,
+    ):
         from ..llm import LLM
 
-        self.llm = LLM(model, device=device, dtype=dtype, max_batch=max_batch,
-                       max_model_len=len(prompt_ids("0" * 81)) + CANVAS)
+        self.llm = LLM(
+            model, device=device, dtype=dtype, max_batch=max_batch, max_model_len=len(prompt_ids("0" * 81)) + CANVAS
+        )
         self.mode, self.clamp, self.seed = mode, clamp and mode == "diffusion", seed
         self.sampler = sampler  # SamplingParams overrides (e.g. max_denoising_steps, entropy_bound)
         if rounds < 1 or samples < 1:
@@ -221,8 +263,14 @@ class Solver:
         from ..params import SamplingParams
 
         extra = {"temperature": 1.0} if self.mode == "ar" and self.samples > 1 else {}
-        return SamplingParams(max_new_tokens=CANVAS, seed=self.seed, mode=self.mode,
-                              template=canvas_template(puzzle) if self.clamp else None, **extra, **self.sampler)
+        return SamplingParams(
+            max_new_tokens=CANVAS,
+            seed=self.seed,
+            mode=self.mode,
+            template=canvas_template(puzzle) if self.clamp else None,
+            **extra,
+            **self.sampler,
+        )
 
     def solve(self, puzzles: list[str], on_draft: Callable[[int, list[int]], None] | None = None) -> list[Solution]:
         """One Solution per input line, in order; invalid puzzles get `error` and do not stop the batch.
@@ -252,7 +300,7 @@ class Solver:
             seeds = [self.seed + 1000 * rnd + k for _ in active for k in range(samples)]
             grids = self._pass(rows, [fixed[i] for i in rows], seeds, out, on_draft, first_only=samples)
             for j, i in enumerate(active):
-                gs = grids[j * samples:(j + 1) * samples]
+                gs = grids[j * samples : (j + 1) * samples]
                 good = [g for g in gs if g is not None and S.is_valid_solution(g) and S.keeps_clues(out[i].puzzle, g)]
                 out[i].grid, out[i].solved = (good[0], True) if good else (gs[0], False)
                 out[i].seconds = time.perf_counter() - t0
@@ -260,8 +308,15 @@ class Solver:
                     fixed[i] = _agreed(out[i].puzzle, gs)
         return out
 
-    def _pass(self, rows: list[int], fixed: list[str], seeds: list[int], out: list[Solution],
-              on_draft: Callable[[int, list[int]], None] | None, first_only: int = 1) -> list[str | None]:
+    def _pass(
+        self,
+        rows: list[int],
+        fixed: list[str],
+        seeds: list[int],
+        out: list[Solution],
+        on_draft: Callable[[int, list[int]], None] | None,
+        first_only: int = 1,
+    ) -> list[str | None]:
         """Denoise once per row (prompts: the original puzzles; canvases: `fixed` clamped); drafts are reported for
         every `first_only`-th row (the first sample of each puzzle)."""
         from dataclasses import replace
@@ -287,8 +342,10 @@ class Solver:
 
 def _agreed(puzzle: str, grids: list[str]) -> str:
     """Clues plus the cells where every grid agrees, minus agreed cells that conflict with one another."""
-    cand = [puzzle[k] if puzzle[k] != "0" else (grids[0][k] if all(g[k] == grids[0][k] for g in grids) else "0")
-            for k in range(81)]
+    cand = [
+        puzzle[k] if puzzle[k] != "0" else (grids[0][k] if all(g[k] == grids[0][k] for g in grids) else "0")
+        for k in range(81)
+    ]
     bad = conflicting_cells("".join(cand))
     return "".join("0" if k in bad and puzzle[k] == "0" else cand[k] for k in range(81))
 
@@ -344,9 +401,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def evaluate(models: dict[str, str | Path], items: list[dict], per_difficulty: int,
-             variants: Iterable[str] = tuple(VARIANTS), progress: bool = True, max_batch: int = 16,
-             seed: int = 0, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto") -> list[EvalRow]:
+def evaluate(
+    models: dict[str, str | Path],
+    items: list[dict],
+    per_difficulty: int,
+    variants: Iterable[str] = tuple(VARIANTS),
+    progress: bool = True,
+    max_batch: int = 16,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+) -> list[EvalRow]:
     """Solve rate per difficulty for each variant. `models` maps "diffusion"/"ar" to checkpoints: the AR variant
     uses the AR-trained model, the others the diffusion-trained one."""
     from tqdm import tqdm
@@ -362,8 +427,17 @@ def evaluate(models: dict[str, str | Path], items: list[dict], per_difficulty: i
         model = models.get(spec["mode"])
         if model is None:
             continue
-        solver = Solver(model, mode=spec["mode"], clamp=spec["clamp"], max_batch=max_batch, seed=seed,
-                        rounds=spec.get("rounds", 1), samples=spec.get("samples", 1), device=device, dtype=dtype)
+        solver = Solver(
+            model,
+            mode=spec["mode"],
+            clamp=spec["clamp"],
+            max_batch=max_batch,
+            seed=seed,
+            rounds=spec.get("rounds", 1),
+            samples=spec.get("samples", 1),
+            device=device,
+            dtype=dtype,
+        )
         for d in ("easy", "medium", "hard"):
             batch = chosen.get(d, [])
             if not batch:
@@ -371,16 +445,25 @@ def evaluate(models: dict[str, str | Path], items: list[dict], per_difficulty: i
             t0 = time.perf_counter()
             sols: list[Solution] = []
             for k in tqdm(range(0, len(batch), max_batch), desc=f"{v} {d}", disable=not progress, leave=False):
-                sols += solver.solve([it["puzzle"] for it in batch[k:k + max_batch]])
-            rows.append(EvalRow(v, d, len(batch), sum(s.solved for s in sols), time.perf_counter() - t0,
-                                sum(s.steps for s in sols) / len(sols)))
+                sols += solver.solve([it["puzzle"] for it in batch[k : k + max_batch]])
+            rows.append(
+                EvalRow(
+                    v,
+                    d,
+                    len(batch),
+                    sum(s.solved for s in sols),
+                    time.perf_counter() - t0,
+                    sum(s.steps for s in sols) / len(sols),
+                )
+            )
     return rows
 
 
 def main(argv: list[str]) -> int:
     """`python -m dgemma.tasks.sudoku_model RECIPE.json OBJECTIVE`: train one objective (used for parallel runs)."""
-    recipe = Recipe(**{k: tuple(v) if isinstance(v, list) else v
-                       for k, v in json.loads(Path(argv[0]).read_text()).items()})
+    recipe = Recipe(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(Path(argv[0]).read_text()).items()}
+    )
     train_one(recipe, argv[1], progress=False)
     return 0
 
