@@ -206,28 +206,14 @@ def train_one(recipe: Recipe, objective: str, progress: bool = True) -> Path:
     """Train one format from `<out_dir>/init` on the shared items (AR objectives for "fim" and "ar")."""
     import torch
 
-    from ..train import TrainConfig, run_training
+    from ..train import run_training
+    from .sudoku_model import recipe_train_config
 
     torch.set_num_threads(recipe.threads)
     out = Path(recipe.out_dir)
     train, _ = _data(recipe)
     diffusion = objective == "diffusion"
-    cfg = TrainConfig(
-        objective="diffusion" if diffusion else "ar",
-        steps=recipe.steps,
-        batch_size=recipe.batch_size,
-        lr=recipe.lr,
-        warmup_steps=recipe.warmup_steps,
-        prompt_loss=False,
-        seed=recipe.seed,
-        betas=(0.9, 0.99),
-        weight_decay=0.01,
-        save_every=max(1, recipe.steps // 10),
-        log_every=20,
-        precision=recipe.precision,
-        template_prob=1.0 if diffusion else 0.0,  # type: ignore[arg-type]
-        ar_weight=0.0,
-    )
+    cfg = recipe_train_config(recipe, "diffusion" if diffusion else "ar", 1.0 if diffusion else 0.0, 0.0)
     examples = to_examples(train, out / "data" / "tokenizer", objective)  # type: ignore[arg-type]
     return run_training(out / "init", examples, out / objective, cfg, progress=progress, device=recipe.device)
 

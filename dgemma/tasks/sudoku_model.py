@@ -22,6 +22,8 @@ from . import sudoku as S
 if TYPE_CHECKING:
     import torch
 
+    from ..train import TrainConfig
+
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "models" / "sudoku"
 CANVAS = 82  # 81 cells + EOS: one canvas holds the whole answer
 Mode = Literal["diffusion", "ar"]
@@ -189,13 +191,23 @@ def train_one(recipe: Recipe, objective: str, progress: bool = True) -> Path:
     """Train one objective from `<out_dir>/init` on `<out_dir>/data` (the same data for both objectives)."""
     import torch
 
-    from ..train import TrainConfig, run_training
+    from ..train import run_training
 
     torch.set_num_threads(recipe.threads)
     out = Path(recipe.out_dir)
     train, _ = build_data(out / "data", recipe.n_base, recipe.n_test, recipe.n_train, recipe.seed, progress=False)
-    cfg = TrainConfig(
-        objective=objective,
+    cfg = recipe_train_config(recipe, objective, recipe.template_prob, recipe.ar_weight)
+    return run_training(out / "init", to_examples(train), out / objective, cfg, progress=progress, device=recipe.device)
+
+
+def recipe_train_config(recipe: Any, objective: str, template_prob: float, ar_weight: float) -> TrainConfig:
+    """The training settings the bundled-model recipes share (Sudoku's and the code model's): the recipe's steps,
+    batch, learning rate, warm-up, seed and precision; AdamW (0.9, 0.99), weight decay 0.01, no prompt loss, ten
+    checkpoints, a log line every 20 steps."""
+    from ..train import TrainConfig
+
+    return TrainConfig(
+        objective=objective,  # type: ignore[arg-type]
         steps=recipe.steps,
         batch_size=recipe.batch_size,
         lr=recipe.lr,
@@ -207,10 +219,9 @@ def train_one(recipe: Recipe, objective: str, progress: bool = True) -> Path:
         save_every=max(1, recipe.steps // 10),
         log_every=20,
         precision=recipe.precision,
-        template_prob=recipe.template_prob,  # type: ignore[arg-type]
-        ar_weight=recipe.ar_weight,
+        template_prob=template_prob,  # type: ignore[arg-type]
+        ar_weight=ar_weight,
     )
-    return run_training(out / "init", to_examples(train), out / objective, cfg, progress=progress, device=recipe.device)
 
 
 # -- solving --------------------------------------------------------------------------------------------------------
