@@ -51,9 +51,11 @@ class RMSNorm(nn.Module):
         Bit-identical to the reference's float32 pow(-0.5) formula (tested against transformers)."""
         return F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
 
-    def scale_unit(self, unit: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """The norm's output from `unit(x)`: the weight applied last, as the reference does, then cast."""
-        return (unit if self.weight is None else unit * self.weight.float()).to(dtype)
+    def scale_unit(self, unit: torch.Tensor, dtype: torch.dtype, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The norm's output from `unit(x)`: the weight (default its own; one broadcasting to `unit`) applied last,
+        as the reference does, then cast."""
+        weight = self.weight if weight is None else weight
+        return (unit if weight is None else unit * weight.float()).to(dtype)
 
 
 def rope_inv_freq(text: TextConfig, sliding: bool) -> torch.Tensor:
@@ -86,6 +88,45 @@ def rope_table(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dty
     return emb.cos().to(dtype), (emb.sin() * sign).to(dtype)
 
 
+def cached(owner: nn.Module, name: str, parts: tuple[torch.Tensor, ...], build: Callable[[], torch.Tensor]):
+    """`build()` (a tensor derived from the tensors `parts`), made once and kept on `owner` while no part changes:
+    in-place updates bump a tensor's `_version`, casts and moves give it new storage. The kept detached parts pin
+    the old storages, so a new tensor can never reuse an old address. Built afresh in training (differentiable) and
+    under `torch.compile` (which cannot trace the check; it folds or fuses the build instead)."""
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in parts)):
+        return build()
+    key = tuple((p.data_ptr(), p._version) for p in parts)
+    hit = owner.__dict__.get(name)
+    if hit is None or hit[0] != key:
+        with torch.no_grad():
+            hit = owner.__dict__[name] = (key, build(), tuple(p.detach() for p in parts))
+    return hit[1]
+
+
+# Fuse linear layers that read the same input into one matmul while their weights are this small: there the
+# per-call overhead dominates (a laptop-sized model on a CPU); above it the matmuls do, and the copy would cost memory.
+FUSE_MAX_BYTES = 8 << 20
+
+
+def fused_linear(owner: nn.Module, x: torch.Tensor, mods: tuple[nn.Module, ...]) -> torch.Tensor | None:
+    """x (..., in) through linear layers `mods` of the same input as one matmul over their concatenated weights (kept
+    on `owner`): the outputs side by side (..., sum of outs). None where that does not apply, and the caller runs the
+    layers one by one: training, reference mode (transformers' separate matmuls, bit for bit), wrapped layers (LoRA,
+    FP8) and large weights."""
+    ws = tuple(m.weight for m in mods)
+    if (
+        getattr(owner, "exact", False)
+        or any(type(m) is not nn.Linear for m in mods)
+        or (torch.is_grad_enabled() and any(w.requires_grad for w in ws))
+        or sum(w.numel() * w.element_size() for w in ws) > FUSE_MAX_BYTES
+    ):
+        return None
+    w = cached(owner, "_fused_weight", ws, lambda: torch.cat(ws))
+    bs = tuple(m.bias for m in mods if m.bias is not None)
+    b = cached(owner, "_fused_bias", bs, lambda: torch.cat(bs)) if bs else None
+    return F.linear(x, w, b)
+
+
 class Attention(nn.Module):
     def __init__(self, text: TextConfig, layer: int):
         super().__init__()
@@ -103,15 +144,32 @@ class Attention(nn.Module):
         self.v_norm = RMSNorm(self.head_dim, text.rms_norm_eps, scale=False)
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """x (B, T, hidden) -> q (B, H, T, D), k and v (B, Hkv, T, D)."""
+        """x (B, T, hidden) -> q (B, H, T, D), k and v (B, Hkv, T, D).
+
+        One matmul for all projections, one RMS over every head (q, k and, on sliding layers, v: the rows are
+        independent, so this is the per-head norms' arithmetic) and one rotation over the q and k heads."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k_raw = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim) if self.v_proj is not None else k_raw
-        q = apply_rope(self.q_norm(q), cos, sin).transpose(1, 2)
-        k = apply_rope(self.k_norm(k_raw), cos, sin).transpose(1, 2)
-        v = self.v_norm(v).transpose(1, 2)
-        return q, k, v
+        H, Hkv = self.n_heads, self.n_kv
+        heads = (H + 2 * Hkv) if self.v_proj is not None else H + Hkv  # full layers: values are the raw keys
+        qkv = fused_linear(self, x, self.projections)
+        if qkv is None:
+            qkv = torch.cat([m(x) for m in self.projections], dim=-1)
+        unit = self.q_norm.unit(qkv.view(B, T, heads, self.head_dim))
+        v = unit[:, :, H + Hkv :] if self.v_proj is not None else unit[:, :, H:]  # v_norm has no weight
+        qk = self.q_norm.scale_unit(unit[:, :, : H + Hkv], x.dtype, weight=self._qk_norm_weight())
+        qk = apply_rope(qk, cos, sin)
+        return qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), v.to(x.dtype).transpose(1, 2)
+
+    def _qk_norm_weight(self) -> torch.Tensor:
+        """The q and k norms' weights side by side, per head: (H + Hkv, D)."""
+        wq, wk = self.q_norm.weight, self.k_norm.weight
+        return cached(
+            self, "_qk_norm", (wq, wk), lambda: torch.cat([wq.expand(self.n_heads, -1), wk.expand(self.n_kv, -1)])
+        )
+
+    @property
+    def projections(self) -> tuple[nn.Module, ...]:
+        return (self.q_proj, self.k_proj) + ((self.v_proj,) if self.v_proj is not None else ())
 
     # Reference mode (`DiffusionGemma.reference_kernels`) keeps transformers' kernel choices, bit for bit.
     exact = False
@@ -151,8 +209,13 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inter, hidden, bias=False)
         self.act = ACT[act]
 
+    exact = False  # reference mode: separate gate and up matmuls, as transformers runs them
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate_up = fused_linear(self, x, (self.gate_proj, self.up_proj))
+        # (separate outputs are contiguous: the activation's vectorised and scalar loops round differently)
+        gate, up = gate_up.chunk(2, dim=-1) if gate_up is not None else (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(self.act(gate) * up)
 
 
 class SelfConditioning(MLP):

@@ -65,6 +65,61 @@ def test_expert_kernel_choice():
 
 
 # -- attention ------------------------------------------------------------------------------------------------------
+# -- fused projections -----------------------------------------------------------------------------------------------
+def _unfused(monkeypatch):
+    monkeypatch.setattr("dgemma.model.FUSE_MAX_BYTES", -1)  # every fused_linear declines: one matmul per layer
+
+
+@pytest.mark.parametrize("over", [{}, {"attention_bias": True}])
+def test_fused_projections_match_separate_ones(monkeypatch, over):
+    """One matmul over q/k/v (and gate/up) with one RMS over every head gives the separate layers' outputs (up to
+    float32 rounding: the fused matmul may block its sums differently) and touches the cache the same way."""
+    m = _model(**over)
+    tokens, canvas = torch.randint(3, 60, (2, 7)), torch.randint(3, 60, (2, 4))
+    outs = []
+    for fuse in (True, False):
+        with monkeypatch.context() as mp, torch.no_grad():
+            if not fuse:
+                _unfused(mp)
+            cache = m.new_cache(2, 32)
+            enc = m.encode(tokens, cache)
+            outs.append((enc, m.denoise(canvas, cache), cache.kv(0)[0].clone()))
+    assert hasattr(m.layers[0].self_attn, "_fused_weight") and hasattr(m.layers[0].mlp, "_fused_weight")
+    for fused, separate in zip(*outs):
+        assert separate.abs().max() > 0.1
+        torch.testing.assert_close(fused, separate, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_weights_follow_weight_updates():
+    """The concatenated weights are rebuilt after an in-place update (an optimizer step, `load_state_dict`) and
+    after a cast; training (grad) and reference mode use the separate layers."""
+    m = _model()
+    attn = m.layers[0].self_attn
+    x = torch.randn(1, 3, m.text.hidden_size)
+    canvas = torch.randint(3, 60, (1, 4))
+
+    def denoise():
+        return m.denoise(canvas, m.new_cache(1, 16))
+
+    with torch.no_grad():
+        first = denoise()
+        attn.q_proj.weight.mul_(2.0)  # in place, like an optimizer step
+        second = denoise()
+        assert torch.equal(attn._fused_weight[1], torch.cat([p.weight for p in attn.projections]))
+        assert not torch.equal(second, first)
+        m.load_state_dict(_model(seed=1).state_dict())
+        denoise()
+        assert torch.equal(attn._fused_weight[1], torch.cat([p.weight for p in attn.projections]))
+        m.to(torch.bfloat16)  # a cast: new storage
+        denoise()
+        assert attn._fused_weight[1].dtype == torch.bfloat16
+    m.float().train()
+    out = attn.project(x, *[t[:, :3] for t in m.rope(torch.arange(3)[None], 3)[attn.sliding]])
+    sum((o * torch.randn_like(o)).sum() for o in out).backward()  # separate layers: gradients reach every weight
+    for p in (attn.q_proj.weight, attn.k_proj.weight, attn.q_norm.weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("head_dim,n_kv", [(8, 2), (512, 1)])
 def test_folded_gqa_matches_repeated_kv(head_dim, n_kv):
     """Query heads of a KV group folded into the query length (non-causal, key-only mask) give what K/V repeated

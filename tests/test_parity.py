@@ -14,7 +14,12 @@ Encoder logits are compared on non-pad positions only (a pad query's output is u
 
 Tolerances:
 
-- float32: max |logits_dgemma - logits_hf| <= 1e-4 (FP32_TOL) for the encoder and the decoder logits.
+- float32: both float32 implementations are compared with the truth, transformers run in float64 on the same
+  weights and inputs. For the encoder and the decoder logits of every step, max |logits_dgemma - logits_hf64| <=
+  max(1e-4 (FP32_TOL), 2 (FP32_VS_HF) x max |logits_hf32 - logits_hf64|): dgemma's float32 is at most twice as far
+  from the truth as transformers' own float32, or within 1e-4. A fixed bound alone hung on rounding luck: these
+  random models amplify a one-ulp difference (one fused matmul instead of two) to 1e-4 after a self-conditioned
+  pass, differently on each CPU, while transformers' own float32 error there is of the same size.
 - bfloat16 (`test_bf16_parity`): the transformers model is cast with `.to(torch.bfloat16)` (RoPE inverse-frequency
   tables kept in float32, as `from_pretrained(dtype=bfloat16)` and dgemma keep them) and dgemma is loaded with
   `dtype=torch.bfloat16` from the same float32 checkpoint; the config activates every expert so that routing is
@@ -41,6 +46,7 @@ transformers then omits `head_dim` from `per_layer_config` (it equals the base v
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -52,6 +58,7 @@ from dgemma import load_model
 from oracle import build_hf, hf_logits
 
 FP32_TOL = 1e-4
+FP32_VS_HF = 2.0
 BF16_TOL = 0.75
 BF16_MEAN_RATIO = 0.5
 
@@ -272,18 +279,24 @@ def test_fp32_parity(case, tmp_path):
     text, run = CASES[case]
     seed = sorted(CASES).index(case)
     hf, model = _hf_and_dgemma(tmp_path, seed, run["C"], **text)
-    errors = {}
-    for what, ours, ref, valid in run_schedule(hf, model, seed=seed, **run):
+    steps = list(run_schedule(hf, model, seed=seed, **run))
+    hf64 = copy.deepcopy(hf).double()
+    hf64.set_experts_implementation("eager")  # grouped_mm has no float64 kernel
+    truth = {what: ref for what, _, ref, _ in run_schedule(hf64, model, seed=seed, **run)}
+    errors, bounds = {}, {}
+    for what, ours, ref, valid in steps:
         assert ours.shape == ref.shape, what
         assert torch.isfinite(ours).all(), what
         assert ref[valid].std() > 0.1, what  # the reference is not degenerate
-        errors[what] = _max_err(ours, ref, valid)
+        errors[what] = _max_err(ours, truth[what], valid)
+        # transformers' own float32 rounding, amplified by this random model, sets the scale
+        bounds[what] = max(FP32_TOL, FP32_VS_HF * _max_err(ref, truth[what], valid))
     B = run["B"]
     assert len(errors) == 1 + run["rounds"] + (run["rounds"] + 1) * (3 if B > 1 else 2)
-    worst = max(errors, key=errors.get)
-    print(f"{case}: max fp32 error {errors[worst]:.3g} at {worst}")
-    bad = {k: v for k, v in errors.items() if v > FP32_TOL}
-    assert not bad, f"{case}: errors above {FP32_TOL}: {bad}"
+    worst = max(errors, key=lambda w: errors[w] / bounds[w])
+    print(f"{case}: max fp32 error {errors[worst]:.3g} (bound {bounds[worst]:.3g}) at {worst}")
+    bad = {k: (v, bounds[k]) for k, v in errors.items() if v > bounds[k]}
+    assert not bad, f"{case}: errors against float64 above their bounds: {bad}"
 
 
 def test_left_padding_matches_unpadded_rows(tmp_path):
