@@ -6,7 +6,9 @@
 Per batch size (default 1 and 8), canvas 256, 16 fixed denoising steps, ms per step and tok/s for:
 
 - `reference`: transformers' `generate` (one canvas; wall time / steps, prefill and commit included);
-- `engine`: dgemma's `Engine` (the general eager path: tiles, constraints, accepted-only sampling);
+- `engine`: dgemma's `Engine` as `LLM` runs it: unconstrained steps replayed per batch bucket (CUDA graphs on
+  CUDA, dgemma/graphs.py; sampler budget 8 GiB so batch 8 fits one bucket);
+- `engine-eager`: the same with `graphs=False` (the general path: tiles, constraints, accepted-only sampling);
 - `step-eager`: `engine.denoise_step` (sync-free: all-position sampling, soft self-conditioning) run eagerly;
 - `step-graph`: the same step captured once in a CUDA graph and replayed (copy inputs in, replay);
 - `step-compile-graph`: `torch.compile` of the step, then captured (skipped with --no-compile);
@@ -139,11 +141,12 @@ def step_variant(b: Bench, batch: int, impl: str, graph: bool, compile_: bool = 
     b.record(impl=impl, batch=batch, ms_per_step=ms, commit_ms=enc_ms, tok_s=tok_s)
 
 
-def engine_variant(b: Bench, batch: int, mode: str) -> None:
+def engine_variant(b: Bench, batch: int, mode: str, graphs: bool = True) -> None:
     """dgemma's `Engine` (diffusion or AR): wall time of one canvas (or C AR tokens) per row, after warm-up."""
     a, C = b.args, b.C
     V = b.model.config.text.vocab_size
-    eng = Engine(b.model, max_batch=batch, max_model_len=a.prompt_len + 3 * C)
+    eng = Engine(b.model, max_batch=batch, max_model_len=a.prompt_len + 3 * C, graphs=graphs, sampler_memory=8 << 30)
+    print(f"  engine: {eng.describe()}", flush=True)
     prompts = torch.randint(3, V, (batch, a.prompt_len)).tolist()
     sp = SamplingParams(
         max_new_tokens=C, max_denoising_steps=a.steps, fixed_steps=True, ignore_eos=True, seed=0, mode=mode
@@ -159,7 +162,7 @@ def engine_variant(b: Bench, batch: int, mode: str) -> None:
     b.sync()
     wall = time.perf_counter() - t
     b.record(
-        impl="engine" if mode == "diffusion" else "ar",
+        impl=("engine" if graphs else "engine-eager") if mode == "diffusion" else "ar",
         batch=batch,
         tok_s=batch * C / wall,
         ms_per_step=1e3 * wall / a.steps if mode == "diffusion" else None,
@@ -240,9 +243,10 @@ def main() -> int:
     plan: list[tuple[str, Callable[[int], None]]] = [
         ("reference", lambda n: None if hf is None else reference_variant(b, n)),
         ("engine", lambda n: engine_variant(b, n, "diffusion")),
+        ("engine-eager", lambda n: engine_variant(b, n, "diffusion", graphs=False)),
         ("step-eager", lambda n: step_variant(b, n, "step-eager", graph=False)),
         ("step-graph", lambda n: b.cuda and step_variant(b, n, "step-graph", graph=True)),
-        ("ar", lambda n: engine_variant(b, n, "ar")),
+        ("ar", lambda n: engine_variant(b, n, "ar", graphs=False)),
         (
             "step-compile-graph",
             lambda n: (

@@ -171,14 +171,21 @@ class KVCache:
             masks[sliding] = "causal" if plain else m
         return masks
 
-    def decoder_masks(self, canvas_length: int, rows: torch.Tensor | None = None, in_place: bool = False) -> CanvasView:
+    def decoder_masks(
+        self,
+        canvas_length: int,
+        rows: torch.Tensor | None = None,
+        in_place: bool = False,
+        round_span: int | None = None,
+    ) -> CanvasView:
         """How a bidirectional canvas pass of `canvas_length` tokens reads the cache: the canvas sees itself and
         the cache; on sliding layers the last `window - 1` cached slots (as transformers' sliding cache keeps),
         whatever the canvas length. With `in_place` (when `fits_in_place`) the canvas keys/values go into their
-        future slots (see `CanvasView`), else after the cached ones."""
+        future slots (see `CanvasView`), else after the cached ones. `round_span` (in place only): spans rounded
+        up to a multiple of it and masks always tensors, so the shapes repeat (graphs.py)."""
         C = canvas_length
         if in_place and self.fits_in_place(C):
-            return self._in_place_view(C, rows)
+            return self._in_place_view(C, rows, round_span)
         masks = {}
         for sliding in (True, False):
             m = self._visible(sliding, self.used(sliding, rows), rows)
@@ -202,16 +209,18 @@ class KVCache:
             m &= kpos >= (self.rows_of(self.lengths, rows)[:, None] - (self.window - 1))
         return m
 
-    def _in_place_view(self, C: int, rows: torch.Tensor | None) -> CanvasView:
+    def _in_place_view(self, C: int, rows: torch.Tensor | None, round_span: int | None = None) -> CanvasView:
         positions = self.rows_of(self.lengths, rows)[:, None] + torch.arange(C, device=self.device)[None, :]  # (R, C)
         top = max(self.host_lengths) + C
+        if round_span:
+            top = -(-top // round_span) * round_span  # entries past the longest row hold no key (pos -1): masked
         masks, slots, span = {}, {}, {}
         for sliding in (True, False):
             cap = self.pos[sliding].shape[1] - 1
             slots[sliding] = positions % cap if sliding else positions
             span[sliding] = min(cap, top)
             m = self._visible(sliding, span[sliding], rows).scatter_(1, slots[sliding], True)
-            masks[sliding] = None if bool(m.all()) else m[:, None, None, :]
+            masks[sliding] = None if not round_span and bool(m.all()) else m[:, None, None, :]
         return CanvasView(masks, slots, span)
 
     # -- writes ------------------------------------------------------------------------------------------------

@@ -129,6 +129,10 @@ def _token_ids(s: str) -> list[int]:
     return ids
 
 
+EAGER_HELP = (
+    "never replay denoising steps as CUDA graphs (on CUDA, unconstrained steps are captured per batch bucket by "
+    "default: see dgemma/graphs.py); for debugging and profiling"
+)
 DEVICE_HELP = "torch device: auto (CUDA when available, else the CPU), cpu, cuda, cuda:1, ... (default: auto)"
 DTYPE_HELP = (
     "weight and activation dtype (default: auto: bfloat16 on CUDA and on CPUs where bf16 matmul is native "
@@ -159,6 +163,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         "quantized at load (about half the weight memory; needs a device with FP8 matmuls: "
         "Ada/Hopper GPUs, or torch's CPU kernel); a checkpoint saved in FP8 loads as FP8 without it",
     )
+    g.add_argument("--enforce-eager", action="store_true", help=EAGER_HELP)
     g.add_argument(
         "--max-model-len",
         type=_positive_int,
@@ -322,6 +327,7 @@ def load_llm(args: argparse.Namespace, max_batch: int = 1) -> LLM:
         max_batch=max_batch,
         max_model_len=args.max_model_len,
         quantization=quantization,
+        enforce_eager=getattr(args, "enforce_eager", False),
     )
     print(f"dgemma: {llm.engine.describe()}", file=sys.stderr)
     return llm

@@ -31,6 +31,7 @@ import torch
 from .cache import CanvasView, KVCache
 from .config import token_ids
 from .constraints import Constraint, ConstraintError, ConstraintState
+from .graphs import StepGraphs, bucket
 from .logprobs import TokenLogprob, from_logits
 from .model import DiffusionGemma, expert_kernel
 from .quant import FP8
@@ -224,10 +225,13 @@ class Engine:
         prefill_chunk: int = 1024,
         guides: Any = None,
         sampler_memory: int = SAMPLER_MEMORY,
+        graphs: bool | None = None,
     ):
         """`guides`: a `constraints.GuideFactory` for this model's tokenizer (structured output needs one).
         `sampler_memory`: bytes for the sampler's (rows, canvas, vocab) buffers; rows are sampled in tiles that fit,
-        so memory does not grow with the batch (one row at least)."""
+        so memory does not grow with the batch (one row at least).
+        `graphs`: run unconstrained steps from static buffers per batch bucket (graphs.py), captured as CUDA graphs
+        on CUDA; None (default): on CUDA only. A bucket must fit `sampler_memory`, so raise it for larger ones."""
         self.model = model
         self.guides = guides
         self.config = model.config
@@ -254,6 +258,9 @@ class Engine:
         self._workspace: dict[str, torch.Tensor] = {}
         self._stop_rules = _StopRules(max_batch, self.canvas_length, model.device)
         self._masks: dict | None = None
+        use = model.device.type == "cuda" if graphs is None else graphs
+        capture = model.device.type == "cuda"
+        self.graphs = StepGraphs(model, self.cache, denoise_step, capture) if use else None
 
     def describe(self) -> str:
         """Which kernels run the steps (the start-up report)."""
@@ -269,7 +276,7 @@ class Engine:
         return (
             f"kernels: experts {kernel}; attention SDPA, canvas GQA folded into queries, canvas K/V in its cache "
             f"slots; sampler {self.tile} row(s) per tile ({gib:.2f} GiB of (rows, canvas, vocab) buffers); "
-            f"steps eager"
+            f"{self.graphs.describe() if self.graphs is not None else 'steps eager'}"
         )
 
     # -- requests ---------------------------------------------------------------------------------------------
@@ -544,13 +551,42 @@ class Engine:
         if not reqs:
             return
         batch = self._gather(reqs)
-        self._decode(batch)
         commits: list[tuple[_Req, torch.Tensor, int]] = []
-        for rule, idx in _tiles(reqs, self.tile):
-            tile = [reqs[i] for i in idx]
-            out = self._sample(batch, rule, idx)
-            self._after_step(tile, out, events, commits)
+        if self._graphable(reqs):
+            self._after_step(reqs, self._graph_step(batch), events, commits)
+        else:
+            self._decode(batch)
+            for rule, idx in _tiles(reqs, self.tile):
+                tile = [reqs[i] for i in idx]
+                out = self._sample(batch, rule, idx)
+                self._after_step(tile, out, events, commits)
         self._commit(commits)
+
+    def _graphable(self, reqs: list[_Req]) -> bool:
+        """Whether this step runs as one static-shape step (graphs.py): no fixed positions or constraints, one
+        acceptance rule, a bucket that holds the rows within the sampler's memory, a canvas that fits in place."""
+        return (
+            self.graphs is not None
+            and all(r.constraint is None and r.diffusion.fixed is None for r in reqs)
+            and len({r.params.acceptance for r in reqs}) == 1
+            and self.graphs.fits(len(reqs))
+            and bucket(len(reqs)) <= self.tile
+        )
+
+    def _graph_step(self, batch: _Batch) -> StepOut:
+        """The whole step of the batch as one static-shape step; the next soft embeddings go to the rows' buffer."""
+        reqs, rule = batch.reqs, batch.reqs[0].params.acceptance
+        inputs = {
+            "canvas": batch.canvas,
+            "soft": self._soft_input(reqs, batch.rows_arg),
+            "uniforms": draw_uniforms([r.generator for r in reqs], self.canvas_length, self.model.device),
+            "temperature": batch.temp,
+            "bound": batch.bound,
+        }
+        out, soft = self.graphs.run([r.row for r in reqs], inputs, rule, ACCEPTANCE[rule])
+        self._buffer("soft", (self.max_batch, *soft.shape[1:]), self.model.dtype, zero=True)[batch.rows] = soft
+        self.stats["decoder_passes"] += 1
+        return out
 
     def _gather(self, reqs: list[_Req]) -> _Batch:
         """The step's inputs: cache rows, canvases, temperatures and entropy bounds."""

@@ -83,6 +83,7 @@ class LLM:
     `max_batch`: rows generated together; `max_model_len`: context length the cache is sized for.
     `quantization`: None, or "fp8" (FP8 dense and expert weights, bf16 activations; see dgemma/quant.py): a bf16
     checkpoint is quantized at load, an FP8 checkpoint is read as it is (and needs no argument).
+    `enforce_eager`: never replay steps as CUDA graphs (on CUDA they are, by default; see dgemma/graphs.py).
     """
 
     def __init__(
@@ -94,6 +95,7 @@ class LLM:
         max_model_len: int | None = None,
         prefill_chunk: int = 1024,
         quantization: str | None = None,
+        enforce_eager: bool = False,
     ):
         self.path = resolve_model_path(model)
         placement = resolve_placement(device, dtype, quantization)
@@ -116,6 +118,7 @@ class LLM:
             max_model_len=max_model_len,
             prefill_chunk=prefill_chunk,
             guides=guides,
+            graphs=False if enforce_eager else None,
         )
         logger.log(logging.INFO if auto else logging.DEBUG, "dgemma: %s", self.engine.describe())
 

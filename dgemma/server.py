@@ -1199,7 +1199,7 @@ def create_app(
 # -- command line ---------------------------------------------------------------------------------------------------
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The `serve` options (for `dgemma serve` and `python -m dgemma.server`)."""
-    from .cli import DEVICE_HELP, DTYPE_HELP  # the same words as every other command
+    from .cli import DEVICE_HELP, DTYPE_HELP, EAGER_HELP  # the same words as every other command
 
     parser.add_argument("--model", required=True, help="checkpoint directory (HF format)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
@@ -1220,6 +1220,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help="fp8: FP8 dense and expert weights, bf16 activations (see `dgemma generate --help`)",
     )
     parser.add_argument("--max-model-len", type=int, default=None, help="context length the cache is sized for")
+    parser.add_argument("--enforce-eager", action="store_true", help=EAGER_HELP)
     parser.add_argument(
         "--request-timeout", type=float, default=600.0, help="seconds before a request is aborted (default 600)"
     )
@@ -1273,6 +1274,7 @@ def _load(args: argparse.Namespace, where: Any) -> "LLM":
         max_batch=args.max_batch,
         max_model_len=args.max_model_len,
         quantization=getattr(args, "quantization", None),
+        enforce_eager=getattr(args, "enforce_eager", False),
     )
     print(f"dgemma: {llm.engine.describe()}", file=sys.stderr, flush=True)
     return llm

@@ -344,6 +344,23 @@ def test_denoise_step_is_graph_safe(monkeypatch):
     for a, b in zip(eager, compiled):
         assert torch.equal(a, b)
 
+    # The static-shape step of graphs.py: padded rows (a copy of row 0) by index, spans rounded, masks as tensors.
+    rows = torch.tensor([1, 0, 1])
+    ring = m.new_cache(2, 64, slack=canvas.shape[1])  # the engine's cache: a canvas of slack in the sliding ring
+    with torch.no_grad():
+        m.encode(torch.randint(0, 128, (2, 6)), ring, n_new=torch.tensor([6, 4]))
+    view = ring.decoder_masks(canvas.shape[1], rows, in_place=True, round_span=256)
+    assert all(m_ is not None and m_.shape[-1] == s for m_, s in zip(view.masks.values(), view.span.values()))
+
+    def padded_step(canvas, soft, u):
+        out, nxt = denoise_step(m, ring, canvas, soft, u, temp[rows], bound[rows], view, rows)
+        return out.canvas, out.probs, nxt
+
+    with torch.no_grad():
+        args = (canvas[rows], soft[rows], u[rows])
+        for a, b in zip(padded_step(*args), _compile_strict(padded_step)(*args)):
+            assert torch.equal(a, b)
+
     # float32 on CPU runs the dense experts, also capturable.
     m32 = _model(torch.float32)
     cache32, canvas32, soft32, u32, _, _, masks32 = _step_inputs(m32)
@@ -365,3 +382,67 @@ def test_denoise_step_is_graph_safe(monkeypatch):
         with torch.no_grad(), pytest.raises(Exception, match="data-dependent|tolist|Unsupported"):
             _compile_strict(fn)(*args)
     torch._dynamo.reset()
+
+
+# -- static-shape steps (graphs.py) -----------------------------------------------------------------------------------
+def test_static_steps_match_the_eager_engine(monkeypatch):
+    """The engine's static-shape step (padded to a batch bucket with copies of the first row, key spans rounded up,
+    masks always tensors: what a CUDA graph replays) sees the same logits, step after step, as the eager tiled
+    step, with rows of different lengths; the padded copies disturb nothing. Canvases are frozen after the sampler
+    so both runs feed the same canvases; logits then agree to rounding (batch shapes and spans differ)."""
+    real = E.sample_step
+
+    def frozen(logits, canvas, *a, **k):
+        seen.append({bytes(c.numpy()): lg.clone() for c, lg in zip(canvas, logits)})
+        out = real(logits, canvas, *a, **k)
+        out.canvas = canvas.clone()
+        return out
+
+    monkeypatch.setattr(E, "sample_step", frozen)
+    m = _model()
+    runs = []
+    for graphs in (False, True):
+        seen: list[dict] = []
+        eng = Engine(m, max_batch=4, max_model_len=96, graphs=graphs)
+        for s in range(3):  # 3 rows: bucket 4, one padded copy
+            eng.add_request(
+                [5, 6, 7 + s] * (s + 1),
+                SamplingParams(seed=s, max_new_tokens=32, max_denoising_steps=3, fixed_steps=True, ignore_eos=True),
+            )
+        for _ in range(7):  # prefill + two canvases of 3 steps (a commit between them)
+            eng.step()
+        runs.append((eng, seen))
+    (eager, a), (static, b) = runs
+    assert eager.graphs is None and len(static.graphs._graphs) == 1  # one bucket and span for both canvases
+    assert "static buffers" in static.describe()
+    assert len(a) == len(b) == 6
+    for step, (x, y) in enumerate(zip(a, b)):
+        assert x.keys() == y.keys() and len(x) == 3
+        for key in x:
+            torch.testing.assert_close(x[key], y[key], rtol=1e-4, atol=1e-4, msg=f"step {step}")
+    first = next(iter(a[0]))
+    assert (a[1][first] - a[0][first]).abs().max() > 1e-2  # self-conditioning changes step 2
+
+
+def test_static_steps_fall_back_where_they_cannot_run():
+    """Constrained or templated rows, mixed acceptance rules and buckets over the sampler budget run eagerly."""
+    m = _model()
+    assert Engine(m, max_batch=2, max_model_len=64).graphs is None  # by default only on CUDA
+    eng = Engine(m, max_batch=2, max_model_len=64, graphs=True)
+    p = SamplingParams(max_new_tokens=8, max_denoising_steps=2, fixed_steps=True, ignore_eos=True)
+    eng.add_request([5, 6], p)
+    eng.add_request([5, 7], SamplingParams(**{**vars(p), "acceptance": "confidence"}))
+    eng.step()
+    reqs = [r for r in eng.rows if r is not None]
+    assert not eng._graphable(reqs) and eng._graphable(reqs[:1])
+    reqs[0].diffusion.fixed = torch.full((m.config.canvas_length,), -1)
+    assert not eng._graphable(reqs[:1])
+    small = Engine(m, max_batch=2, max_model_len=64, graphs=True, sampler_memory=1)  # one row per tile
+    small.add_request([5, 6], p)
+    small.add_request([5, 7], p)
+    small.step()
+    both = [r for r in small.rows if r is not None]
+    assert small._graphable(both[:1]) and not small._graphable(both)
+    for eng_ in (eng, small):  # and they still finish
+        while eng_.has_unfinished():
+            eng_.step()

@@ -1,0 +1,166 @@
+"""The denoising step replayed from static buffers, so that on CUDA it runs as one captured CUDA graph.
+
+A step of R unconstrained rows is padded to a batch bucket (1, 2, 4, 8, 16, 32) and its key span to a multiple of
+`SPAN_BUCKET`, so the shapes repeat from step to step and canvas to canvas. Each (bucket, spans, acceptance rule)
+gets static input and output buffers: one step = copy the inputs in, replay, read the outputs. On CUDA the step
+(`engine.denoise_step`: decoder pass, LM head, sampler at every position, next soft embeddings) is captured once
+per key after a warm-up; elsewhere the same buffers run it eagerly, which is what the CPU tests check.
+
+Padded rows are copies of the first row (its cache row, canvas, random numbers): a copy writes the same canvas
+keys/values into the same cache entries as the row it copies, so padding cannot disturb a real row, and no spare
+cache row is needed. Their outputs are dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .cache import CanvasView, KVCache
+from .model import DiffusionGemma
+from .sampler import StepOut
+
+logger = logging.getLogger(__name__)
+
+BUCKETS = (1, 2, 4, 8, 16, 32)
+SPAN_BUCKET = 256  # key spans round up to this: a graph serves 256 more cached tokens before the next capture
+
+
+def bucket(rows: int) -> int | None:
+    """The smallest batch bucket holding `rows` rows (None above the largest)."""
+    return next((b for b in BUCKETS if b >= rows), None)
+
+
+@dataclass
+class _Graph:
+    """Static buffers of one key, and the captured graph (None: run eagerly from the buffers)."""
+
+    inputs: dict[str, torch.Tensor]
+    view: CanvasView  # masks and slots are static buffers too; spans fixed
+    outputs: tuple[StepOut, torch.Tensor] | None = None
+    graph: object | None = None  # torch.cuda.CUDAGraph
+
+
+class StepGraphs:
+    """Static-shape denoising steps over one model and cache, one per (bucket, spans, acceptance rule)."""
+
+    INPUTS = ("rows", "canvas", "soft", "uniforms", "temperature", "bound")
+
+    def __init__(self, model: DiffusionGemma, cache: KVCache, step: Callable, capture: bool):
+        """`step`: `engine.denoise_step`; `capture`: record CUDA graphs (CUDA only), else run from the buffers."""
+        self.model, self.cache, self.step, self.capture = model, cache, step, capture
+        self.C = model.config.canvas_length
+        self._graphs: dict[tuple, _Graph] = {}
+        self._view: tuple[tuple, CanvasView] | None = None  # (rows, cache version) -> padded view
+        self._pool = torch.cuda.graph_pool_handle() if capture else None  # one memory pool for every graph
+
+    def describe(self) -> str:
+        how = "captured as CUDA graphs" if self.capture else "from static buffers (eager)"
+        return f"steps {how} per batch bucket {'/'.join(map(str, BUCKETS))}, key spans rounded to {SPAN_BUCKET}"
+
+    def fits(self, rows: int) -> bool:
+        """Whether a step of `rows` rows can run here: a bucket holds them and the canvas fits its cache slots."""
+        return bucket(rows) is not None and self.cache.fits_in_place(self.C)
+
+    def run(
+        self, rows: list[int], inputs: dict[str, torch.Tensor | None], rule: str, accept: Callable
+    ) -> tuple[StepOut, torch.Tensor]:
+        """One step of R rows at cache `rows`; `inputs`: canvas (R, C), soft (R, C, hidden) or None (no signal
+        yet), uniforms (R, 2C), temperature and bound (R,). Returns the R rows' StepOut and next soft embeddings
+        (R, C, hidden). The canvas, argmax, counts and entropies are copies; `probs` and the soft embeddings are
+        views of static buffers, valid until the next step."""
+        R, B = len(rows), bucket(len(rows))
+        padded = rows + [rows[0]] * (B - R)
+        view = self._padded_view(padded)
+        key = (B, tuple(sorted(view.span.items())), rule)
+        g = self._graphs.get(key) or self._graphs.setdefault(key, self._new(B, view))
+        g.inputs["rows"].copy_(torch.tensor(padded))
+        for name in self.INPUTS[1:]:
+            t, dst = inputs[name], g.inputs[name]
+            if t is None:
+                dst.zero_()  # a zero soft embedding is no signal
+                continue
+            dst[:R].copy_(t)
+            dst[R:].copy_(t[:1].expand(B - R, *t.shape[1:]))
+        for s in view.span:
+            g.view.slots[s].copy_(view.slots[s])
+            g.view.masks[s].copy_(view.masks[s])
+        out, soft = self._replay(g, accept)
+        copy = StepOut(
+            out.canvas[:R].clone(),
+            out.argmax[:R].clone(),
+            out.probs[:R],
+            out.accepted[:R].clone(),
+            out.mean_entropy[:R].clone(),
+        )
+        return copy, soft[:R]
+
+    def _padded_view(self, rows: list[int]) -> CanvasView:
+        """The in-place canvas view of the padded rows (masks always tensors, spans rounded), built once per canvas."""
+        key = (tuple(rows), self.cache.version)
+        if self._view is None or self._view[0] != key:
+            idx = torch.tensor(rows, device=self.cache.device)
+            self._view = (key, self.cache.decoder_masks(self.C, idx, in_place=True, round_span=SPAN_BUCKET))
+        return self._view[1]
+
+    def _new(self, B: int, view: CanvasView) -> _Graph:
+        """Zeroed static buffers for a bucket of B rows and this view's spans."""
+        m, dev, C = self.model, self.cache.device, self.C
+        inputs = {
+            "rows": torch.zeros(B, dtype=torch.long, device=dev),
+            "canvas": torch.zeros(B, C, dtype=torch.long, device=dev),
+            "soft": torch.zeros(B, C, m.text.hidden_size, dtype=m.dtype, device=dev),
+            "uniforms": torch.zeros(B, 2 * C, dtype=torch.float64, device=dev),
+            "temperature": torch.ones(B, dtype=torch.float32, device=dev),
+            "bound": torch.zeros(B, dtype=torch.float32, device=dev),
+        }
+        static = CanvasView(
+            {s: t.clone() for s, t in view.masks.items()}, {s: t.clone() for s, t in view.slots.items()}, view.span
+        )
+        return _Graph(inputs, static)
+
+    def _replay(self, g: _Graph, accept: Callable) -> tuple[StepOut, torch.Tensor]:
+        if g.graph is not None:
+            g.graph.replay()
+            return g.outputs
+        if not self.capture:
+            return self._eager(g, accept)
+        try:
+            return self._capture(g, accept)
+        except Exception as e:  # an op that cannot be captured: keep serving, from the static buffers eagerly
+            logger.warning("dgemma: CUDA graph capture failed (%s: %s); steps run eagerly", type(e).__name__, e)
+            self.capture, g.graph, g.outputs = False, None, None
+            return self._eager(g, accept)
+
+    def _capture(self, g: _Graph, accept: Callable) -> tuple[StepOut, torch.Tensor]:
+        # Warm up on a side stream (allocator, lazily built tables), then capture; warm-up steps only write canvas
+        # keys/values into future cache slots, the same values the captured step writes.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._eager(g, accept)
+        torch.cuda.current_stream().wait_stream(side)
+        g.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g.graph, pool=self._pool):
+            g.outputs = self._eager(g, accept)
+        g.graph.replay()
+        return g.outputs
+
+    def _eager(self, g: _Graph, accept: Callable) -> tuple[StepOut, torch.Tensor]:
+        i = g.inputs
+        return self.step(
+            self.model,
+            self.cache,
+            i["canvas"],
+            i["soft"],
+            i["uniforms"],
+            i["temperature"],
+            i["bound"],
+            g.view,
+            i["rows"],
+            accept,
+        )
