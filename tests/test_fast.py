@@ -259,42 +259,53 @@ def test_soft_embedding_is_logit_self_conditioning():
     assert (via_soft - plain).abs().max() > 1e-2  # the signal matters
 
 
-def test_sampler_tiles_match_one_tile(monkeypatch):
-    """Rows sampled one tile at a time (a tiny sampler budget) see the same logits, step after step, as rows sampled
-    together: row order, generators and the self-conditioning rows map correctly. Canvases are frozen after the
-    sampler so both runs feed the same canvases; logits then agree to rounding (the LM head's batch differs)."""
-    real = E.sample_step
+def _frozen_runs(monkeypatch, engines: list[Engine], requests: list, steps: int) -> list[list[dict]]:
+    """Run each engine `steps` steps on the same `requests` ((prompt, params) pairs) with canvases frozen after the
+    sampler, so every run feeds the same canvases; per run, per sampler call, the logits by canvas."""
+    real, seen = E.sample_step, []
 
     def frozen(logits, canvas, *a, **k):
-        seen.append({bytes(c.numpy()): lg.clone() for c, lg in zip(canvas, logits)})
+        seen[-1].append({bytes(c.numpy()): lg.clone() for c, lg in zip(canvas, logits)})
         out = real(logits, canvas, *a, **k)
         out.canvas = canvas.clone()
         return out
 
     monkeypatch.setattr(E, "sample_step", frozen)
-    m = _model()
-    runs = []
-    for budget in (1 << 30, 1):
-        seen: list[dict] = []
-        eng = Engine(m, max_batch=3, max_model_len=64, sampler_memory=budget)
-        for s in range(3):
-            eng.add_request(
-                [5, 6, 7 + s],
-                SamplingParams(seed=s, max_new_tokens=16, max_denoising_steps=3, fixed_steps=True, ignore_eos=True),
-            )
-        for _ in range(4):  # prefill + 3 denoising steps (the first canvas)
+    for eng in engines:
+        seen.append([])
+        for prompt, params in requests:
+            eng.add_request(prompt, params)
+        for _ in range(steps):
             eng.step()
-        runs.append((eng.tile, seen))
-    (tile_all, together), (tile_one, apart) = runs
-    assert (tile_all, tile_one) == (3, 1)
+    return seen
+
+
+def _same_steps(a: list[dict], b: list[dict]) -> None:
+    """Two runs' logits agree to rounding step by step, and self-conditioning changed the second step."""
+    assert len(a) == len(b)
+    for step, (x, y) in enumerate(zip(a, b)):
+        assert x.keys() == y.keys()
+        for key in x:
+            torch.testing.assert_close(x[key], y[key], rtol=1e-4, atol=1e-4, msg=f"step {step}")
+    first = next(iter(a[0]))
+    assert (a[1][first] - a[0][first]).abs().max() > 1e-2
+
+
+def _fixed(seed: int, new: int) -> SamplingParams:
+    return SamplingParams(seed=seed, max_new_tokens=new, max_denoising_steps=3, fixed_steps=True, ignore_eos=True)
+
+
+def test_sampler_tiles_match_one_tile(monkeypatch):
+    """Rows sampled one tile at a time (a tiny sampler budget) see the same logits, step after step, as rows sampled
+    together: row order, generators and the self-conditioning rows map correctly. Canvases are frozen after the
+    sampler so both runs feed the same canvases; logits then agree to rounding (the LM head's batch differs)."""
+    m = _model()
+    engines = [Engine(m, max_batch=3, max_model_len=64, sampler_memory=b) for b in (1 << 30, 1)]
+    requests = [([5, 6, 7 + s], _fixed(s, 16)) for s in range(3)]
+    together, apart = _frozen_runs(monkeypatch, engines, requests, 4)  # prefill + 3 steps (the first canvas)
+    assert [e.tile for e in engines] == [3, 1]
     assert [len(s) for s in together] == [3, 3, 3] and len(apart) == 9  # one sampler call per row per step
-    merged = [{**apart[3 * i], **apart[3 * i + 1], **apart[3 * i + 2]} for i in range(3)]
-    for step, (a, b) in enumerate(zip(together, merged)):
-        assert a.keys() == b.keys()
-        for key in a:
-            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-4, msg=f"step {step}")
-    first = next(iter(together[0]))
-    assert (together[1][first] - together[0][first]).abs().max() > 1e-2  # self-conditioning changes step 2
+    _same_steps(together, [{**apart[3 * i], **apart[3 * i + 1], **apart[3 * i + 2]} for i in range(3)])
 
 
 # -- graph safety ---------------------------------------------------------------------------------------------------
@@ -390,38 +401,14 @@ def test_static_steps_match_the_eager_engine(monkeypatch):
     masks always tensors: what a CUDA graph replays) sees the same logits, step after step, as the eager tiled
     step, with rows of different lengths; the padded copies disturb nothing. Canvases are frozen after the sampler
     so both runs feed the same canvases; logits then agree to rounding (batch shapes and spans differ)."""
-    real = E.sample_step
-
-    def frozen(logits, canvas, *a, **k):
-        seen.append({bytes(c.numpy()): lg.clone() for c, lg in zip(canvas, logits)})
-        out = real(logits, canvas, *a, **k)
-        out.canvas = canvas.clone()
-        return out
-
-    monkeypatch.setattr(E, "sample_step", frozen)
     m = _model()
-    runs = []
-    for graphs in (False, True):
-        seen: list[dict] = []
-        eng = Engine(m, max_batch=4, max_model_len=96, graphs=graphs)
-        for s in range(3):  # 3 rows: bucket 4, one padded copy
-            eng.add_request(
-                [5, 6, 7 + s] * (s + 1),
-                SamplingParams(seed=s, max_new_tokens=32, max_denoising_steps=3, fixed_steps=True, ignore_eos=True),
-            )
-        for _ in range(7):  # prefill + two canvases of 3 steps (a commit between them)
-            eng.step()
-        runs.append((eng, seen))
-    (eager, a), (static, b) = runs
+    eager, static = (Engine(m, max_batch=4, max_model_len=96, graphs=g) for g in (False, True))
+    requests = [([5, 6, 7 + s] * (s + 1), _fixed(s, 32)) for s in range(3)]  # 3 rows: bucket 4, one padded copy
+    a, b = _frozen_runs(monkeypatch, [eager, static], requests, 7)  # prefill + two canvases of 3 steps
     assert eager.graphs is None and len(static.graphs._graphs) == 1  # one bucket and span for both canvases
     assert "static buffers" in static.describe()
-    assert len(a) == len(b) == 6
-    for step, (x, y) in enumerate(zip(a, b)):
-        assert x.keys() == y.keys() and len(x) == 3
-        for key in x:
-            torch.testing.assert_close(x[key], y[key], rtol=1e-4, atol=1e-4, msg=f"step {step}")
-    first = next(iter(a[0]))
-    assert (a[1][first] - a[0][first]).abs().max() > 1e-2  # self-conditioning changes step 2
+    assert len(a) == 6 and all(len(x) == 3 for x in a)
+    _same_steps(a, b)
 
 
 def test_static_steps_fall_back_where_they_cannot_run():
