@@ -7,7 +7,7 @@ Per batch size (default 1 and 8), canvas 256, 16 fixed denoising steps, ms per s
 
 - `reference`: transformers' `generate` (one canvas; wall time / steps, prefill and commit included);
 - `engine`: dgemma's `Engine` as `LLM` runs it: unconstrained steps replayed per batch bucket (CUDA graphs on
-  CUDA, dgemma/graphs.py; sampler budget 8 GiB so batch 8 fits one bucket);
+  CUDA, dgemma/graphs.py; the default sampler budget, an eighth of the free memory, holds batch 8 in one bucket);
 - `engine-eager`: the same with `graphs=False` (the general path: tiles, constraints, accepted-only sampling);
 - `step-eager`: `engine.denoise_step` (sync-free: all-position sampling, soft self-conditioning) run eagerly;
 - `step-graph`: the same step captured once in a CUDA graph and replayed (copy inputs in, replay);
@@ -145,7 +145,7 @@ def engine_variant(b: Bench, batch: int, mode: str, graphs: bool = True) -> None
     """dgemma's `Engine` (diffusion or AR): wall time of one canvas (or C AR tokens) per row, after warm-up."""
     a, C = b.args, b.C
     V = b.model.config.text.vocab_size
-    eng = Engine(b.model, max_batch=batch, max_model_len=a.prompt_len + 3 * C, graphs=graphs, sampler_memory=8 << 30)
+    eng = Engine(b.model, max_batch=batch, max_model_len=a.prompt_len + 3 * C, graphs=graphs)
     print(f"  engine: {eng.describe()}", flush=True)
     prompts = torch.randint(3, V, (batch, a.prompt_len)).tolist()
     sp = SamplingParams(

@@ -224,12 +224,13 @@ class Engine:
         max_model_len: int | None = None,
         prefill_chunk: int = 1024,
         guides: Any = None,
-        sampler_memory: int = SAMPLER_MEMORY,
+        sampler_memory: int | None = None,
         graphs: bool | None = None,
     ):
         """`guides`: a `constraints.GuideFactory` for this model's tokenizer (structured output needs one).
         `sampler_memory`: bytes for the sampler's (rows, canvas, vocab) buffers; rows are sampled in tiles that fit,
-        so memory does not grow with the batch (one row at least).
+        so memory does not grow with the batch (one row at least). Default: 1 GiB, or on CUDA an eighth of the
+        device memory still free once the cache is allocated, if more (a graph bucket must fit it).
         `graphs`: run unconstrained steps from static buffers per batch bucket (graphs.py), captured as CUDA graphs
         on CUDA; None (default): on CUDA only. A bucket must fit `sampler_memory`, so raise it for larger ones."""
         self.model = model
@@ -244,9 +245,13 @@ class Engine:
         lowp = 0 if model.dtype == torch.float32 else model.dtype.itemsize  # + a low-precision LM-head output
         # float32 logits and probabilities per row
         self.sampler_row_bytes = self.canvas_length * self.vocab_size * (8 + lowp)
-        self.tile = max(1, min(max_batch, sampler_memory // self.sampler_row_bytes))
         # One canvas of headroom past the context limit: the last canvas is encoded only if generation goes on.
         self.cache = model.new_cache(max_batch, self.max_model_len, slack=self.canvas_length)
+        if sampler_memory is None:
+            sampler_memory = SAMPLER_MEMORY
+            if model.device.type == "cuda":
+                sampler_memory = max(sampler_memory, torch.cuda.mem_get_info(model.device)[0] // 8)
+        self.tile = max(1, min(max_batch, sampler_memory // self.sampler_row_bytes))
         ids = token_ids(self.config.text, self.gen_config)
         self.eos, self.pad_id = ids.eos_set, ids.pad
         self.waiting: deque[_Req] = deque()
