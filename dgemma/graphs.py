@@ -1,10 +1,11 @@
 """The denoising step replayed from static buffers, so that on CUDA it runs as one captured CUDA graph.
 
 A step of R unconstrained rows is padded to a batch bucket (1, 2, 4, 8, 16, 32) and its key span to a multiple of
-`SPAN_BUCKET`, so the shapes repeat from step to step and canvas to canvas. Each (bucket, spans, acceptance rule)
-gets static input and output buffers: one step = copy the inputs in, replay, read the outputs. On CUDA the step
-(`engine.denoise_step`: decoder pass, LM head, sampler at every position, next soft embeddings) is captured once
-per key after a warm-up; elsewhere the same buffers run it eagerly, which is what the CPU tests check.
+`SPAN_BUCKET`, so the shapes repeat from step to step and canvas to canvas. Each (bucket, acceptance rule) gets
+static input and output buffers for the latest spans: one step = copy the inputs in, replay, read the outputs. On
+CUDA the step (`engine.denoise_step`: decoder pass, LM head, sampler at every position, next soft embeddings) is
+captured once per key and spans after a warm-up; elsewhere the same buffers run it eagerly, which is what the CPU
+tests check.
 
 Padded rows are copies of the first row (its cache row, canvas, random numbers): a copy writes the same canvas
 keys/values into the same cache entries as the row it copies, so padding cannot disturb a real row, and no spare
@@ -45,7 +46,8 @@ class _Graph:
 
 
 class StepGraphs:
-    """Static-shape denoising steps over one model and cache, one per (bucket, spans, acceptance rule)."""
+    """Static-shape denoising steps over one model and cache: one per (bucket, acceptance rule), for the spans of
+    the latest step (spans only grow while rows fill, so an older span's graph is dropped with its memory)."""
 
     INPUTS = ("rows", "canvas", "soft", "uniforms", "temperature", "bound")
 
@@ -75,8 +77,9 @@ class StepGraphs:
         R, B = len(rows), bucket(len(rows))
         padded = rows + [rows[0]] * (B - R)
         view = self._padded_view(padded)
-        key = (B, tuple(sorted(view.span.items())), rule)
-        g = self._graphs.get(key) or self._graphs.setdefault(key, self._new(B, view))
+        g = self._graphs.get((B, rule))
+        if g is None or g.view.span != view.span:  # the cache grew past a span bucket: a new graph replaces the old
+            g = self._graphs[(B, rule)] = self._new(B, view)
         g.inputs["rows"].copy_(torch.tensor(padded))
         for name in self.INPUTS[1:]:
             t, dst = inputs[name], g.inputs[name]

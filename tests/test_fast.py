@@ -433,3 +433,16 @@ def test_static_steps_fall_back_where_they_cannot_run():
     for eng_ in (eng, small):  # and they still finish
         while eng_.has_unfinished():
             eng_.step()
+
+
+def test_static_steps_replace_a_graph_when_the_span_grows():
+    """A step whose cache span crosses a span bucket gets new static buffers in place of the old ones (per batch
+    bucket and rule one graph lives), and the rows still finish."""
+    m = _model()
+    eng = Engine(m, max_batch=2, max_model_len=600, graphs=True)
+    eng.add_request([3 + i % 120 for i in range(200)], _fixed(0, 96))  # a later canvas crosses 256 tokens
+    seen = set()
+    while eng.has_unfinished():
+        eng.step()
+        seen |= {tuple(g.view.span.values()) for g in eng.graphs._graphs.values()}
+    assert len(eng.graphs._graphs) == 1 and len(seen) >= 2
