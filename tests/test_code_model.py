@@ -66,9 +66,14 @@ def test_train_writes_three_models_from_one_init(run):
     out, _ = run
     saved = json.loads((out / "recipe.json").read_text())
     assert saved["steps"] == 2 and saved["objectives"] == ["diffusion", "fim", "ar"]
+    assert saved["prompt_loss"] is True and saved["ar_weight"] == 1.0
     logs = {o: [json.loads(x) for x in (out / o / "train_log.jsonl").read_text().splitlines()] for o in BUNDLED}
-    assert logs["diffusion"][-1]["diffusion_loss"] > 0 and logs["diffusion"][-1]["ar_loss"] is None
+    # The diffusion model trains both losses (backward through the denoising pass and the clean canvas's encoder pass)
+    assert logs["diffusion"][-1]["diffusion_loss"] > 0 and logs["diffusion"][-1]["ar_loss"] > 0
     assert logs["fim"][-1]["ar_loss"] > 0 and logs["ar"][-1]["ar_loss"] > 0
+    for o in BUNDLED:  # every model's next-token loss covers the prompt too
+        meta = json.loads((out / o / "final" / "train_state" / "meta.json").read_text())
+        assert meta["config"]["prompt_loss"] is True
     for o in BUNDLED:
         final = out / o / "final"
         assert (final / "model.safetensors").is_file() and (final / "tokenizer.json").is_file()

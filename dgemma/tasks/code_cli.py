@@ -182,6 +182,19 @@ def _add_train(t: argparse.ArgumentParser) -> None:
     t.add_argument(
         "--threads", type=_positive_int, default=r.threads, help="torch threads per process (default: %(default)s)"
     )
+    t.add_argument(
+        "--prompt-loss",
+        action=argparse.BooleanOptionalAction,
+        default=r.prompt_loss,
+        help="next-token loss on the prompt (the code before the gap; FIM's suffix too) for every model "
+        "(default: on)",
+    )
+    t.add_argument(
+        "--ar-weight",
+        type=float,
+        default=r.ar_weight,
+        help="diffusion: weight of the encoder's next-token loss; 0 skips its extra pass (default: %(default)s)",
+    )
     t.add_argument("--seed", type=int, default=r.seed, help="(default: %(default)s)")
     t.add_argument(
         "--stdlib",
@@ -420,6 +433,8 @@ def run_train(args: argparse.Namespace) -> int:
         parallel=parallel,
         threads=args.threads,
         seed=args.seed,
+        prompt_loss=args.prompt_loss,
+        ar_weight=args.ar_weight,
         device=args.device,
         precision=args.precision,
         stdlib=args.stdlib,
