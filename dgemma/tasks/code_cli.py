@@ -186,8 +186,7 @@ def _add_train(t: argparse.ArgumentParser) -> None:
         "--prompt-loss",
         action=argparse.BooleanOptionalAction,
         default=r.prompt_loss,
-        help="next-token loss on the prompt (the code before the gap; FIM's suffix too) for every model "
-        "(default: on)",
+        help="next-token loss on the prompt (the code before the gap; FIM's suffix too) for every model (default: on)",
     )
     t.add_argument(
         "--ar-weight",
