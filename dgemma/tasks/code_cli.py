@@ -139,6 +139,10 @@ def _add_eval(e: argparse.ArgumentParser) -> None:
     e.set_defaults(_code=run_eval)
 
 
+PROMPT_LOSS = "next-token loss on the prompt too (the code before the gap; FIM's suffix) for every model (default: on)"
+AR_WEIGHT = "diffusion: weight of the encoder's next-token loss; 0 skips its extra pass (default: %(default)s)"
+
+
 def _add_train(t: argparse.ArgumentParser) -> None:
     """`dgemma code train`'s flags, defaults from `Recipe`. Long only because it is a flat list of declarations."""
     from .code_model import Recipe
@@ -182,18 +186,8 @@ def _add_train(t: argparse.ArgumentParser) -> None:
     t.add_argument(
         "--threads", type=_positive_int, default=r.threads, help="torch threads per process (default: %(default)s)"
     )
-    t.add_argument(
-        "--prompt-loss",
-        action=argparse.BooleanOptionalAction,
-        default=r.prompt_loss,
-        help="next-token loss on the prompt (the code before the gap; FIM's suffix too) for every model (default: on)",
-    )
-    t.add_argument(
-        "--ar-weight",
-        type=float,
-        default=r.ar_weight,
-        help="diffusion: weight of the encoder's next-token loss; 0 skips its extra pass (default: %(default)s)",
-    )
+    t.add_argument("--prompt-loss", action=argparse.BooleanOptionalAction, default=r.prompt_loss, help=PROMPT_LOSS)
+    t.add_argument("--ar-weight", type=float, default=r.ar_weight, help=AR_WEIGHT)
     t.add_argument("--seed", type=int, default=r.seed, help="(default: %(default)s)")
     t.add_argument(
         "--stdlib",
