@@ -72,8 +72,8 @@ def test_train_writes_three_models_from_one_init(run):
     assert logs["diffusion"][-1]["diffusion_loss"] > 0 and logs["diffusion"][-1]["ar_loss"] > 0
     assert logs["fim"][-1]["ar_loss"] > 0 and logs["ar"][-1]["ar_loss"] > 0
     for o in BUNDLED:  # every model's next-token loss covers the prompt too
-        meta = json.loads((out / o / "final" / "train_state" / "meta.json").read_text())
-        assert meta["config"]["prompt_loss"] is True
+        state = json.loads((out / o / "checkpoint-000001" / "train_state" / "state.json").read_text())
+        assert state["config"]["prompt_loss"] is True
     for o in BUNDLED:
         final = out / o / "final"
         assert (final / "model.safetensors").is_file() and (final / "tokenizer.json").is_file()
