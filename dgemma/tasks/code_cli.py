@@ -124,7 +124,7 @@ def _add_eval(e: argparse.ArgumentParser) -> None:
         "--variants",
         default=",".join(VARIANTS),
         help="comma-separated: diffusion (adaptive stopping), diffusion-fixed (all "
-        "max_denoising_steps), fim-ar, ar (default: all)",
+        "max_denoising_steps), fim-ar, ar, empty (the gap left empty: the do-nothing reference) (default: all)",
     )
     e.add_argument("--seed", type=int, default=2026, help="item and sampling seed (default: %(default)s)")
     e.add_argument(

@@ -313,12 +313,15 @@ class Infiller:
 
 
 # -- evaluation -----------------------------------------------------------------------------------------------------
-# variant -> (model role, format, adaptive stopping)
+# variant -> (model role, format, adaptive stopping). "empty" is the do-nothing reference, no model: the gap left
+# empty. Deleting a line or an expression often leaves a file that still parses, so a model's parse rate means
+# something only above this row's.
 VARIANTS: dict[str, tuple[str, Format, bool]] = {
     "diffusion": ("diffusion", "diffusion", True),
     "diffusion-fixed": ("diffusion", "diffusion", False),
     "fim-ar": ("fim", "fim", True),
     "ar": ("ar", "ar", True),
+    "empty": ("none", "ar", True),
 }
 
 
@@ -400,11 +403,13 @@ def evaluate(
     rows = []
     for v in variants:
         role, fmt, adaptive = VARIANTS[v]
-        inf = Infiller(models[role], fmt, adaptive, max_batch=max_batch, seed=seed, device=device, dtype=dtype)
-        t0, res = time.perf_counter(), []
-        for k in tqdm(range(0, len(items), max_batch), desc=v, disable=not progress, leave=False):
-            batch = items[k : k + max_batch]
-            res += inf.infill([it.prefix for it in batch], [it.suffix for it in batch])
+        t0, res = time.perf_counter(), [Infill("") for _ in items]
+        if role != "none":
+            inf = Infiller(models[role], fmt, adaptive, max_batch=max_batch, seed=seed, device=device, dtype=dtype)
+            res = []
+            for k in tqdm(range(0, len(items), max_batch), desc=v, disable=not progress, leave=False):
+                batch = items[k : k + max_batch]
+                res += inf.infill([it.prefix for it in batch], [it.suffix for it in batch])
         ms = 1000 * (time.perf_counter() - t0) / max(1, len(items))
         per_kind = score(items, [r.text for r in res], files)
         rows.append(
