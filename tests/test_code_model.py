@@ -69,7 +69,7 @@ def test_train_writes_three_models_from_one_init(run):
     out, _ = run
     saved = json.loads((out / "recipe.json").read_text())
     assert saved["steps"] == 2 and saved["objectives"] == ["diffusion", "fim", "ar"]
-    assert saved["prompt_loss"] is True and saved["ar_weight"] == 1.0
+    assert saved["prompt_loss"] is True and saved["ar_weight"] == 1.0  # (the fixture's flags)
     logs = {o: [json.loads(x) for x in (out / o / "train_log.jsonl").read_text().splitlines()] for o in BUNDLED}
     # The diffusion model trains both losses (backward through the denoising pass and the clean canvas's encoder pass)
     assert logs["diffusion"][-1]["diffusion_loss"] > 0 and logs["diffusion"][-1]["ar_loss"] > 0

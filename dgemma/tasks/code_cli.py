@@ -139,7 +139,7 @@ def _add_eval(e: argparse.ArgumentParser) -> None:
     e.set_defaults(_code=run_eval)
 
 
-PROMPT_LOSS = "next-token loss on the prompt too (the code before the gap; FIM's suffix) for every model (default: on)"
+PROMPT_LOSS = "next-token loss on the prompt too (the code before the gap; FIM's suffix) for every model (default: off)"
 AR_WEIGHT = "diffusion: weight of the encoder's next-token loss; 0 skips its extra pass (default: %(default)s)"
 
 

@@ -145,11 +145,11 @@ class Recipe:
     batch_size: int = 32
     lr: float = 2e-3
     warmup_steps: int = 50
-    # The next-token loss on the prompt too, for all three models: the prefix (and FIM's suffix) is ~6x more text
-    # per example than the middle, so every step learns Python from far more tokens at almost no extra compute.
-    prompt_loss: bool = True
-    # The diffusion model's encoder next-token loss weight (the published recipe trains both; 0 skips a pass)
-    ar_weight: float = 1.0
+    # The next-token loss on the prompt too, for all three models (the prefix, and FIM's suffix, is ~6x more text
+    # per example than the middle), and the diffusion model's encoder next-token loss weight (the published recipe
+    # trains both; 0 skips a pass). Off, as the bundled models were trained; the model card has the runs with both on.
+    prompt_loss: bool = False
+    ar_weight: float = 0.0
     seed: int = 0
     objectives: tuple[str, ...] = FORMATS
     parallel: int = 1  # training processes at once
