@@ -337,12 +337,17 @@ def _canvas_loss(model: DiffusionGemma, batch: Batch, cache: Any, k: int) -> tor
     noisy, sup = batch.noisy[:, k], batch.supervised[:, k]
     if not bool(sup.any()):
         return torch.zeros((), device=model.device)
+    # Not in place: a canvas written into the cache's future slots would be overwritten by the clean canvas's
+    # encoder pass below, which autograd needs as it was.
+    masks = cache.decoder_masks(noisy.shape[1], in_place=False)
     sc = batch.self_cond
     self_cond = None
     if sc is not None and bool(sc.any()):
         with torch.no_grad():
-            self_cond = model.denoise(noisy, cache).detach()  # first pass, no signal
-    logits = model.denoise(noisy, cache, self_cond=self_cond, self_cond_mask=sc if self_cond is not None else None)
+            self_cond = model.denoise(noisy, cache, masks=masks).detach()  # first pass, no signal
+    logits = model.denoise(
+        noisy, cache, self_cond=self_cond, self_cond_mask=sc if self_cond is not None else None, masks=masks
+    )
     return F.cross_entropy(logits[sup], batch.canvases[:, k][sup], reduction="sum")
 
 

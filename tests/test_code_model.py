@@ -13,7 +13,7 @@ from dgemma.checkpoint import BUNDLED_MODELS
 from dgemma.cli import main as cli_main
 from dgemma.params import SamplingParams
 from dgemma.tasks import code as C
-from dgemma.tasks.code_model import BUNDLED, VARIANTS, Infiller, Recipe, model_config
+from dgemma.tasks.code_model import BUNDLED, VARIANTS, Infiller, Recipe, model_config, score
 
 from test_code import fake_stdlib
 
@@ -53,6 +53,9 @@ def run(tmp_path_factory) -> tuple[Path, Path]:
                 "300",
                 "--parallel",
                 "1",
+                "--prompt-loss",
+                "--ar-weight",
+                "1",
                 "--device",
                 "cpu",
             ]
@@ -66,9 +69,14 @@ def test_train_writes_three_models_from_one_init(run):
     out, _ = run
     saved = json.loads((out / "recipe.json").read_text())
     assert saved["steps"] == 2 and saved["objectives"] == ["diffusion", "fim", "ar"]
+    assert saved["prompt_loss"] is True and saved["ar_weight"] == 1.0  # (the fixture's flags)
     logs = {o: [json.loads(x) for x in (out / o / "train_log.jsonl").read_text().splitlines()] for o in BUNDLED}
-    assert logs["diffusion"][-1]["diffusion_loss"] > 0 and logs["diffusion"][-1]["ar_loss"] is None
+    # The diffusion model trains both losses (backward through the denoising pass and the clean canvas's encoder pass)
+    assert logs["diffusion"][-1]["diffusion_loss"] > 0 and logs["diffusion"][-1]["ar_loss"] > 0
     assert logs["fim"][-1]["ar_loss"] > 0 and logs["ar"][-1]["ar_loss"] > 0
+    for o in BUNDLED:  # every model's next-token loss covers the prompt too
+        state = json.loads((out / o / "checkpoint-000001" / "train_state" / "state.json").read_text())
+        assert state["config"]["prompt_loss"] is True
     for o in BUNDLED:
         final = out / o / "final"
         assert (final / "model.safetensors").is_file() and (final / "tokenizer.json").is_file()
@@ -154,8 +162,15 @@ def test_eval_cli_prints_a_table_and_json(run, capsys):
     res = json.loads(lines[-1])["results"]
     assert [r["variant"] for r in res] == list(VARIANTS) and len(lines) == len(VARIANTS) + 2
     for r in res:
-        assert r["n"] == 2 * len(C.SPAN_KINDS) and r["tokens_per_forward"] >= 0 and r["ms_per_infill"] > 0
+        assert r["n"] == 2 * len(C.SPAN_KINDS) and r["tokens_per_forward"] >= 0
+        assert r["ms_per_infill"] > 0 or r["variant"] == "empty"
         assert all(0 <= r[k] <= 1 for k in ("single_line_exact", "multi_line_parse", "brackets_ok", "indent_ok"))
+    # The do-nothing reference: every gap left empty, scored like a model's infills (no span here is empty)
+    items = [C.Item(**d) for d in C.load_jsonl(out / "data" / "test.jsonl")]
+    files = {it.path: (lib / it.path).read_text() for it in items}
+    empty = res[list(VARIANTS).index("empty")]
+    assert empty["per_kind"] == score(items, [""] * len(items), files)
+    assert empty["single_line_exact"] == 0 and empty["tokens_per_forward"] == 0
     assert cli_main(["code", "eval", "--variants", "diffusion,beam"]) == 2
     assert "unknown variant 'beam'" in capsys.readouterr().err
 

@@ -124,7 +124,7 @@ def _add_eval(e: argparse.ArgumentParser) -> None:
         "--variants",
         default=",".join(VARIANTS),
         help="comma-separated: diffusion (adaptive stopping), diffusion-fixed (all "
-        "max_denoising_steps), fim-ar, ar (default: all)",
+        "max_denoising_steps), fim-ar, ar, empty (the gap left empty: the do-nothing reference) (default: all)",
     )
     e.add_argument("--seed", type=int, default=2026, help="item and sampling seed (default: %(default)s)")
     e.add_argument(
@@ -137,6 +137,10 @@ def _add_eval(e: argparse.ArgumentParser) -> None:
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_placement(e)
     e.set_defaults(_code=run_eval)
+
+
+PROMPT_LOSS = "next-token loss on the prompt too (the code before the gap; FIM's suffix) for every model (default: off)"
+AR_WEIGHT = "diffusion: weight of the encoder's next-token loss; 0 skips its extra pass (default: %(default)s)"
 
 
 def _add_train(t: argparse.ArgumentParser) -> None:
@@ -182,6 +186,8 @@ def _add_train(t: argparse.ArgumentParser) -> None:
     t.add_argument(
         "--threads", type=_positive_int, default=r.threads, help="torch threads per process (default: %(default)s)"
     )
+    t.add_argument("--prompt-loss", action=argparse.BooleanOptionalAction, default=r.prompt_loss, help=PROMPT_LOSS)
+    t.add_argument("--ar-weight", type=float, default=r.ar_weight, help=AR_WEIGHT)
     t.add_argument("--seed", type=int, default=r.seed, help="(default: %(default)s)")
     t.add_argument(
         "--stdlib",
@@ -420,6 +426,8 @@ def run_train(args: argparse.Namespace) -> int:
         parallel=parallel,
         threads=args.threads,
         seed=args.seed,
+        prompt_loss=args.prompt_loss,
+        ar_weight=args.ar_weight,
         device=args.device,
         precision=args.precision,
         stdlib=args.stdlib,
