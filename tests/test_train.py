@@ -280,6 +280,20 @@ def test_one_step_reduces_loss_on_a_fixed_batch(tmp_path, objective):
         assert tr.train_step()["diffusion_loss"] is None
 
 
+def test_diffusion_step_with_next_token_loss_when_the_canvas_fits_in_place(tmp_path):
+    """A window wide enough for the cache's in-place canvas view (what inference uses): the training denoise pass
+    must not write the noisy canvas into the cache's future slots, where the clean canvas's encoder pass (the
+    next-token loss, the next canvas's context) overwrites what autograd saved. Several canvases per example."""
+    m = _model(sliding_window=64)
+    cfg = TrainConfig(steps=2, batch_size=4, lr=1e-3, warmup_steps=1, ar_weight=1.0, self_cond_prob=0.5)
+    ex = [Example([2, 5, 6], list(range(3, 3 + n))) for n in (9, 17, 12, 20)]  # 2-3 canvases of 8
+    tr = Trainer(m, ex, cfg, tmp_path)
+    before = _params(m)
+    out = tr.train_step()
+    assert out["diffusion_loss"] > 0 and out["ar_loss"] > 0
+    assert any(not torch.equal(p, before[n]) for n, p in m.named_parameters())
+
+
 def test_training_learns_a_toy_copy_task(tmp_path):
     """A few dozen steps on a copy task cut the diffusion loss by a quarter or more."""
     m = _model(seed=1)
