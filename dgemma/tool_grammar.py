@@ -15,10 +15,11 @@ to write, so this module translates each tool's parameter schema into a grammar 
 - `enum`/`const` as literals, `anyOf`/`oneOf` as alternatives, `allOf` merged, local `$ref`s (recursion allowed),
   `nullable`, `type` lists, `minItems`/`maxItems`, `prefixItems`, `minProperties`/`maxProperties`.
 
-Keywords that cannot be honoured by a context-free grammar (`not`, `if`, `uniqueItems`, `contains`, dependencies)
-and unknown formats are ignored with a warning returned to the caller (formats are annotations in JSON Schema, so
-ignoring them is what validators do by default). The markers must be single tokens of the tokenizer (they are
-special tokens in Gemma 4's): the grammar names them by id (`<[id]>`).
+`uniqueItems` over enumerable items (`enum`, `const`, booleans) is spelled out as the list of unique arrays
+(`schemas.unique_selections`). Keywords that cannot be honoured by a context-free grammar (`not`, `if`, other
+`uniqueItems`, `contains`, dependencies) and unknown formats are ignored with a warning returned to the caller
+(formats are annotations in JSON Schema, so ignoring them is what validators do by default). The markers must be
+single tokens of the tokenizer (they are special tokens in Gemma 4's): the grammar names them by id (`<[id]>`).
 
 `tool_call_grammar` returns the grammar of the whole output for `required` and a named function; for `auto` it
 returns the grammar of what follows the opening marker, to be activated when the model writes that marker (a
@@ -34,7 +35,7 @@ from typing import Any, Callable
 
 from .chat import ChatFormat, ChatPrompt, Tool, ToolChoice
 from .constraints import Constraint, ConstraintError
-from .schemas import FORMATS, whole_string_regex
+from .schemas import FORMATS, unique_selections, whole_string_regex
 
 # Keywords whose meaning a context-free grammar cannot enforce: ignored with a warning.
 UNENFORCED = (
@@ -193,6 +194,9 @@ class SchemaGrammar:
         return out
 
     def _body(self, schema: dict[str, Any], path: str) -> str:
+        spelled = unique_selections(schema)  # uniqueItems over enumerable items: the unique arrays, listed
+        if spelled is not None:
+            return self.value(spelled, path)
         for k in UNENFORCED:
             if k in schema and schema[k] not in (False, None):
                 self.warn(f"{path}: '{k}' is not enforced")

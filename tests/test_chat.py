@@ -20,7 +20,7 @@ from dgemma.chat_output import (
 )
 from dgemma.constraints import Constraint, ConstraintError, GuideFactory
 from dgemma.tokenizer import Tokenizer
-from dgemma.schemas import narrow_patterns, whole_string_regex
+from dgemma.schemas import prepare_schema, whole_string_regex
 from dgemma.tool_grammar import tool_call_grammar
 from gemma4_chat import GEMMA4_TEMPLATE, build_gemma4_tokenizer
 
@@ -457,6 +457,30 @@ def test_grammar_warnings_and_errors(gemma_tok):
         tool_call_grammar(check_tools([WEATHER]), ToolChoice("required"), GEMMA4, lambda s: None)
 
 
+def test_unique_enumerated_items_are_enforced_in_calls(gemma_tok):
+    """A tool parameter with `uniqueItems` over an enum is spelled out as its unique arrays: no warning, and every
+    call a random walk writes has distinct items."""
+    tok, ids = gemma_tok
+    schema = {
+        "type": "object",
+        "properties": {
+            "roles": {"type": "array", "items": {"type": "string", "enum": ["a", "b", "c"]}, "uniqueItems": True}
+        },
+        "required": ["roles"],
+    }
+    tools = check_tools([{"type": "function", "function": {"name": "set_roles", "parameters": schema}}])
+    tg = tool_call_grammar(tools, ToolChoice("required"), GEMMA4, tok.token_to_id, parallel=False)
+    assert tg.warnings == []
+    f, rng, seen = _factory(tok, ids), random.Random(3), set()
+    for _ in range(16):
+        out = _walk(f, Constraint("grammar", tg.lark), rng, steps=rng.choice([4, 10, 30]))
+        text = tok.decode([t for t in out if t != tok.eos_token_id], skip_special_tokens=False)
+        args = json.loads(parse_chat_output(text, GEMMA4).tool_calls[0].arguments)
+        jsonschema.validate(args, schema)
+        seen.add(len(args["roles"]))
+    assert len(seen) >= 2, seen  # the walks wrote arrays of several lengths, not only the shortest
+
+
 def test_patterns_are_narrowed_to_match_from_the_start():
     assert whole_string_regex("^abc$") == "(?:abc)"
     assert whole_string_regex("abc") == "(?:abc)(?s:.)*"  # unanchored: a subset that starts with the match
@@ -466,7 +490,7 @@ def test_patterns_are_narrowed_to_match_from_the_start():
     assert whole_string_regex(r"^a\$") == r"(?:a\$)(?s:.)*"  # '\$' is a literal dollar
     assert whole_string_regex("^(a|b)$") == "(?:(a|b))"
     schema = {"properties": {"pattern": {"type": "string", "pattern": "x"}}, "enum": [{"pattern": "keep"}]}
-    assert narrow_patterns(schema) == {
+    assert prepare_schema(schema) == {
         "properties": {"pattern": {"type": "string", "pattern": "^(?:(?:x)(?s:.)*)$"}},
         "enum": [{"pattern": "keep"}],
     }
