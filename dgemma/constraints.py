@@ -14,9 +14,11 @@ canvas. A grammar matcher, though, reads left to right. The design (docs/structu
   whole-canvas draft through self-conditioning; they only become output once the frontier validates them.
 - The canvas is committed when the frontier reaches its end; the matcher state carries over to the next canvas.
   When the grammar is complete the rest of the canvas becomes EOS, which ends the request.
-- Budget: when the tokens left fall below a margin, a short completion is searched (iterative deepening over
-  structural tokens such as `"`, `]`, `}`, `0`, `,`) and forced, so even random weights close their JSON. If no
-  completion fits, the request ends with finish_reason "length" and is never reported as complete.
+- Budget: a short completion is searched now and then (`Guide.closing_path`: forced runs, and breadth-first
+  searches over single-character tokens to the next closing token that makes progress) and forced once it only
+  just fits; near the end every sampled token is checked to leave a completion that fits. So even random weights
+  close their JSON. If no completion fits, the request ends with finish_reason "length" and is never reported as
+  complete.
 
 `ConstraintState` is all of this for one request; the engine only calls it (see its docstring). Everything here
 is CPU-side bookkeeping; the model is untouched.
