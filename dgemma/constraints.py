@@ -610,18 +610,23 @@ class ConstraintState:
     def _within_budget(self, token: int, left: int) -> int:
         """`token`, unless the budget is close (`_guarded`) and no closing path fits after it: then the first token of
         a closing path from here, the rest of which is placed next. One token can lengthen the shortest completion
-        by many (a `,` that opens another item with required fields), more than any fixed slack."""
+        by many (a `,` that opens another item with required fields, the name of a long tool), more than any fixed
+        slack. A token after which the same tokens are allowed as before (string contents) is not searched: it
+        changes the completion by a token at most, which the slack and the searches of `_next_forced` cover."""
         if token in self.eos or not self._guarded(left):
             return token
         m = self.guide.m
+        before = m.compute_bitmask()
         if not m.consume_token(token):
             return token  # the matcher refuses it: consuming it reports the error
         try:
-            after = self.guide.closing_path(left - 1)
+            same = m.compute_bitmask() == before
+            after = None if same else self.guide.closing_path(left - 1)
         finally:
             m.rollback(1)
         if after is not None:
             self.closing_len = len(after) + 1
+        if same or after is not None:
             return token
         path = self.guide.closing_path(left)
         if path is None:
@@ -630,11 +635,11 @@ class ConstraintState:
         return path[0]
 
     def _guarded(self, left: int) -> bool:
-        """Whether sampled tokens are checked against the budget: once the tokens left come within twice the last
-        closing path's length plus `GUARD_MARGIN` (one token may open another item with required fields of its
-        own). Not after a search found nothing (every check would fail too)."""
+        """Whether sampled tokens are checked against the budget: in the second half of the budget, and from twice
+        the last closing path's length plus `GUARD_MARGIN` on. Not after a search found nothing (every check would
+        fail too)."""
         known = self.closing_len
-        return known is not None and left <= 2 * known + GUARD_MARGIN
+        return known is not None and left <= max(2 * known + GUARD_MARGIN, self.max_new_tokens // 2)
 
     def _sample(self, logits: torch.Tensor, temperature: float) -> tuple[int, float]:
         """A token from `logits` (V,) masked to what the grammar allows, and the masked distribution's entropy (the
