@@ -8,7 +8,11 @@ Input is the output text decoded with the format's marker tokens kept (`<|channe
   unclosed channel also ends it (as vLLM's and SGLang's Gemma 4 parsers do);
 - call: after `<|tool_call>`, buffered until `<tool_call|>`, then parsed from Gemma 4's syntax
   (`call:NAME{key:value,...}`, strings between `<|"|>` delimiters) into a name and JSON arguments. A call that
-  does not parse, or never closes, is returned as content, so no text is lost.
+  does not parse, or never closes, is returned as content, so no text is lost. While it is open, streaming sends
+  it in pieces as vLLM does: its id and name once `call:NAME{` is written, then its JSON arguments up to each
+  member that completes (members are converted whole, so the pieces add up to the final `arguments`). A call
+  streamed that way and then cut by the budget or malformed (possible only without its grammar) has sent
+  pieces before it is returned as content.
 
 Text that could be the start of a marker is held back until the next delta decides it, so no marker is ever split
 between a content delta and the next one. `push` deltas concatenated with `finish` equal the one-shot result.
@@ -170,36 +174,87 @@ def parse_call(body: str, fmt: ChatFormat) -> tuple[str, str]:
     return name, args
 
 
+def _last_member_end(obj: str, delim: str) -> int:
+    """The offset of the last ',' between members of the object that `obj` opens (outside strings and nested
+    values); -1 if none yet."""
+    depth, i, last = 0, 0, -1
+    while i < len(obj):
+        if obj.startswith(delim, i):
+            end = obj.find(delim, i + len(delim))
+            if end < 0:
+                break
+            i = end + len(delim)
+            continue
+        c = obj[i]
+        if c in "{[":
+            depth += 1
+        elif c in "}]":
+            depth -= 1
+        elif c == "," and depth == 1:
+            last = i
+        i += 1
+    return last
+
+
 def new_call_id() -> str:
     return "call_" + uuid.uuid4().hex[:24]
 
 
 @dataclass
+class CallPiece:
+    """A piece of a streamed tool call: the first of a call has its `id` and `name`, the rest add to `arguments`."""
+
+    index: int
+    arguments: str = ""
+    id: str | None = None
+    name: str | None = None
+
+    def to_openai(self) -> dict[str, Any]:
+        if self.id is None:
+            return {"index": self.index, "function": {"arguments": self.arguments}}
+        function = {"name": self.name, "arguments": self.arguments}
+        return {"index": self.index, "id": self.id, "type": "function", "function": function}
+
+
+@dataclass
 class ChatDelta:
-    """What one push (or finish) adds: answer text, reasoning text, completed tool calls."""
+    """What one push (or finish) adds: answer text, reasoning text, completed tool calls, and the pieces of tool
+    calls that streaming sends (a call's name as soon as it is written, then its arguments as members complete)."""
 
     content: str = ""
     reasoning: str = ""
     tool_calls: list[ToolCall] = field(default_factory=list)
+    pieces: list[CallPiece] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.content or self.reasoning or self.tool_calls)
+        return bool(self.content or self.reasoning or self.tool_calls or self.pieces)
 
     def extend(self, other: ChatDelta) -> ChatDelta:
         """This delta followed by `other`, as one."""
-        return ChatDelta(
+        out = ChatDelta(
             self.content + other.content, self.reasoning + other.reasoning, self.tool_calls + other.tool_calls
         )
+        for piece in self.pieces + other.pieces:
+            out.add(piece)
+        return out
+
+    def add(self, piece: CallPiece) -> None:
+        """Append a piece, merged into the last one when it continues the same call."""
+        last = self.pieces[-1] if self.pieces else None
+        if last is not None and last.index == piece.index and piece.id is None:
+            last.arguments += piece.arguments
+        else:
+            self.pieces.append(CallPiece(piece.index, piece.arguments, piece.id, piece.name))
 
     def to_openai(self) -> dict[str, Any]:
-        """A streaming `delta`: only the fields this piece has (each tool call whole, with its index)."""
+        """A streaming `delta`: only the fields this piece has (tool calls as pieces with their index)."""
         out: dict[str, Any] = {}
         if self.reasoning:
             out["reasoning_content"] = self.reasoning
         if self.content:
             out["content"] = self.content
-        if self.tool_calls:
-            out["tool_calls"] = [c.to_openai(with_index=True) for c in self.tool_calls]
+        if self.pieces:
+            out["tool_calls"] = [p.to_openai() for p in self.pieces]
         return out
 
 
@@ -226,6 +281,7 @@ class ChatOutputParser:
         self.content = ""
         self.reasoning = ""
         self.calls: list[ToolCall] = []
+        self.open_call: ToolCall | None = None  # the call being streamed: its arguments as sent so far
         self.saw_reasoning = in_reasoning
 
     def _markers(self) -> list[str]:
@@ -286,13 +342,46 @@ class ChatOutputParser:
         try:
             name, args = parse_call(body, self.fmt)
         except NativeSyntaxError:
-            self.mode = "content"
+            self.mode, self.open_call = "content", None
             self._emit(self.fmt.tool_call_open + body + self.fmt.tool_call_close, out)
             return
-        call = ToolCall(self.new_id(), name, args, len(self.calls))
+        call = self._open(name, out)
+        self._send(args, out)
         self.calls.append(call)
         out.tool_calls.append(call)
-        self.mode = "content"
+        self.mode, self.open_call = "content", None
+
+    def _open(self, name: str, out: ChatDelta) -> ToolCall:
+        """The call being streamed; its first piece (id and name) is sent when it starts."""
+        if self.open_call is None:
+            self.open_call = ToolCall(self.new_id(), name, "", len(self.calls))
+            out.add(CallPiece(self.open_call.index, "", self.open_call.id, name))
+        return self.open_call
+
+    def _send(self, args: str, out: ChatDelta) -> None:
+        """Send what `args` (JSON text) adds to the open call's arguments."""
+        call = self.open_call
+        if call is not None and args.startswith(call.arguments) and len(args) > len(call.arguments):
+            out.add(CallPiece(call.index, args[len(call.arguments) :]))
+            call.arguments = args
+
+    def _stream_call(self, out: ChatDelta) -> None:
+        """An open call's name once it is written, then its arguments up to the last complete member (members are
+        converted whole, so the pieces add up to the final `arguments` text)."""
+        f, body = self.fmt, self.buf
+        brace = body.find("{")
+        name = body[len(f.call_prefix) : brace].strip() if brace >= 0 else ""
+        if not body.startswith(f.call_prefix) or not name:
+            return
+        self._open(name, out)
+        cut = _last_member_end(body[brace:], f.string_delim)
+        if cut < 0:
+            return
+        try:
+            done = _Reader(body[brace : brace + cut] + "}", f.string_delim).obj()
+        except NativeSyntaxError:
+            return  # not a call after all: it is returned as content when it closes
+        self._send(done[:-1] + ", ", out)
 
     def _step(self, out: ChatDelta, final: bool) -> bool:
         """Consume what the buffer decides; False when it must wait for more text."""
@@ -301,6 +390,7 @@ class ChatOutputParser:
         hit = self._find()
         if hit is None:
             if self.mode == "call":
+                self._stream_call(out)
                 return False
             keep = 0 if final else self._held()
             self._emit(self.buf[: len(self.buf) - keep], out)
@@ -332,7 +422,7 @@ class ChatOutputParser:
         while self._step(out, final=True):
             pass
         if self.mode == "call":
-            self.mode = "content"
+            self.mode, self.open_call = "content", None
             self._emit(self.fmt.tool_call_open + self.buf, out)
             self.buf = ""
         return out
@@ -373,6 +463,7 @@ def parse_chat_output(
 
 
 __all__ = [
+    "CallPiece",
     "ChatDelta",
     "ChatMessage",
     "ChatOutputParser",

@@ -14,9 +14,11 @@ canvas. A grammar matcher, though, reads left to right. The design (docs/structu
   whole-canvas draft through self-conditioning; they only become output once the frontier validates them.
 - The canvas is committed when the frontier reaches its end; the matcher state carries over to the next canvas.
   When the grammar is complete the rest of the canvas becomes EOS, which ends the request.
-- Budget: when the tokens left fall below a margin, a short completion is searched (iterative deepening over
-  structural tokens such as `"`, `]`, `}`, `0`, `,`) and forced, so even random weights close their JSON. If no
-  completion fits, the request ends with finish_reason "length" and is never reported as complete.
+- Budget: a short completion is searched now and then (`Guide.closing_path`: forced runs, and breadth-first
+  searches over single-character tokens to the next closing token that makes progress) and forced once it only
+  just fits; near the end every sampled token is checked to leave a completion that fits. So even random weights
+  close their JSON. If no completion fits, the request ends with finish_reason "length" and is never reported as
+  complete.
 
 `ConstraintState` is all of this for one request; the engine only calls it (see its docstring). Everything here
 is CPU-side bookkeeping; the model is untouched.
@@ -25,7 +27,6 @@ is CPU-side bookkeeping; the model is untouched.
 from __future__ import annotations
 
 import json
-import math
 import re
 import threading
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from typing import Any, Callable, Iterable, Literal
 
 import torch
 
-from .schemas import narrow_patterns
+from .schemas import prepare_schema
 
 Kind = Literal["json_schema", "json_object", "regex", "choice", "grammar", "tool_calls"]
 
@@ -55,10 +56,9 @@ MAX_TOOL_GRAMMAR_BYTES = 1024 * 1024  # tool-call grammars are built here from c
 # Single characters tried first when searching for a short way to finish, then the rest of printable ASCII.
 CLOSING_ALPHABET = '"]})0,:1a-.[{tfne'
 CLOSERS = '"]})'
-CLOSER_BONUS = math.log(8.0)
-SEPARATORS = ",:"  # end the current item (a number, a value) without opening anything
-SEPARATOR_BONUS = math.log(2.0)
-MAX_LOOKAHEAD = 48
+CLOSING_BEAM = 16  # search nodes kept per level of the closing search
+MAX_CLOSING_NODES = 1024  # search nodes expanded per closing segment before giving up
+GUARD_MARGIN = 32  # see ConstraintState._guarded
 CLOSING_SLACK = 8  # spare tokens kept when a closing path is forced: one token can lengthen it by several
 
 
@@ -145,7 +145,7 @@ def _json_schema_grammar(schema: Any) -> str:
             raise ConstraintError(f"json_schema is not valid JSON: {e.msg}") from None
     _check_schema(schema)
     try:
-        return llguidance.LLMatcher.grammar_from_json_schema(narrow_patterns(schema), overrides=JSON_OPTIONS)
+        return llguidance.LLMatcher.grammar_from_json_schema(prepare_schema(schema), overrides=JSON_OPTIONS)
     except ValueError as e:
         raise ConstraintError(f"json_schema: {e}") from None
 
@@ -233,7 +233,6 @@ class GuideFactory:
         self._tok: Any = None
         self.single_chars: list[int] = []  # single-token characters, closing alphabet first
         self.closers: set[int] = set()
-        self.separators: set[int] = set()
         self._cache: dict[str, tuple[str, list[str]]] = {}  # key -> (grammar, warnings)
         self._lock = threading.Lock()
 
@@ -270,8 +269,6 @@ class GuideFactory:
                     self.single_chars.append(ids[0])
                     if ch in CLOSERS:
                         self.closers.add(ids[0])
-                    elif ch in SEPARATORS:
-                        self.separators.add(ids[0])
             self._tok = tok
         return self._tok
 
@@ -374,8 +371,9 @@ class Guide:
 
     def closing_path(self, max_len: int) -> list[int] | None:
         """A short token sequence that completes the grammar, ending with EOS; None if none is found within
-        `max_len` tokens: forced tokens, else one single-character token at a time (`_closing_token`). The matcher
-        is left as it was."""
+        `max_len` tokens. Forced tokens are taken as they come; otherwise the path grows by segments
+        (`_closing_segment`), each the shortest way found to the next closing token. The matcher is left as it
+        was."""
         f = self.f
         f.tok  # noqa: B018 - builds the single-character table
         path: list[int] = []
@@ -383,45 +381,109 @@ class Guide:
             while len(path) < max_len:
                 if self.m.is_accepting():
                     return path + [f.eos[0]]
-                forced = list(self.m.compute_ff_tokens())
-                if forced:
-                    for t in forced[: max_len - len(path)]:
-                        if not self.m.consume_token(t):
-                            return None
-                        path.append(t)
-                    continue
-                t = self._closing_token()
-                if t is None or not self.m.consume_token(t):
+                step = list(self.m.compute_ff_tokens()) or self._closing_segment(max_len - len(path))
+                if not step:
                     return None
-                path.append(t)
+                for t in step[: max_len - len(path)]:
+                    if not self.m.consume_token(t):
+                        return None
+                    path.append(t)
             return None
         finally:
             if path:
                 self.m.rollback(len(path))
 
-    def _closing_token(self) -> int | None:
-        """The next token of a closing path, greedy with one token of lookahead over single-character tokens: one
-        after which the grammar may end, else the one that leaves the fewest allowed tokens (closing brackets and
-        quotes, and less so separators, get a bonus, so items end and arrays and objects close instead of growing).
-        None if no candidate is accepted."""
+    def _closing_segment(self, budget: int) -> list[int] | None:
+        """The next piece of a closing path: a breadth-first search over single-character tokens for the nearest
+        state where the grammar may end or a closing token (quote, bracket, the constraint's own closers) makes
+        progress (`_expand`). A node's children that lead to the same allowed-token mask are kept once (the
+        search cannot tell them apart: `a`, `b`, `c` in a name), and each level keeps its first `CLOSING_BEAM`
+        nodes in the order they were found (closing tokens and the closing alphabet first). So a format or a
+        pattern (`x@y.z`, a UUID, `^[^@]+@[^@]+$`) is walked to its shortest end instead of looping on
+        characters that change nothing. Returns the tokens up to and including that closer (or the token after
+        which the grammar may end); None if none is found within `budget` levels. The matcher is left as it
+        was."""
+        level: list[list[int]] = [[]]
+        expanded = 0
+        for _ in range(budget):
+            children: list[list[int]] = []
+            for node in level:
+                found = self._expand(node, children)
+                if found is not None:
+                    return found if len(found) <= budget else None
+            expanded += len(level)
+            if not children or expanded >= MAX_CLOSING_NODES:
+                return None
+            level = children[:CLOSING_BEAM]
+        return None
+
+    def _expand(self, node: list[int], children: list[list[int]]) -> list[int] | None:
+        """One search node (a path from the current state): returns a finishing path (node + tokens) if one of
+        its candidate tokens ends the grammar or is a closer that makes progress (the one leaving the fewest
+        allowed tokens); else appends its children to `children`, one per distinct allowed-token mask.
+
+        A closer makes progress when it leads somewhere no other character leads (inside an e-mail address's local
+        part `}` leads where `a` leads: there it is just a character). Children that change the allowed tokens
+        come first (they move on: a space in `^(\\S+ ){4}\\S+$`), then the rest."""
+        m = self.m
+        consumed = m.try_consume_tokens(node)
+        try:
+            if consumed != len(node):
+                return None
+            mask = m.compute_bitmask()
+            closers, others = self._candidates(mask)
+            tried = [(t in closers, self._try(t)) for t in closers + others]
+            tried = [(is_closer, r) for is_closer, r in tried if r is not None]
+            for _, (tokens, done, _) in tried:
+                if done:
+                    return node + tokens
+            plain = {after for is_closer, (_, _, after) in tried if not is_closer}
+            progress = [(_popcount(a), tokens) for c, (tokens, _, a) in tried if c and a not in plain]
+            if progress:
+                return node + min(progress, key=lambda p: p[0])[1]
+            distinct: dict[bytes, list[int]] = {}
+            for _, (tokens, _, after) in sorted(tried, key=lambda r: r[1][2] == mask):  # stable: changers first
+                distinct.setdefault(after, tokens)  # the first token per mask
+            children.extend(node + tokens for tokens in distinct.values())
+            return None
+        finally:
+            if consumed:
+                m.rollback(consumed)
+
+    def _candidates(self, mask: bytes) -> tuple[list[int], list[int]]:
+        """The allowed closing tokens (the constraint's own first) and the other allowed single-character tokens;
+        if none is allowed (e.g. a multi-byte character is due), the first allowed token."""
         f = self.f
-        mask = self.allowed()
-        cands = [t for t in self.closers + f.single_chars if mask[t]][:MAX_LOOKAHEAD]
-        if not cands:  # nothing single-character fits (e.g. a multi-byte character): first allowed token
-            cands = [t for t in mask.nonzero().flatten().tolist() if t not in f.eos][:1]
-        best: tuple | None = None
-        for rank, t in enumerate(cands):
-            if not self.m.consume_token(t):
-                continue
-            done = self.m.is_accepting() or self.m.is_stopped()
-            size = 0 if done else int(self.allowed().sum())
-            self.m.rollback(1)
-            closer = t in f.closers or t in self.closers
-            bonus = CLOSER_BONUS if closer else SEPARATOR_BONUS if t in f.separators else 0.0
-            score = (not done, math.log(size + 1) - bonus, rank)
-            if best is None or score < best[0]:
-                best = (score, t)
-        return None if best is None else best[1]
+        allowed = [t for t in dict.fromkeys(self.closers + f.single_chars) if _bit(mask, t)]
+        closers = [t for t in allowed if t in f.closers or t in self.closers]
+        others = [t for t in allowed if t not in closers]
+        if not allowed:
+            first = next((t for t in range(f.vocab_size) if _bit(mask, t) and t not in f.eos), None)
+            others = [] if first is None else [first]
+        return closers, others
+
+    def _try(self, token: int) -> tuple[list[int], bool, bytes] | None:
+        """Consume `token` and the run it forces, note whether the grammar may end and the allowed-token mask, and
+        roll back: (tokens, done, mask); None if the token is refused."""
+        m = self.m
+        if not m.consume_token(token):
+            return None
+        forced = list(m.compute_ff_tokens())
+        n = 1 + m.try_consume_tokens(forced)
+        try:
+            done = m.is_accepting() or m.is_stopped()
+            return [token] + forced[: n - 1], done, (b"" if done else m.compute_bitmask())
+        finally:
+            m.rollback(n)
+
+
+def _bit(mask: bytes, token: int) -> bool:
+    """Whether `token` is set in an llguidance bitmask (little-endian 32-bit words, so bit t is byte t//8)."""
+    return token // 8 < len(mask) and bool(mask[token // 8] >> (token % 8) & 1)
+
+
+def _popcount(mask: bytes) -> int:
+    return int.from_bytes(mask, "little").bit_count()
 
 
 class ConstraintState:
@@ -444,11 +506,11 @@ class ConstraintState:
         self.frontier = 0  # canvas positions [0, frontier) are validated and frozen
         self.out_of_budget = False  # the request used its whole max_new_tokens
         self.pending: list[int] = []  # a forced closing path, placed before anything else
-        self.closing_len: int | None = None  # length of the last closing path found
         # The shortest complete output: the closing margin is never below it, so the budget is watched early
         # enough to finish even a structure that starts from scratch (e.g. another tool call).
         path = guide.closing_path(max_new_tokens)
         self.shortest = len(path) if path is not None else 0
+        self.closing_len: int | None = None if path is None else len(path)  # the last closing path's length
 
     @property
     def finished(self) -> bool:
@@ -488,6 +550,7 @@ class ConstraintState:
             tok, h = self._sample(logits[self.frontier], temperature)
             if taken and h_sum + h - max(h_max, h) > bound:
                 break  # the entropy-bound rule, over the contiguous run from the frontier
+            tok = self._within_budget(tok, left)
             g.consume(tok)
             taken, h_sum, h_max = taken + 1, h_sum + h, max(h_max, h)
             if not (g.finished and tok in self.eos):  # an EOS that completes the grammar is filled in above
@@ -496,9 +559,10 @@ class ConstraintState:
     def next_token(self, logits: torch.Tensor, temperature: float, produced: int) -> int:
         """The AR baseline under a constraint: the next token from next-token logits (V,), masked (greedy or
         sampled), or forced (closing when the budget runs short); consumed by the matcher."""
-        forced = self._next_forced(self.max_new_tokens - produced)
+        left = self.max_new_tokens - produced
+        forced = self._next_forced(left)
         # Only the first forced token: the rest of a forced run is forced again at the next step.
-        tok = forced[0] if forced else self._sample(logits, temperature)[0]
+        tok = forced[0] if forced else self._within_budget(self._sample(logits, temperature)[0], left)
         self.guide.consume(tok)
         return tok
 
@@ -518,24 +582,64 @@ class ConstraintState:
         return max(8, min(64, self.max_new_tokens // 4), self.shortest + CLOSING_SLACK)
 
     def _next_forced(self, left: int) -> list[int]:
-        """Tokens to place without sampling: a pending closing path, or what the grammar forces.
-
-        Within the closing margin, a short completion is searched now and then (whenever the tokens left come
-        within twice the last path's length, and every 8 tokens); once it only just fits, it is forced."""
+        """Tokens to place without sampling: a pending closing path, or what the grammar forces. A short completion
+        is searched when `_should_search` says; once it only just fits, it is forced."""
         if not self.pending and left <= self._closing_margin() and self.guide.m.is_accepting():
             return [min(self.eos)]  # it may end here: do not start what the budget may not finish
-        if (
-            not self.pending
-            and left <= self._closing_margin()
-            and (self.closing_len is None or left <= 2 * self.closing_len + 8 or left % 8 == 0)
-        ):
+        if not self.pending and self._should_search(left):
             path = self.guide.closing_path(left)
             if path is not None and len(path) + CLOSING_SLACK >= left:
                 self.pending = path
-            self.closing_len = len(path) if path is not None else left
+            self.closing_len = None if path is None else len(path)
         if self.pending:
             return [self.pending.pop(0)]
         return self.guide.forced()
+
+    def _should_search(self, left: int) -> bool:
+        """When to look for a closing path, `left` tokens before the budget ends: at every token once the last
+        path found comes within twice the slack; every 8 tokens within the closing margin or twice the last path's
+        length, or after a search found nothing; else every 32 tokens from the start, so that a completion that
+        grew long mid-way (a nested object with required fields) is seen in time."""
+        known = self.closing_len
+        if known is not None and left <= known + 2 * CLOSING_SLACK:
+            return True
+        if known is None or left <= max(self._closing_margin(), 2 * known + CLOSING_SLACK):
+            return left % 8 == 0
+        return left % 32 == 0
+
+    def _within_budget(self, token: int, left: int) -> int:
+        """`token`, unless the budget is close (`_guarded`) and no closing path fits after it: then the first token of
+        a closing path from here, the rest of which is placed next. One token can lengthen the shortest completion
+        by many (a `,` that opens another item with required fields, the name of a long tool), more than any fixed
+        slack. A token after which the same tokens are allowed as before (string contents) is not searched: it
+        changes the completion by a token at most, which the slack and the searches of `_next_forced` cover."""
+        if token in self.eos or not self._guarded(left):
+            return token
+        m = self.guide.m
+        before = m.compute_bitmask()
+        if not m.consume_token(token):
+            return token  # the matcher refuses it: consuming it reports the error
+        try:
+            same = m.compute_bitmask() == before
+            after = None if same else self.guide.closing_path(left - 1)
+        finally:
+            m.rollback(1)
+        if after is not None:
+            self.closing_len = len(after) + 1
+        if same or after is not None:
+            return token
+        path = self.guide.closing_path(left)
+        if path is None:
+            return token  # nothing fits either way: the request ends with "length"
+        self.pending = path[1:]
+        return path[0]
+
+    def _guarded(self, left: int) -> bool:
+        """Whether sampled tokens are checked against the budget: in the second half of the budget, and from twice
+        the last closing path's length plus `GUARD_MARGIN` on. Not after a search found nothing (every check would
+        fail too)."""
+        known = self.closing_len
+        return known is not None and left <= max(2 * known + GUARD_MARGIN, self.max_new_tokens // 2)
 
     def _sample(self, logits: torch.Tensor, temperature: float) -> tuple[int, float]:
         """A token from `logits` (V,) masked to what the grammar allows, and the masked distribution's entropy (the

@@ -12,13 +12,15 @@ to write, so this module translates each tool's parameter schema into a grammar 
 - strings: the length bounds, the `pattern` (narrowed to match from the start: see `schemas`) and a few common
   formats, intersected (llguidance's `&` on terminals); a string never contains the delimiter text;
 - numbers and integers: llguidance's own JSON-number grammar with the bounds (`%json {...}` inline);
-- `enum`/`const` as literals, `anyOf`/`oneOf` as alternatives, `allOf` merged, local `$ref`s (recursion allowed),
-  `nullable`, `type` lists, `minItems`/`maxItems`, `prefixItems`, `minProperties`/`maxProperties`.
+- `enum`/`const` as literals, `anyOf`/`oneOf` as alternatives (`oneOf` with a warning unless its branches are
+  exclusive by type or value: a value matching two branches is not excluded), `allOf` merged, local `$ref`s
+  (recursion allowed), `nullable`, `type` lists, `minItems`/`maxItems`, `prefixItems`, `minProperties`/`maxProperties`.
 
-Keywords that cannot be honoured by a context-free grammar (`not`, `if`, `uniqueItems`, `contains`, dependencies)
-and unknown formats are ignored with a warning returned to the caller (formats are annotations in JSON Schema, so
-ignoring them is what validators do by default). The markers must be single tokens of the tokenizer (they are
-special tokens in Gemma 4's): the grammar names them by id (`<[id]>`).
+`uniqueItems` over enumerable items (`enum`, `const`, booleans) is spelled out as the list of unique arrays
+(`schemas.unique_selections`). Keywords that cannot be honoured by a context-free grammar (`not`, `if`, other
+`uniqueItems`, `contains`, dependencies) and unknown formats are ignored with a warning returned to the caller
+(formats are annotations in JSON Schema, so ignoring them is what validators do by default). The markers must be
+single tokens of the tokenizer (they are special tokens in Gemma 4's): the grammar names them by id (`<[id]>`).
 
 `tool_call_grammar` returns the grammar of the whole output for `required` and a named function; for `auto` it
 returns the grammar of what follows the opening marker, to be activated when the model writes that marker (a
@@ -34,7 +36,7 @@ from typing import Any, Callable
 
 from .chat import ChatFormat, ChatPrompt, Tool, ToolChoice
 from .constraints import Constraint, ConstraintError
-from .schemas import FORMATS, whole_string_regex
+from .schemas import FORMATS, unique_selections, whole_string_regex
 
 # Keywords whose meaning a context-free grammar cannot enforce: ignored with a warning.
 UNENFORCED = (
@@ -69,6 +71,23 @@ class ToolGrammar:
 
     def constraint(self) -> Constraint:
         return Constraint("tool_calls", self.lark, self.trigger, self.closers, tuple(self.warnings))
+
+
+def _exclusive(branches: Any) -> bool:
+    """Whether no value can match two `oneOf` branches, as far as their `type`s or literal values tell: each
+    branch states one type, all different (integer counts as a number); or each is a `const`/`enum`, no value
+    shared."""
+    if not isinstance(branches, list) or not all(isinstance(b, dict) for b in branches):
+        return False
+    types = [b.get("type") for b in branches]
+    if all(isinstance(t, str) for t in types):
+        kinds = ["number" if t == "integer" else t for t in types]
+        return len(set(kinds)) == len(kinds)
+    values = [[b["const"]] if "const" in b else b.get("enum") for b in branches]
+    if not all(isinstance(v, list) for v in values):
+        return False
+    flat = [json.dumps(x, sort_keys=True) for v in values for x in v]
+    return len(set(flat)) == len(flat)
 
 
 def _lit(text: str) -> str:
@@ -193,6 +212,9 @@ class SchemaGrammar:
         return out
 
     def _body(self, schema: dict[str, Any], path: str) -> str:
+        spelled = unique_selections(schema)  # uniqueItems over enumerable items: the unique arrays, listed
+        if spelled is not None:
+            return self.value(spelled, path)
         for k in UNENFORCED:
             if k in schema and schema[k] not in (False, None):
                 self.warn(f"{path}: '{k}' is not enforced")
@@ -205,6 +227,8 @@ class SchemaGrammar:
             return self.value(merged, path)
         for key in ("anyOf", "oneOf"):
             if key in schema:
+                if key == "oneOf" and not _exclusive(schema[key]):
+                    self.warn(f"{path}: 'oneOf' is enforced as 'anyOf' (a value may match several branches)")
                 rest = {k: v for k, v in schema.items() if k != key}
                 alts = [
                     self.value(self._merge([rest, s], path) if rest else s, f"{path}.{key}[{i}]")

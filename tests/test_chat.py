@@ -20,7 +20,7 @@ from dgemma.chat_output import (
 )
 from dgemma.constraints import Constraint, ConstraintError, GuideFactory
 from dgemma.tokenizer import Tokenizer
-from dgemma.schemas import narrow_patterns, whole_string_regex
+from dgemma.schemas import prepare_schema, whole_string_regex
 from dgemma.tool_grammar import tool_call_grammar
 from gemma4_chat import GEMMA4_TEMPLATE, build_gemma4_tokenizer
 
@@ -304,6 +304,36 @@ def test_streaming_equals_one_shot_at_every_split(text):
             assert reasoning == (whole.reasoning or "")
 
 
+def _reassemble(deltas: list) -> list[tuple[str, str, str]]:
+    """(id, name, arguments) per index from the `tool_calls` pieces of streamed deltas, as a client adds them up."""
+    calls: dict[int, list[str]] = {}
+    for d in deltas:
+        for piece in d.to_openai().get("tool_calls", []):
+            c = calls.setdefault(piece["index"], ["", "", ""])
+            c[0] += piece.get("id") or ""
+            c[1] += piece["function"].get("name") or ""
+            c[2] += piece["function"]["arguments"]
+    return [tuple(c) for _, c in sorted(calls.items())]
+
+
+@pytest.mark.parametrize("text", OUTPUTS[2:5])
+def test_calls_stream_in_pieces_that_add_up(text):
+    """A call streams as vLLM's do: its id and name once `call:NAME{` is written, then its arguments as members
+    complete; at any split the pieces add up to the one-shot calls."""
+    whole = [(c.id, c.name, c.arguments) for c in parse_chat_output(text, GEMMA4, new_id=_ids()).tool_calls]
+    p = ChatOutputParser(GEMMA4, new_id=_ids())
+    by_char = [p.push(ch) for ch in text] + [p.finish()]
+    assert _reassemble(by_char) == whole
+    for cut in range(0, len(text) + 1, 5):
+        p = ChatOutputParser(GEMMA4, new_id=_ids())
+        assert _reassemble([p.push(text[:cut]), p.push(text[cut:]), p.finish()]) == whole, cut
+    first = [i for i, d in enumerate(by_char) if any(pc.index == 0 for pc in d.pieces)]
+    closed = text.index("<tool_call|>")
+    assert by_char[first[0]].pieces[0].name and first[0] < closed  # the name before the call closes
+    if whole[0][2] != "{}" and "," in whole[0][2]:
+        assert len(first) >= 3  # name, then at least one completed member, then the rest at the close
+
+
 def test_parsed_fields():
     m = parse_chat_output(OUTPUTS[2], GEMMA4, new_id=_ids())
     assert m.content is None and m.reasoning == "Need weather."
@@ -457,6 +487,46 @@ def test_grammar_warnings_and_errors(gemma_tok):
         tool_call_grammar(check_tools([WEATHER]), ToolChoice("required"), GEMMA4, lambda s: None)
 
 
+def test_unique_enumerated_items_are_enforced_in_calls(gemma_tok):
+    """A tool parameter with `uniqueItems` over an enum is spelled out as its unique arrays: no warning, and every
+    call a random walk writes has distinct items."""
+    tok, ids = gemma_tok
+    schema = {
+        "type": "object",
+        "properties": {
+            "roles": {"type": "array", "items": {"type": "string", "enum": ["a", "b", "c"]}, "uniqueItems": True}
+        },
+        "required": ["roles"],
+    }
+    tools = check_tools([{"type": "function", "function": {"name": "set_roles", "parameters": schema}}])
+    tg = tool_call_grammar(tools, ToolChoice("required"), GEMMA4, tok.token_to_id, parallel=False)
+    assert tg.warnings == []
+    f, rng, seen = _factory(tok, ids), random.Random(3), set()
+    for _ in range(16):
+        out = _walk(f, Constraint("grammar", tg.lark), rng, steps=rng.choice([4, 10, 30]))
+        text = tok.decode([t for t in out if t != tok.eos_token_id], skip_special_tokens=False)
+        args = json.loads(parse_chat_output(text, GEMMA4).tool_calls[0].arguments)
+        jsonschema.validate(args, schema)
+        seen.add(len(args["roles"]))
+    assert len(seen) >= 2, seen  # the walks wrote arrays of several lengths, not only the shortest
+
+
+def test_one_of_is_warned_about_unless_its_branches_are_exclusive(gemma_tok):
+    """`oneOf` becomes alternatives; a value matching two branches is not excluded, so the caller is warned unless
+    the branches cannot overlap (distinct types, distinct literal values)."""
+    tok, _ = gemma_tok
+
+    def warnings(one_of: list) -> list[str]:
+        schema = {"type": "object", "properties": {"x": {"oneOf": one_of}}}
+        tools = check_tools([{"type": "function", "function": {"name": "f", "parameters": schema}}])
+        return tool_call_grammar(tools, ToolChoice("required"), GEMMA4, tok.token_to_id).warnings
+
+    assert warnings([{"type": "string"}, {"type": "integer"}]) == []
+    assert warnings([{"const": "a"}, {"enum": ["b", "c"]}]) == []
+    assert "enforced as 'anyOf'" in warnings([{"type": "integer"}, {"type": "number"}])[0]
+    assert warnings([{"type": "string"}, {"type": "string", "maxLength": 2}])
+
+
 def test_patterns_are_narrowed_to_match_from_the_start():
     assert whole_string_regex("^abc$") == "(?:abc)"
     assert whole_string_regex("abc") == "(?:abc)(?s:.)*"  # unanchored: a subset that starts with the match
@@ -466,7 +536,7 @@ def test_patterns_are_narrowed_to_match_from_the_start():
     assert whole_string_regex(r"^a\$") == r"(?:a\$)(?s:.)*"  # '\$' is a literal dollar
     assert whole_string_regex("^(a|b)$") == "(?:(a|b))"
     schema = {"properties": {"pattern": {"type": "string", "pattern": "x"}}, "enum": [{"pattern": "keep"}]}
-    assert narrow_patterns(schema) == {
+    assert prepare_schema(schema) == {
         "properties": {"pattern": {"type": "string", "pattern": "^(?:(?:x)(?s:.)*)$"}},
         "enum": [{"pattern": "keep"}],
     }

@@ -1,8 +1,8 @@
 """Structured output on 250 real-world-shaped JSON Schemas (tests/realworld_schemas.py) with a random-weights model,
 a byte-level BPE tokenizer and `max_new_tokens=512`: every schema `jsonschema` accepts compiles (unknown formats and
 unsupported keywords are warnings, not errors), every `finish_reason: "stop"` output validates, and >= 99 % of the
-schemas finish within the budget. The full run is marked slow (and, until those targets are met, an expected failure:
-docs/structured.md records the measured rates); `python tests/test_schema_suite.py` prints them."""
+schemas finish within the budget. The full run is marked slow (docs/structured.md records the measured rates; the test
+prints them, and so does `python tests/test_schema_suite.py`)."""
 
 from __future__ import annotations
 
@@ -81,11 +81,18 @@ def test_every_schema_compiles(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="measured 246/250 finished, 1 uniqueItems violation (docs/structured.md)", strict=False)
 def test_suite_validity_and_finish_rates(tmp_path):
     r = run(build_llm(tmp_path), suite())
+    print(summary(r))
     assert not r["rejected"] and not r["invalid"], r
     assert r["stopped"] >= 0.99 * r["schemas"], r
+
+
+def summary(r: dict[str, object]) -> str:
+    return (
+        f"{r['stopped']}/{r['schemas']} finished, {len(r['invalid'])} invalid, {len(r['rejected'])} rejected; "
+        f"unfinished: {r['unfinished']}"
+    )
 
 
 if __name__ == "__main__":
@@ -96,7 +103,4 @@ if __name__ == "__main__":
         llm = build_llm(Path(d))
         result = run(llm, suite())
         print(json.dumps(result, indent=1))
-        print(
-            f"{result['stopped']}/{result['schemas']} finished, {len(result['invalid'])} invalid, "
-            f"{len(result['rejected'])} rejected, {time.time() - t0:.0f} s"
-        )
+        print(f"{summary(result)}; {time.time() - t0:.0f} s")

@@ -323,6 +323,97 @@ def test_parallelism_survives_forced_tokens(llm):
     assert o.metrics["tokens_per_forward"] > 2.0, o.metrics
 
 
+# -- the closing search -----------------------------------------------------------------------------------------
+# Strings whose end the search must find: formats llguidance enforces (an e-mail's local part allows `}`, a closing
+# bracket that closes nothing there), anchored and unanchored patterns, a counted pattern with a separator.
+CLOSING_STRINGS = [
+    {"format": "email"},
+    {"format": "date-time"},
+    {"format": "date"},
+    {"format": "time"},
+    {"format": "uuid"},
+    {"format": "ipv4"},
+    {"format": "ipv6"},
+    {"format": "hostname"},
+    {"format": "uri"},
+    {"pattern": "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}"},
+    {"pattern": "^[^@]+@[^@]+$"},
+    {"pattern": r"^(\S+ ){4}\S+$"},
+    {"pattern": "^all|tags$"},
+    {"pattern": "^[A-Z]{2}[0-9]{2}[A-Z0-9]{11,30}$"},
+]
+
+
+def _random_prefix(g, rng, steps: int) -> list[int]:
+    """Consume up to `steps` uniformly random allowed tokens (a random-weights model's worst case: it opens and
+    wanders as it likes); returns them."""
+    out: list[int] = []
+    while len(out) < steps and not g.m.is_stopped():
+        allowed = [t for t in g.allowed().nonzero().flatten().tolist() if t not in g.f.eos]
+        if not allowed:
+            break
+        out.append(rng.choice(allowed))
+        g.m.consume_token(out[-1])
+    return out
+
+
+@pytest.mark.parametrize("string", CLOSING_STRINGS, ids=lambda s: next(iter(s.values())))
+def test_closing_search_finishes_formats_and_patterns(llm, string):
+    """From anywhere a random walk leaves the matcher (inside the formatted string, between items of a required
+    array, inside an object with required fields after it), the closing search finds a completion, the matcher is
+    left where it was, and the whole output validates (with jsonschema's format checks where they agree with
+    llguidance's formats: its `date` and `time` are stricter, e.g. no year 0000, no leap second)."""
+    import random
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "to": {"type": "array", "items": {"type": "string", **string}, "minItems": 1},
+            "after": {"type": "object", "properties": {"n": _int}, "required": ["n"]},
+        },
+        "required": ["to", "after"],
+    }
+    formats = jsonschema.FormatChecker(["email", "ipv4", "ipv6", "uuid"])
+    check = jsonschema.Draft202012Validator(schema, format_checker=formats)
+    for seed in range(12):
+        g = llm.engine.guides.guide(Constraint("json_schema", schema))
+        prefix = _random_prefix(g, random.Random(seed), steps=[3, 8, 20, 60][seed % 4])
+        mask = g.allowed()
+        path = g.closing_path(400)
+        assert path is not None, (string, seed, llm.tokenizer.decode(prefix))
+        assert torch.equal(g.allowed(), mask)  # rolled back
+        assert path[-1] in g.f.eos and g.m.consume_tokens(path[:-1]) and g.m.is_accepting()
+        check.validate(json.loads(llm.tokenizer.decode(prefix + path[:-1])))
+
+
+def test_unique_items_over_enumerations_are_enforced(llm):
+    """`uniqueItems` over enumerated items is spelled out as the unique arrays (`schemas.unique_selections`): the
+    grammar itself refuses a repeated item, so every output has distinct items whatever the model prefers. Other
+    `uniqueItems` arrays (strings, too many values) are not enforced and say so in the warnings."""
+    from dgemma.schemas import MAX_UNIQUE_SELECTIONS, unique_selections
+
+    roles = {"type": "array", "items": {"enum": ["admin", "editor", "viewer"]}, "uniqueItems": True, "minItems": 2}
+    flags = {"type": "array", "items": {"type": "boolean"}, "uniqueItems": True}
+    schema = {"type": "object", "properties": {"roles": roles, "flags": flags}, "required": ["roles", "flags"]}
+    assert len(unique_selections(roles)["anyOf"]) == 6 + 6 and len(unique_selections(flags)["anyOf"]) == 1 + 2 + 2
+    guides = llm.engine.guides
+    c = SamplingParams(json_schema=schema).constraint()
+    assert not any("uniqueItems" in w for w in guides.warnings(c))
+    g = guides.guide(c)
+    for text, ok in (('{"roles":["viewer","admin"],"flags":[true,false]}', True), ('{"roles":["admin","admin"', False)):
+        ids = guides.tok.tokenize_str(text)
+        assert (g.m.try_consume_tokens(ids) == len(ids)) == ok, text
+        g.m.reset()
+    params = [SamplingParams(max_new_tokens=96, seed=s, json_schema=schema, temperature=1.0) for s in range(8)]
+    for o in llm.generate(["x"] * 8, params):
+        assert o.outputs[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(o.outputs[0].text), schema)
+    many = {"type": "array", "items": {"enum": list(range(8))}, "uniqueItems": True}  # 109 601 unique arrays
+    for unenforced in (many, {"type": "array", "items": _str, "uniqueItems": True}):
+        assert unique_selections(unenforced) is None and MAX_UNIQUE_SELECTIONS < 109_601
+        assert any("uniqueItems" in w for w in guides.warnings(Constraint("json_schema", unenforced)))
+
+
 # -- bad constraints ---------------------------------------------------------------------------------------------
 def _deep(n: int) -> dict:
     s: dict = {"type": "integer"}
