@@ -589,7 +589,7 @@ class Engine:
             "bound": batch.bound,
         }
         out, soft = self.graphs.run([r.row for r in reqs], inputs, rule, ACCEPTANCE[rule])
-        self._buffer("soft", (self.max_batch, *soft.shape[1:]), self.model.dtype, zero=True)[batch.rows] = soft
+        self._soft_buffer()[batch.rows] = soft
         self.stats["decoder_passes"] += 1
         return out
 
@@ -639,7 +639,7 @@ class Engine:
             fixed,
             probs_out=self._tile_buffer("probs", len(idx), torch.float32),
         )
-        soft = self._buffer("soft", (self.max_batch, *batch.hidden.shape[1:]), self.model.dtype, zero=True)
+        soft = self._soft_buffer()
         soft[pick(batch.rows)] = self.model.soft_embedding(out.probs)
         return out
 
@@ -662,13 +662,16 @@ class Engine:
         rows on the first step of a canvas; None when no row has a previous step."""
         if not any(r.diffusion.has_sc for r in reqs):
             return None
-        soft = self._buffer(
-            "soft", (self.max_batch, self.canvas_length, self.config.text.hidden_size), self.model.dtype, zero=True
-        )
+        soft = self._soft_buffer()
         for r in reqs:
             if not r.diffusion.has_sc:  # a zero soft embedding is a zero signal
                 soft[r.row].zero_()
         return soft if rows is None else soft[rows]
+
+    def _soft_buffer(self) -> torch.Tensor:
+        """Each cache row's self-conditioning input for its next step (max_batch, C, hidden), zero at first."""
+        shape = (self.max_batch, self.canvas_length, self.config.text.hidden_size)
+        return self._buffer("soft", shape, self.model.dtype, zero=True)
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head over a tile's hidden states (T, C, hidden) -> float32 logits (T, C, V) in a reused buffer."""

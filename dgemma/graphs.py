@@ -49,7 +49,7 @@ class StepGraphs:
     """Static-shape denoising steps over one model and cache: one per (bucket, acceptance rule), for the spans of
     the latest step (spans only grow while rows fill, so an older span's graph is dropped with its memory)."""
 
-    INPUTS = ("rows", "canvas", "soft", "uniforms", "temperature", "bound")
+    INPUTS = ("canvas", "soft", "uniforms", "temperature", "bound")  # per row; "rows" (the cache rows) apart
 
     def __init__(self, model: DiffusionGemma, cache: KVCache, step: Callable, capture: bool):
         """`step`: `engine.denoise_step`; `capture`: record CUDA graphs (CUDA only), else run from the buffers."""
@@ -81,7 +81,7 @@ class StepGraphs:
         if g is None or g.view.span != view.span:  # the cache grew past a span bucket: a new graph replaces the old
             g = self._graphs[(B, rule)] = self._new(B, view)
         g.inputs["rows"].copy_(torch.tensor(padded))
-        for name in self.INPUTS[1:]:
+        for name in self.INPUTS:
             t, dst = inputs[name], g.inputs[name]
             if t is None:
                 dst.zero_()  # a zero soft embedding is no signal

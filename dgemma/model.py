@@ -104,9 +104,10 @@ def cached(owner: nn.Module, name: str, parts: tuple[torch.Tensor, ...], build: 
 
 
 # Fuse linear layers that read the same input into one matmul while their weights are this small: there the
-# per-call overhead dominates (the laptop-sized `--preset small`: 0.5-1 MiB, 5-10 % faster per step). Above it the
-# matmuls dominate and one larger matmul is no faster (the 75M preset's 3-7 MB: 2-5 % slower with AVX2 kernels),
-# and the concatenated copy would cost memory.
+# per-call overhead dominates (the laptop-sized `--preset small`, 0.5-1 MiB: 39 matmuls per decoder pass instead of
+# 57; the wall-time gain was within the test VM's noise, docs/benchmarks.md). Above it the matmuls dominate and one
+# larger matmul is no faster (the 75M preset's 3-7 MB: 2-5 % slower with AVX2 kernels), and the concatenated copy
+# would cost memory.
 FUSE_MAX_BYTES = 2 << 20
 
 
