@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable, Literal
 
 import torch
 
-from .schemas import prepare_schema
+from .schemas import ascii_shorthands, prepare_schema
 
 Kind = Literal["json_schema", "json_object", "regex", "choice", "grammar", "tool_calls"]
 
@@ -163,7 +163,8 @@ def _regex_grammar(regex: Any) -> str:
         raise ConstraintError("regex must be a non-empty string")
     if len(regex) > MAX_REGEX_CHARS:
         raise ConstraintError(f"regex has {len(regex)} characters; the limit is {MAX_REGEX_CHARS}")
-    return llguidance.LLMatcher.grammar_from_regex(regex)
+    # \d, \w, \s, \S as their ASCII members, as in JSON Schema patterns (engines disagree on the rest)
+    return llguidance.LLMatcher.grammar_from_regex(ascii_shorthands(regex))
 
 
 def _choice_grammar(choice: Any) -> str:

@@ -111,18 +111,24 @@ def cached(owner: nn.Module, name: str, parts: tuple[torch.Tensor, ...], build: 
 FUSE_MAX_BYTES = 2 << 20
 
 
+def fusable(owner: nn.Module, mods: tuple[nn.Module, ...]) -> bool:
+    """Whether `owner` may run the linear layers `mods` from fused copies of their weights: not in reference mode,
+    not in training (differentiable), and only plain `nn.Linear`s without hooks (FP8 layers have their own class;
+    LoRA adds its adapters through forward hooks, which a fused matmul would skip)."""
+    return not (
+        getattr(owner, "exact", False)
+        or any(type(m) is not nn.Linear or m._forward_hooks or m._forward_pre_hooks for m in mods)
+        or (torch.is_grad_enabled() and any(m.weight.requires_grad for m in mods))
+    )
+
+
 def fused_linear(owner: nn.Module, x: torch.Tensor, mods: tuple[nn.Module, ...]) -> torch.Tensor | None:
     """x (..., in) through linear layers `mods` of the same input as one matmul over their concatenated weights (kept
     on `owner`): the outputs side by side (..., sum of outs). None where that does not apply, and the caller runs the
     layers one by one: training, reference mode (transformers' separate matmuls, bit for bit), wrapped layers (LoRA,
     FP8) and large weights."""
     ws = tuple(m.weight for m in mods)
-    if (
-        getattr(owner, "exact", False)
-        or any(type(m) is not nn.Linear for m in mods)
-        or (torch.is_grad_enabled() and any(w.requires_grad for w in ws))
-        or sum(w.numel() * w.element_size() for w in ws) > FUSE_MAX_BYTES
-    ):
+    if not fusable(owner, mods) or sum(w.numel() * w.element_size() for w in ws) > FUSE_MAX_BYTES:
         return None
     w = cached(owner, "_fused_weight", ws, lambda: torch.cat(ws))
     bs = tuple(m.bias for m in mods if m.bias is not None)
@@ -472,10 +478,13 @@ class DiffusionGemma(nn.Module):
     # -- weights ----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def reset_parameters(self, std: float | None = None) -> None:
-        """Random init as transformers does it: normal(0, initializer_range) linears/embeddings, ones for norms."""
+        """Random init as transformers does it: normal(0, initializer_range) linears/embeddings, ones for every norm
+        (`post_feedforward_layernorm_1` too: a zero there would silence its branch, and the expert branch, between
+        two zero norms, could never learn), the router's scales and the layer scalars; zeros for biases."""
         std = self.text.initializer_range if std is None else std
+        ones = {id(m.weight) for m in self.modules() if isinstance(m, RMSNorm) and m.weight is not None}
         for name, p in self.named_parameters():
-            if name.endswith("norm.weight") or name.endswith("router.scale") or name.endswith("per_expert_scale"):
+            if id(p) in ones or name.endswith("router.scale") or name.endswith("per_expert_scale"):
                 p.fill_(1.0)
             elif p.ndim >= 2:
                 p.normal_(0.0, std)

@@ -378,3 +378,33 @@ def test_bf16_parity(tmp_path):
     # dgemma in bf16 is not much further from the float32 reference than transformers in bf16
     assert worst_own <= 2 * worst_hf + 0.05, (worst_own, worst_hf)
     assert ratio <= BF16_MEAN_RATIO, f"dgemma-bf16 vs transformers-bf16: {ratio:.3f} x bf16's own error"
+
+
+def test_init_matches_transformers_constants(tmp_path):
+    """`reset_parameters` gives every parameter that transformers initialises to a constant (every RMSNorm, the
+    router's scales) the same constant, and the training loss reaches every parameter from that init: a zero norm
+    weight in front of a branch silences it (the expert branch, between two of them, could never learn)."""
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+
+    from oracle import TINY_VISION, hf_text_config
+
+    cfg = DiffusionGemmaConfig(text_config=hf_text_config(), vision_config=TINY_VISION, canvas_length=8)
+    torch.manual_seed(0)
+    DiffusionGemmaForBlockDiffusion(cfg).save_pretrained(tmp_path)  # transformers' own init
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = load_model(tmp_path)
+    ours = copy.deepcopy(theirs)
+    ours.reset_parameters()
+    constants = 0
+    for (name, p), q in zip(theirs.named_parameters(), ours.parameters()):
+        if p.ndim == 1 and bool((p == p[0]).all()):
+            constants += 1
+            assert torch.equal(q, p), name
+    assert constants >= 7 * theirs.text.num_hidden_layers  # the norms of every layer were compared
+    cache = ours.new_cache(1, 16)
+    ours.encode(torch.tensor([[2, 5, 6, 7]]), cache)
+    sc = torch.randn(1, 8, ours.text.vocab_size)  # a previous step's logits: self-conditioning learns too
+    ours.denoise(torch.randint(3, 90, (1, 8)), cache, self_cond=sc).logsumexp(-1).sum().backward()
+    dead = [n for n, p in ours.named_parameters() if p.grad is None or not p.grad.any()]
+    assert not dead, dead

@@ -347,6 +347,8 @@ def test_lora_trains_adapters_only_and_merges_on_save(tmp_path):
         tr.train_step()
     after = _params(m)
     assert all(torch.equal(base[k], after[k]) for k in base)  # frozen base
+    # every adapter learned, q/k/v and gate/up included (a fused matmul over them would skip their hooks)
+    assert all(b.abs().max() > 0 for b in tr.lora.B.values()), [k for k, b in tr.lora.B.items() if not b.any()]
     path = tr.save(final=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
