@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import dgemma.engine as E
 from dgemma import DiffusionGemma
@@ -72,8 +73,9 @@ def _unfused(monkeypatch):
 
 @pytest.mark.parametrize("over", [{}, {"attention_bias": True}])
 def test_fused_projections_match_separate_ones(monkeypatch, over):
-    """One matmul over q/k/v (and gate/up) with one RMS over every head gives the separate layers' outputs (up to
-    float32 rounding: the fused matmul may block its sums differently) and touches the cache the same way."""
+    """One matmul over q/k/v (and gate/up; and over both FFN branches' and the router's input weights, the norm
+    weights folded in) with one RMS over every head gives the separate layers' outputs (up to float32 rounding: the
+    fused matmul may block its sums differently) and touches the cache the same way."""
     m = _model(**over)
     tokens, canvas = torch.randint(3, 60, (2, 7)), torch.randint(3, 60, (2, 4))
     outs = []
@@ -84,7 +86,8 @@ def test_fused_projections_match_separate_ones(monkeypatch, over):
             cache = m.new_cache(2, 32)
             enc = m.encode(tokens, cache)
             outs.append((enc, m.denoise(canvas, cache), cache.kv(0)[0].clone()))
-    assert hasattr(m.layers[0].self_attn, "_fused_weight") and hasattr(m.layers[0].mlp, "_fused_weight")
+    # q/k/v through one matmul; both FFN branches and the router through one input matmul (`Layer._fused_branches`)
+    assert hasattr(m.layers[0].self_attn, "_fused_weight") and hasattr(m.layers[0], "_ffn_in")
     for fused, separate in zip(*outs):
         assert separate.abs().max() > 0.1
         torch.testing.assert_close(fused, separate, rtol=1e-5, atol=1e-5)
@@ -118,6 +121,21 @@ def test_fused_weights_follow_weight_updates():
     sum((o * torch.randn_like(o)).sum() for o in out).backward()  # separate layers: gradients reach every weight
     for p in (attn.q_proj.weight, attn.k_proj.weight, attn.q_norm.weight):
         assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_lean_cpu_kernels_match_torch():
+    """The CPU's tanh-GELU as a sigmoid and the RMS norm from a vector norm: torch's functions within float32
+    rounding, over magnitudes from 1e-30 to 1e30 (no overflow to NaN in the cubic term)."""
+    from dgemma.model import gated_activation, rms_unit
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 96, generator=g) * torch.logspace(-30, 30, 96)
+    up = torch.randn(64, 96, generator=g)
+    fast, ref = gated_activation("gelu_pytorch_tanh", x, up), F.gelu(x, approximate="tanh") * up
+    assert not fast.isnan().any()
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
+    y = torch.randn(5, 64, 256, generator=g) * torch.logspace(-3, 3, 5)[:, None, None]
+    torch.testing.assert_close(rms_unit(y, 1e-6), F.rms_norm(y, (256,), None, 1e-6), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("head_dim,n_kv", [(8, 2), (512, 1)])
