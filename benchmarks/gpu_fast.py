@@ -13,7 +13,9 @@ Per batch size (default 1 and 8), canvas 256, 16 fixed denoising steps, ms per s
 - `step-graph`: the same step captured once in a CUDA graph and replayed (copy inputs in, replay);
 - `step-compile-graph`: `torch.compile` of the step, then captured (skipped with --no-compile);
 - `fp8-graph`: the model quantized to FP8 (`quant.quantize_fp8`), captured;
-- `ar`: dgemma's AR path on the same weights (eager engine).
+- `ar`: dgemma's AR path on the same weights (engine; on CUDA each decode step a captured graph per batch bucket,
+  dgemma/graphs.py);
+- `ar-eager`: the same with `graphs=False`.
 
 Step variants are timed with CUDA events after warm-up; their tok/s adds one commit encode per canvas
 (C tokens per `steps` steps + 1 encode). A roofline line (weight bytes one step reads / HBM bandwidth), the top
@@ -162,7 +164,7 @@ def engine_variant(b: Bench, batch: int, mode: str, graphs: bool = True) -> None
     b.sync()
     wall = time.perf_counter() - t
     b.record(
-        impl=("engine" if graphs else "engine-eager") if mode == "diffusion" else "ar",
+        impl=("engine" if mode == "diffusion" else "ar") + ("" if graphs else "-eager"),
         batch=batch,
         tok_s=batch * C / wall,
         ms_per_step=1e3 * wall / a.steps if mode == "diffusion" else None,
@@ -246,7 +248,8 @@ def main() -> int:
         ("engine-eager", lambda n: engine_variant(b, n, "diffusion", graphs=False)),
         ("step-eager", lambda n: step_variant(b, n, "step-eager", graph=False)),
         ("step-graph", lambda n: b.cuda and step_variant(b, n, "step-graph", graph=True)),
-        ("ar", lambda n: engine_variant(b, n, "ar", graphs=False)),
+        ("ar", lambda n: engine_variant(b, n, "ar")),
+        ("ar-eager", lambda n: engine_variant(b, n, "ar", graphs=False)),
         (
             "step-compile-graph",
             lambda n: (

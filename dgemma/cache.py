@@ -267,8 +267,10 @@ class KVCache:
         visible: torch.Tensor,
         n_new: torch.Tensor,
         rows: torch.Tensor | None = None,
+        host: dict[int, int] | None = None,
     ) -> None:
-        """After all layers are written: record which slot each entry holds and advance the lengths."""
+        """After all layers are written: record which slot each entry holds and advance the lengths. `host`: {row:
+        new tokens} as the host knows them (saves reading `rows` and `n_new` back from the device)."""
         for sliding, idx in plan.items():
             cap = self.pos[sliding].shape[1] - 1
             # Entries overwritten by an invisible token become invisible: they get -1 too.
@@ -282,6 +284,8 @@ class KVCache:
             self.lengths += n_new
         else:
             self.lengths[rows] += n_new
-        for r, n in zip(range(self.batch_size) if rows is None else rows.tolist(), n_new.tolist()):
+        if host is None:
+            host = dict(zip(range(self.batch_size) if rows is None else rows.tolist(), n_new.tolist()))
+        for r, n in host.items():
             self.host_lengths[r] += n
         self.version += 1

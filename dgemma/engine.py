@@ -812,9 +812,12 @@ class Engine:
         if not reqs:
             return
         dev = self.model.device
-        rows = torch.tensor([r.row for r in reqs], dtype=torch.long, device=dev)
         tokens = torch.tensor([[r.ar.next_token] for r in reqs], dtype=torch.long, device=dev)
-        logits = self.model.logits(self.model.encode(tokens, self.cache, rows=rows))[:, -1]
+        if self.graphs is not None and self.graphs.fits(len(reqs), tokens=1):  # static shapes (graphs.py)
+            logits = self.graphs.decode([r.row for r in reqs], tokens)
+        else:
+            rows = torch.tensor([r.row for r in reqs], dtype=torch.long, device=dev)
+            logits = self.model.logits(self.model.encode(tokens, self.cache, rows=rows))[:, -1]
         self.stats["encoder_passes"] += 1
         for i, r in enumerate(reqs):
             self.row_tokens[r.row].append(r.ar.next_token)

@@ -10,6 +10,10 @@ tests check.
 Padded rows are copies of the first row (its cache row, canvas, random numbers): a copy writes the same canvas
 keys/values into the same cache entries as the row it copies, so padding cannot disturb a real row, and no spare
 cache row is needed. Their outputs are dropped.
+
+The autoregressive baseline's step (`decode`: one token per row through the encoder, next-token logits) is replayed
+the same way per bucket, its token's keys/values written into their slot in place (`model.decode_in_place`); the
+slots are committed after the replay, and the tokens sampled on the host as before.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ class _Graph:
 
     inputs: dict[str, torch.Tensor]
     view: CanvasView  # masks and slots are static buffers too; spans fixed
-    outputs: tuple[StepOut, torch.Tensor] | None = None
+    outputs: object | None = None  # what the captured step returns (static buffers)
     graph: object | None = None  # torch.cuda.CUDAGraph
 
 
@@ -61,11 +65,13 @@ class StepGraphs:
 
     def describe(self) -> str:
         how = "captured as CUDA graphs" if self.capture else "from static buffers (eager)"
-        return f"steps {how} per batch bucket {'/'.join(map(str, BUCKETS))}, key spans rounded to {SPAN_BUCKET}"
+        buckets = "/".join(map(str, BUCKETS))
+        return f"denoising and AR steps {how} per batch bucket {buckets}, key spans rounded to {SPAN_BUCKET}"
 
-    def fits(self, rows: int) -> bool:
-        """Whether a step of `rows` rows can run here: a bucket holds them and the canvas fits its cache slots."""
-        return bucket(rows) is not None and self.cache.fits_in_place(self.C)
+    def fits(self, rows: int, tokens: int | None = None) -> bool:
+        """Whether a step of `rows` rows can run here: a bucket holds them and their `tokens` each (default: a
+        canvas) fit their cache slots."""
+        return bucket(rows) is not None and self.cache.fits_in_place(self.C if tokens is None else tokens)
 
     def run(
         self, rows: list[int], inputs: dict[str, torch.Tensor | None], rule: str, accept: Callable
@@ -77,21 +83,9 @@ class StepGraphs:
         R, B = len(rows), bucket(len(rows))
         padded = rows + [rows[0]] * (B - R)
         view = self._padded_view(padded)
-        g = self._graphs.get((B, rule))
-        if g is None or g.view.span != view.span:  # the cache grew past a span bucket: a new graph replaces the old
-            g = self._graphs[(B, rule)] = self._new(B, view)
-        g.inputs["rows"].copy_(torch.tensor(padded))
-        for name in self.INPUTS:
-            t, dst = inputs[name], g.inputs[name]
-            if t is None:
-                dst.zero_()  # a zero soft embedding is no signal
-                continue
-            dst[:R].copy_(t)
-            dst[R:].copy_(t[:1].expand(B - R, *t.shape[1:]))
-        for s in view.span:
-            g.view.slots[s].copy_(view.slots[s])
-            g.view.masks[s].copy_(view.masks[s])
-        out, soft = self._replay(g, accept)
+        g = self._graph((B, rule), view, lambda: self._new(B, view))
+        self._load(g, padded, view, {name: inputs[name] for name in self.INPUTS})
+        out, soft = self._replay(g, lambda: self._eager(g, accept))
         copy = StepOut(
             out.canvas[:R].clone(),
             out.argmax[:R].clone(),
@@ -100,6 +94,54 @@ class StepGraphs:
             out.mean_entropy[:R].clone(),
         )
         return copy, soft[:R]
+
+    def decode(self, rows: list[int], tokens: torch.Tensor) -> torch.Tensor:
+        """One autoregressive step of R rows at cache `rows`: tokens (R, 1) -> next-token logits (R, V), a view of a
+        static buffer valid until the next step. The tokens' slots are committed (host lengths advance by one)."""
+        R, B = len(rows), bucket(len(rows))
+        padded = rows + [rows[0]] * (B - R)
+        idx = torch.tensor(padded, device=self.cache.device)
+        view = self.cache.decoder_masks(1, idx, in_place=True, round_span=SPAN_BUCKET)
+        dev = self.cache.device
+        g = self._graph(
+            (B, "ar"), view, lambda: _Graph({"tokens": torch.zeros(B, 1, dtype=torch.long, device=dev)}, _copy(view))
+        )
+        self._load(g, padded, view, {"tokens": tokens})
+        model = self.model
+        logits = self._replay(
+            g, lambda: model.decode_in_place(g.inputs["tokens"], self.cache, g.view, g.inputs["rows"])
+        )
+        real = idx[:R]
+        positions = self.cache.lengths[real][:, None]
+        ones = torch.ones_like(positions, dtype=torch.bool)
+        slots = {s: t[:R] for s, t in view.slots.items()}
+        self.cache.commit(slots, positions, ones, ones.sum(1), real, host=dict.fromkeys(rows, 1))
+        return logits[:R]
+
+    def _graph(self, key: tuple, view: CanvasView, new: Callable[[], _Graph]) -> _Graph:
+        """The graph of `key` for this view's spans; a new one (`new()`) replaces it when the cache grew past a span
+        bucket, so memory stays bounded."""
+        g = self._graphs.get(key)
+        if g is None or g.view.span != view.span:
+            g = self._graphs[key] = new()
+            g.inputs.setdefault("rows", torch.zeros(key[0], dtype=torch.long, device=self.cache.device))
+        return g
+
+    @staticmethod
+    def _load(g: _Graph, padded: list[int], view: CanvasView, inputs: dict[str, torch.Tensor | None]) -> None:
+        """Copy a step's inputs into the static buffers: the R real rows, then copies of the first up to the bucket."""
+        g.inputs["rows"].copy_(torch.tensor(padded))
+        for name, t in inputs.items():
+            dst = g.inputs[name]
+            if t is None:
+                dst.zero_()  # a zero soft embedding is no signal
+                continue
+            R = t.shape[0]
+            dst[:R].copy_(t)
+            dst[R:].copy_(t[:1].expand(len(padded) - R, *t.shape[1:]))
+        for s in view.span:
+            g.view.slots[s].copy_(view.slots[s])
+            g.view.masks[s].copy_(view.masks[s])
 
     def _padded_view(self, rows: list[int]) -> CanvasView:
         """The in-place canvas view of the padded rows (masks always tensors, spans rounded), built once per canvas."""
@@ -120,36 +162,34 @@ class StepGraphs:
             "temperature": torch.ones(B, dtype=torch.float32, device=dev),
             "bound": torch.zeros(B, dtype=torch.float32, device=dev),
         }
-        static = CanvasView(
-            {s: t.clone() for s, t in view.masks.items()}, {s: t.clone() for s, t in view.slots.items()}, view.span
-        )
-        return _Graph(inputs, static)
+        return _Graph(inputs, _copy(view))
 
-    def _replay(self, g: _Graph, accept: Callable) -> tuple[StepOut, torch.Tensor]:
+    def _replay(self, g: _Graph, step: Callable[[], object]):
+        """Run `step` (the step from `g`'s static buffers): replayed once captured; captured on first use on CUDA."""
         if g.graph is not None:
             g.graph.replay()
             return g.outputs
         if not self.capture:
-            return self._eager(g, accept)
+            return step()
         try:
-            return self._capture(g, accept)
+            return self._capture(g, step)
         except Exception as e:  # an op that cannot be captured: keep serving, from the static buffers eagerly
             logger.warning("dgemma: CUDA graph capture failed (%s: %s); steps run eagerly", type(e).__name__, e)
             self.capture, g.graph, g.outputs = False, None, None
-            return self._eager(g, accept)
+            return step()
 
-    def _capture(self, g: _Graph, accept: Callable) -> tuple[StepOut, torch.Tensor]:
-        # Warm up on a side stream (allocator, lazily built tables), then capture; warm-up steps only write canvas
-        # keys/values into future cache slots, the same values the captured step writes.
+    def _capture(self, g: _Graph, step: Callable[[], object]):
+        # Warm up on a side stream (allocator, lazily built tables), then capture; warm-up steps only write keys and
+        # values into future cache slots, the same values the captured step writes.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._eager(g, accept)
+                step()
         torch.cuda.current_stream().wait_stream(side)
         g.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g.graph, pool=self._pool):
-            g.outputs = self._eager(g, accept)
+            g.outputs = step()
         g.graph.replay()
         return g.outputs
 
@@ -167,3 +207,10 @@ class StepGraphs:
             i["rows"],
             accept,
         )
+
+
+def _copy(view: CanvasView) -> CanvasView:
+    """Static copies of a view's masks and slots (the same spans)."""
+    return CanvasView(
+        {s: t.clone() for s, t in view.masks.items()}, {s: t.clone() for s, t in view.slots.items()}, view.span
+    )

@@ -432,6 +432,17 @@ def expert_kernel(w: torch.Tensor, exact: bool = False, tokens: int = 1, top_k: 
 Context = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
+def _in_place(cache: KVCache, view: CanvasView, rows: torch.Tensor | None, i: int) -> Context:
+    """Layer i's context for a pass whose keys/values go into their future slots (`view.slots`), attended in place
+    over the buffer's first `view.span` entries."""
+
+    def read(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cache.write_layer(i, view.slots, k, v, rows)
+        return cache.kv(i, rows, span=view.span[cache.layers[i].sliding])
+
+    return read
+
+
 class Layer(nn.Module):
     """A Gemma 4 layer: attention, then a dense GeGLU MLP and an MoE branch in parallel, a per-layer scalar."""
 
@@ -745,10 +756,10 @@ class DiffusionGemma(nn.Module):
         x = sc.post_norm(x)
 
         def context(i: int) -> Context:
+            if masks.slots is not None:  # in place: into the future slots, then the buffer as it stands
+                return _in_place(cache, masks, rows, i)
+
             def read(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                if masks.slots is not None:  # in place: into the future slots, then the buffer as it stands
-                    cache.write_layer(i, masks.slots, k, v, rows)
-                    return cache.kv(i, rows, span=masks.span[cache.layers[i].sliding])
                 ck, cv = cache.kv(i, rows)
                 return torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)
 
@@ -756,6 +767,19 @@ class DiffusionGemma(nn.Module):
 
         x = self.norm(self._layers(x, positions, cache, context, masks.masks, encoder=False))
         return x if hidden_only else self.logits(x)
+
+    def decode_in_place(
+        self, tokens: torch.Tensor, cache: KVCache, view: CanvasView, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """One autoregressive step with static shapes (graphs.py): tokens (B, 1), one per row, through the encoder
+        at each row's next position -> next-token logits (B, V). `view` = `cache.decoder_masks(1, rows,
+        in_place=True)`: a one-token pass is causal and bidirectional alike, so the token's keys/values go into
+        its slot and attention reads the buffer in place. Like `denoise`, it leaves the cache's bookkeeping alone:
+        the caller commits the slots (`KVCache.commit`) to keep what was written. `encode` gives the same logits."""
+        positions = cache.rows_of(cache.lengths, rows)[:, None]  # (B, 1)
+        context = functools.partial(_in_place, cache, view, rows)
+        x = self._layers(self.embed(tokens), positions, cache, context, view.masks, encoder=True)
+        return self.logits(self.norm(x))[:, -1]
 
     def _layers(
         self,

@@ -390,6 +390,16 @@ def test_denoise_step_is_graph_safe(monkeypatch):
         for a, b in zip(padded_step(*args), _compile_strict(padded_step)(*args)):
             assert torch.equal(a, b)
 
+    # The autoregressive step (graphs.py's decode): one token per padded row, written into its slot in place.
+    one = ring.decoder_masks(1, rows, in_place=True, round_span=256)
+
+    def ar_step(tokens):
+        return m.decode_in_place(tokens, ring, one, rows)
+
+    with torch.no_grad():
+        tokens = torch.randint(0, 128, (3, 1))
+        assert torch.equal(ar_step(tokens), _compile_strict(ar_step)(tokens))
+
     # float32 on CPU runs the dense experts, also capturable.
     m32 = _model(torch.float32)
     cache32, canvas32, soft32, u32, _, _, masks32 = _step_inputs(m32)
@@ -427,6 +437,38 @@ def test_static_steps_match_the_eager_engine(monkeypatch):
     assert "static buffers" in static.describe()
     assert len(a) == 6 and all(len(x) == 3 for x in a)
     _same_steps(a, b)
+
+
+def test_static_decode_matches_encode():
+    """The autoregressive step from static buffers (3 rows of different lengths padded to bucket 4 with a copy of
+    the first; each token written into its cache slot in place, the slots committed after) gives the logits and
+    leaves the cache that `encode` of the same tokens does, step after step, past a wrap of the sliding ring."""
+    from dgemma.graphs import StepGraphs
+
+    m = _model()
+    caches = [m.new_cache(4, 48, slack=m.config.canvas_length) for _ in range(2)]
+    rows, g = [2, 0, 3], torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        prompt = torch.randint(3, 128, (4, 9), generator=g)
+        for c in caches:
+            m.encode(prompt, c, n_new=torch.tensor([9, 1, 5, 3]))
+        static = StepGraphs(m, caches[1], denoise_step, capture=False)
+        for _ in range(12):  # sliding window 8: the ring wraps
+            tokens = torch.randint(3, 128, (3, 1), generator=g)
+            ref = m.logits(m.encode(tokens, caches[0], rows=torch.tensor(rows)))[:, -1]
+            torch.testing.assert_close(static.decode(rows, tokens), ref, rtol=1e-5, atol=1e-5)
+    a, b = caches
+    assert a.host_lengths == b.host_lengths and torch.equal(a.lengths, b.lengths)
+    for s in (True, False):
+        assert torch.equal(a.pos[s], b.pos[s])
+    for (
+        la,
+        lb,
+    ) in zip(a.layers, b.layers):  # every entry a position is recorded for holds the same keys
+        for r in range(4):
+            live = a.pos[la.sliding][r] >= 0
+            torch.testing.assert_close(la.k[r][:, live], lb.k[r][:, live], rtol=1e-5, atol=1e-5)
+    assert set(static._graphs) == {(4, "ar")}
 
 
 def test_static_steps_fall_back_where_they_cannot_run():

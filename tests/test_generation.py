@@ -625,15 +625,22 @@ GREEDY_TIE = 2e-4
 
 
 @torch.no_grad()
-def test_ar_mode_greedy_matches_transformers_encoder(ar_model):
+@pytest.mark.parametrize("static", [False, True])
+def test_ar_mode_greedy_matches_transformers_encoder(ar_model, static):
     """AR greedy == transformers' encoder as a causal LM (DynamicCache, a sliding window shorter than the text): fed
     dgemma's tokens one by one, transformers' logits must make each of them the argmax, up to rounding (GREEDY_TIE:
     a near-tie may go either way; wherever the top two logits are further apart, the token is transformers' argmax,
-    so without near-ties this is transformers' own greedy output)."""
+    so without near-ties this is transformers' own greedy output). `static`: the decode steps from static buffers
+    per batch bucket, the token written into its cache slot in place (what a CUDA graph replays; graphs.py)."""
     from transformers import DynamicCache
+
+    from dgemma.engine import denoise_step
+    from dgemma.graphs import StepGraphs
 
     hf, d = ar_model
     llm = _llm(d, max_batch=2, max_model_len=64)
+    if static:
+        llm.engine.graphs = StepGraphs(llm.engine.model, llm.engine.cache, denoise_step, capture=False)
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [30, 2, 17]]
     n = 14
     for prompt in prompts:
@@ -660,6 +667,8 @@ def test_ar_mode_greedy_matches_transformers_encoder(ar_model):
     with tracing() as t_one:
         singles = [llm.generate([_ids(p)], sp)[0] for p, sp in zip(prompts, params)]
     _same_requests(t_both, t_one, both, singles, params)
+    if static:  # buckets 1 and 2 served the steps
+        assert {k for k in llm.engine.graphs._graphs if k[1] == "ar"} == {(1, "ar"), (2, "ar")}
 
 
 class _EncodeCounter:
