@@ -223,6 +223,22 @@ class KVCache:
             masks[sliding] = None if not round_span and bool(m.all()) else m[:, None, None, :]
         return CanvasView(masks, slots, span)
 
+    def causal_view(self, T: int, rows: torch.Tensor | None = None, round_span: int | None = None) -> CanvasView:
+        """How a causal pass of T new tokens per row reads the cache in place (`model.encode_in_place`; requires
+        `fits_in_place(T)`): the tokens' keys/values go into their future slots, and the token at position q sees
+        every entry holding a position <= q (within the window on sliding layers), as `encoder_masks` lets it.
+        Masks (R, 1, T, span); `round_span` as for `decoder_masks`."""
+        view = self._in_place_view(T, rows, round_span)  # its slots and spans (its key-only masks are not causal)
+        positions = self.rows_of(self.lengths, rows)[:, None] + torch.arange(T, device=self.device)[None, :]
+        q = positions[:, None, :, None]  # (R, 1, T, 1)
+        masks = {}
+        for sliding in (True, False):
+            kpos = self.rows_of(self.pos[sliding], rows)[:, : view.span[sliding]]
+            kpos = kpos.scatter(1, view.slots[sliding], positions)[:, None, None, :]  # (R, 1, 1, span)
+            m = (kpos >= 0) & (kpos <= q)
+            masks[sliding] = m & (kpos > q - self.window) if sliding else m
+        return CanvasView(masks, view.slots, view.span)
+
     # -- writes ------------------------------------------------------------------------------------------------
     def write_plan(
         self, positions: torch.Tensor, n_new: torch.Tensor, rows: torch.Tensor | None = None

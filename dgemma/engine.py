@@ -649,9 +649,13 @@ class Engine:
         if not commits:
             return
         dev = self.model.device
-        rows = torch.tensor([r.row for r, _, _ in commits], dtype=torch.long, device=dev)
-        n_new = torch.tensor([n for _, _, n in commits], dtype=torch.long, device=dev)
-        self.model.encode(torch.stack([a for _, a, _ in commits]), self.cache, n_new=n_new, rows=rows, last_only=True)
+        canvases = torch.stack([a for _, a, _ in commits])
+        if self.graphs is not None and self.graphs.fits(len(commits)):  # static shapes (graphs.py)
+            self.graphs.commit([r.row for r, _, _ in commits], canvases, [n for _, _, n in commits])
+        else:
+            rows = torch.tensor([r.row for r, _, _ in commits], dtype=torch.long, device=dev)
+            n_new = torch.tensor([n for _, _, n in commits], dtype=torch.long, device=dev)
+            self.model.encode(canvases, self.cache, n_new=n_new, rows=rows, last_only=True)
         self.stats["encoder_passes"] += 1
         for r, a, n in commits:
             self.row_tokens[r.row].extend(a[:n].tolist())

@@ -11,9 +11,10 @@ Padded rows are copies of the first row (its cache row, canvas, random numbers):
 keys/values into the same cache entries as the row it copies, so padding cannot disturb a real row, and no spare
 cache row is needed. Their outputs are dropped.
 
-The autoregressive baseline's step (`decode`: one token per row through the encoder, next-token logits) is replayed
-the same way per bucket, its token's keys/values written into their slot in place (`model.decode_in_place`); the
-slots are committed after the replay, and the tokens sampled on the host as before.
+Causal passes are replayed the same way per bucket and length: the commit encode of finished canvases (`commit`)
+and the autoregressive baseline's step (`decode`: one token per row, next-token logits), their keys/values written
+into their slots in place (`model.encode_in_place`); the kept slots are committed after the replay, and AR tokens
+are sampled on the host as before.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ class StepGraphs:
     def describe(self) -> str:
         how = "captured as CUDA graphs" if self.capture else "from static buffers (eager)"
         buckets = "/".join(map(str, BUCKETS))
-        return f"denoising and AR steps {how} per batch bucket {buckets}, key spans rounded to {SPAN_BUCKET}"
+        steps = "denoising steps, commit encodes and AR steps"
+        return f"{steps} {how} per batch bucket {buckets}, key spans rounded to {SPAN_BUCKET}"
 
     def fits(self, rows: int, tokens: int | None = None) -> bool:
         """Whether a step of `rows` rows can run here: a bucket holds them and their `tokens` each (default: a
@@ -98,33 +100,45 @@ class StepGraphs:
     def decode(self, rows: list[int], tokens: torch.Tensor) -> torch.Tensor:
         """One autoregressive step of R rows at cache `rows`: tokens (R, 1) -> next-token logits (R, V), a view of a
         static buffer valid until the next step. The tokens' slots are committed (host lengths advance by one)."""
-        R, B = len(rows), bucket(len(rows))
+        return self._causal(rows, tokens, [1] * len(rows), head=True)
+
+    def commit(self, rows: list[int], tokens: torch.Tensor, n_new: list[int]) -> None:
+        """Encode committed canvases: tokens (R, C), the first `n_new[i]` of row i kept (the rest are written into
+        slots that stay unrecorded, so nothing ever sees them)."""
+        self._causal(rows, tokens, n_new, head=False)
+
+    def _causal(self, rows: list[int], tokens: torch.Tensor, n_new: list[int], head: bool) -> torch.Tensor | None:
+        """A causal pass (`model.encode_in_place`) from static buffers per (bucket, length); with `head`, the last
+        position's logits. Then the real rows' first `n_new` slots are committed, from what the host knows."""
+        (R, T), B, dev, model = tokens.shape, bucket(len(rows)), self.cache.device, self.model
         padded = rows + [rows[0]] * (B - R)
-        idx = torch.tensor(padded, device=self.cache.device)
-        view = self.cache.decoder_masks(1, idx, in_place=True, round_span=SPAN_BUCKET)
-        dev = self.cache.device
-        g = self._graph(
-            (B, "ar"), view, lambda: _Graph({"tokens": torch.zeros(B, 1, dtype=torch.long, device=dev)}, _copy(view))
-        )
+        idx = torch.tensor(padded, device=dev)
+        view = self.cache.causal_view(T, idx, round_span=SPAN_BUCKET)
+        zeros = torch.zeros(B, T, dtype=torch.long, device=dev)
+        g = self._graph(("causal", B, T, head), view, lambda: _Graph({"tokens": zeros}, _copy(view)))
         self._load(g, padded, view, {"tokens": tokens})
-        model = self.model
-        logits = self._replay(
-            g, lambda: model.decode_in_place(g.inputs["tokens"], self.cache, g.view, g.inputs["rows"])
-        )
+
+        def step() -> torch.Tensor:
+            x = model.encode_in_place(g.inputs["tokens"], self.cache, g.view, g.inputs["rows"])
+            return model.logits(x[:, -1]) if head else x
+
+        out = self._replay(g, step)
         real = idx[:R]
-        positions = self.cache.lengths[real][:, None]
-        ones = torch.ones_like(positions, dtype=torch.bool)
-        slots = {s: t[:R] for s, t in view.slots.items()}
-        self.cache.commit(slots, positions, ones, ones.sum(1), real, host=dict.fromkeys(rows, 1))
-        return logits[:R]
+        positions = self.cache.lengths[real][:, None] + torch.arange(T, device=dev)[None, :]
+        n = torch.tensor(n_new, device=dev)
+        keep = torch.arange(T, device=dev)[None, :] < n[:, None]
+        slots = {s: torch.where(keep, t[:R], self.cache.pos[s].shape[1] - 1) for s, t in view.slots.items()}
+        self.cache.commit(slots, positions, keep, n, real, host=dict(zip(rows, n_new)))
+        return out[:R] if head else None
 
     def _graph(self, key: tuple, view: CanvasView, new: Callable[[], _Graph]) -> _Graph:
-        """The graph of `key` for this view's spans; a new one (`new()`) replaces it when the cache grew past a span
-        bucket, so memory stays bounded."""
+        """The graph of `key` (whose batch bucket is its first or second entry) for this view's spans; a new one
+        (`new()`) replaces it when the cache grew past a span bucket, so memory stays bounded."""
         g = self._graphs.get(key)
         if g is None or g.view.span != view.span:
             g = self._graphs[key] = new()
-            g.inputs.setdefault("rows", torch.zeros(key[0], dtype=torch.long, device=self.cache.device))
+            B = view.slots[True].shape[0]
+            g.inputs.setdefault("rows", torch.zeros(B, dtype=torch.long, device=self.cache.device))
         return g
 
     @staticmethod

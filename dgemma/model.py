@@ -768,18 +768,17 @@ class DiffusionGemma(nn.Module):
         x = self.norm(self._layers(x, positions, cache, context, masks.masks, encoder=False))
         return x if hidden_only else self.logits(x)
 
-    def decode_in_place(
+    def encode_in_place(
         self, tokens: torch.Tensor, cache: KVCache, view: CanvasView, rows: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """One autoregressive step with static shapes (graphs.py): tokens (B, 1), one per row, through the encoder
-        at each row's next position -> next-token logits (B, V). `view` = `cache.decoder_masks(1, rows,
-        in_place=True)`: a one-token pass is causal and bidirectional alike, so the token's keys/values go into
-        its slot and attention reads the buffer in place. Like `denoise`, it leaves the cache's bookkeeping alone:
-        the caller commits the slots (`KVCache.commit`) to keep what was written. `encode` gives the same logits."""
-        positions = cache.rows_of(cache.lengths, rows)[:, None]  # (B, 1)
+        """`encode` with static shapes (graphs.py): a causal pass over tokens (B, T) at each row's next T positions
+        -> normed hidden states (B, T, hidden). `view` = `cache.causal_view(T, rows, ...)`: the tokens' keys/values
+        go into their slots and attention reads the buffer in place. Like `denoise`, it leaves the cache's
+        bookkeeping alone: the caller commits the slots (`KVCache.commit`) to keep what was written."""
+        T = tokens.shape[1]
+        positions = cache.rows_of(cache.lengths, rows)[:, None] + torch.arange(T, device=tokens.device)[None, :]
         context = functools.partial(_in_place, cache, view, rows)
-        x = self._layers(self.embed(tokens), positions, cache, context, view.masks, encoder=True)
-        return self.logits(self.norm(x))[:, -1]
+        return self.norm(self._layers(self.embed(tokens), positions, cache, context, view.masks, encoder=True))
 
     def _layers(
         self,

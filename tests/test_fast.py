@@ -391,14 +391,16 @@ def test_denoise_step_is_graph_safe(monkeypatch):
             assert torch.equal(a, b)
 
     # The autoregressive step (graphs.py's decode): one token per padded row, written into its slot in place.
-    one = ring.decoder_masks(1, rows, in_place=True, round_span=256)
+    # And the commit encode: a canvas per row, causal.
+    for T in (1, canvas.shape[1]):
+        causal = ring.causal_view(T, rows, round_span=256)
 
-    def ar_step(tokens):
-        return m.decode_in_place(tokens, ring, one, rows)
+        def causal_step(tokens):
+            return m.encode_in_place(tokens, ring, causal, rows)
 
-    with torch.no_grad():
-        tokens = torch.randint(0, 128, (3, 1))
-        assert torch.equal(ar_step(tokens), _compile_strict(ar_step)(tokens))
+        with torch.no_grad():
+            tokens = torch.randint(0, 128, (3, T))
+            assert torch.equal(causal_step(tokens), _compile_strict(causal_step)(tokens))
 
     # float32 on CPU runs the dense experts, also capturable.
     m32 = _model(torch.float32)
@@ -427,22 +429,26 @@ def test_denoise_step_is_graph_safe(monkeypatch):
 def test_static_steps_match_the_eager_engine(monkeypatch):
     """The engine's static-shape step (padded to a batch bucket with copies of the first row, key spans rounded up,
     masks always tensors: what a CUDA graph replays) sees the same logits, step after step, as the eager tiled
-    step, with rows of different lengths; the padded copies disturb nothing. Canvases are frozen after the sampler
+    step, with rows of different lengths and the commit between canvases static too; the padded copies disturb
+    nothing. Canvases are frozen after the sampler
     so both runs feed the same canvases; logits then agree to rounding (batch shapes and spans differ)."""
     m = _model()
     eager, static = (Engine(m, max_batch=4, max_model_len=96, graphs=g) for g in (False, True))
     requests = [([5, 6, 7 + s] * (s + 1), _fixed(s, 32)) for s in range(3)]  # 3 rows: bucket 4, one padded copy
     a, b = _frozen_runs(monkeypatch, [eager, static], requests, 7)  # prefill + two canvases of 3 steps
-    assert eager.graphs is None and len(static.graphs._graphs) == 1  # one bucket and span for both canvases
+    steps = [k for k in static.graphs._graphs if k[0] != "causal"]
+    assert eager.graphs is None and len(steps) == 1  # one bucket and span for both canvases
+    assert ("causal", 4, m.config.canvas_length, False) in static.graphs._graphs  # the commit encode, static too
     assert "static buffers" in static.describe()
     assert len(a) == 6 and all(len(x) == 3 for x in a)
     _same_steps(a, b)
 
 
 def test_static_decode_matches_encode():
-    """The autoregressive step from static buffers (3 rows of different lengths padded to bucket 4 with a copy of
-    the first; each token written into its cache slot in place, the slots committed after) gives the logits and
-    leaves the cache that `encode` of the same tokens does, step after step, past a wrap of the sliding ring."""
+    """The autoregressive step and the commit encode from static buffers (3 rows of different lengths padded to
+    bucket 4 with a copy of the first; the tokens written into their cache slots in place, the kept ones committed
+    after) give the logits and leave the cache that `encode` of the same tokens does, step after step, past a wrap
+    of the sliding ring, with canvases cut short."""
     from dgemma.graphs import StepGraphs
 
     m = _model()
@@ -457,18 +463,21 @@ def test_static_decode_matches_encode():
             tokens = torch.randint(3, 128, (3, 1), generator=g)
             ref = m.logits(m.encode(tokens, caches[0], rows=torch.tensor(rows)))[:, -1]
             torch.testing.assert_close(static.decode(rows, tokens), ref, rtol=1e-5, atol=1e-5)
+            if _ == 5:  # a commit encode of canvases, partly kept (a canvas cut at EOS keeps its first tokens)
+                C = m.config.canvas_length
+                n_new = [C, 3, 5]
+                canvases = torch.randint(3, 128, (3, C), generator=g)
+                m.encode(canvases, caches[0], n_new=torch.tensor(n_new), rows=torch.tensor(rows))
+                static.commit(rows, canvases, n_new)
     a, b = caches
     assert a.host_lengths == b.host_lengths and torch.equal(a.lengths, b.lengths)
     for s in (True, False):
         assert torch.equal(a.pos[s], b.pos[s])
-    for (
-        la,
-        lb,
-    ) in zip(a.layers, b.layers):  # every entry a position is recorded for holds the same keys
-        for r in range(4):
-            live = a.pos[la.sliding][r] >= 0
+    for la, lb in zip(a.layers, b.layers):  # every entry a later token can see holds the same keys
+        for r in range(4):  # (uncommitted tokens may overwrite entries already outside the window: no one sees them)
+            live = a.pos[la.sliding][r] >= (int(a.lengths[r]) - (a.window - 1) if la.sliding else 0)
             torch.testing.assert_close(la.k[r][:, live], lb.k[r][:, live], rtol=1e-5, atol=1e-5)
-    assert set(static._graphs) == {(4, "ar")}
+    assert set(static._graphs) == {("causal", 4, 1, True), ("causal", 4, C, False)}
 
 
 def test_static_steps_fall_back_where_they_cannot_run():
@@ -505,4 +514,4 @@ def test_static_steps_replace_a_graph_when_the_span_grows():
     while eng.has_unfinished():
         eng.step()
         seen |= {tuple(g.view.span.values()) for g in eng.graphs._graphs.values()}
-    assert len(eng.graphs._graphs) == 1 and len(seen) >= 2
+    assert len([k for k in eng.graphs._graphs if k[0] != "causal"]) == 1 and len(seen) >= 2

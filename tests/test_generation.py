@@ -668,7 +668,7 @@ def test_ar_mode_greedy_matches_transformers_encoder(ar_model, static):
         singles = [llm.generate([_ids(p)], sp)[0] for p, sp in zip(prompts, params)]
     _same_requests(t_both, t_one, both, singles, params)
     if static:  # buckets 1 and 2 served the steps
-        assert {k for k in llm.engine.graphs._graphs if k[1] == "ar"} == {(1, "ar"), (2, "ar")}
+        assert set(llm.engine.graphs._graphs) == {("causal", 1, 1, True), ("causal", 2, 1, True)}
 
 
 class _EncodeCounter:
