@@ -132,8 +132,8 @@ class StepGraphs:
         return out[:R] if head else None
 
     def _graph(self, key: tuple, view: CanvasView, new: Callable[[], _Graph]) -> _Graph:
-        """The graph of `key` (whose batch bucket is its first or second entry) for this view's spans; a new one
-        (`new()`) replaces it when the cache grew past a span bucket, so memory stays bounded."""
+        """The graph of `key` for this view's spans; a new one (`new()`) replaces it when the cache grew past a span
+        bucket, so memory stays bounded."""
         g = self._graphs.get(key)
         if g is None or g.view.span != view.span:
             g = self._graphs[key] = new()
