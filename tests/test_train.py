@@ -553,4 +553,13 @@ def test_torchrun_two_processes_match_one(ckpt_and_data, tmp_path):
         warnings.simplefilter("ignore")
         wa, wb = load_model(tmp_path / "one" / "final"), load_model(tmp_path / "two" / "final")
     pa, pb = _params(wa), _params(wb)
-    assert max(float((pa[k] - pb[k]).abs().max()) for k in pa) < 1e-4
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p0 = _params(load_model(d))
+    # The same updates, up to rounding: Adam divides each gradient by its own running scale, so an element whose
+    # gradient is a near-cancellation (rounded differently when summed over two processes) moves by a different
+    # fraction of the learning rate: 1.7e-4 at most, measured (AVX2 kernels). Over all the updates together that is
+    # 1e-4 to 2.4e-4 of their norm; a data-parallel bug (a shard's gradient alone, a wrong average) is O(1).
+    da = torch.cat([(pa[k] - p0[k]).flatten() for k in pa])
+    db = torch.cat([(pb[k] - p0[k]).flatten() for k in pa])
+    assert float((da - db).norm() / da.norm()) < 1e-2
