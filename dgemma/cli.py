@@ -133,6 +133,10 @@ EAGER_HELP = (
     "never replay denoising steps as CUDA graphs (on CUDA, unconstrained steps are captured per batch bucket by "
     "default: see dgemma/graphs.py); for debugging and profiling"
 )
+COMPILE_HELP = (
+    "run the graphed denoising step through torch.compile (fused norms and soft-capping) before capture; compiles "
+    "once per batch bucket, falls back to eager with a warning if compiling fails (default: off)"
+)
 DEVICE_HELP = "torch device: auto (CUDA when available, else the CPU), cpu, cuda, cuda:1, ... (default: auto)"
 DTYPE_HELP = (
     "weight and activation dtype (default: auto: bfloat16 on CUDA and on CPUs where bf16 matmul is native "
@@ -164,6 +168,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         "Ada/Hopper GPUs, or torch's CPU kernel); a checkpoint saved in FP8 loads as FP8 without it",
     )
     g.add_argument("--enforce-eager", action="store_true", help=EAGER_HELP)
+    g.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     g.add_argument(
         "--max-model-len",
         type=_positive_int,
@@ -328,6 +333,7 @@ def load_llm(args: argparse.Namespace, max_batch: int = 1) -> LLM:
         max_model_len=args.max_model_len,
         quantization=quantization,
         enforce_eager=getattr(args, "enforce_eager", False),
+        compile=getattr(args, "compile", False),
     )
     print(f"dgemma: {llm.engine.describe()}", file=sys.stderr)
     return llm

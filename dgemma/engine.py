@@ -226,13 +226,16 @@ class Engine:
         guides: Any = None,
         sampler_memory: int | None = None,
         graphs: bool | None = None,
+        compile: bool = False,
     ):
         """`guides`: a `constraints.GuideFactory` for this model's tokenizer (structured output needs one).
         `sampler_memory`: bytes for the sampler's (rows, canvas, vocab) buffers; rows are sampled in tiles that fit,
         so memory does not grow with the batch (one row at least). Default: 1 GiB, or on CUDA an eighth of the
         device memory still free once the cache is allocated, if more (a graph bucket must fit it).
         `graphs`: run unconstrained steps from static buffers per batch bucket (graphs.py), captured as CUDA graphs
-        on CUDA; None (default): on CUDA only. A bucket must fit `sampler_memory`, so raise it for larger ones."""
+        on CUDA; None (default): on CUDA only. A bucket must fit `sampler_memory`, so raise it for larger ones.
+        `compile`: with graphs, the denoising step goes through `torch.compile` first (off by default: whether it
+        pays for its compile time is for the GPU benchmark to say; docs/fast_path.md)."""
         self.model = model
         self.guides = guides
         self.config = model.config
@@ -265,7 +268,7 @@ class Engine:
         self._masks: dict | None = None
         use = model.device.type == "cuda" if graphs is None else graphs
         capture = model.device.type == "cuda"
-        self.graphs = StepGraphs(model, self.cache, denoise_step, capture) if use else None
+        self.graphs = StepGraphs(model, self.cache, denoise_step, capture, compile) if use else None
 
     def describe(self) -> str:
         """Which kernels run the steps (the start-up report)."""

@@ -32,6 +32,7 @@ from .sampler import StepOut
 logger = logging.getLogger(__name__)
 
 BUCKETS = (1, 2, 4, 8, 16, 32)
+COMPILE_BACKEND = "inductor"  # torch.compile's backend for `compiled` (the tests use a lighter one)
 SPAN_BUCKET = 256  # key spans round up to this: a graph serves 256 more cached tokens before the next capture
 
 
@@ -56,9 +57,11 @@ class StepGraphs:
 
     INPUTS = ("canvas", "soft", "uniforms", "temperature", "bound")  # per row; "rows" (the cache rows) apart
 
-    def __init__(self, model: DiffusionGemma, cache: KVCache, step: Callable, capture: bool):
-        """`step`: `engine.denoise_step`; `capture`: record CUDA graphs (CUDA only), else run from the buffers."""
-        self.model, self.cache, self.step, self.capture = model, cache, step, capture
+    def __init__(self, model: DiffusionGemma, cache: KVCache, step: Callable, capture: bool, compile: bool = False):
+        """`step`: `engine.denoise_step`; `capture`: record CUDA graphs (CUDA only), else run from the buffers;
+        `compile`: run the denoising step through `torch.compile` (before capture), falling back to eager."""
+        self.model, self.cache, self.capture = model, cache, capture
+        self.step, self.compiled = (compiled(step), True) if compile else (step, False)
         self.C = model.config.canvas_length
         self._graphs: dict[tuple, _Graph] = {}
         self._view: tuple[tuple, CanvasView] | None = None  # (rows, cache version) -> padded view
@@ -66,6 +69,7 @@ class StepGraphs:
 
     def describe(self) -> str:
         how = "captured as CUDA graphs" if self.capture else "from static buffers (eager)"
+        how += ", the denoising step compiled (torch.compile)" if self.compiled else ""
         buckets = "/".join(map(str, BUCKETS))
         steps = "denoising steps, commit encodes and AR steps"
         return f"{steps} {how} per batch bucket {buckets}, key spans rounded to {SPAN_BUCKET}"
@@ -228,3 +232,21 @@ def _copy(view: CanvasView) -> CanvasView:
     return CanvasView(
         {s: t.clone() for s, t in view.masks.items()}, {s: t.clone() for s, t in view.slots.items()}, view.span
     )
+
+
+def compiled(fn: Callable) -> Callable:
+    """`fn` through `torch.compile(fullgraph=True)` (the step has no host synchronisation to break the graph; one
+    compilation per bucket and span). If compiling fails, a warning, and `fn` itself from then on."""
+    state = {"fn": torch.compile(fn, fullgraph=True, dynamic=False, backend=COMPILE_BACKEND)}
+
+    def run(*args):
+        try:
+            return state["fn"](*args)
+        except Exception as e:
+            if state["fn"] is fn:
+                raise
+            logger.warning("dgemma: torch.compile of the step failed (%s: %s); it runs eagerly", type(e).__name__, e)
+            state["fn"] = fn
+            return fn(*args)
+
+    return run

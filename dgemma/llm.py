@@ -84,6 +84,7 @@ class LLM:
     `quantization`: None, or "fp8" (FP8 dense and expert weights, bf16 activations; see dgemma/quant.py): a bf16
     checkpoint is quantized at load, an FP8 checkpoint is read as it is (and needs no argument).
     `enforce_eager`: never replay steps as CUDA graphs (on CUDA they are, by default; see dgemma/graphs.py).
+    `compile`: run the graphed denoising step through `torch.compile` first (off by default; falls back to eager).
     """
 
     def __init__(
@@ -96,6 +97,7 @@ class LLM:
         prefill_chunk: int = 1024,
         quantization: str | None = None,
         enforce_eager: bool = False,
+        compile: bool = False,
     ):
         self.path = resolve_model_path(model)
         placement = resolve_placement(device, dtype, quantization)
@@ -119,6 +121,7 @@ class LLM:
             prefill_chunk=prefill_chunk,
             guides=guides,
             graphs=False if enforce_eager else None,
+            compile=compile and not enforce_eager,
         )
         logger.log(logging.INFO if auto else logging.DEBUG, "dgemma: %s", self.engine.describe())
 

@@ -1199,7 +1199,7 @@ def create_app(
 # -- command line ---------------------------------------------------------------------------------------------------
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The `serve` options (for `dgemma serve` and `python -m dgemma.server`)."""
-    from .cli import DEVICE_HELP, DTYPE_HELP, EAGER_HELP  # the same words as every other command
+    from .cli import COMPILE_HELP, DEVICE_HELP, DTYPE_HELP, EAGER_HELP  # the same words as every other command
 
     parser.add_argument("--model", required=True, help="checkpoint directory (HF format)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
@@ -1221,6 +1221,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     )
     parser.add_argument("--max-model-len", type=int, default=None, help="context length the cache is sized for")
     parser.add_argument("--enforce-eager", action="store_true", help=EAGER_HELP)
+    parser.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     parser.add_argument(
         "--request-timeout", type=float, default=600.0, help="seconds before a request is aborted (default 600)"
     )
@@ -1275,6 +1276,7 @@ def _load(args: argparse.Namespace, where: Any) -> "LLM":
         max_model_len=args.max_model_len,
         quantization=getattr(args, "quantization", None),
         enforce_eager=getattr(args, "enforce_eager", False),
+        compile=getattr(args, "compile", False),
     )
     print(f"dgemma: {llm.engine.describe()}", file=sys.stderr, flush=True)
     return llm

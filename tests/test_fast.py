@@ -445,6 +445,47 @@ def test_static_steps_match_the_eager_engine(monkeypatch):
     _same_steps(a, b)
 
 
+def test_compiled_static_steps_match_and_fall_back(monkeypatch, caplog):
+    """`Engine(compile=True)`: the graphed denoising step through `torch.compile(fullgraph=True)` (a light backend
+    here; inductor on a GPU) gives the eager step's outputs; a compile that fails warns and runs eagerly."""
+    import dgemma.graphs as G
+
+    monkeypatch.setattr(G, "COMPILE_BACKEND", "aot_eager")
+    m = _model()
+    _, canvas, soft, u, temp, bound, _ = _step_inputs(m)
+    inputs = {"canvas": canvas, "soft": soft, "uniforms": u, "temperature": temp, "bound": bound}
+    prompt = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+
+    def step(compile: bool):
+        cache = m.new_cache(2, 64, slack=m.config.canvas_length)
+        graphs = G.StepGraphs(m, cache, denoise_step, capture=False, compile=compile)
+        with torch.no_grad():
+            m.encode(prompt, cache)
+            out, nxt = graphs.run([0, 1], inputs, "entropy_bound", entropy_bound_accept)
+        return graphs, (out.canvas, out.probs.clone(), nxt.clone())
+
+    _, eager = step(False)
+    with caplog.at_level("WARNING", logger="dgemma.graphs"):
+        graphs, comp = step(True)
+    assert graphs.compiled and "compiled" in graphs.describe() and not caplog.records
+    for x, y in zip(eager, comp):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+    def broken(fn, **kw):
+        def fail(*args):
+            raise RuntimeError("no compiler here")
+
+        return fail
+
+    monkeypatch.setattr(G.torch, "compile", broken)
+    with caplog.at_level("WARNING", logger="dgemma.graphs"):
+        _, fallback = step(True)
+    assert any("torch.compile of the step failed" in r.message for r in caplog.records)
+    for x, y in zip(eager, fallback):
+        assert torch.equal(x, y)
+    torch._dynamo.reset()
+
+
 def test_static_decode_matches_encode():
     """The autoregressive step and the commit encode from static buffers (3 rows of different lengths padded to
     bucket 4 with a copy of the first; the tokens written into their cache slots in place, the kept ones committed
