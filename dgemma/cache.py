@@ -209,16 +209,26 @@ class KVCache:
             m &= kpos >= (self.rows_of(self.lengths, rows)[:, None] - (self.window - 1))
         return m
 
-    def _in_place_view(self, C: int, rows: torch.Tensor | None, round_span: int | None = None) -> CanvasView:
+    def _in_place_slots(
+        self, C: int, rows: torch.Tensor | None, round_span: int | None
+    ) -> tuple[torch.Tensor, dict[bool, torch.Tensor], dict[bool, int]]:
+        """The next C positions of each row (R, C), the buffer entries they go to per layer kind (R, C), and the span
+        of entries a pass over them reads per layer kind (rounded up to `round_span` if given)."""
         positions = self.rows_of(self.lengths, rows)[:, None] + torch.arange(C, device=self.device)[None, :]  # (R, C)
         top = max(self.host_lengths) + C
         if round_span:
             top = -(-top // round_span) * round_span  # entries past the longest row hold no key (pos -1): masked
-        masks, slots, span = {}, {}, {}
+        slots, span = {}, {}
         for sliding in (True, False):
             cap = self.pos[sliding].shape[1] - 1
             slots[sliding] = positions % cap if sliding else positions
             span[sliding] = min(cap, top)
+        return positions, slots, span
+
+    def _in_place_view(self, C: int, rows: torch.Tensor | None, round_span: int | None = None) -> CanvasView:
+        _, slots, span = self._in_place_slots(C, rows, round_span)
+        masks = {}
+        for sliding in (True, False):
             m = self._visible(sliding, span[sliding], rows).scatter_(1, slots[sliding], True)
             masks[sliding] = None if not round_span and bool(m.all()) else m[:, None, None, :]
         return CanvasView(masks, slots, span)
@@ -228,16 +238,15 @@ class KVCache:
         `fits_in_place(T)`): the tokens' keys/values go into their future slots, and the token at position q sees
         every entry holding a position <= q (within the window on sliding layers), as `encoder_masks` lets it.
         Masks (R, 1, T, span); `round_span` as for `decoder_masks`."""
-        view = self._in_place_view(T, rows, round_span)  # its slots and spans (its key-only masks are not causal)
-        positions = self.rows_of(self.lengths, rows)[:, None] + torch.arange(T, device=self.device)[None, :]
+        positions, slots, span = self._in_place_slots(T, rows, round_span)
         q = positions[:, None, :, None]  # (R, 1, T, 1)
         masks = {}
         for sliding in (True, False):
-            kpos = self.rows_of(self.pos[sliding], rows)[:, : view.span[sliding]]
-            kpos = kpos.scatter(1, view.slots[sliding], positions)[:, None, None, :]  # (R, 1, 1, span)
+            kpos = self.rows_of(self.pos[sliding], rows)[:, : span[sliding]]
+            kpos = kpos.scatter(1, slots[sliding], positions)[:, None, None, :]  # (R, 1, 1, span)
             m = (kpos >= 0) & (kpos <= q)
             masks[sliding] = m & (kpos > q - self.window) if sliding else m
-        return CanvasView(masks, view.slots, view.span)
+        return CanvasView(masks, slots, span)
 
     # -- writes ------------------------------------------------------------------------------------------------
     def write_plan(

@@ -136,13 +136,13 @@ class StepGraphs:
         return out[:R] if head else None
 
     def _graph(self, key: tuple, view: CanvasView, new: Callable[[], _Graph]) -> _Graph:
-        """The graph of `key` for this view's spans; a new one (`new()`) replaces it when the cache grew past a span
-        bucket, so memory stays bounded."""
+        """The graph of `key` for this view's spans; a new one (`new()`, given its cache-row buffer here) replaces it
+        when the cache grew past a span bucket, so memory stays bounded."""
         g = self._graphs.get(key)
         if g is None or g.view.span != view.span:
             g = self._graphs[key] = new()
             B = view.slots[True].shape[0]
-            g.inputs.setdefault("rows", torch.zeros(B, dtype=torch.long, device=self.cache.device))
+            g.inputs["rows"] = torch.zeros(B, dtype=torch.long, device=self.cache.device)
         return g
 
     @staticmethod
@@ -170,10 +170,9 @@ class StepGraphs:
         return self._view[1]
 
     def _new(self, B: int, view: CanvasView) -> _Graph:
-        """Zeroed static buffers for a bucket of B rows and this view's spans."""
+        """Zeroed static buffers for a bucket of B rows and this view's spans (`_graph` adds the cache rows' buffer)."""
         m, dev, C = self.model, self.cache.device, self.C
         inputs = {
-            "rows": torch.zeros(B, dtype=torch.long, device=dev),
             "canvas": torch.zeros(B, C, dtype=torch.long, device=dev),
             "soft": torch.zeros(B, C, m.text.hidden_size, dtype=m.dtype, device=dev),
             "uniforms": torch.zeros(B, 2 * C, dtype=torch.float64, device=dev),
