@@ -567,7 +567,8 @@ class Engine:
             for rule, idx in _tiles(reqs, self.tile):
                 tile = [reqs[i] for i in idx]
                 out = self._sample(batch, rule, idx)
-                self._after_step(tile, out, events, commits)
+                going = self._after_step(tile, out, events, commits)
+                self._self_condition(batch, idx, going, out)
         self._commit(commits)
 
     def _graphable(self, reqs: list[_Req]) -> bool:
@@ -623,7 +624,7 @@ class Engine:
 
     def _sample(self, batch: _Batch, rule: str, idx: list[int]) -> StepOut:
         """Sample one tile (rows `idx` of the batch): LM head, constraint frontiers, the sampler step from the rows'
-        own random numbers, and the next self-conditioning input written to the rows' buffers."""
+        own random numbers."""
         dev = self.model.device
         sel = torch.tensor(idx, device=dev)
         pick = (lambda t: t) if len(idx) == len(batch.reqs) else (lambda t: t[sel])  # noqa: E731 (no copy when whole)
@@ -642,9 +643,15 @@ class Engine:
             fixed,
             probs_out=self._tile_buffer("probs", len(idx), torch.float32),
         )
-        soft = self._soft_buffer()
-        soft[pick(batch.rows)] = self.model.soft_embedding(out.probs)
         return out
+
+    def _self_condition(self, batch: _Batch, idx: list[int], going: list[int], out: StepOut) -> None:
+        """The next step's self-conditioning input of the tile's rows whose canvas goes on (`going`: positions in the
+        tile `idx`), written to their buffers. A finished canvas needs none: its next canvas starts from zero."""
+        if not going:
+            return
+        probs = out.probs if len(going) == len(idx) else out.probs[going]  # (G, C, V)
+        self._soft_buffer()[batch.rows[[idx[i] for i in going]]] = self.model.soft_embedding(probs)
 
     def _commit(self, commits: list[tuple[_Req, torch.Tensor, int]]) -> None:
         """Encode all committed canvases (their first n tokens) in one encoder pass, so the next canvases see them
@@ -717,9 +724,10 @@ class Engine:
         """The first `rows` rows of a persistent (tile, C, V) workspace tensor."""
         return self._buffer(name, (self.tile, self.canvas_length, self.vocab_size), dtype)[:rows]
 
-    def _after_step(self, reqs: list[_Req], out: StepOut, events: list[Event], commits: list) -> None:
-        """Advance each row's state after a sampler step; converged canvases are emitted and queued to commit."""
-        done = self._stop_rules.converged(reqs, out)
+    def _after_step(self, reqs: list[_Req], out: StepOut, events: list[Event], commits: list) -> list[int]:
+        """Advance each row's state after a sampler step; converged canvases are emitted and queued to commit.
+        Returns the positions in `reqs` of the rows whose canvas goes on."""
+        done, going = self._stop_rules.converged(reqs, out), []
         for i, r in enumerate(reqs):
             d = r.diffusion
             d.passes += 1
@@ -738,6 +746,9 @@ class Engine:
                 n = self._emit_canvas(r, out.argmax[i], out.probs[i], events)
                 if n:
                     commits.append((r, out.argmax[i], n))
+            else:
+                going.append(i)
+        return going
 
     def _emit_canvas(self, r: _Req, argmax: torch.Tensor, probs: torch.Tensor, events: list[Event]) -> int:
         """A canvas has converged: emit its tokens; returns how many of them to commit (0: the request ended).

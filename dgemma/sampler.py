@@ -161,9 +161,9 @@ def sample_step(
     buffer); the step allocates nothing else of size V, except the all-positions CDF.
     """
     R, C, V = logits.shape
-    x = logits.div_(temperature[:, None, None])
-    top, argmax = max_argmax(x)  # (R, C, 1), (R, C)
-    x.sub_(top)  # x - max: exp cannot overflow
+    top, argmax = max_argmax(logits)  # (R, C, 1), (R, C): a positive temperature keeps the order
+    inv = temperature.reciprocal()[:, None, None]  # (R, 1, 1)
+    x = torch.addcmul(-top * inv, logits, inv, out=logits)  # (logits - max) / T in one pass: exp cannot overflow
     probs = torch.exp(x, out=probs_out) if probs_out is not None else x.exp()
     z = probs.sum(dim=-1)  # (R, C) partition function (relative to the max)
     dot = torch.einsum("rcv,rcv->rc", probs, x)  # sum_v e^(x-m) (x-m)

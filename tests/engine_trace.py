@@ -70,11 +70,12 @@ class Trace:
             tile, self._tile = self._tile, []
             assert len(tile) == len(reqs), "the engine's sampler and _after_step no longer pair up"
             entropy = out.mean_entropy.tolist()
-            real(engine, reqs, out, *args, **kw)
+            going = real(engine, reqs, out, *args, **kw)
             for r, s, e in zip(reqs, tile, entropy):
                 s.stop = (r.diffusion.canvases, r.state)
                 s.below = e < float(r.params.confidence_threshold)
                 self.steps[r.generator.initial_seed()].append(s)
+            return going
 
         return wrapped
 

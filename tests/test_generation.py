@@ -726,6 +726,21 @@ def test_prefix_reuse(eng_dir):
     _same_requests(t_reused, t_fresh, reused, fresh3, [sp3])
 
 
+def test_finished_canvas_skips_self_conditioning(eng, monkeypatch):
+    """The last step of a canvas computes no self-conditioning input (the next canvas starts from zero), and a
+    batch mixing rows that go on with rows that finish conditions exactly the rows that go on."""
+    rows_conditioned = []
+    real = eng.model.soft_embedding
+    monkeypatch.setattr(eng.model, "soft_embedding", lambda p: rows_conditioned.append(p.shape[0]) or real(p))
+    # fixed steps: 2 canvases of 8 tokens x 3 steps each (not 4); the 2-step row finishes while the others go on
+    params = [SP(seed=s, max_new_tokens=16, max_denoising_steps=3, fixed_steps=True, ignore_eos=True) for s in (1, 2)]
+    params.append(SP(seed=3, max_new_tokens=8, max_denoising_steps=2, fixed_steps=True, ignore_eos=True))
+    outs = eng.generate([_ids([5, 6, 7])] * 3, params)
+    assert [len(_toks(o)) for o in outs] == [16, 16, 8]
+    assert sum(rows_conditioned) == 2 * (2 * 2) + 1 * 1
+    assert 2 in rows_conditioned, "the mixed step conditioned the rows that go on, not all three"
+
+
 def test_chunked_prefill_same_output(eng_dir):
     small = _llm(eng_dir, max_batch=3, max_model_len=256, prefill_chunk=4)
     big = _llm(eng_dir, max_batch=3, max_model_len=256, prefill_chunk=1024)
