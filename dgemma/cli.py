@@ -115,6 +115,16 @@ def _positive_int(s: str) -> int:
     return v
 
 
+def comma_choices(value: str, allowed, what: str) -> tuple[str, ...]:
+    """A comma-separated flag value -> its items, each one of `allowed` (at least one), or a CLIError naming the
+    first unknown `what` and the choices."""
+    items = tuple(v for v in value.split(",") if v)
+    bad = next((v for v in items if v not in allowed), None)
+    if bad is not None or not items:
+        raise CLIError(f"unknown {what} {bad or value!r}; choose from {', '.join(allowed)} (comma-separated)")
+    return items
+
+
 def _token_ids(s: str) -> list[int]:
     """'1,2,3' (spaces allowed) -> [1, 2, 3]."""
     parts = [p for p in s.replace(",", " ").split()]

@@ -173,6 +173,9 @@ def test_eval_cli_prints_a_table_and_json(run, capsys):
     assert empty["single_line_exact"] == 0 and empty["tokens_per_forward"] == 0
     assert cli_main(["code", "eval", "--variants", "diffusion,beam"]) == 2
     assert "unknown variant 'beam'" in capsys.readouterr().err
+    for cmd in (["code", "train", "--objectives", "fim,bert"], ["sudoku", "train", "--objectives", "fim"]):
+        assert cli_main([*cmd, "--output", str(out / "never")]) == 2
+        assert "unknown objective" in capsys.readouterr().err and not (out / "never").exists()
 
 
 def test_eval_refuses_training_files(run, tmp_path):

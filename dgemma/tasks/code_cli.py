@@ -18,7 +18,17 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TextIO
 
-from ..cli import DEVICE_HELP, DTYPE_HELP, EXIT_OK, CLIError, _positive_int, placement, register, training_placement
+from ..cli import (
+    DEVICE_HELP,
+    DTYPE_HELP,
+    EXIT_OK,
+    CLIError,
+    _positive_int,
+    comma_choices,
+    placement,
+    register,
+    training_placement,
+)
 
 MARKER = "<FILL>"
 
@@ -348,10 +358,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from . import code as C
     from .code_model import VARIANTS, evaluate, test_items
 
-    variants = [v for v in args.variants.split(",") if v]
-    bad = [v for v in variants if v not in VARIANTS]
-    if bad or not variants:
-        raise CLIError(f"unknown variant {bad[0] if bad else ''!r}; choose from {', '.join(VARIANTS)}")
+    variants = comma_choices(args.variants, VARIANTS, "variant")
     root = _stdlib(args.stdlib)
     where = placement(args.device, args.dtype)
     if args.data:
@@ -406,9 +413,7 @@ def _stdlib(d: str | None) -> Path | None:
 def run_train(args: argparse.Namespace) -> int:
     from .code_model import FORMATS, Recipe, train_recipe
 
-    objectives = tuple(o for o in args.objectives.split(",") if o)
-    if not objectives or any(o not in FORMATS for o in objectives):
-        raise CLIError(f"--objectives takes {', '.join(FORMATS)} (comma-separated)")
+    objectives = comma_choices(args.objectives, FORMATS, "objective")
     _stdlib(args.stdlib)
     training_placement(args.device, args.precision)  # checked and printed here; each process resolves it again
     parallel = args.parallel or max(1, min(2, len(objectives), (os.cpu_count() or 1) // args.threads))

@@ -22,6 +22,7 @@ from ..cli import (
     EXIT_OK,
     CLIError,
     _positive_int,
+    comma_choices,
     placement,
     register,
     training_placement,
@@ -306,10 +307,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from . import sudoku as S
     from .sudoku_model import VARIANTS, evaluate
 
-    variants = [v for v in args.variants.split(",") if v]
-    bad = [v for v in variants if v not in VARIANTS]
-    if bad:
-        raise CLIError(f"unknown variant {bad[0]!r}; choose from {', '.join(VARIANTS)}")
+    variants = comma_choices(args.variants, VARIANTS, "variant")
     where = placement(args.device, args.dtype)
     if args.data:
         items = S.load_jsonl(args.data)
@@ -346,9 +344,7 @@ def run_eval(args: argparse.Namespace) -> int:
 def run_train(args: argparse.Namespace) -> int:
     from .sudoku_model import Recipe, train_recipe
 
-    objectives = tuple(o for o in args.objectives.split(",") if o)
-    if not objectives or any(o not in ("diffusion", "ar") for o in objectives):
-        raise CLIError("--objectives takes diffusion, ar or both (comma-separated)")
+    objectives = comma_choices(args.objectives, ("diffusion", "ar"), "objective")
     training_placement(args.device, args.precision)  # checked and printed here; each process resolves it again
     recipe = Recipe(
         out_dir=args.output,
