@@ -6,10 +6,11 @@ denoising a canvas (rows may be at different steps: a request joins at the next 
 stalling the others), and one batched token step for rows in autoregressive mode. A canvas that has converged is
 committed: its argmax tokens are emitted and encoded into the cache, and a new canvas starts from noise.
 
-A denoising step is four named parts: gather the rows' inputs (`_gather`) and run the decoder pass (`_decode`),
+A denoising step is five named parts: gather the rows' inputs (`_gather`) and run the decoder pass (`_decode`),
 the per-row temperatures (`_temperatures`), sampling tile by tile (`_sample`), the commit (`_after_step`,
-`_commit`), and the next self-conditioning input of the rows whose canvas goes on (`_self_condition`). Structured output is `constraints.ConstraintState`'s work: the engine asks it for each canvas's fixed
-positions and hands it each row's logits. A lazily triggered constraint (tool calls under `auto`) starts when its
+`_commit`), and the next self-conditioning input of the rows whose canvas goes on (`_self_condition`).
+Structured output is `constraints.ConstraintState`'s work: the engine asks it for each canvas's fixed positions
+and hands it each row's logits. A lazily triggered constraint (tool calls under `auto`) starts when its
 trigger token is output: the canvas holding it is committed up to the trigger, and the next canvas is constrained.
 `add_samples` queues n samples of one prompt: they are admitted together, the first prefills, the others get
 copies of its cache row. Token events carry log-probabilities when asked for (dgemma/logprobs.py defines them).

@@ -164,7 +164,7 @@ def _add_train(t: argparse.ArgumentParser) -> None:
         type=_positive_int,
         default=r.steps,
         help="the budget: optimizer steps per model "
-        "(default: %(default)s, about 25 min per model on one CPU thread; see the model card)",
+        "(default: %(default)s, 50-75 min per model on one CPU thread; see the model card)",
     )
     t.add_argument("--batch-size", type=_positive_int, default=r.batch_size, help="(default: %(default)s)")
     t.add_argument("--lr", type=float, default=r.lr, help="(default: %(default)s)")

@@ -141,7 +141,7 @@ class Recipe:
     vocab: int = C.VOCAB_SIZE
     n_train: int = 40_000
     per_kind_test: int = 100
-    steps: int = 1_200
+    steps: int = 3_000
     batch_size: int = 32
     lr: float = 2e-3
     warmup_steps: int = 50
