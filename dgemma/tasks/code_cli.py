@@ -18,17 +18,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TextIO
 
-from ..cli import (
-    DEVICE_HELP,
-    DTYPE_HELP,
-    EXIT_OK,
-    CLIError,
-    _positive_int,
-    comma_choices,
-    placement,
-    register,
-    training_placement,
-)
+from ..cli import DEVICE_HELP, DTYPE_HELP, EXIT_OK, CLIError, _positive_int, comma_choices
+from ..cli import placement, register, training_placement
 
 MARKER = "<FILL>"
 
