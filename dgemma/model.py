@@ -656,20 +656,24 @@ class DiffusionGemma(nn.Module):
 
         `out` (float32) and, for a low-precision model, `scratch` (model dtype) are reusable buffers of the logits'
         shape: (B, C, V) tensors are large, and allocating them afresh every step costs page faults. With them (the
-        engine's path), the 1/cap of the soft-cap scales the (B, C, hidden) input instead of the (B, C, V) output
-        (one pass over the logits fewer; within an ulp or so).
+        engine's path), a float32 model's soft-cap 1/cap scales the (B, C, hidden) input instead of the (B, C, V)
+        output (one pass over the logits fewer; within an ulp or so). A low-precision model's input is not scaled:
+        that would round it once more.
         """
         cap = self.text.final_logit_softcapping
         if out is None:
             x = F.linear(hidden, self.embed_tokens.weight).float()
             return torch.tanh(x / cap) * cap if cap is not None else x
-        if cap is not None:
-            hidden = hidden * scalar(1.0 / cap, hidden)
-        if self.dtype == torch.float32:
+        fold = cap is not None and self.dtype == torch.float32
+        if fold:
+            torch.matmul(hidden * scalar(1.0 / cap, hidden), self.embed_tokens.weight.t(), out=out)
+        elif self.dtype == torch.float32:
             torch.matmul(hidden, self.embed_tokens.weight.t(), out=out)
         else:
             out.copy_(torch.matmul(hidden, self.embed_tokens.weight.t(), out=scratch))
-        return out.tanh_().mul_(cap) if cap is not None else out
+        if cap is None:
+            return out
+        return (out if fold else out.div_(cap)).tanh_().mul_(cap)
 
     # -- passes -----------------------------------------------------------------------------------------------
     def encode(
