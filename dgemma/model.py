@@ -666,8 +666,8 @@ class DiffusionGemma(nn.Module):
             return torch.tanh(x / cap) * cap if cap is not None else x
         fold = cap is not None and self.dtype == torch.float32
         if fold:
-            torch.matmul(hidden * scalar(1.0 / cap, hidden), self.embed_tokens.weight.t(), out=out)
-        elif self.dtype == torch.float32:
+            hidden = hidden * scalar(1.0 / cap, hidden)
+        if self.dtype == torch.float32:
             torch.matmul(hidden, self.embed_tokens.weight.t(), out=out)
         else:
             out.copy_(torch.matmul(hidden, self.embed_tokens.weight.t(), out=scratch))

@@ -552,10 +552,8 @@ def test_torchrun_two_processes_match_one(ckpt_and_data, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         wa, wb = load_model(tmp_path / "one" / "final"), load_model(tmp_path / "two" / "final")
-    pa, pb = _params(wa), _params(wb)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
         p0 = _params(load_model(d))
+    pa, pb = _params(wa), _params(wb)
     # The same updates, up to rounding: Adam divides each gradient by its own running scale, so an element whose
     # gradient is a near-cancellation (rounded differently when summed over two processes) moves by a different
     # fraction of the learning rate: 1.7e-4 at most, measured (AVX2 kernels). Over all the updates together that is

@@ -15,6 +15,7 @@ import json
 import sys
 import time
 from dataclasses import asdict
+from typing import get_args
 
 from ..cli import (
     DEVICE_HELP,
@@ -342,9 +343,9 @@ def run_eval(args: argparse.Namespace) -> int:
 
 # -- train ------------------------------------------------------------------------------------------------------------
 def run_train(args: argparse.Namespace) -> int:
-    from .sudoku_model import Recipe, train_recipe
+    from .sudoku_model import Mode, Recipe, train_recipe
 
-    objectives = comma_choices(args.objectives, ("diffusion", "ar"), "objective")
+    objectives = comma_choices(args.objectives, get_args(Mode), "objective")
     training_placement(args.device, args.precision)  # checked and printed here; each process resolves it again
     recipe = Recipe(
         out_dir=args.output,
