@@ -33,7 +33,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, sys.argv[sys.argv.index("--src") + 1] if "--src" in sys.argv else os.path.dirname(HERE))
 
 from dgemma import DiffusionGemma, save_model  # noqa: E402
-from dgemma.config import ModelConfig, TextConfig, sized_config  # noqa: E402
+from dgemma.model.config import ModelConfig, TextConfig, sized_config  # noqa: E402
 
 DT = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -215,7 +215,7 @@ def main() -> int:
     tmp = tempfile.mkdtemp(prefix="dgemma-bench-")
     if args.model:
         ckpt = args.model
-        from dgemma.checkpoint import load_config
+        from dgemma.model.checkpoint import load_config
 
         cfg = load_config(ckpt)
     else:

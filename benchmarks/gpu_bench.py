@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dgemma.config import ModelConfig, TextConfig  # noqa: E402
-from dgemma.model import DiffusionGemma  # noqa: E402
+from dgemma.model.config import ModelConfig, TextConfig  # noqa: E402
+from dgemma.model.modeling import DiffusionGemma  # noqa: E402
 
 # Shapes of google/diffusiongemma-26B-A4B-it's text stack as we understand them from the public Gemma 4 26B-A4B
 # config (30 layers, 128 experts with 8 active, 2 kv heads on full layers); pass --config to use a real one.
@@ -124,8 +124,8 @@ def main() -> int:
     canvas = 16 if args.tiny else 256
     torch.manual_seed(0)
     hf, ours = build(text, canvas, args.device, dtype)
-    from dgemma.engine import Engine
-    from dgemma.params import SamplingParams
+    from dgemma.engine.core import Engine
+    from dgemma.engine.params import SamplingParams
 
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     cfg = ours.config.text

@@ -11,7 +11,7 @@ OUT=${OUT:-/tmp/gpu_check}
 DEVICE=${DEVICE:-cuda}
 W=${WORK:-/tmp/gpu_check_work}
 mkdir -p "$OUT" "$W"
-dgemma() { python3 -c 'import sys; from dgemma.cli import main; sys.exit(main())' "$@"; }
+dgemma() { python3 -c 'import sys; from dgemma.entrypoints.cli import main; sys.exit(main())' "$@"; }
 
 echo "== 1. training on $DEVICE"
 python3 - "$W/data.jsonl" <<'EOF'

@@ -40,11 +40,11 @@ sys.path.insert(0, HERE)
 
 from gpu_bench import SHAPES_26B, TINY, build, roofline_ms  # noqa: E402
 
-from dgemma.config import ModelConfig, TextConfig  # noqa: E402
-from dgemma.engine import Engine, denoise_step  # noqa: E402
-from dgemma.model import DiffusionGemma  # noqa: E402
-from dgemma.params import SamplingParams  # noqa: E402
-from dgemma.sampler import draw_uniforms  # noqa: E402
+from dgemma.model.config import ModelConfig, TextConfig  # noqa: E402
+from dgemma.engine.core import Engine, denoise_step  # noqa: E402
+from dgemma.model.modeling import DiffusionGemma  # noqa: E402
+from dgemma.engine.params import SamplingParams  # noqa: E402
+from dgemma.engine.sampler import draw_uniforms  # noqa: E402
 
 
 class Bench:
@@ -268,7 +268,7 @@ def main() -> int:
     for k in kernels:
         print(f"  {k['ms']:8.3f} ms {k['calls']:5}x  {k['name']}")
     if not args.no_fp8:
-        from dgemma.quant import quantize_fp8
+        from dgemma.model.quant import quantize_fp8
 
         try:
             quantize_fp8(model)

@@ -21,9 +21,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dgemma import DiffusionGemma  # noqa: E402
-from dgemma.config import sized_config  # noqa: E402
-from dgemma.engine import Engine  # noqa: E402
-from dgemma.params import SamplingParams  # noqa: E402
+from dgemma.model.config import sized_config  # noqa: E402
+from dgemma.engine.core import Engine  # noqa: E402
+from dgemma.engine.params import SamplingParams  # noqa: E402
 
 
 def one(tokens: int, chunk: int, params: float, dtype: str) -> dict:

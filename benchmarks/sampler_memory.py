@@ -26,7 +26,7 @@ sys.path.insert(0, sys.argv[sys.argv.index("--src") + 1] if "--src" in sys.argv 
 import torch  # noqa: E402
 
 from dgemma import DiffusionGemma, save_model  # noqa: E402
-from dgemma.config import tiny_config  # noqa: E402
+from dgemma.model.config import tiny_config  # noqa: E402
 
 GIB = 1 << 30
 
@@ -38,8 +38,8 @@ def rss() -> int:
 
 
 def run_one(ckpt: str, batch: int, canvas: int) -> dict:
-    from dgemma.llm import LLM
-    from dgemma.params import SamplingParams
+    from dgemma.entrypoints.llm import LLM
+    from dgemma.engine.params import SamplingParams
 
     llm = LLM(ckpt, device="cpu", dtype="float32", max_batch=batch, max_model_len=64 + canvas)
     base = rss()

@@ -2,7 +2,7 @@
 
     # against a running server
     python benchmarks/serve.py --url http://127.0.0.1:8000 --concurrency 1,2,4,8,16,32 --num-requests 64
-    # or start one (python -m dgemma.server) on a free port for the run
+    # or start one (python -m dgemma.entrypoints.server) on a free port for the run
     python benchmarks/serve.py --model PATH --max-batch 16 --concurrency 1,4,16 --num-requests 32
 
 For each mode (diffusion, ar: the same checkpoint, `mode` request field) and each concurrency level, N streaming
@@ -169,7 +169,7 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
     cmd = [
         sys.executable,
         "-m",
-        "dgemma.server",
+        "dgemma.entrypoints.server",
         "--model",
         args.model,
         "--port",
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--url", help="base URL of a running server")
-    src.add_argument("--model", help="checkpoint directory: start `python -m dgemma.server` for the run")
+    src.add_argument("--model", help="checkpoint directory: start `python -m dgemma.entrypoints.server` for the run")
     ap.add_argument("--concurrency", default="1,2,4,8,16,32", help="comma-separated client counts")
     ap.add_argument("--num-requests", type=int, default=32, help="requests per concurrency level and mode")
     ap.add_argument("--modes", default="diffusion,ar", help="comma-separated: diffusion, ar")

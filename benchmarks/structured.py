@@ -52,7 +52,7 @@ def build_model(params: float, canvas: int) -> Path:
     from bpe import build_bpe_tokenizer
 
     from dgemma import DiffusionGemma, save_model
-    from dgemma.config import sized_config
+    from dgemma.model.config import sized_config
 
     d = Path(tempfile.mkdtemp(prefix="dgemma-structured-")) / "model"
     build_bpe_tokenizer(d, 300)
@@ -85,7 +85,7 @@ def train_demo(path: Path, steps: int) -> Path:
     also shows a model that has learned the format."""
     import random
 
-    from dgemma.train import TrainConfig, run_training
+    from dgemma.training.train import TrainConfig, run_training
 
     rng = random.Random(0)
     data = path.parent / "records.jsonl"

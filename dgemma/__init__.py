@@ -1,11 +1,11 @@
 """dgemma: a PyTorch runtime for DiffusionGemma block-diffusion language models."""
 
-from .config import ConfigError, ModelConfig, TextConfig
-from .model import DiffusionGemma
-from .cache import KVCache
-from .checkpoint import CheckpointError, load_model, save_model
-from .params import SamplingParams
-from .llm import LLM, CompletionOutput, RequestOutput
+from dgemma.model.config import ConfigError, ModelConfig, TextConfig
+from dgemma.model.modeling import DiffusionGemma
+from dgemma.model.cache import KVCache
+from dgemma.model.checkpoint import CheckpointError, load_model, save_model
+from dgemma.engine.params import SamplingParams
+from dgemma.entrypoints.llm import LLM, CompletionOutput, RequestOutput
 
 __version__ = "0.1.0"
 __all__ = [

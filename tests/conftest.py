@@ -18,8 +18,8 @@ def _float32_auto_dtype():
     """`dtype="auto"` is float32 on every test machine: with native bf16 it would be bfloat16, so the suite would test
     different arithmetic on different CPUs. Session-scoped, so module fixtures see it too. Tests that need bf16 ask
     for it; tests of the auto rule set their own CPU flags (a test's monkeypatch overrides this one)."""
-    import dgemma.device
+    import dgemma.model.device
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(dgemma.device, "cpu_info", lambda path="": ("", set()))
+        mp.setattr(dgemma.model.device, "cpu_info", lambda path="": ("", set()))
         yield

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import torch
 
-import dgemma.engine as dgemma_engine
+import dgemma.engine.core as dgemma_engine
 
 # Rounding between batch shapes moves a row's logits by up to ~1e-5 over a generation (measured, AVX-512 and AVX2
 # kernels, 1 and 2 threads); a neighbour's state leaking into a row moves them by O(1) (measured 1.7-2.3 for rows

@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from dgemma import DiffusionGemma, save_model
-from dgemma import device as D
-from dgemma.cli import main
-from dgemma.config import tiny_config
-from dgemma.llm import LLM
-from dgemma.train import TrainConfig, Trainer, default_device
+from dgemma.model import device as D
+from dgemma.entrypoints.cli import main
+from dgemma.model.config import tiny_config
+from dgemma.entrypoints.llm import LLM
+from dgemma.training.train import TrainConfig, Trainer, default_device
 
 AMD, INTEL = "AuthenticAMD", "GenuineIntel"
 BF16_CPU = {"avx2", "avx512f", "avx512_bf16"}  # on an AMD CPU (Zen 4): bf16 matmul faster than float32
@@ -132,7 +132,7 @@ def test_rules_are_a_function_of_their_inputs():
 def test_real_aten_switch_gives_float32_on_any_cpu():
     """In a fresh process with ATEN_CPU_CAPABILITY=avx2, auto is float32 whatever this CPU has."""
     code = (
-        "import torch; from dgemma.device import auto_dtype; "
+        "import torch; from dgemma.model.device import auto_dtype; "
         "print(torch.backends.cpu.get_cpu_capability(), auto_dtype(torch.device('cpu'))[0])"
     )
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
@@ -209,7 +209,7 @@ def ckpt(tmp_path_factory) -> Path:
 
 def test_llm_defaults_to_auto_and_logs_it(monkeypatch, caplog, ckpt):
     machine(monkeypatch, flags=AVX2_CPU, capability="AVX2")
-    with caplog.at_level(logging.INFO, logger="dgemma.llm"):
+    with caplog.at_level(logging.INFO, logger="dgemma.entrypoints.llm"):
         llm = LLM(ckpt, max_batch=1)
     assert (llm.device, llm.dtype) == (torch.device("cpu"), torch.float32)
     assert next(p.dtype for p in llm.model.parameters()) == torch.float32
@@ -248,7 +248,7 @@ def test_cli_bad_values_are_clean_errors(monkeypatch, capsys, ckpt):
 
 
 def test_cli_defaults_are_auto():
-    from dgemma.cli import build_parser
+    from dgemma.entrypoints.cli import build_parser
 
     parser = build_parser()
     for argv in (
@@ -272,7 +272,7 @@ def test_generate_help_explains_auto(capsys):
 
 
 def test_train_cli_prints_the_choice(monkeypatch, capsys):
-    from dgemma.cli import training_placement
+    from dgemma.entrypoints.cli import training_placement
 
     machine(monkeypatch)
     assert training_placement("auto", "auto").dtype == torch.float32
@@ -284,7 +284,7 @@ def test_train_cli_prints_the_choice(monkeypatch, capsys):
 
 def test_server_prints_the_choice_before_loading(monkeypatch, capsys, tmp_path):
     pytest.importorskip("uvicorn")
-    from dgemma.server import add_serve_arguments, run_serve
+    from dgemma.entrypoints.server import add_serve_arguments, run_serve
 
     machine(monkeypatch, capability="AVX2", flags=AVX2_CPU)
     parse = add_serve_arguments(argparse.ArgumentParser()).parse_args

@@ -1,5 +1,5 @@
-"""Chat requests with tools and thinking (dgemma.chat), the output parser (dgemma.chat_output) and constrained tool
-calls (dgemma.tool_grammar), without a model: rendering through a Gemma-4-format template written for the tests,
+"""Chat requests with tools and thinking (text.chat), the output parser (text.chat_output) and constrained tool
+calls (structured.tool_grammar), without a model: rendering through a Gemma-4-format template written for the tests,
 field-naming validation errors, streaming == one-shot parsing at every split point, and random walks through the
 tool-call grammar whose parsed arguments `jsonschema` validates."""
 
@@ -9,8 +9,16 @@ import json
 import random
 import pytest
 
-from dgemma.chat import GEMMA4, ChatRequestError, ToolChoice, check_tool_choice, check_tools, detect_format, render_chat
-from dgemma.chat_output import (
+from dgemma.text.chat import (
+    GEMMA4,
+    ChatRequestError,
+    ToolChoice,
+    check_tool_choice,
+    check_tools,
+    detect_format,
+    render_chat,
+)
+from dgemma.text.chat_output import (
     ChatOutputParser,
     NativeSyntaxError,
     parse_call,
@@ -18,10 +26,10 @@ from dgemma.chat_output import (
     parse_native,
     to_native,
 )
-from dgemma.constraints import Constraint, ConstraintError, GuideFactory
-from dgemma.tokenizer import Tokenizer
-from dgemma.schemas import prepare_schema, whole_string_regex
-from dgemma.tool_grammar import tool_call_grammar
+from dgemma.structured.constraints import Constraint, ConstraintError, GuideFactory
+from dgemma.text.tokenizer import Tokenizer
+from dgemma.structured.schemas import prepare_schema, whole_string_regex
+from dgemma.structured.tool_grammar import tool_call_grammar
 from gemma4_chat import GEMMA4_TEMPLATE, build_gemma4_tokenizer
 
 jsonschema = pytest.importorskip("jsonschema")
@@ -574,7 +582,7 @@ def test_recursive_schema(gemma_tok):
 
 
 def test_decoder_keeps_only_the_markers(gemma_tok):
-    from dgemma.chat import output_decoder
+    from dgemma.text.chat import output_decoder
 
     tok, ids = gemma_tok
     dec = output_decoder(tok, GEMMA4)
@@ -602,7 +610,7 @@ def test_openai_shapes_of_parsed_output():
 
 
 def test_prompt_grammar(gemma_tok):
-    from dgemma.tool_grammar import prompt_grammar
+    from dgemma.structured.tool_grammar import prompt_grammar
 
     tok, ids = gemma_tok
     msgs = [{"role": "user", "content": "x"}]

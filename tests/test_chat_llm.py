@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from dgemma import LLM, DiffusionGemma, SamplingParams, save_model
-from dgemma.config import tiny_config
-from dgemma.logprobs import prompt_logprobs
+from dgemma.model.config import tiny_config
+from dgemma.engine.logprobs import prompt_logprobs
 from forcing import force_canvas
 from gemma4_chat import build_gemma4_tokenizer
 from test_chat import TOOL_SCHEMAS, TOOLS
@@ -97,7 +97,7 @@ def test_prompt_logprobs(llm):
 
 
 def test_diffusion_logprobs_follow_their_definition(llm, monkeypatch):
-    import dgemma.engine as E
+    import dgemma.engine.core as E
 
     seen = []
     real = E.sample_step

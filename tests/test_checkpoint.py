@@ -23,9 +23,9 @@ from safetensors.torch import load_file, save_file
 
 import dgemma
 from dgemma import CheckpointError, ConfigError, DiffusionGemma, load_model, save_model
-from dgemma.checkpoint import load_config, ours_to_hf
-from dgemma.config import tiny_config
-from dgemma.model import rope_inv_freq
+from dgemma.model.checkpoint import load_config, ours_to_hf
+from dgemma.model.config import tiny_config
+from dgemma.model.modeling import rope_inv_freq
 
 from oracle import build_hf
 from test_parity import _max_err, run_schedule, tie_encoder_copies
@@ -656,4 +656,4 @@ def test_integer_tensor(ckpt):
 def test_bad_generation_config(ckpt):
     (ckpt / "generation_config.json").write_text("{oops")
     with pytest.raises(CheckpointError, match="generation_config.json"):
-        dgemma.checkpoint.load_generation_config(ckpt)
+        dgemma.model.checkpoint.load_generation_config(ckpt)

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from dgemma import DiffusionGemma, save_model
-from dgemma import cli
-from dgemma.cli import SUBCOMMANDS, main, register
-from dgemma.config import tiny_config
-from dgemma.llm import LLM
-from dgemma.params import SamplingParams
+from dgemma.entrypoints import cli
+from dgemma.entrypoints.cli import SUBCOMMANDS, main, register
+from dgemma.model.config import tiny_config
+from dgemma.entrypoints.llm import LLM
+from dgemma.engine.params import SamplingParams
 
 from bpe import build_bpe_tokenizer
 from forcing import force_canvas, printable_tokens
@@ -508,7 +508,7 @@ def test_register_a_subcommand(capsys):
 # -- a real process ----------------------------------------------------------------------------------------------
 def test_console_script_exit_codes(ids_ckpt, tmp_path):
     exe = shutil.which("dgemma")
-    cmd = [exe] if exe else [sys.executable, "-m", "dgemma.cli"]
+    cmd = [exe] if exe else [sys.executable, "-m", "dgemma.entrypoints.cli"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     ok = subprocess.run(
         cmd

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dgemma.cli import main as cli_main
+from dgemma.entrypoints.cli import main as cli_main
 from dgemma.tasks import code as C
 from dgemma.tasks.code_model import build_data, split_files
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from dgemma import LLM
-from dgemma.checkpoint import BUNDLED_MODELS
-from dgemma.cli import main as cli_main
-from dgemma.params import SamplingParams
+from dgemma.model.checkpoint import BUNDLED_MODELS
+from dgemma.entrypoints.cli import main as cli_main
+from dgemma.engine.params import SamplingParams
 from dgemma.tasks import code as C
 from dgemma.tasks.code_model import BUNDLED, VARIANTS, Infiller, Recipe, model_config, score
 
@@ -218,7 +218,7 @@ def test_bundled_model_serves_fill_in_the_middle():
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
-    from dgemma.server import create_app
+    from dgemma.entrypoints.server import create_app
 
     app = create_app(LLM("code", max_batch=2), model_name="code")
     with TestClient(app) as tc:

@@ -9,13 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import dgemma.engine as E
+import dgemma.engine.core as E
 from dgemma import DiffusionGemma
-from dgemma.config import tiny_config
-from dgemma.engine import Engine, denoise_step
-from dgemma.model import EXPERT_KERNELS, Attention, Experts, expert_kernel
-from dgemma.params import SamplingParams
-from dgemma.sampler import draw_uniforms, entropy_bound_accept, max_argmax, sample_step
+from dgemma.model.config import tiny_config
+from dgemma.engine.core import Engine, denoise_step
+from dgemma.model.modeling import EXPERT_KERNELS, Attention, Experts, expert_kernel
+from dgemma.engine.params import SamplingParams
+from dgemma.engine.sampler import draw_uniforms, entropy_bound_accept, max_argmax, sample_step
 
 
 def _model(dtype=torch.float32, seed: int = 0, **over) -> DiffusionGemma:
@@ -42,7 +42,7 @@ def test_grouped_experts_match_the_loop(dtype, tol):
     with torch.no_grad():
         for name in [*EXPERT_KERNELS, "dense"]:
             mp = pytest.MonkeyPatch()
-            mp.setattr("dgemma.model.expert_kernel", lambda w_, exact=False, tokens=1, top_k=1, n=name: n)
+            mp.setattr("dgemma.model.modeling.expert_kernel", lambda w_, exact=False, tokens=1, top_k=1, n=name: n)
             try:
                 out[name] = ex(x, w, idx).float()
             finally:
@@ -69,7 +69,7 @@ def test_expert_kernel_choice():
 # -- attention ------------------------------------------------------------------------------------------------------
 # -- fused projections -----------------------------------------------------------------------------------------------
 def _unfused(monkeypatch):
-    monkeypatch.setattr("dgemma.model.FUSE_MAX_BYTES", -1)  # every fused_linear declines: one matmul per layer
+    monkeypatch.setattr("dgemma.model.modeling.FUSE_MAX_BYTES", -1)  # every fused_linear declines: one matmul per layer
 
 
 @pytest.mark.parametrize("over", [{}, {"attention_bias": True}])
@@ -127,7 +127,7 @@ def test_fused_weights_follow_weight_updates():
 def test_lean_cpu_kernels_match_torch():
     """The CPU's tanh-GELU as a sigmoid and the RMS norm from a vector norm: torch's functions within float32
     rounding, over magnitudes from 1e-30 to 1e30 (no overflow to NaN in the cubic term)."""
-    from dgemma.model import gated_activation, rms_unit
+    from dgemma.model.modeling import gated_activation, rms_unit
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 96, generator=g) * torch.logspace(-30, 30, 96)
@@ -438,7 +438,7 @@ def test_denoise_step_is_graph_safe(monkeypatch):
         hidden = m.denoise(canvas, cache, soft=soft, masks=masks, hidden_only=True)
         return sample_step(m.logits(hidden), canvas, temp, bound, entropy_bound_accept, u, 128).canvas
 
-    monkeypatch.setattr("dgemma.model.expert_kernel", lambda *a, **k: "looped")
+    monkeypatch.setattr("dgemma.model.modeling.expert_kernel", lambda *a, **k: "looped")
     for fn, args in ((accepted_only, (canvas, soft, u)), (float32_step, (canvas32, soft32, u32))):
         with torch.no_grad(), pytest.raises(Exception, match="data-dependent|tolist|Unsupported"):
             _compile_strict(fn)(*args)
@@ -467,7 +467,7 @@ def test_static_steps_match_the_eager_engine(monkeypatch):
 def test_compiled_static_steps_match_and_fall_back(monkeypatch, caplog):
     """`Engine(compile=True)`: the graphed denoising step through `torch.compile(fullgraph=True)` (a light backend
     here; inductor on a GPU) gives the eager step's outputs; a compile that fails warns and runs eagerly."""
-    import dgemma.graphs as G
+    import dgemma.engine.graphs as G
 
     monkeypatch.setattr(G, "COMPILE_BACKEND", "aot_eager")
     m = _model()
@@ -484,7 +484,7 @@ def test_compiled_static_steps_match_and_fall_back(monkeypatch, caplog):
         return graphs, (out.canvas, out.probs.clone(), nxt.clone())
 
     _, eager = step(False)
-    with caplog.at_level("WARNING", logger="dgemma.graphs"):
+    with caplog.at_level("WARNING", logger="dgemma.engine.graphs"):
         graphs, comp = step(True)
     assert graphs.compiled and "compiled" in graphs.describe() and not caplog.records
     for x, y in zip(eager, comp):
@@ -497,7 +497,7 @@ def test_compiled_static_steps_match_and_fall_back(monkeypatch, caplog):
         return fail
 
     monkeypatch.setattr(G.torch, "compile", broken)
-    with caplog.at_level("WARNING", logger="dgemma.graphs"):
+    with caplog.at_level("WARNING", logger="dgemma.engine.graphs"):
         _, fallback = step(True)
     assert any("torch.compile of the step failed" in r.message for r in caplog.records)
     for x, y in zip(eager, fallback):
@@ -510,7 +510,7 @@ def test_static_decode_matches_encode():
     bucket 4 with a copy of the first; the tokens written into their cache slots in place, the kept ones committed
     after) give the logits and leave the cache that `encode` of the same tokens does, step after step, past a wrap
     of the sliding ring, with canvases cut short."""
-    from dgemma.graphs import StepGraphs
+    from dgemma.engine.graphs import StepGraphs
 
     m = _model()
     caches = [m.new_cache(4, 48, slack=m.config.canvas_length) for _ in range(2)]

@@ -35,13 +35,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import dgemma.model as dgemma_model
-import dgemma.sampler as dgemma_sampler
+import dgemma.model.modeling as dgemma_model
+import dgemma.engine.sampler as dgemma_sampler
 from dgemma import DiffusionGemma, save_model
-from dgemma.config import tiny_config
-from dgemma.llm import LLM
-from dgemma.params import SamplingParams
-from dgemma.sampler import SCHEDULES, confidence_accept, draw_uniforms, entropy_bound_accept, sample_step
+from dgemma.model.config import tiny_config
+from dgemma.entrypoints.llm import LLM
+from dgemma.engine.params import SamplingParams
+from dgemma.engine.sampler import SCHEDULES, confidence_accept, draw_uniforms, entropy_bound_accept, sample_step
 
 from bpe import build_bpe_tokenizer
 from engine_trace import same_run, tracing
@@ -634,8 +634,8 @@ def test_ar_mode_greedy_matches_transformers_encoder(ar_model, static):
     per batch bucket, the token written into its cache slot in place (what a CUDA graph replays; graphs.py)."""
     from transformers import DynamicCache
 
-    from dgemma.engine import denoise_step
-    from dgemma.graphs import StepGraphs
+    from dgemma.engine.core import denoise_step
+    from dgemma.engine.graphs import StepGraphs
 
     hf, d = ar_model
     llm = _llm(d, max_batch=2, max_model_len=64)
@@ -967,7 +967,7 @@ def test_top_level_vllm_style_api(tmp_path):
     """`from dgemma import LLM, SamplingParams` and the vLLM-shaped results, as the README shows them."""
     import dgemma
     from dgemma import LLM, SamplingParams
-    from dgemma.config import tiny_config
+    from dgemma.model.config import tiny_config
 
     torch.manual_seed(0)
     dgemma.save_model(dgemma.DiffusionGemma(tiny_config(vocab_size=64, canvas_length=8)), tmp_path)
@@ -982,7 +982,7 @@ def test_top_level_vllm_style_api(tmp_path):
 def test_sampling_params_template(tmp_path):
     """SamplingParams(template=...) fixes those canvas positions in every canvas of the output."""
     from dgemma import LLM, SamplingParams, save_model, DiffusionGemma
-    from dgemma.config import tiny_config
+    from dgemma.model.config import tiny_config
 
     torch.manual_seed(0)
     save_model(DiffusionGemma(tiny_config(vocab_size=64, canvas_length=8)), tmp_path)

@@ -1,4 +1,4 @@
-"""Log-probability helpers (dgemma.logprobs): prompt scoring equals a direct causal `encode` of the same tokens (in
+"""Log-probability helpers (engine.logprobs): prompt scoring equals a direct causal `encode` of the same tokens (in
 any chunking), top-k alternatives are the distribution's best, and the OpenAI shapes are right."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from dgemma import DiffusionGemma
-from dgemma.config import tiny_config
-from dgemma.logprobs import chat_logprobs, completion_logprobs, from_logits, prompt_logprobs
+from dgemma.model.config import tiny_config
+from dgemma.engine.logprobs import chat_logprobs, completion_logprobs, from_logits, prompt_logprobs
 
 
 @pytest.fixture(scope="module")

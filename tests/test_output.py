@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from dgemma.engine import Event
-from dgemma.output import OutputProcessor, StopText
-from dgemma.tokenizer import IncrementalDecoder, Tokenizer
+from dgemma.engine.core import Event
+from dgemma.entrypoints.output import OutputProcessor, StopText
+from dgemma.text.tokenizer import IncrementalDecoder, Tokenizer
 
 from bpe import build_bpe_tokenizer
 

@@ -8,9 +8,9 @@ import argparse
 import pydantic
 import pytest
 
-from dgemma import protocol as P
-from dgemma.cli import CLIError, add_sampling_arguments, sampling_params_from_args
-from dgemma.params import KNOBS, SamplingParamError, SamplingParams
+from dgemma.entrypoints import protocol as P
+from dgemma.entrypoints.cli import CLIError, add_sampling_arguments, sampling_params_from_args
+from dgemma.engine.params import KNOBS, SamplingParamError, SamplingParams
 
 
 def _outside(knob) -> object:

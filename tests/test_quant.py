@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from dgemma import DiffusionGemma, save_model
-from dgemma.checkpoint import CheckpointError, load_model
-from dgemma.config import tiny_config
-from dgemma.quant import FP8, Fp8Experts, Fp8Linear, QuantizationError, quantize_fp8, quantize_rows
+from dgemma.model.checkpoint import CheckpointError, load_model
+from dgemma.model.config import tiny_config
+from dgemma.model.quant import FP8, Fp8Experts, Fp8Linear, QuantizationError, quantize_fp8, quantize_rows
 
 # Attention heads and MLP widths are multiples of 16, as FP8 matmul kernels require.
 TEXT = dict(
@@ -76,7 +76,7 @@ def test_fp8_matmuls_match_dequantized_arithmetic():
     want = _dequantized(x) @ _dequantized(lin.weight.data).t() + lin.bias.float()
     torch.testing.assert_close(Fp8Linear.from_linear(lin)(x).float(), want, rtol=1e-2, atol=1e-2)
 
-    from dgemma.model import Experts
+    from dgemma.model.modeling import Experts
 
     ex = Experts(tiny_config(**TEXT).text)
     torch.nn.init.normal_(ex.gate_up_proj, std=0.2)
@@ -128,7 +128,7 @@ def test_fp8_errors(ckpt, monkeypatch):
 
 def test_llm_and_cli_take_fp8(ckpt, capsys):
     from dgemma import LLM, SamplingParams
-    from dgemma.cli import main
+    from dgemma.entrypoints.cli import main
 
     llm = LLM(ckpt, device="cpu", quantization="fp8", max_batch=1)  # dtype auto becomes bf16 for FP8
     assert llm.dtype == torch.bfloat16 and "experts fp8 per-expert" in llm.engine.describe()

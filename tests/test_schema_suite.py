@@ -26,7 +26,7 @@ BUDGET = 512
 
 def build_llm(root: Path):
     from dgemma import LLM, DiffusionGemma, save_model
-    from dgemma.config import tiny_config
+    from dgemma.model.config import tiny_config
 
     tok = build_bpe_tokenizer(root / "tok")
     torch.manual_seed(0)
@@ -38,7 +38,7 @@ def build_llm(root: Path):
 def run(llm, schemas: list[tuple[str, dict]], budget: int = BUDGET) -> dict[str, object]:
     """Generate once per schema; returns counts and the failing names."""
     from dgemma import SamplingParams
-    from dgemma.constraints import ConstraintError
+    from dgemma.structured.constraints import ConstraintError
 
     rejected, stopped, invalid, unfinished = [], 0, [], []
     prompts, params, names = [], [], []

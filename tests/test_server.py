@@ -1,4 +1,4 @@
-"""The OpenAI-compatible server (dgemma.server), end to end.
+"""The OpenAI-compatible server (dgemma.entrypoints.server), end to end.
 
 A real uvicorn server runs in a subprocess on 127.0.0.1 (a free port) over a tiny random-weights checkpoint with a
 real byte-level BPE tokenizer. It is driven with the official `openai` client and with raw httpx:
@@ -38,7 +38,7 @@ import torch  # noqa: E402
 
 from bpe import build_bpe_tokenizer  # noqa: E402
 from dgemma import DiffusionGemma, save_model  # noqa: E402
-from dgemma.config import tiny_config  # noqa: E402
+from dgemma.model.config import tiny_config  # noqa: E402
 from forcing import force_canvas, printable_tokens  # noqa: E402
 
 MODEL = "tiny"
@@ -77,7 +77,7 @@ def _start(checkpoint: Path, *extra: str) -> tuple[subprocess.Popen, str]:
         [
             sys.executable,
             "-m",
-            "dgemma.server",
+            "dgemma.entrypoints.server",
             "--model",
             str(checkpoint),
             "--port",
@@ -641,8 +641,8 @@ def one_thread():
 def test_dead_engine_gives_500_and_health_503(checkpoint, one_thread, monkeypatch):
     from fastapi.testclient import TestClient
 
-    from dgemma.llm import LLM
-    from dgemma.server import create_app
+    from dgemma.entrypoints.llm import LLM
+    from dgemma.entrypoints.server import create_app
 
     llm = LLM(checkpoint, max_batch=2, max_model_len=128)
     # Every canvas starts with a printable token, so the canvases committed before the failure have text to send.
@@ -685,8 +685,8 @@ def test_dead_engine_gives_500_and_health_503(checkpoint, one_thread, monkeypatc
 def test_request_timeout_aborts(checkpoint, one_thread):
     from fastapi.testclient import TestClient
 
-    from dgemma.llm import LLM
-    from dgemma.server import create_app
+    from dgemma.entrypoints.llm import LLM
+    from dgemma.entrypoints.server import create_app
 
     llm = LLM(checkpoint, max_batch=2, max_model_len=128)
     app = create_app(llm, model_name=MODEL, max_queue=4, request_timeout=0.5)

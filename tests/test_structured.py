@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from dgemma import DiffusionGemma, save_model
-from dgemma.config import tiny_config
-from dgemma.constraints import Constraint, ConstraintError
-from dgemma.llm import LLM
-from dgemma.params import SamplingParams
+from dgemma.model.config import tiny_config
+from dgemma.structured.constraints import Constraint, ConstraintError
+from dgemma.entrypoints.llm import LLM
+from dgemma.engine.params import SamplingParams
 
 from bpe import build_bpe_tokenizer
 from forcing import boost_token, force_canvas
@@ -402,7 +402,7 @@ def test_unique_items_over_enumerations_are_enforced(llm):
     """`uniqueItems` over enumerated items is spelled out as the unique arrays (`schemas.unique_selections`): the
     grammar itself refuses a repeated item, so every output has distinct items whatever the model prefers. Other
     `uniqueItems` arrays (strings, too many values) are not enforced and say so in the warnings."""
-    from dgemma.schemas import MAX_UNIQUE_SELECTIONS, unique_selections
+    from dgemma.structured.schemas import MAX_UNIQUE_SELECTIONS, unique_selections
 
     roles = {"type": "array", "items": {"enum": ["admin", "editor", "viewer"]}, "uniqueItems": True, "minItems": 2}
     flags = {"type": "array", "items": {"type": "boolean"}, "uniqueItems": True}
@@ -532,7 +532,7 @@ def test_a_tokenizer_llguidance_cannot_read_gets_a_clear_error():
 
 def test_a_constraint_failing_mid_generation_aborts_only_its_request(llm, monkeypatch):
     """A resource limit that trips while generating ends that request ('abort', with the error); the batch goes on."""
-    from dgemma.constraints import Guide
+    from dgemma.structured.constraints import Guide
 
     real = Guide.consume
     calls = {"n": 0}
@@ -572,7 +572,7 @@ def test_a_constraint_failing_mid_generation_aborts_only_its_request(llm, monkey
 
 def test_a_bug_in_a_constraint_is_not_taken_for_a_constraint_failure(llm, monkeypatch):
     """Only ConstraintError ends a request as a constraint failure; any other error (a bug) reaches the caller."""
-    from dgemma.constraints import Guide
+    from dgemma.structured.constraints import Guide
 
     def broken(self, token):
         raise ValueError("a bug, not a limit")
@@ -587,7 +587,7 @@ def test_a_bug_in_a_constraint_is_not_taken_for_a_constraint_failure(llm, monkey
 def test_constraint_state_on_its_own(llm):
     """The engine's whole view of a constraint: `start_canvas`, `advance` (at least one validated token per call, the
     rest of the canvas EOS once the grammar is complete) and, in AR mode, `next_token`. Arbitrary logits."""
-    from dgemma.constraints import ConstraintState
+    from dgemma.structured.constraints import ConstraintState
 
     g = torch.Generator().manual_seed(0)
     digits = Constraint("regex", "[0-9]{5}")

@@ -169,7 +169,7 @@ def test_tokenizer_round_trip(tmp_path):
     assert tgt == S.encode_grid(SOLVED)
     assert tok.encode("<bos> 5 <eos>").ids == [2, 8, 1]
     # the project's own tokenizer loader accepts the directory too
-    from dgemma.tokenizer import Tokenizer as DT
+    from dgemma.text.tokenizer import Tokenizer as DT
 
     dt = DT.from_dir(d)
     assert dt.bos_token_id == 2 and dt.eos_token_id == 1

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from dgemma import LLM
-from dgemma.checkpoint import BUNDLED_MODELS, save_model
-from dgemma.cli import main as cli_main
-from dgemma.model import DiffusionGemma
+from dgemma.model.checkpoint import BUNDLED_MODELS, save_model
+from dgemma.entrypoints.cli import main as cli_main
+from dgemma.model.modeling import DiffusionGemma
 from dgemma.tasks import sudoku as S
 from dgemma.tasks.sudoku_cli import EXAMPLE
 from dgemma.tasks.sudoku_model import (
@@ -26,7 +26,7 @@ from dgemma.tasks.sudoku_model import (
     prompt_ids,
     to_examples,
 )
-from dgemma.tokenizer import Tokenizer
+from dgemma.text.tokenizer import Tokenizer
 
 from forcing import boost_token
 

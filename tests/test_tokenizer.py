@@ -1,4 +1,4 @@
-"""Tests for dgemma.tokenizer against a tiny in-process byte-level BPE (tests/bpe.py)."""
+"""Tests for dgemma.text.tokenizer against a tiny in-process byte-level BPE (tests/bpe.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import jinja2
 import pytest
 
-from dgemma.tokenizer import DEFAULT_CHAT_TEMPLATE, IncrementalDecoder, Tokenizer, TokenizerError
+from dgemma.text.tokenizer import DEFAULT_CHAT_TEMPLATE, IncrementalDecoder, Tokenizer, TokenizerError
 
 from bpe import build_bpe_tokenizer
 

@@ -30,9 +30,9 @@ pytest.importorskip("fastapi")
 import torch  # noqa: E402
 
 from dgemma import DiffusionGemma, load_model, save_model  # noqa: E402
-from dgemma.config import tiny_config  # noqa: E402
-from dgemma.logprobs import prompt_logprobs  # noqa: E402
-from dgemma.tokenizer import Tokenizer  # noqa: E402
+from dgemma.model.config import tiny_config  # noqa: E402
+from dgemma.engine.logprobs import prompt_logprobs  # noqa: E402
+from dgemma.text.tokenizer import Tokenizer  # noqa: E402
 from forcing import boost_token  # noqa: E402
 from gemma4_chat import build_gemma4_tokenizer  # noqa: E402
 from test_chat import TOOL_SCHEMAS, TOOLS  # noqa: E402

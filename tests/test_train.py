@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from dgemma import DiffusionGemma, save_model
-from dgemma.checkpoint import load_model
-from dgemma.cli import main as cli_main
-from dgemma.config import tiny_config
-from dgemma.train import (
+from dgemma.model.checkpoint import load_model
+from dgemma.entrypoints.cli import main as cli_main
+from dgemma.model.config import tiny_config
+from dgemma.training.train import (
     Example,
     TrainConfig,
     Trainer,
@@ -170,7 +170,7 @@ def test_ar_weight_zero_trains_and_logs_no_ar_loss(tmp_path):
 def test_batches_move_to_the_model_device(monkeypatch):
     """Training collates on the CPU and moves each micro-batch to the model's device; the default device is this
     process's GPU when there is one (under torchrun, the LOCAL_RANK-th)."""
-    from dgemma.train import default_device
+    from dgemma.training.train import default_device
 
     b = corrupt(collate(_examples(3), 8, 0, 1, V), V, TrainConfig(), torch.Generator().manual_seed(0))
     moved = b.to(torch.device("meta"))
@@ -187,7 +187,7 @@ def test_batches_move_to_the_model_device(monkeypatch):
 @pytest.fixture(scope="module")
 def hf_pair(tmp_path_factory):
     """transformers' DiffusionGemma and the same weights loaded by dgemma."""
-    from dgemma.checkpoint import load_model as dg_load
+    from dgemma.model.checkpoint import load_model as dg_load
 
     from test_parity import tie_encoder_copies  # the HF oracle with encoder/decoder copies tied
 
@@ -509,7 +509,7 @@ def test_torchrun_two_processes_match_one(ckpt_and_data, tmp_path):
         "1",
     ]
     one = subprocess.run(
-        [sys.executable, "-m", "dgemma.cli", "train", *common, "--output", str(tmp_path / "one")],
+        [sys.executable, "-m", "dgemma.entrypoints.cli", "train", *common, "--output", str(tmp_path / "one")],
         env=env,
         capture_output=True,
         text=True,
@@ -533,7 +533,7 @@ def test_torchrun_two_processes_match_one(ckpt_and_data, tmp_path):
             "--master-port",
             str(port),
             "-m",
-            "dgemma.cli",
+            "dgemma.entrypoints.cli",
             "train",
             *common,
             "--output",

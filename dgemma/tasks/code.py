@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Literal
 
-from .sudoku import load_jsonl, save_jsonl
+from dgemma.tasks.sudoku import load_jsonl, save_jsonl
 
 __all__ = [
     "SPECIAL_TOKENS",

@@ -18,8 +18,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TextIO
 
-from ..cli import DEVICE_HELP, DTYPE_HELP, EXIT_OK, CLIError, _positive_int, comma_choices
-from ..cli import placement, register, training_placement
+from dgemma.entrypoints.cli import DEVICE_HELP, DTYPE_HELP, EXIT_OK, CLIError, _positive_int, comma_choices
+from dgemma.entrypoints.cli import placement, register, training_placement
 
 MARKER = "<FILL>"
 
@@ -99,7 +99,7 @@ def _add_infill(s: argparse.ArgumentParser) -> None:
 
 
 def _add_eval(e: argparse.ArgumentParser) -> None:
-    from .code_model import VARIANTS
+    from dgemma.tasks.code_model import VARIANTS
 
     e.add_argument("--diffusion-model", default="code", metavar="PATH", help="(default: the bundled model)")
     e.add_argument(
@@ -146,7 +146,7 @@ AR_WEIGHT = "diffusion: weight of the encoder's next-token loss; 0 skips its ext
 
 def _add_train(t: argparse.ArgumentParser) -> None:
     """`dgemma code train`'s flags, defaults from `Recipe`. Long only because it is a flat list of declarations."""
-    from .code_model import Recipe
+    from dgemma.tasks.code_model import Recipe
 
     r = Recipe()
     t.add_argument("--output", "-o", default=r.out_dir, metavar="DIR", help="(default: %(default)s)")
@@ -220,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
 # -- infill ---------------------------------------------------------------------------------------------------------
 def read_source(name: str) -> tuple[str, str]:
     """(display name, text) of FILE or stdin; clear errors for missing, unreadable and binary input."""
-    from .code import binary_reason
+    from dgemma.tasks.code import binary_reason
 
     if name == "-":
         label, raw = "<stdin>", sys.stdin.buffer.read()
@@ -291,7 +291,7 @@ class Canvas:
 
 
 def run_infill(args: argparse.Namespace) -> int:
-    from .code_model import BUNDLED, Infiller
+    from dgemma.tasks.code_model import BUNDLED, Infiller
 
     label, text = read_source(args.file)
     start, end, what = locate_gap(label, text, args.line, args.span)
@@ -346,8 +346,8 @@ def run_infill(args: argparse.Namespace) -> int:
 
 # -- eval -------------------------------------------------------------------------------------------------------------
 def run_eval(args: argparse.Namespace) -> int:
-    from . import code as C
-    from .code_model import VARIANTS, evaluate, test_items
+    from dgemma.tasks import code as C
+    from dgemma.tasks.code_model import VARIANTS, evaluate, test_items
 
     variants = comma_choices(args.variants, VARIANTS, "variant")
     root = _stdlib(args.stdlib)
@@ -402,7 +402,7 @@ def _stdlib(d: str | None) -> Path | None:
 
 # -- train ------------------------------------------------------------------------------------------------------------
 def run_train(args: argparse.Namespace) -> int:
-    from .code_model import FORMATS, Recipe, train_recipe
+    from dgemma.tasks.code_model import FORMATS, Recipe, train_recipe
 
     objectives = comma_choices(args.objectives, FORMATS, "objective")
     _stdlib(args.stdlib)

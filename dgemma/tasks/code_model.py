@@ -1,7 +1,7 @@
 """The code model: its config, the training recipe (diffusion, FIM-reordered AR and prefix-only AR from one initial
 checkpoint), a batch infiller and the evaluation.
 
-Data, formats and metrics live in `dgemma.tasks.code`; the generic training loop in `dgemma.train`. The trained
+Data, formats and metrics live in `dgemma.tasks.code`; the generic training loop in `dgemma.training.train`. The trained
 models ship inside the package (`dgemma/models/code`, `code-fim`, `code-ar`), so `LLM(model="code")` works offline.
 """
 
@@ -16,12 +16,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal
 
-from . import code as C
+from dgemma.tasks import code as C
 
 if TYPE_CHECKING:
     import torch
 
-    from ..train import Example
+    from dgemma.training.train import Example
 
 Format = Literal["diffusion", "fim", "ar"]
 FORMATS: tuple[str, ...] = ("diffusion", "fim", "ar")
@@ -35,7 +35,7 @@ GENERATION_CONFIG = {"max_new_tokens": C.ROOM, "max_denoising_steps": 32, "t_max
 def model_config(hidden: int = 128, layers: int = 4, heads: int = 4, vocab: int = C.VOCAB_SIZE):
     """The Sudoku model's shape (a small Gemma-4-shaped DiffusionGemma, pad/eos/bos at ids 0/1/2 as here) for the
     code tokenizer, with one canvas of `CANVAS` tokens."""
-    from .sudoku_model import model_config as sudoku_shape
+    from dgemma.tasks.sudoku_model import model_config as sudoku_shape
 
     return replace(sudoku_shape(hidden, layers, heads, seed_vocab=vocab), canvas_length=C.CANVAS)
 
@@ -119,7 +119,7 @@ class Encoder:
 
 def to_examples(items: list[C.Item], tokenizer_dir: Path, fmt: Format) -> list[Example]:
     """Training examples in one format (diffusion examples mark the suffix region `fixed`)."""
-    from ..train import Example
+    from dgemma.training.train import Example
 
     enc = Encoder(tokenizer_dir).parts(
         [it.prefix for it in items], [it.middle for it in items], [it.suffix for it in items]
@@ -163,8 +163,8 @@ def init_checkpoint(path: Path, recipe: Recipe, tokenizer_dir: Path) -> Path:
     """Write the shared random initial checkpoint (weights, tokenizer, generation config)."""
     import torch
 
-    from ..checkpoint import save_model
-    from ..model import DiffusionGemma
+    from dgemma.model.checkpoint import save_model
+    from dgemma.model.modeling import DiffusionGemma
 
     torch.manual_seed(recipe.seed)
     model = DiffusionGemma(model_config(recipe.hidden, recipe.layers, recipe.heads, recipe.vocab))
@@ -214,8 +214,8 @@ def train_one(recipe: Recipe, objective: str, progress: bool = True) -> Path:
     """Train one format from `<out_dir>/init` on the shared items (AR objectives for "fim" and "ar")."""
     import torch
 
-    from ..train import run_training
-    from .sudoku_model import recipe_train_config
+    from dgemma.training.train import run_training
+    from dgemma.tasks.sudoku_model import recipe_train_config
 
     torch.set_num_threads(recipe.threads)
     out = Path(recipe.out_dir)
@@ -253,7 +253,7 @@ class Infiller:
         dtype: str | torch.dtype = "auto",
         **sampler: Any,
     ):
-        from ..llm import LLM
+        from dgemma.entrypoints.llm import LLM
 
         if fmt not in FORMATS:
             raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
@@ -266,7 +266,7 @@ class Infiller:
         self.fmt, self.adaptive, self.seed, self.sampler = fmt, adaptive, seed, sampler
 
     def _request(self, p: list[int], s: list[int], seed: int):
-        from ..params import SamplingParams
+        from dgemma.engine.params import SamplingParams
 
         if self.fmt == "diffusion":
             return C.ar_prompt(p), SamplingParams(
@@ -379,7 +379,7 @@ def held_out_files(items: list[C.Item], root: Path | None = None) -> dict[str, s
 def test_items(per_kind: int, seed: int, model: str | Path = "code", root: Path | None = None) -> list[C.Item]:
     """`per_kind` held-out items per kind from the running (or given) standard library, their middles counted with
     `model`'s tokenizer."""
-    from ..checkpoint import resolve_model_path
+    from dgemma.model.checkpoint import resolve_model_path
 
     files = split_files(root or C.stdlib_dir())["test"]
     return C.sample_items(files, per_kind * len(C.SPAN_KINDS), seed, token_counter(resolve_model_path(model)))

@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict
 from typing import get_args
 
-from ..cli import (
+from dgemma.entrypoints.cli import (
     DEVICE_HELP,
     DTYPE_HELP,
     EXIT_OK,
@@ -37,7 +37,7 @@ EXAMPLE = "000723000900560000230100057620000103050097800009000475002931586090006
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The `sudoku` actions and their flags. Long only because it is a flat list of declarations, in `--help`
     order: nothing in it branches."""
-    from .sudoku_model import VARIANTS, Recipe
+    from dgemma.tasks.sudoku_model import VARIANTS, Recipe
 
     sub = p.add_subparsers(dest="sudoku_command", metavar="ACTION", title="actions")
     s = sub.add_parser(
@@ -224,8 +224,8 @@ def _read_puzzles(args: argparse.Namespace) -> list[str]:
 
 
 def run_solve(args: argparse.Namespace) -> int:
-    from . import sudoku as S
-    from .sudoku_model import Solver, render
+    from dgemma.tasks import sudoku as S
+    from dgemma.tasks.sudoku_model import Solver, render
 
     puzzles = _read_puzzles(args)
     where = placement(args.device, args.dtype)
@@ -283,7 +283,7 @@ def run_solve(args: argparse.Namespace) -> int:
 
 
 def _clean(p: str) -> str:
-    from . import sudoku as S
+    from dgemma.tasks import sudoku as S
 
     return S.parse_puzzle(p)
 
@@ -305,8 +305,8 @@ def _print(r, out, as_json: bool) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     import random
 
-    from . import sudoku as S
-    from .sudoku_model import VARIANTS, evaluate
+    from dgemma.tasks import sudoku as S
+    from dgemma.tasks.sudoku_model import VARIANTS, evaluate
 
     variants = comma_choices(args.variants, VARIANTS, "variant")
     where = placement(args.device, args.dtype)
@@ -343,7 +343,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 # -- train ------------------------------------------------------------------------------------------------------------
 def run_train(args: argparse.Namespace) -> int:
-    from .sudoku_model import Mode, Recipe, train_recipe
+    from dgemma.tasks.sudoku_model import Mode, Recipe, train_recipe
 
     objectives = comma_choices(args.objectives, get_args(Mode), "objective")
     training_placement(args.device, args.precision)  # checked and printed here; each process resolves it again

@@ -1,7 +1,7 @@
 """The Sudoku model: its config, the training recipe (diffusion and the AR baseline from one initial checkpoint),
 a batch solver (with or without clue clamping on the canvas) and the solve-rate evaluation.
 
-Data and text formats live in `dgemma.tasks.sudoku`; the generic training loop in `dgemma.train`.
+Data and text formats live in `dgemma.tasks.sudoku`; the generic training loop in `dgemma.training.train`.
 The trained model ships inside the package (`dgemma/models/sudoku/`), so `LLM(model="sudoku")` works offline.
 """
 
@@ -17,12 +17,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal
 
-from . import sudoku as S
+from dgemma.tasks import sudoku as S
 
 if TYPE_CHECKING:
     import torch
 
-    from ..train import TrainConfig
+    from dgemma.training.train import TrainConfig
 
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "models" / "sudoku"
 CANVAS = 82  # 81 cells + EOS: one canvas holds the whole answer
@@ -34,7 +34,7 @@ GENERATION_CONFIG = {"max_denoising_steps": 48, "max_new_tokens": CANVAS}
 
 def model_config(hidden: int = 128, layers: int = 4, heads: int = 4, seed_vocab: int = len(S.VOCAB)):
     """A small Gemma-4-shaped DiffusionGemma for the 27-token Sudoku vocabulary (one canvas of 82 tokens)."""
-    from ..config import tiny_config
+    from dgemma.model.config import tiny_config
 
     types = ["sliding_attention"] * (layers - 1) + ["full_attention"]
     return tiny_config(
@@ -105,7 +105,7 @@ def build_data(
 
 def to_examples(items: Iterable[dict]):
     """Training examples; the clue cells and the EOS are marked `fixed` (what clamped solving fixes)."""
-    from ..train import Example
+    from dgemma.training.train import Example
 
     return [
         Example(
@@ -150,8 +150,8 @@ def init_checkpoint(path: Path, recipe: Recipe) -> Path:
     """Write the shared random initial checkpoint (weights, tokenizer, generation config)."""
     import torch
 
-    from ..checkpoint import save_model
-    from ..model import DiffusionGemma
+    from dgemma.model.checkpoint import save_model
+    from dgemma.model.modeling import DiffusionGemma
 
     torch.manual_seed(recipe.seed)
     model = DiffusionGemma(model_config(recipe.hidden, recipe.layers, recipe.heads))
@@ -191,7 +191,7 @@ def train_one(recipe: Recipe, objective: str, progress: bool = True) -> Path:
     """Train one objective from `<out_dir>/init` on `<out_dir>/data` (the same data for both objectives)."""
     import torch
 
-    from ..train import run_training
+    from dgemma.training.train import run_training
 
     torch.set_num_threads(recipe.threads)
     out = Path(recipe.out_dir)
@@ -204,7 +204,7 @@ def recipe_train_config(recipe: Any, objective: str, template_prob: float, ar_we
     """The training settings the bundled-model recipes share (Sudoku's and the code model's): the recipe's steps,
     batch, learning rate, warm-up, seed and precision; AdamW (0.9, 0.99), weight decay 0.01, no prompt loss, ten
     checkpoints, a log line every 20 steps."""
-    from ..train import TrainConfig
+    from dgemma.training.train import TrainConfig
 
     return TrainConfig(
         objective=objective,  # type: ignore[arg-type]
@@ -259,7 +259,7 @@ class Solver:
         device: str | torch.device = "auto",
         **sampler: Any,
     ):
-        from ..llm import LLM
+        from dgemma.entrypoints.llm import LLM
 
         self.llm = LLM(
             model, device=device, dtype=dtype, max_batch=max_batch, max_model_len=len(prompt_ids("0" * 81)) + CANVAS
@@ -271,7 +271,7 @@ class Solver:
         self.rounds, self.samples = rounds, samples
 
     def params(self, puzzle: str):
-        from ..params import SamplingParams
+        from dgemma.engine.params import SamplingParams
 
         extra = {"temperature": 1.0} if self.mode == "ar" and self.samples > 1 else {}
         return SamplingParams(

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import TextConfig
+from dgemma.model.config import TextConfig
 
 
 @dataclass

@@ -17,11 +17,11 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from .config import token_ids
-from .engine import FinishReason, check_context
-from .model import DiffusionGemma
-from .params import SamplingParams, resolve
-from .sampler import StableConfident, entropy_bound_accept
+from dgemma.model.config import token_ids
+from dgemma.engine.core import FinishReason, check_context
+from dgemma.model.modeling import DiffusionGemma
+from dgemma.engine.params import SamplingParams, resolve
+from dgemma.engine.sampler import StableConfident, entropy_bound_accept
 
 # Knobs whose non-default values transformers' loop does not have.
 DEFAULTS_ONLY = (

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 if TYPE_CHECKING:
-    from .engine import Event
-    from .tokenizer import IncrementalDecoder
+    from dgemma.engine.core import Event
+    from dgemma.text.tokenizer import IncrementalDecoder
 
 
 @dataclass

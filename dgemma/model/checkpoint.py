@@ -18,9 +18,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import ConfigError, ModelConfig
-from .model import DiffusionGemma
-from .quant import QUANTIZATIONS, quantize_fp8
+from dgemma.model.config import ConfigError, ModelConfig
+from dgemma.model.modeling import DiffusionGemma
+from dgemma.model.quant import QUANTIZATIONS, quantize_fp8
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -146,7 +146,7 @@ def load_generation_config(path: str | Path) -> dict[str, Any]:
 
 # Models shipped inside the package, by name: `LLM(model="sudoku")` needs no download.
 BUNDLED_MODELS = {
-    name: Path(__file__).resolve().parent / "models" / name
+    name: Path(__file__).resolve().parent.parent / "models" / name
     for name in ("sudoku", "sudoku-ar", "code", "code-fim", "code-ar")
 }
 

@@ -34,9 +34,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .chat import ChatFormat, ChatPrompt, Tool, ToolChoice
-from .constraints import Constraint, ConstraintError
-from .schemas import FORMATS, unique_selections, whole_string_regex
+from dgemma.text.chat import ChatFormat, ChatPrompt, Tool, ToolChoice
+from dgemma.structured.constraints import Constraint, ConstraintError
+from dgemma.structured.schemas import FORMATS, unique_selections, whole_string_regex
 
 # Keywords whose meaning a context-free grammar cannot enforce: ignored with a warning.
 UNENFORCED = (

@@ -1,4 +1,4 @@
-"""Request/response schemas of the OpenAI-compatible server (`dgemma.server`), following vLLM's conventions.
+"""Request/response schemas of the OpenAI-compatible server (`dgemma.entrypoints.server`), following vLLM's conventions.
 
 Requests are validated strictly (no "5" -> 5 coercion, no bool for int, no NaN/inf): a wrong type is a client
 mistake and is answered with HTTP 400 and an OpenAI error body, never 422 or 500. Unknown fields are ignored (as
@@ -6,7 +6,7 @@ in vLLM), but OpenAI features this server does not implement (best_of > 1, penal
 400 rather than silently ignored.
 
 Chat with tools and reasoning (docs/chat.md): `tools`, `tool_choice`, `parallel_tool_calls`, `chat_template_kwargs`
-(checked and rendered by `dgemma.chat`). Log-probabilities: `logprobs`/`top_logprobs` (chat), `logprobs`
+(checked and rendered by `dgemma.text.chat`). Log-probabilities: `logprobs`/`top_logprobs` (chat), `logprobs`
 (completions), `echo` (completions: the prompt first, with its log-probabilities when `logprobs` is set;
 `max_tokens: 0` generates nothing), `return_tokens_as_token_ids`; `n` samples per request.
 
@@ -41,8 +41,8 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
-from .logprobs import MAX_TOP_LOGPROBS
-from .params import KNOBS, MAX_N, Knob, SamplingParamError, SamplingParams
+from dgemma.engine.logprobs import MAX_TOP_LOGPROBS
+from dgemma.engine.params import KNOBS, MAX_N, Knob, SamplingParamError, SamplingParams
 
 # Prompts are either text or token ids; a list holding exactly one of those is accepted too (OpenAI's batch form).
 PromptInput = Union[str, list[int]]
@@ -66,7 +66,7 @@ def _knob_field(knob: Knob) -> tuple[Any, Any]:
     return Optional[knob.kind], Field(default=None, ge=knob.ge, gt=knob.gt, le=knob.le, description=knob.help)
 
 
-# The sampling knobs of both endpoints, derived from the one table in dgemma.params.
+# The sampling knobs of both endpoints, derived from the one table in dgemma.engine.params.
 _Knobs = create_model("_Knobs", __base__=_Strict, **{k.api_name: _knob_field(k) for k in KNOBS if k.api_name})
 _API_NAME = {k.name: k.api_name for k in KNOBS if k.api_name} | {"suffix_token_ids": "suffix"}
 

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable, Literal
 
 import torch
 
-from .schemas import ascii_shorthands, prepare_schema
+from dgemma.structured.schemas import ascii_shorthands, prepare_schema
 
 Kind = Literal["json_schema", "json_object", "regex", "choice", "grammar", "tool_calls"]
 

@@ -35,10 +35,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .checkpoint import load_generation_config, load_model, save_model
-from .config import token_ids
-from .device import resolve_training, training_device
-from .model import DiffusionGemma
+from dgemma.model.checkpoint import load_generation_config, load_model, save_model
+from dgemma.model.config import token_ids
+from dgemma.model.device import resolve_training, training_device
+from dgemma.model.modeling import DiffusionGemma
 
 Objective = Literal["diffusion", "ar"]
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -71,7 +71,7 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = LORA_TARGETS
     # bfloat16: autocast matmuls, float32 master weights; auto: bfloat16 on a GPU with native bf16, else float32
-    # (resolved against the model's device when the Trainer is built; see dgemma.device.auto_precision)
+    # (resolved against the model's device when the Trainer is built; see dgemma.model.device.auto_precision)
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
     seed: int = 0
     save_every: int = 0  # 0: only at the end
@@ -785,7 +785,7 @@ def run_training(
     With `resume`, continues from the newest `checkpoint-*` in `out_dir`. `device` "auto" (or None): this process's
     GPU when there is one, else the CPU. `dtype` is the master weights' dtype: float32 (bf16 compute is
     `cfg.precision`, whose "auto" picks bfloat16 autocast on GPUs). Returns the `final/` directory."""
-    from .tokenizer import Tokenizer
+    from dgemma.text.tokenizer import Tokenizer
 
     info = init_distributed()
     torch.manual_seed(cfg.seed)

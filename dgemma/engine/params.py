@@ -1,7 +1,8 @@
 """Per-request sampling parameters, and the one table of sampling knobs (`KNOBS`).
 
 Each scalar knob is declared once (name, type, range, default, help); `SamplingParams.validate`, the CLI's flags
-(`dgemma.cli.add_sampling_arguments`) and the server's request schema (`dgemma.protocol`) are all derived from it.
+(`entrypoints.cli.add_sampling_arguments`) and the server's request schema (`entrypoints.protocol`) are all derived
+from it.
 The fields that are lists or text (stop strings, token ids, templates, structured-output constraints) have
 bespoke checks in `validate`. Every error is a `SamplingParamError` naming the field in `.param`.
 """
@@ -12,8 +13,8 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Literal, Sequence
 
-from .logprobs import MAX_TOP_LOGPROBS
-from .sampler import ACCEPTANCE, SCHEDULES, STOPPING
+from dgemma.engine.logprobs import MAX_TOP_LOGPROBS
+from dgemma.engine.sampler import ACCEPTANCE, SCHEDULES, STOPPING
 
 Mode = Literal["diffusion", "ar"]
 MODES = ("diffusion", "ar")
@@ -328,7 +329,7 @@ class SamplingParams:
 
     def constraint(self):
         """The structured-output constraint these params ask for (a `constraints.Constraint`), or None."""
-        from .constraints import Constraint
+        from dgemma.structured.constraints import Constraint
 
         given = Constraint.from_fields(self.json_schema, self.regex, self.choice, self.grammar, bool(self.json_object))
         if self.tool_constraint is None:

@@ -1,10 +1,10 @@
 """An OpenAI-compatible HTTP server over one `LLM` (vLLM's conventions, kept thin).
 
-    python -m dgemma.server --model PATH [--host 127.0.0.1] [--port 8000] [--max-batch 8] [--max-queue 64]
+    python -m dgemma.entrypoints.server --model PATH [--host 127.0.0.1] [--port 8000] [--max-batch 8] [--max-queue 64]
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /version,
 GET /metrics (Prometheus). Request/response shapes and the accepted sampling fields are documented in
-`dgemma.protocol`; in diffusion mode (the default) `temperature`/`top_p`/`top_k` are ignored (the denoising
+`dgemma.entrypoints.protocol`; in diffusion mode (the default) `temperature`/`top_p`/`top_k` are ignored (the denoising
 temperature follows the t_max -> t_min schedule); they apply in `mode="ar"`.
 
 Concurrency model: ONE background thread owns the `Engine` and calls `step()` while there is work, so requests
@@ -12,7 +12,7 @@ are batched continuously (a new request joins at the next step, a finished one l
 typed commands (`_Add`, `_Abort`, `_Finish`, `_Stop`) through a thread-safe queue; the engine thread answers with
 replies (`_Accepted`, `_Rejected`, `_Aborted`) and the engine's `Event`s, one `loop.call_soon_threadsafe` per step,
 which routes them into per-request `asyncio.Queue`s. Only the engine thread ever touches the engine. Text is made
-by `dgemma.output.OutputProcessor`, as in `LLM`; requests become `SamplingParams` in `dgemma.protocol`.
+by `output.OutputProcessor`, as in `LLM`; requests become `SamplingParams` in `protocol`.
 
 Admission control: at most `max_queue` requests are in flight (waiting + running); more get 429 with Retry-After.
 A request that exceeds `request_timeout` is aborted (504). A client that disconnects (streaming or not) has its
@@ -39,16 +39,16 @@ from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Union
 
-from . import __version__
+from dgemma import __version__
 
 if TYPE_CHECKING:  # imported lazily: `dgemma --help` (which imports this module to register `serve`) stays fast
-    from .chat import ChatPrompt
-    from .chat_output import ChatDelta, ChatMessage
-    from .engine import Event
-    from .llm import LLM
-    from .params import SamplingParams
+    from dgemma.text.chat import ChatPrompt
+    from dgemma.text.chat_output import ChatDelta, ChatMessage
+    from dgemma.engine.core import Event
+    from dgemma.entrypoints.llm import LLM
+    from dgemma.engine.params import SamplingParams
 
-logger = logging.getLogger("dgemma.server")
+logger = logging.getLogger("dgemma.entrypoints.server")
 
 DEFAULT_MAX_BODY_BYTES = 16 << 20
 _STATUS_TYPES = {
@@ -412,7 +412,7 @@ class _EngineWorker:
             # None: it was not running (still waiting, or already finished with its event on the way)
             out.append((cmd.rid, ev if ev is not None else _Aborted()))
         elif isinstance(cmd, _Score):
-            from .logprobs import prompt_logprobs
+            from dgemma.engine.logprobs import prompt_logprobs
 
             out.append((cmd.rid, _Scored(prompt_logprobs(self.engine.model, cmd.prompt_ids, cmd.top_k))))
 
@@ -472,9 +472,9 @@ class _Generation:
         request: Any = None,
         chat: "ChatPrompt | None" = None,
     ):
-        from .chat import output_decoder
-        from .chat_output import ChatOutputParser
-        from .output import OutputProcessor
+        from dgemma.text.chat import output_decoder
+        from dgemma.text.chat_output import ChatOutputParser
+        from dgemma.entrypoints.output import OutputProcessor
 
         self.server, self.rid, self.q, self.prompt_len, self.params = server, rid, q, prompt_len, params
         self.loop = asyncio.get_running_loop()
@@ -527,7 +527,7 @@ class _Generation:
             m.ttft.labels(**m.labels).observe(self.t_first - self.t_arrival)
 
     def _finish(self, delta: Any) -> _Update:
-        from .protocol import usage
+        from dgemma.entrypoints.protocol import usage
 
         self.done = True
         text, reason, em = delta.text, delta.finish_reason, delta.metrics
@@ -617,7 +617,7 @@ class _Server:
 
     def render_chat(self, req: Any) -> "ChatPrompt":
         """The chat request's prompt, rendered by the checkpoint's template with its tools and template kwargs."""
-        from .chat import ChatRequestError, render_chat
+        from dgemma.text.chat import ChatRequestError, render_chat
 
         tok = self.llm.tokenizer
         if tok is None:
@@ -653,9 +653,9 @@ class _Server:
         """The request's SamplingParams (`protocol`'s translation, plus the tool-call constraint a chat request's
         tools ask for), then the checks that need the model: the suffix's tokens, the vocabulary, the constraint's
         compilation, the prompt's tokens and the context."""
-        from .engine import check_context
-        from .params import SamplingParamError
-        from .protocol import RequestError, api_param
+        from dgemma.engine.core import check_context
+        from dgemma.engine.params import SamplingParamError
+        from dgemma.entrypoints.protocol import RequestError, api_param
 
         eng = self.llm.engine
         tools = chat is not None and chat.parses_tools
@@ -798,7 +798,7 @@ async def _api_error(request: Any, e: APIError) -> Any:
 
 
 async def _http_error(request: Any, e: Any) -> Any:
-    from .protocol import error_body
+    from dgemma.entrypoints.protocol import error_body
 
     status = e.status_code
     return _json(error_body(str(e.detail), _STATUS_TYPES.get(status, "APIError"), None, status), status, e.headers)
@@ -809,14 +809,14 @@ async def _client_gone(request: Any, e: Exception) -> Any:
 
 
 async def _internal_error(request: Any, e: Exception) -> Any:
-    from .protocol import error_body
+    from dgemma.entrypoints.protocol import error_body
 
     logger.exception("unhandled error")
     return _json(error_body(f"internal error: {type(e).__name__}", "InternalServerError", None, 500), 500)
 
 
 async def health(request: Any) -> Any:
-    from .protocol import error_body
+    from dgemma.entrypoints.protocol import error_body
 
     el = request.app.state.dgemma.engine_loop
     if el.healthy:
@@ -889,8 +889,8 @@ def _prepare_chat(srv: "_Server", req: Any) -> _Job:
 
 
 def _completion_choice(srv: "_Server", job: _Job, i: int, res: _Result) -> dict[str, Any]:
-    from .logprobs import completion_logprobs
-    from .protocol import completion_choice
+    from dgemma.engine.logprobs import completion_logprobs
+    from dgemma.entrypoints.protocol import completion_choice
 
     lp = None
     if job.req.logprobs is not None:
@@ -901,8 +901,8 @@ def _completion_choice(srv: "_Server", job: _Job, i: int, res: _Result) -> dict[
 
 
 def _chat_choice(srv: "_Server", job: _Job, i: int, res: _Result) -> dict[str, Any]:
-    from .logprobs import chat_logprobs
-    from .protocol import chat_choice
+    from dgemma.engine.logprobs import chat_logprobs
+    from dgemma.entrypoints.protocol import chat_choice
 
     msg = res.message.to_openai() if res.message is not None else {"role": "assistant", "content": res.text}
     lp = chat_logprobs(res.logprobs, job.token_text(srv)) if job.req.logprobs else None
@@ -912,8 +912,8 @@ def _chat_choice(srv: "_Server", job: _Job, i: int, res: _Result) -> dict[str, A
 def _completion_chunk(
     srv: "_Server", job: _Job, rid: str, created: int, i: int, upd: _Update, **extra: Any
 ) -> dict[str, Any]:
-    from .logprobs import completion_logprobs
-    from .protocol import completion_chunk
+    from dgemma.engine.logprobs import completion_logprobs
+    from dgemma.entrypoints.protocol import completion_chunk
 
     lp = None
     if job.req.logprobs is not None and upd.token_ids:
@@ -924,8 +924,8 @@ def _completion_chunk(
 def _chat_chunk(
     srv: "_Server", job: _Job, rid: str, created: int, i: int, upd: _Update, **extra: Any
 ) -> dict[str, Any]:
-    from .logprobs import chat_logprobs
-    from .protocol import chat_chunk
+    from dgemma.engine.logprobs import chat_logprobs
+    from dgemma.entrypoints.protocol import chat_chunk
 
     delta = upd.chat.to_openai() if upd.chat is not None else ({"content": upd.text} if upd.text else {})
     lp = chat_logprobs(upd.logprobs, job.token_text(srv)) if job.req.logprobs and upd.token_ids else None
@@ -981,7 +981,7 @@ async def chat_completions(request: Any) -> Any:
 
 async def _generate(request: Any, ep: _Endpoint) -> Any:
     """Parse, tokenize, translate, submit; then stream the result or wait for it."""
-    from . import protocol as P
+    from dgemma.entrypoints import protocol as P
 
     srv: _Server = request.app.state.dgemma
     t0 = time.perf_counter()
@@ -1014,7 +1014,7 @@ async def _generate(request: Any, ep: _Endpoint) -> Any:
 def _response(
     srv: "_Server", ep: _Endpoint, job: _Job, rid: str, created: int, results: list[_Result]
 ) -> dict[str, Any]:
-    from .protocol import response
+    from dgemma.entrypoints.protocol import response
 
     constraint = job.params.constraint()
     warnings = srv.llm.engine.guides.warnings(constraint) if constraint is not None else None
@@ -1024,7 +1024,7 @@ def _response(
 
 def _total_usage(usages: list[dict[str, Any]]) -> dict[str, Any]:
     """One usage for n samples: the prompt once, the completions summed, tokens per forward averaged."""
-    from .protocol import usage
+    from dgemma.entrypoints.protocol import usage
 
     n = sum(u["completion_tokens"] for u in usages)
     tpf = sum(u["tokens_per_forward"] for u in usages) / len(usages)
@@ -1083,7 +1083,7 @@ async def _stream_events(
     srv: "_Server", gens: list[_Generation], ep: _Endpoint, job: _Job, rid: str, created: int
 ) -> AsyncIterator[str]:
     """The server-sent events of a streaming request, ending with `data: [DONE]` (errors become an error event)."""
-    from .protocol import chat_chunk, error_body, usage_chunk
+    from dgemma.entrypoints.protocol import chat_chunk, error_body, usage_chunk
 
     req = job.req
     inc = bool(req.stream_options and req.stream_options.include_usage)
@@ -1198,8 +1198,13 @@ def create_app(
 
 # -- command line ---------------------------------------------------------------------------------------------------
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The `serve` options (for `dgemma serve` and `python -m dgemma.server`)."""
-    from .cli import COMPILE_HELP, DEVICE_HELP, DTYPE_HELP, EAGER_HELP  # the same words as every other command
+    """The `serve` options (for `dgemma serve` and `python -m dgemma.entrypoints.server`)."""
+    from dgemma.entrypoints.cli import (
+        COMPILE_HELP,
+        DEVICE_HELP,
+        DTYPE_HELP,
+        EAGER_HELP,
+    )  # the same words as every other command
 
     parser.add_argument("--model", required=True, help="checkpoint directory (HF format)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
@@ -1262,7 +1267,7 @@ def _arg_error(args: argparse.Namespace) -> str | None:
 
 def _load(args: argparse.Namespace, where: Any) -> "LLM":
     """Load the model (on the torch thread that will run it)."""
-    from .llm import LLM
+    from dgemma.entrypoints.llm import LLM
 
     if getattr(args, "torch_threads", None) is not None:
         import torch
@@ -1284,7 +1289,7 @@ def _load(args: argparse.Namespace, where: Any) -> "LLM":
 
 def run_serve(args: argparse.Namespace) -> int:
     """Load the model and serve it until SIGTERM/SIGINT; returns the process exit status."""
-    from .device import resolve
+    from dgemma.model.device import resolve
 
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
@@ -1355,9 +1360,9 @@ SERVE_HELP = "serve an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/com
 
 
 def _register_cli() -> None:
-    """Add `dgemma serve` when dgemma.cli has a subcommand registry (cli imports this module as a plugin)."""
+    """Add `dgemma serve` when the CLI has a subcommand registry (cli imports this module as a plugin)."""
     try:
-        from . import cli
+        from dgemma.entrypoints import cli
     except Exception:  # no CLI (or a broken one): the server itself does not need it
         return
     register, commands = getattr(cli, "register", None), getattr(cli, "SUBCOMMANDS", None)
@@ -1374,7 +1379,9 @@ def _register_cli() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dgemma.server", description="OpenAI-compatible dgemma server")
+    parser = argparse.ArgumentParser(
+        prog="python -m dgemma.entrypoints.server", description="OpenAI-compatible dgemma server"
+    )
     add_serve_arguments(parser)
     return run_serve(parser.parse_args(argv))
 

@@ -5,7 +5,7 @@
     dgemma chat --model ./ckpt
 
 Subcommands live in the `SUBCOMMANDS` registry; another module adds one with
-`register(name, help, add_arguments, run)`. A module listed in `PLUGINS` (e.g. `dgemma.server`) is imported before the
+`register(name, help, add_arguments, run)`. A module listed in `PLUGINS` is imported before the
 parser is built, so registering at import time is enough for `dgemma <name>` to appear. Such a module should import
 heavy optional dependencies inside its `run`, not at import time.
 
@@ -26,15 +26,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, TextIO
 
 if TYPE_CHECKING:  # imported lazily at run time: `dgemma --help` should not wait for torch more than needed
-    from .device import Placement
-    from .llm import LLM
-    from .params import Knob, SamplingParams
+    from dgemma.model.device import Placement
+    from dgemma.entrypoints.llm import LLM
+    from dgemma.engine.params import Knob, SamplingParams
 
 PROG = "dgemma"
 EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130
 
 # Modules imported (if installed) before the parser is built, so that they can `register` their subcommands.
-PLUGINS: list[str] = ["dgemma.server", "dgemma.tasks.sudoku_cli", "dgemma.tasks.code_cli"]
+PLUGINS: list[str] = ["dgemma.entrypoints.server", "dgemma.tasks.sudoku_cli", "dgemma.tasks.code_cli"]
 
 # Chat turns end with one of these tokens (when the tokenizer has it): generation stops there.
 END_OF_TURN_TOKENS = ("<end_of_turn>",)
@@ -220,7 +220,7 @@ def _add_knob(g: argparse._ArgumentGroup, knob: Knob) -> None:
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     """Every SamplingParams knob as an option (from `params.KNOBS`; unset diffusion knobs come from the checkpoint)."""
-    from .params import DEFAULTS, KNOBS
+    from dgemma.engine.params import DEFAULTS, KNOBS
 
     groups = {mode: p.add_argument_group(title) for mode, title in _GROUPS.items()}
     groups["diffusion"].description = (
@@ -278,7 +278,7 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
 
 def sampling_params_from_args(args: argparse.Namespace) -> SamplingParams:
     """Build and validate SamplingParams from `add_sampling_arguments` options (raises ValueError naming the field)."""
-    from .params import KNOBS, SamplingParams
+    from dgemma.engine.params import KNOBS, SamplingParams
 
     values = {k.name: getattr(args, k.name) for k in KNOBS}
     given = {name: v for name, v in values.items() if v is not None and v is not False}  # 0 is a given value
@@ -329,7 +329,7 @@ def load_llm(args: argparse.Namespace, max_batch: int = 1) -> LLM:
     """The LLM for `add_model_arguments` options."""
     import torch
 
-    from .llm import LLM
+    from dgemma.entrypoints.llm import LLM
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -350,9 +350,9 @@ def load_llm(args: argparse.Namespace, max_batch: int = 1) -> LLM:
 
 
 def placement(device: str, dtype: str, quantization: str | None = None) -> Placement:
-    """--device and --dtype, checked and resolved ("auto" included, see dgemma.device); the choice is printed as
+    """--device and --dtype, checked and resolved ("auto" included, see dgemma.model.device); the choice is printed as
     one line on stderr, e.g. `dgemma: device cpu, dtype float32 (auto: no CUDA; ...)`."""
-    from .device import resolve
+    from dgemma.model.device import resolve
 
     where = resolve(check_device(device), dtype, quantization)
     print(f"{PROG}: {where.describe()}", file=sys.stderr, flush=True)
@@ -360,11 +360,11 @@ def placement(device: str, dtype: str, quantization: str | None = None) -> Place
 
 
 def training_placement(device: str, precision: str) -> Placement:
-    """Training's --device and --precision, checked and resolved (see dgemma.device.resolve_training); printed as
+    """Training's --device and --precision, checked and resolved (see dgemma.model.device.resolve_training); printed as
     one line on stderr by the first process."""
     import os
 
-    from .device import resolve_training
+    from dgemma.model.device import resolve_training
 
     where = resolve_training(check_device(device), precision)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -374,7 +374,7 @@ def training_placement(device: str, precision: str) -> Placement:
 
 def check_device(device: str) -> str:
     """A --device value, checked: "auto" or a torch device string, and CUDA only where this machine has it."""
-    from .device import resolve_device
+    from dgemma.model.device import resolve_device
 
     try:
         resolve_device(device, what="--device")
@@ -777,9 +777,9 @@ def run_init_random(args: argparse.Namespace) -> int:
     """Write a random-weights DiffusionGemma checkpoint in the HF format (for demos, tests and benchmarks)."""
     import torch
 
-    from .checkpoint import save_model
-    from .config import sized_config
-    from .model import DiffusionGemma
+    from dgemma.model.checkpoint import save_model
+    from dgemma.model.config import sized_config
+    from dgemma.model.modeling import DiffusionGemma
 
     if not 1e4 <= args.params <= 5e9:
         raise CLIError(f"--params {args.params:g} is outside [1e4, 5e9]")
@@ -804,7 +804,7 @@ register(
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """`dgemma train`'s flags, defaults from `TrainConfig`. Long only because it is a flat list of declarations, in
     `--help` order: nothing in it branches."""
-    from .train import TrainConfig
+    from dgemma.training.train import TrainConfig
 
     d = TrainConfig()
     p.add_argument("--model", "-m", required=True, metavar="PATH", help="checkpoint to start from (HF format)")
@@ -900,8 +900,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 def run_train(args: argparse.Namespace) -> int:
     import torch
 
-    from .device import dtype_name
-    from .train import TrainConfig, run_training
+    from dgemma.model.device import dtype_name
+    from dgemma.training.train import TrainConfig, run_training
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -942,13 +942,13 @@ register(
     run_train,
     "Fine-tune a DiffusionGemma checkpoint on JSONL data with the published block-diffusion objective\n"
     "(or --objective ar). Writes HF-format checkpoints; re-running the same command resumes.\n"
-    "Data-parallel: torchrun --nproc-per-node 2 -m dgemma.cli train ... (gloo on CPU, nccl on GPU).",
+    "Data-parallel: torchrun --nproc-per-node 2 -m dgemma.entrypoints.cli train ... (gloo on CPU, nccl on GPU).",
 )
 
 
 # -- main -------------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from dgemma import __version__
 
     _load_plugins()
     parser = argparse.ArgumentParser(
@@ -1006,8 +1006,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run the canonical `dgemma.cli` module, not this `__main__` copy, so that plugins that
-    # `from dgemma.cli import register` register into the registry that main() reads.
-    from dgemma.cli import main as _main
+    # Run the canonical `dgemma.entrypoints.cli` module, not this `__main__` copy, so that plugins that
+    # `from dgemma.entrypoints.cli import register` register into the registry that main() reads.
+    from dgemma.entrypoints.cli import main as _main
 
     sys.exit(_main())

@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
-from .tokenizer import IncrementalDecoder
+from dgemma.text.tokenizer import IncrementalDecoder
 
 ToolChoiceMode = Literal["none", "auto", "required", "function"]
 

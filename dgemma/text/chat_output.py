@@ -26,7 +26,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
-from .chat import ChatFormat
+from dgemma.text.chat import ChatFormat
 
 Mode = Literal["content", "reasoning", "call"]
 _NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")

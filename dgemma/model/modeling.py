@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import CanvasView, KVCache
-from .config import ModelConfig, TextConfig
+from dgemma.model.cache import CanvasView, KVCache
+from dgemma.model.config import ModelConfig, TextConfig
 
 ACT = {
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),

@@ -10,19 +10,19 @@ from typing import Any, Callable, Iterator, Sequence, Union
 
 import torch
 
-from .chat import ChatPrompt, output_decoder, render_chat
-from .chat_output import ChatMessage, parse_chat_output
-from .checkpoint import load_generation_config, load_model, resolve_model_path
-from .config import token_ids
-from .constraints import GuideFactory
-from .device import resolve as resolve_placement
-from . import reference
-from .engine import Engine, Event
-from .logprobs import TokenLogprob, prompt_logprobs
-from .output import OutputProcessor, StopText
-from .params import SamplingParamError, SamplingParams
-from .tokenizer import IncrementalDecoder, Tokenizer
-from .tool_grammar import prompt_grammar
+from dgemma.text.chat import ChatPrompt, output_decoder, render_chat
+from dgemma.text.chat_output import ChatMessage, parse_chat_output
+from dgemma.model.checkpoint import load_generation_config, load_model, resolve_model_path
+from dgemma.model.config import token_ids
+from dgemma.structured.constraints import GuideFactory
+from dgemma.model.device import resolve as resolve_placement
+from dgemma.engine import reference
+from dgemma.engine.core import Engine, Event
+from dgemma.engine.logprobs import TokenLogprob, prompt_logprobs
+from dgemma.entrypoints.output import OutputProcessor, StopText
+from dgemma.engine.params import SamplingParamError, SamplingParams
+from dgemma.text.tokenizer import IncrementalDecoder, Tokenizer
+from dgemma.structured.tool_grammar import prompt_grammar
 
 Prompt = Union[str, list[dict[str, Any]], dict[str, Any]]
 Prompts = Union[Prompt, Sequence[Prompt]]  # one prompt, or several
@@ -78,8 +78,8 @@ class LLM:
     `device`: "auto" (default: CUDA when available, else the CPU), or a torch device such as "cpu", "cuda:1".
     `dtype`: "auto" (default: bfloat16 on CUDA and on CPUs with fast native bf16 matmul, AMX or AMD's AVX512-BF16;
     float32 elsewhere, e.g. AVX2-only CPUs, where bf16 is emulated and ~100x slower), "float32", "bfloat16" or
-    "float16". The choice is logged (logger "dgemma.llm": INFO when "auto" chose, DEBUG otherwise); see
-    dgemma.device for the rules.
+    "float16". The choice is logged (logger "dgemma.entrypoints.llm": INFO when "auto" chose, DEBUG otherwise); see
+    dgemma.model.device for the rules.
     `max_batch`: rows generated together; `max_model_len`: context length the cache is sized for.
     `quantization`: None, or "fp8" (FP8 dense and expert weights, bf16 activations; see dgemma/quant.py): a bf16
     checkpoint is quantized at load, an FP8 checkpoint is read as it is (and needs no argument).

@@ -118,7 +118,7 @@ class Fp8Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """As `model.Experts.forward` (same routing and combination order), FP8 matmuls."""
-        from .model import mixture
+        from dgemma.model.modeling import mixture
 
         return mixture(
             x,

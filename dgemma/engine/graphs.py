@@ -25,9 +25,9 @@ from typing import Callable
 
 import torch
 
-from .cache import CanvasView, KVCache
-from .model import DiffusionGemma
-from .sampler import StepOut
+from dgemma.model.cache import CanvasView, KVCache
+from dgemma.model.modeling import DiffusionGemma
+from dgemma.engine.sampler import StepOut
 
 logger = logging.getLogger(__name__)
 

@@ -29,15 +29,23 @@ from typing import Any, Callable, Iterator, Literal
 
 import torch
 
-from .cache import CanvasView, KVCache
-from .config import token_ids
-from .constraints import Constraint, ConstraintError, ConstraintState
-from .graphs import StepGraphs, bucket
-from .logprobs import TokenLogprob, from_logits
-from .model import DiffusionGemma, expert_kernel
-from .quant import FP8
-from .params import SamplingParams, resolve
-from .sampler import ACCEPTANCE, SCHEDULES, STOPPING, StepOut, draw_uniforms, entropy_bound_accept, sample_step
+from dgemma.model.cache import CanvasView, KVCache
+from dgemma.model.config import token_ids
+from dgemma.structured.constraints import Constraint, ConstraintError, ConstraintState
+from dgemma.engine.graphs import StepGraphs, bucket
+from dgemma.engine.logprobs import TokenLogprob, from_logits
+from dgemma.model.modeling import DiffusionGemma, expert_kernel
+from dgemma.model.quant import FP8
+from dgemma.engine.params import SamplingParams, resolve
+from dgemma.engine.sampler import (
+    ACCEPTANCE,
+    SCHEDULES,
+    STOPPING,
+    StepOut,
+    draw_uniforms,
+    entropy_bound_accept,
+    sample_step,
+)
 
 FinishReason = Literal["stop", "length", "abort"]
 SAMPLER_MEMORY = 1 << 30  # default byte budget of the sampler's (rows, canvas, vocab) buffers

@@ -1,0 +1,1 @@
+"""Structured output: constraints through llguidance, JSON Schema details, tool-call grammars."""

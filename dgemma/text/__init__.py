@@ -1,0 +1,1 @@
+"""Text: the tokenizer, chat templates, and the chat output parser."""
