@@ -1,0 +1,294 @@
+"""Request handling for /v1/completions and /v1/chat/completions: parse, tokenize, translate to `SamplingParams`,
+submit to the engine loop, then answer (whole or streamed)."""
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+from dgemma.entrypoints.engine_loop import EngineLoop, TorchThread
+from dgemma.entrypoints.errors import APIError, ClientGone, empty_response, json_response
+from dgemma.entrypoints.generation import Generation, Result, Update, collect, total_usage
+from dgemma.entrypoints.metrics import Metrics
+from dgemma.entrypoints.request_io import parse_request, read_json, until_disconnect
+from dgemma.entrypoints.streaming import SSEResponse, stream_events
+
+if TYPE_CHECKING:
+    from dgemma.engine.params import SamplingParams
+    from dgemma.entrypoints.llm import LLM
+    from dgemma.text.chat import ChatPrompt
+
+
+class ServerState:
+    """The serving state of one app: the model, its engine loop, metrics and limits."""
+
+    def __init__(
+        self,
+        llm: "LLM",
+        model_name: str,
+        max_queue: int,
+        request_timeout: float,
+        max_body_bytes: int,
+        torch_thread: TorchThread,
+    ):
+        self.llm, self.model_name = llm, model_name
+        self.request_timeout, self.max_body_bytes = request_timeout, max_body_bytes
+        self.metrics = Metrics(model_name)
+        self.engine_loop = EngineLoop(llm, max_queue, self.metrics, torch_thread)
+        self.created = int(time.time())
+        self.endpoints = _endpoints()
+
+    def _check_text_length(self, text: str) -> None:
+        """Refuse an enormous prompt before tokenizing all of it: tokenize a prefix and see it is over the limit."""
+        eng = self.llm.engine
+        limit = eng.max_model_len
+        probe = 32 * (limit + eng.canvas_length) + 1024
+        if len(text) > probe:
+            n = len(self.llm.tokenizer.encode(text[:probe]))
+            if n > limit + eng.canvas_length + 16:
+                raise APIError(
+                    400,
+                    f"the prompt is too long: over {n - 16} tokens ({len(text)} characters); the "
+                    f"context length is {limit} tokens",
+                    param="prompt",
+                )
+
+    def encode_completion_prompt(self, prompt: Any) -> list[int]:
+        if isinstance(prompt, str):
+            if self.llm.tokenizer is None:
+                raise APIError(
+                    400, "this model has no tokenizer: send the prompt as a list of token ids", param="prompt"
+                )
+            self._check_text_length(prompt)
+            try:
+                return self.llm.encode_prompt(prompt)[1]
+            except ValueError as e:
+                raise APIError(400, str(e), param="prompt") from None
+        return list(prompt)
+
+    def render_chat(self, req: Any) -> "ChatPrompt":
+        """The chat request's prompt, rendered by the checkpoint's template with its tools and template kwargs."""
+        from dgemma.text.chat import ChatRequestError, render_chat
+
+        tok = self.llm.tokenizer
+        if tok is None:
+            raise APIError(
+                400,
+                "this model has no tokenizer, so chat is unavailable: use /v1/completions with token ids",
+                param="messages",
+            )
+        try:
+            prompt = render_chat(
+                tok,
+                req.messages,
+                req.tools,
+                req.tool_choice,
+                req.parallel_tool_calls,
+                req.chat_template_kwargs,
+                req.add_generation_prompt,
+            )
+        except ChatRequestError as e:
+            raise APIError(400, str(e), param=e.param) from None
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from None
+        self._check_text_length(prompt.text)
+        return prompt
+
+    def encode_chat(self, prompt: "ChatPrompt") -> list[int]:
+        try:
+            return self.llm.tokenizer.encode(prompt.text)
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from None
+
+    def sampling(self, req: Any, prompt_ids: list[int], chat: "ChatPrompt | None" = None) -> "SamplingParams":
+        """The request's SamplingParams (`protocol`'s translation, plus the tool-call constraint a chat request's
+        tools ask for), then the checks that need the model: the suffix's tokens, the vocabulary, the constraint's
+        compilation, the prompt's tokens and the context."""
+        from dgemma.engine.request import check_context
+        from dgemma.engine.params import SamplingParamError
+        from dgemma.entrypoints.protocol import RequestError, api_param
+
+        eng = self.llm.engine
+        tools = chat is not None and chat.parses_tools
+        try:
+            params = req.sampling_params(eng.max_model_len - len(prompt_ids))
+            params = self.llm.chat_params(chat, params) if tools else self.llm.prepare_params(params)
+            params = params.validate(eng.vocab_size)
+            constraint = params.constraint()
+            if constraint is not None:  # compile now (bounded time, cached): a bad one is the client's 400
+                if eng.guides is None:
+                    raise ValueError("structured output needs the model's tokenizer")
+                eng.guides.compile(constraint)
+        except RequestError as e:
+            raise APIError(400, str(e), param=e.param) from None
+        except SamplingParamError as e:
+            raise APIError(400, str(e), param=api_param(e.param)) from None
+        except ValueError as e:  # the constraint did not compile (the tools' or the response format's)
+            raise APIError(400, str(e), param="tools" if tools else req.constraint_param()) from None
+        if not all(0 <= t < eng.vocab_size for t in prompt_ids):
+            raise APIError(400, f"prompt token ids must be integers in [0, {eng.vocab_size})", param="prompt")
+        try:
+            check_context(len(prompt_ids), params, eng.max_model_len, eng.canvas_length)
+        except ValueError as e:
+            raise APIError(
+                400, str(e), param="prompt" if len(prompt_ids) >= eng.max_model_len else "max_tokens"
+            ) from None
+        return params
+
+
+@dataclass
+class Job:
+    """A parsed request ready for the engine: its prompt, params and what its answer is read with."""
+
+    req: Any
+    prompt_ids: list[int]
+    params: "SamplingParams"
+    chat: "ChatPrompt | None" = None  # chat requests
+    echo_text: str = ""  # completions with `echo`: the prompt's text, returned before the completion
+    echo_logprobs: list[Any] | None = None  # ... and its tokens' log-probabilities, when asked for
+
+    def token_text(self, srv: "ServerState") -> Callable[[int], str]:
+        """How a token is named in logprobs: its text, or "token_id:N" (vLLM's `return_tokens_as_token_ids`)."""
+        if self.req.return_tokens_as_token_ids or srv.llm.tokenizer is None:
+            return lambda t: f"token_id:{t}"
+        return lambda t: srv.llm.tokenizer.decode([t], skip_special_tokens=False)
+
+
+def _prepare_completion(srv: "ServerState", req: Any) -> Job:
+    ids = srv.encode_completion_prompt(req.prompt)
+    job = Job(req, ids, srv.sampling(req, ids))
+    if req.echo:
+        job.echo_text = req.prompt if isinstance(req.prompt, str) else srv.llm.decode(ids)
+    return job
+
+
+def _prepare_chat(srv: "ServerState", req: Any) -> Job:
+    prompt = srv.render_chat(req)
+    ids = srv.encode_chat(prompt)
+    return Job(req, ids, srv.sampling(req, ids, prompt), chat=prompt)
+
+
+def _completion_choice(srv: "ServerState", job: Job, i: int, res: Result) -> dict[str, Any]:
+    from dgemma.engine.logprobs import completion_logprobs
+    from dgemma.entrypoints.protocol import completion_choice
+
+    lp = None
+    if job.req.logprobs is not None:
+        echo = job.echo_logprobs or []
+        ids = (job.prompt_ids if echo else []) + res.token_ids
+        lp = completion_logprobs(echo + res.logprobs, ids, job.token_text(srv))
+    return completion_choice(i, job.echo_text + res.text, res.finish_reason, lp)
+
+
+def _chat_choice(srv: "ServerState", job: Job, i: int, res: Result) -> dict[str, Any]:
+    from dgemma.engine.logprobs import chat_logprobs
+    from dgemma.entrypoints.protocol import chat_choice
+
+    msg = res.message.to_openai() if res.message is not None else {"role": "assistant", "content": res.text}
+    lp = chat_logprobs(res.logprobs, job.token_text(srv)) if job.req.logprobs else None
+    return chat_choice(i, msg, res.finish_reason, lp)
+
+
+def _completion_chunk(
+    srv: "ServerState", job: Job, rid: str, created: int, i: int, upd: Update, **extra: Any
+) -> dict[str, Any]:
+    from dgemma.engine.logprobs import completion_logprobs
+    from dgemma.entrypoints.protocol import completion_chunk
+
+    lp = None
+    if job.req.logprobs is not None and upd.token_ids:
+        lp = completion_logprobs(upd.logprobs or [], upd.token_ids, job.token_text(srv))
+    return completion_chunk(rid, created, srv.model_name, upd.text, upd.finish_reason, i, lp, **extra)
+
+
+def _chat_chunk(
+    srv: "ServerState", job: Job, rid: str, created: int, i: int, upd: Update, **extra: Any
+) -> dict[str, Any]:
+    from dgemma.engine.logprobs import chat_logprobs
+    from dgemma.entrypoints.protocol import chat_chunk
+
+    delta = upd.chat.to_openai() if upd.chat is not None else ({"content": upd.text} if upd.text else {})
+    lp = chat_logprobs(upd.logprobs, job.token_text(srv)) if job.req.logprobs and upd.token_ids else None
+    return chat_chunk(rid, created, srv.model_name, delta, upd.finish_reason, i, lp, **extra)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """What differs between /v1/completions and /v1/chat/completions; `generate` does the rest."""
+
+    schema: str  # the protocol class of the request
+    id_prefix: str
+    obj: str  # `object` of a whole response
+    chunk_object: str  # `object` of the usage-only last chunk
+    prepare: Callable[["ServerState", Any], Job]  # request -> prompt and params (APIError when it cannot)
+    choice: Callable[..., dict[str, Any]]  # (srv, job, index, Result) -> a response choice
+    chunk: Callable[..., dict[str, Any]]  # (srv, job, rid, created, index, Update, **extra) -> a stream chunk
+    role_chunk: bool  # chat streams open with a chunk giving the assistant role
+
+
+def _endpoints() -> dict[str, Endpoint]:
+    return {
+        "completions": Endpoint(
+            "CompletionRequest",
+            "cmpl",
+            "text_completion",
+            "text_completion",
+            _prepare_completion,
+            _completion_choice,
+            _completion_chunk,
+            False,
+        ),
+        "chat": Endpoint(
+            "ChatCompletionRequest",
+            "chatcmpl",
+            "chat.completion",
+            "chat.completion.chunk",
+            _prepare_chat,
+            _chat_choice,
+            _chat_chunk,
+            True,
+        ),
+    }
+
+
+async def generate(request: Any, ep: Endpoint) -> Any:
+    """Parse, tokenize, translate, submit; then stream the result or wait for it."""
+    from dgemma.entrypoints import protocol as P
+
+    srv: ServerState = request.app.state.dgemma
+    t0 = time.perf_counter()
+    req = parse_request(getattr(P, ep.schema), await read_json(request, srv.max_body_bytes), srv.model_name)
+    srv.engine_loop.check_available()
+    job = await asyncio.to_thread(ep.prepare, srv, req)
+    rid, created = P.new_id(ep.id_prefix), P.now()
+    if getattr(req, "echo", False) and req.logprobs is not None:  # the prompt's log-probabilities, scored first
+        job.echo_logprobs = await srv.engine_loop.score(rid + "-prompt", job.prompt_ids, req.logprobs)
+    if getattr(req, "max_tokens", None) == 0:  # nothing to generate (echo scoring)
+        results = [Result("", [], [], "length", P.usage(len(job.prompt_ids), 0))] * job.params.n
+        return json_response(_response(srv, ep, job, rid, created, results))
+    queues = await srv.engine_loop.submit(rid, job.prompt_ids, job.params, bool(req.stream_drafts and req.stream))
+    gens = [
+        Generation(srv, sid, q, len(job.prompt_ids), job.params, t0, request if req.stream else None, job.chat)
+        for sid, q in queues
+    ]
+    if req.stream:
+        return SSEResponse(gens, stream_events(srv, gens, ep, job, rid, created))
+    try:
+        results = await until_disconnect(request, asyncio.gather(*(collect(g) for g in gens)))
+    except ClientGone:
+        return empty_response(499)
+    finally:
+        for g in gens:
+            g.close()
+    return json_response(_response(srv, ep, job, rid, created, results))
+
+
+def _response(
+    srv: "ServerState", ep: Endpoint, job: Job, rid: str, created: int, results: list[Result]
+) -> dict[str, Any]:
+    from dgemma.entrypoints.protocol import response
+
+    constraint = job.params.constraint()
+    warnings = srv.llm.engine.guides.warnings(constraint) if constraint is not None else None
+    choices = [ep.choice(srv, job, i, res) for i, res in enumerate(results)]
+    return response(rid, created, srv.model_name, ep.obj, choices, total_usage([r.usage for r in results]), warnings)
