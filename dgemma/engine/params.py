@@ -262,8 +262,8 @@ class SamplingParams:
     # infilling: token ids that must follow the output; they end the last canvas (the middle is what is returned)
     suffix_token_ids: list[int] | None = None
     suffix: str | None = None  # the same as text (LLM tokenizes it)
-    # structured output (at most one; see dgemma/constraints.py): a JSON schema (dict or JSON text), any JSON
-    # object, a regex, a list of strings, or a Lark (or GBNF) grammar
+    # structured output (at most one; see dgemma/structured/constraints.py): a JSON schema (dict or JSON text), any
+    # JSON object, a regex, a list of strings, or a Lark (or GBNF) grammar
     json_schema: Any = None
     json_object: bool = False
     regex: str | None = None
@@ -271,8 +271,8 @@ class SamplingParams:
     grammar: str | None = None
     # a tool-call constraint built by `tool_grammar` (LLM.chat and the server set it; not a user knob)
     tool_constraint: Any = None
-    # log-probabilities (dgemma/logprobs.py): of each output token with this many alternatives (None: none), and of
-    # the prompt's tokens (one causal encoder pass)
+    # log-probabilities (dgemma/engine/logprobs.py): of each output token with this many alternatives (None: none),
+    # and of the prompt's tokens (one causal encoder pass)
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     # samples of the prompt: they share its prefill; sample i draws from seed + i

@@ -81,9 +81,9 @@ class LLM:
     "float16". The choice is logged (logger "dgemma.entrypoints.llm": INFO when "auto" chose, DEBUG otherwise); see
     dgemma.model.device for the rules.
     `max_batch`: rows generated together; `max_model_len`: context length the cache is sized for.
-    `quantization`: None, or "fp8" (FP8 dense and expert weights, bf16 activations; see dgemma/quant.py): a bf16
+    `quantization`: None, or "fp8" (FP8 dense and expert weights, bf16 activations; dgemma/model/quant.py): a bf16
     checkpoint is quantized at load, an FP8 checkpoint is read as it is (and needs no argument).
-    `enforce_eager`: never replay steps as CUDA graphs (on CUDA they are, by default; see dgemma/graphs.py).
+    `enforce_eager`: never replay steps as CUDA graphs (on CUDA they are, by default; dgemma/engine/graphs.py).
     `compile`: run the graphed denoising step through `torch.compile` first (off by default; falls back to eager).
     """
 
@@ -294,7 +294,7 @@ class LLM:
         ("none", "auto", "required" or {"type": "function", "function": {"name": ...}}), `parallel_tool_calls` and
         `chat_template_kwargs` (e.g. {"enable_thinking": True}) as in the server. Each output's `message` holds the
         content, the reasoning and the parsed tool calls; calls are constrained to the declared tools' schemas
-        (see dgemma/chat.py). Raises ValueError (chat.ChatRequestError naming the field) for a bad request."""
+        (see dgemma/text/chat.py). Raises ValueError (chat.ChatRequestError naming the field) for a bad request."""
         if self.tokenizer is None:
             raise ValueError(f"{self.path} has no tokenizer.json: chat needs one")
         prompt = render_chat(self.tokenizer, messages, tools, tool_choice, parallel_tool_calls, chat_template_kwargs)
