@@ -226,5 +226,13 @@ def test_infill_reads_stdin(monkeypatch, capsys):
     import sys
 
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\x00\x01binary")))
-    assert cli_main(["code", "infill", "--line", "1"]) == 2
+    assert cli_main(["code", "infill", "--line", "1", "--model", "no-model"]) == 2
     assert "<stdin>: cannot infill: it contains NUL bytes" in capsys.readouterr().err
+
+
+def test_infill_without_a_model_says_how_to_train_one(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "src.py").write_text("a = 1\n")
+    assert cli_main(["code", "infill", "src.py", "--line", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs a checkpoint: --model PATH" in err and "dgemma code train" in err

@@ -1,5 +1,6 @@
-"""The code model: a tiny end-to-end `dgemma code train` -> infill -> eval run, the live canvas, and the bundled
-checkpoints (by name, through `LLM`, the CLI and the server's /v1/completions with `suffix`)."""
+"""The code models: a tiny end-to-end `dgemma code train` -> infill -> eval run, the live canvas, infilling with
+any checkpoint (a random one with the task's tokenizer, the bundled Sudoku model), and a code checkpoint through
+`LLM` and the server's /v1/completions with `suffix`."""
 
 from __future__ import annotations
 
@@ -7,13 +8,25 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
-from dgemma import LLM
+import dgemma
+from dgemma import LLM, DiffusionGemma, save_model
 from dgemma.model.checkpoint import BUNDLED_MODELS
 from dgemma.entrypoints.cli import main as cli_main
 from dgemma.engine.params import SamplingParams
 from dgemma.tasks import code as C
-from dgemma.tasks.code_model import BUNDLED, VARIANTS, Infiller, Recipe, model_config, score
+from dgemma.tasks.code_cli import eval_command
+from dgemma.tasks.code_model import (
+    FORMATS,
+    GENERATION_CONFIG,
+    VARIANTS,
+    Infiller,
+    Recipe,
+    layout_of,
+    model_config,
+    score,
+)
 
 from test_code import fake_stdlib
 
@@ -65,19 +78,30 @@ def run(tmp_path_factory) -> tuple[Path, Path]:
     return out, lib
 
 
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """A random code checkpoint: the task's tokenizer (trained on a fake Lib/), model shape and generation config."""
+    base = tmp_path_factory.mktemp("tiny")
+    (base / "Lib").mkdir()
+    tok = C.build_tokenizer(C.source_files(fake_stdlib(base / "Lib")).values(), base / "tokenizer", vocab_size=300)
+    torch.manual_seed(0)
+    model = DiffusionGemma(model_config(hidden=32, layers=2, heads=4, vocab=300))
+    return save_model(model, base / "model", generation_config=GENERATION_CONFIG, tokenizer_dir=tok)
+
+
 def test_train_writes_three_models_from_one_init(run):
     out, _ = run
     saved = json.loads((out / "recipe.json").read_text())
     assert saved["steps"] == 2 and saved["objectives"] == ["diffusion", "fim", "ar"]
     assert saved["prompt_loss"] is True and saved["ar_weight"] == 1.0  # (the fixture's flags)
-    logs = {o: [json.loads(x) for x in (out / o / "train_log.jsonl").read_text().splitlines()] for o in BUNDLED}
+    logs = {o: [json.loads(x) for x in (out / o / "train_log.jsonl").read_text().splitlines()] for o in FORMATS}
     # The diffusion model trains both losses (backward through the denoising pass and the clean canvas's encoder pass)
     assert logs["diffusion"][-1]["diffusion_loss"] > 0 and logs["diffusion"][-1]["ar_loss"] > 0
     assert logs["fim"][-1]["ar_loss"] > 0 and logs["ar"][-1]["ar_loss"] > 0
-    for o in BUNDLED:  # every model's next-token loss covers the prompt too
+    for o in FORMATS:  # every model's next-token loss covers the prompt too
         state = json.loads((out / o / "checkpoint-000001" / "train_state" / "state.json").read_text())
         assert state["config"]["prompt_loss"] is True
-    for o in BUNDLED:
+    for o in FORMATS:
         final = out / o / "final"
         assert (final / "model.safetensors").is_file() and (final / "tokenizer.json").is_file()
         assert json.loads((final / "generation_config.json").read_text())["max_new_tokens"] == C.ROOM
@@ -87,13 +111,13 @@ def test_train_writes_three_models_from_one_init(run):
 
 def test_infiller_formats_stay_within_the_room(run):
     out, _ = run
-    for fmt in BUNDLED:
+    for fmt in FORMATS:
         res = Infiller(out / fmt / "final", fmt, max_batch=2, device="cpu", max_denoising_steps=3).infill(
             [FILE[:13], "x = ("], [FILE[33:], ")\n"]
         )
         assert len(res) == 2 and all(0 <= r.tokens <= C.ROOM and r.forwards >= 1 for r in res)
-    with pytest.raises(ValueError, match="not a code model"):
-        Infiller(BUNDLED_MODELS["sudoku"])
+    with pytest.raises(ValueError, match="no FIM tokens"):
+        Infiller(BUNDLED_MODELS["sudoku"], "fim", device="cpu")
 
 
 def test_infill_cli_prints_the_file_and_draws_the_canvas(run, tmp_path, capsys):
@@ -134,7 +158,7 @@ def test_infill_cli_prints_the_file_and_draws_the_canvas(run, tmp_path, capsys):
 
 def test_eval_cli_prints_a_table_and_json(run, capsys):
     out, lib = run
-    finals = {o: str(out / o / "final") for o in BUNDLED}
+    finals = {o: str(out / o / "final") for o in FORMATS}
     assert (
         cli_main(
             [
@@ -173,9 +197,21 @@ def test_eval_cli_prints_a_table_and_json(run, capsys):
     assert empty["single_line_exact"] == 0 and empty["tokens_per_forward"] == 0
     assert cli_main(["code", "eval", "--variants", "diffusion,beam"]) == 2
     assert "unknown variant 'beam'" in capsys.readouterr().err
+    assert cli_main(["code", "eval", "--variants", "fim-ar,empty"]) == 2
+    assert "fim-ar needs a model: --fim-model PATH, or --run DIR" in capsys.readouterr().err
     for cmd in (["code", "train", "--objectives", "fim,bert"], ["sudoku", "train", "--objectives", "fim"]):
         assert cli_main([*cmd, "--output", str(out / "never")]) == 2
         assert "unknown objective" in capsys.readouterr().err and not (out / "never").exists()
+
+
+def test_eval_takes_a_training_run(run, capsys):
+    out, lib = run
+    argv = ["code", "eval", "--run", str(out), "--variants", "ar,empty", "--per-kind", "1", "--stdlib", str(lib)]
+    assert cli_main([*argv, "--quiet", "--device", "cpu"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["variant"] for r in res["results"]] == ["ar", "empty"] and res["n"] == len(C.SPAN_KINDS)
+    assert eval_command("runs/x", ["diffusion", "fim", "ar"]) == "dgemma code eval --run runs/x"
+    assert eval_command("runs/x", ["fim", "ar"]) == "dgemma code eval --run runs/x --variants fim-ar,ar,empty"
 
 
 def test_eval_refuses_training_files(run, tmp_path):
@@ -187,40 +223,57 @@ def test_eval_refuses_training_files(run, tmp_path):
         held_out_files(train[:1], lib)
 
 
-def test_recipe_defaults_fit_the_bundle_budget():
+def test_recipe_defaults_are_a_small_model():
     r = Recipe()
     assert model_config(r.hidden, r.layers, r.heads, r.vocab).text.num_parameters() * 4 < 30e6
 
 
-# -- the bundled models ------------------------------------------------------------------------------------------------
-bundled = pytest.mark.skipif(
-    not all((BUNDLED_MODELS[n] / "config.json").is_file() for n in BUNDLED.values()),
-    reason="the bundled code models are not in this checkout",
-)
+# -- any checkpoint ------------------------------------------------------------------------------------------------
+def test_only_sudoku_is_bundled_and_the_package_stays_small():
+    models = Path(dgemma.__file__).parent / "models"
+    assert sorted(BUNDLED_MODELS) == ["sudoku", "sudoku-ar"] and not list(models.glob("code*"))
+    assert sum(f.stat().st_size for f in models.rglob("*") if f.is_file()) <= 10e6  # the wheel stays under 10 MB
 
 
-@bundled
-def test_bundled_models_are_small_and_infill_by_name():
-    for name in BUNDLED.values():
-        d = BUNDLED_MODELS[name]
-        assert sum(f.stat().st_size for f in d.iterdir() if f.is_file()) <= 30e6, name
-        assert (d / "README.md").is_file() or name != "code"
-    llm = LLM(model="code", max_batch=1)
+def test_a_code_checkpoint_gets_the_trained_layout_and_infills(tiny):
+    llm = LLM(tiny, max_batch=1, device="cpu")
     assert llm.model.config.canvas_length == C.CANVAS and llm.tokenizer.token_to_id("<fim_middle>") == C.FIM_MIDDLE_ID
+    assert layout_of(llm) == C.CODE  # the task's tokenizer and canvas: the layout the models are trained on
     out = llm.generate("def area(r):\n", SamplingParams(max_new_tokens=C.ROOM, suffix="\n\nprint(area(2))\n", seed=0))[
         0
     ]
     assert out.outputs[0].finish_reason in ("stop", "length") and len(out.outputs[0].token_ids) <= C.ROOM
 
 
-@bundled
-def test_bundled_model_serves_fill_in_the_middle():
+def test_any_checkpoint_infills_with_the_suffix_fixed_on_its_canvas(tmp_path, capsys):
+    sudoku = BUNDLED_MODELS["sudoku"]  # no FIM tokens, a canvas of 82: the room is its first 41 positions
+    inf = Infiller(sudoku, max_batch=1, device="cpu", max_denoising_steps=3)
+    lay = inf.layout
+    assert (lay.canvas, lay.room, lay.fim, lay.suffix_tokens) == (82, 41, None, 40)
+    prompt, sp = inf._request([5, 6, 7], [8, 9], seed=0)
+    assert sp.max_new_tokens == lay.room and sp.suffix_token_ids == [8, 9] + [lay.pad] * 38 + [lay.eos]
+    drafts = [
+        d.draft_token_ids
+        for d in inf.llm.generate_stream([{"prompt_token_ids": prompt}], [sp], stream_drafts=True)
+        if d.draft_token_ids is not None
+    ]
+    assert drafts and all(c[lay.room :] == sp.suffix_token_ids for c in drafts)  # fixed from the first step
+    src = tmp_path / "area.py"
+    src.write_text(FILE)
+    for fmt in ("diffusion", "ar"):
+        argv = ["code", "infill", str(src), "--line", "2", "--model", str(sudoku), "--format", fmt, "--json"]
+        assert cli_main([*argv, "--device", "cpu"]) == 0
+        rec = json.loads(capsys.readouterr().out)
+        assert rec["original"] == "    return 3.14 * r * r\n" and 0 <= rec["tokens"] <= lay.room
+
+
+def test_a_code_checkpoint_serves_fill_in_the_middle(tiny):
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
     from dgemma.entrypoints.server import create_app
 
-    app = create_app(LLM("code", max_batch=2), model_name="code")
+    app = create_app(LLM(tiny, max_batch=2, device="cpu"), model_name="code")
     with TestClient(app) as tc:
         r = tc.post(
             "/v1/completions",

@@ -145,10 +145,7 @@ def load_generation_config(path: str | Path) -> dict[str, Any]:
 
 
 # Models shipped inside the package, by name: `LLM(model="sudoku")` needs no download.
-BUNDLED_MODELS = {
-    name: Path(__file__).resolve().parent.parent / "models" / name
-    for name in ("sudoku", "sudoku-ar", "code", "code-fim", "code-ar")
-}
+BUNDLED_MODELS = {name: Path(__file__).resolve().parent.parent / "models" / name for name in ("sudoku", "sudoku-ar")}
 
 
 def resolve_model_path(model: str | Path) -> Path:

@@ -1,12 +1,13 @@
-"""Python fill-in-the-middle data for the bundled code model: sources, split, tokenizer, spans, formats, metrics.
+"""Python fill-in-the-middle data for the code experiment: sources, split, tokenizer, spans, formats, metrics.
 
 Pure Python (plus HF `tokenizers` for the tokenizer); no model or training code lives here.
 
 Sources
-    The running CPython's standard library (`sysconfig`'s stdlib directory; the bundled model used CPython 3.11.7,
-    `PINNED_PYTHON`): every `.py` file outside site-packages, test directories and `encodings/` (charmap tables)
-    that is UTF-8, at most `MAX_FILE_BYTES` and parses. Licence: the PSF License Agreement (CPython's LICENSE),
-    which allows distributing derived works such as a model trained on it. Nothing is downloaded.
+    The running CPython's standard library (`sysconfig`'s stdlib directory; the results in docs/code.md used
+    CPython 3.11.7, `PINNED_PYTHON`): every `.py` file outside site-packages, test directories and `encodings/`
+    (charmap tables) that is UTF-8, at most `MAX_FILE_BYTES` and parses. Licence: the PSF License Agreement
+    (CPython's LICENSE), which allows distributing derived works such as a model trained on it. Nothing is
+    downloaded.
     source_files(root) -> sorted relative paths; split_of(path) -> "train" or "test", from a hash of the relative
     path alone: a file is in the same split on every machine and Python version, so no version's test file was
     ever trained on by a model built from another version.
@@ -27,6 +28,8 @@ Formats (token ids; the prefix is cut to its last `PREFIX_TOKENS`, the suffix to
                        suffix_ids(suffix))` lays it out at inference; the collator's EOS is the canvas's last slot.
     fim        <bos> <fim_prefix> prefix <fim_suffix> suffix <fim_middle> -> middle <eos>   (AR, standard FIM)
     ar         <bos> prefix -> middle <eos>                                                 (AR, prefix only)
+A `Layout` holds these sizes and special ids; the defaults (`CODE`) are the code tokenizer's and canvas's, and any
+other checkpoint gets its own (`code_model.layout_of`: its ids, its canvas, the room half of it).
 
 Tokenizer: byte-level BPE (`VOCAB_SIZE` tokens by default) trained on the training files only, with the special
 tokens `SPECIAL_TOKENS` at ids 0-5.
@@ -65,6 +68,9 @@ __all__ = [
     "SUFFIX_TOKENS",
     "MAX_MIDDLE_TOKENS",
     "SPAN_KINDS",
+    "Layout",
+    "CODE",
+    "find_fim_ids",
     "Item",
     "stdlib_dir",
     "source_files",
@@ -86,7 +92,7 @@ __all__ = [
     "load_jsonl",
 ]
 
-PINNED_PYTHON = "3.11.7"  # the CPython whose standard library the bundled model was trained on
+PINNED_PYTHON = "3.11.7"  # the CPython whose standard library the models in docs/code.md were trained on
 MAX_FILE_BYTES = 200_000
 HELDOUT_PERCENT = 10
 SKIP_DIRS = {"site-packages", "test", "tests", "idle_test", "encodings", "__pycache__"}
@@ -102,6 +108,48 @@ SUFFIX_TOKENS = CANVAS - ROOM - 1  # the canvas's last slot holds the collator's
 PREFIX_TOKENS = 96
 PREFIX_CHARS, SUFFIX_CHARS = 1200, 400  # text windows cut before tokenizing (ample for the token windows)
 MAX_SPAN_CHARS = 240
+
+FIM_SPELLINGS = (SPECIAL_TOKENS[3:], ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where an infill's parts go for one checkpoint: its canvas, the middle's room at the canvas's start (the suffix
+    fills the rest), the special ids and the prefix window. The defaults are the code task's (`CODE`)."""
+
+    canvas: int = CANVAS
+    room: int = ROOM
+    bos: int | None = BOS_ID  # None: the tokenizer has no BOS; a prompt starts with the prefix
+    eos: int = EOS_ID
+    pad: int = PAD_ID
+    fim: tuple[int, int, int] | None = (FIM_PREFIX_ID, FIM_SUFFIX_ID, FIM_MIDDLE_ID)  # None: no FIM tokens
+    prefix_tokens: int = PREFIX_TOKENS
+
+    @property
+    def suffix_tokens(self) -> int:
+        return self.canvas - self.room - 1  # the canvas's last slot holds EOS
+
+    @property
+    def windows(self) -> tuple[int, int]:
+        """(prefix, suffix) characters cut before tokenizing: `PREFIX_CHARS`, `SUFFIX_CHARS` scaled with the token
+        windows (ample: over 12 characters per token)."""
+        return PREFIX_CHARS * self.prefix_tokens // PREFIX_TOKENS, SUFFIX_CHARS * self.suffix_tokens // SUFFIX_TOKENS
+
+    def start(self) -> list[int]:
+        return [] if self.bos is None else [self.bos]
+
+
+CODE = Layout()
+
+
+def find_fim_ids(token_to_id: Callable[[str], int | None]) -> tuple[int, int, int] | None:
+    """A tokenizer's (prefix, suffix, middle) FIM token ids, spelt `<fim_prefix>` or `<|fim_prefix|>`, or None."""
+    for names in FIM_SPELLINGS:
+        ids = tuple(token_to_id(n) for n in names)
+        if None not in ids:
+            return ids  # type: ignore[return-value]
+    return None
+
 
 Kind = Literal["line", "lines", "body", "bracket"]
 SPAN_KINDS: tuple[str, ...] = ("line", "lines", "body", "bracket")
@@ -305,11 +353,12 @@ def sample_items(files: dict[str, str], n: int, seed: int, count_tokens: Callabl
 
 
 # -- formats ------------------------------------------------------------------------------------------------------
-def suffix_ids(suffix: list[int]) -> list[int]:
-    """The fixed tail of a diffusion canvas after the middle's room: the suffix's first SUFFIX_TOKENS tokens, pads,
-    and EOS in the canvas's last slot (pass it as `SamplingParams.suffix_token_ids` with max_new_tokens=ROOM)."""
-    s = suffix[:SUFFIX_TOKENS]
-    return s + [PAD_ID] * (SUFFIX_TOKENS - len(s)) + [EOS_ID]
+def suffix_ids(suffix: list[int], layout: Layout = CODE) -> list[int]:
+    """The fixed tail of a diffusion canvas after the middle's room: the suffix's first `suffix_tokens` tokens, pads,
+    and EOS in the canvas's last slot (pass it as `SamplingParams.suffix_token_ids` with max_new_tokens=room)."""
+    n = layout.suffix_tokens
+    s = suffix[:n]
+    return s + [layout.pad] * (n - len(s)) + [layout.eos]
 
 
 def diffusion_example(
@@ -323,16 +372,17 @@ def diffusion_example(
     return ar_prompt(prefix), room + suffix_ids(suffix)[:-1], list(range(ROOM, CANVAS))
 
 
-def fim_prompt(prefix: list[int], suffix: list[int]) -> list[int]:
-    """The FIM-reordered AR prompt: the middle follows <fim_middle>."""
-    return (
-        [BOS_ID, FIM_PREFIX_ID] + prefix[-PREFIX_TOKENS:] + [FIM_SUFFIX_ID] + suffix[:SUFFIX_TOKENS] + [FIM_MIDDLE_ID]
-    )
+def fim_prompt(prefix: list[int], suffix: list[int], layout: Layout = CODE) -> list[int]:
+    """The FIM-reordered AR prompt: the middle follows <fim_middle> (ValueError if the layout has no FIM tokens)."""
+    if layout.fim is None:
+        raise ValueError("the FIM format needs a tokenizer with FIM tokens (<fim_prefix>, <fim_suffix>, <fim_middle>)")
+    pre, suf, mid = layout.fim
+    return layout.start() + [pre] + prefix[-layout.prefix_tokens :] + [suf] + suffix[: layout.suffix_tokens] + [mid]
 
 
-def ar_prompt(prefix: list[int]) -> list[int]:
+def ar_prompt(prefix: list[int], layout: Layout = CODE) -> list[int]:
     """The left-to-right prompt (also the diffusion model's): BOS and the end of the prefix."""
-    return [BOS_ID] + prefix[-PREFIX_TOKENS:]
+    return layout.start() + prefix[-layout.prefix_tokens :]
 
 
 # -- metrics ------------------------------------------------------------------------------------------------------

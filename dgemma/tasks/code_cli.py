@@ -1,10 +1,10 @@
-"""`dgemma code infill | eval | train`: the Python fill-in-the-middle model from the command line (a CLI plugin).
+"""`dgemma code infill | eval | train`: Python fill-in-the-middle from the command line (a CLI plugin).
 
-dgemma code infill app.py --line 12             # rewrite line 12 from the lines around it (live in a terminal)
-dgemma code infill app.py --span 12:14 --print-file
-printf 'def area(r):\\n    <FILL>\\n' | dgemma code infill     # stdin; the gap is marked <FILL>
-dgemma code eval --per-kind 100                 # diffusion (adaptive / fixed steps) vs FIM-AR vs prefix-only AR
-dgemma code train --output runs/code            # the three models from one initial checkpoint
+dgemma code train --output runs/code            # the three models from one initial checkpoint (docs/code.md)
+dgemma code infill app.py --line 12 -m runs/code/diffusion/final   # rewrite line 12 from the lines around it
+dgemma code infill app.py --span 12:14 -m CKPT --print-file       # any DiffusionGemma checkpoint with a tokenizer
+printf 'def area(r):\\n    <FILL>\\n' | dgemma code infill -m CKPT   # stdin; the gap is marked <FILL>
+dgemma code eval --run runs/code --per-kind 100 # diffusion (adaptive / fixed steps) vs FIM-AR vs prefix-only AR
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             "infill",
             help="fill a gap in a Python file (a line, a span of lines, or a <FILL> marker)",
             description="Remove line N (--line), lines A to B (--span) or the <FILL> marker from a Python file (or "
-            "stdin) and let the model write what goes there, seeing the code before and after. Prints the "
-            "middle (or the whole file with --print-file). The bundled model writes at most 31 tokens "
-            "(about 100 characters).",
+            "stdin) and let a checkpoint (--model) write what goes there, seeing the code before and after. "
+            "Prints the middle (or the whole file with --print-file). The middle has half a canvas of room "
+            "(the suffix is fixed in the other half): 31 tokens for the models `dgemma code train` writes.",
         )
     )
     _add_eval(
@@ -42,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             help="held-out infilling: diffusion vs FIM-reordered AR vs prefix-only AR",
             description="Infill spans of held-out standard-library files (never trained on) with each variant and "
             "print a table and a final JSON line: single-line exact match, multi-line exact match and "
-            "ast.parse rate, bracket and indentation consistency, tokens per forward, ms per infill.",
+            "ast.parse rate, bracket and indentation consistency, tokens per forward, ms per infill. The "
+            "models are those of a `dgemma code train` run (--run DIR) or named one by one.",
         )
     )
     _add_train(
@@ -70,15 +71,16 @@ def _add_infill(s: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--model",
         "-m",
-        default="code",
+        default=None,
         metavar="PATH",
-        help="checkpoint (default: the bundled 'code' model; code-fim and code-ar are the AR baselines)",
+        help="a DiffusionGemma checkpoint with a tokenizer (required; `dgemma code train` trains small code models)",
     )
     s.add_argument(
         "--format",
         choices=["diffusion", "fim", "ar"],
-        default=None,
-        help="how the model sees the gap (default: fim for code-fim, ar for code-ar, else diffusion)",
+        default="diffusion",
+        help="how the model sees the gap: the suffix fixed on the canvas (diffusion), a FIM-reordered AR prompt "
+        "(fim: needs FIM tokens in the tokenizer) or the prefix alone (ar) (default: %(default)s)",
     )
     s.add_argument("--fixed-steps", action="store_true", help="diffusion: no adaptive stop")
     s.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
@@ -101,13 +103,14 @@ def _add_infill(s: argparse.ArgumentParser) -> None:
 def _add_eval(e: argparse.ArgumentParser) -> None:
     from dgemma.tasks.code_model import VARIANTS
 
-    e.add_argument("--diffusion-model", default="code", metavar="PATH", help="(default: the bundled model)")
     e.add_argument(
-        "--fim-model", default="code-fim", metavar="PATH", help="the FIM-reordered AR baseline (default: bundled)"
+        "--run",
+        metavar="DIR",
+        help="a `dgemma code train` output directory: its diffusion/final, fim/final and ar/final are the models",
     )
-    e.add_argument(
-        "--ar-model", default="code-ar", metavar="PATH", help="the prefix-only AR baseline (default: bundled)"
-    )
+    e.add_argument("--diffusion-model", metavar="PATH", help="the diffusion model (default: DIR/diffusion/final)")
+    e.add_argument("--fim-model", metavar="PATH", help="the FIM-reordered AR baseline (default: DIR/fim/final)")
+    e.add_argument("--ar-model", metavar="PATH", help="the prefix-only AR baseline (default: DIR/ar/final)")
     e.add_argument(
         "--data",
         metavar="FILE",
@@ -290,17 +293,23 @@ class Canvas:
             self.out.flush()
 
 
-def run_infill(args: argparse.Namespace) -> int:
-    from dgemma.tasks.code_model import BUNDLED, Infiller
+NO_MODEL = (
+    "dgemma code infill needs a checkpoint: --model PATH (any DiffusionGemma checkpoint with a tokenizer; "
+    "`dgemma code train --output DIR` trains small code models into DIR/diffusion/final, DIR/fim/final, DIR/ar/final)"
+)
 
+
+def run_infill(args: argparse.Namespace) -> int:
+    from dgemma.tasks.code_model import Infiller
+
+    if args.model is None:
+        raise CLIError(NO_MODEL)
+    fmt = args.format
+    if fmt != "diffusion" and args.fixed_steps:
+        raise CLIError("--fixed-steps applies only to --format diffusion")
     label, text = read_source(args.file)
     start, end, what = locate_gap(label, text, args.line, args.span)
     prefix, original, suffix = text[:start], text[start:end], text[end:]
-    fmt = args.format or next(
-        (f for f, name in BUNDLED.items() if name == args.model and f != "diffusion"), "diffusion"
-    )
-    if fmt != "diffusion" and args.fixed_steps:
-        raise CLIError("--fixed-steps applies only to --format diffusion")
     where = placement(args.device, args.dtype)
     inf = Infiller(
         args.model,
@@ -351,14 +360,17 @@ def run_eval(args: argparse.Namespace) -> int:
 
     variants = comma_choices(args.variants, VARIANTS, "variant")
     root = _stdlib(args.stdlib)
+    models = eval_models(args, variants)
     where = placement(args.device, args.dtype)
     if args.data:
         if not Path(args.data).is_file():
             raise CLIError(f"{args.data}: no such file")
         items = [C.Item(**d) for d in C.load_jsonl(args.data)]
     else:
-        items = test_items(args.per_kind, args.seed, args.diffusion_model, root)
-    models = {"diffusion": args.diffusion_model, "fim": args.fim_model, "ar": args.ar_model}
+        counter = next(iter(models.values()), Path(args.run) / "data" / "tokenizer" if args.run else None)
+        if counter is None:
+            raise CLIError("drawing held-out items needs a tokenizer: give --run DIR, a model or --data FILE")
+        items = test_items(args.per_kind, args.seed, counter, root)
     rows = evaluate(
         models,
         items,
@@ -373,6 +385,21 @@ def run_eval(args: argparse.Namespace) -> int:
     print(format_table(rows))
     print(json.dumps({"n": len(items), "results": [asdict(r) for r in rows]}))
     return EXIT_OK
+
+
+def eval_models(args: argparse.Namespace, variants: list[str]) -> dict[str, str]:
+    """{role: checkpoint} for the roles the variants use: a --ROLE-model flag, else --run DIR's ROLE/final."""
+    from dgemma.tasks.code_model import VARIANTS
+
+    named = {"diffusion": args.diffusion_model, "fim": args.fim_model, "ar": args.ar_model}
+    models = {}
+    for role in dict.fromkeys(VARIANTS[v][0] for v in variants if VARIANTS[v][0] != "none"):
+        path = named[role] or (str(Path(args.run) / role / "final") if args.run else None)
+        if path is None:
+            users = ", ".join(v for v in variants if VARIANTS[v][0] == role)
+            raise CLIError(f"{users} needs a model: --{role}-model PATH, or --run DIR (a `dgemma code train` output)")
+        models[role] = path
+    return models
 
 
 TABLE_COLUMNS = (
@@ -432,17 +459,22 @@ def run_train(args: argparse.Namespace) -> int:
     finals = train_recipe(recipe)
     for obj, path in finals.items():
         print(f"{obj}: {path}")
-    print(
-        f"trained in {time.perf_counter() - t0:.0f} s; evaluate with: dgemma code eval --diffusion-model "
-        f"{finals.get('diffusion', 'code')} --fim-model {finals.get('fim', 'code-fim')} --ar-model "
-        f"{finals.get('ar', 'code-ar')}"
-    )
+    print(f"trained in {time.perf_counter() - t0:.0f} s; evaluate with: {eval_command(recipe.out_dir, list(finals))}")
     return EXIT_OK
+
+
+def eval_command(out_dir: str, objectives: list[str]) -> str:
+    """The `dgemma code eval` command for a run that trained `objectives` (the variants their models serve)."""
+    from dgemma.tasks.code_model import VARIANTS
+
+    variants = [v for v, (role, _, _) in VARIANTS.items() if role in objectives or role == "none"]
+    only = "" if len(variants) == len(VARIANTS) else f" --variants {','.join(variants)}"
+    return f"dgemma code eval --run {out_dir}{only}"
 
 
 register(
     "code",
-    "infill, evaluate and train the Python fill-in-the-middle model (diffusion vs AR)",
+    "infill Python with any checkpoint; train and evaluate the fill-in-the-middle experiment (diffusion vs AR)",
     add_arguments,
     run,
     __doc__.split("\n\n", 1)[1] if __doc__ else None,

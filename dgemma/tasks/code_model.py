@@ -1,8 +1,8 @@
-"""The code model: its config, the training recipe (diffusion, FIM-reordered AR and prefix-only AR from one initial
-checkpoint), a batch infiller and the evaluation.
+"""The code experiment's models: their config, the training recipe (diffusion, FIM-reordered AR and prefix-only AR
+from one initial checkpoint), a batch infiller for any DiffusionGemma checkpoint, and the evaluation.
 
-Data, formats and metrics live in `dgemma.tasks.code`; the generic training loop in `dgemma.training.train`. The trained
-models ship inside the package (`dgemma/models/code`, `code-fim`, `code-ar`), so `LLM(model="code")` works offline.
+Data, formats and metrics live in `dgemma.tasks.code`; the generic training loop in `dgemma.training.train`. No code
+model ships with the package: `dgemma code train` writes them (docs/code.md has the recipe and its results).
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ from dgemma.tasks import code as C
 if TYPE_CHECKING:
     import torch
 
+    from dgemma.entrypoints.llm import LLM
     from dgemma.training.train import Example
 
 Format = Literal["diffusion", "fim", "ar"]
 FORMATS: tuple[str, ...] = ("diffusion", "fim", "ar")
-BUNDLED = {"diffusion": "code", "fim": "code-fim", "ar": "code-ar"}
 
-# Sampler settings stored in the models' generation_config.json (the published defaults otherwise). The low
-# temperatures were chosen on held-out spans of the training run's test.jsonl (the model card has the sweep).
+# Sampler settings stored in the models' generation_config.json (the published defaults otherwise). Near-greedy
+# temperatures: at the published 0.8 -> 0.4 a model this small samples mostly noise (docs/code.md).
 GENERATION_CONFIG = {"max_new_tokens": C.ROOM, "max_denoising_steps": 32, "t_max": 0.1, "t_min": 0.01}
 
 
@@ -104,17 +104,18 @@ def build_data(
 
 
 class Encoder:
-    """Token ids of an item's three parts, cut to the windows the formats use."""
+    """Token ids of an item's three parts, cut to the windows of a layout."""
 
-    def __init__(self, tokenizer_dir: str | Path):
-        self.tok = load_tokenizer(tokenizer_dir)
+    def __init__(self, tokenizer_dir: str | Path, layout: C.Layout = C.CODE):
+        self.tok, self.layout = load_tokenizer(tokenizer_dir), layout
 
     def parts(self, prefixes: list[str], middles: list[str], suffixes: list[str]) -> list[tuple[list[int], ...]]:
+        (pc, sc), pt, st = self.layout.windows, self.layout.prefix_tokens, self.layout.suffix_tokens
         enc = [
             [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
-            for texts in ([p[-C.PREFIX_CHARS :] for p in prefixes], middles, [s[: C.SUFFIX_CHARS] for s in suffixes])
+            for texts in ([p[-pc:] for p in prefixes], middles, [s[:sc] for s in suffixes])
         ]
-        return [(p[-C.PREFIX_TOKENS :], m, s[: C.SUFFIX_TOKENS]) for p, m, s in zip(*enc)]
+        return [(p[-pt:], m, s[:st]) for p, m, s in zip(*enc)]
 
 
 def to_examples(items: list[C.Item], tokenizer_dir: Path, fmt: Format) -> list[Example]:
@@ -147,14 +148,14 @@ class Recipe:
     warmup_steps: int = 50
     # The next-token loss on the prompt too, for all three models (the prefix, and FIM's suffix, is ~6x more text
     # per example than the middle), and the diffusion model's encoder next-token loss weight (the published recipe
-    # trains both; 0 skips a pass). Off, as the bundled models were trained; the model card has the runs with both on.
+    # trains both; 0 skips a pass). Off for the results in docs/code.md.
     prompt_loss: bool = False
     ar_weight: float = 0.0
     seed: int = 0
     objectives: tuple[str, ...] = FORMATS
     parallel: int = 1  # training processes at once
     threads: int = 1  # torch threads per training process
-    precision: str = "auto"  # float32 on a CPU (as the bundled models were trained), bf16 autocast on a GPU
+    precision: str = "auto"  # float32 on a CPU, bf16 autocast on a GPU
     device: str = "auto"
     stdlib: str | None = None  # default: the running interpreter's
 
@@ -236,15 +237,26 @@ class Infill:
     finish_reason: str | None = None
 
 
-class Infiller:
-    """Fill gaps with a code checkpoint ("code" is the bundled diffusion model) in one of the three formats.
+def layout_of(llm: LLM) -> C.Layout:
+    """The infilling layout of a loaded checkpoint: its canvas with the middle's room in its first half, its BOS,
+    EOS and pad ids, and its FIM tokens where the tokenizer has them (a code model's is `C.CODE`)."""
+    tok, ids, canvas = llm.tokenizer, llm.token_ids, llm.model.config.canvas_length
+    if tok is None:
+        raise ValueError(f"{llm.path} has no tokenizer.json: infilling reads and writes text")
+    eos = ids.eos[0] if ids.eos else ids.pad
+    return C.Layout(canvas, canvas // 2, tok.bos_token_id, eos, ids.pad, C.find_fim_ids(tok.token_to_id))
 
-    `fmt="diffusion"` denoises one canvas with the suffix fixed after the middle's room; `adaptive=False` runs all
-    `max_denoising_steps`. "fim" and "ar" decode greedily, with and without the suffix in the prompt."""
+
+class Infiller:
+    """Fill gaps with any DiffusionGemma checkpoint that has a tokenizer, in one of the three formats.
+
+    `fmt="diffusion"` denoises one canvas with the suffix fixed after the middle's room (`layout_of`); `adaptive=False`
+    runs all `max_denoising_steps`. "fim" (needs FIM tokens) and "ar" decode greedily, with and without the suffix in
+    the prompt."""
 
     def __init__(
         self,
-        model: str | Path = "code",
+        model: str | Path,
         fmt: Format = "diffusion",
         adaptive: bool = True,
         max_batch: int = 16,
@@ -254,30 +266,37 @@ class Infiller:
         **sampler: Any,
     ):
         from dgemma.entrypoints.llm import LLM
+        from dgemma.model.checkpoint import load_config, resolve_model_path
 
         if fmt not in FORMATS:
             raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+        path = resolve_model_path(model)
+        canvas = load_config(path).canvas_length  # the context: a prefix window and a FIM suffix, then the middle
         self.llm = LLM(
-            model, device=device, dtype=dtype, max_batch=max_batch, max_model_len=2 * C.PREFIX_TOKENS + 2 * C.CANVAS
+            path, device=device, dtype=dtype, max_batch=max_batch, max_model_len=2 * (C.PREFIX_TOKENS + canvas)
         )
-        if self.llm.tokenizer is None or self.llm.tokenizer.token_to_id("<fim_middle>") != C.FIM_MIDDLE_ID:
-            raise ValueError(f"{self.llm.path} is not a code model (its tokenizer lacks the FIM special tokens)")
-        self.encoder = Encoder(self.llm.path)
+        self.layout = layout_of(self.llm)
+        if fmt == "fim" and self.layout.fim is None:
+            raise ValueError(
+                f"{path}: its tokenizer has no FIM tokens (<fim_prefix>, ...); use the diffusion or ar format"
+            )
+        self.encoder = Encoder(self.llm.path, self.layout)
         self.fmt, self.adaptive, self.seed, self.sampler = fmt, adaptive, seed, sampler
 
     def _request(self, p: list[int], s: list[int], seed: int):
         from dgemma.engine.params import SamplingParams
 
+        room = self.layout.room
         if self.fmt == "diffusion":
-            return C.ar_prompt(p), SamplingParams(
-                max_new_tokens=C.ROOM,
+            return C.ar_prompt(p, self.layout), SamplingParams(
+                max_new_tokens=room,
                 seed=seed,
-                suffix_token_ids=C.suffix_ids(s),
+                suffix_token_ids=C.suffix_ids(s, self.layout),
                 fixed_steps=not self.adaptive,
                 **self.sampler,
             )
-        prompt = C.fim_prompt(p, s) if self.fmt == "fim" else C.ar_prompt(p)
-        return prompt, SamplingParams(max_new_tokens=C.ROOM, seed=seed, mode="ar", **self.sampler)
+        prompt = C.fim_prompt(p, s, self.layout) if self.fmt == "fim" else C.ar_prompt(p, self.layout)
+        return prompt, SamplingParams(max_new_tokens=room, seed=seed, mode="ar", **self.sampler)
 
     def infill(
         self, prefixes: list[str], suffixes: list[str], on_draft: Callable[[int, str], None] | None = None
@@ -307,8 +326,8 @@ class Infiller:
 
     def draft_text(self, canvas: list[int]) -> str:
         """The middle of a draft canvas: its room, up to the first EOS or pad."""
-        room = canvas[: C.ROOM]
-        cut = next((j for j, t in enumerate(room) if t in (C.EOS_ID, C.PAD_ID)), len(room))
+        room = canvas[: self.layout.room]
+        cut = next((j for j, t in enumerate(room) if t in (self.layout.eos, self.layout.pad)), len(room))
         return self.llm.decode(room[:cut])
 
 
@@ -376,9 +395,9 @@ def held_out_files(items: list[C.Item], root: Path | None = None) -> dict[str, s
     return files
 
 
-def test_items(per_kind: int, seed: int, model: str | Path = "code", root: Path | None = None) -> list[C.Item]:
+def test_items(per_kind: int, seed: int, model: str | Path, root: Path | None = None) -> list[C.Item]:
     """`per_kind` held-out items per kind from the running (or given) standard library, their middles counted with
-    `model`'s tokenizer."""
+    the tokenizer of `model` (a checkpoint or a tokenizer directory)."""
     from dgemma.model.checkpoint import resolve_model_path
 
     files = split_files(root or C.stdlib_dir())["test"]
