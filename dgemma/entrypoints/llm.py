@@ -74,7 +74,7 @@ class StreamDelta:
 class LLM:
     """A DiffusionGemma checkpoint ready to generate: model + tokenizer (optional) + engine.
 
-    `model`: a checkpoint directory in the HF format, or a bundled model's name ("sudoku", "sudoku-ar", "code", ...).
+    `model`: a checkpoint directory in the HF format, or a bundled model's name ("sudoku", "sudoku-ar").
     `device`: "auto" (default: CUDA when available, else the CPU), or a torch device such as "cpu", "cuda:1".
     `dtype`: "auto" (default: bfloat16 on CUDA and on CPUs with fast native bf16 matmul, AMX or AMD's AVX512-BF16;
     float32 elsewhere, e.g. AVX2-only CPUs, where bf16 is emulated and ~100x slower), "float32", "bfloat16" or
