@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import dgemma.engine.core as dgemma_engine
+import dgemma.engine.step as dgemma_step
 
 # Rounding between batch shapes moves a row's logits by up to ~1e-5 over a generation (measured, AVX-512 and AVX2
 # kernels, 1 and 2 threads); a neighbour's state leaking into a row moves them by O(1) (measured 1.7-2.3 for rows
@@ -49,16 +50,16 @@ class Trace:
         self._tile: list[Step] = []  # the sampler's last tile, until the engine's _after_step says whose rows they are
 
     def sample_step(self, real):
-        def wrapped(logits, canvas, temperature, bound, accept, uniforms, *args, **kw):
+        def wrapped(logits, canvas, temperature, bound, rule, uniforms, *args, **kw):
             # clone first: sample_step consumes the logits in place. The uniforms come from the row's own generator.
             self._tile = [
                 Step(
-                    [canvas[i].clone(), uniforms[i].clone(), float(bound[i]), accept.__name__],
+                    [canvas[i].clone(), uniforms[i].clone(), float(bound[i]), int(rule[i])],
                     [logits[i].clone(), temperature[i].clone()],
                 )
                 for i in range(len(canvas))
             ]
-            out = real(logits, canvas, temperature, bound, accept, uniforms, *args, **kw)
+            out = real(logits, canvas, temperature, bound, rule, uniforms, *args, **kw)
             for i, s in enumerate(self._tile):
                 s.decided = [out.canvas[i].clone(), out.argmax[i].clone()]
             return out
@@ -68,7 +69,9 @@ class Trace:
     def after_step(self, real):
         def wrapped(engine, reqs, out, *args, **kw):
             tile, self._tile = self._tile, []
-            assert len(tile) == len(reqs), "the engine's sampler and _after_step no longer pair up"
+            # a static-buffer step samples its bucket: the real rows first, then padded copies (dropped here)
+            assert len(tile) >= len(reqs), "the engine's sampler and _after_step no longer pair up"
+            tile = tile[: len(reqs)]
             entropy = out.mean_entropy.tolist()
             going = real(engine, reqs, out, *args, **kw)
             for r, s, e in zip(reqs, tile, entropy):
@@ -94,7 +97,7 @@ def tracing() -> Iterator[Trace]:
     """Record the sampling decisions of every engine run inside the block."""
     trace = Trace()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(dgemma_engine, "sample_step", trace.sample_step(dgemma_engine.sample_step))
+        mp.setattr(dgemma_step, "sample_step", trace.sample_step(dgemma_step.sample_step))
         mp.setattr(dgemma_engine.Engine, "_after_step", trace.after_step(dgemma_engine.Engine._after_step))
         mp.setattr(dgemma_engine.Engine, "_ar_emit", trace.ar_emit(dgemma_engine.Engine._ar_emit))
         yield trace

@@ -74,7 +74,7 @@ def boost_token(model, token: int, channel: int = 0) -> float:
 def force_canvas(monkeypatch: pytest.MonkeyPatch, at: Mapping[int, int] | None = None, ban: Iterable[int] = ()) -> None:
     """From now on (in this process), every diffusion canvas commits token `at[p]` at canvas position p, and no
     token of `ban` anywhere else (the sampler's logits are overwritten before it samples and takes the argmax)."""
-    import dgemma.engine.core as E
+    import dgemma.engine.step as E
 
     real = E.sample_step
     at = dict(at or {})

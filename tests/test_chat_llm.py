@@ -97,7 +97,7 @@ def test_prompt_logprobs(llm):
 
 
 def test_diffusion_logprobs_follow_their_definition(llm, monkeypatch):
-    import dgemma.engine.core as E
+    import dgemma.engine.step as E
 
     seen = []
     real = E.sample_step

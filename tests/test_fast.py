@@ -5,17 +5,22 @@ under `torch.compile(fullgraph=True)`, which fails on any host sync or data-depe
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-import dgemma.engine.core as E
+import dgemma.engine.step as E
 from dgemma import DiffusionGemma
 from dgemma.model.config import tiny_config
-from dgemma.engine.core import Engine, denoise_step
-from dgemma.model.modeling import EXPERT_KERNELS, Attention, Experts, expert_kernel
+from dgemma.engine.core import Engine
+from dgemma.engine.step import StepInputs, denoise_step
+from dgemma.engine.reference import transformers_kernels
+from dgemma.model.attention import Attention
+from dgemma.model.experts import EXPERT_KERNELS, Experts, expert_kernel, grouped_kernel
 from dgemma.engine.params import SamplingParams
-from dgemma.engine.sampler import draw_uniforms, entropy_bound_accept, max_argmax, sample_step
+from dgemma.engine.sampler import draw_uniforms, entropy_bound_accept, max_argmax, rule_ids, sample_step
 
 
 def _model(dtype=torch.float32, seed: int = 0, **over) -> DiffusionGemma:
@@ -42,7 +47,7 @@ def test_grouped_experts_match_the_loop(dtype, tol):
     with torch.no_grad():
         for name in [*EXPERT_KERNELS, "dense"]:
             mp = pytest.MonkeyPatch()
-            mp.setattr("dgemma.model.modeling.expert_kernel", lambda w_, exact=False, tokens=1, top_k=1, n=name: n)
+            mp.setattr("dgemma.model.experts.expert_kernel", lambda w_, tokens=1, top_k=1, n=name: n)
             try:
                 out[name] = ex(x, w, idx).float()
             finally:
@@ -58,7 +63,7 @@ def test_expert_kernel_choice():
     with torch.no_grad():
         assert expert_kernel(w16) == "grouped"  # no host sync: graph-capturable
         assert expert_kernel(w32) == "dense"  # float32 on CPU, little wasted arithmetic: overhead-bound
-        assert expert_kernel(w32, exact=True) == "grouped"  # the reference's kernel
+        assert grouped_kernel(w32) == "grouped"  # the reference's kernel
         big = torch.zeros(8, 512, 512)  # 8 experts, I 256: 6 of 8 experts' arithmetic wasted on 256 tokens
         assert expert_kernel(big, tokens=256, top_k=2) == "looped"
         assert expert_kernel(big, tokens=8, top_k=2) == "dense"
@@ -69,7 +74,7 @@ def test_expert_kernel_choice():
 # -- attention ------------------------------------------------------------------------------------------------------
 # -- fused projections -----------------------------------------------------------------------------------------------
 def _unfused(monkeypatch):
-    monkeypatch.setattr("dgemma.model.modeling.FUSE_MAX_BYTES", -1)  # every fused_linear declines: one matmul per layer
+    monkeypatch.setattr("dgemma.model.blocks.FUSE_MAX_BYTES", -1)  # every fused_linear declines: one matmul per layer
 
 
 @pytest.mark.parametrize("over", [{}, {"attention_bias": True}])
@@ -127,7 +132,7 @@ def test_fused_weights_follow_weight_updates():
 def test_lean_cpu_kernels_match_torch():
     """The CPU's tanh-GELU as a sigmoid and the RMS norm from a vector norm: torch's functions within float32
     rounding, over magnitudes from 1e-30 to 1e30 (no overflow to NaN in the cubic term)."""
-    from dgemma.model.modeling import gated_activation, rms_unit
+    from dgemma.model.blocks import gated_activation, rms_unit
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 96, generator=g) * torch.logspace(-30, 30, 96)
@@ -154,9 +159,8 @@ def test_folded_gqa_matches_repeated_kv(head_dim, n_kv):
     for mask in (None, key_mask):
         with torch.no_grad():
             fast = attn.attend(q, k, v, mask)
-            attn.exact = True
-            ref = attn.attend(q, k, v, mask)
-            attn.exact = False
+            with transformers_kernels(attn):
+                ref = attn.attend(q, k, v, mask)
         torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(attn.attend(q, k, v, key_mask), attn.attend(q, k, v, None))  # the mask matters
 
@@ -228,6 +232,25 @@ def _peaked_logits(R: int, C: int, V: int, seed: int = 0) -> torch.Tensor:
     return x
 
 
+def _accepted_only(logits, canvas, temp, bound, u, V, fixed=None):
+    """The sampler drawing only at accepted positions (one CDF per accepted position, found with `nonzero`): a
+    second, data-dependent way to the same tokens, the oracle of the all-position sampler."""
+    R, C, _ = logits.shape
+    probs = torch.softmax(logits / temp[:, None, None], -1)
+    entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1)
+    mask = entropy_bound_accept(entropy, bound)
+    if fixed is not None:
+        mask = mask | (fixed >= 0)
+    nxt = (u[:, :C] * V).long().clamp(max=V - 1)
+    r, c = mask.nonzero(as_tuple=True)
+    cdf = probs[r, c].cumsum(-1)
+    nxt[r, c] = torch.searchsorted(cdf, u[r, C + c].float()[:, None] * cdf[:, -1:]).squeeze(-1).clamp(max=V - 1)
+    argmax = probs.argmax(-1)
+    if fixed is not None:
+        nxt, argmax = torch.where(fixed >= 0, fixed, nxt), torch.where(fixed >= 0, fixed, argmax)
+    return SimpleNamespace(canvas=nxt, argmax=argmax, accepted=mask.sum(-1))
+
+
 @pytest.mark.parametrize("with_template", [False, True])
 def test_all_position_sampling_matches_accepted_only(with_template):
     R, C, V = 3, 16, 50
@@ -239,13 +262,13 @@ def test_all_position_sampling_matches_accepted_only(with_template):
     if with_template:
         template = torch.full((R, C), -1)
         template[:, 1] = 3  # a flat position, fixed
-    a = sample_step(logits.clone(), canvas, temp, bound, entropy_bound_accept, u, V, template)
-    b = sample_step(logits.clone(), canvas, temp, bound, entropy_bound_accept, u, V, template, all_positions=True)
+    a = _accepted_only(logits.clone(), canvas, temp, bound, u, V, template)
+    b = sample_step(logits.clone(), canvas, temp, bound, rule_ids(["entropy_bound"] * R), u, V, template)
     assert ((a.accepted > 0) & (a.accepted < C)).all()  # both kinds of positions occur
     assert torch.equal(a.canvas, b.canvas)
     assert torch.equal(a.argmax, b.argmax) and torch.equal(a.accepted, b.accepted)
     other = draw_uniforms([torch.Generator().manual_seed(99 + r) for r in range(R)], C, "cpu")
-    c = sample_step(logits.clone(), canvas, temp, bound, entropy_bound_accept, other, V, template, all_positions=True)
+    c = sample_step(logits.clone(), canvas, temp, bound, rule_ids(["entropy_bound"] * R), other, V, template)
     assert not torch.equal(c.canvas, b.canvas)  # the tokens do come from the uniforms
 
 
@@ -358,6 +381,13 @@ def _step_inputs(m: DiffusionGemma, B: int = 2):
     return cache, canvas, soft, u, torch.full((B,), 0.6), torch.full((B,), 0.1), cache.decoder_masks(C, in_place=True)
 
 
+def _x(canvas, soft, u, temp, bound, rows=None) -> StepInputs:
+    """Step inputs of unconstrained entropy-bound rows (no fixed positions)."""
+    R = canvas.shape[0]
+    free = torch.full_like(canvas, -1)
+    return StepInputs(canvas, soft, u, temp, bound, rule_ids(["entropy_bound"] * R), free, rows)
+
+
 def _no_data_dependence(gm: torch.fx.GraphModule, example_inputs):
     """A `torch.compile` backend that rejects any traced value whose shape or value depends on tensor data
     (`.item()`, `nonzero`, boolean-mask indexing: unbacked symbols). Python-level syncs (`.tolist()`, `bool()`)
@@ -384,8 +414,8 @@ def test_denoise_step_is_graph_safe(monkeypatch):
     cache, canvas, soft, u, temp, bound, masks = _step_inputs(m)
 
     def step(canvas, soft, u):
-        out, nxt = denoise_step(m, cache, canvas, soft, u, temp, bound, masks)
-        return out.canvas, out.argmax, out.accepted, out.mean_entropy, nxt
+        out = denoise_step(m, cache, _x(canvas, soft, u, temp, bound), masks)
+        return out.canvas, out.argmax, out.accepted, out.mean_entropy, m.soft_embedding(out.probs)
 
     with torch.no_grad():
         eager = step(canvas, soft, u)
@@ -402,8 +432,8 @@ def test_denoise_step_is_graph_safe(monkeypatch):
     assert all(m_ is not None and m_.shape[-1] == s for m_, s in zip(view.masks.values(), view.span.values()))
 
     def padded_step(canvas, soft, u):
-        out, nxt = denoise_step(m, ring, canvas, soft, u, temp[rows], bound[rows], view, rows)
-        return out.canvas, out.probs, nxt
+        out = denoise_step(m, ring, _x(canvas, soft, u, temp[rows], bound[rows], rows), view)
+        return out.canvas, out.probs, m.soft_embedding(out.probs)
 
     with torch.no_grad():
         args = (canvas[rows], soft[rows], u[rows])
@@ -416,7 +446,7 @@ def test_denoise_step_is_graph_safe(monkeypatch):
         causal = ring.causal_view(T, rows, round_span=256)
 
         def causal_step(tokens):
-            return m.encode_in_place(tokens, ring, causal, rows)
+            return m.encode(tokens, ring, rows=rows, view=causal)
 
         with torch.no_grad():
             tokens = torch.randint(0, 128, (3, T))
@@ -427,7 +457,7 @@ def test_denoise_step_is_graph_safe(monkeypatch):
     cache32, canvas32, soft32, u32, _, _, masks32 = _step_inputs(m32)
 
     def float32_step(canvas, soft, u):
-        return denoise_step(m32, cache32, canvas, soft, u, temp, bound, masks32)[0].canvas
+        return denoise_step(m32, cache32, _x(canvas, soft, u, temp, bound), masks32).canvas
 
     with torch.no_grad():
         assert expert_kernel(m32.layers[0].experts.gate_up_proj, tokens=canvas32.numel(), top_k=2) == "dense"
@@ -436,9 +466,9 @@ def test_denoise_step_is_graph_safe(monkeypatch):
     # The check has power: the accepted-only sampler (nonzero) and the expert loop (.tolist()) both fail.
     def accepted_only(canvas, soft, u):
         hidden = m.denoise(canvas, cache, soft=soft, masks=masks, hidden_only=True)
-        return sample_step(m.logits(hidden), canvas, temp, bound, entropy_bound_accept, u, 128).canvas
+        return _accepted_only(m.logits(hidden), canvas, temp, bound, u, 128).canvas
 
-    monkeypatch.setattr("dgemma.model.modeling.expert_kernel", lambda *a, **k: "looped")
+    monkeypatch.setattr("dgemma.model.experts.expert_kernel", lambda *a, **k: "looped")
     for fn, args in ((accepted_only, (canvas, soft, u)), (float32_step, (canvas32, soft32, u32))):
         with torch.no_grad(), pytest.raises(Exception, match="data-dependent|tolist|Unsupported"):
             _compile_strict(fn)(*args)
@@ -472,7 +502,7 @@ def test_compiled_static_steps_match_and_fall_back(monkeypatch, caplog):
     monkeypatch.setattr(G, "COMPILE_BACKEND", "aot_eager")
     m = _model()
     _, canvas, soft, u, temp, bound, _ = _step_inputs(m)
-    inputs = {"canvas": canvas, "soft": soft, "uniforms": u, "temperature": temp, "bound": bound}
+    inputs = _x(canvas, soft, u, temp, bound)
     prompt = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(0))
 
     def step(compile: bool):
@@ -480,8 +510,8 @@ def test_compiled_static_steps_match_and_fall_back(monkeypatch, caplog):
         graphs = G.StepGraphs(m, cache, denoise_step, capture=False, compile=compile)
         with torch.no_grad():
             m.encode(prompt, cache)
-            out, nxt = graphs.run([0, 1], inputs, "entropy_bound", entropy_bound_accept)
-        return graphs, (out.canvas, out.probs.clone(), nxt.clone())
+            out = graphs.run([0, 1], inputs)
+        return graphs, (out.canvas, out.probs.clone(), m.soft_embedding(out.probs))
 
     _, eager = step(False)
     with caplog.at_level("WARNING", logger="dgemma.engine.graphs"):
@@ -541,28 +571,27 @@ def test_static_decode_matches_encode():
     assert set(static._graphs) == {("causal", 4, 1, True), ("causal", 4, C, False)}
 
 
-def test_static_steps_fall_back_where_they_cannot_run():
-    """Constrained or templated rows, mixed acceptance rules and buckets over the sampler budget run eagerly."""
+def test_static_steps_serve_every_row_and_fall_back_only_over_budget():
+    """Templated rows and mixed acceptance rules run from the static buffers like any other row (they are data for
+    the step); only a bucket over the sampler budget runs on exact shapes."""
     m = _model()
     assert Engine(m, max_batch=2, max_model_len=64).graphs is None  # by default only on CUDA
     eng = Engine(m, max_batch=2, max_model_len=64, graphs=True)
     p = SamplingParams(max_new_tokens=8, max_denoising_steps=2, fixed_steps=True, ignore_eos=True)
-    eng.add_request([5, 6], p)
+    eng.add_request([5, 6], SamplingParams(**{**vars(p), "template": [9, -1, 11]}))
     eng.add_request([5, 7], SamplingParams(**{**vars(p), "acceptance": "confidence"}))
-    eng.step()
-    reqs = [r for r in eng.rows if r is not None]
-    assert not eng._graphable(reqs) and eng._graphable(reqs[:1])
-    reqs[0].diffusion.fixed = torch.full((m.config.canvas_length,), -1)
-    assert not eng._graphable(reqs[:1])
+    eng.step()  # prefill
+    eng.step()  # one step of both rows
+    assert eng.runner.static(2) and [k for k in eng.graphs._graphs if k[0] != "causal"] == [("denoise", 2)]
     small = Engine(m, max_batch=2, max_model_len=64, graphs=True, sampler_memory=1)  # one row per tile
+    assert small.runner.static(1) and not small.runner.static(2)
     small.add_request([5, 6], p)
     small.add_request([5, 7], p)
     small.step()
-    both = [r for r in small.rows if r is not None]
-    assert small._graphable(both[:1]) and not small._graphable(both)
-    for eng_ in (eng, small):  # and they still finish
+    for eng_ in (eng, small):  # and they finish
         while eng_.has_unfinished():
             eng_.step()
+    assert [k for k in small.graphs._graphs if k[0] != "causal"] == [("denoise", 1)]
 
 
 def test_static_steps_replace_a_graph_when_the_span_grows():

@@ -41,7 +41,7 @@ from dgemma import DiffusionGemma, save_model
 from dgemma.model.config import tiny_config
 from dgemma.entrypoints.llm import LLM
 from dgemma.engine.params import SamplingParams
-from dgemma.engine.sampler import SCHEDULES, confidence_accept, draw_uniforms, entropy_bound_accept, sample_step
+from dgemma.engine.sampler import SCHEDULES, draw_uniforms, rule_ids, sample_step
 
 from bpe import build_bpe_tokenizer
 from engine_trace import same_run, tracing
@@ -307,12 +307,12 @@ def test_sample_step_matches_transformers_sampler(cur_step, bound):
             canvas.clone(),
             t.expand(K).clone(),
             torch.full((K,), bound),
-            accept,
+            rule_ids([accept] * K),
             draw_uniforms(gens, C, "cpu"),
             V,
         )
 
-    out = run(temp, entropy_bound_accept)
+    out = run(temp, "entropy_bound")
     n_acc = int(hf_mask.sum())
     assert 2 <= n_acc <= C - 2, "the logits should make the acceptance rule non-trivial"
     assert (out.accepted == n_acc).all()
@@ -330,9 +330,9 @@ def test_sample_step_matches_transformers_sampler(cur_step, bound):
     assert float((diff / ((2 * expected * (1 - expected) / K).sqrt() + 2.0 / K)).max()) <= 5.5
 
     # sensitivity: a wrong temperature, and the other acceptance rule, must be caught by the checks above
-    wrong_t = run(temp * 1.25, entropy_bound_accept)
+    wrong_t = run(temp * 1.25, "entropy_bound")
     assert _max_z(_freqs(wrong_t.canvas, V), expected, K) > 8
-    wrong_rule = run(temp, confidence_accept)
+    wrong_rule = run(temp, "confidence")
     assert (wrong_rule.accepted != n_acc).any() or _max_z(_freqs(wrong_rule.canvas, V), expected, K) > 8
 
 
@@ -634,7 +634,7 @@ def test_ar_mode_greedy_matches_transformers_encoder(ar_model, static):
     per batch bucket, the token written into its cache slot in place (what a CUDA graph replays; graphs.py)."""
     from transformers import DynamicCache
 
-    from dgemma.engine.core import denoise_step
+    from dgemma.engine.step import denoise_step
     from dgemma.engine.graphs import StepGraphs
 
     hf, d = ar_model

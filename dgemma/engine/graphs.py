@@ -1,11 +1,13 @@
 """The denoising step replayed from static buffers, so that on CUDA it runs as one captured CUDA graph.
 
-A step of R unconstrained rows is padded to a batch bucket (1, 2, 4, 8, 16, 32) and its key span to a multiple of
-`SPAN_BUCKET`, so the shapes repeat from step to step and canvas to canvas. Each (bucket, acceptance rule) gets
-static input and output buffers for the latest spans: one step = copy the inputs in, replay, read the outputs. On
-CUDA the step (`engine.denoise_step`: decoder pass, LM head, sampler at every position, next soft embeddings) is
-captured once per key and spans after a warm-up; elsewhere the same buffers run it eagerly, which is what the CPU
-tests check.
+A step of R rows is padded to a batch bucket (1, 2, 4, 8, 16, 32) and its key span to a multiple of
+`SPAN_BUCKET`, so the shapes repeat from step to step and canvas to canvas. Each bucket gets static input and output
+buffers for the latest spans: one step = copy the inputs in, replay, read the outputs. The step is
+`step.denoise_step` (decoder pass, LM head, sampler), the function the runner calls on exact shapes; every choice a
+row makes (acceptance rule, fixed positions, temperature) is one of its inputs. On CUDA it is captured once per
+bucket and spans after a warm-up, and replayed; a step with constrained rows runs it from the same buffers
+uncaptured (their frontier grows on the host between the LM head and the sampler). Elsewhere the buffers run it
+eagerly, which is what the CPU tests check.
 
 Padded rows are copies of the first row (its cache row, canvas, random numbers): a copy writes the same canvas
 keys/values into the same cache entries as the row it copies, so padding cannot disturb a real row, and no spare
@@ -28,6 +30,7 @@ import torch
 from dgemma.model.cache import CanvasView, KVCache
 from dgemma.model.modeling import DiffusionGemma
 from dgemma.engine.sampler import StepOut
+from dgemma.engine.step import Frontier, StepInputs
 
 logger = logging.getLogger(__name__)
 
@@ -52,13 +55,13 @@ class _Graph:
 
 
 class StepGraphs:
-    """Static-shape denoising steps over one model and cache: one per (bucket, acceptance rule), for the spans of
-    the latest step (spans only grow while rows fill, so an older span's graph is dropped with its memory)."""
+    """Static-shape denoising steps over one model and cache: one per batch bucket, for the spans of the latest
+    step (spans only grow while rows fill, so an older span's graph is dropped with its memory)."""
 
-    INPUTS = ("canvas", "soft", "uniforms", "temperature", "bound")  # per row; "rows" (the cache rows) apart
+    INPUTS = ("canvas", "soft", "uniforms", "temperature", "bound", "rule", "fixed")  # per row; "rows" apart
 
     def __init__(self, model: DiffusionGemma, cache: KVCache, step: Callable, capture: bool, compile: bool = False):
-        """`step`: `engine.denoise_step`; `capture`: record CUDA graphs (CUDA only), else run from the buffers;
+        """`step`: `step.denoise_step`; `capture`: record CUDA graphs (CUDA only), else run from the buffers;
         `compile`: run the denoising step through `torch.compile` (before capture), falling back to eager."""
         self.model, self.cache, self.capture = model, cache, capture
         self.step, self.compiled = (compiled(step), True) if compile else (step, False)
@@ -79,27 +82,27 @@ class StepGraphs:
         canvas) fit their cache slots."""
         return bucket(rows) is not None and self.cache.fits_in_place(self.C if tokens is None else tokens)
 
-    def run(
-        self, rows: list[int], inputs: dict[str, torch.Tensor | None], rule: str, accept: Callable
-    ) -> tuple[StepOut, torch.Tensor]:
-        """One step of R rows at cache `rows`; `inputs`: canvas (R, C), soft (R, C, hidden) or None (no signal
-        yet), uniforms (R, 2C), temperature and bound (R,). Returns the R rows' StepOut and next soft embeddings
-        (R, C, hidden). The canvas, argmax, counts and entropies are copies; `probs` and the soft embeddings are
-        views of static buffers, valid until the next step."""
+    def run(self, rows: list[int], x: StepInputs, frontier: Frontier | None = None) -> StepOut:
+        """One step of R rows at cache `rows` from `x` (its `rows` field is ignored: the static buffer is used;
+        `soft` None means no signal yet). Returns the R rows' StepOut: canvas, argmax, counts and entropies are
+        copies, `probs` a view of a static buffer, valid until the next step. With `frontier` (constrained rows),
+        the step runs from the buffers uncaptured and the hook sees the R real rows' logits."""
         R, B = len(rows), bucket(len(rows))
         padded = rows + [rows[0]] * (B - R)
         view = self._padded_view(padded)
-        g = self._graph((B, rule), view, lambda: self._new(B, view))
-        self._load(g, padded, view, {name: inputs[name] for name in self.INPUTS})
-        out, soft = self._replay(g, lambda: self._eager(g, accept))
-        copy = StepOut(
+        g = self._graph(("denoise", B), view, lambda: self._new(B, view))
+        self._load(g, padded, view, {name: getattr(x, name) for name in self.INPUTS})
+        if frontier is None:
+            out = self._replay(g, lambda: self._eager(g))
+        else:  # the host extends the real rows' frontiers; padded rows copy the first row's positions
+            out = self._eager(g, lambda logits: _pad(frontier(logits[:R]), B))
+        return StepOut(
             out.canvas[:R].clone(),
             out.argmax[:R].clone(),
             out.probs[:R],
             out.accepted[:R].clone(),
             out.mean_entropy[:R].clone(),
         )
-        return copy, soft[:R]
 
     def decode(self, rows: list[int], tokens: torch.Tensor) -> torch.Tensor:
         """One autoregressive step of R rows at cache `rows`: tokens (R, 1) -> next-token logits (R, V), a view of a
@@ -123,7 +126,7 @@ class StepGraphs:
         self._load(g, padded, view, {"tokens": tokens})
 
         def step() -> torch.Tensor:
-            x = model.encode_in_place(g.inputs["tokens"], self.cache, g.view, g.inputs["rows"])
+            x = model.encode(g.inputs["tokens"], self.cache, rows=g.inputs["rows"], view=g.view)
             return model.logits(x[:, -1]) if head else x
 
         out = self._replay(g, step)
@@ -178,6 +181,8 @@ class StepGraphs:
             "uniforms": torch.zeros(B, 2 * C, dtype=torch.float64, device=dev),
             "temperature": torch.ones(B, dtype=torch.float32, device=dev),
             "bound": torch.zeros(B, dtype=torch.float32, device=dev),
+            "rule": torch.zeros(B, dtype=torch.long, device=dev),
+            "fixed": torch.full((B, C), -1, dtype=torch.long, device=dev),
         }
         return _Graph(inputs, _copy(view))
 
@@ -210,20 +215,15 @@ class StepGraphs:
         g.graph.replay()
         return g.outputs
 
-    def _eager(self, g: _Graph, accept: Callable) -> tuple[StepOut, torch.Tensor]:
+    def _eager(self, g: _Graph, frontier: Frontier | None = None) -> StepOut:
         i = g.inputs
-        return self.step(
-            self.model,
-            self.cache,
-            i["canvas"],
-            i["soft"],
-            i["uniforms"],
-            i["temperature"],
-            i["bound"],
-            g.view,
-            i["rows"],
-            accept,
-        )
+        x = StepInputs(*(i[name] for name in self.INPUTS), rows=i["rows"])
+        return self.step(self.model, self.cache, x, g.view, None, frontier)
+
+
+def _pad(t: torch.Tensor, B: int) -> torch.Tensor:
+    """Rows of `t` up to B, the first row repeated (padded rows copy the first real row)."""
+    return torch.cat([t, t[:1].expand(B - t.shape[0], *t.shape[1:])]) if B > t.shape[0] else t
 
 
 def _copy(view: CanvasView) -> CanvasView:

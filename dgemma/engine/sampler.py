@@ -12,17 +12,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
 
 
 # -- strategies ---------------------------------------------------------------------------------------------------
-class Schedule(Protocol):
-    def __call__(self, n: torch.Tensor, N: torch.Tensor, t_min: torch.Tensor, t_max: torch.Tensor) -> torch.Tensor:
-        """Temperature (R,) at remaining-step counter n (R,) of N."""
-
-
 def linear_schedule(n, N, t_min, t_max):
     return t_min + (t_max - t_min) * (n / N)
 
@@ -52,6 +47,22 @@ def confidence_accept(entropy: torch.Tensor, bound: torch.Tensor) -> torch.Tenso
 
 
 ACCEPTANCE: dict[str, Callable] = {"entropy_bound": entropy_bound_accept, "confidence": confidence_accept}
+RULE_IDS = {name: i for i, name in enumerate(ACCEPTANCE)}  # a step's acceptance rules travel as these ids
+
+
+def rule_ids(names: list[str], device: torch.device | str = "cpu") -> torch.Tensor:
+    """The acceptance rules of R rows as data for the step: (R,) long ids into `ACCEPTANCE`."""
+    return torch.tensor([RULE_IDS[n] for n in names], dtype=torch.long, device=device)
+
+
+def accept_mask(entropy: torch.Tensor, bound: torch.Tensor, rule: torch.Tensor) -> torch.Tensor:
+    """Each row's accepted positions under its own rule: entropy (R, C), bound (R,), rule (R,) ids -> (R, C).
+    Every rule is evaluated (a sort over C: cheap next to the LM head) and each row keeps its own, so a batch
+    mixing rules is one step with no data-dependent branch."""
+    mask = torch.zeros_like(entropy, dtype=torch.bool)
+    for i, fn in enumerate(ACCEPTANCE.values()):
+        mask = torch.where((rule == i)[:, None], fn(entropy, bound), mask)
+    return mask
 
 
 class StableConfident:
@@ -143,22 +154,21 @@ def sample_step(
     canvas: torch.Tensor,
     temperature: torch.Tensor,
     bound: torch.Tensor,
-    accept: Callable,
+    rule: torch.Tensor,
     uniforms: torch.Tensor,
     vocab_size: int,
-    template: torch.Tensor | None = None,
+    fixed: torch.Tensor | None = None,
     probs_out: torch.Tensor | None = None,
-    all_positions: bool = False,
 ) -> StepOut:
-    """One sampler step. logits (R, C, V) float32 (consumed: scaled in place), canvas (R, C), temperature/bound (R,).
+    """One sampler step. logits (R, C, V) float32 (consumed: scaled in place), canvas (R, C), temperature/bound (R,),
+    rule (R,) acceptance-rule ids (`rule_ids`).
 
-    `uniforms` (R, 2C) from `draw_uniforms`: C for the re-noising, C for inverse-CDF samples at accepted positions.
-    By default only accepted positions are sampled (one cumulative sum per accepted position: cheapest on CPU);
-    `all_positions` samples every position
-    from the same uniforms and selects with `torch.where`: the same tokens, with no data-dependent shape or host
-    synchronisation (graph-capturable). `template` (R, C) holds fixed token ids (-1 where free): fixed positions
-    are always accepted and never redrawn. `probs_out` (R, C, V) float32 receives the probabilities (a reusable
-    buffer); the step allocates nothing else of size V, except the all-positions CDF.
+    `uniforms` (R, 2C) from `draw_uniforms`: C for the re-noising, C for inverse-CDF samples. Every position is
+    sampled from its uniform and the accepted ones are kept with `torch.where`: no data-dependent shape or host
+    synchronisation, so the step can be captured as a CUDA graph (sampling only the accepted positions gives the
+    same tokens: each position's draw depends only on its own CDF and uniform). `fixed` (R, C) holds fixed token ids
+    (-1 where free): fixed positions are always accepted and never redrawn. `probs_out` (R, C, V) float32 receives
+    the probabilities (a reusable buffer).
     """
     R, C, V = logits.shape
     top, argmax = max_argmax(logits)  # (R, C, 1), (R, C): a positive temperature keeps the order
@@ -169,22 +179,15 @@ def sample_step(
     dot = torch.einsum("rcv,rcv->rc", probs, x)  # sum_v e^(x-m) (x-m)
     probs.div_(z[..., None])
     entropy = z.log() - dot / z  # -sum p log p
-    mask = accept(entropy, bound)
-    if template is not None:
-        fixed = template >= 0
-        mask = mask | fixed
+    mask = accept_mask(entropy, bound, rule)
     u = uniforms  # (R, 2C)
-    nxt = (u[:, :C] * vocab_size).long().clamp_(max=vocab_size - 1)  # uniform noise tokens
-    if all_positions:
-        cdf = probs.cumsum(-1)  # (R, C, V)
-        drawn = torch.searchsorted(cdf, u[:, C:].float()[..., None] * cdf[..., -1:]).squeeze(-1).clamp_(max=V - 1)
-        nxt = torch.where(mask, drawn, nxt)
-    else:
-        r_idx, c_idx = mask.nonzero(as_tuple=True)  # accepted positions of all rows (K,)
-        cdf = probs[r_idx, c_idx].cumsum(-1)  # (K, V)
-        target = u[r_idx, C + c_idx].float()[:, None] * cdf[:, -1:]
-        nxt[r_idx, c_idx] = torch.searchsorted(cdf, target).squeeze(-1).clamp_(max=V - 1)
-    if template is not None:
-        nxt = torch.where(fixed, template, nxt)
-        argmax = torch.where(fixed, template, argmax)
+    noise = (u[:, :C] * vocab_size).long().clamp_(max=vocab_size - 1)  # uniform noise tokens
+    cdf = probs.cumsum(-1)  # (R, C, V)
+    drawn = torch.searchsorted(cdf, u[:, C:].float()[..., None] * cdf[..., -1:]).squeeze(-1).clamp_(max=V - 1)
+    nxt = torch.where(mask, drawn, noise)
+    if fixed is not None:
+        keep = fixed >= 0
+        mask = mask | keep
+        nxt = torch.where(keep, fixed, nxt)
+        argmax = torch.where(keep, fixed, argmax)
     return StepOut(nxt, argmax, probs, mask.sum(-1), entropy.mean(-1))
