@@ -214,48 +214,15 @@ def test_stop_string_cuts_text_and_stream(capsys, tok_ckpt, llms, monkeypatch):
 
 
 def test_mode_ar(capsys, ids_ckpt, llms):
-    obj = run_json(
-        capsys,
-        "generate",
-        "--model",
-        ids_ckpt,
-        "--prompt-ids",
-        "9,10,11",
-        "--max-new-tokens",
-        12,
-        "--mode",
-        "ar",
-        "--seed",
-        2,
-        "--ignore-eos",
-    )
+    base = ("generate", "--model", ids_ckpt, "--prompt-ids", "9,10,11", "--max-new-tokens", 12, "--mode", "ar")
+    obj = run_json(capsys, *base, "--seed", 2, "--ignore-eos")
     ref = llms["ids"].generate(
         [{"prompt_token_ids": [9, 10, 11]}], SamplingParams(max_new_tokens=12, mode="ar", seed=2, ignore_eos=True)
     )[0]
     assert obj["token_ids"] == ref.outputs[0].token_ids and len(obj["token_ids"]) == 12
     assert obj["tokens_per_forward"] == pytest.approx(1.0)
     assert obj["denoising_steps"] == 0
-    sampled = run_json(
-        capsys,
-        "generate",
-        "--model",
-        ids_ckpt,
-        "--prompt-ids",
-        "9,10,11",
-        "--max-new-tokens",
-        12,
-        "--mode",
-        "ar",
-        "--seed",
-        2,
-        "--ignore-eos",
-        "--temperature",
-        1.0,
-        "--top-k",
-        5,
-        "--top-p",
-        0.9,
-    )
+    sampled = run_json(capsys, *base, "--seed", 2, "--ignore-eos", "--temperature", 1.0, "--top-k", 5, "--top-p", 0.9)
     assert sampled["completion_tokens"] == 12
 
 
@@ -505,6 +472,33 @@ def test_register_a_subcommand(capsys):
         SUBCOMMANDS.pop("hello-test", None)
 
 
+def test_a_broken_plugin_is_an_error_not_a_warning(monkeypatch):
+    monkeypatch.setattr(cli, "PLUGINS", [*cli.PLUGINS, "dgemma.tasks.no_such_plugin"])
+    with pytest.raises(ModuleNotFoundError, match="no_such_plugin"):
+        cli.build_parser()
+
+
+def test_serve_without_the_extra_says_what_to_install(capsys, monkeypatch, ids_ckpt):
+    for name in ("fastapi", "uvicorn"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import fastapi` raises ImportError
+    code, out, _ = run(capsys, "serve", "--help")
+    assert code == 0 and "--port" in out
+    code, out, err = run(capsys, "serve", "--model", ids_ckpt)
+    assert_user_error(code, out, err, "dgemma serve needs fastapi, uvicorn: pip install 'dgemma[serve]'")
+
+
+def test_cli_imports_without_the_serve_extra(tmp_path):
+    """The plugins import normally (an error is not swallowed), so none may need the `serve` extra to import."""
+    block = "import sys; sys.modules.update(dict.fromkeys(['fastapi', 'uvicorn', 'pydantic', 'prometheus_client']))"
+    code = f"{block}; from dgemma.entrypoints.cli import main; sys.exit(main(['serve', '--model', 'x']))"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 2 and res.stdout == "", res.stderr
+    assert res.stderr.splitlines() == [
+        "dgemma: error: dgemma serve needs fastapi, uvicorn, prometheus_client, pydantic: pip install 'dgemma[serve]'"
+    ]
+
+
 # -- a real process ----------------------------------------------------------------------------------------------
 def test_console_script_exit_codes(ids_ckpt, tmp_path):
     exe = shutil.which("dgemma")
@@ -550,56 +544,16 @@ def test_console_script_exit_codes(ids_ckpt, tmp_path):
 def test_generate_structured_output_flags(capsys, tok_ckpt, tmp_path):
     import re as _re
 
-    out = run_json(
-        capsys,
-        "generate",
-        "--model",
-        str(tok_ckpt),
-        "--prompt",
-        "x",
-        "--seed",
-        "0",
-        "--max-new-tokens",
-        "32",
-        "--regex",
-        "[0-9]{4}",
-    )
+    base = ("generate", "--model", str(tok_ckpt), "--prompt", "x")
+    out = run_json(capsys, *base, "--seed", "0", "--max-new-tokens", "32", "--regex", "[0-9]{4}")
     assert _re.fullmatch("[0-9]{4}", out["text"])
     schema = tmp_path / "s.json"
     schema.write_text(json.dumps({"type": "object", "properties": {"a": {"type": "boolean"}}, "required": ["a"]}))
-    out = run_json(
-        capsys,
-        "generate",
-        "--model",
-        str(tok_ckpt),
-        "--prompt",
-        "x",
-        "--seed",
-        "0",
-        "--max-new-tokens",
-        "64",
-        "--json-schema",
-        str(schema),
-    )
+    out = run_json(capsys, *base, "--seed", "0", "--max-new-tokens", "64", "--json-schema", str(schema))
     assert isinstance(json.loads(out["text"])["a"], bool)
-    out = run_json(
-        capsys,
-        "generate",
-        "--model",
-        str(tok_ckpt),
-        "--prompt",
-        "x",
-        "--seed",
-        "1",
-        "--max-new-tokens",
-        "16",
-        "--choice",
-        "yes",
-        "--choice",
-        "no",
-    )
+    out = run_json(capsys, *base, "--seed", "1", "--max-new-tokens", "16", "--choice", "yes", "--choice", "no")
     assert out["text"] in ("yes", "no")
-    code, _, err = run(capsys, "generate", "--model", str(tok_ckpt), "--prompt", "x", "--json-schema", "nope.json")
+    code, _, err = run(capsys, *base, "--json-schema", "nope.json")
     assert code == 2 and "neither inline text nor an existing file" in err
-    code, _, err = run(capsys, "generate", "--model", str(tok_ckpt), "--prompt", "x", "--regex", "(")
+    code, _, err = run(capsys, *base, "--regex", "(")
     assert code == 2 and "regex" in err

@@ -6,8 +6,9 @@
 
 Subcommands live in the `SUBCOMMANDS` registry; another module adds one with
 `register(name, help, add_arguments, run)`. A module listed in `PLUGINS` is imported before the
-parser is built, so registering at import time is enough for `dgemma <name>` to appear. Such a module should import
-heavy optional dependencies inside its `run`, not at import time.
+parser is built, so registering at import time is enough for `dgemma <name>` to appear. Such a module imports heavy
+or optional dependencies inside its `run`, not at import time: `dgemma serve` without the `serve` extra says which
+packages to install and exits with status 2.
 
 User errors (bad paths, malformed checkpoints, invalid sampling knobs, prompts that do not fit) print one line,
 `dgemma: error: ...`, on stderr and exit with status 2, like argparse usage errors. Ctrl-C exits with 130.
@@ -25,6 +26,9 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, TextIO
 
+from dgemma.entrypoints.flags import CLIError
+from dgemma.entrypoints.flags import positive_int as _positive_int
+
 if TYPE_CHECKING:  # imported lazily at run time: `dgemma --help` should not wait for torch more than needed
     from dgemma.model.device import Placement
     from dgemma.entrypoints.llm import LLM
@@ -33,15 +37,11 @@ if TYPE_CHECKING:  # imported lazily at run time: `dgemma --help` should not wai
 PROG = "dgemma"
 EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130
 
-# Modules imported (if installed) before the parser is built, so that they can `register` their subcommands.
+# Modules imported before the parser is built, so that they can `register` their subcommands.
 PLUGINS: list[str] = ["dgemma.entrypoints.server", "dgemma.tasks.sudoku_cli", "dgemma.tasks.code_cli"]
 
 # Chat turns end with one of these tokens (when the tokenizer has it): generation stops there.
 END_OF_TURN_TOKENS = ("<end_of_turn>",)
-
-
-class CLIError(ValueError):
-    """A user error found by the command line itself; reported as `dgemma: error: <message>` with exit status 2."""
 
 
 # -- the subcommand registry ------------------------------------------------------------------------------------------
@@ -81,48 +81,17 @@ def register(
     return SUBCOMMANDS[name]
 
 
-_plugins_loaded = False
-
-
 def _load_plugins() -> None:
-    global _plugins_loaded
-    if _plugins_loaded:
-        return
-    _plugins_loaded = True
+    """Import the `PLUGINS` modules (each registers its subcommands once, when first imported). They are part of
+    dgemma and need none of its optional extras at import time, so an error here is a bug and propagates."""
     for mod in PLUGINS:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:  # the plugin exists but one of its imports is missing
-                print(f"{PROG}: warning: cannot load {mod}: {e}", file=sys.stderr)
-        except Exception as e:  # a broken plugin must not take `dgemma generate` down with it
-            print(f"{PROG}: warning: cannot load {mod}: {type(e).__name__}: {e}", file=sys.stderr)
+        importlib.import_module(mod)
 
 
 # -- shared options ---------------------------------------------------------------------------------------------------
 class _Formatter(argparse.RawDescriptionHelpFormatter):
     def __init__(self, prog: str) -> None:
         super().__init__(prog, max_help_position=34, width=min(110, shutil.get_terminal_size((100, 24)).columns))
-
-
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    return v
-
-
-def comma_choices(value: str, allowed, what: str) -> tuple[str, ...]:
-    """A comma-separated flag value -> its items, each one of `allowed` (at least one), or a CLIError naming the
-    first unknown `what` and the choices."""
-    items = tuple(v for v in value.split(",") if v)
-    bad = next((v for v in items if v not in allowed), None)
-    if bad is not None or not items:
-        raise CLIError(f"unknown {what} {bad or value!r}; choose from {', '.join(allowed)} (comma-separated)")
-    return items
 
 
 def _token_ids(s: str) -> list[int]:
@@ -801,12 +770,71 @@ register(
 
 
 # -- train ------------------------------------------------------------------------------------------------------------
+PRECISIONS = ("auto", "float32", "bfloat16")
+PRECISION_HELP = (
+    "bfloat16: autocast matmuls with float32 master weights; auto: bfloat16 on a GPU with native bf16, float32 "
+    "elsewhere"
+)
+
+# `dgemma train`'s flags: one per TrainConfig field named here (type, default and choices come from the field).
+TRAIN_FLAGS: dict[str, dict[str, Any]] = {
+    "objective": {
+        "group": "objective",
+        "help": "diffusion: the published block-diffusion SFT loss (+ the encoder's AR loss); ar: a plain causal LM, "
+        "the baseline",
+    },
+    "steps": {"group": "optimisation", "ge": 1, "help": "optimizer steps"},
+    "batch_size": {"group": "optimisation", "ge": 1, "help": "global examples per step, over all processes"},
+    "grad_accum": {"group": "optimisation", "ge": 1, "help": "micro-batches per step per process"},
+    "lr": {"group": "optimisation", "help": "peak learning rate (cosine decay after the warm-up)"},
+    "warmup_steps": {"group": "optimisation", "help": "steps of linear learning-rate warm-up"},
+    "weight_decay": {"group": "optimisation", "help": "AdamW weight decay of the matrices"},
+    "clip_norm": {"group": "optimisation", "help": "gradient-norm clipping; 0 turns it off"},
+    "ar_weight": {"group": "objective", "help": "weight of the encoder AR loss"},
+    "prompt_loss": {"group": "objective", "help": "next-token loss on prompt tokens too"},
+    "self_cond_prob": {"group": "objective", "help": "probability of training with self-conditioning"},
+    "template_prob": {
+        "group": "objective",
+        "help": "examples with a 'fixed' list keep those response positions uncorrupted with this probability, to "
+        "train for inference with templates",
+    },
+    "lora_rank": {"group": "optimisation", "help": "LoRA rank; 0 trains every weight"},
+    "lora_alpha": {"group": "optimisation", "help": "LoRA scale: the adapters' update is multiplied by alpha / rank"},
+    "lora_targets": {
+        "group": "optimisation",
+        "help": "comma-separated linear layer names (default: all attention and MLP projections)",
+    },
+    "precision": {"group": "optimisation", "help": PRECISION_HELP + " (float32 stays the CPU default)"},
+    "seed": {"group": "run", "help": "seed of the batch order, the corruption and new LoRA weights"},
+    "save_every": {"group": "run", "help": "checkpoint every N steps (default: end only)"},
+    "log_every": {"group": "run", "ge": 1, "help": "log the loss to train_log.jsonl every N steps"},
+}
+
+
+# The task recipes' flags (`dgemma sudoku train`, `dgemma code train`) for the fields that both recipes have.
+RECIPE_FLAGS: dict[str, dict[str, Any]] = {
+    "out_dir": {
+        "flag": "--output",
+        "short": "-o",
+        "metavar": "DIR",
+        "help": "where data/, init/ and one checkpoint directory per objective go; re-running resumes",
+    },
+    "hidden": {"ge": 1, "help": "hidden size of the model"},
+    "layers": {"ge": 1, "help": "transformer layers"},
+    "steps": {"ge": 1, "help": "optimizer steps per objective"},
+    "batch_size": {"ge": 1, "help": "examples per optimizer step"},
+    "lr": {"help": "peak learning rate"},
+    "threads": {"ge": 1, "help": "torch threads per process"},
+    "precision": {"choices": PRECISIONS, "help": PRECISION_HELP},
+    "device": {"help": "auto (this process's GPU if there is one, else the CPU), cpu, cuda or cuda:N"},
+}
+
+
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    """`dgemma train`'s flags, defaults from `TrainConfig`. Long only because it is a flat list of declarations, in
-    `--help` order: nothing in it branches."""
+    """`dgemma train`'s flags: the data and output paths, then `TRAIN_FLAGS`, then how the run goes."""
+    from dgemma.entrypoints.flags import add_flags
     from dgemma.training.train import TrainConfig
 
-    d = TrainConfig()
     p.add_argument("--model", "-m", required=True, metavar="PATH", help="checkpoint to start from (HF format)")
     p.add_argument(
         "--data",
@@ -823,75 +851,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         help="where checkpoint-N/, final/, train_log.jsonl and loss.svg go; re-running resumes from "
         "the newest checkpoint-N/ there",
     )
-    g = p.add_argument_group("objective")
-    g.add_argument(
-        "--objective",
-        choices=["diffusion", "ar"],
-        default=d.objective,
-        help="diffusion: the published block-diffusion SFT loss (+ the encoder's AR loss); ar: a plain "
-        "causal LM, the baseline (default: %(default)s)",
-    )
-    g.add_argument(
-        "--ar-weight", type=float, default=d.ar_weight, help="weight of the encoder AR loss (default: %(default)s)"
-    )
-    g.add_argument(
-        "--self-cond-prob",
-        type=float,
-        default=d.self_cond_prob,
-        help="probability of training with self-conditioning (default: %(default)s)",
-    )
-    g.add_argument("--no-prompt-loss", action="store_true", help="no next-token loss on prompt tokens")
-    g.add_argument(
-        "--template-prob",
-        type=float,
-        default=d.template_prob,
-        help="examples with a 'fixed' list keep those response positions uncorrupted with this "
-        "probability, to train for inference with templates (default: %(default)s)",
-    )
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=_positive_int, default=d.steps, help="optimizer steps (default: %(default)s)")
-    g.add_argument(
-        "--batch-size",
-        type=_positive_int,
-        default=d.batch_size,
-        help="global examples per step, over all processes (default: %(default)s)",
-    )
-    g.add_argument(
-        "--grad-accum",
-        type=_positive_int,
-        default=d.grad_accum,
-        help="micro-batches per step per process (default: %(default)s)",
-    )
-    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default: %(default)s)")
-    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="(default: %(default)s)")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="(default: %(default)s)")
-    g.add_argument("--clip-norm", type=float, default=d.clip_norm, help="(default: %(default)s)")
-    g.add_argument(
-        "--precision",
-        choices=["auto", "float32", "bfloat16"],
-        default=d.precision,
-        help="bfloat16: autocast matmuls with float32 master weights; auto: bfloat16 on a GPU with "
-        "native bf16, float32 elsewhere (float32 stays the CPU default) (default: %(default)s)",
-    )
-    g.add_argument("--lora-rank", type=int, default=0, help="LoRA rank; 0 trains every weight (default: 0)")
-    g.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="(default: %(default)s)")
-    g.add_argument(
-        "--lora-targets",
-        default=",".join(d.lora_targets),
-        help="comma-separated linear layer names (default: all attention and MLP projections)",
-    )
-    g = p.add_argument_group("run")
-    g.add_argument(
-        "--save-every", type=int, default=0, metavar="N", help="checkpoint every N steps (default: end only)"
-    )
-    g.add_argument("--log-every", type=_positive_int, default=d.log_every, help="(default: %(default)s)")
-    g.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-    g.add_argument("--threads", type=_positive_int, default=None, help="torch threads per process")
+    g = add_flags(p, TrainConfig, TRAIN_FLAGS)["run"]
+    g.add_argument("--threads", type=_positive_int, default=None, metavar="N", help="torch threads per process")
     g.add_argument(
         "--device",
         default="auto",
-        help="auto, cpu, cuda or cuda:N (default: auto: this process's GPU "
-        "if there is one, under torchrun the LOCAL_RANK-th, else the CPU)",
+        help="auto, cpu, cuda or cuda:N (default: auto: this process's GPU if there is one, under torchrun the "
+        "LOCAL_RANK-th, else the CPU)",
     )
     g.add_argument("--no-resume", action="store_true", help="start over even if OUTPUT has checkpoints")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -900,33 +866,14 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 def run_train(args: argparse.Namespace) -> int:
     import torch
 
+    from dgemma.entrypoints.flags import from_args
     from dgemma.model.device import dtype_name
     from dgemma.training.train import TrainConfig, run_training
 
     if args.threads:
         torch.set_num_threads(args.threads)
     where = training_placement(args.device, args.precision)
-    cfg = TrainConfig(
-        objective=args.objective,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        lr=args.lr,
-        warmup_steps=args.warmup_steps,
-        weight_decay=args.weight_decay,
-        clip_norm=args.clip_norm,
-        ar_weight=args.ar_weight,
-        prompt_loss=not args.no_prompt_loss,
-        self_cond_prob=args.self_cond_prob,
-        template_prob=args.template_prob,
-        lora_rank=args.lora_rank,
-        lora_alpha=args.lora_alpha,
-        lora_targets=tuple(t for t in args.lora_targets.split(",") if t),
-        precision=dtype_name(where.dtype),  # type: ignore[arg-type]
-        seed=args.seed,
-        save_every=args.save_every,
-        log_every=args.log_every,
-    )
+    cfg = from_args(TrainConfig, args, TRAIN_FLAGS, precision=dtype_name(where.dtype))
     final = run_training(
         args.model, args.data, args.output, cfg, resume=not args.no_resume, progress=not args.quiet, device=where.device
     )

@@ -156,10 +156,6 @@ class EngineLoop:
     def healthy(self) -> bool:
         return self.error is None and not self.draining and self.running
 
-    @property
-    def num_inflight(self) -> int:
-        return len(self._queues)
-
     def check_available(self) -> None:
         if self.error is not None or (self._job is not None and not self.running and not self.draining):
             raise APIError(500, f"the engine has failed and cannot serve requests: {self.error}")

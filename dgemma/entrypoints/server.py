@@ -25,13 +25,15 @@ Heavy imports (fastapi, uvicorn, prometheus_client, pydantic) happen inside `cre
 
 import argparse
 import asyncio
+import importlib
 import logging
 import signal
 import sys
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from dgemma import __version__
+from dgemma.entrypoints.cli import CLIError, register
 from dgemma.entrypoints.engine_loop import EngineLoop, TorchThread
 from dgemma.entrypoints.errors import APIError, empty_response, exception_handlers, json_response
 from dgemma.entrypoints.request_io import DEFAULT_MAX_BODY_BYTES
@@ -301,23 +303,20 @@ def _run_uvicorn(app: Any, args: argparse.Namespace) -> int:
 SERVE_HELP = "serve an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /metrics)"
 
 
-def _register_cli() -> None:
-    """Add `dgemma serve` when the CLI has a subcommand registry (cli imports this module as a plugin)."""
-    try:
-        from dgemma.entrypoints import cli
-    except Exception:  # no CLI (or a broken one): the server itself does not need it
-        return
-    register, commands = getattr(cli, "register", None), getattr(cli, "SUBCOMMANDS", None)
-    if callable(register) and isinstance(commands, dict) and "serve" not in commands:
-        with suppress(Exception):
-            register(
-                "serve",
-                SERVE_HELP,
-                add_serve_arguments,
-                run_serve,
-                __doc__.split("\n\n")[0] + "\n\n"
-                "    dgemma serve --model PATH [--host 127.0.0.1] [--port 8000] [--max-batch 8] [--max-queue 64]",
-            )
+SERVE_EXTRA = ("fastapi", "uvicorn", "prometheus_client", "pydantic")  # the `serve` extra's modules
+
+
+def run_serve_command(args: argparse.Namespace) -> int:
+    """`dgemma serve`: `run_serve`, once the `serve` extra is known to be installed (else one line saying how)."""
+    missing = []
+    for name in SERVE_EXTRA:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise CLIError(f"dgemma serve needs {', '.join(missing)}: pip install 'dgemma[serve]'")
+    return run_serve(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -330,5 +329,12 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-else:
-    _register_cli()
+
+register(
+    "serve",
+    SERVE_HELP,
+    add_serve_arguments,
+    run_serve_command,
+    (__doc__ or "").split("\n\n")[0] + "\n\n"
+    "    dgemma serve --model PATH [--host 127.0.0.1] [--port 8000] [--max-batch 8] [--max-queue 64]",
+)

@@ -11,9 +11,8 @@ import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-LayerType = Literal["sliding_attention", "full_attention"]
 ARCHITECTURES = ("DiffusionGemmaForBlockDiffusion",)
 ACTIVATIONS = ("gelu_pytorch_tanh", "gelu", "silu")
 ROPE_TYPES = ("default", "proportional")

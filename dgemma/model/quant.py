@@ -163,9 +163,4 @@ def quantize_fp8(model: nn.Module) -> nn.Module:
     return model
 
 
-def fp8_weight_bytes(model: nn.Module) -> int:
-    """Bytes held in FP8 (for the start-up report)."""
-    return sum(b.numel() for b in model.buffers() if b.dtype == FP8)
-
-
 __all__ = ["QUANTIZATIONS", "QuantizationError", "quantize_fp8", "fp8_available", "Fp8Linear", "Fp8Experts"]

@@ -14,12 +14,15 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
-from dgemma.entrypoints.cli import DEVICE_HELP, DTYPE_HELP, EXIT_OK, CLIError, _positive_int, comma_choices
+from dgemma.entrypoints.cli import DEVICE_HELP, DTYPE_HELP, EXIT_OK, RECIPE_FLAGS
 from dgemma.entrypoints.cli import placement, register, training_placement
+from dgemma.entrypoints.flags import CLIError, add_flags, comma_choices, from_args
+from dgemma.entrypoints.flags import positive_int as _positive_int
+from dgemma.tasks.code_model import FORMATS, Recipe
 
 MARKER = "<FILL>"
 
@@ -143,74 +146,40 @@ def _add_eval(e: argparse.ArgumentParser) -> None:
     e.set_defaults(_code=run_eval)
 
 
-PROMPT_LOSS = "next-token loss on the prompt too (the code before the gap; FIM's suffix) for every model (default: off)"
-AR_WEIGHT = "diffusion: weight of the encoder's next-token loss; 0 skips its extra pass (default: %(default)s)"
+# `dgemma code train`'s flags: one per Recipe field named here (the field gives its type and default).
+TRAIN_FLAGS: dict[str, dict[str, Any]] = RECIPE_FLAGS | {
+    "vocab": {"ge": 1, "help": "BPE vocabulary size"},
+    "n_train": {"flag": "--examples", "ge": 1, "help": "training spans drawn from the training files"},
+    "per_kind_test": {
+        "flag": "--held-out",
+        "ge": 1,
+        "help": "held-out spans per kind written to OUTPUT/data/test.jsonl",
+    },
+    "steps": {
+        "ge": 1,
+        "help": "the budget: optimizer steps per model (default: %(default)s, 50-75 min per model on one CPU thread)",
+    },
+    "prompt_loss": {
+        "help": "next-token loss on the prompt too (the code before the gap; FIM's suffix) for every model"
+    },
+    "ar_weight": {"help": "diffusion: weight of the encoder's next-token loss; 0 skips its extra pass"},
+    "seed": {"help": "seed of the spans, the initial weights and the training"},
+    "objectives": {"choices": FORMATS, "help": "the models to train from the one initial checkpoint"},
+    "parallel": {
+        "ge": 1,
+        "default": None,
+        "help": "models trained at once, one process each (default: as many as the cores allow at --threads each, "
+        "at most 2)",
+    },
+    "stdlib": {
+        "metavar": "DIR",
+        "help": "the Lib/ directory to learn from (default: this Python's standard library)",
+    },
+}
 
 
 def _add_train(t: argparse.ArgumentParser) -> None:
-    """`dgemma code train`'s flags, defaults from `Recipe`. Long only because it is a flat list of declarations."""
-    from dgemma.tasks.code_model import Recipe
-
-    r = Recipe()
-    t.add_argument("--output", "-o", default=r.out_dir, metavar="DIR", help="(default: %(default)s)")
-    t.add_argument(
-        "--steps",
-        type=_positive_int,
-        default=r.steps,
-        help="the budget: optimizer steps per model "
-        "(default: %(default)s, 50-75 min per model on one CPU thread; see the model card)",
-    )
-    t.add_argument("--batch-size", type=_positive_int, default=r.batch_size, help="(default: %(default)s)")
-    t.add_argument("--lr", type=float, default=r.lr, help="(default: %(default)s)")
-    t.add_argument(
-        "--examples",
-        type=_positive_int,
-        default=r.n_train,
-        help="training spans drawn from the training files (default: %(default)s)",
-    )
-    t.add_argument(
-        "--held-out",
-        type=_positive_int,
-        default=r.per_kind_test,
-        metavar="N",
-        help="held-out spans per kind written to OUTPUT/data/test.jsonl (default: %(default)s)",
-    )
-    t.add_argument("--hidden", type=_positive_int, default=r.hidden, help="(default: %(default)s)")
-    t.add_argument("--layers", type=_positive_int, default=r.layers, help="(default: %(default)s)")
-    t.add_argument("--vocab", type=_positive_int, default=r.vocab, help="BPE vocabulary size (default: %(default)s)")
-    t.add_argument("--objectives", default=",".join(r.objectives), help="(default: %(default)s)")
-    t.add_argument(
-        "--parallel",
-        type=_positive_int,
-        default=None,
-        metavar="N",
-        help="models trained at once, one process each (default: as many as the cores allow at "
-        "--threads each, at most 2)",
-    )
-    t.add_argument(
-        "--threads", type=_positive_int, default=r.threads, help="torch threads per process (default: %(default)s)"
-    )
-    t.add_argument("--prompt-loss", action=argparse.BooleanOptionalAction, default=r.prompt_loss, help=PROMPT_LOSS)
-    t.add_argument("--ar-weight", type=float, default=r.ar_weight, help=AR_WEIGHT)
-    t.add_argument("--seed", type=int, default=r.seed, help="(default: %(default)s)")
-    t.add_argument(
-        "--stdlib",
-        metavar="DIR",
-        default=None,
-        help="the Lib/ directory to learn from (default: this Python's standard library)",
-    )
-    t.add_argument(
-        "--device",
-        default=r.device,
-        help="auto (this process's GPU if there is one, else the CPU), cpu, cuda or cuda:N (default: %(default)s)",
-    )
-    t.add_argument(
-        "--precision",
-        choices=["auto", "float32", "bfloat16"],
-        default=r.precision,
-        help="bfloat16: autocast matmuls with float32 master weights; auto: bfloat16 on a GPU with native "
-        "bf16, float32 elsewhere (default: %(default)s)",
-    )
+    add_flags(t, Recipe, TRAIN_FLAGS)
     t.set_defaults(_code=run_train)
 
 
@@ -429,32 +398,13 @@ def _stdlib(d: str | None) -> Path | None:
 
 # -- train ------------------------------------------------------------------------------------------------------------
 def run_train(args: argparse.Namespace) -> int:
-    from dgemma.tasks.code_model import FORMATS, Recipe, train_recipe
+    from dgemma.tasks.code_model import train_recipe
 
-    objectives = comma_choices(args.objectives, FORMATS, "objective")
-    _stdlib(args.stdlib)
-    training_placement(args.device, args.precision)  # checked and printed here; each process resolves it again
-    parallel = args.parallel or max(1, min(2, len(objectives), (os.cpu_count() or 1) // args.threads))
-    recipe = Recipe(
-        out_dir=args.output,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        n_train=args.examples,
-        per_kind_test=args.held_out,
-        hidden=args.hidden,
-        layers=args.layers,
-        vocab=args.vocab,
-        objectives=objectives,
-        parallel=parallel,
-        threads=args.threads,
-        seed=args.seed,
-        prompt_loss=args.prompt_loss,
-        ar_weight=args.ar_weight,
-        device=args.device,
-        precision=args.precision,
-        stdlib=args.stdlib,
-    )
+    recipe = from_args(Recipe, args, TRAIN_FLAGS)
+    _stdlib(recipe.stdlib)
+    training_placement(recipe.device, recipe.precision)  # checked and printed here; each process resolves it again
+    parallel = recipe.parallel or max(1, min(2, len(recipe.objectives), (os.cpu_count() or 1) // recipe.threads))
+    recipe = replace(recipe, parallel=parallel)
     t0 = time.perf_counter()
     finals = train_recipe(recipe)
     for obj, path in finals.items():

@@ -15,38 +15,79 @@ import json
 import sys
 import time
 from dataclasses import asdict
-from typing import get_args
+from typing import Any
 
 from dgemma.entrypoints.cli import (
     DEVICE_HELP,
     DTYPE_HELP,
     EXIT_OK,
-    CLIError,
-    _positive_int,
-    comma_choices,
+    PRECISION_HELP,
+    RECIPE_FLAGS,
     placement,
     register,
     training_placement,
 )
+from dgemma.entrypoints.flags import CLIError, add_flags, comma_choices, from_args, positive_int
 
 # A held-out puzzle (40 clues, unique solution, never in the training data) that the bundled model solves in
 # one denoising pass; `--example` uses it.
 EXAMPLE = "000723000900560000230100057620000103050097800009000475002931586090006004506874320"
 
 
+# `dgemma sudoku train`'s flags: one per Recipe field named here (the field gives its type and default).
+TRAIN_FLAGS: dict[str, dict[str, Any]] = RECIPE_FLAGS | {
+    "n_base": {"flag": "--puzzles", "ge": 1, "help": "distinct generated training puzzles"},
+    "n_train": {"flag": "--examples", "ge": 1, "help": "training examples after symmetry augmentation"},
+    "seed": {"help": "seed of the puzzles, the initial weights and the training"},
+    "objectives": {"help": "what to train from the one initial checkpoint"},
+    "precision": RECIPE_FLAGS["precision"]
+    | {"help": PRECISION_HELP + " (the bundled models were trained in float32 on a CPU)"},
+    "template_prob": {
+        "help": "diffusion: share of examples whose clue cells stay uncorrupted, as clamped solving shows them"
+    },
+    "ar_weight": {
+        "help": "diffusion: weight of the next-token loss on the solution; 0 skips its extra pass, so the same time "
+        "buys more denoising steps"
+    },
+}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The `sudoku` actions and their flags. Long only because it is a flat list of declarations, in `--help`
-    order: nothing in it branches."""
-    from dgemma.tasks.sudoku_model import VARIANTS, Recipe
+    """The `sudoku` actions and their flags."""
+    from dgemma.tasks.sudoku_model import Recipe
 
     sub = p.add_subparsers(dest="sudoku_command", metavar="ACTION", title="actions")
-    s = sub.add_parser(
-        "solve",
-        help="solve puzzles (81 characters each, 0 or . for blanks)",
-        description="Solve Sudoku puzzles with a DiffusionGemma checkpoint (default: the bundled "
-        "model). Prints one 81-digit line per puzzle, or 'error: ...' for an invalid "
-        "one (the batch goes on). Exit status 1 if any puzzle was invalid or unsolved.",
+    _add_solve(
+        sub.add_parser(
+            "solve",
+            help="solve puzzles (81 characters each, 0 or . for blanks)",
+            description="Solve Sudoku puzzles with a DiffusionGemma checkpoint (default: the bundled "
+            "model). Prints one 81-digit line per puzzle, or 'error: ...' for an invalid "
+            "one (the batch goes on). Exit status 1 if any puzzle was invalid or unsolved.",
+        )
     )
+    _add_eval(
+        sub.add_parser(
+            "eval",
+            help="solve rate per difficulty: diffusion (clamped / free) vs AR",
+            description="Solve held-out puzzles and report the solve rate (a valid grid that keeps every "
+            "clue) per difficulty (easy >= 40 clues, medium 30-39, hard < 30) for the "
+            "diffusion model with and without clue clamping and for the AR baseline. Prints "
+            "a table and a final JSON line.",
+        )
+    )
+    t = sub.add_parser(
+        "train",
+        help="train the diffusion model and the AR baseline from one random init",
+        description="Generate puzzles, write one random initial checkpoint, and train it with the "
+        "block-diffusion objective and with the AR objective (same data, same steps), in "
+        "parallel processes when there are cores for both. Re-running resumes.",
+    )
+    add_flags(t, Recipe, TRAIN_FLAGS)
+    t.set_defaults(_sudoku=run_train)
+
+
+def _add_solve(s: argparse.ArgumentParser) -> None:
     s.add_argument("puzzles", nargs="*", metavar="PUZZLE", help="81 characters: digits, 0 or . for blanks")
     s.add_argument("--input", "-i", metavar="FILE", help="read puzzles from FILE, one per line ('-': stdin)")
     s.add_argument("--output", "-o", metavar="FILE", help="write results to FILE instead of stdout")
@@ -63,15 +104,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     s.set_defaults(_sudoku=run_solve)
 
-    e = sub.add_parser(
-        "eval",
-        help="solve rate per difficulty: diffusion (clamped / free) vs AR",
-        description="Solve held-out puzzles and report the solve rate (a valid grid that keeps every "
-        "clue) per difficulty (easy >= 40 clues, medium 30-39, hard < 30) for the "
-        "diffusion model with and without clue clamping and for the AR baseline. Prints "
-        "a table and a final JSON line.",
+
+def _add_eval(e: argparse.ArgumentParser) -> None:
+    from dgemma.tasks.sudoku_model import VARIANTS
+
+    e.add_argument(
+        "--diffusion-model", default="sudoku", metavar="PATH", help="the diffusion model (default: the bundled one)"
     )
-    e.add_argument("--diffusion-model", default="sudoku", metavar="PATH", help="(default: the bundled model)")
     e.add_argument(
         "--ar-model",
         default="sudoku-ar",
@@ -85,7 +124,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     e.add_argument(
         "--per-difficulty",
-        type=_positive_int,
+        type=positive_int,
         default=100,
         metavar="N",
         help="puzzles per difficulty (default: %(default)s)",
@@ -101,81 +140,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "27 min and ar+best-of-128 17 min on one CPU thread, the others 6 min together on two)",
     )
     e.add_argument("--seed", type=int, default=2026, help="puzzle and sampling seed (default: %(default)s)")
-    e.add_argument("--batch-size", type=_positive_int, default=16, help="(default: %(default)s)")
+    e.add_argument("--batch-size", type=positive_int, default=16, help="puzzles solved together (default: %(default)s)")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_placement(e)
     e.set_defaults(_sudoku=run_eval)
-
-    t = sub.add_parser(
-        "train",
-        help="train the diffusion model and the AR baseline from one random init",
-        description="Generate puzzles, write one random initial checkpoint, and train it with the "
-        "block-diffusion objective and with the AR objective (same data, same steps), in "
-        "parallel processes when there are cores for both. Re-running resumes.",
-    )
-    r = Recipe()
-    t.add_argument("--output", "-o", default=r.out_dir, metavar="DIR", help="(default: %(default)s)")
-    t.add_argument("--steps", type=_positive_int, default=r.steps, help="(default: %(default)s)")
-    t.add_argument("--batch-size", type=_positive_int, default=r.batch_size, help="(default: %(default)s)")
-    t.add_argument("--lr", type=float, default=r.lr, help="(default: %(default)s)")
-    t.add_argument(
-        "--puzzles",
-        type=_positive_int,
-        default=r.n_base,
-        help="distinct generated training puzzles (default: %(default)s)",
-    )
-    t.add_argument(
-        "--examples",
-        type=_positive_int,
-        default=r.n_train,
-        help="training examples after symmetry augmentation (default: %(default)s)",
-    )
-    t.add_argument("--hidden", type=_positive_int, default=r.hidden, help="(default: %(default)s)")
-    t.add_argument("--layers", type=_positive_int, default=r.layers, help="(default: %(default)s)")
-    t.add_argument("--objectives", default="diffusion,ar", help="(default: %(default)s)")
-    t.add_argument(
-        "--threads", type=_positive_int, default=r.threads, help="torch threads per process (default: %(default)s)"
-    )
-    t.add_argument("--seed", type=int, default=r.seed, help="(default: %(default)s)")
-    t.add_argument(
-        "--template-prob",
-        type=float,
-        default=r.template_prob,
-        help="diffusion: share of examples whose clue cells stay uncorrupted, as clamped solving shows "
-        "them (default: %(default)s)",
-    )
-    t.add_argument(
-        "--ar-weight",
-        type=float,
-        default=r.ar_weight,
-        help="diffusion: weight of the next-token loss on the solution; 0 skips its extra pass, so "
-        "the same time buys more denoising steps (default: %(default)s)",
-    )
-    t.add_argument(
-        "--device",
-        default=r.device,
-        help="auto (this process's GPU if there is one, else the CPU), cpu, cuda or cuda:N (default: %(default)s)",
-    )
-    t.add_argument(
-        "--precision",
-        choices=["auto", "float32", "bfloat16"],
-        default=r.precision,
-        help="bfloat16: autocast matmuls with float32 master weights; auto: bfloat16 on a GPU with native "
-        "bf16, float32 elsewhere (the bundled models were trained in float32 on a CPU) "
-        "(default: %(default)s)",
-    )
-    t.set_defaults(_sudoku=run_train)
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", "-m", default="sudoku", metavar="PATH", help="checkpoint (default: the bundled 'sudoku' model)"
     )
-    p.add_argument("--mode", choices=["diffusion", "ar"], default="diffusion", help="(default: %(default)s)")
+    p.add_argument(
+        "--mode",
+        choices=["diffusion", "ar"],
+        default="diffusion",
+        help="diffusion: denoise the whole grid at once; ar: one cell per forward pass (default: %(default)s)",
+    )
     p.add_argument("--no-clamp", action="store_true", help="do not fix the clues on the canvas (diffusion)")
     p.add_argument(
         "--samples",
-        type=_positive_int,
+        type=positive_int,
         default=16,
         metavar="K",
         help="clamped diffusion: canvases drawn per puzzle and round (different seeds); a valid grid "
@@ -184,7 +168,7 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--rounds",
-        type=_positive_int,
+        type=positive_int,
         default=8,
         metavar="N",
         help="clamped diffusion: rounds of sampling; each next round clamps the cells all samples agree "
@@ -192,9 +176,7 @@ def _add_model(p: argparse.ArgumentParser) -> None:
         "denoising pass (default: %(default)s)",
     )
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
-    p.add_argument(
-        "--batch-size", type=_positive_int, default=16, help="puzzles solved together (default: %(default)s)"
-    )
+    p.add_argument("--batch-size", type=positive_int, default=16, help="puzzles solved together (default: %(default)s)")
     _add_placement(p)
 
 
@@ -224,8 +206,7 @@ def _read_puzzles(args: argparse.Namespace) -> list[str]:
 
 
 def run_solve(args: argparse.Namespace) -> int:
-    from dgemma.tasks import sudoku as S
-    from dgemma.tasks.sudoku_model import Solver, render
+    from dgemma.tasks.sudoku_model import Solver
 
     puzzles = _read_puzzles(args)
     where = placement(args.device, args.dtype)
@@ -247,31 +228,7 @@ def run_solve(args: argparse.Namespace) -> int:
     results = []
     if live:  # one at a time, redrawing the grid in place
         for p in puzzles:
-            state = {"lines": 0}
-
-            def draw(i: int, tokens: list[int], p=p, state=state) -> None:
-                lines = render(tokens, _clean(p))
-                if state["lines"]:
-                    sys.stdout.write(f"\x1b[{state['lines']}F")
-                sys.stdout.write("\n".join(lines) + "\n")
-                sys.stdout.flush()
-                state["lines"] = len(lines)
-
-            try:
-                clean = _clean(p)
-            except ValueError:
-                clean = None
-            results += solver.solve([p], on_draft=draw if clean else None)
-            r = results[-1]
-            if state["lines"] and r.grid is not None:  # the final grid stays on screen, then the answer line
-                draw(0, [S.DIGIT_BASE_ID + int(c) for c in r.grid])
-            _print(r, out, args.json)
-            if r.error is None:
-                print(
-                    f"{'solved' if r.solved else 'not solved'}: {r.steps} denoising passes (all samples), "
-                    f"{r.seconds:.2f} s",
-                    file=sys.stderr,
-                )
+            results.append(_solve_live(solver, p, out, args.json))
     else:
         for k in range(0, len(puzzles), args.batch_size):
             for r in solver.solve(puzzles[k : k + args.batch_size]):
@@ -280,6 +237,39 @@ def run_solve(args: argparse.Namespace) -> int:
     if out is not sys.stdout:
         out.close()
     return EXIT_OK if all(r.solved for r in results) else 1
+
+
+def _solve_live(solver, puzzle: str, out, as_json: bool):
+    """Solve one puzzle, redrawing its grid on stdout at every denoising step; the final grid stays on screen, then
+    the answer line (to `out`) and a summary line (to stderr). Returns the solver's result."""
+    from dgemma.tasks import sudoku as S
+    from dgemma.tasks.sudoku_model import render
+
+    drawn = 0
+
+    def draw(i: int, tokens: list[int]) -> None:
+        nonlocal drawn
+        lines = render(tokens, clean)
+        if drawn:
+            sys.stdout.write(f"\x1b[{drawn}F")
+        sys.stdout.write("\n".join(lines) + "\n")
+        sys.stdout.flush()
+        drawn = len(lines)
+
+    try:
+        clean = _clean(puzzle)
+    except ValueError:  # the solver reports it
+        clean = None
+    r = solver.solve([puzzle], on_draft=draw if clean else None)[0]
+    if drawn and r.grid is not None:
+        draw(0, [S.DIGIT_BASE_ID + int(c) for c in r.grid])
+    _print(r, out, as_json)
+    if r.error is None:
+        print(
+            f"{'solved' if r.solved else 'not solved'}: {r.steps} denoising passes (all samples), {r.seconds:.2f} s",
+            file=sys.stderr,
+        )
+    return r
 
 
 def _clean(p: str) -> str:
@@ -343,27 +333,10 @@ def run_eval(args: argparse.Namespace) -> int:
 
 # -- train ------------------------------------------------------------------------------------------------------------
 def run_train(args: argparse.Namespace) -> int:
-    from dgemma.tasks.sudoku_model import Mode, Recipe, train_recipe
+    from dgemma.tasks.sudoku_model import Recipe, train_recipe
 
-    objectives = comma_choices(args.objectives, get_args(Mode), "objective")
-    training_placement(args.device, args.precision)  # checked and printed here; each process resolves it again
-    recipe = Recipe(
-        out_dir=args.output,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        n_base=args.puzzles,
-        n_train=args.examples,
-        hidden=args.hidden,
-        layers=args.layers,
-        objectives=objectives,
-        threads=args.threads,
-        seed=args.seed,
-        template_prob=args.template_prob,
-        ar_weight=args.ar_weight,
-        device=args.device,
-        precision=args.precision,
-    )
+    recipe = from_args(Recipe, args, TRAIN_FLAGS)
+    training_placement(recipe.device, recipe.precision)  # checked and printed here; each process resolves it again
     t0 = time.perf_counter()
     finals = train_recipe(recipe)
     for obj, path in finals.items():

@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 
     from dgemma.training.train import TrainConfig
 
-BUNDLED_DIR = Path(__file__).resolve().parent.parent / "models" / "sudoku"
 CANVAS = 82  # 81 cells + EOS: one canvas holds the whole answer
 Mode = Literal["diffusion", "ar"]
 
@@ -134,7 +133,7 @@ class Recipe:
     lr: float = 2e-3
     warmup_steps: int = 100
     seed: int = 0
-    objectives: tuple[str, ...] = ("diffusion", "ar")
+    objectives: tuple[Mode, ...] = ("diffusion", "ar")
     threads: int = 1  # torch threads per training process
     precision: str = "auto"  # float32 on a CPU (as the bundled models were trained), bf16 autocast on a GPU
     device: str = "auto"  # this process's GPU if there is one, else the CPU
