@@ -149,6 +149,28 @@ def max_argmax(x: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.T
     return top, first.squeeze(-1) * block + inside
 
 
+CDF_BLOCK = 256  # inverse_cdf's block: a cumulative sum over V is sequential on a CPU (92 ms at (256, 32768))
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The token at each position's uniform: probs (R, C, V), u (R, C) in [0, 1) -> ids (R, C), the first id whose
+    cumulative probability exceeds u times the total. Two short levels when V is a multiple of `CDF_BLOCK`: block
+    sums and their cumulative sum locate the block, a cumulative sum inside that block the id (fixed shapes: no
+    host synchronisation; 6.6 ms at (256, 32768) on one core, against 92 ms for one cumulative sum over V)."""
+    R, C, V = probs.shape
+    B = CDF_BLOCK
+    if V % B or V == B:
+        cdf = probs.cumsum(-1)  # (R, C, V)
+        return torch.searchsorted(cdf, u[..., None] * cdf[..., -1:], right=True).squeeze(-1).clamp_(max=V - 1)
+    blocks = probs.unflatten(-1, (V // B, B))  # (R, C, V/B, B)
+    ends = blocks.sum(-1).cumsum(-1)  # (R, C, V/B) cumulative mass at each block's end
+    target = u[..., None] * ends[..., -1:]  # (R, C, 1)
+    block = torch.searchsorted(ends, target, right=True).clamp_(max=V // B - 1)  # (R, C, 1)
+    start = torch.where(block > 0, ends.gather(-1, (block - 1).clamp(min=0)), torch.zeros_like(target))
+    inside = blocks.gather(-2, block[..., None].expand(R, C, 1, B)).squeeze(-2).cumsum(-1)  # (R, C, B)
+    return (block * B + torch.searchsorted(inside, target - start, right=True).clamp_(max=B - 1)).squeeze(-1)
+
+
 def sample_step(
     logits: torch.Tensor,
     canvas: torch.Tensor,
@@ -164,11 +186,11 @@ def sample_step(
     rule (R,) acceptance-rule ids (`rule_ids`).
 
     `uniforms` (R, 2C) from `draw_uniforms`: C for the re-noising, C for inverse-CDF samples. Every position is
-    sampled from its uniform and the accepted ones are kept with `torch.where`: no data-dependent shape or host
-    synchronisation, so the step can be captured as a CUDA graph (sampling only the accepted positions gives the
-    same tokens: each position's draw depends only on its own CDF and uniform). `fixed` (R, C) holds fixed token ids
-    (-1 where free): fixed positions are always accepted and never redrawn. `probs_out` (R, C, V) float32 receives
-    the probabilities (a reusable buffer).
+    sampled from its uniform (`inverse_cdf`) and the accepted ones are kept with `torch.where`: no data-dependent
+    shape or host synchronisation, so the step can be captured as a CUDA graph (each position's draw depends only
+    on its own probabilities and uniform, so sampling only the accepted positions would give the same tokens).
+    `fixed` (R, C) holds fixed token ids (-1 where free): fixed positions are always accepted and never redrawn.
+    `probs_out` (R, C, V) float32 receives the probabilities (a reusable buffer).
     """
     R, C, V = logits.shape
     top, argmax = max_argmax(logits)  # (R, C, 1), (R, C): a positive temperature keeps the order
@@ -182,9 +204,7 @@ def sample_step(
     mask = accept_mask(entropy, bound, rule)
     u = uniforms  # (R, 2C)
     noise = (u[:, :C] * vocab_size).long().clamp_(max=vocab_size - 1)  # uniform noise tokens
-    cdf = probs.cumsum(-1)  # (R, C, V)
-    drawn = torch.searchsorted(cdf, u[:, C:].float()[..., None] * cdf[..., -1:]).squeeze(-1).clamp_(max=V - 1)
-    nxt = torch.where(mask, drawn, noise)
+    nxt = torch.where(mask, inverse_cdf(probs, u[:, C:].float()), noise)
     if fixed is not None:
         keep = fixed >= 0
         mask = mask | keep
