@@ -587,7 +587,7 @@ def test_a_bug_in_a_constraint_is_not_taken_for_a_constraint_failure(llm, monkey
 def test_constraint_state_on_its_own(llm):
     """The engine's whole view of a constraint: `start_canvas`, `advance` (at least one validated token per call, the
     rest of the canvas EOS once the grammar is complete) and, in AR mode, `next_token`. Arbitrary logits."""
-    from dgemma.structured.constraints import ConstraintState
+    from dgemma.structured.frontier import ConstraintState
 
     g = torch.Generator().manual_seed(0)
     digits = Constraint("regex", "[0-9]{5}")

@@ -10,7 +10,7 @@ its argmax tokens are emitted and encoded into the cache, and a new canvas start
 
 Every denoising row goes through the same step function (`step.denoise_step`), constrained or not: a row's
 template, infilling suffix or constraint frontier is its `fixed` input, its acceptance rule an id. A constraint's
-frontier grows from the step's logits on the host (`constraints.ConstraintState.advance`, through the step's
+frontier grows from the step's logits on the host (`frontier.ConstraintState.advance`, through the step's
 `frontier` hook). A lazily triggered constraint (tool calls under `auto`) starts when its trigger token is output:
 the canvas holding it is committed up to the trigger, and the next canvas is constrained. Token events carry
 log-probabilities when asked for (logprobs.py). The transformers-exact path is reference.py.
@@ -29,6 +29,7 @@ import torch
 from dgemma.engine.logprobs import TokenLogprob, from_logits
 from dgemma.engine.params import SamplingParams
 from dgemma.engine.request import (
+    EngineRequest,
     Event,
     FinishReason,
     Limits,
@@ -45,7 +46,8 @@ from dgemma.engine.scheduler import Scheduler
 from dgemma.engine.step import Frontier, StepInputs, StopRules, temperatures
 from dgemma.model.config import token_ids
 from dgemma.model.modeling import DiffusionGemma
-from dgemma.structured.constraints import ConstraintError, ConstraintState
+from dgemma.structured.constraints import ConstraintError
+from dgemma.structured.frontier import ConstraintState
 
 __all__ = ["Engine", "Event", "FinishReason"]
 
@@ -124,13 +126,24 @@ class Engine:
         """Queue `params.n` samples of one prompt (ids `request_ids`, default generated); they share the prompt's
         prefill (it runs once; its cache row is copied) and are admitted together. Sample i draws from the seed
         `params.seed + i` when a seed is given. Raises ValueError as `add_request` does."""
+        return self.submit(self.validate(prompt_ids, params), request_ids, stream_drafts)
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams | None = None) -> EngineRequest:
+        """The request checked against this engine's limits (ValueError naming the field; request.validate)."""
         params, constraint = validate(prompt_ids, params, self.limits, self.gen_config, self.guides)
+        return EngineRequest(list(prompt_ids), params, constraint)
+
+    def submit(
+        self, request: EngineRequest, request_ids: list[str] | None = None, stream_drafts: bool = False
+    ) -> list[str]:
+        """Queue a request `validate` accepted, as `add_samples` does (without checking it again)."""
+        params, constraint = request.params, request.constraint
         ids = request_ids or [f"req-{next(self._ids)}" for _ in range(params.n)]
         if len(ids) != params.n:
             raise ValueError(f"{len(ids)} request ids for n={params.n} samples")
         group = []
         for i, rid in enumerate(ids):
-            r = new_request(rid, list(prompt_ids), params, i, self.limits, self.model.device)
+            r = new_request(rid, list(request.prompt_ids), params, i, self.limits, self.model.device)
             if r.diffusion is not None:
                 r.diffusion.want_drafts = stream_drafts
             if constraint is not None and constraint.trigger is not None:

@@ -16,7 +16,8 @@ import torch
 
 from dgemma.engine.logprobs import TokenLogprob
 from dgemma.engine.params import SamplingParams, resolve
-from dgemma.structured.constraints import Constraint, ConstraintState
+from dgemma.structured.constraints import Constraint
+from dgemma.structured.frontier import ConstraintState
 
 FinishReason = Literal["stop", "length", "abort"]
 State = Literal["waiting", "prefill", "follow", "denoise", "ar", "done"]
@@ -47,20 +48,40 @@ class Limits:
     pad_id: int
 
 
+class InvalidRequest(ValueError):
+    """A prompt or parameters the engine cannot take; `.param` names the field: "prompt", a SamplingParams field,
+    or "constraint" (structured output without a tokenizer)."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """A request `validate` has accepted: its prompt, its resolved parameters and its compiled constraint. The
+    entry points validate once (`entrypoints.inputs`) and hand this to `Engine.submit`."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    constraint: Constraint | None = None
+
+
 def check_context(prompt_len: int, params: SamplingParams, limit: int, canvas: int) -> None:
-    """Raise ValueError unless the whole budget fits the context: every token but the last is encoded (AR), every
-    canvas but the last is committed (diffusion: the budget counts in whole canvases)."""
+    """Raise InvalidRequest unless the whole budget fits the context: every token but the last is encoded (AR),
+    every canvas but the last is committed (diffusion: the budget counts in whole canvases)."""
     if prompt_len >= limit:
-        raise ValueError(f"prompt has {prompt_len} tokens; the context length is {limit} tokens")
+        raise InvalidRequest(f"prompt has {prompt_len} tokens; the context length is {limit} tokens", "prompt")
     if params.mode == "ar":
         need = prompt_len + params.max_new_tokens - 1
     else:
         need = prompt_len + (-(-params.max_new_tokens // canvas) - 1) * canvas
     if need > limit:
         whole = "" if params.mode == "ar" else f"; diffusion generates whole canvases of {canvas}"
-        raise ValueError(
+        raise InvalidRequest(
             f"prompt ({prompt_len} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the context "
-            f"length ({limit} tokens{whole})"
+            f"length ({limit} tokens{whole})",
+            "max_new_tokens",
         )
 
 
@@ -68,21 +89,24 @@ def validate(
     prompt_ids: Any, params: SamplingParams | None, limits: Limits, gen_config: dict[str, Any], guides: Any
 ) -> tuple[SamplingParams, Constraint | None]:
     """The request's parameters, validated and resolved against the checkpoint's defaults, and its constraint,
-    compiled now so that every error reaches the caller (ValueError naming the field) before any state changes."""
+    compiled now so that every error reaches the caller before any state changes: a SamplingParamError or
+    InvalidRequest naming the field, or the constraint's ConstraintError."""
     params = resolve((params or SamplingParams()).validate(limits.vocab_size), gen_config)
     if not isinstance(prompt_ids, (list, tuple)) or not prompt_ids:
-        raise ValueError("prompt must be a non-empty list of token ids")
+        raise InvalidRequest("prompt must be a non-empty list of token ids", "prompt")
     if not all(isinstance(t, int) and 0 <= t < limits.vocab_size for t in prompt_ids):
-        raise ValueError(f"prompt token ids must be integers in [0, {limits.vocab_size})")
+        raise InvalidRequest(f"prompt token ids must be integers in [0, {limits.vocab_size})", "prompt")
     check_context(len(prompt_ids), params, limits.max_model_len, limits.canvas_length)
     if params.n > limits.max_batch:
-        raise ValueError(f"invalid n={params.n}: at most max_batch ({limits.max_batch}) samples per prompt")
+        raise InvalidRequest(f"invalid n={params.n}: at most max_batch ({limits.max_batch}) samples per prompt", "n")
     if params.mode != "ar" and params.template is not None and len(params.template) > limits.canvas_length:
-        raise ValueError(f"invalid template: {len(params.template)} positions, the canvas has {limits.canvas_length}")
+        raise InvalidRequest(
+            f"invalid template: {len(params.template)} positions, the canvas has {limits.canvas_length}", "template"
+        )
     constraint = params.constraint()
     if constraint is not None:
         if guides is None:
-            raise ValueError("structured output needs the model's tokenizer (tokenizer.json)")
+            raise InvalidRequest("structured output needs the model's tokenizer (tokenizer.json)", "constraint")
         guides.compile(constraint)
     return params, constraint
 
@@ -128,7 +152,7 @@ class Request:
     error: str | None = None  # the constraint failed mid-way (a resource limit): the request is aborted
     diffusion: Diffusion | None = None
     ar: AR | None = None
-    constraint: ConstraintState | None = None  # structured output (constraints.py owns it)
+    constraint: ConstraintState | None = None  # structured output (frontier.py owns it)
     lazy: Constraint | None = None  # a constraint that starts when its trigger token is output (tool calls)
     leader: Request | None = None  # n > 1: the sibling whose prefill this request shares
     followers: list[Request] = field(default_factory=list)  # n > 1: the siblings waiting for this request's prefill
