@@ -110,7 +110,7 @@ def _token_ids(s: str) -> list[int]:
 
 EAGER_HELP = (
     "never replay denoising steps as CUDA graphs (on CUDA, unconstrained steps are captured per batch bucket by "
-    "default: see dgemma/graphs.py); for debugging and profiling"
+    "default: see dgemma/engine/graphs.py); for debugging and profiling"
 )
 COMPILE_HELP = (
     "run the graphed denoising step through torch.compile (fused norms and soft-capping) before capture; compiles "
