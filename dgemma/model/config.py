@@ -91,14 +91,17 @@ class TextConfig:
 
     # -- validation ---------------------------------------------------------------------------------------------
     def validate(self) -> None:
-        """ConfigError naming the first invalid field. A flat sequence of independent per-field checks, long only
-        because the fields are many."""
+        """ConfigError naming the first invalid field: sizes, then layers, then the remaining values."""
+        self._validate_sizes()
+        self._validate_layers()
+        self._validate_values()
 
-        def need_int(name: str, minimum: int = 1) -> None:
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
-                raise ConfigError(f"text_config.{name} must be an integer >= {minimum}, got {v!r}")
+    def _need_int(self, name: str, minimum: int = 1) -> None:
+        v = getattr(self, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+            raise ConfigError(f"text_config.{name} must be an integer >= {minimum}, got {v!r}")
 
+    def _validate_sizes(self) -> None:
         for name in (
             "vocab_size",
             "hidden_size",
@@ -111,17 +114,19 @@ class TextConfig:
             "sliding_window",
             "max_position_embeddings",
         ):
-            need_int(name)
+            self._need_int(name)
         for name in ("num_experts", "top_k_experts", "moe_intermediate_size"):
             if getattr(self, name) is None:
                 raise ConfigError(f"text_config.{name} is missing: DiffusionGemma layers always have an MoE branch")
-            need_int(name)
+            self._need_int(name)
         if self.top_k_experts > self.num_experts:
             raise ConfigError(
                 f"text_config.top_k_experts ({self.top_k_experts}) exceeds num_experts ({self.num_experts})"
             )
         if self.num_global_key_value_heads is not None:
-            need_int("num_global_key_value_heads")
+            self._need_int("num_global_key_value_heads")
+
+    def _validate_layers(self) -> None:
         if not isinstance(self.layer_types, list) or len(self.layer_types) != self.num_hidden_layers:
             raise ConfigError(
                 f"text_config.layer_types must list {self.num_hidden_layers} layer types, got {self.layer_types!r}"
@@ -138,6 +143,8 @@ class TextConfig:
                     f"text_config: layer {i} has {kv} kv heads, which does not divide num_attention_heads "
                     f"({self.num_attention_heads})"
                 )
+
+    def _validate_values(self) -> None:
         if self.hidden_activation not in ACTIVATIONS:
             raise ConfigError(f"text_config.hidden_activation {self.hidden_activation!r} is not one of {ACTIVATIONS}")
         if not isinstance(self.rope_parameters, dict):
