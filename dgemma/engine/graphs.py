@@ -15,8 +15,8 @@ cache row is needed. Their outputs are dropped.
 
 Causal passes are replayed the same way per bucket and length: the commit encode of finished canvases (`commit`)
 and the autoregressive baseline's step (`decode`: one token per row, next-token logits), their keys/values written
-into their slots in place (`model.encode_in_place`); the kept slots are committed after the replay, and AR tokens
-are sampled on the host as before.
+into their slots in place (`model.encode` with a static `cache.causal_view`); the kept slots are committed after
+the replay, and AR tokens are sampled on the host.
 """
 
 from __future__ import annotations
@@ -115,8 +115,8 @@ class StepGraphs:
         self._causal(rows, tokens, n_new, head=False)
 
     def _causal(self, rows: list[int], tokens: torch.Tensor, n_new: list[int], head: bool) -> torch.Tensor | None:
-        """A causal pass (`model.encode_in_place`) from static buffers per (bucket, length); with `head`, the last
-        position's logits. Then the real rows' first `n_new` slots are committed, from what the host knows."""
+        """A causal pass (`model.encode` over a static view) from static buffers per (bucket, length); with `head`,
+        the last position's logits. Then the real rows' first `n_new` slots are committed, from what the host knows."""
         (R, T), B, dev, model = tokens.shape, bucket(len(rows)), self.cache.device, self.model
         padded = rows + [rows[0]] * (B - R)
         idx = torch.tensor(padded, device=dev)
