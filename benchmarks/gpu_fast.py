@@ -6,15 +6,15 @@
 Per batch size (default 1 and 8), canvas 256, 16 fixed denoising steps, ms per step and tok/s for:
 
 - `reference`: transformers' `generate` (one canvas; wall time / steps, prefill and commit included);
-- `engine`: dgemma's `Engine` as `LLM` runs it: unconstrained steps replayed per batch bucket (CUDA graphs on
-  CUDA, dgemma/graphs.py; the default sampler budget, an eighth of the free memory, holds batch 8 in one bucket);
-- `engine-eager`: the same with `graphs=False` (the general path: tiles, constraints, accepted-only sampling);
-- `step-eager`: `engine.denoise_step` (sync-free: all-position sampling, soft self-conditioning) run eagerly;
+- `engine`: dgemma's `Engine` as `LLM` runs it: steps replayed per batch bucket (CUDA graphs on CUDA,
+  dgemma/engine/graphs.py; the default sampler budget, an eighth of the free memory, holds batch 8 in one bucket);
+- `engine-eager`: the same with `graphs=False` (the same step function on exact shapes);
+- `step-eager`: `engine.step.denoise_step` and the next self-conditioning input, run eagerly;
 - `step-graph`: the same step captured once in a CUDA graph and replayed (copy inputs in, replay);
 - `step-compile-graph`: `torch.compile` of the step, then captured (skipped with --no-compile);
 - `fp8-graph`: the model quantized to FP8 (`quant.quantize_fp8`), captured;
 - `ar`: dgemma's AR path on the same weights (engine; on CUDA each decode step a captured graph per batch bucket,
-  dgemma/graphs.py);
+  dgemma/engine/graphs.py);
 - `ar-eager`: the same with `graphs=False`.
 
 Step variants are timed with CUDA events after warm-up; their tok/s adds one commit encode per canvas
@@ -41,7 +41,9 @@ sys.path.insert(0, HERE)
 from gpu_bench import SHAPES_26B, TINY, build, roofline_ms  # noqa: E402
 
 from dgemma.model.config import ModelConfig, TextConfig  # noqa: E402
-from dgemma.engine.core import Engine, denoise_step  # noqa: E402
+from dgemma.engine.core import Engine  # noqa: E402
+from dgemma.engine.sampler import rule_ids  # noqa: E402
+from dgemma.engine.step import StepInputs, denoise_step  # noqa: E402
 from dgemma.model.modeling import DiffusionGemma  # noqa: E402
 from dgemma.engine.params import SamplingParams  # noqa: E402
 from dgemma.engine.sampler import draw_uniforms  # noqa: E402
@@ -109,9 +111,11 @@ def step_variant(b: Bench, batch: int, impl: str, graph: bool, compile_: bool = 
     m = b.model
     cache, static, temp, bound, masks = step_inputs(b, batch)
 
-    def step(canvas, soft, u):
-        out, nxt = denoise_step(m, cache, canvas, soft, u, temp, bound, masks)
-        return out.canvas, nxt
+    rule, free = rule_ids(["entropy_bound"] * batch, b.dev), torch.full((batch, b.C), -1, device=b.dev)
+
+    def step(canvas, soft, u):  # the step and the next self-conditioning input, as the engine runs them
+        out = denoise_step(m, cache, StepInputs(canvas, soft, u, temp, bound, rule, free), masks)
+        return out.canvas, m.soft_embedding(out.probs)
 
     fn = torch.compile(step, dynamic=False) if compile_ else step
     with torch.no_grad():
@@ -193,7 +197,11 @@ def top_kernels(b: Bench, n: int = 12) -> list[dict]:
     cache, static, temp, bound, masks = step_inputs(b, 1)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if b.cuda else [])
     with torch.no_grad(), profile(activities=acts) as prof:
-        denoise_step(b.model, cache, static["canvas"], static["soft"], static["u"], temp, bound, masks)
+        free = torch.full_like(static["canvas"], -1)
+        x = StepInputs(
+            static["canvas"], static["soft"], static["u"], temp, bound, rule_ids(["entropy_bound"], b.dev), free
+        )
+        denoise_step(b.model, cache, x, masks)
         b.sync()
     key = "self_device_time_total" if b.cuda else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)[:n]
