@@ -25,7 +25,8 @@ import dgemma
 from dgemma import CheckpointError, ConfigError, DiffusionGemma, load_model, save_model
 from dgemma.model.checkpoint import load_config, ours_to_hf
 from dgemma.model.config import tiny_config
-from dgemma.model.modeling import rope_inv_freq
+from dgemma.engine.reference import transformers_kernels
+from dgemma.model.rope import rope_inv_freq
 
 from oracle import build_hf
 from test_parity import _max_err, run_schedule, tie_encoder_copies
@@ -64,7 +65,7 @@ def ckpt(hf_dir, tmp_path):
 def _compare(hf, model, tol=TOL, seed=0):
     # Reference kernels (transformers' own choices): what is compared is the loaded weights; how far the fast path's
     # kernels may round from transformers is test_parity's question (anchored to a float64 run).
-    with model.reference_kernels():
+    with transformers_kernels(model):
         errs = {what: _max_err(o, r, v) for what, o, r, v in run_schedule(hf, model, seed=seed, **RUN)}
     bad = {k: v for k, v in errs.items() if v > tol}
     assert not bad, bad

@@ -209,19 +209,6 @@ def test_in_place_canvas_matches_concatenation(rows, extra):
         torch.testing.assert_close(*nxt, rtol=1e-5, atol=1e-5)
 
 
-def test_in_place_needs_room():
-    """Without a canvas of slack in the sliding ring (or room in the full layers' buffers), the view falls back to
-    concatenation instead of overwriting keys the canvas attends to."""
-    m = _model(sliding_window=8)
-    C = m.config.canvas_length
-    cache = _ragged_cache(m, [21, 13], slack=0)
-    assert not cache.fits_in_place(C) and cache.decoder_masks(C, in_place=True).slots is None
-    full = m.new_cache(1, 20, slack=C)
-    with torch.no_grad():
-        m.encode(torch.randint(0, 128, (1, 8)), full)
-    assert not full.fits_in_place(C)  # 8 + 16 slots > 20
-
-
 # -- sampler --------------------------------------------------------------------------------------------------------
 def _peaked_logits(R: int, C: int, V: int, seed: int = 0) -> torch.Tensor:
     """Logits where even positions are nearly certain and odd ones flat: the acceptance rule splits every row."""

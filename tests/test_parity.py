@@ -408,3 +408,50 @@ def test_init_matches_transformers_constants(tmp_path):
     ours.denoise(torch.randint(3, 90, (1, 8)), cache, self_cond=sc).logsumexp(-1).sum().backward()
     dead = [n for n, p in ours.named_parameters() if p.grad is None or not p.grad.any()]
     assert not dead, dead
+
+
+# -- reference mode's kernels and masks, switched in from outside the model ------------------------------------------
+def test_transformers_kernels_switch_in_and_out():
+    """`transformers_kernels` binds transformers' kernel choices over methods the modules have, for the duration
+    only: torch's rms_norm, no folded GQA, no fused FFN branches, torch's MLP, the grouped expert matmul."""
+    from dgemma import DiffusionGemma
+    from dgemma.engine.reference import KERNELS, transformers_kernels
+    from dgemma.model.config import tiny_config
+    from dgemma.model.experts import grouped_kernel
+
+    for cls, methods in KERNELS.items():
+        assert all(callable(getattr(cls, name, None)) for name in methods), cls  # (a typo would add a new name)
+    torch.manual_seed(0)
+    m = DiffusionGemma(tiny_config()).eval()
+    layer, x, ids = m.layers[0], torch.randn(3, 32), torch.randint(0, 128, (2, 6))
+    mlp = layer.mlp
+
+    def choices():
+        return m.norm.lean(x), layer.self_attn.folds(None), layer.experts.kernel(3, 2), layer._fused_branches(x)
+
+    with torch.no_grad():
+        fast = m.logits(m.encode(ids, m.new_cache(2, 8)))
+        assert choices()[:3] == (True, True, "dense") and choices()[3] is not None
+        with transformers_kernels(m):
+            assert choices() == (False, False, grouped_kernel(layer.experts.gate_up_proj), None)
+            assert torch.equal(mlp(x), mlp.down_proj(mlp.act(mlp.gate_proj(x)) * mlp.up_proj(x)))
+            ref = m.logits(m.encode(ids, m.new_cache(2, 8)))
+        assert choices()[:3] == (True, True, "dense")
+    assert not any(name in mod.__dict__ for mod in m.modules() for ms in KERNELS.values() for name in ms)
+    torch.testing.assert_close(ref, fast, rtol=1e-4, atol=1e-4)  # the same network through other kernels
+
+
+def test_reference_cache_hides_padding_queries():
+    """transformers' masks: a padding query sees nothing; the fast path's sees itself (finite on every kernel)."""
+    from dgemma.engine.reference import ReferenceCache
+    from dgemma.model.cache import KVCache
+    from dgemma.model.config import tiny_config
+
+    text, visible = tiny_config().text, torch.tensor([[False, True, True]])
+    fast = KVCache(text, 1, 8).view(3, causal=True, visible=visible).masks
+    ref = ReferenceCache(text, 1, 8).view(3, causal=True, visible=visible).masks
+    for s in (True, False):
+        assert fast[s][0, 0].tolist() == [[True, False, False], [False, True, False], [False, True, True]]
+        assert ref[s][0, 0].tolist() == [[False, False, False], [False, True, False], [False, True, True]]
+    canvas = [c.view(3, causal=False, visible=visible).masks for c in (KVCache(text, 1, 8), ReferenceCache(text, 1, 8))]
+    assert all(torch.equal(canvas[0][s], canvas[1][s]) for s in (True, False))  # canvases: the same

@@ -76,7 +76,7 @@ def test_fp8_matmuls_match_dequantized_arithmetic():
     want = _dequantized(x) @ _dequantized(lin.weight.data).t() + lin.bias.float()
     torch.testing.assert_close(Fp8Linear.from_linear(lin)(x).float(), want, rtol=1e-2, atol=1e-2)
 
-    from dgemma.model.modeling import Experts
+    from dgemma.model.experts import Experts
 
     ex = Experts(tiny_config(**TEXT).text)
     torch.nn.init.normal_(ex.gate_up_proj, std=0.2)

@@ -1,27 +1,96 @@
 """Reference mode: generation exactly as transformers' `DiffusionGemmaForBlockDiffusion.generate` does it.
 
-One left-padded batch, every row denoised at every step, transformers' kernels (`DiffusionGemma.reference_kernels`)
-and its random-number order: with the same seed on CPU in float32 the tokens are identical (tests/test_generation.py,
-tests/test_parity.py). It is the oracle the fast path (engine.py, sampler.sample_step) is measured against, and what
-`LLM.generate(..., reference_sampling=True)` runs. Only the published recipe is supported: the default strategies,
-no template, infilling or structured output.
+One left-padded batch, every row denoised at every step, transformers' kernels and masks (`transformers_kernels`,
+`ReferenceCache`) and its random-number order: with the same seed on CPU in float32 the tokens are identical
+(tests/test_generation.py). It is the oracle the fast path (the engine, sampler.sample_step) is measured against,
+and what `LLM.generate(..., reference_sampling=True)` runs. Only the published recipe is supported: the default
+strategies, no template, infilling or structured output.
 
 Shapes: B rows, C canvas positions, V vocabulary.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from types import MethodType
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
+from torch import nn
 
-from dgemma.model.config import token_ids
-from dgemma.engine.core import FinishReason, check_context
-from dgemma.model.modeling import DiffusionGemma
 from dgemma.engine.params import SamplingParams, resolve
+from dgemma.engine.request import FinishReason, check_context
 from dgemma.engine.sampler import StableConfident, entropy_bound_accept
+from dgemma.model.attention import Attention
+from dgemma.model.blocks import MLP, RMSNorm
+from dgemma.model.cache import CanvasView, KVCache
+from dgemma.model.config import token_ids
+from dgemma.model.experts import Experts, grouped_kernel
+from dgemma.model.modeling import DiffusionGemma
+
+
+def _never(self: nn.Module, *_: Any) -> bool:
+    return False
+
+
+def _separate_projections(attn: Attention, x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([m(x) for m in attn.projections], dim=-1)  # one matmul per projection
+
+
+def _mlp(mlp: MLP, x: torch.Tensor) -> torch.Tensor:
+    return mlp.down_proj(mlp.act(mlp.gate_proj(x)) * mlp.up_proj(x))  # torch's activation, separate matmuls
+
+
+def _grouped_experts(ex: Experts, tokens: int, top_k: int) -> str:
+    return grouped_kernel(ex.gate_up_proj)
+
+
+# transformers' kernels, by the module methods of the fast path they replace: torch's rms_norm (not `rms_unit`),
+# separate matmuls (no fused q/k/v or gate/up, so no fused FFN branches either), K/V repeated per query head under a
+# mask (no folded GQA), torch's activations, the grouped expert matmul.
+KERNELS: dict[type[nn.Module], dict[str, Callable]] = {
+    RMSNorm: {"lean": _never},
+    Attention: {"qkv": _separate_projections, "folds": _never},
+    MLP: {"forward": _mlp},
+    Experts: {"kernel": _grouped_experts},
+}
+
+
+@contextlib.contextmanager
+def transformers_kernels(module: nn.Module) -> Iterator[None]:
+    """Run `module` (a model or any of its parts) with the kernels transformers uses, bit for bit: the methods of
+    `KERNELS` are bound onto its submodules for the duration, and the fast path's return afterwards."""
+    bound = []
+    for m in module.modules():
+        for cls, methods in KERNELS.items():
+            if isinstance(m, cls):
+                for name, fn in methods.items():
+                    bound.append((m, name, m.__dict__.get(name)))
+                    setattr(m, name, MethodType(fn, m))
+    try:
+        yield
+    finally:
+        for m, name, old in reversed(bound):
+            if old is None:
+                delattr(m, name)
+            else:
+                setattr(m, name, old)
+
+
+class ReferenceCache(KVCache):
+    """The KV cache with transformers' masks for padding: a padding query sees nothing (SDPA gives it zeros), where
+    the fast path lets it see itself, which keeps it finite on every kernel (a fully masked row is NaN on some)."""
+
+    def view(self, n: int, rows: torch.Tensor | None = None, **how: Any) -> CanvasView:
+        view = super().view(n, rows, **how)
+        visible = how.get("visible")
+        if how["causal"] and visible is not None:
+            q = visible[:, None, :, None]  # (R, 1, n, 1)
+            view.masks = {s: m if isinstance(m, str) else m & q for s, m in view.masks.items()}
+        return view
+
 
 # Knobs whose non-default values transformers' loop does not have.
 DEFAULTS_ONLY = (
@@ -119,13 +188,13 @@ def reference_generate(
     ids, visible = _left_pad(prompts, pad_id, dev)
     B, T = ids.shape
     n_canvases = -(-params.max_new_tokens // C)
-    cache = model.new_cache(B, T + n_canvases * C)
+    cache = ReferenceCache(model.text, B, T + n_canvases * C, dtype=model.dtype, device=model.device)
     eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=dev)
     outputs: list[list[int]] = [[] for _ in range(B)]
     reasons: list[FinishReason] = ["length"] * B
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     passes = torch.zeros(B, dtype=torch.long, device=dev)
-    with torch.inference_mode(), model.reference_kernels():
+    with torch.inference_mode(), transformers_kernels(model):
         model.encode(ids, cache, visible=visible)
         for _ in range(n_canvases):
             masks = cache.decoder_masks(C)

@@ -23,15 +23,15 @@ from dgemma.model.config import TextConfig
 
 @dataclass
 class CanvasView:
-    """How a canvas pass reads the cache (from `KVCache.decoder_masks`).
+    """How a pass of n new tokens per row reads the cache (from `KVCache.view`): a canvas, or tokens to encode.
 
-    `masks[sliding]`: the boolean key mask (R, 1, 1, keys) or None (every key visible). `slots` is None when the
-    canvas's keys/values are concatenated after the cached ones (`keys` = span + C); otherwise, per layer kind, the
-    buffer entries (R, C) the canvas's own keys/values are written to before attending over the first `span`
+    `masks[sliding]`: the boolean mask (R, 1, n or 1, keys), "causal" (a plain causal pass) or None (every key
+    visible). `slots` is None when the new keys/values are concatenated after the cached ones (keys = used + n);
+    otherwise, per layer kind, the buffer entries (R, n) they are written to before attending over the first `span`
     entries of the buffer in place (no copy of the cache per layer and step; the entries belong to the slots the
-    canvas will occupy once committed, and the commit overwrites them)."""
+    tokens will occupy once committed, and the commit overwrites them)."""
 
-    masks: dict[bool, torch.Tensor | None]
+    masks: dict[bool, torch.Tensor | str | None]
     slots: dict[bool, torch.Tensor] | None = None
     span: dict[bool, int] | None = None
 
@@ -143,33 +143,64 @@ class KVCache:
             return L.k[:, :, :used], L.v[:, :, :used]
         return L.k[rows, :, :used], L.v[rows, :, :used]
 
-    # -- masks -------------------------------------------------------------------------------------------------
-    def encoder_masks(
-        self, positions: torch.Tensor, visible: torch.Tensor, rows: torch.Tensor | None = None
-    ) -> dict[bool, torch.Tensor | str]:
-        """Boolean masks (B, 1, T, used + T) for a causal pass of T new tokens at `positions` (B, T), or "causal"
-        when a plain causal mask is exact.
+    # -- views -------------------------------------------------------------------------------------------------
+    def view(
+        self,
+        n: int,
+        rows: torch.Tensor | None = None,
+        *,
+        causal: bool,
+        in_place: bool = False,
+        visible: torch.Tensor | None = None,
+        round_span: int | None = None,
+    ) -> CanvasView:
+        """How a pass of `n` new tokens at each row's next n slots reads the cache (see `CanvasView`).
 
-        Keys are the cached entries followed by the new tokens. A query sees keys at slots <= its own (and, on
-        sliding layers, within the window); invisible new tokens (padding) are hidden from everyone but themselves,
-        so no row of the softmax is empty.
+        Causal (an encoder pass): a token at position q sees the keys at positions <= q, on sliding layers those
+        above q - window. Bidirectional (a canvas): every token sees the whole canvas and the cached keys, on sliding
+        layers the last `window - 1` (as transformers' sliding cache keeps them, whatever the canvas length).
+        `visible` (R, n): tokens that take a slot but are never attended to (padding); each still sees itself, so
+        no row of the softmax is empty. With `in_place` (when `fits_in_place(n)`) the new keys/values go into their
+        future slots, else after the cached ones. `round_span` (in place): spans rounded up to a multiple of it and
+        masks always tensors, so the shapes repeat (graphs.py). Without it a mask is None when every key is visible,
+        and "causal" for a plain causal pass (no cache, no padding, shorter than the window: the fused kernel).
         """
-        T = positions.shape[1]
-        new_pos = torch.where(visible, positions, torch.full_like(positions, -1))  # (B, T)
-        q = positions[:, None, :, None]  # (B, 1, T, 1)
-        eye = torch.eye(T, dtype=torch.bool, device=positions.device)[None, None]
+        positions = self.rows_of(self.lengths, rows)[:, None] + torch.arange(n, device=self.device)[None, :]  # (R, n)
+        padded = visible is not None and not bool(visible.all())
+        new = torch.where(visible, positions, torch.full_like(positions, -1)) if padded else positions
+        slots = span = None
+        if in_place and self.fits_in_place(n):
+            slots, span = self._slots(positions, round_span)
         masks = {}
         for sliding in (True, False):
-            used = self.used(sliding, rows)
-            kpos = torch.cat([self.rows_of(self.pos[sliding], rows)[:, :used], new_pos], dim=1)[:, None, None, :]
-            m = (kpos >= 0) & (kpos <= q)
-            if sliding:
-                m &= kpos > q - self.window
-            m[..., used:] |= eye
-            # No cache, no padding, short enough: a plain causal pass (the fused kernel, and transformers' choice).
-            plain = used == 0 and bool(visible.all()) and (not sliding or T < self.window)
-            masks[sliding] = "causal" if plain else m
-        return masks
+            kpos, used = self.rows_of(self.pos[sliding], rows), self.used(sliding, rows)
+            if slots is None:  # (R, used + n): the new keys after the cached ones
+                kpos, own = torch.cat([kpos[:, :used], new], dim=1), used + torch.arange(n, device=self.device)
+            else:  # (R, span): the buffer, the new keys in their slots
+                kpos, own = kpos[:, : span[sliding]].scatter(1, slots[sliding], new), slots[sliding]
+            if not causal:
+                m = kpos >= 0
+                if sliding:
+                    m &= kpos >= (self.rows_of(self.lengths, rows)[:, None] - (self.window - 1))
+                masks[sliding] = None if not round_span and bool(m.all()) else m[:, None, None, :]
+            elif slots is None and used == 0 and not padded and (not sliding or n < self.window):
+                masks[sliding] = "causal"
+            else:
+                masks[sliding] = self._causal_mask(sliding, kpos, positions, own if padded else None)
+        return CanvasView(masks, slots, span)
+
+    def _causal_mask(
+        self, sliding: bool, kpos: torch.Tensor, positions: torch.Tensor, own: torch.Tensor | None
+    ) -> torch.Tensor:
+        """(R, 1, n, K) for queries at `positions` (R, n) over keys at `kpos` (R, K) (-1: none or invisible). With
+        `own`, the column of each query's own key ((R, n) or (n,)): invisible queries see it."""
+        q, k = positions[:, None, :, None], kpos[:, None, None, :]
+        m = (k >= 0) & (k <= q)
+        if sliding:
+            m &= k > q - self.window
+        if own is not None:
+            m.scatter_(3, own.expand_as(positions)[:, None, :, None], True)
+        return m
 
     def decoder_masks(
         self,
@@ -178,20 +209,13 @@ class KVCache:
         in_place: bool = False,
         round_span: int | None = None,
     ) -> CanvasView:
-        """How a bidirectional canvas pass of `canvas_length` tokens reads the cache: the canvas sees itself and
-        the cache; on sliding layers the last `window - 1` cached slots (as transformers' sliding cache keeps),
-        whatever the canvas length. With `in_place` (when `fits_in_place`) the canvas keys/values go into their
-        future slots (see `CanvasView`), else after the cached ones. `round_span` (in place only): spans rounded
-        up to a multiple of it and masks always tensors, so the shapes repeat (graphs.py)."""
-        C = canvas_length
-        if in_place and self.fits_in_place(C):
-            return self._in_place_view(C, rows, round_span)
-        masks = {}
-        for sliding in (True, False):
-            m = self._visible(sliding, self.used(sliding, rows), rows)
-            ones = torch.ones(m.shape[0], C, dtype=torch.bool, device=m.device)
-            masks[sliding] = None if bool(m.all()) else torch.cat([m, ones], dim=1)[:, None, None, :]
-        return CanvasView(masks)
+        """The view of a bidirectional canvas pass (`view`): the canvas sees itself and the cache."""
+        return self.view(canvas_length, rows, causal=False, in_place=in_place, round_span=round_span)
+
+    def causal_view(self, T: int, rows: torch.Tensor | None = None, round_span: int | None = None) -> CanvasView:
+        """The in-place view of a causal pass of T new tokens per row (`view`; requires `fits_in_place(T)`), for
+        `DiffusionGemma.encode(..., view=)`."""
+        return self.view(T, rows, causal=True, in_place=True, round_span=round_span)
 
     def fits_in_place(self, canvas_length: int) -> bool:
         """Whether a canvas at every row's next slots can be written into the buffers without overwriting a key it
@@ -201,21 +225,12 @@ class KVCache:
         ring = self.pos[True].shape[1] - 1
         return end <= self.max_len and (ring >= self.window - 1 + canvas_length or end <= ring)
 
-    def _visible(self, sliding: bool, span: int, rows: torch.Tensor | None) -> torch.Tensor:
-        """(R, span) bool: buffer entries holding a cached key the canvas may see."""
-        kpos = self.rows_of(self.pos[sliding], rows)[:, :span]
-        m = kpos >= 0
-        if sliding:
-            m &= kpos >= (self.rows_of(self.lengths, rows)[:, None] - (self.window - 1))
-        return m
-
-    def _in_place_slots(
-        self, C: int, rows: torch.Tensor | None, round_span: int | None
-    ) -> tuple[torch.Tensor, dict[bool, torch.Tensor], dict[bool, int]]:
-        """The next C positions of each row (R, C), the buffer entries they go to per layer kind (R, C), and the span
-        of entries a pass over them reads per layer kind (rounded up to `round_span` if given)."""
-        positions = self.rows_of(self.lengths, rows)[:, None] + torch.arange(C, device=self.device)[None, :]  # (R, C)
-        top = max(self.host_lengths) + C
+    def _slots(
+        self, positions: torch.Tensor, round_span: int | None
+    ) -> tuple[dict[bool, torch.Tensor], dict[bool, int]]:
+        """Per layer kind, the buffer entries (R, n) the tokens at `positions` (R, n) go to, and the span of entries
+        a pass over them reads (rounded up to `round_span` if given)."""
+        top = max(self.host_lengths) + positions.shape[1]
         if round_span:
             top = -(-top // round_span) * round_span  # entries past the longest row hold no key (pos -1): masked
         slots, span = {}, {}
@@ -223,30 +238,7 @@ class KVCache:
             cap = self.pos[sliding].shape[1] - 1
             slots[sliding] = positions % cap if sliding else positions
             span[sliding] = min(cap, top)
-        return positions, slots, span
-
-    def _in_place_view(self, C: int, rows: torch.Tensor | None, round_span: int | None = None) -> CanvasView:
-        _, slots, span = self._in_place_slots(C, rows, round_span)
-        masks = {}
-        for sliding in (True, False):
-            m = self._visible(sliding, span[sliding], rows).scatter_(1, slots[sliding], True)
-            masks[sliding] = None if not round_span and bool(m.all()) else m[:, None, None, :]
-        return CanvasView(masks, slots, span)
-
-    def causal_view(self, T: int, rows: torch.Tensor | None = None, round_span: int | None = None) -> CanvasView:
-        """How a causal pass of T new tokens per row reads the cache in place (`model.encode_in_place`; requires
-        `fits_in_place(T)`): the tokens' keys/values go into their future slots, and the token at position q sees
-        every entry holding a position <= q (within the window on sliding layers), as `encoder_masks` lets it.
-        Masks (R, 1, T, span); `round_span` as for `decoder_masks`."""
-        positions, slots, span = self._in_place_slots(T, rows, round_span)
-        q = positions[:, None, :, None]  # (R, 1, T, 1)
-        masks = {}
-        for sliding in (True, False):
-            kpos = self.rows_of(self.pos[sliding], rows)[:, : span[sliding]]
-            kpos = kpos.scatter(1, slots[sliding], positions)[:, None, None, :]  # (R, 1, 1, span)
-            m = (kpos >= 0) & (kpos <= q)
-            masks[sliding] = m & (kpos > q - self.window) if sliding else m
-        return CanvasView(masks, slots, span)
+        return slots, span
 
     # -- writes ------------------------------------------------------------------------------------------------
     def write_plan(

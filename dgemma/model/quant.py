@@ -96,9 +96,7 @@ def fp8_grouped(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, offs: t
 
 
 class Fp8Experts(nn.Module):
-    """`model.Experts` with FP8 weights: gate_up (E, 2I, hidden) and down (E, hidden, I), scales per output row."""
-
-    exact = False
+    """`experts.Experts` with FP8 weights: gate_up (E, 2I, hidden) and down (E, hidden, I), scales per output row."""
 
     def __init__(
         self, gate_up: torch.Tensor, gate_up_scale: torch.Tensor, down: torch.Tensor, down_scale: torch.Tensor, act
@@ -117,8 +115,8 @@ class Fp8Experts(nn.Module):
         return cls(gu, gu_s.squeeze(-1), dn, dn_s.squeeze(-1), ex.act)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """As `model.Experts.forward` (same routing and combination order), FP8 matmuls."""
-        from dgemma.model.modeling import mixture
+        """As `experts.Experts.forward` (same routing and combination order), FP8 matmuls."""
+        from dgemma.model.experts import mixture
 
         return mixture(
             x,
