@@ -85,7 +85,8 @@ def train_demo(path: Path, steps: int) -> Path:
     also shows a model that has learned the format."""
     import random
 
-    from dgemma.training.train import TrainConfig, run_training
+    from dgemma.training.config import TrainConfig
+    from dgemma.training.train import run_training
 
     rng = random.Random(0)
     data = path.parent / "records.jsonl"

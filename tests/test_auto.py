@@ -20,7 +20,9 @@ from dgemma.model import device as D
 from dgemma.entrypoints.cli import main
 from dgemma.model.config import tiny_config
 from dgemma.entrypoints.llm import LLM
-from dgemma.training.train import TrainConfig, Trainer, default_device
+from dgemma.training.config import TrainConfig
+from dgemma.training.distributed import default_device
+from dgemma.training.trainer import Trainer
 
 AMD, INTEL = "AuthenticAMD", "GenuineIntel"
 BF16_CPU = {"avx2", "avx512f", "avx512_bf16"}  # on an AMD CPU (Zen 4): bf16 matmul faster than float32

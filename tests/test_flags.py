@@ -13,7 +13,7 @@ from dgemma.entrypoints import cli
 from dgemma.entrypoints.flags import CLIError, add_flags, flags_of, from_args
 from dgemma.tasks import code_cli, sudoku_cli
 from dgemma.tasks import code_model, sudoku_model
-from dgemma.training.train import TrainConfig
+from dgemma.training.config import TrainConfig
 
 # (the command, its config dataclass, its table, the arguments it requires)
 COMMANDS = {

@@ -1,4 +1,4 @@
-"""Fine-tuning (`dgemma/train.py`): the objective against transformers and by hand, corruption statistics,
+"""Fine-tuning (`dgemma/training/`): the objective against transformers and by hand, corruption statistics,
 optimisation, resume, LoRA, bf16, data-parallel torchrun, and the `dgemma train` command."""
 
 from __future__ import annotations
@@ -19,19 +19,11 @@ from dgemma import DiffusionGemma, save_model
 from dgemma.model.checkpoint import load_model
 from dgemma.entrypoints.cli import main as cli_main
 from dgemma.model.config import tiny_config
-from dgemma.training.train import (
-    Example,
-    TrainConfig,
-    Trainer,
-    TrainError,
-    collate,
-    corrupt,
-    counts,
-    latest_checkpoint,
-    load_examples,
-    loss_parts,
-    lr_at,
-)
+from dgemma.training.checkpoints import latest_checkpoint
+from dgemma.training.config import TrainConfig, TrainError
+from dgemma.training.data import Example, collate, corrupt, load_examples
+from dgemma.training.objectives import counts, loss_parts
+from dgemma.training.trainer import Trainer, lr_at
 
 from oracle import build_hf, hf_logits
 
@@ -170,7 +162,7 @@ def test_ar_weight_zero_trains_and_logs_no_ar_loss(tmp_path):
 def test_batches_move_to_the_model_device(monkeypatch):
     """Training collates on the CPU and moves each micro-batch to the model's device; the default device is this
     process's GPU when there is one (under torchrun, the LOCAL_RANK-th)."""
-    from dgemma.training.train import default_device
+    from dgemma.training.distributed import default_device
 
     b = corrupt(collate(_examples(3), 8, 0, 1, V), V, TrainConfig(), torch.Generator().manual_seed(0))
     moved = b.to(torch.device("meta"))

@@ -833,7 +833,7 @@ RECIPE_FLAGS: dict[str, dict[str, Any]] = {
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """`dgemma train`'s flags: the data and output paths, then `TRAIN_FLAGS`, then how the run goes."""
     from dgemma.entrypoints.flags import add_flags
-    from dgemma.training.train import TrainConfig
+    from dgemma.training.config import TrainConfig
 
     p.add_argument("--model", "-m", required=True, metavar="PATH", help="checkpoint to start from (HF format)")
     p.add_argument(
@@ -868,7 +868,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     from dgemma.entrypoints.flags import from_args
     from dgemma.model.device import dtype_name
-    from dgemma.training.train import TrainConfig, run_training
+    from dgemma.training.config import TrainConfig
+    from dgemma.training.train import run_training
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,7 +1,7 @@
 """The code experiment's models: their config, the training recipe (diffusion, FIM-reordered AR and prefix-only AR
 from one initial checkpoint), a batch infiller for any DiffusionGemma checkpoint, and the evaluation.
 
-Data, formats and metrics live in `dgemma.tasks.code`; the generic training loop in `dgemma.training.train`. No code
+Data, formats and metrics live in `dgemma.tasks.code`; the generic training loop in `dgemma.training`. No code
 model ships with the package: `dgemma code train` writes them (docs/code.md has the recipe and its results).
 """
 
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     import torch
 
     from dgemma.entrypoints.llm import LLM
-    from dgemma.training.train import Example
+    from dgemma.training.data import Example
 
 Format = Literal["diffusion", "fim", "ar"]
 FORMATS: tuple[str, ...] = ("diffusion", "fim", "ar")
@@ -120,7 +120,7 @@ class Encoder:
 
 def to_examples(items: list[C.Item], tokenizer_dir: Path, fmt: Format) -> list[Example]:
     """Training examples in one format (diffusion examples mark the suffix region `fixed`)."""
-    from dgemma.training.train import Example
+    from dgemma.training.data import Example
 
     enc = Encoder(tokenizer_dir).parts(
         [it.prefix for it in items], [it.middle for it in items], [it.suffix for it in items]

@@ -1,7 +1,7 @@
 """The Sudoku model: its config, the training recipe (diffusion and the AR baseline from one initial checkpoint),
 a batch solver (with or without clue clamping on the canvas) and the solve-rate evaluation.
 
-Data and text formats live in `dgemma.tasks.sudoku`; the generic training loop in `dgemma.training.train`.
+Data and text formats live in `dgemma.tasks.sudoku`; the generic training loop in `dgemma.training`.
 The trained model ships inside the package (`dgemma/models/sudoku/`), so `LLM(model="sudoku")` works offline.
 """
 
@@ -22,7 +22,7 @@ from dgemma.tasks import sudoku as S
 if TYPE_CHECKING:
     import torch
 
-    from dgemma.training.train import TrainConfig
+    from dgemma.training.config import TrainConfig
 
 CANVAS = 82  # 81 cells + EOS: one canvas holds the whole answer
 Mode = Literal["diffusion", "ar"]
@@ -104,7 +104,7 @@ def build_data(
 
 def to_examples(items: Iterable[dict]):
     """Training examples; the clue cells and the EOS are marked `fixed` (what clamped solving fixes)."""
-    from dgemma.training.train import Example
+    from dgemma.training.data import Example
 
     return [
         Example(
@@ -203,7 +203,7 @@ def recipe_train_config(recipe: Any, objective: str, template_prob: float, ar_we
     """The training settings the bundled-model recipes share (Sudoku's and the code model's): the recipe's steps,
     batch, learning rate, warm-up, seed and precision; AdamW (0.9, 0.99), weight decay 0.01, no prompt loss, ten
     checkpoints, a log line every 20 steps."""
-    from dgemma.training.train import TrainConfig
+    from dgemma.training.config import TrainConfig
 
     return TrainConfig(
         objective=objective,  # type: ignore[arg-type]
