@@ -34,6 +34,7 @@ from dgemma.engine.request import (
     FinishReason,
     Limits,
     Request,
+    ar_finish,
     ar_sample,
     cut_canvas,
     metrics,
@@ -392,15 +393,14 @@ class Engine:
                 r.error = str(e)
                 self._finish(r, "abort", events)
                 return
-        if tok in r.stop_ids(self.eos):
+        if ar_finish(r, tok, self.limits) is not None:  # a stop token: not output
             self._finish(r, "stop", events)
             return
         self._emit(r, [tok], events, None if p.logprobs is None else from_logits(logits, [tok], p.logprobs))
         if r.lazy is not None and tok == r.lazy.trigger:
             self._activate(r)
-        if r.constraint is not None and r.constraint.finished:  # the token completed the grammar
-            self._finish(r, "stop", events)
-        elif len(r.output) >= p.max_new_tokens or len(r.prompt) + len(r.output) > self.max_model_len:
-            self._finish(r, "length", events)
+        reason = ar_finish(r, None, self.limits)
+        if reason is not None:
+            self._finish(r, reason, events)
         else:
             r.ar.next_token = tok

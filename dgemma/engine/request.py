@@ -203,6 +203,18 @@ def cut_canvas(r: Request, toks: list[int], limits: Limits) -> tuple[list[int], 
     return toks, None
 
 
+def ar_finish(r: Request, tok: int | None, limits: Limits) -> FinishReason | None:
+    """The finish reason an AR token gives the request, before it is emitted ("stop": the token is not output) or
+    after ("length", or "stop" when it completed the grammar); None: it goes on. `tok` None asks the after-rules."""
+    if tok is not None:
+        return "stop" if tok in r.stop_ids(limits.eos) else None
+    if r.constraint is not None and r.constraint.finished:  # the token completed the grammar
+        return "stop"
+    if len(r.output) >= r.params.max_new_tokens or len(r.prompt) + len(r.output) > limits.max_model_len:
+        return "length"
+    return None
+
+
 def metrics(r: Request, now: float) -> dict[str, Any]:
     """A finished request's metrics (the 'finished' event's)."""
     passes, canvases = (r.diffusion.passes, r.diffusion.canvases) if r.diffusion is not None else (0, 0)
