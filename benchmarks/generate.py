@@ -33,7 +33,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, sys.argv[sys.argv.index("--src") + 1] if "--src" in sys.argv else os.path.dirname(HERE))
 
 from dgemma import DiffusionGemma, save_model  # noqa: E402
-from dgemma.model.config import ModelConfig, TextConfig, sized_config  # noqa: E402
+try:
+    from dgemma.model.config import ModelConfig, TextConfig, sized_config  # noqa: E402
+except ImportError:  # a --baseline tree from before the subpackage layout
+    from dgemma.config import ModelConfig, TextConfig, sized_config  # noqa: E402
 
 DT = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
