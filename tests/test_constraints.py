@@ -1,4 +1,5 @@
-"""Structured output (`dgemma/constraints.py`, called by the engine at each step) and infilling.
+"""Structured output (`dgemma/structured/constraints.py` and `frontier.py`, called by the engine at each step) and
+infilling.
 
 Random weights are the hardest case: nothing but the constraint keeps the output valid, so every output of a tiny
 random-weights model with a real byte-level BPE tokenizer must validate (jsonschema for schemas, `re.fullmatch` for

@@ -2,7 +2,7 @@
 a byte-level BPE tokenizer and `max_new_tokens=512`: every schema `jsonschema` accepts compiles (unknown formats and
 unsupported keywords are warnings, not errors), every `finish_reason: "stop"` output validates, and >= 99 % of the
 schemas finish within the budget. The full run is marked slow (docs/structured.md records the measured rates; the test
-prints them, and so does `python tests/test_schema_suite.py`)."""
+prints them, and so does `python tests/test_constraints_suite.py`)."""
 
 from __future__ import annotations
 
