@@ -29,7 +29,7 @@ from dgemma.engine.reference import transformers_kernels
 from dgemma.model.rope import rope_inv_freq
 
 from oracle import build_hf
-from test_parity import _max_err, run_schedule, tie_encoder_copies
+from test_modeling import _max_err, run_schedule, tie_encoder_copies
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*vision-tower tensors:UserWarning")
 
@@ -64,7 +64,7 @@ def ckpt(hf_dir, tmp_path):
 
 def _compare(hf, model, tol=TOL, seed=0):
     # Reference kernels (transformers' own choices): what is compared is the loaded weights; how far the fast path's
-    # kernels may round from transformers is test_parity's question (anchored to a float64 run).
+    # kernels may round from transformers is test_modeling's question (anchored to a float64 run).
     with transformers_kernels(model):
         errs = {what: _max_err(o, r, v) for what, o, r, v in run_schedule(hf, model, seed=seed, **RUN)}
     bad = {k: v for k, v in errs.items() if v > tol}

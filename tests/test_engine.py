@@ -439,7 +439,7 @@ def ar_model(tmp_path_factory):
     return hf, d
 
 
-# dgemma's and transformers' float32 logits differ by at most 1e-4 (test_parity's FP32_TOL), so dgemma's argmax
+# dgemma's and transformers' float32 logits differ by at most 1e-4 (test_modeling's FP32_TOL), so dgemma's argmax
 # is within 2e-4 of transformers' top logit.
 GREEDY_TIE = 2e-4
 
