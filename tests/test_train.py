@@ -181,7 +181,7 @@ def hf_pair(tmp_path_factory):
     """transformers' DiffusionGemma and the same weights loaded by dgemma."""
     from dgemma.model.checkpoint import load_model as dg_load
 
-    from test_parity import tie_encoder_copies  # the HF oracle with encoder/decoder copies tied
+    from test_modeling import tie_encoder_copies  # the HF oracle with encoder/decoder copies tied
 
     hf = tie_encoder_copies(build_hf(seed=5, canvas_length=8))
     d = tmp_path_factory.mktemp("hf") / "ckpt"
