@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -57,7 +58,11 @@ ALNUM = "[a-z][0-9]"
 # -- fixtures -----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("srv")
+    return make_checkpoint(tmp_path_factory.mktemp("srv"))
+
+
+def make_checkpoint(d: Path) -> Path:
+    """A tiny random-weights checkpoint with the byte-level BPE tokenizer, in `d`."""
     tok = build_bpe_tokenizer(d / "tok")
     torch.manual_seed(0)
     model = DiffusionGemma(tiny_config(vocab_size=300, canvas_length=CANVAS))
@@ -70,47 +75,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(checkpoint: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+def _start(checkpoint: Path, *extra: str, scheme: str = "http", verify: Any = True) -> tuple[subprocess.Popen, str]:
+    """A server on a free port (the given options after the defaults, which they override); its base URL once
+    /health answers (over https with `verify` as the CA when `scheme` is https)."""
     port = _free_port()
+    args = ["--model", str(checkpoint), "--port", str(port), "--served-model-name", MODEL]
+    args += ["--max-batch", str(MAX_BATCH), "--max-queue", str(MAX_QUEUE), "--max-model-len", str(MAX_MODEL_LEN)]
+    args += ["--log-level", "warning", "--no-access-log", "--dtype", "float32"]  # float32 on every CPU
+    cmd = [sys.executable, "-m", "dgemma.entrypoints.server", *args, *extra]
+    return _spawn(cmd, f"{scheme}://127.0.0.1:{port}", verify), f"{scheme}://127.0.0.1:{port}"
+
+
+def _spawn(cmd: list[str], url: str, verify: Any = True) -> subprocess.Popen:
+    """Run a server command; return once `url`/health answers 200 (RuntimeError with its output if it exits)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "dgemma.entrypoints.server",
-            "--model",
-            str(checkpoint),
-            "--port",
-            str(port),
-            "--served-model-name",
-            MODEL,
-            "--max-batch",
-            str(MAX_BATCH),
-            "--max-queue",
-            str(MAX_QUEUE),
-            "--max-model-len",
-            str(MAX_MODEL_LEN),
-            "--log-level",
-            "warning",
-            "--no-access-log",
-            "--dtype",
-            "float32",
-            *extra,
-        ],  # float32 on every CPU (auto picks bfloat16 where it is native)
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 90
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}:\n{proc.stdout.read()}")
         try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
+            if httpx.get(url + "/health", timeout=1, verify=verify).status_code == 200:
+                return proc
         except httpx.HTTPError:
             pass
         time.sleep(0.2)

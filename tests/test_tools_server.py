@@ -7,6 +7,8 @@ template (tests/gemma4_chat.py).
   same calls; `auto` with forced text (weights boosting a letter) gives text, and with a forced opening marker
   gives a constrained call; tool-result turns reach the prompt as the template writes them; bad declarations are
   400s naming the field.
+- the same on a template with no tool-call syntax: named and required calls are JSON constrained by the schemas
+  (an array of {name, arguments} for required), returned as tool calls, whole and streamed; `auto` is a 400.
 - reasoning: an output forced through a grammar to open and close a thinking channel is split into
   `reasoning_content` and `content` (also when streamed).
 - logprobs: AR-mode logprobs equal `log_softmax` of the model's own encoder logits for the same tokens; `echo` with
@@ -36,7 +38,7 @@ from dgemma.text.tokenizer import Tokenizer  # noqa: E402
 from forcing import boost_token  # noqa: E402
 from gemma4_chat import build_gemma4_tokenizer  # noqa: E402
 from test_chat import TOOL_SCHEMAS, TOOLS  # noqa: E402
-from test_server import MODEL, _start, _stop  # noqa: E402
+from test_server import MODEL, _start, _stop, make_checkpoint  # noqa: E402
 
 VOCAB = 320  # the BPE's 300 tokens, Gemma 4's 12 markers, and spare ids
 CANVAS = 8
@@ -211,6 +213,67 @@ def test_bad_tools_are_400s(srv, tools, choice, param):
     r = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param, r.text
+
+
+# -- tool calls on a template with no tool syntax: JSON constrained by the schemas ---------------------------------
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    """A server whose checkpoint has the Gemma-3-style default template: no tool-call syntax."""
+    proc, url = _start(make_checkpoint(tmp_path_factory.mktemp("plain")), "--max-model-len", "1024")
+    yield url, openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    assert _stop(proc) == 0
+
+
+def test_json_calls_validate_on_a_template_without_tool_syntax(plain):
+    _, client = plain
+    jobs = [(s, "required", True) for s in range(6)] + [(s, "required", False) for s in range(2)]
+    jobs += [(s, n, True) for n in TOOL_SCHEMAS for s in range(2)]
+
+    def run(job):
+        seed, how, parallel = job
+        choice = how if how == "required" else {"type": "function", "function": {"name": how}}
+        return job, client.chat.completions.create(
+            model=MODEL, messages=MSGS, tools=TOOLS, tool_choice=choice, seed=seed, max_tokens=200,
+            parallel_tool_calls=parallel,
+        )  # fmt: skip
+
+    with cf.ThreadPoolExecutor(4) as ex:
+        for (seed, how, parallel), r in ex.map(run, jobs):
+            _check_calls(r.choices[0], set(TOOL_SCHEMAS) if how == "required" else {how})
+            if how != "required" or not parallel:
+                assert len(r.choices[0].message.tool_calls) == 1
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "create_event"}}])
+def test_json_calls_stream(plain, choice):
+    _, client = plain
+    kw = dict(model=MODEL, messages=MSGS, tools=TOOLS, tool_choice=choice, seed=3, max_tokens=200)
+    whole = client.chat.completions.create(**kw).choices[0]
+    calls: dict[int, dict] = {}
+    reasons, content = [], []
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        for ch in chunk.choices:
+            reasons.append(ch.finish_reason)
+            content.append(ch.delta.content or "")
+            for d in ch.delta.tool_calls or []:
+                c = calls.setdefault(d.index, {"id": "", "name": "", "arguments": ""})
+                c["id"] += d.id or ""
+                c["name"] += d.function.name or "" if d.function else ""
+                c["arguments"] += d.function.arguments or "" if d.function else ""
+    got = [(c["name"], json.loads(c["arguments"])) for _, c in sorted(calls.items())]
+    assert got == _calls(whole) and reasons[-1] == "tool_calls" and not "".join(content)
+    assert all(c["id"].startswith("call_") for c in calls.values())
+
+
+def test_auto_needs_a_tool_syntax(plain):
+    url, _ = plain
+    body = {"model": MODEL, "messages": MSGS, "tools": TOOLS, "max_tokens": 4}
+    for choice in (None, "auto"):
+        r = httpx.post(url + "/v1/chat/completions", json={**body, "tool_choice": choice}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "tools", r.text
+        assert "tool_choice 'auto' is unavailable" in r.json()["error"]["message"]
+    r = httpx.post(url + "/v1/chat/completions", json={**body, "tool_choice": "none"}, timeout=30)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"].get("tool_calls") is None
 
 
 # -- reasoning -------------------------------------------------------------------------------------------------------

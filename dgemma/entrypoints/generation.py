@@ -55,6 +55,7 @@ class Generation:
     ):
         from dgemma.text.chat import output_decoder
         from dgemma.text.chat_output import ChatOutputParser
+        from dgemma.text.json_tools import JsonCallParser
         from dgemma.entrypoints.output import OutputProcessor
 
         self.server, self.rid, self.q, self.prompt_len, self.params = server, rid, q, prompt_len, params
@@ -64,6 +65,8 @@ class Generation:
         self.request = request  # for disconnect polling while streaming
         fmt = chat.format if chat is not None else None
         self.parser = None if fmt is None else ChatOutputParser(fmt, chat.parses_tools, chat.in_reasoning)
+        if chat is not None and chat.json_tools:  # calls written as JSON (a template with no call syntax)
+            self.parser = JsonCallParser(chat.choice.name)
         decoder = server.llm.decoder() if fmt is None else output_decoder(server.llm.tokenizer, fmt)
         self.out = OutputProcessor(decoder, params.stop, lambda n: server.engine_loop.finish(rid, n))
         self.done = False

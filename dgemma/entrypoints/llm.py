@@ -85,6 +85,7 @@ class LLM:
     checkpoint is quantized at load, an FP8 checkpoint is read as it is (and needs no argument).
     `enforce_eager`: never replay steps as CUDA graphs (on CUDA they are, by default; dgemma/engine/graphs.py).
     `compile`: run the graphed denoising step through `torch.compile` first (off by default; falls back to eager).
+    `generation_config`: sampling defaults used instead of the checkpoint's generation_config.json.
     """
 
     def __init__(
@@ -98,6 +99,7 @@ class LLM:
         quantization: str | None = None,
         enforce_eager: bool = False,
         compile: bool = False,
+        generation_config: dict[str, Any] | None = None,
     ):
         self.path = resolve_model_path(model)
         placement = resolve_placement(device, dtype, quantization)
@@ -105,7 +107,7 @@ class LLM:
         logger.log(logging.INFO if auto else logging.DEBUG, "dgemma: %s", placement.describe())
         self.device, self.dtype = placement.device, placement.dtype
         self.model = load_model(self.path, dtype=self.dtype, device=self.device, quantization=quantization)
-        self.generation_config = load_generation_config(self.path)
+        self.generation_config = load_generation_config(self.path) if generation_config is None else generation_config
         self.tokenizer = Tokenizer.from_dir(self.path)
         self.token_ids = token_ids(self.model.config.text, self.generation_config)
         guides = None

@@ -205,6 +205,8 @@ class CompletionRequest(_SamplingFields):
     logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     best_of: Optional[int] = None
     suffix: Optional[str] = None
+    # BOS first: text prompts get it; token-id prompts too when the checkpoint's tokenizer adds BOS (false: as sent)
+    add_special_tokens: bool = True
 
     def output_logprobs(self) -> Optional[int]:
         return self.logprobs
@@ -261,6 +263,54 @@ class ChatCompletionRequest(_SamplingFields):
 
     def token_budget(self) -> Optional[int]:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class TokenizeCompletionRequest(_Strict):
+    """POST /tokenize with a text prompt (vLLM's shape). `add_special_tokens`: the ids /v1/completions would give
+    the text (BOS first, when the tokenizer has one); false: the text's own tokens only."""
+
+    model: Optional[str] = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+    def unsupported(self) -> tuple[str, str] | None:
+        return None
+
+
+class TokenizeChatRequest(_Strict):
+    """POST /tokenize with chat messages (vLLM's shape): the ids of the prompt /v1/chat/completions would render
+    (the template writes BOS itself; `add_special_tokens` also runs the tokenizer's post-processor)."""
+
+    model: Optional[str] = None
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    return_token_strs: bool = False
+    chat_template_kwargs: Optional[dict[str, Any]] = None
+    tools: Optional[list[Any]] = None
+    tool_choice: Literal["none"] = "none"  # the tools are written into the prompt; nothing is generated
+    parallel_tool_calls: Optional[bool] = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.continue_final_message:
+            return "continue_final_message", "continue_final_message is not supported"
+        return None
+
+
+class DetokenizeRequest(_Strict):
+    """POST /detokenize (vLLM's shape): token ids -> `{"prompt": text}`."""
+
+    model: Optional[str] = None
+    tokens: list[int]
+
+    def unsupported(self) -> tuple[str, str] | None:
+        return None
+
+
+def tokenize_response(tokens: list[int], max_model_len: int, token_strs: list[str] | None) -> dict[str, Any]:
+    return {"count": len(tokens), "max_model_len": max_model_len, "tokens": tokens, "token_strs": token_strs}
 
 
 # -- responses (plain dicts built by helpers: the shapes are OpenAI's) -----------------------------------------------

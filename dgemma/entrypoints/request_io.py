@@ -10,8 +10,6 @@ from dgemma.entrypoints.errors import APIError, ClientGone
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_BODY_BYTES = 16 << 20
-
 
 async def read_json(request: Any, max_body_bytes: int) -> dict[str, Any]:
     """The request body as a JSON object (APIError 400 or 413 when it is not one, or too large)."""

@@ -1,16 +1,19 @@
 """An OpenAI-compatible HTTP server over one `LLM` (vLLM's conventions, kept thin).
 
-    python -m dgemma.entrypoints.server --model PATH [--host 127.0.0.1] [--port 8000] [--max-batch 8] [--max-queue 64]
+    python -m dgemma.entrypoints.server MODEL [--host 127.0.0.1] [--port 8000] [--max-num-seqs 8] [--api-key KEY]
 
-Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /version,
-GET /metrics (Prometheus). Request/response shapes and the accepted sampling fields are documented in
+Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, POST /tokenize, POST /detokenize,
+GET /health, GET /version, GET /metrics (Prometheus). With API keys (`--api-key`, $DGEMMA_API_KEY) every path but
+the last three needs `Authorization: Bearer KEY` (`security`); TLS, CORS and a proxy's root path are options
+(`serve_args`). Request/response shapes and the accepted sampling fields are documented in
 `dgemma.entrypoints.protocol`; in diffusion mode (the default) `temperature`/`top_p`/`top_k` are ignored (the denoising
 temperature follows the t_max -> t_min schedule); they apply in `mode="ar"`.
 
 The modules: `engine_loop` (the one thread that owns the engine, and the asyncio side's link to it), `serving`
 (request -> prompt ids and `SamplingParams` -> engine -> response), `generation` (one sample's events -> text
 updates), `streaming` (server-sent events), `request_io` (reading bodies), `errors` (OpenAI error bodies),
-`metrics` (Prometheus). This module builds the app, its routes and the `serve` command line.
+`metrics` (Prometheus), `tokenization` (/tokenize, /detokenize), `security` (API keys, CORS), `serve_args` (the
+command line's options). This module builds the app and its routes, and runs it.
 
 Admission control: at most `max_queue` requests are in flight (waiting + running); more get 429 with Retry-After.
 A request that exceeds `request_timeout` is aborted (504). A client that disconnects (streaming or not) has its
@@ -36,8 +39,11 @@ from dgemma import __version__
 from dgemma.entrypoints.cli import CLIError, register
 from dgemma.entrypoints.engine_loop import EngineLoop, TorchThread
 from dgemma.entrypoints.errors import APIError, empty_response, exception_handlers, json_response
-from dgemma.entrypoints.request_io import DEFAULT_MAX_BODY_BYTES
+from dgemma.entrypoints.serve_args import DEFAULT_MAX_BODY_BYTES
+from dgemma.entrypoints.security import secure
+from dgemma.entrypoints.serve_args import add_serve_arguments, api_keys, arg_error
 from dgemma.entrypoints.serving import ServerState, generate
+from dgemma.entrypoints.tokenization import detokenize, tokenize
 
 if TYPE_CHECKING:
     from dgemma.entrypoints.llm import LLM
@@ -103,6 +109,8 @@ _ROUTES = (
     ("/metrics", metrics, "GET"),
     ("/v1/completions", completions, "POST"),
     ("/v1/chat/completions", chat_completions, "POST"),
+    ("/tokenize", tokenize, "POST"),
+    ("/detokenize", detokenize, "POST"),
 )
 
 
@@ -114,9 +122,12 @@ def create_app(
     request_timeout: float = 600,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     torch_thread: TorchThread | None = None,
+    api_keys: list[str] | None = None,
+    allowed_origins: list[str] | None = None,
 ) -> Any:
     """The FastAPI app serving `llm` under `model_name`. The engine runs for the app's lifespan on `torch_thread`
-    (pass the one the model was loaded on; by default a new one)."""
+    (pass the one the model was loaded on; by default a new one). `api_keys`: the Bearer tokens `/v1/*`,
+    `/tokenize` and `/detokenize` require (none: open); `allowed_origins`: CORS origins (none: no CORS headers)."""
     from fastapi import FastAPI
 
     if max_queue < 1:
@@ -137,86 +148,36 @@ def create_app(
         app.add_exception_handler(exc, handler)
     for path, endpoint, method in _ROUTES:
         app.add_route(path, endpoint, methods=[method])
+    secure(app, list(api_keys or []), list(allowed_origins or []))
     return app
 
 
 # -- command line ---------------------------------------------------------------------------------------------------
-def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The `serve` options (for `dgemma serve` and `python -m dgemma.entrypoints.server`)."""
-    from dgemma.entrypoints.cli import (
-        COMPILE_HELP,
-        DEVICE_HELP,
-        DTYPE_HELP,
-        EAGER_HELP,
-    )  # the same words as every other command
+def _generation_config(value: str) -> dict[str, Any] | None:
+    """`--generation-config`: None for the checkpoint's own (auto), {} for dgemma's defaults, or a directory's."""
+    from pathlib import Path
 
-    parser.add_argument("--model", required=True, help="checkpoint directory (HF format)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
-    parser.add_argument(
-        "--served-model-name", default=None, help="model name clients must use (default: the --model argument)"
-    )
-    parser.add_argument("--max-batch", type=int, default=8, help="requests generated together (cache rows)")
-    parser.add_argument(
-        "--max-queue", type=int, default=64, help="requests in flight (running + waiting) before answering 429"
-    )
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help=DTYPE_HELP)
-    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
-    parser.add_argument(
-        "--quantization",
-        choices=["fp8"],
-        default=None,
-        help="fp8: FP8 dense and expert weights, bf16 activations (see `dgemma generate --help`)",
-    )
-    parser.add_argument("--max-model-len", type=int, default=None, help="context length the cache is sized for")
-    parser.add_argument("--enforce-eager", action="store_true", help=EAGER_HELP)
-    parser.add_argument("--compile", action="store_true", help=COMPILE_HELP)
-    parser.add_argument(
-        "--request-timeout", type=float, default=600.0, help="seconds before a request is aborted (default 600)"
-    )
-    parser.add_argument(
-        "--shutdown-timeout",
-        type=int,
-        default=30,
-        help="seconds to let in-flight requests finish on SIGTERM before aborting them",
-    )
-    parser.add_argument(
-        "--max-body-bytes",
-        type=int,
-        default=DEFAULT_MAX_BODY_BYTES,
-        help="largest accepted request body (default 16 MiB)",
-    )
-    parser.add_argument(
-        "--torch-threads",
-        type=int,
-        default=None,
-        help="torch intra-op threads (default: torch's choice; 1 is often best for small models)",
-    )
-    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    parser.add_argument("--no-access-log", action="store_true", help="do not log every request")
-    return parser
+    from dgemma.model.checkpoint import load_generation_config
+
+    if value == "auto":
+        return None
+    if value in ("default", "vllm"):
+        return {}
+    if not (Path(value) / "generation_config.json").is_file():
+        raise ValueError(f"--generation-config {value}: no generation_config.json there (or give auto, default)")
+    return load_generation_config(value)
 
 
-def _arg_error(args: argparse.Namespace) -> str | None:
-    """The first out-of-range `serve` option, as a message (None when all are fine)."""
-    for name, lo, hi in (("max_batch", 1, 1 << 16), ("max_queue", 1, 1 << 20), ("port", 0, 65535)):
-        v = getattr(args, name)
-        if not lo <= v <= hi:
-            return f"--{name.replace('_', '-')} must be in [{lo}, {hi}], got {v}"
-    threads = getattr(args, "torch_threads", None)
-    if threads is not None and threads < 1:
-        return f"--torch-threads must be >= 1, got {threads}"
-    return None
-
-
-def _load(args: argparse.Namespace, where: Any) -> "LLM":
+def _load(args: argparse.Namespace, where: Any, generation_config: dict[str, Any] | None) -> "LLM":
     """Load the model (on the torch thread that will run it)."""
+    import torch
+
     from dgemma.entrypoints.llm import LLM
 
     if getattr(args, "torch_threads", None) is not None:
-        import torch
-
         torch.set_num_threads(args.torch_threads)
+    if getattr(args, "seed", None) is not None:  # unseeded requests draw their seeds from this generator
+        torch.manual_seed(args.seed)
     llm = LLM(
         args.model,
         device=where.device,
@@ -226,34 +187,42 @@ def _load(args: argparse.Namespace, where: Any) -> "LLM":
         quantization=getattr(args, "quantization", None),
         enforce_eager=getattr(args, "enforce_eager", False),
         compile=getattr(args, "compile", False),
+        generation_config=generation_config,
     )
     print(f"dgemma: {llm.engine.describe()}", file=sys.stderr, flush=True)
     return llm
 
 
-def run_serve(args: argparse.Namespace) -> int:
-    """Load the model and serve it until SIGTERM/SIGINT; returns the process exit status."""
+def _prepare(args: argparse.Namespace) -> tuple[Any, dict[str, Any] | None]:
+    """The device placement and generation config the options ask for (ValueError naming the bad option)."""
     from dgemma.model.device import resolve
 
+    error = arg_error(args)
+    if error is not None:
+        raise ValueError(error)
+    gen = _generation_config(getattr(args, "generation_config", "auto"))
+    return resolve(args.device, args.dtype, getattr(args, "quantization", None)), gen
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Load the model and serve it until SIGTERM/SIGINT; returns the process exit status."""
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    error = _arg_error(args)
     try:
-        where = resolve(args.device, args.dtype, getattr(args, "quantization", None)) if error is None else None
+        where, gen = _prepare(args)
     except ValueError as e:
-        error = str(e)
-    if error is not None:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"dgemma: {where.describe()}", file=sys.stderr, flush=True)
     torch_thread = TorchThread()  # the model is loaded and run on this one thread
     try:
-        llm = torch_thread.call(lambda: _load(args, where))
+        llm = torch_thread.call(lambda: _load(args, where, gen))
     except (ValueError, OSError) as e:
         print(f"error: cannot load {args.model}: {e}", file=sys.stderr)
         return 2
+    keys = api_keys(getattr(args, "api_key", None))
     app = create_app(
         llm,
         model_name=args.served_model_name or args.model,
@@ -261,6 +230,16 @@ def run_serve(args: argparse.Namespace) -> int:
         request_timeout=args.request_timeout,
         max_body_bytes=args.max_body_bytes,
         torch_thread=torch_thread,
+        api_keys=keys,
+        allowed_origins=getattr(args, "allowed_origins", []),
+    )
+    scheme = "https" if getattr(args, "ssl_certfile", None) else "http"
+    print(
+        f"dgemma: serving {args.model} as {args.served_model_name or args.model} on {scheme}://{args.host}:"
+        f"{args.port}{getattr(args, 'root_path', '')}: {args.max_batch} requests at a time, context "
+        f"{llm.engine.max_model_len} tokens, {'an API key required' if keys else 'no API key'}",
+        file=sys.stderr,
+        flush=True,
     )
     return _run_uvicorn(app, args)
 
@@ -289,6 +268,9 @@ def _run_uvicorn(app: Any, args: argparse.Namespace) -> int:
             lifespan="on",
             access_log=not args.no_access_log,
             timeout_graceful_shutdown=args.shutdown_timeout,
+            ssl_keyfile=getattr(args, "ssl_keyfile", None),
+            ssl_certfile=getattr(args, "ssl_certfile", None),
+            root_path=getattr(args, "root_path", ""),
         )
     )
     try:

@@ -53,7 +53,9 @@ class ServerState:
                     param="prompt",
                 )
 
-    def encode_completion_prompt(self, prompt: Any) -> list[int]:
+    def encode_completion_prompt(self, prompt: Any, add_special_tokens: bool = True) -> list[int]:
+        """A completion prompt's token ids: text with BOS first (when the tokenizer has one; not with
+        `add_special_tokens` false), token ids as sent."""
         if isinstance(prompt, str):
             if self.llm.tokenizer is None:
                 raise APIError(
@@ -61,10 +63,17 @@ class ServerState:
                 )
             self._check_text_length(prompt)
             try:
-                return self.llm.encode_prompt(prompt)[1]
+                return self.llm.encode_prompt(prompt)[1] if add_special_tokens else self.llm.tokenizer.encode(prompt)
             except ValueError as e:
                 raise APIError(400, str(e), param="prompt") from None
         return list(prompt)
+
+    def bos_for_ids(self, ids: list[int]) -> list[int]:
+        """The BOS to put before a token-id prompt that lacks it: [BOS] when the checkpoint's tokenizer_config.json
+        says `add_bos_token: true` (its prompts start with BOS, as text prompts here do), else []."""
+        tok = self.llm.tokenizer
+        bos = tok.bos_token_id if tok is not None and tok.config.get("add_bos_token") is True else None
+        return [bos] if bos is not None and ids and ids[0] != bos else []
 
     def render_chat(self, req: Any) -> "ChatPrompt":
         """The chat request's prompt, rendered by the checkpoint's template with its tools and template kwargs."""
@@ -94,9 +103,11 @@ class ServerState:
         self._check_text_length(prompt.text)
         return prompt
 
-    def encode_chat(self, prompt: "ChatPrompt") -> list[int]:
+    def encode_chat(self, prompt: "ChatPrompt", add_special_tokens: bool = False) -> list[int]:
+        """A rendered chat prompt's ids (the template wrote BOS; `add_special_tokens` also runs the tokenizer's
+        post-processor)."""
         try:
-            return self.llm.tokenizer.encode(prompt.text)
+            return self.llm.tokenizer.encode(prompt.text, add_special_tokens=add_special_tokens)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
 
@@ -146,6 +157,12 @@ class Job:
     chat: "ChatPrompt | None" = None  # chat requests
     echo_text: str = ""  # completions with `echo`: the prompt's text, returned before the completion
     echo_logprobs: list[Any] | None = None  # ... and its tokens' log-probabilities, when asked for
+    hidden: int = 0  # leading prompt tokens the server added (a token-id prompt's BOS): never echoed
+
+    @property
+    def echo_ids(self) -> list[int]:
+        """The prompt's tokens as the client sent them (what `echo` returns)."""
+        return self.prompt_ids[self.hidden :]
 
     def token_text(self, srv: "ServerState") -> Callable[[int], str]:
         """How a token is named in logprobs: its text, or "token_id:N" (vLLM's `return_tokens_as_token_ids`)."""
@@ -155,8 +172,9 @@ class Job:
 
 
 def _prepare_completion(srv: "ServerState", req: Any) -> Job:
-    ids = srv.encode_completion_prompt(req.prompt)
-    job = Job(req, ids, srv.sampling(req, ids))
+    ids = srv.encode_completion_prompt(req.prompt, req.add_special_tokens)
+    bos = srv.bos_for_ids(ids) if req.add_special_tokens and not isinstance(req.prompt, str) else []
+    job = Job(req, bos + ids, srv.sampling(req, bos + ids), hidden=len(bos))
     if req.echo:
         job.echo_text = req.prompt if isinstance(req.prompt, str) else srv.llm.decode(ids)
     return job
@@ -175,7 +193,7 @@ def _completion_choice(srv: "ServerState", job: Job, i: int, res: Result) -> dic
     lp = None
     if job.req.logprobs is not None:
         echo = job.echo_logprobs or []
-        ids = (job.prompt_ids if echo else []) + res.token_ids
+        ids = (job.echo_ids if echo else []) + res.token_ids
         lp = completion_logprobs(echo + res.logprobs, ids, job.token_text(srv))
     return completion_choice(i, job.echo_text + res.text, res.finish_reason, lp)
 
@@ -262,7 +280,8 @@ async def generate(request: Any, ep: Endpoint) -> Any:
     job = await asyncio.to_thread(ep.prepare, srv, req)
     rid, created = P.new_id(ep.id_prefix), P.now()
     if getattr(req, "echo", False) and req.logprobs is not None:  # the prompt's log-probabilities, scored first
-        job.echo_logprobs = await srv.engine_loop.score(rid + "-prompt", job.prompt_ids, req.logprobs)
+        scored = await srv.engine_loop.score(rid + "-prompt", job.prompt_ids, req.logprobs)
+        job.echo_logprobs = scored[job.hidden :]
     if getattr(req, "max_tokens", None) == 0:  # nothing to generate (echo scoring)
         results = [Result("", [], [], "length", P.usage(len(job.prompt_ids), 0))] * job.params.n
         return json_response(_response(srv, ep, job, rid, created, results))

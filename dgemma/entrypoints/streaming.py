@@ -35,7 +35,7 @@ async def stream_events(
                 )
             elif job.echo_text:
                 echo = Update(
-                    job.echo_text, token_ids=job.prompt_ids if job.echo_logprobs else [], logprobs=job.echo_logprobs
+                    job.echo_text, token_ids=job.echo_ids if job.echo_logprobs else [], logprobs=job.echo_logprobs
                 )
                 yield sse(ep.chunk(srv, job, rid, created, i, echo, include_usage=inc))
         async for i, upd in merged(gens):

@@ -37,6 +37,7 @@ from typing import Any, Callable
 from dgemma.text.chat import ChatFormat, ChatPrompt, Tool, ToolChoice
 from dgemma.structured.constraints import Constraint, ConstraintError
 from dgemma.structured.schemas import FORMATS, unique_selections, whole_string_regex
+from dgemma.text.json_tools import JsonCallSchema, call_schema
 
 # Keywords whose meaning a context-free grammar cannot enforce: ignored with a warning.
 UNENFORCED = (
@@ -414,10 +415,13 @@ def tool_call_grammar(
     return ToolGrammar(g.render(start), None, g.warnings, closers)
 
 
-def prompt_grammar(prompt: ChatPrompt, token_id: Callable[[str], int | None]) -> ToolGrammar | None:
-    """The tool-call constraint a rendered chat request asks for, or None (no tools, or `none`)."""
+def prompt_grammar(prompt: ChatPrompt, token_id: Callable[[str], int | None]) -> ToolGrammar | JsonCallSchema | None:
+    """The tool-call constraint a rendered chat request asks for, or None (no tools, or `none`); a JSON schema
+    when the template has no call syntax (`json_tools`)."""
     if not prompt.parses_tools:
         return None
+    if prompt.json_tools:
+        return JsonCallSchema(call_schema(prompt.tools, prompt.choice, prompt.parallel))
     assert prompt.format is not None
     return tool_call_grammar(prompt.tools, prompt.choice, prompt.format, token_id, prompt.parallel, prompt.thinking)
 

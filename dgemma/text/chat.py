@@ -304,7 +304,13 @@ class ChatPrompt:
     @property
     def parses_tools(self) -> bool:
         """The output is read for tool calls (tools declared and not switched off with `none`)."""
-        return bool(self.tools) and self.choice.mode != "none" and self.format is not None
+        return bool(self.tools) and self.choice.mode != "none" and (self.format is not None or self.json_tools)
+
+    @property
+    def json_tools(self) -> bool:
+        """Calls are written as JSON constrained by the tools' schemas (`json_tools`): the template has no call
+        syntax, and the request names a function or requires a call."""
+        return self.format is None and bool(self.tools) and self.choice.mode in ("required", "function")
 
 
 class _KeepMarkers:
@@ -341,17 +347,19 @@ def render_chat(
     """Check a chat request and render its prompt with `tokenizer`'s chat template.
 
     Raises ChatRequestError (naming the field) for bad tools, tool_choice, tool-call messages or template kwargs,
-    and when tools are requested from a template whose tool-call syntax dgemma cannot parse. Template failures are
+    and for `auto` tool choice on a template whose tool-call syntax dgemma cannot parse (a named function or
+    `required` is then answered in JSON: `json_tools`). Template failures are
     the tokenizer's TokenizerError (also a ValueError).
     """
     decls = check_tools(tools)
     choice = check_tool_choice(tool_choice, decls)
     kwargs = check_template_kwargs(chat_template_kwargs)
     fmt = detect_format(getattr(tokenizer, "chat_template", None))
-    if decls and choice.mode != "none" and fmt is None:
+    if decls and choice.mode == "auto" and fmt is None:
         raise ChatRequestError(
             "this model's chat template has no tool-call syntax dgemma can parse (Gemma 4's "
-            "<|tool_call> format), so tools are unavailable",
+            "<|tool_call> format), so tool_choice 'auto' is unavailable: name a function or use 'required' "
+            "(the output is then JSON constrained by the function's parameters)",
             "tools",
         )
     template_tools = [t.declaration() for t in decls] or None

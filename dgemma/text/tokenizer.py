@@ -12,6 +12,7 @@ it is untrusted code, and the sandbox refuses attribute access such as `''.__cla
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from datetime import datetime
 from pathlib import Path
@@ -29,6 +30,14 @@ SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 _COPIED_FILES = (TOKENIZER_JSON, TOKENIZER_CONFIG, CHAT_TEMPLATE_FILE, SPECIAL_TOKENS_MAP)
 
 REPLACEMENT_CHAR = "\ufffd"
+
+logger = logging.getLogger(__name__)
+# transformers' tokenizer classes that rebuild their post-processor from tokenizer_config.json's `add_bos_token`;
+# every other class (PreTrainedTokenizerFast, ...) takes the post-processor of tokenizer.json as it is.
+BOS_FLAG_CLASSES = frozenset(
+    {"GemmaTokenizer", "GemmaTokenizerFast", "LlamaTokenizer", "LlamaTokenizerFast", "CodeLlamaTokenizerFast"}
+)
+_bos_warned: set[str] = set()
 
 # Used when a checkpoint ships no chat template. Gemma turn format:
 #   {bos}<start_of_turn>user\n{content}<end_of_turn>\n<start_of_turn>model\n{content}<end_of_turn>\n
@@ -230,7 +239,42 @@ class Tokenizer:
                 template = tpl_file.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as e:
                 raise TokenizerError(f"{tpl_file}: cannot read chat template: {e}") from e
-        return cls(rust, config, template, source_dir=path)
+        tok = cls(rust, config, template, source_dir=path)
+        tok.check_bos_policy()
+        return tok
+
+    def transformers_adds_bos(self) -> bool:
+        """Whether transformers' AutoTokenizer on this checkpoint puts BOS first when encoding text with its
+        special tokens (its default): `add_bos_token` for the classes that read it, else tokenizer.json's
+        post-processor."""
+        if self.config.get("tokenizer_class") in BOS_FLAG_CLASSES and "add_bos_token" in self.config:
+            return bool(self.config["add_bos_token"])
+        ids = self._tok.encode("", add_special_tokens=True).ids
+        return bool(ids) and ids[0] == self.bos_token_id
+
+    def check_bos_policy(self) -> None:
+        """Warn (once per checkpoint) when transformers would tokenize a text prompt without the BOS dgemma puts
+        first (or with one dgemma does not): ids a client tokenizes itself would then differ from dgemma's."""
+        ours = self.bos_token_id is not None
+        theirs = self.transformers_adds_bos()
+        key = str(self.source_dir)
+        if ours == theirs or key in _bos_warned:
+            return
+        _bos_warned.add(key)
+        fix = (
+            "add a TemplateProcessing post-processor that puts BOS first to tokenizer.json (and add_bos_token: true "
+            "to tokenizer_config.json)"
+            if ours
+            else "make tokenizer.json's post-processor and add_bos_token agree that there is no BOS"
+        )
+        logger.warning(
+            "%s: dgemma puts %s before a text prompt but transformers' AutoTokenizer %s: clients that tokenize "
+            "prompts themselves (e.g. lm-evaluation-harness) would send other ids; %s",
+            key,
+            self.bos_token or "no BOS",
+            "adds no BOS" if ours else "adds one",
+            fix,
+        )
 
     # -- encoding -------------------------------------------------------------------------------------------
 
