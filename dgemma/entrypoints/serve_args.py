@@ -92,7 +92,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         "--served-model-name", default=None, help="model name clients must use (default: the MODEL argument)"
     )
     parser.add_argument(
-        "--max-num-seqs", "--max-batch", dest="max_batch", type=int, default=8,
+        "--max-num-seqs", "--max-batch", dest="max_batch", type=int, default=8, metavar="N",
         help="requests generated together, i.e. cache rows (default 8)",
     )  # fmt: skip
     parser.add_argument("--max-model-len", type=int, default=None, help="context length the cache is sized for")

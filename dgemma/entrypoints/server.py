@@ -318,5 +318,6 @@ register(
     add_serve_arguments,
     run_serve_command,
     (__doc__ or "").split("\n\n")[0] + "\n\n"
-    "    dgemma serve --model PATH [--host 127.0.0.1] [--port 8000] [--max-batch 8] [--max-queue 64]",
+    "    dgemma serve MODEL [--host 127.0.0.1] [--port 8000] [--max-num-seqs 8] [--api-key KEY]\n\n"
+    "API keys also from $DGEMMA_API_KEY; vLLM's option names work where dgemma has the feature (docs/server.md).",
 )
