@@ -67,6 +67,7 @@ class Engine:
         sampler_memory: int | None = None,
         graphs: bool | None = None,
         compile: bool = False,
+        parallel: Any = None,
     ):
         """`guides`: a `constraints.GuideFactory` for this model's tokenizer (structured output needs one).
         `sampler_memory`: bytes for the sampler's (rows, canvas, vocab) buffers; rows are sampled in tiles that fit,
@@ -75,7 +76,9 @@ class Engine:
         `graphs`: run steps from static buffers per batch bucket (graphs.py), captured as CUDA graphs on CUDA;
         None (default): on CUDA only. A bucket must fit `sampler_memory`, so raise it for larger ones.
         `compile`: with graphs, the denoising step goes through `torch.compile` first (off by default: whether it
-        pays for its compile time is for the GPU benchmark to say; docs/fast_path.md)."""
+        pays for its compile time is for the GPU benchmark to say; docs/fast_path.md).
+        `parallel`: a tensor-parallel group (`dgemma.parallel.launch`) whose rank-0 shard `model` is: its runner
+        runs every pass on every rank (docs/parallel.md)."""
         self.model, self.guides, self.config = model, guides, model.config
         self.gen_config = dict(generation_config or {})
         self.canvas_length, self.vocab_size = self.config.canvas_length, self.config.text.vocab_size
@@ -87,8 +90,9 @@ class Engine:
         self.limits = Limits(self.vocab_size, C, self.max_model_len, max_batch, self.eos, self.pad_id)
         # One canvas of headroom past the context limit: the last canvas is encoded only if generation goes on.
         self.cache = model.new_cache(max_batch, self.max_model_len, slack=C)
-        self.runner = Runner(model, self.cache, max_batch, sampler_memory, graphs, compile)
-        self.scheduler = Scheduler(self.cache, max_batch)
+        make = Runner if parallel is None else parallel.runner
+        self.runner = make(model, self.cache, max_batch, sampler_memory, graphs, compile)
+        self.scheduler = Scheduler(self.runner.cache, max_batch)  # (a tensor-parallel runner's resets every rank's)
         self.stats = self.runner.stats
         self._stop_rules = StopRules(max_batch, C, model.device)
         self._ids = itertools.count()
@@ -177,6 +181,10 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def prompt_logprobs(self, prompt_ids: list[int], top_k: int) -> list[TokenLogprob | None]:
+        """The prompt tokens' log-probabilities (`logprobs.prompt_logprobs`: one causal pass in a fresh cache)."""
+        return self.runner.prompt_logprobs(prompt_ids, top_k)
 
     @property
     def num_running(self) -> int:
@@ -295,7 +303,8 @@ class Engine:
         """The step's host hook when constrained rows take part: each extends its validated frontier from its
         logits (before the sampler consumes them); then every row's fixed positions. None when no row is
         constrained (the step then needs no host work and can be captured)."""
-        if all(r.constraint is None for r in tile):
+        constrained = [i for i, r in enumerate(tile) if r.constraint is not None]
+        if not constrained:
             return None
 
         def frontier(logits: torch.Tensor) -> torch.Tensor:  # (R, C, V) -> (R, C)
@@ -309,6 +318,7 @@ class Engine:
             free = torch.full((self.canvas_length,), -1, dtype=torch.long, device=logits.device)
             return torch.stack([r.diffusion.fixed if r.diffusion.fixed is not None else free for r in tile])
 
+        frontier.rows = constrained  # the rows whose logits it reads (a tensor-parallel runner gathers only those)
         return frontier
 
     def _after_step(self, reqs: list[Request], out: StepOut, events: list[Event], commits: list) -> list[int]:

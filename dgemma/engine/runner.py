@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from dgemma.engine.graphs import StepGraphs, bucket
+from dgemma.engine.logprobs import TokenLogprob, prompt_logprobs
 from dgemma.engine.sampler import StepOut
 from dgemma.engine.step import Frontier, StepBuffers, StepInputs, denoise_step
 from dgemma.model.cache import KVCache
@@ -36,7 +37,8 @@ class Runner:
         compile: bool,
     ):
         self.model, self.cache, self.max_batch = model, cache, max_batch
-        self.C, self.V = model.config.canvas_length, model.config.text.vocab_size
+        # V: the vocabulary rows this model holds (all of them, or a tensor-parallel rank's shard, dgemma/parallel)
+        self.C, self.V = model.config.canvas_length, model.embed_tokens.weight.shape[0]
         lowp = 0 if model.dtype == torch.float32 else model.dtype.itemsize  # + a low-precision LM-head output
         self.sampler_row_bytes = self.C * self.V * (8 + lowp)  # float32 logits and probabilities per row
         if sampler_memory is None:
@@ -124,6 +126,10 @@ class Runner:
             return self.graphs.decode(rows, t)
         idx = torch.tensor(rows, dtype=torch.long, device=self.model.device)
         return self.model.logits(self.model.encode(t, self.cache, rows=idx))[:, -1]
+
+    def prompt_logprobs(self, prompt_ids: list[int], top_k: int) -> list[TokenLogprob | None]:
+        """The prompt tokens' log-probabilities (`logprobs.prompt_logprobs`)."""
+        return prompt_logprobs(self.model, prompt_ids, top_k)
 
     # -- self-conditioning --------------------------------------------------------------------------------------
     def soft_input(self, rows: list[int], has_sc: list[bool]) -> torch.Tensor | None:

@@ -63,7 +63,8 @@ def denoise_step(
     logits = model.logits(hidden, out=b.logits, scratch=b.lowp)  # (R, C, V) float32
     fixed = x.fixed if frontier is None else frontier(logits)
     V = model.config.vocab_size
-    return sample_step(logits, x.canvas, x.temperature, x.bound, x.rule, x.uniforms, V, fixed, probs_out=b.probs)
+    sample = getattr(model, "sample_step", sample_step)  # a vocabulary-sharded model's own (dgemma/parallel)
+    return sample(logits, x.canvas, x.temperature, x.bound, x.rule, x.uniforms, V, fixed, probs_out=b.probs)
 
 
 def temperatures(steps_left: list[int], params: list[Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

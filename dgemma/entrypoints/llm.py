@@ -18,7 +18,7 @@ from dgemma.structured.constraints import GuideFactory
 from dgemma.model.device import resolve as resolve_placement
 from dgemma.engine import reference
 from dgemma.engine.core import Engine, Event
-from dgemma.engine.logprobs import TokenLogprob, prompt_logprobs
+from dgemma.engine.logprobs import TokenLogprob
 from dgemma.entrypoints.output import OutputProcessor, StopText
 from dgemma.engine.params import SamplingParamError, SamplingParams
 from dgemma.text.tokenizer import IncrementalDecoder, Tokenizer
@@ -86,6 +86,9 @@ class LLM:
     `enforce_eager`: never replay steps as CUDA graphs (on CUDA they are, by default; dgemma/engine/graphs.py).
     `compile`: run the graphed denoising step through `torch.compile` first (off by default; falls back to eager).
     `generation_config`: sampling defaults used instead of the checkpoint's generation_config.json.
+    `tensor_parallel_size`: split the model over this many ranks (devices, or CPU processes), each holding its shard
+    of the weights; dgemma starts and stops the worker processes itself (dgemma/parallel, docs/parallel.md). A
+    script that uses it guards its entry point with `if __name__ == "__main__":` (the workers are spawned).
     """
 
     def __init__(
@@ -100,13 +103,21 @@ class LLM:
         enforce_eager: bool = False,
         compile: bool = False,
         generation_config: dict[str, Any] | None = None,
+        tensor_parallel_size: int = 1,
     ):
         self.path = resolve_model_path(model)
         placement = resolve_placement(device, dtype, quantization)
         auto = placement.why_device or placement.why_dtype  # an automatic choice is INFO, an explicit one DEBUG
         logger.log(logging.INFO if auto else logging.DEBUG, "dgemma: %s", placement.describe())
         self.device, self.dtype = placement.device, placement.dtype
-        self.model = load_model(self.path, dtype=self.dtype, device=self.device, quantization=quantization)
+        self.parallel = None
+        if tensor_parallel_size > 1:  # rank 0's shard here, the other ranks in worker processes
+            from dgemma.parallel import launch
+
+            self.parallel = launch(self.path, tensor_parallel_size, self.dtype, self.device, quantization)
+            self.model = self.parallel.model
+        else:
+            self.model = load_model(self.path, dtype=self.dtype, device=self.device, quantization=quantization)
         self.generation_config = load_generation_config(self.path) if generation_config is None else generation_config
         self.tokenizer = Tokenizer.from_dir(self.path)
         self.token_ids = token_ids(self.model.config.text, self.generation_config)
@@ -124,6 +135,7 @@ class LLM:
             guides=guides,
             graphs=False if enforce_eager else None,
             compile=compile and not enforce_eager,
+            parallel=self.parallel,
         )
         logger.log(logging.INFO if auto else logging.DEBUG, "dgemma: %s", self.engine.describe())
 
@@ -149,6 +161,16 @@ class LLM:
             text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
             return text, self.tokenizer.encode(text)
         raise ValueError(f"unsupported prompt type {type(prompt).__name__}")
+
+    @property
+    def failure(self) -> str | None:
+        """Why this LLM cannot run any more (a tensor-parallel worker died), or None."""
+        return None if self.parallel is None else self.parallel.failure
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (also done at exit); nothing to do on one device."""
+        if self.parallel is not None:
+            self.parallel.stop()
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
@@ -238,6 +260,8 @@ class LLM:
         params_list = [self.prepare_params(sp) for sp in params_list]
         encoded = [self.encode_prompt(p) for p in plist]
         if reference_sampling:
+            if self.parallel is not None:
+                raise ValueError("reference_sampling runs on one device: use tensor_parallel_size=1")
             return self._generate_reference(encoded, params_list)
         t0 = time.perf_counter()
         params_list = [self.prepare_params(sp) for sp in params_list]
@@ -249,7 +273,7 @@ class LLM:
         """Prompt tokens' log-probabilities where asked for: one causal encoder pass over each prompt."""
         for out, sp in zip(outs, params_list):
             if sp.prompt_logprobs is not None:
-                out.prompt_logprobs = prompt_logprobs(self.model, out.prompt_token_ids, sp.prompt_logprobs)
+                out.prompt_logprobs = self.engine.prompt_logprobs(out.prompt_token_ids, sp.prompt_logprobs)
 
     def _generate_reference(self, encoded, params_list) -> list[RequestOutput]:
         res = reference.generate(

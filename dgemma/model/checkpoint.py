@@ -73,7 +73,8 @@ def ours_to_hf(name: str) -> str:
     return f"{ENCODER}layers.{m.group(1)}.layer_scalar" if m else DECODER + name
 
 
-def _weight_files(path: Path) -> list[Path]:
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory (a single file, or the shards its index lists)."""
     single, index = path / WEIGHTS, path / INDEX
     if index.exists():
         try:
@@ -96,7 +97,7 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
     """All text weights of a checkpoint under our names (skipping vision weights, warning once)."""
     state: dict[str, torch.Tensor] = {}
     skipped = 0
-    for f in _weight_files(path):
+    for f in weight_files(path):
         try:
             with safe_open(str(f), framework="pt") as fh:
                 for key in fh.keys():
@@ -292,6 +293,7 @@ __all__ = [
     "ConfigError",
     "load_model",
     "save_model",
+    "weight_files",
     "load_config",
     "load_generation_config",
     "read_state",

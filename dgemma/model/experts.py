@@ -106,7 +106,8 @@ def dense_mixture(
     a = (x @ gate_up.reshape(E * two_i, h).t()).view(N, E, 2, two_i // 2)  # (N, E, 2, I)
     mid = gated_activation(act, a[:, :, 0], a[:, :, 1])  # (N, E, I)
     y = torch.bmm(mid.transpose(0, 1), down.transpose(1, 2))  # (E, N, hidden)
-    route = torch.zeros(N, E, dtype=weights.dtype, device=x.device).scatter_(1, idx, weights)  # (N, E)
+    # (N, E); added, not written: an expert shard (dgemma/parallel) may list one expert twice, once with weight zero
+    route = torch.zeros(N, E, dtype=weights.dtype, device=x.device).scatter_add_(1, idx, weights)
     return torch.einsum("ne,enh->nh", route.to(y.dtype), y).to(x.dtype)
 
 
