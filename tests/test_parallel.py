@@ -246,3 +246,53 @@ def test_tp2_prompt_logprobs_equal_tp1(pair):
     a, b = (llm.generate(["the quick brown fox jumps"], sp)[0].prompt_logprobs for llm in pair)
     assert b[0] is None and [e.token_id for e in b[1:]] == [e.token_id for e in a[1:]]
     assert [e.logprob for e in b[1:]] == pytest.approx([e.logprob for e in a[1:]], rel=1e-4, abs=1e-2)
+
+
+def test_cli_generate_at_tp2(pair, peaked, capsys):
+    import json
+    import subprocess
+    import sys
+
+    from dgemma.engine.params import SamplingParams
+
+    cmd = [sys.executable, "-m", "dgemma.entrypoints.cli", "generate", "-m", str(peaked), "-p", "hello world"]
+    cmd += ["--max-new-tokens", "20", "--seed", "3", "--ignore-eos", "--json", "--dtype", "float32", "--device", "cpu"]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([*cmd, "--tensor-parallel-size", "2"], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "tensor parallel over 2 ranks (gloo)" in out.stderr
+    want = pair[0].generate("hello world", SamplingParams(max_new_tokens=20, seed=3, ignore_eos=True))
+    assert json.loads(out.stdout)["token_ids"] == want[0].outputs[0].token_ids
+    from dgemma.entrypoints.cli import main
+
+    capsys.readouterr()
+    assert main([*cmd[3:], "-tp", "3"]) == 2  # refused before any process starts
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "does not divide the model's 4 attention heads" in err[-1] and len(err) <= 2  # no traceback
+
+
+def test_chat_and_serve_take_the_flag(capsys):
+    from dgemma.entrypoints.cli import main
+
+    for command in ("chat", "serve"):
+        try:
+            assert main([command, "--help"]) == 0
+        except SystemExit as e:
+            assert e.code == 0
+        assert "--tensor-parallel-size" in capsys.readouterr().out
+
+
+def test_a_dead_worker_makes_the_next_call_raise(pair):
+    """(last: it ends the module's tensor-parallel LLM) A killed worker is noticed within a poll, not a timeout."""
+    import time
+
+    from dgemma.parallel import WorkerFailure
+
+    two = pair[1]
+    two.parallel.procs[0].kill()
+    deadline = time.time() + 10
+    while two.failure is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert two.failure is not None and "worker 1 exited" in two.failure
+    with pytest.raises(WorkerFailure, match="worker 1 exited"):
+        two.generate("hello", __import__("dgemma").SamplingParams(max_new_tokens=4))

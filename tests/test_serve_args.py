@@ -30,7 +30,7 @@ def _parse(*argv: str) -> argparse.Namespace:
     "argv,replacement",
     [
         (["--gpu-memory-utilization", "0.9"], "--max-model-len and --max-num-seqs"),
-        (["--tensor-parallel-size", "2"], "one device (--device)"),
+        (["--pipeline-parallel-size", "2"], "--tensor-parallel-size"),
         (["--trust-remote-code"], "runs no code from the checkpoint"),
         (["--tool-call-parser=hermes"], "read from the chat template"),
         (["--disable-log-requests"], "use --no-access-log"),

@@ -116,6 +116,11 @@ COMPILE_HELP = (
     "run the graphed denoising step through torch.compile (fused norms and soft-capping) before capture; compiles "
     "once per batch bucket, falls back to eager with a warning if compiling fails (default: off)"
 )
+TP_HELP = (
+    "split the model over N ranks, each holding its shard of the weights: attention heads, MLP widths, experts "
+    "and the vocabulary (GPUs cuda:0..N-1 with nccl, or N CPU processes with gloo); dgemma starts the worker "
+    "processes itself (several machines: docs/parallel.md) (default 1)"
+)
 DEVICE_HELP = "torch device: auto (CUDA when available, else the CPU), cpu, cuda, cuda:1, ... (default: auto)"
 DTYPE_HELP = (
     "weight and activation dtype (default: auto: bfloat16 on CUDA and on CPUs where bf16 matmul is native "
@@ -148,6 +153,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--enforce-eager", action="store_true", help=EAGER_HELP)
     g.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    g.add_argument("--tensor-parallel-size", "-tp", type=_positive_int, default=1, metavar="N", help=TP_HELP)
     g.add_argument(
         "--max-model-len",
         type=_positive_int,
@@ -313,6 +319,7 @@ def load_llm(args: argparse.Namespace, max_batch: int = 1) -> LLM:
         quantization=quantization,
         enforce_eager=getattr(args, "enforce_eager", False),
         compile=getattr(args, "compile", False),
+        tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
     )
     print(f"dgemma: {llm.engine.describe()}", file=sys.stderr)
     return llm

@@ -33,10 +33,9 @@ VLLM_FLAGS: dict[str, str] = {
     "--revision": "not supported: MODEL is a local directory or a bundled model's name",
     "--download-dir": "not supported: MODEL is a local directory or a bundled model's name",
     "--load-format": "not supported: checkpoints are safetensors",
-    "--tensor-parallel-size": "not supported: dgemma serves on one device (--device)",
-    "--pipeline-parallel-size": "not supported: dgemma serves on one device (--device)",
+    "--pipeline-parallel-size": "not supported: split a model over devices with --tensor-parallel-size",
     "--data-parallel-size": "not supported: run one `dgemma serve` per device",
-    "--distributed-executor-backend": "not supported: dgemma serves on one device (--device)",
+    "--distributed-executor-backend": "not needed: --tensor-parallel-size starts its worker processes itself",
     "--enable-auto-tool-choice": "not needed: tool calls are on when the chat template has Gemma 4's syntax",
     "--tool-call-parser": "not needed: the tool-call format is read from the chat template",
     "--reasoning-parser": "not needed: the thinking format is read from the chat template",
@@ -84,7 +83,7 @@ def _origins(value: str) -> list[str]:
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    from dgemma.entrypoints.cli import COMPILE_HELP, DEVICE_HELP, DTYPE_HELP, EAGER_HELP  # the same words everywhere
+    from dgemma.entrypoints.cli import COMPILE_HELP, DEVICE_HELP, DTYPE_HELP, EAGER_HELP, TP_HELP  # same words
 
     parser.add_argument("model_tag", nargs="?", metavar="MODEL", help="checkpoint directory or bundled model name")
     parser.add_argument("--model", default=None, help="the same as MODEL (either may be given)")
@@ -104,6 +103,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--enforce-eager", action="store_true", help=EAGER_HELP)
     parser.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N", help=TP_HELP)
     parser.add_argument(
         "--seed", type=int, default=None,
         help="seed torch's generator at start-up: requests without a `seed` then draw theirs reproducibly, in order",
@@ -197,6 +197,8 @@ def arg_error(args: argparse.Namespace) -> str | None:
     threads = getattr(args, "torch_threads", None)
     if threads is not None and threads < 1:
         return f"--torch-threads must be >= 1, got {threads}"
+    if getattr(args, "tensor_parallel_size", 1) < 1:
+        return f"--tensor-parallel-size must be >= 1, got {args.tensor_parallel_size}"
     return None
 
 

@@ -18,9 +18,10 @@ command line's options). This module builds the app and its routes, and runs it.
 Admission control: at most `max_queue` requests are in flight (waiting + running); more get 429 with Retry-After.
 A request that exceeds `request_timeout` is aborted (504). A client that disconnects (streaming or not) has its
 request aborted, which frees its cache row at once. If the engine thread dies, /health answers 503 and requests get
-500 error bodies; the process keeps serving those answers. On SIGTERM/SIGINT the server stops admitting (503),
-lets in-flight requests finish (up to --shutdown-timeout seconds, then aborts them), stops the engine thread and
-exits with status 0.
+500 error bodies; the process keeps serving those answers. If a tensor-parallel worker dies
+(`--tensor-parallel-size`), /health answers 503 at once and the server exits with status 1 `FAILURE_GRACE_S`
+seconds later. On SIGTERM/SIGINT the server stops admitting (503), lets in-flight requests finish (up to
+--shutdown-timeout seconds, then aborts them), stops the engine thread and exits with status 0.
 
 Heavy imports (fastapi, uvicorn, prometheus_client, pydantic) happen inside `create_app`/`run_serve`, so that
 `add_serve_arguments` can be used by a CLI without the `serve` extras installed.
@@ -32,6 +33,7 @@ import importlib
 import logging
 import signal
 import sys
+import threading
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
@@ -51,15 +53,17 @@ if TYPE_CHECKING:
 __all__ = ["APIError", "EngineLoop", "TorchThread", "add_serve_arguments", "create_app", "main", "run_serve"]
 
 logger = logging.getLogger(__name__)
+FAILURE_GRACE_S = 2.0  # a dead tensor-parallel worker: /health says 503 this long before the process exits 1
 
 
 async def health(request: Any) -> Any:
     from dgemma.entrypoints.protocol import error_body
 
     el = request.app.state.dgemma.engine_loop
-    if el.healthy:
+    failure = request.app.state.dgemma.llm.failure  # a dead tensor-parallel worker
+    if el.healthy and failure is None:
         return empty_response(200)
-    reason = "the server is shutting down" if el.draining else f"the engine has failed: {el.error}"
+    reason = "the server is shutting down" if el.draining else f"the engine has failed: {failure or el.error}"
     return json_response(error_body(reason, "ServiceUnavailableError", None, 503), 503)
 
 
@@ -188,6 +192,7 @@ def _load(args: argparse.Namespace, where: Any, generation_config: dict[str, Any
         enforce_eager=getattr(args, "enforce_eager", False),
         compile=getattr(args, "compile", False),
         generation_config=generation_config,
+        tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
     )
     print(f"dgemma: {llm.engine.describe()}", file=sys.stderr, flush=True)
     return llm
@@ -273,13 +278,18 @@ def _run_uvicorn(app: Any, args: argparse.Namespace) -> int:
             root_path=getattr(args, "root_path", ""),
         )
     )
+    llm = app.state.dgemma.llm
+    if llm.parallel is not None:  # a dead worker: exit (status 1) once /health has said so for a moment
+        llm.parallel.on_failure(
+            lambda why: threading.Timer(FAILURE_GRACE_S, setattr, (server, "should_exit", True)).start()
+        )
     try:
         server.run()
     except SystemExit as e:  # uvicorn exits on e.g. a port already in use
         return int(e.code) if isinstance(e.code, int) else 1
     except KeyboardInterrupt:
         return 0
-    return 0 if server.started else 1
+    return 0 if server.started and llm.failure is None else 1
 
 
 SERVE_HELP = "serve an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /metrics)"

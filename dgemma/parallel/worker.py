@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dgemma.model.checkpoint import load_config
@@ -172,6 +173,11 @@ def launch(
     """Start a group of `world` ranks over the checkpoint at `path` (see the module docstring); rank 0's `Group`.
     ShardError (one line) when the model cannot split `world` ways, before any process starts."""
     check(load_config(path).text, world)
+    if dist.is_initialized():
+        raise ValueError(
+            "this process already belongs to a torch.distributed group (one tensor-parallel LLM per "
+            "process: close() the other first)"
+        )
     env_world = int(os.environ.get("WORLD_SIZE", "1"))
     threads = max(1, torch.get_num_threads() // world)
     spec = Spec(str(path), world, dtype, device.type, quantization, threads)
