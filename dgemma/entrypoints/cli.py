@@ -815,6 +815,23 @@ TRAIN_FLAGS: dict[str, dict[str, Any]] = {
     "seed": {"group": "run", "help": "seed of the batch order, the corruption and new LoRA weights"},
     "save_every": {"group": "run", "help": "checkpoint every N steps (default: end only)"},
     "log_every": {"group": "run", "ge": 1, "help": "log the loss to train_log.jsonl every N steps"},
+    "strategy": {
+        "group": "processes and memory",
+        "help": "single: one process; ddp: data parallel, every process holds the whole model and gradients are "
+        "all-reduced; fsdp: FSDP2, parameters, gradients and optimizer state sharded over the processes (bf16 "
+        "weights with float32 gradient reduction at --precision bfloat16); ddp and fsdp run under torchrun; auto: "
+        "ddp under torchrun with several processes, else single",
+    },
+    "activation_checkpointing": {
+        "group": "processes and memory",
+        "help": "recompute each layer's feed-forward block in the backward pass instead of keeping its activations",
+    },
+    "dist_timeout": {
+        "group": "processes and memory",
+        "metavar": "SECONDS",
+        "help": "how long a collective waits for the other processes: a process that died or hung ends the run with "
+        "an error after at most this",
+    },
 }
 
 
@@ -866,20 +883,33 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         help="auto, cpu, cuda or cuda:N (default: auto: this process's GPU if there is one, under torchrun the "
         "LOCAL_RANK-th, else the CPU)",
     )
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint-N/ in OUTPUT, and fail if there is none (without --resume or "
+        "--no-resume: continue when there is one)",
+    )
     g.add_argument("--no-resume", action="store_true", help="start over even if OUTPUT has checkpoints")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     import torch
 
     from dgemma.entrypoints.flags import from_args
     from dgemma.model.device import dtype_name
+    from dgemma.training.checkpoints import latest_checkpoint
     from dgemma.training.config import TrainConfig
     from dgemma.training.train import run_training
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.resume and args.no_resume:
+        raise CLIError("--resume and --no-resume contradict each other")
+    if args.resume and latest_checkpoint(Path(args.output)) is None:
+        raise CLIError(f"--resume: {args.output} has no complete checkpoint-N/ to continue from")
     where = training_placement(args.device, args.precision)
     cfg = from_args(TrainConfig, args, TRAIN_FLAGS, precision=dtype_name(where.dtype))
     final = run_training(
@@ -897,7 +927,8 @@ register(
     run_train,
     "Fine-tune a DiffusionGemma checkpoint on JSONL data with the published block-diffusion objective\n"
     "(or --objective ar). Writes HF-format checkpoints; re-running the same command resumes.\n"
-    "Data-parallel: torchrun --nproc-per-node 2 -m dgemma.entrypoints.cli train ... (gloo on CPU, nccl on GPU).",
+    "Several processes: torchrun --nproc-per-node N -m dgemma.entrypoints.cli train ... [--strategy fsdp]\n"
+    "(data parallel by default, FSDP2-sharded with --strategy fsdp; gloo on CPU, nccl on GPU).",
 )
 
 

@@ -94,9 +94,12 @@ class RMSNorm(nn.Module):
 def cached(owner: nn.Module, name: str, parts: tuple[torch.Tensor, ...], build: Callable[[], torch.Tensor]):
     """`build()` (a tensor derived from the tensors `parts`), made once and kept on `owner` while no part changes:
     in-place updates bump a tensor's `_version`, casts and moves give it new storage. The kept detached parts pin
-    the old storages, so a new tensor can never reuse an old address. Built afresh in training (differentiable) and
-    under `torch.compile` (which cannot trace the check; it folds or fuses the build instead)."""
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in parts)):
+    the old storages, so a new tensor can never reuse an old address. Built afresh in training, with or without
+    gradients (trainable weights of a module in training mode: FSDP gathers them into the same tensors every time
+    without bumping their version, so the check could take changed weights for the old ones), and under
+    `torch.compile` (which cannot trace the check; it folds or fuses the build instead)."""
+    trainable = any(p.requires_grad for p in parts)
+    if torch.compiler.is_compiling() or (trainable and (torch.is_grad_enabled() or owner.training)):
         return build()
     key = tuple((p.data_ptr(), p._version) for p in parts)
     hit = owner.__dict__.get(name)

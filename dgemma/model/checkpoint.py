@@ -230,15 +230,14 @@ def _check_quantization(quantization: str | None, saved_fp8: bool, dtype: torch.
     return quantization
 
 
-def save_model(
+def write_metadata(
     model: DiffusionGemma,
-    path: str | Path,
+    path: Path,
     generation_config: dict[str, Any] | None = None,
     tokenizer_dir: str | Path | None = None,
-    max_shard_bytes: int | None = None,
-) -> Path:
-    """Write `model` as an HF-format checkpoint directory that both dgemma and transformers load."""
-    path = Path(path)
+) -> None:
+    """Everything of an HF-format checkpoint directory but the weights: config.json (the vision config transformers
+    needs), generation_config.json and the tokenizer files."""
     path.mkdir(parents=True, exist_ok=True)
     cfg = model.config.to_hf_dict()
     cfg.setdefault("vision_config", dict(TINY_VISION))
@@ -257,6 +256,23 @@ def save_model(
     for k in ("bos_token_id", "pad_token_id", "eos_token_id"):
         gen.setdefault(k, getattr(text, k))
     (path / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True) + "\n")
+    if tokenizer_dir is not None:
+        for f in TOKENIZER_FILES:
+            src = Path(tokenizer_dir) / f
+            if src.exists() and src.resolve() != (path / f).resolve():
+                shutil.copy(src, path / f)
+
+
+def save_model(
+    model: DiffusionGemma,
+    path: str | Path,
+    generation_config: dict[str, Any] | None = None,
+    tokenizer_dir: str | Path | None = None,
+    max_shard_bytes: int | None = None,
+) -> Path:
+    """Write `model` as an HF-format checkpoint directory that both dgemma and transformers load."""
+    path = Path(path)
+    write_metadata(model, path, generation_config, tokenizer_dir)
     tensors = {ours_to_hf(n): t.detach().contiguous().cpu() for n, t in model.state_dict().items()}
     for old in [path / WEIGHTS, path / INDEX, *path.glob("model-*-of-*.safetensors")]:
         old.unlink(missing_ok=True)
@@ -280,11 +296,6 @@ def save_model(
             weight_map.update({k: name for k in shard})
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         (path / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    if tokenizer_dir is not None:
-        for f in TOKENIZER_FILES:
-            src = Path(tokenizer_dir) / f
-            if src.exists() and src.resolve() != (path / f).resolve():
-                shutil.copy(src, path / f)
     return path
 
 
@@ -293,6 +304,7 @@ __all__ = [
     "ConfigError",
     "load_model",
     "save_model",
+    "write_metadata",
     "weight_files",
     "load_config",
     "load_generation_config",

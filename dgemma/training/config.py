@@ -6,6 +6,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 Objective = Literal["diffusion", "ar"]
+# How the processes share the work: one process; data parallel (every process holds the whole model, gradients are
+# all-reduced); FSDP2 (parameters, gradients and optimizer state sharded over the processes). "auto": ddp when
+# launched by torchrun with several processes, else single.
+Strategy = Literal["auto", "single", "ddp", "fsdp"]
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -39,6 +43,10 @@ class TrainConfig:
     # (resolved against the model's device when the Trainer is built; see dgemma.model.device.auto_precision)
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
     seed: int = 0
+    strategy: Strategy = "auto"
+    # Recompute each layer's feed-forward block in the backward pass instead of keeping its activations
+    activation_checkpointing: bool = False
+    dist_timeout: float = 600.0  # seconds a collective may wait for the other processes before the job ends
     save_every: int = 0  # 0: only at the end
     log_every: int = 10
 
@@ -65,3 +73,7 @@ class TrainConfig:
             raise TrainError(f"lora_rank must be >= 0, got {self.lora_rank}")
         if self.precision not in ("auto", "float32", "bfloat16"):
             raise TrainError(f"precision must be auto, float32 or bfloat16, got {self.precision!r}")
+        if self.strategy not in ("auto", "single", "ddp", "fsdp"):
+            raise TrainError(f"strategy must be auto, single, ddp or fsdp, got {self.strategy!r}")
+        if not self.dist_timeout > 0:
+            raise TrainError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")

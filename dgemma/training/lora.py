@@ -16,7 +16,7 @@ class LoRA(nn.Module):
     """Low-rank adapters beside frozen linears: y = W x + (alpha / r) * B A x. Kept outside the model (forward hooks),
     so the model's parameter names stay the checkpoint's; `merge` folds them into the weights for saving."""
 
-    def __init__(self, model: DiffusionGemma, rank: int, alpha: float, targets: Iterable[str]):
+    def __init__(self, model: DiffusionGemma, rank: int, alpha: float, targets: Iterable[str], seed: int = 0):
         super().__init__()
         targets = tuple(targets)
         self.scale = alpha / rank
@@ -24,11 +24,13 @@ class LoRA(nn.Module):
         self.B = nn.ParameterDict()
         self._modules_by_key: dict[str, nn.Linear] = {}
         self._hooks = []
+        g = torch.Generator().manual_seed(seed)  # the same adapters in every process, whatever ran before
         for name, mod in model.named_modules():
             if isinstance(mod, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
-                key = name.replace(".", "__")
-                self.A[key] = nn.Parameter(torch.randn(rank, mod.in_features) / math.sqrt(mod.in_features))
-                self.B[key] = nn.Parameter(torch.zeros(mod.out_features, rank))  # starts as the identity change
+                key, dev = name.replace(".", "__"), mod.weight.device
+                a = torch.randn(rank, mod.in_features, generator=g) / math.sqrt(mod.in_features)
+                self.A[key] = nn.Parameter(a.to(dev))
+                self.B[key] = nn.Parameter(torch.zeros(mod.out_features, rank, device=dev))  # starts as no change
                 self._modules_by_key[key] = mod
                 self._hooks.append(mod.register_forward_hook(self._hook(key)))
         if not self.A:
@@ -42,6 +44,14 @@ class LoRA(nn.Module):
             return out + (x.to(self.A[key].dtype) @ self.A[key].t() @ self.B[key].t() * self.scale).to(out.dtype)
 
         return hook
+
+    def merged(self, weight_name: str, weight: torch.Tensor) -> torch.Tensor:
+        """`weight`, the model weight named `weight_name` (e.g. "layers.0.self_attn.q_proj.weight"), with its
+        adapters' change added (as `merge` adds it, to the bit), or as it is when it has no adapters."""
+        key = weight_name.removesuffix(".weight").replace(".", "__")
+        if not weight_name.endswith(".weight") or key not in self.A:
+            return weight
+        return weight.add((self.B[key] @ self.A[key]).to(weight.dtype), alpha=self.scale)
 
     @torch.no_grad()
     def merge(self, sign: float = 1.0) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from dgemma.model.cache import KVCache
 from dgemma.model.modeling import DiffusionGemma
 from dgemma.training.config import TrainConfig
 from dgemma.training.data import Batch
@@ -73,38 +74,57 @@ def _ar_targets(batch: Batch, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Ten
     return tgt, mask
 
 
-def loss_parts(model: DiffusionGemma, batch: Batch, cfg: TrainConfig) -> LossParts:
-    """Run the model as at inference over one (micro-)batch and return summed losses."""
+def loss_parts(
+    model: DiffusionGemma,
+    batch: Batch,
+    cfg: TrainConfig,
+    compute_dtype: torch.dtype | None = None,
+    same_calls: bool = False,
+) -> LossParts:
+    """Run the model as at inference over one (micro-)batch and return summed losses.
+
+    `compute_dtype`: the dtype the layers compute in when it is not the weights' (FSDP's bf16 gathered weights),
+    which the KV cache takes. `same_calls`: make the same model calls whatever the rows hold (FSDP gathers each
+    layer's weights per call, a collective, so every process must call alike): no pass is skipped for a canvas
+    without supervised positions or without self-conditioned rows. The losses are the same."""
     B, K, C = batch.canvases.shape
     P = batch.prompt.shape[1]
-    cache = model.new_cache(B, P + K * C)
+    cache = KVCache(model.text, B, P + K * C, dtype=compute_dtype or model.dtype, device=model.device)
     hidden = [model.encode(batch.prompt, cache, n_new=batch.prompt_len)]  # (B, P, H)
     diff_sum = torch.zeros((), device=model.device)
     # With ar_weight 0 the diffusion objective needs no next-token logits, so the last clean canvas (context for
     # nothing after it) is not encoded: a third less compute per single-canvas example.
     for k in range(K):
         if cfg.objective == "diffusion":
-            diff_sum = diff_sum + _canvas_loss(model, batch, cache, k)
+            diff_sum = diff_sum + _canvas_loss(model, batch, cache, k, same_calls, cfg.self_cond_prob > 0)
         if cfg.uses_ar_loss or k < K - 1:
             hidden.append(model.encode(batch.canvases[:, k], cache))  # the clean canvas joins the context
     if not cfg.uses_ar_loss:
         return LossParts(diff_sum, int(batch.supervised.sum()), diff_sum * 0, 0)
     tgt, mask = _ar_targets(batch, cfg)
     h = torch.cat(hidden, dim=1)[mask]  # (N, H)
-    ar_sum = F.cross_entropy(model.logits(h), tgt[mask], reduction="sum") if h.shape[0] else diff_sum * 0
+    if h.shape[0] or same_calls:
+        ar_sum = F.cross_entropy(model.logits(h), tgt[mask], reduction="sum")
+    else:
+        ar_sum = diff_sum * 0
     return LossParts(diff_sum, int(batch.supervised.sum()), ar_sum, int(mask.sum()))
 
 
-def _canvas_loss(model: DiffusionGemma, batch: Batch, cache: Any, k: int) -> torch.Tensor:
+def _canvas_loss(
+    model: DiffusionGemma, batch: Batch, cache: Any, k: int, same_calls: bool = False, self_conditions: bool = False
+) -> torch.Tensor:
+    """Canvas k's summed cross-entropy. `same_calls`: run the passes even with no supervised position, and with
+    `self_conditions` (some rows of some process may be self-conditioned) the first pass even with no
+    self-conditioned row here (a signal that every row masks adds exactly zero)."""
     noisy, sup = batch.noisy[:, k], batch.supervised[:, k]
-    if not bool(sup.any()):
+    if not (same_calls or bool(sup.any())):
         return torch.zeros((), device=model.device)
     # Not in place: a canvas written into the cache's future slots would be overwritten by the clean canvas's
     # encoder pass below, which autograd needs as it was.
     masks = cache.decoder_masks(noisy.shape[1], in_place=False)
     sc = batch.self_cond
     self_cond = None
-    if sc is not None and bool(sc.any()):
+    if sc is not None and ((same_calls and self_conditions) or bool(sc.any())):
         with torch.no_grad():
             self_cond = model.denoise(noisy, cache, masks=masks).detach()  # first pass, no signal
     logits = model.denoise(
