@@ -20,8 +20,8 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from dgemma.engine.params import SamplingParams, resolve
-from dgemma.engine.request import FinishReason, check_context
+from dgemma.engine.params import SamplingParams
+from dgemma.engine.request import EngineRequest, FinishReason, tokens_per_forward
 from dgemma.engine.sampler import StableConfident, entropy_bound_accept
 from dgemma.model.attention import Attention
 from dgemma.model.blocks import MLP, RMSNorm
@@ -122,55 +122,44 @@ class ReferenceOutput:
             "completion_tokens": completion_tokens,
             "decoder_passes": passes,
             "denoising_steps": passes,
-            "tokens_per_forward": completion_tokens / passes if passes else 0.0,
+            "tokens_per_forward": tokens_per_forward(completion_tokens, passes),
             "wall_s": self.wall_s,
         }
 
 
 def generate(
     model: DiffusionGemma,
-    prompts: list[list[int]],
-    params: list[SamplingParams],
+    requests: list[EngineRequest],
     generation_config: dict[str, Any] | None,
-    max_model_len: int,
     eos: Iterable[int],
 ) -> list[ReferenceOutput]:
-    """Check a batch for reference mode (ValueError naming what it does not support), then generate it. `params`:
-    one per prompt, all equal (one batch); `eos`: the model's EOS ids (`stop_token_ids` and `ignore_eos` apply)."""
-    sp = _check(model, prompts, params, generation_config, max_model_len)
+    """Generate a batch of requests the engine validated (`entrypoints.inputs`), once `_check` found them within
+    what reference mode runs (ValueError naming what it does not support). `eos`: the model's EOS ids
+    (`stop_token_ids` and `ignore_eos` apply)."""
+    sp = _check(requests)
     gen = torch.Generator(device=model.device)
     gen.manual_seed(sp.seed if sp.seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
     pad = token_ids(model.config.text, generation_config).pad
     stop = set(sp.stop_token_ids) | (set() if sp.ignore_eos else set(eos))
     t0 = time.perf_counter()
-    res = reference_generate(model, prompts, sp, pad, sorted(stop), gen)
+    res = reference_generate(model, [r.prompt_ids for r in requests], sp, pad, sorted(stop), gen)
     wall = time.perf_counter() - t0
     return [ReferenceOutput(toks, reason, passes, wall) for toks, reason, passes in res]
 
 
-def _check(
-    model: DiffusionGemma,
-    prompts: list[list[int]],
-    params: list[SamplingParams],
-    generation_config: dict[str, Any] | None,
-    max_model_len: int,
-) -> SamplingParams:
-    """The batch's one resolved SamplingParams; ValueError for what reference mode cannot run."""
-    sp = params[0]
-    if any(p != sp for p in params):
+def _check(requests: list[EngineRequest]) -> SamplingParams:
+    """The batch's one SamplingParams; ValueError for what reference mode cannot run: different parameters per
+    prompt, a strategy transformers' loop does not have, structured output."""
+    sp = requests[0].params
+    if any(r.params != sp for r in requests):
         raise ValueError("reference_sampling needs the same SamplingParams for every prompt (one batch)")
-    sp = resolve(sp.validate(model.config.vocab_size), generation_config)
     odd = [f for f, default in DEFAULTS_ONLY if getattr(sp, f) != default]
-    if sp.constraint() is not None:
+    if any(r.constraint is not None for r in requests):
         odd.append("structured output")
     if odd:
         raise ValueError(
             f"reference_sampling runs transformers' exact algorithm; it does not support non-default {', '.join(odd)}"
         )
-    for ids in prompts:
-        if not ids:
-            raise ValueError("prompt must be a non-empty list of token ids")
-        check_context(len(ids), sp, max_model_len, model.config.canvas_length)
     return sp
 
 

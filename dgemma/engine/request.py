@@ -1,9 +1,9 @@
 """A request inside the engine: its validation, its state in either mode, its finish rules and its metrics.
 
 `validate` is the one place a prompt and its sampling parameters are checked against the engine's limits (the
-`LLM`, the CLI and the server reach it through `entrypoints`; `Engine.add_samples` calls it): the context budget is
-written once here (`check_context`), and so are the finish rules of a committed canvas (`cut_canvas`) and the
-metrics of a finished request (`metrics`).
+`LLM`, the CLI, the server and reference mode reach it once, through `entrypoints.inputs` and `Engine.validate`;
+`Engine.add_samples` calls it for raw callers): the context budget is written once here (`check_context`), and so
+are the finish rules of a committed canvas (`cut_canvas`) and the metrics of a finished request (`metrics`).
 """
 
 from __future__ import annotations

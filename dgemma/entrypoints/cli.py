@@ -40,9 +40,6 @@ EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130
 # Modules imported before the parser is built, so that they can `register` their subcommands.
 PLUGINS: list[str] = ["dgemma.entrypoints.server", "dgemma.tasks.sudoku_cli", "dgemma.tasks.code_cli"]
 
-# Chat turns end with one of these tokens (when the tokenizer has it): generation stops there.
-END_OF_TURN_TOKENS = ("<end_of_turn>",)
-
 
 # -- the subcommand registry ------------------------------------------------------------------------------------------
 class Subcommand(NamedTuple):
@@ -521,9 +518,9 @@ def _want_drafts(args: argparse.Namespace) -> bool:
     return not getattr(args, "no_drafts", False) and sys.stdout.isatty()
 
 
-def _end_of_turn_ids(llm: LLM) -> list[int]:
-    ids = [llm.tokenizer.token_to_id(t) for t in END_OF_TURN_TOKENS] if llm.tokenizer is not None else []
-    return [i for i in ids if i is not None and i < llm.model.config.vocab_size]
+def _stop_at_end_of_turn(llm: LLM, params: SamplingParams) -> None:
+    """Chat replies end where the chat template ends an assistant turn (entrypoints.inputs.end_of_turn_ids)."""
+    params.stop_token_ids = sorted(set(params.stop_token_ids) | set(llm.inputs.end_of_turn_ids()))
 
 
 # -- dgemma generate --------------------------------------------------------------------------------------------------
@@ -566,7 +563,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
         "--chat",
         action="store_true",
         help="wrap --prompt as a user message and apply the checkpoint's chat template (Gemma turns if "
-        "it has none); generation also stops at <end_of_turn>",
+        "it has none); generation also stops where the template ends a turn (Gemma: <end_of_turn>)",
     )
     add_sampling_arguments(p)
     o = p.add_argument_group("output")
@@ -609,7 +606,7 @@ def run_generate(args: argparse.Namespace) -> int:
     else:
         _, ids = llm.encode_prompt({"prompt_token_ids": args.prompt_ids})
     if args.chat:
-        params.stop_token_ids = sorted(set(params.stop_token_ids) | set(_end_of_turn_ids(llm)))
+        _stop_at_end_of_turn(llm, params)
     if args.json:
         res = generate_one(llm, ids, params, reference_sampling=args.reference_sampling)
     else:
@@ -679,7 +676,7 @@ def run_chat(args: argparse.Namespace) -> int:
         raise CLIError(
             f"{args.model} has no tokenizer.json; chat needs a tokenizer (use `dgemma generate --prompt-ids` instead)"
         )
-    params.stop_token_ids = sorted(set(params.stop_token_ids) | set(_end_of_turn_ids(llm)))
+    _stop_at_end_of_turn(llm, params)
     interactive = sys.stdin.isatty()
     if interactive:
         try:

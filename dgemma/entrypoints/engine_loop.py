@@ -21,7 +21,7 @@ from dgemma.entrypoints.metrics import Metrics
 
 if TYPE_CHECKING:
     from dgemma.engine.core import Event
-    from dgemma.engine.params import SamplingParams
+    from dgemma.engine.request import EngineRequest
     from dgemma.entrypoints.llm import LLM
 
 logger = logging.getLogger(__name__)
@@ -64,8 +64,7 @@ class _Add:
     """Queue the request's samples (ids `sample_ids`, the first being `rid`; more when params.n > 1)."""
 
     rid: str
-    prompt_ids: list[int]
-    params: "SamplingParams"
+    request: "EngineRequest"
     drafts: bool
     sample_ids: list[str]
 
@@ -162,13 +161,12 @@ class EngineLoop:
         if self.draining or self._job is None:
             raise APIError(503, "the server is shutting down")
 
-    async def submit(
-        self, rid: str, prompt_ids: list[int], params: "SamplingParams", drafts: bool
-    ) -> list[tuple[str, asyncio.Queue]]:
-        """Queue a request's `params.n` samples; returns each one's id and event queue once the engine accepted
-        them (APIError if it did not)."""
+    async def submit(self, rid: str, request: "EngineRequest", drafts: bool) -> list[tuple[str, asyncio.Queue]]:
+        """Queue a validated request's `params.n` samples; returns each one's id and event queue once the engine
+        accepted them (APIError if it did not)."""
         self.check_available()
-        ids = [rid] if params.n == 1 else [f"{rid}-{i}" for i in range(params.n)]
+        n = request.params.n
+        ids = [rid] if n == 1 else [f"{rid}-{i}" for i in range(n)]
         if len(self._queues) + len(ids) > self.max_queue:
             raise APIError(
                 429,
@@ -177,7 +175,7 @@ class EngineLoop:
             )
         queues = [(sid, asyncio.Queue()) for sid in ids]
         self._queues.update(queues)
-        reply = await self._ask(_Add(ids[0], prompt_ids, params, drafts, ids), queues[0][1], ids)
+        reply = await self._ask(_Add(ids[0], request, drafts, ids), queues[0][1], ids)
         if isinstance(reply, Rejected):
             for sid in ids:
                 self.release(sid)
@@ -303,13 +301,13 @@ class _EngineWorker:
 
     def _add(self, cmd: _Add) -> _Reply:
         try:
-            self.engine.add_samples(cmd.prompt_ids, cmd.params, request_ids=cmd.sample_ids, stream_drafts=cmd.drafts)
+            self.engine.submit(cmd.request, request_ids=cmd.sample_ids, stream_drafts=cmd.drafts)
         except ValueError as e:
             return Rejected(400, str(e), getattr(e, "param", None))
         except Exception as e:  # a bug, not the client's fault; the engine state is unchanged
             logger.exception("add_request failed")
             return Rejected(500, f"failed to queue the request: {type(e).__name__}: {e}")
-        self.metrics.prompt_tokens.labels(**self.metrics.labels).inc(len(cmd.prompt_ids))  # once for n samples
+        self.metrics.prompt_tokens.labels(**self.metrics.labels).inc(len(cmd.request.prompt_ids))  # once for n
         return _Accepted()
 
     def _gauges(self) -> None:

@@ -53,21 +53,15 @@ class Generation:
         request: Any = None,
         chat: "ChatPrompt | None" = None,
     ):
-        from dgemma.text.chat import output_decoder
-        from dgemma.text.chat_output import ChatOutputParser
-        from dgemma.text.json_tools import JsonCallParser
-        from dgemma.entrypoints.output import OutputProcessor
+        from dgemma.entrypoints.output import OutputProcessor, chat_decoder, chat_parser
 
         self.server, self.rid, self.q, self.prompt_len, self.params = server, rid, q, prompt_len, params
         self.loop = asyncio.get_running_loop()
         self.t_arrival = t_arrival
         self.deadline = self.loop.time() + server.request_timeout
         self.request = request  # for disconnect polling while streaming
-        fmt = chat.format if chat is not None else None
-        self.parser = None if fmt is None else ChatOutputParser(fmt, chat.parses_tools, chat.in_reasoning)
-        if chat is not None and chat.json_tools:  # calls written as JSON (a template with no call syntax)
-            self.parser = JsonCallParser(chat.choice.name)
-        decoder = server.llm.decoder() if fmt is None else output_decoder(server.llm.tokenizer, fmt)
+        self.parser = chat_parser(chat)  # chat: the text split into content, reasoning and tool calls
+        decoder = chat_decoder(server.llm.tokenizer, chat)
         self.out = OutputProcessor(decoder, params.stop, lambda n: server.engine_loop.finish(rid, n))
         self.done = False
         self.t_first: float | None = None
@@ -111,6 +105,8 @@ class Generation:
             m.ttft.labels(**m.labels).observe(self.t_first - self.t_arrival)
 
     def _finish(self, delta: Any) -> Update:
+        from dgemma.engine.request import tokens_per_forward
+        from dgemma.entrypoints.output import chat_finish_reason
         from dgemma.entrypoints.protocol import usage
 
         self.done = True
@@ -120,10 +116,9 @@ class Generation:
         chat = None
         if self.parser is not None:
             chat = self.parser.push(text).extend(self.parser.finish())
-            reason = "tool_calls" if self.parser.calls and reason == "stop" else reason
+            reason = chat_finish_reason(reason, self.parser)
         n = len(self.out.tokens)
-        forwards = em.get("forwards", 0)
-        tpf = n / forwards if forwards else 0.0
+        tpf = tokens_per_forward(n, em.get("forwards", 0))
         self._observe(reason, em, tpf)
         use = usage(self.prompt_len, n, tpf, int(em.get("denoising_steps", 0)))
         return Update(text, None, reason, use, delta.token_ids, delta.logprobs, chat)

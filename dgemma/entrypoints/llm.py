@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, Union
 
 import torch
 
-from dgemma.text.chat import ChatPrompt, output_decoder, render_chat
-from dgemma.text.chat_output import ChatMessage, parse_chat_output
+from dgemma.text.chat_output import ChatMessage
 from dgemma.model.checkpoint import load_generation_config, load_model, resolve_model_path
 from dgemma.model.config import token_ids
 from dgemma.structured.constraints import GuideFactory
@@ -19,12 +18,12 @@ from dgemma.model.device import resolve as resolve_placement
 from dgemma.engine import reference
 from dgemma.engine.core import Engine, Event
 from dgemma.engine.logprobs import TokenLogprob
-from dgemma.entrypoints.output import OutputProcessor, StopText
-from dgemma.engine.params import SamplingParamError, SamplingParams
+from dgemma.engine.params import SamplingParams
+from dgemma.engine.request import EngineRequest
+from dgemma.entrypoints.inputs import InputProcessor, Prompt, PromptInput
+from dgemma.entrypoints.output import OutputProcessor, StopText, chat_decoder, parse_answer
 from dgemma.text.tokenizer import IncrementalDecoder, Tokenizer
-from dgemma.structured.tool_grammar import prompt_grammar
 
-Prompt = Union[str, list[dict[str, Any]], dict[str, Any]]
 Prompts = Union[Prompt, Sequence[Prompt]]  # one prompt, or several
 ParamsArg = Union[SamplingParams, Sequence[SamplingParams], None]  # one for all prompts, or one per prompt
 logger = logging.getLogger(__name__)
@@ -138,29 +137,14 @@ class LLM:
             parallel=self.parallel,
         )
         logger.log(logging.INFO if auto else logging.DEBUG, "dgemma: %s", self.engine.describe())
+        self.inputs = InputProcessor(self.tokenizer, self.engine, str(self.path))
 
     # -- prompts ------------------------------------------------------------------------------------------------
     def encode_prompt(self, prompt: Prompt) -> tuple[str | None, list[int]]:
-        """A string, a chat message list, or {"prompt_token_ids": [...]} -> (text or None, token ids)."""
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" not in prompt:
-                raise ValueError("a dict prompt must have 'prompt_token_ids'")
-            ids = prompt["prompt_token_ids"]
-            if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-                raise ValueError("prompt_token_ids must be a list of integers")
-            return None, list(ids)
-        if self.tokenizer is None:
-            raise ValueError(f"{self.path} has no tokenizer.json: pass {{'prompt_token_ids': [...]}} instead of text")
-        if isinstance(prompt, str):
-            text = prompt
-            ids = self.tokenizer.encode(text)
-            if self.tokenizer.bos_token_id is not None and (not ids or ids[0] != self.tokenizer.bos_token_id):
-                ids = [self.tokenizer.bos_token_id] + ids
-            return text, ids
-        if isinstance(prompt, list):
-            text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
-            return text, self.tokenizer.encode(text)
-        raise ValueError(f"unsupported prompt type {type(prompt).__name__}")
+        """A string, a chat message list, or {"prompt_token_ids": [...]} -> (text or None, token ids)
+        (entrypoints.inputs: BOS first for text, the chat template for messages, token ids as given)."""
+        p = self.inputs.tokenize(prompt)
+        return p.text, p.ids
 
     @property
     def failure(self) -> str | None:
@@ -177,26 +161,25 @@ class LLM:
 
     def decoder(self) -> IncrementalDecoder | None:
         """A fresh incremental detokeniser (None without a tokenizer: no text)."""
-        return self.tokenizer.incremental_decoder() if self.tokenizer is not None else None
+        return chat_decoder(self.tokenizer)
+
+    def _requests(self, prompts: Prompts, params: ParamsArg) -> tuple[list[PromptInput], list[EngineRequest]]:
+        """Every prompt tokenized and its request validated (once), before any of them is queued."""
+        plist, params_list = _normalise(prompts, params)
+        encoded = [self.inputs.tokenize(p) for p in plist]
+        return encoded, [self.inputs.request(e.ids, sp) for e, sp in zip(encoded, params_list)]
 
     # -- generation ---------------------------------------------------------------------------------------------
     def generate_stream(
         self, prompts: Prompts, params: ParamsArg = None, stream_drafts: bool = False
     ) -> Iterator[StreamDelta]:
         """Stream deltas for several prompts at once (batched by the engine)."""
-        plist, params_list = _normalise(prompts, params)
-        params_list = [self.prepare_params(sp) for sp in params_list]
-        encoded = [self.encode_prompt(p) for p in plist]
-        return self._stream([ids for _, ids in encoded], params_list, stream_drafts, self.decoder)
+        return self._stream(self._requests(prompts, params)[1], stream_drafts, self.decoder)
 
     def _stream(
-        self,
-        prompt_ids: list[list[int]],
-        params_list: list[SamplingParams],
-        stream_drafts: bool,
-        decoder: Callable[[], IncrementalDecoder | None],
+        self, requests: list[EngineRequest], stream_drafts: bool, decoder: Callable[[], IncrementalDecoder | None]
     ) -> Iterator[StreamDelta]:
-        procs = self._submit(list(zip(prompt_ids, params_list)), stream_drafts, decoder)
+        procs = self._submit(requests, stream_drafts, decoder)
         try:
             while any(not p.done for _, _, p in procs.values()) and self.engine.has_unfinished():
                 for ev in self.engine.step():
@@ -221,19 +204,14 @@ class LLM:
                     self.engine.abort(rid)
 
     def _submit(
-        self, jobs: list[tuple[list[int], SamplingParams]], drafts: bool, decoder: Callable[[], Any]
+        self, requests: list[EngineRequest], drafts: bool, decoder: Callable[[], Any]
     ) -> dict[str, tuple[int, int, OutputProcessor]]:
-        """Queue every (prompt ids, params) job's n samples, or none (ValueError): request id -> (prompt index,
-        sample index, its output processor); `decoder()` makes each one's detokeniser."""
+        """Queue every validated request's n samples: request id -> (prompt index, sample index, its output
+        processor); `decoder()` makes each one's detokeniser."""
         procs: dict[str, tuple[int, int, OutputProcessor]] = {}
-        try:
-            for i, (ids, sp) in enumerate(jobs):
-                for k, rid in enumerate(self.engine.add_samples(ids, sp, stream_drafts=drafts)):
-                    procs[rid] = (i, k, OutputProcessor(decoder(), sp.stop, self._finisher(rid)))
-        except ValueError:
-            for rid in procs:
-                self.engine.abort(rid)
-            raise
+        for i, req in enumerate(requests):
+            for k, rid in enumerate(self.engine.submit(req, stream_drafts=drafts)):
+                procs[rid] = (i, k, OutputProcessor(decoder(), req.params.stop, self._finisher(rid)))
         return procs
 
     def _finisher(self, rid: str) -> Callable[[int], Event]:
@@ -256,37 +234,27 @@ class LLM:
         `reference_sampling=True` runs transformers' exact algorithm and random-number order (one left-padded
         batch, every row at every step): with the same seed on CPU in float32 it reproduces `model.generate`.
         """
-        plist, params_list = _normalise(prompts, params)
-        params_list = [self.prepare_params(sp) for sp in params_list]
-        encoded = [self.encode_prompt(p) for p in plist]
+        encoded, requests = self._requests(prompts, params)
         if reference_sampling:
             if self.parallel is not None:
                 raise ValueError("reference_sampling runs on one device: use tensor_parallel_size=1")
-            return self._generate_reference(encoded, params_list)
+            return self._generate_reference(encoded, requests)
         t0 = time.perf_counter()
-        params_list = [self.prepare_params(sp) for sp in params_list]
-        outs = _collect(encoded, self._stream([ids for _, ids in encoded], params_list, False, self.decoder), t0)
-        self._prompt_logprobs(outs, params_list)
+        outs = _collect(encoded, self._stream(requests, False, self.decoder), t0)
+        self._prompt_logprobs(outs, requests)
         return outs
 
-    def _prompt_logprobs(self, outs: list[RequestOutput], params_list: list[SamplingParams]) -> None:
+    def _prompt_logprobs(self, outs: list[RequestOutput], requests: list[EngineRequest]) -> None:
         """Prompt tokens' log-probabilities where asked for: one causal encoder pass over each prompt."""
-        for out, sp in zip(outs, params_list):
-            if sp.prompt_logprobs is not None:
-                out.prompt_logprobs = self.engine.prompt_logprobs(out.prompt_token_ids, sp.prompt_logprobs)
+        for out, req in zip(outs, requests):
+            if req.params.prompt_logprobs is not None:
+                out.prompt_logprobs = self.engine.prompt_logprobs(out.prompt_token_ids, req.params.prompt_logprobs)
 
-    def _generate_reference(self, encoded, params_list) -> list[RequestOutput]:
-        res = reference.generate(
-            self.model,
-            [ids for _, ids in encoded],
-            params_list,
-            self.generation_config,
-            self.engine.max_model_len,
-            self.engine.eos,
-        )
-        stops = params_list[0].stop
+    def _generate_reference(self, encoded: list[PromptInput], requests: list[EngineRequest]) -> list[RequestOutput]:
+        res = reference.generate(self.model, requests, self.generation_config, self.engine.eos)
+        stops = requests[0].params.stop
         outs = []
-        for i, ((text, ids), r) in enumerate(zip(encoded, res)):
+        for i, (p, r) in enumerate(zip(encoded, res)):
             toks, reason, out_text = r.token_ids, r.finish_reason, self.decode(r.token_ids)
             if stops and self.tokenizer is not None:  # stop strings cut the finished output
                 cut = StopText(self.decoder(), stops)
@@ -298,11 +266,11 @@ class LLM:
             outs.append(
                 RequestOutput(
                     f"ref-{i}",
-                    text,
-                    ids,
+                    p.text,
+                    p.ids,
                     [CompletionOutput(0, out_text, toks, reason)],
                     True,
-                    r.metrics(len(ids), len(toks)),
+                    r.metrics(len(p.ids), len(toks)),
                 )
             )
         return outs
@@ -321,31 +289,15 @@ class LLM:
         `chat_template_kwargs` (e.g. {"enable_thinking": True}) as in the server. Each output's `message` holds the
         content, the reasoning and the parsed tool calls; calls are constrained to the declared tools' schemas
         (see dgemma/text/chat.py). Raises ValueError (chat.ChatRequestError naming the field) for a bad request."""
-        if self.tokenizer is None:
-            raise ValueError(f"{self.path} has no tokenizer.json: chat needs one")
-        prompt = render_chat(self.tokenizer, messages, tools, tool_choice, parallel_tool_calls, chat_template_kwargs)
-        sp = self.chat_params(prompt, params or SamplingParams())
-        ids = self.tokenizer.encode(prompt.text)
-        decoder = (lambda: output_decoder(self.tokenizer, prompt.format)) if prompt.format else self.decoder
-        out = _collect([(prompt.text, ids)], self._stream([ids], [sp], False, decoder), time.perf_counter())[0]
-        self._prompt_logprobs([out], [sp])
+        prompt = self.inputs.render_chat(messages, tools, tool_choice, parallel_tool_calls, chat_template_kwargs)
+        ids = self.inputs.chat_ids(prompt)
+        req = self.inputs.request(ids, params, prompt)
+        deltas = self._stream([req], False, lambda: chat_decoder(self.tokenizer, prompt))
+        out = _collect([PromptInput(prompt.text, ids)], deltas, time.perf_counter())[0]
+        self._prompt_logprobs([out], [req])
         for o in out.outputs:
             o.message, o.finish_reason = parse_answer(prompt, o.text, o.finish_reason)
         return out
-
-    def chat_params(self, prompt: ChatPrompt, sp: SamplingParams) -> SamplingParams:
-        """`sp` with the tool-call constraint the rendered request asks for (none without tools)."""
-        grammar = prompt_grammar(prompt, self.tokenizer.token_to_id)
-        return self.prepare_params(sp if grammar is None else replace(sp, tool_constraint=grammar.constraint()))
-
-    def prepare_params(self, sp: SamplingParams) -> SamplingParams:
-        """Text-level fields to token ids: `suffix` becomes `suffix_token_ids` (SamplingParamError when invalid)."""
-        if sp.suffix is None:
-            return sp
-        sp.validate(self.model.config.vocab_size)
-        if self.tokenizer is None:
-            raise SamplingParamError("suffix", sp.suffix, f"{self.path} has no tokenizer.json (pass suffix_token_ids)")
-        return replace(sp, suffix=None, suffix_token_ids=self.tokenizer.encode(sp.suffix))
 
 
 def _normalise(
@@ -369,20 +321,9 @@ def _normalise(
     return plist, params_list
 
 
-def parse_answer(prompt: ChatPrompt, text: str, reason: str | None) -> tuple[ChatMessage, str | None]:
-    """A chat answer split into content, reasoning and tool calls; "tool_calls" as the finish reason when calls
-    ended it."""
-    if prompt.format is None:
-        return ChatMessage(text, None, []), reason
-    msg = parse_chat_output(text, prompt.format, prompt.parses_tools, prompt.in_reasoning)
-    return msg, ("tool_calls" if msg.tool_calls and reason == "stop" else reason)
-
-
-def _collect(
-    encoded: list[tuple[str | None, list[int]]], deltas: Iterator[StreamDelta], t0: float
-) -> list[RequestOutput]:
+def _collect(encoded: list[PromptInput], deltas: Iterator[StreamDelta], t0: float) -> list[RequestOutput]:
     """Streamed deltas -> one finished RequestOutput per prompt (one output per sample), in order."""
-    outs = [RequestOutput("", text, ids, []) for text, ids in encoded]
+    outs = [RequestOutput("", p.text, list(p.ids), []) for p in encoded]
     texts: dict[tuple[int, int], list[str]] = {}
     for d in deltas:
         out = outs[d.index]

@@ -9,11 +9,17 @@ through a `finish_request(n_tokens)` callable, so the request ends with exactly 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Union
+
+from dgemma.text.chat import ChatPrompt, output_decoder
+from dgemma.text.chat_output import ChatMessage, ChatOutputParser
 
 if TYPE_CHECKING:
     from dgemma.engine.core import Event
-    from dgemma.text.tokenizer import IncrementalDecoder
+    from dgemma.text.json_tools import JsonCallParser
+    from dgemma.text.tokenizer import IncrementalDecoder, Tokenizer
+
+ChatParser = Union[ChatOutputParser, "JsonCallParser"]
 
 
 @dataclass
@@ -149,3 +155,41 @@ class OutputProcessor:
         self.done = True
         reason = "stop" if self.out.stopped else (reason or "stop")
         return Delta(self.out.finish(), finish_reason=reason, metrics=metrics)
+
+
+# -- chat answers ---------------------------------------------------------------------------------------------------
+def chat_decoder(tokenizer: Tokenizer | None, chat: ChatPrompt | None = None) -> IncrementalDecoder | None:
+    """A fresh detokeniser for an answer (None without a tokenizer: no text); a chat format's markers are kept for
+    its parser (text.chat.output_decoder)."""
+    if tokenizer is None:
+        return None
+    if chat is not None and chat.format is not None:
+        return output_decoder(tokenizer, chat.format)
+    return tokenizer.incremental_decoder()
+
+
+def chat_parser(chat: ChatPrompt | None) -> ChatParser | None:
+    """How a chat answer's text splits into content, reasoning and tool calls: the template's format, or JSON calls
+    when the template has no call syntax (text.json_tools); None: the text is all content."""
+    if chat is not None and chat.json_tools:
+        from dgemma.text.json_tools import JsonCallParser
+
+        return JsonCallParser(chat.choice.name)
+    if chat is None or chat.format is None:
+        return None
+    return ChatOutputParser(chat.format, chat.parses_tools, chat.in_reasoning)
+
+
+def chat_finish_reason(reason: str | None, parser: ChatParser | None) -> str | None:
+    """An answer that ended by itself ("stop") on tool calls finishes with "tool_calls", as OpenAI's API says."""
+    return "tool_calls" if parser is not None and parser.calls and reason == "stop" else reason
+
+
+def parse_answer(chat: ChatPrompt, text: str, reason: str | None) -> tuple[ChatMessage, str | None]:
+    """A whole chat answer split into content, reasoning and tool calls, and its finish reason."""
+    parser = chat_parser(chat)
+    if parser is None:
+        return ChatMessage(text, None, []), reason
+    parser.push(text)
+    parser.finish()
+    return parser.message(), chat_finish_reason(reason, parser)

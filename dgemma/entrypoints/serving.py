@@ -1,5 +1,6 @@
-"""Request handling for /v1/completions and /v1/chat/completions: parse, tokenize, translate to `SamplingParams`,
-submit to the engine loop, then answer (whole or streamed)."""
+"""Request handling for /v1/completions and /v1/chat/completions: parse, translate to `SamplingParams`, tokenize
+and validate through the input processor `LLM` uses too (`inputs`), submit to the engine loop, then answer (whole
+or streamed)."""
 
 import asyncio
 import time
@@ -15,6 +16,7 @@ from dgemma.entrypoints.streaming import SSEResponse, stream_events
 
 if TYPE_CHECKING:
     from dgemma.engine.params import SamplingParams
+    from dgemma.engine.request import EngineRequest
     from dgemma.entrypoints.llm import LLM
     from dgemma.text.chat import ChatPrompt
 
@@ -54,41 +56,33 @@ class ServerState:
                 )
 
     def encode_completion_prompt(self, prompt: Any, add_special_tokens: bool = True) -> list[int]:
-        """A completion prompt's token ids: text with BOS first (when the tokenizer has one; not with
-        `add_special_tokens` false), token ids as sent."""
+        """A completion prompt's token ids (entrypoints.inputs): text with BOS first (not with `add_special_tokens`
+        false), token ids as sent."""
         if isinstance(prompt, str):
             if self.llm.tokenizer is None:
                 raise APIError(
                     400, "this model has no tokenizer: send the prompt as a list of token ids", param="prompt"
                 )
             self._check_text_length(prompt)
-            try:
-                return self.llm.encode_prompt(prompt)[1] if add_special_tokens else self.llm.tokenizer.encode(prompt)
-            except ValueError as e:
-                raise APIError(400, str(e), param="prompt") from None
-        return list(prompt)
-
-    def bos_for_ids(self, ids: list[int]) -> list[int]:
-        """The BOS to put before a token-id prompt that lacks it: [BOS] when the checkpoint's tokenizer_config.json
-        says `add_bos_token: true` (its prompts start with BOS, as text prompts here do), else []."""
-        tok = self.llm.tokenizer
-        bos = tok.bos_token_id if tok is not None and tok.config.get("add_bos_token") is True else None
-        return [bos] if bos is not None and ids and ids[0] != bos else []
+        try:
+            return self.llm.inputs.tokenize(
+                prompt if isinstance(prompt, str) else {"prompt_token_ids": list(prompt)}, add_special_tokens
+            ).ids
+        except ValueError as e:
+            raise APIError(400, str(e), param="prompt") from None
 
     def render_chat(self, req: Any) -> "ChatPrompt":
         """The chat request's prompt, rendered by the checkpoint's template with its tools and template kwargs."""
-        from dgemma.text.chat import ChatRequestError, render_chat
+        from dgemma.text.chat import ChatRequestError
 
-        tok = self.llm.tokenizer
-        if tok is None:
+        if self.llm.tokenizer is None:
             raise APIError(
                 400,
                 "this model has no tokenizer, so chat is unavailable: use /v1/completions with token ids",
                 param="messages",
             )
         try:
-            prompt = render_chat(
-                tok,
+            prompt = self.llm.inputs.render_chat(
                 req.messages,
                 req.tools,
                 req.tool_choice,
@@ -107,44 +101,27 @@ class ServerState:
         """A rendered chat prompt's ids (the template wrote BOS; `add_special_tokens` also runs the tokenizer's
         post-processor)."""
         try:
-            return self.llm.tokenizer.encode(prompt.text, add_special_tokens=add_special_tokens)
+            return self.llm.inputs.chat_ids(prompt, add_special_tokens)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
 
-    def sampling(self, req: Any, prompt_ids: list[int], chat: "ChatPrompt | None" = None) -> "SamplingParams":
-        """The request's SamplingParams (`protocol`'s translation, plus the tool-call constraint a chat request's
-        tools ask for), then the checks that need the model: the suffix's tokens, the vocabulary, the constraint's
-        compilation, the prompt's tokens and the context."""
-        from dgemma.engine.request import check_context
-        from dgemma.engine.params import SamplingParamError
+    def request(self, req: Any, prompt_ids: list[int], chat: "ChatPrompt | None" = None) -> "EngineRequest":
+        """The request validated once (entrypoints.inputs): `protocol`'s translation to SamplingParams, then the
+        input processor's (suffix tokens, the tools' constraint) and the engine's checks (vocabulary, context,
+        the constraint compiled). APIError naming the request field."""
+        from dgemma.entrypoints.inputs import CONSTRAINT, error_field
         from dgemma.entrypoints.protocol import RequestError, api_param
 
-        eng = self.llm.engine
-        tools = chat is not None and chat.parses_tools
         try:
-            params = req.sampling_params(eng.max_model_len - len(prompt_ids))
-            params = self.llm.chat_params(chat, params) if tools else self.llm.prepare_params(params)
-            params = params.validate(eng.vocab_size)
-            constraint = params.constraint()
-            if constraint is not None:  # compile now (bounded time, cached): a bad one is the client's 400
-                if eng.guides is None:
-                    raise ValueError("structured output needs the model's tokenizer")
-                eng.guides.compile(constraint)
+            params = req.sampling_params(self.llm.engine.max_model_len - len(prompt_ids))
+            return self.llm.inputs.request(prompt_ids, params, chat)
         except RequestError as e:
             raise APIError(400, str(e), param=e.param) from None
-        except SamplingParamError as e:
-            raise APIError(400, str(e), param=api_param(e.param)) from None
-        except ValueError as e:  # the constraint did not compile (the tools' or the response format's)
-            raise APIError(400, str(e), param="tools" if tools else req.constraint_param()) from None
-        if not all(0 <= t < eng.vocab_size for t in prompt_ids):
-            raise APIError(400, f"prompt token ids must be integers in [0, {eng.vocab_size})", param="prompt")
-        try:
-            check_context(len(prompt_ids), params, eng.max_model_len, eng.canvas_length)
         except ValueError as e:
-            raise APIError(
-                400, str(e), param="prompt" if len(prompt_ids) >= eng.max_model_len else "max_tokens"
-            ) from None
-        return params
+            field = error_field(e)
+            if field == CONSTRAINT:  # the tools' constraint, or the response format's
+                field = "tools" if chat is not None and chat.parses_tools else req.constraint_param()
+            raise APIError(400, str(e), param=api_param(field)) from None
 
 
 @dataclass
@@ -152,12 +129,19 @@ class Job:
     """A parsed request ready for the engine: its prompt, params and what its answer is read with."""
 
     req: Any
-    prompt_ids: list[int]
-    params: "SamplingParams"
+    request: "EngineRequest"  # validated: the prompt's ids, the resolved params, the compiled constraint
     chat: "ChatPrompt | None" = None  # chat requests
     echo_text: str = ""  # completions with `echo`: the prompt's text, returned before the completion
     echo_logprobs: list[Any] | None = None  # ... and its tokens' log-probabilities, when asked for
     hidden: int = 0  # leading prompt tokens the server added (a token-id prompt's BOS): never echoed
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.request.prompt_ids
+
+    @property
+    def params(self) -> "SamplingParams":
+        return self.request.params
 
     @property
     def echo_ids(self) -> list[int]:
@@ -173,8 +157,8 @@ class Job:
 
 def _prepare_completion(srv: "ServerState", req: Any) -> Job:
     ids = srv.encode_completion_prompt(req.prompt, req.add_special_tokens)
-    bos = srv.bos_for_ids(ids) if req.add_special_tokens and not isinstance(req.prompt, str) else []
-    job = Job(req, bos + ids, srv.sampling(req, bos + ids), hidden=len(bos))
+    bos = srv.llm.inputs.bos_for_ids(ids) if req.add_special_tokens and not isinstance(req.prompt, str) else []
+    job = Job(req, srv.request(req, bos + ids), hidden=len(bos))
     if req.echo:
         job.echo_text = req.prompt if isinstance(req.prompt, str) else srv.llm.decode(ids)
     return job
@@ -183,7 +167,7 @@ def _prepare_completion(srv: "ServerState", req: Any) -> Job:
 def _prepare_chat(srv: "ServerState", req: Any) -> Job:
     prompt = srv.render_chat(req)
     ids = srv.encode_chat(prompt)
-    return Job(req, ids, srv.sampling(req, ids, prompt), chat=prompt)
+    return Job(req, srv.request(req, ids, prompt), chat=prompt)
 
 
 def _completion_choice(srv: "ServerState", job: Job, i: int, res: Result) -> dict[str, Any]:
@@ -285,7 +269,7 @@ async def generate(request: Any, ep: Endpoint) -> Any:
     if getattr(req, "max_tokens", None) == 0:  # nothing to generate (echo scoring)
         results = [Result("", [], [], "length", P.usage(len(job.prompt_ids), 0))] * job.params.n
         return json_response(_response(srv, ep, job, rid, created, results))
-    queues = await srv.engine_loop.submit(rid, job.prompt_ids, job.params, bool(req.stream_drafts and req.stream))
+    queues = await srv.engine_loop.submit(rid, job.request, bool(req.stream_drafts and req.stream))
     gens = [
         Generation(srv, sid, q, len(job.prompt_ids), job.params, t0, request if req.stream else None, job.chat)
         for sid, q in queues
@@ -307,7 +291,7 @@ def _response(
 ) -> dict[str, Any]:
     from dgemma.entrypoints.protocol import response
 
-    constraint = job.params.constraint()
+    constraint = job.request.constraint
     warnings = srv.llm.engine.guides.warnings(constraint) if constraint is not None else None
     choices = [ep.choice(srv, job, i, res) for i, res in enumerate(results)]
     return response(rid, created, srv.model_name, ep.obj, choices, total_usage([r.usage for r in results]), warnings)
