@@ -1,9 +1,10 @@
 """Starting, watching and stopping the ranks of a tensor-parallel group.
 
 On one machine (the default) `launch` starts N-1 worker processes itself (torch.multiprocessing, spawn), on a free
-local port: gloo on the CPU, nccl on CUDA (rank r on cuda:r); no torchrun is needed. Each rank loads only its shard
-of the checkpoint (`load.load_shard`); rank 0 returns a `Group`, whose `runner` is the engine's runner, and the
-workers run its calls (`runner.serve_calls`) until `Group.stop`.
+local port: gloo on the CPU, nccl on CUDA (rank r on cuda:r); no torchrun is needed. On the CPU the ranks share the
+cores: each runs torch.get_num_threads() // N threads (rank 0's own thread count is set so too). Each rank loads
+only its shard of the checkpoint (`load.load_shard`); rank 0 returns a `Group`, whose `runner` is the engine's
+runner, and the workers run its calls (`runner.serve_calls`) until `Group.stop`.
 
 On several machines, start the same command on every machine with the standard torch.distributed environment
 (`torchrun --nnodes M --nproc-per-node K --rdzv-endpoint HOST:PORT ...`, or RANK, WORLD_SIZE, LOCAL_RANK,
@@ -179,7 +180,9 @@ def launch(
             "process: close() the other first)"
         )
     env_world = int(os.environ.get("WORLD_SIZE", "1"))
-    threads = max(1, torch.get_num_threads() // world)
+    threads = max(1, torch.get_num_threads() // world)  # on the CPU the ranks share the cores
+    if device.type == "cpu":
+        torch.set_num_threads(threads)
     spec = Spec(str(path), world, dtype, device.type, quantization, threads)
     if env_world > 1:  # started by torchrun (or by hand) on each machine
         return _launch_env(spec, env_world)
