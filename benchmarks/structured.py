@@ -136,6 +136,7 @@ def main() -> None:
     import jsonschema
 
     from dgemma import LLM, SamplingParams
+    from dgemma.engine.request import tokens_per_forward
 
     path = Path(args.model) if args.model else build_model(args.params, args.canvas)
     if args.train_steps:
@@ -179,7 +180,7 @@ def main() -> None:
                 "requests": len(outs),
                 "tokens": toks,
                 "forwards": fwd,
-                "tokens_per_forward": toks / max(fwd, 1),
+                "tokens_per_forward": tokens_per_forward(toks, fwd),
                 "tok_s": toks / wall,
                 "wall_s": wall,
                 "valid": valid,
