@@ -324,6 +324,30 @@ def test_chat_and_serve_take_the_flag(capsys):
         assert "--tensor-parallel-size" in capsys.readouterr().out
 
 
+def test_tp2_static_buffers_equal_tp1(pair):
+    """The steps from static bucket-padded buffers (graphs.py; captured as CUDA graphs on CUDA, where they are the
+    default): 3 rows padded to bucket 4, a constrained and an infilling row among them. (Near the end: both LLMs get
+    new engines; the tensor-parallel group serves the newest, and the old engine refuses to run.)"""
+    from dgemma.engine.core import Engine
+    from dgemma.engine.params import SamplingParams
+
+    params = [
+        SamplingParams(max_new_tokens=24, seed=1, ignore_eos=True),
+        SamplingParams(max_new_tokens=48, seed=6, json_schema=SCHEMA),
+        SamplingParams(max_new_tokens=12, seed=3, suffix=" end"),
+    ]
+    outs = []
+    for llm in pair:
+        old = llm.engine
+        eng = Engine(llm.model, llm.generation_config, 4, 128, guides=old.guides, graphs=True, parallel=llm.parallel)
+        llm.engine = eng  # (requests are still validated by the old engine: the same limits)
+        outs.append([o.outputs[0].token_ids for o in llm.generate(["hello world", "name", "a"], params)])
+        assert ("denoise", 4) in eng.graphs._graphs
+    assert outs[0] == outs[1]
+    with pytest.raises(RuntimeError, match="a newer engine runs on this tensor-parallel group"):
+        old.step() if old.add_request([5, 6], SamplingParams(max_new_tokens=4)) else None
+
+
 def test_a_dead_worker_makes_the_next_call_raise(pair):
     """(last: it ends the module's tensor-parallel LLM) A killed worker is noticed within a poll, not a timeout."""
     import time

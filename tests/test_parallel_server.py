@@ -51,6 +51,14 @@ def server(checkpoint):
     assert "Traceback" not in out, out
 
 
+def test_echo_with_logprobs_scores_the_prompt_on_every_rank(server):
+    body = {"model": "tiny", "prompt": "hello world", "max_tokens": 4, "echo": True, "logprobs": 1, "seed": 1}
+    r = httpx.post(server + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    scores = r.json()["choices"][0]["logprobs"]["token_logprobs"]
+    assert scores[0] is None and len(scores) > 4 and all(isinstance(s, float) and s <= 0 for s in scores[1:])
+
+
 def _children(pid: int) -> list[int]:
     """The processes `pid` started, from any of its threads (the model loads on the server's torch thread)."""
     return [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]

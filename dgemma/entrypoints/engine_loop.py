@@ -294,10 +294,8 @@ class _EngineWorker:
             ev = self.engine.finish_request(cmd.rid, "stop", completion_tokens=cmd.completion_tokens)
             # None: it was not running (still waiting, or already finished with its event on the way)
             out.append((cmd.rid, ev if ev is not None else Aborted()))
-        elif isinstance(cmd, _Score):
-            from dgemma.engine.logprobs import prompt_logprobs
-
-            out.append((cmd.rid, _Scored(prompt_logprobs(self.engine.model, cmd.prompt_ids, cmd.top_k))))
+        elif isinstance(cmd, _Score):  # (through the engine's runner: every tensor-parallel rank takes part)
+            out.append((cmd.rid, _Scored(self.engine.prompt_logprobs(cmd.prompt_ids, cmd.top_k))))
 
     def _add(self, cmd: _Add) -> _Reply:
         try:

@@ -107,16 +107,26 @@ class Group:
         self._callbacks: list[Callable[[str], None]] = []
         self._stopped = threading.Event()
         self._lock = threading.Lock()
+        self._runners = 0  # runners made so far; the latest is the one the workers serve
         if procs:
             threading.Thread(target=self._watch, name="dgemma-tp-watch", daemon=True).start()
         atexit.register(self.stop)
 
     def runner(self, model: Any, cache: Any, max_batch: int, sampler_memory: int | None, graphs: Any, compile: bool):
-        """The engine's runner (`engine.core.Engine(parallel=group)` calls this)."""
+        """The engine's runner (`engine.core.Engine(parallel=group)` calls this). The workers serve one runner: a
+        newer one (another engine on this group) replaces it, and the older one refuses to run from then on."""
         from dgemma.parallel.runner import LeadRunner
 
+        self._runners += 1
+        mine = self._runners
+
+        def send(name: str, *args: Any) -> None:
+            if mine != self._runners:
+                raise RuntimeError("a newer engine runs on this tensor-parallel group; this one cannot run any more")
+            self.send(name, *args)
+
         kwargs = dict(max_batch=max_batch, sampler_memory=sampler_memory, graphs=graphs, compile=compile)
-        return LeadRunner(self.send, model, cache, self.comm, self.sizes, **kwargs)
+        return LeadRunner(send, model, cache, self.comm, self.sizes, **kwargs)
 
     def send(self, name: str, *args: Any) -> None:
         """Hand call `name` to every worker; WorkerFailure if one has died."""
