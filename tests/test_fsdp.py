@@ -49,7 +49,7 @@ STEPS = 4
 FLAGS = ["--steps", str(STEPS), "--batch-size", "4", "--lr", "1e-2", "--warmup-steps", "1", "--log-every", "1"]
 FLAGS += ["--save-every", "2", "--precision", "float32", "--quiet", "--threads", "1", "--device", "cpu"]
 FSDP = ["--strategy", "fsdp", "--grad-accum", "2", "--activation-checkpointing"]
-LOSS_TOL, UPDATE_TOL, SAME_TOL = 1e-4, 1e-3, 1e-6
+LOSS_TOL, UPDATE_TOL = 1e-4, 1e-3
 
 # Runs `dgemma train` with rank 1 killing itself (SIGKILL) when it is about to take step DIE_AT + 1
 DYING = """
@@ -204,8 +204,8 @@ def test_a_killed_process_ends_the_job_and_resume_repeats_the_run(setup, fsdp_ru
     resumed = _torchrun(_train_args(setup, "killed", *FSDP, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     ref = fsdp_run[0]
-    assert _losses(out)[2:] == pytest.approx(_losses(ref)[2:], abs=SAME_TOL)
-    assert _max_gap(_weights(out / "final"), _weights(ref / "final")) < SAME_TOL
+    assert _losses(out)[2:] == _losses(ref)[2:]
+    assert _max_gap(_weights(out / "final"), _weights(ref / "final")) == 0.0
 
 
 def test_resume_a_two_process_checkpoint_in_one_process(setup, fsdp_run):

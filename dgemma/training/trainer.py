@@ -152,9 +152,10 @@ class Trainer:
         ddp; the replicated LoRA adapters under fsdp, which has reduce-scattered the model's already); clip the
         gradient norm (over the shards under fsdp). Returns the norm before clipping (nan when not clipping)."""
         params = self.trainable()
-        replicated = self.dist.strategy == "ddp" or self.lora is not None
-        grads = [p.grad for p in params if p.grad is not None] if replicated else []
-        all_reduce(grads + [sums], self.dist, device=self.model.device)
+        if (self.dist.strategy == "ddp" or self.lora is not None) and self.dist.world > 1:
+            _all_reduce_grads(params, sums, self.dist, self.model.device)
+        else:
+            all_reduce([sums], self.dist, device=self.model.device)
         if self.cfg.clip_norm <= 0:
             return float("nan")
         return float(full(torch.nn.utils.clip_grad_norm_(params, self.cfg.clip_norm)))
@@ -235,6 +236,21 @@ class Trainer:
             file=sys.stderr,
             flush=True,
         )
+
+
+def _all_reduce_grads(params: list[nn.Parameter], sums: torch.Tensor, info: DistInfo, device: torch.device) -> None:
+    """One all-reduce of every parameter's gradient and of `sums`. A weight no row of this process used has no
+    gradient here (the self-conditioning MLP without self-conditioned rows) but may have one elsewhere: it sends
+    zeros, and it stays without a gradient (skipped by the optimizer, as in one process) only where no process
+    used it."""
+    used = torch.tensor([float(p.grad is not None) for p in params])
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    all_reduce([used, *(p.grad for p in params), sums], info, device=device)
+    for p, u in zip(params, used.tolist()):
+        if u == 0:
+            p.grad = None
 
 
 def _adamw(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
