@@ -1,1 +1,2 @@
-"""Fine-tuning: the block-diffusion objective, the AR baseline, LoRA and data parallelism."""
+"""Fine-tuning: the block-diffusion objective, the AR baseline, LoRA, and training over several processes (data
+parallel or FSDP2-sharded) with resumable distributed checkpoints."""
