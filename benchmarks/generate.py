@@ -33,6 +33,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, sys.argv[sys.argv.index("--src") + 1] if "--src" in sys.argv else os.path.dirname(HERE))
 
 from dgemma import DiffusionGemma, save_model  # noqa: E402
+
 try:
     from dgemma.model.config import ModelConfig, TextConfig, sized_config  # noqa: E402
 except ImportError:  # a --baseline tree from before the subpackage layout
