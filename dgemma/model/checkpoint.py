@@ -173,11 +173,8 @@ def load_model(
     implies it). Either needs `dtype=torch.bfloat16`.
     """
     path = Path(path)
-    config = load_config(path)
-    if config.extra.get("tie_word_embeddings") is False:
-        raise CheckpointError(f"{path}: tie_word_embeddings=false (untied encoder/decoder/LM head) is not supported")
-    saved_fp8 = (config.extra.get("quantization_config") or {}).get("quant_method") == "fp8"
-    quantization = _check_quantization(quantization, saved_fp8, dtype, path)
+    config, quantization = checked_config(path, quantization, dtype)
+    saved_fp8 = saved_in_fp8(config)
     state = read_state(path)
     with torch.device("meta"):
         model = DiffusionGemma(config)
@@ -215,6 +212,19 @@ def load_model(
     if quantization == "fp8" and not saved_fp8:
         quantize_fp8(model)
     return model.eval()
+
+
+def checked_config(path: Path, quantization: str | None, dtype: torch.dtype) -> tuple[ModelConfig, str | None]:
+    """The checkpoint's config, refused where dgemma cannot run it, and the quantization to load with."""
+    config = load_config(path)
+    if config.extra.get("tie_word_embeddings") is False:
+        raise CheckpointError(f"{path}: tie_word_embeddings=false (untied encoder/decoder/LM head) is not supported")
+    return config, _check_quantization(quantization, saved_in_fp8(config), dtype, path)
+
+
+def saved_in_fp8(config: ModelConfig) -> bool:
+    """Whether the checkpoint holds FP8 weights (config `quantization_config.quant_method == "fp8"`)."""
+    return (config.extra.get("quantization_config") or {}).get("quant_method") == "fp8"
 
 
 def _check_quantization(quantization: str | None, saved_fp8: bool, dtype: torch.dtype, path: Path) -> str | None:

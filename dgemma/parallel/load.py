@@ -19,10 +19,10 @@ from safetensors import SafetensorError, safe_open
 from dgemma.model.checkpoint import (
     SKIPPED,
     CheckpointError,
-    _check_quantization,
+    checked_config,
+    saved_in_fp8,
     weight_files,
     hf_to_ours,
-    load_config,
     ours_to_hf,
 )
 from dgemma.model.modeling import DiffusionGemma
@@ -44,11 +44,8 @@ def load_shard(
     """Rank `rank`'s shard of the checkpoint at `path`, split `world` ways, wired to `comm` (None: unwired, for tests
     that only inspect the weights). Raises CheckpointError as `load_model` does, ShardError if it cannot split."""
     path = Path(path)
-    config = load_config(path)
-    if config.extra.get("tie_word_embeddings") is False:
-        raise CheckpointError(f"{path}: tie_word_embeddings=false (untied encoder/decoder/LM head) is not supported")
-    saved_fp8 = (config.extra.get("quantization_config") or {}).get("quant_method") == "fp8"
-    quantization = _check_quantization(quantization, saved_fp8, dtype, path)
+    config, quantization = checked_config(path, quantization, dtype)
+    saved_fp8 = saved_in_fp8(config)
     plan = Plan(config.text, rank, world)
     with torch.device("meta"):
         model = DiffusionGemma(config)
