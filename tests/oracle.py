@@ -67,3 +67,24 @@ def hf_logits(model, hidden):
     logits = model.lm_head(hidden).float()
     cap = model.final_logit_softcapping
     return torch.tanh(logits / cap) * cap
+
+
+EOS, PAD = 1, 0  # the oracle's and tiny_config's eos / pad ids
+
+
+def load_llm(path, **kw):
+    """dgemma's `LLM` on a checkpoint, in float32 on the CPU unless a test asks otherwise: dtype "auto" is bfloat16 on
+    CPUs with native bf16 matmul, and the tests compare with float32 transformers or between runs."""
+    import warnings
+
+    from dgemma.entrypoints.llm import LLM
+
+    kw = {"device": "cpu", "dtype": "float32", **kw}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # vision-tower skip warning (tested in test_checkpoint.py)
+        return LLM(path, **kw)
+
+
+def ids(p) -> dict:
+    """A token-id prompt."""
+    return {"prompt_token_ids": list(p)}

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from pathlib import Path
 
 import pytest
@@ -43,22 +42,7 @@ from dgemma.engine.sampler import SCHEDULES, draw_uniforms, rule_ids, sample_ste
 
 from bpe import build_bpe_tokenizer
 from engine_trace import same_run, tracing
-from oracle import build_hf, hf_logits
-
-EOS, PAD = 1, 0  # the oracle's and tiny_config's eos / pad ids
-
-
-def _llm(path, **kw) -> LLM:
-    # float32 on the CPU unless a test asks otherwise: dtype "auto" is bfloat16 on CPUs with native bf16 matmul, and
-    # these tests compare with float32 transformers or between runs.
-    kw = {"device": "cpu", "dtype": "float32", **kw}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # vision-tower skip warning (tested in test_checkpoint.py)
-        return LLM(path, **kw)
-
-
-def _ids(p):
-    return {"prompt_token_ids": list(p)}
+from oracle import build_hf, hf_logits, EOS, ids as _ids, load_llm as _llm
 
 
 # ==================================================================================================================

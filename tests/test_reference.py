@@ -10,31 +10,13 @@ from __future__ import annotations
 
 import itertools
 import math
-import warnings
 
 import pytest
 import torch
 
-from dgemma.entrypoints.llm import LLM
 from dgemma.engine.params import SamplingParams
 
-from oracle import build_hf
-
-EOS, PAD = 1, 0  # the oracle's and tiny_config's eos / pad ids
-
-
-def _llm(path, **kw) -> LLM:
-    # float32 on the CPU unless a test asks otherwise: dtype "auto" is bfloat16 on CPUs with native bf16 matmul, and
-    # these tests compare with float32 transformers or between runs.
-    kw = {"device": "cpu", "dtype": "float32", **kw}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # vision-tower skip warning (tested in test_checkpoint.py)
-        return LLM(path, **kw)
-
-
-def _ids(p):
-    return {"prompt_token_ids": list(p)}
-
+from oracle import build_hf, EOS, PAD, ids as _ids, load_llm as _llm
 
 # ==================================================================================================================
 # 1. Reference mode == transformers generate
