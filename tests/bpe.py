@@ -6,7 +6,8 @@ import json
 import random
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from dgemma.text.build import byte_bpe, save_tokenizer
+
 
 # Order matters: other tests rely on <pad>=0, <eos>=1, <bos>=2, <start_of_turn>=3, <end_of_turn>=4.
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
@@ -53,27 +54,6 @@ def build_bpe_tokenizer(dir: Path, vocab_size: int = 300, chat_template: str | N
     Special tokens <pad>, <eos>, <bos>, <start_of_turn>, <end_of_turn> get ids 0..4. Every byte is in the initial
     alphabet, so any UTF-8 text round-trips (multi-byte characters may span several tokens). Returns `dir`.
     """
-    dir = Path(dir)
-    dir.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
-    tok.save(str(dir / "tokenizer.json"))
-    cfg: dict = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": "<bos>",
-        "eos_token": "<eos>",
-        "pad_token": "<pad>",
-        "model_max_length": 4096,
-    }
-    if chat_template is not None:
-        cfg["chat_template"] = chat_template
-    (dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return dir
+    tok = byte_bpe(_corpus(), vocab_size, list(SPECIAL_TOKENS))
+    extra = {} if chat_template is None else {"chat_template": chat_template}
+    return save_tokenizer(tok, dir, 4096, **extra)

@@ -44,7 +44,6 @@ from __future__ import annotations
 import ast
 import hashlib
 import io
-import json
 import random
 import sysconfig
 import tokenize
@@ -53,6 +52,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Literal
 
 from dgemma.tasks.sudoku import load_jsonl, save_jsonl
+from dgemma.text.build import byte_bpe, save_tokenizer
 
 __all__ = [
     "SPECIAL_TOKENS",
@@ -195,31 +195,8 @@ def split_of(rel_path: str) -> str:
 # -- tokenizer ----------------------------------------------------------------------------------------------------
 def build_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int = VOCAB_SIZE) -> Path:
     """Train a byte-level BPE on `texts` and write tokenizer.json + tokenizer_config.json into `out_dir`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    d = Path(out_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    tok.save(str(d / "tokenizer.json"))
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "pad_token": "<pad>",
-        "eos_token": "<eos>",
-        "bos_token": "<bos>",
-        "additional_special_tokens": list(SPECIAL_TOKENS[3:]),
-        "model_max_length": 512,
-    }
-    (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    return d
+    tok = byte_bpe(texts, vocab_size, list(SPECIAL_TOKENS))
+    return save_tokenizer(tok, out_dir, 512, additional_special_tokens=list(SPECIAL_TOKENS[3:]))
 
 
 # -- spans --------------------------------------------------------------------------------------------------------

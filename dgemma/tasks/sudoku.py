@@ -45,6 +45,8 @@ import re
 from pathlib import Path
 from typing import Iterable
 
+from dgemma.text.build import save_tokenizer
+
 __all__ = [
     "SudokuError",
     "parse_puzzle",
@@ -486,19 +488,7 @@ def build_tokenizer(dir: str | Path) -> Path:
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import Whitespace
 
-    d = Path(dir)
-    d.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(WordLevel(vocab=dict(VOCAB), unk_token="<unk>"))
     tok.pre_tokenizer = Whitespace()
     tok.add_special_tokens([AddedToken(t, special=True) for t in ("<pad>", "<eos>", "<bos>", "<unk>")])
-    tok.save(str(d / "tokenizer.json"))
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "pad_token": "<pad>",
-        "eos_token": "<eos>",
-        "bos_token": "<bos>",
-        "unk_token": "<unk>",
-        "model_max_length": 512,
-    }
-    (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    return d
+    return save_tokenizer(tok, dir, 512, unk_token="<unk>")
