@@ -1,4 +1,4 @@
-"""device="auto" / dtype="auto" (dgemma/device.py) and how every entry point uses them.
+"""device="auto" / dtype="auto" (dgemma/model/device.py) and how every entry point uses them.
 
 The machine is mocked (CUDA, torch's CPU capability, the CPU flags, the oneDNN environment), so these tests give the
 same answers on any CPU."""
@@ -29,6 +29,7 @@ BF16_CPU = {"avx2", "avx512f", "avx512_bf16"}  # on an AMD CPU (Zen 4): bf16 mat
 AMX_CPU = {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}  # Intel Sapphire Rapids and later
 AVX2_CPU = {"avx2", "fma"}
 NO_BF16 = "device cpu, dtype float32 (auto: no CUDA; this CPU has no native bf16 matmul)"
+WIDE = D.CPU_BF16_MIN_HIDDEN  # the narrowest model that gets bf16 on a bf16 CPU
 
 
 def machine(
@@ -131,15 +132,92 @@ def test_rules_are_a_function_of_their_inputs():
     assert not D.cpu_native_bf16("AVX512", INTEL, {"amx_bf16"}, {"ONEDNN_MAX_CPU_ISA": "AVX2"})[0]
 
 
-def test_real_aten_switch_gives_float32_on_any_cpu():
-    """In a fresh process with ATEN_CPU_CAPABILITY=avx2, auto is float32 whatever this CPU has."""
+AVX2_SWITCHES = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+@pytest.mark.parametrize(
+    "switches",
+    [{"ATEN_CPU_CAPABILITY": "avx2"}, {"ONEDNN_MAX_CPU_ISA": "AVX2"}, AVX2_SWITCHES],
+    ids=["aten", "onednn", "all"],
+)
+def test_real_avx2_switches_give_float32_on_any_cpu(switches):
+    """In a fresh process with the AVX2 switches (this CPU's real flags), auto is float32 whatever this CPU has, for
+    a model of unknown size and for a wide one."""
     code = (
-        "import torch; from dgemma.model.device import auto_dtype; "
-        "print(torch.backends.cpu.get_cpu_capability(), auto_dtype(torch.device('cpu'))[0])"
+        "import torch; from dgemma.model.device import auto_dtype; cpu = torch.device('cpu'); "
+        "print(torch.backends.cpu.get_cpu_capability(), auto_dtype(cpu)[0], auto_dtype(cpu, 4096)[0])"
     )
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    env = {**{k: v for k, v in os.environ.items() if k not in AVX2_SWITCHES}, **switches}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.split()[-1] == "torch.float32" and out.split()[0] != "AVX512"
+    capability, unknown, wide = out.split()[-3:]
+    assert unknown == wide == "torch.float32"
+    assert ("ATEN_CPU_CAPABILITY" not in switches) == (capability == torch.backends.cpu.get_cpu_capability())
+
+
+SMALL = "model too small for bf16 to pay on this CPU"
+
+
+@pytest.mark.parametrize(
+    ("vendor", "flags", "hidden", "expected", "why"),
+    [
+        (AMD, BF16_CPU, 128, torch.float32, SMALL),  # the bundled Sudoku model
+        (AMD, BF16_CPU, D.CPU_BF16_MIN_HIDDEN - 1, torch.float32, SMALL),
+        (AMD, BF16_CPU, D.CPU_BF16_MIN_HIDDEN, torch.bfloat16, "via avx512_bf16, hidden size"),
+        (AMD, BF16_CPU, 640, torch.bfloat16, "via avx512_bf16, hidden size 640 >="),  # the 75M benchmark model
+        (AMD, BF16_CPU, None, torch.bfloat16, "via avx512_bf16"),  # size unknown: the CPU alone decides
+        (INTEL, AMX_CPU, 128, torch.float32, SMALL),
+        (INTEL, AMX_CPU, 640, torch.bfloat16, "via amx_bf16, hidden size 640 >="),
+        (INTEL, BF16_CPU, 640, torch.float32, "no faster than float32"),  # AVX512-BF16 without AMX
+        (AMD, AVX2_CPU, 640, torch.float32, "no native bf16 matmul"),
+    ],
+)
+def test_cpu_rule_weighs_the_model(vendor, flags, hidden, expected, why):
+    dtype, reason = D.cpu_dtype("AVX512", vendor, flags, {}, hidden)
+    assert dtype == expected and why in reason
+
+
+@pytest.mark.parametrize("hidden", [None, 64, 192, 640, 4096])
+def test_avx2_only_never_gets_bfloat16(hidden):
+    """Emulated bf16 (~100x slower) is never chosen, however wide the model: an AVX2 CPU, torch's kernels lowered to
+    AVX2, or oneDNN limited to AVX2, on either CPU family."""
+    for vendor, flags in ((AMD, BF16_CPU), (INTEL, AMX_CPU), (AMD, AVX2_CPU), (INTEL, AVX2_CPU)):
+        assert D.cpu_dtype("AVX2", vendor, flags, {}, hidden)[0] == torch.float32
+        assert D.cpu_dtype("AVX512", vendor, flags, {"ONEDNN_MAX_CPU_ISA": "AVX2"}, hidden)[0] == torch.float32
+        assert D.cpu_dtype("AVX512", vendor, flags, AVX2_SWITCHES, hidden)[0] == torch.float32
+    assert D.cpu_dtype("AVX512", AMD, AVX2_CPU, {}, hidden)[0] == torch.float32
+
+
+def test_model_hidden_size(tmp_path, ckpt):
+    assert D.model_hidden_size("sudoku") == 128  # a bundled model's name
+    assert D.model_hidden_size(ckpt) == D.model_hidden_size(str(ckpt)) == 32
+    assert D.model_hidden_size(None) is None
+    assert D.model_hidden_size(tmp_path / "missing") is None  # loading reports it
+    (tmp_path / "config.json").write_text("{not json")
+    assert D.model_hidden_size(tmp_path) is None
+
+
+def test_resolve_weighs_the_model(monkeypatch, ckpt, wide_ckpt):
+    machine(monkeypatch)  # native bf16
+    p = D.resolve(model=ckpt)
+    assert p.dtype == torch.float32
+    assert p.describe() == (
+        "device cpu, dtype float32 (auto: no CUDA; model too small for bf16 to pay on this CPU: hidden size 32 < "
+        f"{D.CPU_BF16_MIN_HIDDEN})"
+    )
+    p = D.resolve(model=wide_ckpt)
+    assert p.dtype == torch.bfloat16 and p.describe().endswith(f"hidden size {WIDE} >= {WIDE})")
+    machine(monkeypatch, cuda=True)  # the model's size weighs only on a CPU
+    assert D.resolve(model=ckpt).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", torch.bfloat16, torch.float32])
+def test_explicit_dtype_is_never_overridden(monkeypatch, ckpt, wide_ckpt, dtype):
+    want = D.DTYPES[dtype] if isinstance(dtype, str) else dtype
+    for kw in (dict(capability="AVX2", flags=AVX2_CPU), {}, dict(vendor=INTEL, flags=AMX_CPU)):
+        machine(monkeypatch, **kw)
+        for model in (None, ckpt, wide_ckpt):
+            p = D.resolve("auto", dtype, model=model)
+            assert p.dtype == want and p.why_dtype == "" and "model too small" not in p.describe()
 
 
 def test_parse_cpuinfo():
@@ -209,16 +287,31 @@ def ckpt(tmp_path_factory) -> Path:
     return d
 
 
-def test_llm_defaults_to_auto_and_logs_it(monkeypatch, caplog, ckpt):
+@pytest.fixture(scope="module")
+def wide_ckpt(tmp_path_factory) -> Path:
+    """A checkpoint as wide as `CPU_BF16_MIN_HIDDEN` (and otherwise tiny)."""
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("auto") / "wide"
+    cfg = tiny_config(vocab_size=64, canvas_length=8, max_position_embeddings=64, hidden_size=WIDE)
+    save_model(DiffusionGemma(cfg), d)
+    return d
+
+
+def test_llm_defaults_to_auto_and_logs_it(monkeypatch, caplog, ckpt, wide_ckpt):
     machine(monkeypatch, flags=AVX2_CPU, capability="AVX2")
     with caplog.at_level(logging.INFO, logger="dgemma.entrypoints.llm"):
         llm = LLM(ckpt, max_batch=1)
     assert (llm.device, llm.dtype) == (torch.device("cpu"), torch.float32)
     assert next(p.dtype for p in llm.model.parameters()) == torch.float32
     assert NO_BF16 in caplog.text
-    machine(monkeypatch)
-    assert LLM(ckpt, max_batch=1).dtype == torch.bfloat16
-    assert LLM(ckpt, max_batch=1, dtype="float32").dtype == torch.float32
+    machine(monkeypatch)  # native bf16: the model's size decides
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dgemma.entrypoints.llm"):
+        assert LLM(ckpt, max_batch=1).dtype == torch.float32
+    assert "model too small for bf16 to pay on this CPU: hidden size 32" in caplog.text
+    assert LLM(wide_ckpt, max_batch=1).dtype == torch.bfloat16
+    assert LLM(wide_ckpt, max_batch=1, dtype="float32").dtype == torch.float32
+    assert LLM(ckpt, max_batch=1, dtype="bfloat16").dtype == torch.bfloat16
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -237,6 +330,18 @@ def test_cli_prints_the_choice(monkeypatch, capsys, ckpt):
     code, _, err = run(capsys, *args, "--device", "cpu", "--dtype", "bfloat16")
     assert code == 0 and err.splitlines()[0] == "dgemma: device cpu, dtype bfloat16"
     assert "experts grouped" in err.splitlines()[1]  # bf16 experts run as one grouped matmul
+
+
+def test_cli_prints_the_choice_for_the_model(monkeypatch, capsys, ckpt, wide_ckpt):
+    machine(monkeypatch)  # native bf16
+    args = ("generate", "--prompt-ids", "1,2", "--max-new-tokens", 8, "--seed", 0, "--json")
+    code, _, err = run(capsys, *args, "--model", ckpt)
+    assert code == 0 and err.splitlines()[0] == (
+        "dgemma: device cpu, dtype float32 (auto: no CUDA; model too small for bf16 to pay on this CPU: hidden size 32 "
+        f"< {D.CPU_BF16_MIN_HIDDEN})"
+    )
+    code, _, err = run(capsys, *args, "--model", wide_ckpt)
+    assert code == 0 and err.splitlines()[0].startswith("dgemma: device cpu, dtype bfloat16 (auto: no CUDA; native")
 
 
 def test_cli_bad_values_are_clean_errors(monkeypatch, capsys, ckpt):
@@ -304,3 +409,9 @@ def test_sudoku_solve_prints_the_choice(monkeypatch, capsys):
     code, out, err = run(capsys, "sudoku", "solve", puzzle, "--samples", 1, "--rounds", 1, "--json")
     assert code in (0, 1) and out.count("\n") == 1
     assert err.splitlines()[0] == f"dgemma: {NO_BF16}"
+    machine(monkeypatch)  # native bf16: the bundled model (hidden 128) is too small for it to pay
+    code, out, err = run(capsys, "sudoku", "solve", puzzle, "--samples", 1, "--rounds", 1, "--json")
+    assert code in (0, 1) and err.splitlines()[0] == (
+        "dgemma: device cpu, dtype float32 (auto: no CUDA; model too small for bf16 to pay on this CPU: hidden size "
+        f"128 < {D.CPU_BF16_MIN_HIDDEN})"
+    )

@@ -209,7 +209,7 @@ def run_solve(args: argparse.Namespace) -> int:
     from dgemma.tasks.sudoku_model import Solver
 
     puzzles = _read_puzzles(args)
-    where = placement(args.device, args.dtype)
+    where = placement(args.device, args.dtype, model=args.model)
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     live = args.live == "always" or (
         args.live == "auto" and out is sys.stdout and sys.stdout.isatty() and not args.json
@@ -299,7 +299,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from dgemma.tasks.sudoku_model import VARIANTS, evaluate
 
     variants = comma_choices(args.variants, VARIANTS, "variant")
-    where = placement(args.device, args.dtype)
+    where = placement(args.device, args.dtype, model=args.diffusion_model)
     if args.data:
         items = S.load_jsonl(args.data)
     else:  # fresh puzzles: clue counts spread over each difficulty band
