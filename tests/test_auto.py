@@ -151,7 +151,8 @@ def test_real_avx2_switches_give_float32_on_any_cpu(switches):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     capability, unknown, wide = out.split()[-3:]
     assert unknown == wide == "torch.float32"
-    assert ("ATEN_CPU_CAPABILITY" not in switches) == (capability == torch.backends.cpu.get_cpu_capability())
+    if "ATEN_CPU_CAPABILITY" in switches:
+        assert capability != "AVX512"  # torch's kernels were lowered
 
 
 SMALL = "model too small for bf16 to pay on this CPU"
