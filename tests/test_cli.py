@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dgemma import DiffusionGemma, save_model
-from dgemma.entrypoints import cli
+from dgemma.entrypoints import cli, cli_generate
 from dgemma.entrypoints.cli import SUBCOMMANDS, main, register
 from dgemma.model.config import tiny_config
 from dgemma.entrypoints.llm import LLM
@@ -160,7 +160,7 @@ def test_text_prompt_streams_the_json_text(capsys, tok_ckpt, llms, monkeypatch):
     assert obj["text"] == ref.outputs[0].text == llms["tok"].decode(obj["token_ids"])
     assert obj["prompt_tokens"] == len(ref.prompt_token_ids)
     writes: list[str] = []
-    real = cli.generate_one
+    real = cli_generate.generate_one
 
     def spy(llm, ids, params, *, out=None, **kw):
         class Tee:
@@ -173,7 +173,7 @@ def test_text_prompt_streams_the_json_text(capsys, tok_ckpt, llms, monkeypatch):
 
         return real(llm, ids, params, out=Tee(), **kw)
 
-    monkeypatch.setattr(cli, "generate_one", spy)
+    monkeypatch.setattr(cli_generate, "generate_one", spy)
     code, out, err = run(capsys, *args)
     assert code == 0, err
     assert out == obj["text"] + "\n"
@@ -273,14 +273,14 @@ def test_drafts_on_a_terminal(capsys, tok_ckpt, monkeypatch):
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     code, out, err = run(capsys, *args)
     assert code == 0
-    assert out == cli.terminal_safe(plain)  # the committed text is the same, minus control characters
+    assert out == cli_generate.terminal_safe(plain)  # the committed text is the same, minus control characters
     assert "\x1b" not in out
     # The denoised canvas was drawn on stderr at every step, each time from the line start.
-    assert err.count(cli.DraftLine.DIM) == steps and err.count("\r") > steps
+    assert err.count(cli_generate.DraftLine.DIM) == steps and err.count("\r") > steps
     last = err.rsplit("\r", 1)[1]
     assert last.startswith("\x1b[K") and "\x1b[2m" not in last  # ... and cleared at the end
     code, out, err = run(capsys, *args, "--no-drafts")
-    assert code == 0 and out == cli.terminal_safe(plain) and err == ""
+    assert code == 0 and out == cli_generate.terminal_safe(plain) and err == ""
 
 
 def test_invalid_knob_names_the_field(capsys, ids_ckpt):
@@ -392,7 +392,7 @@ def test_keyboard_interrupt_exits_130(capsys, ids_ckpt, monkeypatch):
     def interrupted(*a, **kw):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "generate_one", interrupted)
+    monkeypatch.setattr(cli_generate, "generate_one", interrupted)
     code, out, err = run(capsys, "generate", "--model", ids_ckpt, "--prompt-ids", "1,2")
     assert code == 130 and "Traceback" not in err
 

@@ -9,7 +9,7 @@ from typing import Literal
 
 import pytest
 
-from dgemma.entrypoints import cli
+from dgemma.entrypoints import cli, cli_train
 from dgemma.entrypoints.flags import CLIError, add_flags, flags_of, from_args
 from dgemma.tasks import code_cli, sudoku_cli
 from dgemma.tasks import code_model, sudoku_model
@@ -17,7 +17,7 @@ from dgemma.training.config import TrainConfig
 
 # (the command, its config dataclass, its table, the arguments it requires)
 COMMANDS = {
-    "train": (TrainConfig, cli.TRAIN_FLAGS, ["--model", "m", "--data", "d.jsonl", "--output", "o"]),
+    "train": (TrainConfig, cli_train.TRAIN_FLAGS, ["--model", "m", "--data", "d.jsonl", "--output", "o"]),
     "sudoku train": (sudoku_model.Recipe, sudoku_cli.TRAIN_FLAGS, []),
     "code train": (code_model.Recipe, code_cli.TRAIN_FLAGS, []),
 }
@@ -70,10 +70,10 @@ def test_train_flags_set_their_fields():
         "--save-every",
         "3",
     )
-    cfg = from_args(TrainConfig, args, cli.TRAIN_FLAGS, precision="float32")
+    cfg = from_args(TrainConfig, args, cli_train.TRAIN_FLAGS, precision="float32")
     assert (cfg.objective, cfg.steps, cfg.lr, cfg.prompt_loss, cfg.save_every) == ("ar", 7, 0.01, False, 3)
     assert cfg.lora_targets == ("q_proj", "v_proj") and cfg.precision == "float32"
-    assert from_args(TrainConfig, parse("train", "--prompt-loss"), cli.TRAIN_FLAGS).prompt_loss is True
+    assert from_args(TrainConfig, parse("train", "--prompt-loss"), cli_train.TRAIN_FLAGS).prompt_loss is True
     # the flag's name, not the field's: --puzzles sets n_base, --output out_dir
     r = from_args(sudoku_model.Recipe, parse("sudoku train", "--puzzles", "5", "-o", "x"), sudoku_cli.TRAIN_FLAGS)
     assert (r.n_base, r.out_dir) == (5, "x")

@@ -18,7 +18,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from dgemma.entrypoints.cli import DEVICE_HELP, DTYPE_HELP, EXIT_OK, RECIPE_FLAGS
+from dgemma.entrypoints.cli import DEVICE_HELP, DTYPE_HELP, EXIT_OK
+from dgemma.entrypoints.cli_train import RECIPE_FLAGS
 from dgemma.entrypoints.cli import placement, register, training_placement
 from dgemma.entrypoints.flags import CLIError, add_flags, comma_choices, from_args
 from dgemma.entrypoints.flags import positive_int as _positive_int

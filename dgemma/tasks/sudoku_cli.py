@@ -21,12 +21,11 @@ from dgemma.entrypoints.cli import (
     DEVICE_HELP,
     DTYPE_HELP,
     EXIT_OK,
-    PRECISION_HELP,
-    RECIPE_FLAGS,
     placement,
     register,
     training_placement,
 )
+from dgemma.entrypoints.cli_train import PRECISION_HELP, RECIPE_FLAGS
 from dgemma.entrypoints.flags import CLIError, add_flags, comma_choices, from_args, positive_int
 
 # A held-out puzzle (40 clues, unique solution, never in the training data) that the bundled model solves in
