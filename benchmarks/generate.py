@@ -191,7 +191,9 @@ def main() -> int:
     ap.add_argument("--vocab", type=int, default=32_768, help="vocabulary of the random model")
     ap.add_argument("--batch-sizes", default="1,2,4,8", help="comma list (the issue's full set: 1,2,4,8,16,32)")
     ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--impls", default="dgemma,ar,reference", help="which implementations to time")
+    ap.add_argument(
+        "--impls", default="dgemma,ar,reference", help="which implementations to time, in this order (and baseline)"
+    )
     ap.add_argument("--steps", type=int, default=16, help="denoising steps per canvas (fixed unless --adaptive)")
     ap.add_argument("--adaptive", action="store_true", help="adaptive stopping instead of fixed steps")
     ap.add_argument("--prompt-len", type=int, default=64)
@@ -243,9 +245,12 @@ def main() -> int:
     )
     print(header)
     print("-" * len(header))
+    impls = args.impls.split(",")  # in this order: "baseline" listed first times the baseline tree first
+    if args.baseline and "baseline" not in impls:
+        impls.append("baseline")
     for dtype in args.dtypes.split(","):
         for b in [int(x) for x in args.batch_sizes.split(",")]:
-            for impl in args.impls.split(",") + (["baseline"] if args.baseline else []):
+            for impl in impls:
                 if impl == "reference" and b > args.reference_max_batch:
                     continue
                 cmd = (
