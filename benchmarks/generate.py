@@ -189,7 +189,7 @@ def main() -> int:
         "(sets --max-new-tokens 128 unless given)",
     )
     ap.add_argument("--vocab", type=int, default=32_768, help="vocabulary of the random model")
-    ap.add_argument("--batch-sizes", default="1,2,4,8", help="comma list (the issue's full set: 1,2,4,8,16,32)")
+    ap.add_argument("--batch-sizes", default="1,2,4,8", help="comma list (up to 1,2,4,8,16,32)")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument(
         "--impls", default="dgemma,ar,reference", help="which implementations to time, in this order (and baseline)"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The fast-step measurement for a lent H100/H200 (issue: fast on the GPU), one run of about 5 minutes:
+# The fast-step measurement for a lent H100/H200, one run of about 5 minutes:
 #   here:   pip download --no-deps transformers==5.23.0 -d .whl && git rev-parse --short HEAD > .commit
 #   device: run(command="bash benchmarks/gpu_fast.sh", carry=[".whl", ".commit"], timeout_s=480)
 # Results: $OUT/gpu_fast.txt (table) and $OUT/gpu_fast.jsonl (one JSON line per measurement, written as measured).
