@@ -1,12 +1,13 @@
 """Does `dtype="auto"` pick the faster dtype on this CPU? Milliseconds per denoising step of three models in float32,
 bfloat16 and auto, in both run orders; a table, then a final JSON line.
 
-    python benchmarks/dtype.py            # the full table: about 2 minutes on a quiet 2-core CPU
+    python benchmarks/dtype.py            # the full table: a few minutes on a quiet 2-core CPU
     python benchmarks/dtype.py --quick    # a dry run: one short timing of each
 
 Models: the bundled Sudoku model (hidden 128; its prompt is a puzzle, 81 new tokens), the small preset of
 benchmarks/generate.py (hidden 256) and a 75M Gemma-4-shaped model (hidden 640), both of random weights. The
-rule `auto` follows is in dgemma/model/device.py (`CPU_BF16_MIN_HIDDEN`) and docs/device.md.
+rule `auto` follows is in dgemma/model/device.py (`CPU_BF16_MIN_WORK`) and docs/device.md: it weighs the hidden
+size times the engine's rows, so each batch loads its three models with `max_batch` equal to that batch.
 
 A row is one model, one batch and one run order: the three dtypes are timed in turn (float32, bfloat16, auto, or the
 reverse), `--repeat` times each, with the same prompts and a fixed number of denoising steps, and the fastest run
@@ -102,25 +103,32 @@ def measure(llms: dict[str, LLM], name: str, batch: int, order: tuple[str, ...],
     return best
 
 
+def load(name: str, ckpt: str, batch: int) -> dict[str, LLM]:
+    """{dtype: LLM} for one model and batch (an engine of `batch` rows, what `auto` weighs), warmed up."""
+    llms = {d: LLM(ckpt, device="cpu", dtype=d, max_batch=batch, max_model_len=MAX_LEN) for d in DTYPES}
+    for llm in llms.values():  # warm-up: first calls allocate caches and pick kernels
+        p, _ = prompts(llm, name, batch)
+        llm.generate(p, SamplingParams(max_new_tokens=8, max_denoising_steps=1, ignore_eos=True))
+    return llms
+
+
 def model_rows(name: str, ckpt: str, batches: list[int], args) -> list[dict]:
     """The rows of one model: each batch in both run orders."""
-    llms = {d: LLM(ckpt, device="cpu", dtype=d, max_batch=max(batches), max_model_len=MAX_LEN) for d in DTYPES}
-    for llm in llms.values():  # warm-up: first calls allocate caches and pick kernels
-        p, _ = prompts(llm, name, max(batches))
-        llm.generate(p, SamplingParams(max_new_tokens=8, max_denoising_steps=1, ignore_eos=True))
-    cfg = llms["float32"].model.config
-    head = dict(
-        model=name,
-        params=cfg.text.num_parameters(),
-        hidden=cfg.text.hidden_size,
-        auto_dtype=dtype_name(llms["auto"].dtype),
-        auto_why=resolve("cpu", "auto", model=ckpt).why_dtype,
-    )
     rows = []
     for batch in batches:
+        llms = load(name, ckpt, batch)
+        cfg = llms["float32"].model.config
+        head = dict(
+            model=name,
+            params=cfg.text.num_parameters(),
+            hidden=cfg.text.hidden_size,
+            auto_dtype=dtype_name(llms["auto"].dtype),
+            auto_why=resolve("cpu", "auto", model=ckpt, max_batch=batch).why_dtype,
+        )
         for order in (DTYPES, DTYPES[::-1]):
             rows.append(row(head, batch, order, measure(llms, name, batch, order, args)))
             print_row(rows[-1])
+        del llms  # free this batch's three models before the next batch loads its own
     return rows
 
 
@@ -171,7 +179,8 @@ def main() -> int:
         default="sudoku,small,75M",
         help="comma list of sudoku, small, 75M and h<N> (the small preset at hidden size N, e.g. h192)",
     )
-    ap.add_argument("--batches", default="1,8", help="batches for the Sudoku model and the small preset")
+    ap.add_argument("--batches", default="1,8", help="batches for the small preset and the h<N> models")
+    ap.add_argument("--batches-sudoku", default="1,2,8", help="batches for the Sudoku model")
     ap.add_argument("--batches-75m", default="1,2", help="batches for the 75M model (a step at batch 8 takes seconds)")
     ap.add_argument("--steps", type=int, default=8, help="denoising steps per canvas (fixed)")
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per dtype and row; the fastest counts")
@@ -198,7 +207,7 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="dgemma-dtype-") as tmp:
         for name in args.models.split(","):
-            batches = args.batches_75m if name == "75M" else args.batches
+            batches = {"75M": args.batches_75m, "sudoku": args.batches_sudoku}.get(name, args.batches)
             rows += model_rows(name, checkpoint(name, tmp), [int(b) for b in batches.split(",")], args)
     ok = all(r["ok"] for r in rows)
     print(f"auto within {TOLERANCE:.0%} of the faster in every row: {'yes' if ok else 'no'}".replace("%", " %"))

@@ -29,7 +29,8 @@ BF16_CPU = {"avx2", "avx512f", "avx512_bf16"}  # on an AMD CPU (Zen 4): bf16 mat
 AMX_CPU = {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}  # Intel Sapphire Rapids and later
 AVX2_CPU = {"avx2", "fma"}
 NO_BF16 = "device cpu, dtype float32 (auto: no CUDA; this CPU has no native bf16 matmul)"
-WIDE = D.CPU_BF16_MIN_HIDDEN  # the narrowest model that gets bf16 on a bf16 CPU
+WORK = D.CPU_BF16_MIN_WORK
+WIDE = WORK  # the narrowest model that gets bf16 on a bf16 CPU at one row
 
 
 def machine(
@@ -162,12 +163,12 @@ SMALL = "model too small for bf16 to pay on this CPU"
     ("vendor", "flags", "hidden", "expected", "why"),
     [
         (AMD, BF16_CPU, 128, torch.float32, SMALL),  # the bundled Sudoku model
-        (AMD, BF16_CPU, D.CPU_BF16_MIN_HIDDEN - 1, torch.float32, SMALL),
-        (AMD, BF16_CPU, D.CPU_BF16_MIN_HIDDEN, torch.bfloat16, "via avx512_bf16, hidden size"),
-        (AMD, BF16_CPU, 640, torch.bfloat16, "via avx512_bf16, hidden size 640 >="),  # the 75M benchmark model
+        (AMD, BF16_CPU, WORK - 1, torch.float32, SMALL),
+        (AMD, BF16_CPU, WORK, torch.bfloat16, "via avx512_bf16, hidden size"),
+        (AMD, BF16_CPU, 640, torch.bfloat16, "via avx512_bf16, hidden size 640 x 1 row >="),  # the 75M model
         (AMD, BF16_CPU, None, torch.bfloat16, "via avx512_bf16"),  # size unknown: the CPU alone decides
         (INTEL, AMX_CPU, 128, torch.float32, SMALL),
-        (INTEL, AMX_CPU, 640, torch.bfloat16, "via amx_bf16, hidden size 640 >="),
+        (INTEL, AMX_CPU, 640, torch.bfloat16, "via amx_bf16, hidden size 640 x 1 row >="),
         (INTEL, BF16_CPU, 640, torch.float32, "no faster than float32"),  # AVX512-BF16 without AMX
         (AMD, AVX2_CPU, 640, torch.float32, "no native bf16 matmul"),
     ],
@@ -177,15 +178,43 @@ def test_cpu_rule_weighs_the_model(vendor, flags, hidden, expected, why):
     assert dtype == expected and why in reason
 
 
+@pytest.mark.parametrize(
+    ("hidden", "max_batch", "expected", "why"),
+    [
+        (128, 1, torch.float32, f"{SMALL}: hidden size 128 x 1 row < {WORK}"),  # the Sudoku model, one row
+        (128, 2, torch.bfloat16, f"via avx512_bf16, hidden size 128 x 2 rows >= {WORK}"),
+        (128, 8, torch.bfloat16, f"via avx512_bf16, hidden size 128 x 8 rows >= {WORK}"),
+        (160, 1, torch.float32, f"{SMALL}: hidden size 160 x 1 row < {WORK}"),
+        (160, 2, torch.bfloat16, "hidden size 160 x 2 rows >="),
+        (192, 1, torch.float32, f"hidden size 192 x 1 row < {WORK}"),
+        (192, 2, torch.bfloat16, "hidden size 192 x 2 rows >="),
+        (WORK // 3, 3, torch.float32, f"hidden size {WORK // 3} x 3 rows < {WORK}"),  # just under the threshold
+        (WORK // 4, 4, torch.bfloat16, f"hidden size {WORK // 4} x 4 rows >= {WORK}"),  # exactly on it
+        (WORK - 1, 1, torch.float32, SMALL),
+        (WORK, 1, torch.bfloat16, f"hidden size {WORK} x 1 row >= {WORK}"),
+        (640, 16, torch.bfloat16, "hidden size 640 x 16 rows >="),
+        (None, 1, torch.bfloat16, "via avx512_bf16"),  # size unknown: the CPU alone decides, whatever the batch
+    ],
+)
+def test_cpu_rule_weighs_the_rows(hidden, max_batch, expected, why):
+    """The work of a step is the hidden size times the engine's rows (`max_batch`): both sides of the threshold."""
+    dtype, reason = D.cpu_dtype("AVX512", AMD, BF16_CPU, {}, hidden, max_batch)
+    assert dtype == expected and why in reason
+    assert D.cpu_dtype("AVX512", INTEL, AMX_CPU, {}, hidden, max_batch)[0] == expected  # AMX: the same rule
+    assert D.cpu_dtype("AVX512", INTEL, BF16_CPU, {}, hidden, max_batch)[0] == torch.float32  # no faster there
+
+
 @pytest.mark.parametrize("hidden", [None, 64, 192, 640, 4096])
-def test_avx2_only_never_gets_bfloat16(hidden):
-    """Emulated bf16 (~100x slower) is never chosen, however wide the model: an AVX2 CPU, torch's kernels lowered to
-    AVX2, or oneDNN limited to AVX2, on either CPU family."""
+@pytest.mark.parametrize("max_batch", [1, 8, 256])
+def test_avx2_only_never_gets_bfloat16(hidden, max_batch):
+    """Emulated bf16 (~100x slower) is never chosen, however wide the model and large the batch: an AVX2 CPU, torch's
+    kernels lowered to AVX2, or oneDNN limited to AVX2, on either CPU family."""
     for vendor, flags in ((AMD, BF16_CPU), (INTEL, AMX_CPU), (AMD, AVX2_CPU), (INTEL, AVX2_CPU)):
-        assert D.cpu_dtype("AVX2", vendor, flags, {}, hidden)[0] == torch.float32
-        assert D.cpu_dtype("AVX512", vendor, flags, {"ONEDNN_MAX_CPU_ISA": "AVX2"}, hidden)[0] == torch.float32
-        assert D.cpu_dtype("AVX512", vendor, flags, AVX2_SWITCHES, hidden)[0] == torch.float32
-    assert D.cpu_dtype("AVX512", AMD, AVX2_CPU, {}, hidden)[0] == torch.float32
+        assert D.cpu_dtype("AVX2", vendor, flags, {}, hidden, max_batch)[0] == torch.float32
+        isa = {"ONEDNN_MAX_CPU_ISA": "AVX2"}
+        assert D.cpu_dtype("AVX512", vendor, flags, isa, hidden, max_batch)[0] == torch.float32
+        assert D.cpu_dtype("AVX512", vendor, flags, AVX2_SWITCHES, hidden, max_batch)[0] == torch.float32
+    assert D.cpu_dtype("AVX512", AMD, AVX2_CPU, {}, hidden, max_batch)[0] == torch.float32
 
 
 def test_model_hidden_size(tmp_path, ckpt):
@@ -202,11 +231,14 @@ def test_resolve_weighs_the_model(monkeypatch, ckpt, wide_ckpt):
     p = D.resolve(model=ckpt)
     assert p.dtype == torch.float32
     assert p.describe() == (
-        "device cpu, dtype float32 (auto: no CUDA; model too small for bf16 to pay on this CPU: hidden size 32 < "
-        f"{D.CPU_BF16_MIN_HIDDEN})"
+        "device cpu, dtype float32 (auto: no CUDA; model too small for bf16 to pay on this CPU: hidden size 32 x 1 "
+        f"row < {WORK})"
     )
     p = D.resolve(model=wide_ckpt)
-    assert p.dtype == torch.bfloat16 and p.describe().endswith(f"hidden size {WIDE} >= {WIDE})")
+    assert p.dtype == torch.bfloat16 and p.describe().endswith(f"hidden size {WIDE} x 1 row >= {WORK})")
+    p = D.resolve(model=ckpt, max_batch=WORK // 32)  # the engine's rows weigh too
+    assert p.dtype == torch.bfloat16 and p.describe().endswith(f"hidden size 32 x {WORK // 32} rows >= {WORK})")
+    assert D.resolve(model=ckpt, max_batch=WORK // 32 - 1).dtype == torch.float32
     machine(monkeypatch, cuda=True)  # the model's size weighs only on a CPU
     assert D.resolve(model=ckpt).dtype == torch.bfloat16
 
@@ -217,8 +249,9 @@ def test_explicit_dtype_is_never_overridden(monkeypatch, ckpt, wide_ckpt, dtype)
     for kw in (dict(capability="AVX2", flags=AVX2_CPU), {}, dict(vendor=INTEL, flags=AMX_CPU)):
         machine(monkeypatch, **kw)
         for model in (None, ckpt, wide_ckpt):
-            p = D.resolve("auto", dtype, model=model)
-            assert p.dtype == want and p.why_dtype == "" and "model too small" not in p.describe()
+            for max_batch in (1, 8, 64):
+                p = D.resolve("auto", dtype, model=model, max_batch=max_batch)
+                assert p.dtype == want and p.why_dtype == "" and "model too small" not in p.describe()
 
 
 def test_parse_cpuinfo():
@@ -290,7 +323,7 @@ def ckpt(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def wide_ckpt(tmp_path_factory) -> Path:
-    """A checkpoint as wide as `CPU_BF16_MIN_HIDDEN` (and otherwise tiny)."""
+    """A checkpoint as wide as `CPU_BF16_MIN_WORK` (and otherwise tiny): bf16 on a bf16 CPU from one row."""
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("auto") / "wide"
     cfg = tiny_config(vocab_size=64, canvas_length=8, max_position_embeddings=64, hidden_size=WIDE)
@@ -313,6 +346,12 @@ def test_llm_defaults_to_auto_and_logs_it(monkeypatch, caplog, ckpt, wide_ckpt):
     assert LLM(wide_ckpt, max_batch=1).dtype == torch.bfloat16
     assert LLM(wide_ckpt, max_batch=1, dtype="float32").dtype == torch.float32
     assert LLM(ckpt, max_batch=1, dtype="bfloat16").dtype == torch.bfloat16
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dgemma.entrypoints.llm"):  # the engine's rows weigh: 32 x 8 = 256
+        assert LLM(ckpt, max_batch=WORK // 32).dtype == torch.bfloat16
+    assert f"hidden size 32 x {WORK // 32} rows >= {WORK}" in caplog.text
+    assert LLM(ckpt, max_batch=WORK // 32 - 1).dtype == torch.float32
+    assert LLM(ckpt, max_batch=WORK // 32, dtype="float32").dtype == torch.float32
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -339,7 +378,7 @@ def test_cli_prints_the_choice_for_the_model(monkeypatch, capsys, ckpt, wide_ckp
     code, _, err = run(capsys, *args, "--model", ckpt)
     assert code == 0 and err.splitlines()[0] == (
         "dgemma: device cpu, dtype float32 (auto: no CUDA; model too small for bf16 to pay on this CPU: hidden size 32 "
-        f"< {D.CPU_BF16_MIN_HIDDEN})"
+        f"x 1 row < {WORK})"
     )
     code, _, err = run(capsys, *args, "--model", wide_ckpt)
     assert code == 0 and err.splitlines()[0].startswith("dgemma: device cpu, dtype bfloat16 (auto: no CUDA; native")
@@ -390,9 +429,9 @@ def test_train_cli_prints_the_choice(monkeypatch, capsys):
     assert capsys.readouterr().err == ""
 
 
-def test_server_prints_the_choice_before_loading(monkeypatch, capsys, tmp_path):
+def test_server_prints_the_choice_before_loading(monkeypatch, capsys, tmp_path, ckpt):
     pytest.importorskip("uvicorn")
-    from dgemma.entrypoints.server import add_serve_arguments, run_serve
+    from dgemma.entrypoints.server import _prepare, add_serve_arguments, run_serve
 
     machine(monkeypatch, capability="AVX2", flags=AVX2_CPU)
     parse = add_serve_arguments(argparse.ArgumentParser()).parse_args
@@ -402,6 +441,10 @@ def test_server_prints_the_choice_before_loading(monkeypatch, capsys, tmp_path):
     assert err[1].startswith("error: cannot load")
     assert run_serve(parse(["--model", str(tmp_path), "--device", "cuda"])) == 2
     assert capsys.readouterr().err.strip() == "error: device cuda: CUDA is not available on this machine"
+    machine(monkeypatch)  # native bf16: the server's --max-batch is the engine's rows (default 8: 32 x 8 = 256)
+    assert _prepare(parse(["--model", str(ckpt)]))[0].why_dtype.endswith(f"hidden size 32 x 8 rows >= {WORK}")
+    assert _prepare(parse(["--model", str(ckpt), "--max-batch", str(WORK // 32 - 1)]))[0].dtype == torch.float32
+    assert _prepare(parse(["--model", str(ckpt), "--dtype", "float32"]))[0].dtype == torch.float32
 
 
 def test_sudoku_solve_prints_the_choice(monkeypatch, capsys):
@@ -410,9 +453,16 @@ def test_sudoku_solve_prints_the_choice(monkeypatch, capsys):
     code, out, err = run(capsys, "sudoku", "solve", puzzle, "--samples", 1, "--rounds", 1, "--json")
     assert code in (0, 1) and out.count("\n") == 1
     assert err.splitlines()[0] == f"dgemma: {NO_BF16}"
-    machine(monkeypatch)  # native bf16: the bundled model (hidden 128) is too small for it to pay
-    code, out, err = run(capsys, "sudoku", "solve", puzzle, "--samples", 1, "--rounds", 1, "--json")
+    machine(monkeypatch)  # native bf16: the bundled model (hidden 128) at one row is too small for it to pay
+    one_row = ("--samples", 1, "--rounds", 1, "--batch-size", 1, "--json")
+    code, out, err = run(capsys, "sudoku", "solve", puzzle, *one_row)
     assert code in (0, 1) and err.splitlines()[0] == (
         "dgemma: device cpu, dtype float32 (auto: no CUDA; model too small for bf16 to pay on this CPU: hidden size "
-        f"128 < {D.CPU_BF16_MIN_HIDDEN})"
+        f"128 x 1 row < {WORK})"
+    )
+    # The default --batch-size 16 is the engine's rows: bf16 pays (an invalid puzzle: nothing is denoised)
+    code, out, err = run(capsys, "sudoku", "solve", "123", "--json")
+    assert code == 1 and err.splitlines()[0] == (
+        "dgemma: device cpu, dtype bfloat16 (auto: no CUDA; native bf16 matmul on this CPU via avx512_bf16, hidden "
+        f"size 128 x 16 rows >= {WORK})"
     )

@@ -124,8 +124,9 @@ TP_HELP = (
 DEVICE_HELP = "torch device: auto (CUDA when available, else the CPU), cpu, cuda, cuda:1, ... (default: auto)"
 DTYPE_HELP = (
     "weight and activation dtype (default: auto: bfloat16 on CUDA, and on CPUs where bf16 matmul is native "
-    "and faster, i.e. with AMX, or AVX512-BF16 on AMD, for models of hidden size 160 and up; float32 elsewhere: "
-    "smaller models run faster in it, and on AVX2-only CPUs bf16 is emulated, ~100x slower per matmul). "
+    "and faster, i.e. with AMX, or AVX512-BF16 on AMD, when hidden size x batch rows is 256 or more; float32 "
+    "elsewhere: narrow models at small batches run faster in it, and on AVX2-only CPUs bf16 is emulated, ~100x "
+    "slower per matmul). "
     "bfloat16 halves memory; float32 reproduces transformers bit for bit"
 )
 
@@ -309,7 +310,7 @@ def load_llm(args: argparse.Namespace, max_batch: int = 1) -> LLM:
     if args.threads:
         torch.set_num_threads(args.threads)
     quantization = getattr(args, "quantization", None)
-    where = placement(args.device, args.dtype, quantization, model=args.model)
+    where = placement(args.device, args.dtype, quantization, model=args.model, max_batch=max_batch)
     llm = LLM(
         args.model,
         device=where.device,
@@ -325,12 +326,15 @@ def load_llm(args: argparse.Namespace, max_batch: int = 1) -> LLM:
     return llm
 
 
-def placement(device: str, dtype: str, quantization: str | None = None, model: str | None = None) -> Placement:
-    """--device and --dtype, checked and resolved ("auto" included, for `model`: see dgemma.model.device); the choice
-    is printed as one line on stderr, e.g. `dgemma: device cpu, dtype float32 (auto: no CUDA; ...)`."""
+def placement(
+    device: str, dtype: str, quantization: str | None = None, model: str | None = None, max_batch: int = 1
+) -> Placement:
+    """--device and --dtype, checked and resolved ("auto" included, for `model` run by an engine of `max_batch` rows:
+    see dgemma.model.device); the choice is printed as one line on stderr, e.g. `dgemma: device cpu, dtype float32
+    (auto: no CUDA; ...)`."""
     from dgemma.model.device import resolve
 
-    where = resolve(check_device(device), dtype, quantization, model)
+    where = resolve(check_device(device), dtype, quantization, model, max_batch)
     print(f"{PROG}: {where.describe()}", file=sys.stderr, flush=True)
     return where
 

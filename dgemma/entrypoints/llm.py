@@ -75,9 +75,9 @@ class LLM:
 
     `model`: a checkpoint directory in the HF format, or a bundled model's name ("sudoku", "sudoku-ar").
     `device`: "auto" (default: CUDA when available, else the CPU), or a torch device such as "cpu", "cuda:1".
-    `dtype`: "auto" (default: bfloat16 on CUDA and, for models of hidden size 160 and up, on CPUs with fast native
-    bf16 matmul, AMX or AMD's AVX512-BF16; float32 elsewhere: smaller models, and AVX2-only CPUs, where bf16 is
-    emulated and ~100x slower), "float32", "bfloat16" or "float16". The choice is logged (logger
+    `dtype`: "auto" (default: bfloat16 on CUDA and, when hidden size x `max_batch` is 256 or more, on CPUs with fast
+    native bf16 matmul, AMX or AMD's AVX512-BF16; float32 elsewhere: narrow models at small batches, and AVX2-only
+    CPUs, where bf16 is emulated and ~100x slower), "float32", "bfloat16" or "float16". The choice is logged (logger
     "dgemma.entrypoints.llm": INFO when "auto" chose, DEBUG otherwise); see dgemma.model.device for the rules.
     `max_batch`: rows generated together; `max_model_len`: context length the cache is sized for.
     `quantization`: None, or "fp8" (FP8 dense and expert weights, bf16 activations; dgemma/model/quant.py): a bf16
@@ -105,7 +105,7 @@ class LLM:
         tensor_parallel_size: int = 1,
     ):
         self.path = resolve_model_path(model)
-        placement = resolve_placement(device, dtype, quantization, model=self.path)
+        placement = resolve_placement(device, dtype, quantization, model=self.path, max_batch=max_batch)
         auto = placement.why_device or placement.why_dtype  # an automatic choice is INFO, an explicit one DEBUG
         logger.log(logging.INFO if auto else logging.DEBUG, "dgemma: %s", placement.describe())
         self.device, self.dtype = placement.device, placement.dtype

@@ -206,7 +206,8 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, dict[str, Any] | None]:
     if error is not None:
         raise ValueError(error)
     gen = _generation_config(getattr(args, "generation_config", "auto"))
-    return resolve(args.device, args.dtype, getattr(args, "quantization", None), args.model), gen
+    where = resolve(args.device, args.dtype, getattr(args, "quantization", None), args.model, args.max_batch)
+    return where, gen
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -6,8 +6,9 @@
   - CPU: bfloat16 only with native bf16 matmul that torch and oneDNN may use: AMX-BF16 (`amx_bf16` in
     /proc/cpuinfo), or AVX512-BF16 (`avx512_bf16`) on an AMD CPU; and `torch.backends.cpu.get_cpu_capability()`
     is AVX512 (not lowered by `ATEN_CPU_CAPABILITY=avx2`), and `ONEDNN_MAX_CPU_ISA` (or the older
-    `DNNL_MAX_CPU_ISA`), when set, still allows that ISA; and the model's hidden size is at least
-    `CPU_BF16_MIN_HIDDEN` (smaller models run faster in float32 even there). Without native bf16, bf16 matmuls are
+    `DNNL_MAX_CPU_ISA`), when set, still allows that ISA; and the model's hidden size times the engine's
+    `max_batch` (the most rows a step carries) is at least `CPU_BF16_MIN_WORK` (narrow models at small batches run
+    faster in float32 even there). Without native bf16, bf16 matmuls are
     emulated, about 100x slower than float32. Intel's AVX512-BF16 without AMX is native but no faster: its bf16 dot
     product has the multiply-add throughput of two float32 FMAs, and on an Intel Xeon VM (avx512_bf16, no AMX)
     oneDNN's bf16 matmul ran at 80 GFLOP/s per core against MKL's 150 in float32;
@@ -48,19 +49,20 @@ ONEDNN_AMX_ISAS = (
     "AVX10_2_512_AMX_2",
 )
 ONEDNN_BF16_ISAS = (*ONEDNN_AMX_ISAS, "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512", "AVX10_2_512")
-# On a CPU with native bf16 matmul, "auto" is bfloat16 only for models at least this wide. bf16 matmuls are
-# 1.5-3x faster at every shape a step runs, but a bf16 step runs more small ops (a six-step Sudoku generation: 1,172
-# tensor copies against 141, 385 matmul calls against 161: float32 has the CPU fast paths for small models, fused
-# branches and a dense expert mixture), a cost that does not grow with the hidden size while the matmul saving does.
-# The dtype is fixed at load, before the batch is known: the threshold is the width from which bf16's worst case
-# over batch 1 and 8 is the smaller one. Step time bf16/float32, both run orders, on a 2-core AMD EPYC with
-# avx512_bf16, no AMX (torch 2.13.0, 2 threads; docs/device.md has the 1-thread numbers and the commands):
-#   hidden 128 (bundled Sudoku model): batch 1 1.21-1.42, batch 8 0.88-1.00 (float32 loses at most 14 %)
-#   hidden 160:                        batch 1 1.05-1.12, batch 8 0.82-0.84 (bfloat16 loses at most 12 %)
+# On a CPU with native bf16 matmul, "auto" is bfloat16 only when hidden size x max_batch (the engine's rows) is at
+# least this. bf16 matmuls are 1.5-3x faster at every shape a step runs, but a bf16 step runs more small ops (a
+# six-step Sudoku generation: 1,172 tensor copies against 141, 385 matmul calls against 161: float32 has the CPU fast
+# paths for small models, fused branches and a dense expert mixture), a cost that grows with neither the width nor
+# the rows while the matmul saving grows with both. The dtype is fixed at load, so the batch weighed is the most rows
+# the engine can carry. Step time bf16/float32, both run orders, on a 2-core AMD EPYC with avx512_bf16, no AMX
+# (torch 2.13.0, 2 threads; docs/device.md has the 1-thread numbers and the commands):
+#   hidden 128 (bundled Sudoku model): batch 1 1.29-1.42, batch 8 0.88-0.91
+#   hidden 160:                        batch 1 1.05-1.12, batch 8 0.82-0.84
 #   hidden 192:                        batch 1 0.98-1.04, batch 8 0.69-0.90
-#   hidden 256 (generate.py's small):  batch 1 0.71-0.86, batch 8 0.67-0.73
-#   hidden 384; 640 (the 75M model):   batch 1 0.58-0.65; 0.52-0.57
-CPU_BF16_MIN_HIDDEN = 160
+#   hidden 256 (generate.py's small):  batch 1 0.71-1.02, batch 8 0.67-0.76
+#   hidden 640 (the 75M model):        batch 1 0.52-0.57
+# so float32 up to hidden 192 at one row, bfloat16 from hidden 256 at one row and for every width at 8 rows.
+CPU_BF16_MIN_WORK = 256
 
 
 @dataclass(frozen=True)
@@ -154,30 +156,36 @@ def cpu_native_bf16(capability: str, vendor: str, flags: set[str], env: Mapping[
 
 
 def cpu_dtype(
-    capability: str, vendor: str, flags: set[str], env: Mapping[str, str], hidden_size: int | None
+    capability: str,
+    vendor: str,
+    flags: set[str],
+    env: Mapping[str, str],
+    hidden_size: int | None,
+    max_batch: int = 1,
 ) -> tuple[torch.dtype, str]:
-    """The "auto" dtype on this CPU for a model of `hidden_size` (None: unknown, judged by the CPU alone), and why:
-    bfloat16 with native bf16 matmul (`cpu_native_bf16`) and a hidden size of at least `CPU_BF16_MIN_HIDDEN`."""
+    """The "auto" dtype on this CPU for a model of `hidden_size` (None: unknown, judged by the CPU alone) run by an
+    engine of `max_batch` rows, and why: bfloat16 with native bf16 matmul (`cpu_native_bf16`) and
+    hidden_size * max_batch of at least `CPU_BF16_MIN_WORK`."""
     native, why = cpu_native_bf16(capability, vendor, flags, env)
     if not native:
         return torch.float32, why
     if hidden_size is None:
         return torch.bfloat16, why
-    if hidden_size < CPU_BF16_MIN_HIDDEN:
-        return torch.float32, (
-            f"model too small for bf16 to pay on this CPU: hidden size {hidden_size} < {CPU_BF16_MIN_HIDDEN}"
-        )
-    return torch.bfloat16, f"{why}, hidden size {hidden_size} >= {CPU_BF16_MIN_HIDDEN}"
+    work = f"hidden size {hidden_size} x {max_batch} {'row' if max_batch == 1 else 'rows'}"
+    if hidden_size * max_batch < CPU_BF16_MIN_WORK:
+        return torch.float32, f"model too small for bf16 to pay on this CPU: {work} < {CPU_BF16_MIN_WORK}"
+    return torch.bfloat16, f"{why}, {work} >= {CPU_BF16_MIN_WORK}"
 
 
-def auto_dtype(device: torch.device, hidden_size: int | None = None) -> tuple[torch.dtype, str]:
-    """The "auto" dtype for `device` and a model of `hidden_size` (None: unknown), and why."""
+def auto_dtype(device: torch.device, hidden_size: int | None = None, max_batch: int = 1) -> tuple[torch.dtype, str]:
+    """The "auto" dtype for `device`, a model of `hidden_size` (None: unknown) and an engine of `max_batch` rows,
+    and why."""
     if device.type == "cuda":
         if _cuda_bf16(device):
             return torch.bfloat16, "bfloat16 on CUDA"
         return torch.float32, "this GPU has no native bf16"
     if device.type == "cpu":
-        return cpu_dtype(torch.backends.cpu.get_cpu_capability(), *cpu_info(), os.environ, hidden_size)
+        return cpu_dtype(torch.backends.cpu.get_cpu_capability(), *cpu_info(), os.environ, hidden_size, max_batch)
     return torch.float32, f"float32 on {device.type}"
 
 
@@ -204,10 +212,12 @@ def resolve(
     dtype: str | torch.dtype = "auto",
     quantization: str | None = None,
     model: str | Path | None = None,
+    max_batch: int = 1,
 ) -> Placement:
     """Both choices at once, for inference; ValueError (one line) for a bad device or dtype. With a `quantization`
     (FP8 weights, bf16 activations) "auto" is bfloat16. `model` (a checkpoint directory or a bundled model's name)
-    lets "auto" weigh the model's size on a CPU; without it the CPU alone decides."""
+    and `max_batch` (the rows of the engine that will run it) let "auto" weigh the work of a step on a CPU; without
+    a model the CPU alone decides."""
     dev = resolve_device(device)
     why_device = _why_device(device, dev)
     if isinstance(dtype, torch.dtype):
@@ -215,7 +225,7 @@ def resolve(
     if dtype == "auto" and quantization is not None:
         return Placement(dev, torch.bfloat16, why_device, f"{quantization} weights run with bf16 activations")
     if dtype == "auto":
-        auto, why_dtype = auto_dtype(dev, model_hidden_size(model))
+        auto, why_dtype = auto_dtype(dev, model_hidden_size(model), max_batch)
         return Placement(dev, auto, why_device, why_dtype)
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(sorted(DTYPES))} or 'auto'")

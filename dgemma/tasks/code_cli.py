@@ -280,7 +280,7 @@ def run_infill(args: argparse.Namespace) -> int:
     label, text = read_source(args.file)
     start, end, what = locate_gap(label, text, args.line, args.span)
     prefix, original, suffix = text[:start], text[start:end], text[end:]
-    where = placement(args.device, args.dtype, model=args.model)
+    where = placement(args.device, args.dtype, model=args.model, max_batch=1)
     inf = Infiller(
         args.model,
         fmt,
@@ -331,7 +331,7 @@ def run_eval(args: argparse.Namespace) -> int:
     variants = comma_choices(args.variants, VARIANTS, "variant")
     root = _stdlib(args.stdlib)
     models = eval_models(args, variants)
-    where = placement(args.device, args.dtype, model=next(iter(models.values()), None))
+    where = placement(args.device, args.dtype, model=next(iter(models.values()), None), max_batch=args.batch_size)
     if args.data:
         if not Path(args.data).is_file():
             raise CLIError(f"{args.data}: no such file")

@@ -208,7 +208,7 @@ def run_solve(args: argparse.Namespace) -> int:
     from dgemma.tasks.sudoku_model import Solver
 
     puzzles = _read_puzzles(args)
-    where = placement(args.device, args.dtype, model=args.model)
+    where = placement(args.device, args.dtype, model=args.model, max_batch=args.batch_size)
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     live = args.live == "always" or (
         args.live == "auto" and out is sys.stdout and sys.stdout.isatty() and not args.json
@@ -298,7 +298,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from dgemma.tasks.sudoku_model import VARIANTS, evaluate
 
     variants = comma_choices(args.variants, VARIANTS, "variant")
-    where = placement(args.device, args.dtype, model=args.diffusion_model)
+    where = placement(args.device, args.dtype, model=args.diffusion_model, max_batch=args.batch_size)
     if args.data:
         items = S.load_jsonl(args.data)
     else:  # fresh puzzles: clue counts spread over each difficulty band
