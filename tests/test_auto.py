@@ -30,7 +30,8 @@ AMX_CPU = {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}  # Intel Sa
 AVX2_CPU = {"avx2", "fma"}
 NO_BF16 = "device cpu, dtype float32 (auto: no CUDA; this CPU has no native bf16 matmul)"
 WORK = D.CPU_BF16_MIN_WORK
-WIDE = WORK  # the narrowest model that gets bf16 on a bf16 CPU at one row
+ROWS_32 = WORK // (32 * 32)  # the fewest rows that give the 32-wide test checkpoint bf16
+WIDE = 256  # the narrowest model that gets bf16 on a bf16 CPU at one row (256 x 256 x 1 = WORK)
 
 
 def machine(
@@ -163,12 +164,12 @@ SMALL = "model too small for bf16 to pay on this CPU"
     ("vendor", "flags", "hidden", "expected", "why"),
     [
         (AMD, BF16_CPU, 128, torch.float32, SMALL),  # the bundled Sudoku model
-        (AMD, BF16_CPU, WORK - 1, torch.float32, SMALL),
-        (AMD, BF16_CPU, WORK, torch.bfloat16, "via avx512_bf16, hidden size"),
-        (AMD, BF16_CPU, 640, torch.bfloat16, "via avx512_bf16, hidden size 640 x 1 row >="),  # the 75M model
+        (AMD, BF16_CPU, WIDE - 1, torch.float32, SMALL),
+        (AMD, BF16_CPU, WIDE, torch.bfloat16, "via avx512_bf16, hidden size"),
+        (AMD, BF16_CPU, 640, torch.bfloat16, "via avx512_bf16, hidden size 640 x 640 x 1 row >="),  # the 75M model
         (AMD, BF16_CPU, None, torch.bfloat16, "via avx512_bf16"),  # size unknown: the CPU alone decides
         (INTEL, AMX_CPU, 128, torch.float32, SMALL),
-        (INTEL, AMX_CPU, 640, torch.bfloat16, "via amx_bf16, hidden size 640 x 1 row >="),
+        (INTEL, AMX_CPU, 640, torch.bfloat16, "via amx_bf16, hidden size 640 x 640 x 1 row >="),
         (INTEL, BF16_CPU, 640, torch.float32, "no faster than float32"),  # AVX512-BF16 without AMX
         (AMD, AVX2_CPU, 640, torch.float32, "no native bf16 matmul"),
     ],
@@ -181,23 +182,24 @@ def test_cpu_rule_weighs_the_model(vendor, flags, hidden, expected, why):
 @pytest.mark.parametrize(
     ("hidden", "max_batch", "expected", "why"),
     [
-        (128, 1, torch.float32, f"{SMALL}: hidden size 128 x 1 row < {WORK}"),  # the Sudoku model, one row
-        (128, 2, torch.bfloat16, f"via avx512_bf16, hidden size 128 x 2 rows >= {WORK}"),
-        (128, 8, torch.bfloat16, f"via avx512_bf16, hidden size 128 x 8 rows >= {WORK}"),
-        (160, 1, torch.float32, f"{SMALL}: hidden size 160 x 1 row < {WORK}"),
-        (160, 2, torch.bfloat16, "hidden size 160 x 2 rows >="),
-        (192, 1, torch.float32, f"hidden size 192 x 1 row < {WORK}"),
-        (192, 2, torch.bfloat16, "hidden size 192 x 2 rows >="),
-        (WORK // 3, 3, torch.float32, f"hidden size {WORK // 3} x 3 rows < {WORK}"),  # just under the threshold
-        (WORK // 4, 4, torch.bfloat16, f"hidden size {WORK // 4} x 4 rows >= {WORK}"),  # exactly on it
-        (WORK - 1, 1, torch.float32, SMALL),
-        (WORK, 1, torch.bfloat16, f"hidden size {WORK} x 1 row >= {WORK}"),
-        (640, 16, torch.bfloat16, "hidden size 640 x 16 rows >="),
+        (128, 1, torch.float32, f"{SMALL}: hidden size 128 x 128 x 1 row < {WORK}"),  # the Sudoku model, one row
+        (128, 2, torch.float32, f"{SMALL}: hidden size 128 x 128 x 2 rows < {WORK}"),  # measured: float32 faster
+        (128, 8, torch.bfloat16, f"via avx512_bf16, hidden size 128 x 128 x 8 rows >= {WORK}"),
+        (160, 1, torch.float32, f"{SMALL}: hidden size 160 x 160 x 1 row < {WORK}"),
+        (160, 3, torch.bfloat16, "hidden size 160 x 160 x 3 rows >="),
+        (192, 1, torch.float32, f"hidden size 192 x 192 x 1 row < {WORK}"),
+        (192, 2, torch.bfloat16, "hidden size 192 x 192 x 2 rows >="),
+        (128, 3, torch.float32, f"hidden size 128 x 128 x 3 rows < {WORK}"),  # just under the threshold
+        (128, 4, torch.bfloat16, f"hidden size 128 x 128 x 4 rows >= {WORK}"),  # exactly on it
+        (WIDE - 1, 1, torch.float32, SMALL),
+        (WIDE, 1, torch.bfloat16, f"hidden size {WIDE} x {WIDE} x 1 row >= {WORK}"),
+        (640, 16, torch.bfloat16, "hidden size 640 x 640 x 16 rows >="),
         (None, 1, torch.bfloat16, "via avx512_bf16"),  # size unknown: the CPU alone decides, whatever the batch
     ],
 )
 def test_cpu_rule_weighs_the_rows(hidden, max_batch, expected, why):
-    """The work of a step is the hidden size times the engine's rows (`max_batch`): both sides of the threshold."""
+    """The work of a step is the hidden size squared times the engine's rows (`max_batch`): both sides of the
+    threshold."""
     dtype, reason = D.cpu_dtype("AVX512", AMD, BF16_CPU, {}, hidden, max_batch)
     assert dtype == expected and why in reason
     assert D.cpu_dtype("AVX512", INTEL, AMX_CPU, {}, hidden, max_batch)[0] == expected  # AMX: the same rule
@@ -231,14 +233,14 @@ def test_resolve_weighs_the_model(monkeypatch, ckpt, wide_ckpt):
     p = D.resolve(model=ckpt)
     assert p.dtype == torch.float32
     assert p.describe() == (
-        "device cpu, dtype float32 (auto: no CUDA; model too small for bf16 to pay on this CPU: hidden size 32 x 1 "
-        f"row < {WORK})"
+        "device cpu, dtype float32 (auto: no CUDA; model too small for bf16 to pay on this CPU: hidden size 32 x 32 "
+        f"x 1 row < {WORK})"
     )
     p = D.resolve(model=wide_ckpt)
-    assert p.dtype == torch.bfloat16 and p.describe().endswith(f"hidden size {WIDE} x 1 row >= {WORK})")
-    p = D.resolve(model=ckpt, max_batch=WORK // 32)  # the engine's rows weigh too
-    assert p.dtype == torch.bfloat16 and p.describe().endswith(f"hidden size 32 x {WORK // 32} rows >= {WORK})")
-    assert D.resolve(model=ckpt, max_batch=WORK // 32 - 1).dtype == torch.float32
+    assert p.dtype == torch.bfloat16 and p.describe().endswith(f"hidden size {WIDE} x {WIDE} x 1 row >= {WORK})")
+    p = D.resolve(model=ckpt, max_batch=ROWS_32)  # the engine's rows weigh too
+    assert p.dtype == torch.bfloat16 and p.describe().endswith(f"hidden size 32 x 32 x {ROWS_32} rows >= {WORK})")
+    assert D.resolve(model=ckpt, max_batch=ROWS_32 - 1).dtype == torch.float32
     machine(monkeypatch, cuda=True)  # the model's size weighs only on a CPU
     assert D.resolve(model=ckpt).dtype == torch.bfloat16
 
@@ -347,11 +349,11 @@ def test_llm_defaults_to_auto_and_logs_it(monkeypatch, caplog, ckpt, wide_ckpt):
     assert LLM(wide_ckpt, max_batch=1, dtype="float32").dtype == torch.float32
     assert LLM(ckpt, max_batch=1, dtype="bfloat16").dtype == torch.bfloat16
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="dgemma.entrypoints.llm"):  # the engine's rows weigh: 32 x 8 = 256
-        assert LLM(ckpt, max_batch=WORK // 32).dtype == torch.bfloat16
-    assert f"hidden size 32 x {WORK // 32} rows >= {WORK}" in caplog.text
-    assert LLM(ckpt, max_batch=WORK // 32 - 1).dtype == torch.float32
-    assert LLM(ckpt, max_batch=WORK // 32, dtype="float32").dtype == torch.float32
+    with caplog.at_level(logging.INFO, logger="dgemma.entrypoints.llm"):  # the engine's rows weigh: 32 x 32 x 64
+        assert LLM(ckpt, max_batch=ROWS_32).dtype == torch.bfloat16
+    assert f"hidden size 32 x 32 x {ROWS_32} rows >= {WORK}" in caplog.text
+    assert LLM(ckpt, max_batch=ROWS_32 - 1).dtype == torch.float32
+    assert LLM(ckpt, max_batch=ROWS_32, dtype="float32").dtype == torch.float32
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -378,7 +380,7 @@ def test_cli_prints_the_choice_for_the_model(monkeypatch, capsys, ckpt, wide_ckp
     code, _, err = run(capsys, *args, "--model", ckpt)
     assert code == 0 and err.splitlines()[0] == (
         "dgemma: device cpu, dtype float32 (auto: no CUDA; model too small for bf16 to pay on this CPU: hidden size 32 "
-        f"x 1 row < {WORK})"
+        f"x 32 x 1 row < {WORK})"
     )
     code, _, err = run(capsys, *args, "--model", wide_ckpt)
     assert code == 0 and err.splitlines()[0].startswith("dgemma: device cpu, dtype bfloat16 (auto: no CUDA; native")
@@ -441,9 +443,11 @@ def test_server_prints_the_choice_before_loading(monkeypatch, capsys, tmp_path, 
     assert err[1].startswith("error: cannot load")
     assert run_serve(parse(["--model", str(tmp_path), "--device", "cuda"])) == 2
     assert capsys.readouterr().err.strip() == "error: device cuda: CUDA is not available on this machine"
-    machine(monkeypatch)  # native bf16: the server's --max-batch is the engine's rows (default 8: 32 x 8 = 256)
-    assert _prepare(parse(["--model", str(ckpt)]))[0].why_dtype.endswith(f"hidden size 32 x 8 rows >= {WORK}")
-    assert _prepare(parse(["--model", str(ckpt), "--max-batch", str(WORK // 32 - 1)]))[0].dtype == torch.float32
+    machine(monkeypatch)  # native bf16: the server's --max-batch is the engine's rows (default 8: 32 x 32 x 8 < WORK)
+    assert _prepare(parse(["--model", str(ckpt)]))[0].why_dtype.endswith(f"hidden size 32 x 32 x 8 rows < {WORK}")
+    rows = ["--max-batch", str(ROWS_32)]
+    assert _prepare(parse(["--model", str(ckpt), *rows]))[0].why_dtype.endswith(f"32 x 32 x {ROWS_32} rows >= {WORK}")
+    assert _prepare(parse(["--model", str(ckpt), "--max-batch", str(ROWS_32 - 1)]))[0].dtype == torch.float32
     assert _prepare(parse(["--model", str(ckpt), "--dtype", "float32"]))[0].dtype == torch.float32
 
 
@@ -458,11 +462,11 @@ def test_sudoku_solve_prints_the_choice(monkeypatch, capsys):
     code, out, err = run(capsys, "sudoku", "solve", puzzle, *one_row)
     assert code in (0, 1) and err.splitlines()[0] == (
         "dgemma: device cpu, dtype float32 (auto: no CUDA; model too small for bf16 to pay on this CPU: hidden size "
-        f"128 x 1 row < {WORK})"
+        f"128 x 128 x 1 row < {WORK})"
     )
     # The default --batch-size 16 is the engine's rows: bf16 pays (an invalid puzzle: nothing is denoised)
     code, out, err = run(capsys, "sudoku", "solve", "123", "--json")
     assert code == 1 and err.splitlines()[0] == (
         "dgemma: device cpu, dtype bfloat16 (auto: no CUDA; native bf16 matmul on this CPU via avx512_bf16, hidden "
-        f"size 128 x 16 rows >= {WORK})"
+        f"size 128 x 128 x 16 rows >= {WORK})"
     )

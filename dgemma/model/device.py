@@ -6,7 +6,7 @@
   - CPU: bfloat16 only with native bf16 matmul that torch and oneDNN may use: AMX-BF16 (`amx_bf16` in
     /proc/cpuinfo), or AVX512-BF16 (`avx512_bf16`) on an AMD CPU; and `torch.backends.cpu.get_cpu_capability()`
     is AVX512 (not lowered by `ATEN_CPU_CAPABILITY=avx2`), and `ONEDNN_MAX_CPU_ISA` (or the older
-    `DNNL_MAX_CPU_ISA`), when set, still allows that ISA; and the model's hidden size times the engine's
+    `DNNL_MAX_CPU_ISA`), when set, still allows that ISA; and the model's hidden size squared times the engine's
     `max_batch` (the most rows a step carries) is at least `CPU_BF16_MIN_WORK` (narrow models at small batches run
     faster in float32 even there). Without native bf16, bf16 matmuls are
     emulated, about 100x slower than float32. Intel's AVX512-BF16 without AMX is native but no faster: its bf16 dot
@@ -49,20 +49,21 @@ ONEDNN_AMX_ISAS = (
     "AVX10_2_512_AMX_2",
 )
 ONEDNN_BF16_ISAS = (*ONEDNN_AMX_ISAS, "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512", "AVX10_2_512")
-# On a CPU with native bf16 matmul, "auto" is bfloat16 only when hidden size x max_batch (the engine's rows) is at
-# least this. bf16 matmuls are 1.5-3x faster at every shape a step runs, but a bf16 step runs more small ops (a
-# six-step Sudoku generation: 1,172 tensor copies against 141, 385 matmul calls against 161: float32 has the CPU fast
-# paths for small models, fused branches and a dense expert mixture), a cost that grows with neither the width nor
-# the rows while the matmul saving grows with both. The dtype is fixed at load, so the batch weighed is the most rows
-# the engine can carry. Step time bf16/float32, both run orders, on a 2-core AMD EPYC with avx512_bf16, no AMX
-# (torch 2.13.0, 2 threads; docs/device.md has the 1-thread numbers and the commands):
-#   hidden 128 (bundled Sudoku model): batch 1 1.29-1.42, batch 8 0.88-0.91
+# On a CPU with native bf16 matmul, "auto" is bfloat16 only when hidden size x hidden size x max_batch (the engine's
+# rows) is at least this. bf16 matmuls are 1.5-3x faster at every shape a step runs, but a bf16 step runs more small ops
+# (a six-step Sudoku generation: 1,172 tensor copies against 141, 385 matmul calls against 161: float32 has the CPU fast
+# paths for small models, fused branches and a dense expert mixture), a cost that grows with neither the width nor the
+# rows while the matmul saving grows with the rows and the square of the width (the weights). The dtype is fixed at
+# load, so the batch weighed is the most rows the engine can carry. Step time bf16/float32, both run orders, on a 2-core
+# AMD EPYC with avx512_bf16, no AMX (torch 2.13.0, 2 threads; docs/device.md has the 1-thread numbers and the commands):
+#   hidden 128 (bundled Sudoku model): batch 1 1.13-1.42, batch 2 1.09-1.11, batch 8 0.82-0.91
 #   hidden 160:                        batch 1 1.05-1.12, batch 8 0.82-0.84
 #   hidden 192:                        batch 1 0.98-1.04, batch 8 0.69-0.90
 #   hidden 256 (generate.py's small):  batch 1 0.71-1.02, batch 8 0.67-0.76
 #   hidden 640 (the 75M model):        batch 1 0.52-0.57
-# so float32 up to hidden 192 at one row, bfloat16 from hidden 256 at one row and for every width at 8 rows.
-CPU_BF16_MIN_WORK = 256
+# so float32 up to hidden 192 at one row and for hidden 128 at two, bfloat16 from hidden 256 at one row (256 x 256)
+# and for hidden 128 at 8 rows.
+CPU_BF16_MIN_WORK = 256 * 256
 
 
 @dataclass(frozen=True)
@@ -165,14 +166,14 @@ def cpu_dtype(
 ) -> tuple[torch.dtype, str]:
     """The "auto" dtype on this CPU for a model of `hidden_size` (None: unknown, judged by the CPU alone) run by an
     engine of `max_batch` rows, and why: bfloat16 with native bf16 matmul (`cpu_native_bf16`) and
-    hidden_size * max_batch of at least `CPU_BF16_MIN_WORK`."""
+    hidden_size x hidden_size x max_batch of at least `CPU_BF16_MIN_WORK`."""
     native, why = cpu_native_bf16(capability, vendor, flags, env)
     if not native:
         return torch.float32, why
     if hidden_size is None:
         return torch.bfloat16, why
-    work = f"hidden size {hidden_size} x {max_batch} {'row' if max_batch == 1 else 'rows'}"
-    if hidden_size * max_batch < CPU_BF16_MIN_WORK:
+    work = f"hidden size {hidden_size} x {hidden_size} x {max_batch} {'row' if max_batch == 1 else 'rows'}"
+    if hidden_size * hidden_size * max_batch < CPU_BF16_MIN_WORK:
         return torch.float32, f"model too small for bf16 to pay on this CPU: {work} < {CPU_BF16_MIN_WORK}"
     return torch.bfloat16, f"{why}, {work} >= {CPU_BF16_MIN_WORK}"
 

@@ -208,16 +208,17 @@ def run_solve(args: argparse.Namespace) -> int:
     from dgemma.tasks.sudoku_model import Solver
 
     puzzles = _read_puzzles(args)
-    where = placement(args.device, args.dtype, model=args.model, max_batch=args.batch_size)
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     live = args.live == "always" or (
         args.live == "auto" and out is sys.stdout and sys.stdout.isatty() and not args.json
     )
+    rows = min(args.batch_size, (1 if live else len(puzzles)) * args.samples)  # the most rows a step carries
+    where = placement(args.device, args.dtype, model=args.model, max_batch=rows)
     solver = Solver(
         args.model,
         mode=args.mode,
         clamp=not args.no_clamp,
-        max_batch=args.batch_size,
+        max_batch=rows,
         seed=args.seed,
         rounds=args.rounds,
         samples=args.samples,
