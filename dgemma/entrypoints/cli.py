@@ -124,7 +124,7 @@ TP_HELP = (
 DEVICE_HELP = "torch device: auto (CUDA when available, else the CPU), cpu, cuda, cuda:1, ... (default: auto)"
 DTYPE_HELP = (
     "weight and activation dtype (default: auto: bfloat16 on CUDA, and on CPUs where bf16 matmul is native "
-    "and faster, i.e. with AMX, or AVX512-BF16 on AMD, when hidden size x batch rows is 256 or more; float32 "
+    "and faster, i.e. with AMX, or AVX512-BF16 on AMD, when hidden size² x batch rows is 256² or more; float32 "
     "elsewhere: narrow models at small batches run faster in it, and on AVX2-only CPUs bf16 is emulated, ~100x "
     "slower per matmul). "
     "bfloat16 halves memory; float32 reproduces transformers bit for bit"
