@@ -22,6 +22,7 @@ from dgemma.parallel import ShardError
 from dgemma.parallel.comm import connect, disconnect
 from dgemma.parallel.load import load_shard
 from dgemma.parallel.plan import Plan, check, span
+from dgemma.parallel.sampler import ShardSampler
 
 LOGIT_TOL = 1e-5  # float32 logits (|logit| < 30): TP=2 against TP=1
 WORLD = 2
@@ -187,7 +188,7 @@ def _sampler_parity(shard, comm, full_logits, plan) -> None:
     temp, bound = torch.tensor([0.8, 0.5]), torch.tensor([0.1, 0.3])
     rule = rule_ids(["entropy_bound", "confidence"])
     canvas = torch.zeros(B, C, dtype=torch.long)
-    got = shard.sample_step(logits[..., a:b].clone(), canvas, temp, bound, rule, u, V)
+    got = ShardSampler(comm, a, plan.vocab_sizes)(logits[..., a:b].clone(), canvas, temp, bound, rule, u, V)
     want = sample_step(logits.clone(), canvas, temp, bound, rule, u, V)
     assert torch.equal(got.argmax, want.argmax) and int(got.argmax[0, 0]) == 3
     assert torch.allclose(got.mean_entropy, want.mean_entropy, atol=1e-6)

@@ -60,10 +60,19 @@ class StepGraphs:
 
     INPUTS = ("canvas", "soft", "uniforms", "temperature", "bound", "rule", "fixed")  # per row; "rows" apart
 
-    def __init__(self, model: DiffusionGemma, cache: KVCache, step: Callable, capture: bool, compile: bool = False):
+    def __init__(
+        self,
+        model: DiffusionGemma,
+        cache: KVCache,
+        step: Callable,
+        capture: bool,
+        compile: bool = False,
+        sampler: Callable | None = None,
+    ):
         """`step`: `step.denoise_step`; `capture`: record CUDA graphs (CUDA only), else run from the buffers;
-        `compile`: run the denoising step through `torch.compile` (before capture), falling back to eager."""
-        self.model, self.cache, self.capture = model, cache, capture
+        `compile`: run the denoising step through `torch.compile` (before capture), falling back to eager;
+        `sampler`: the step's sampler where it is not `sample_step` (a vocabulary split over ranks)."""
+        self.model, self.cache, self.capture, self.sampler = model, cache, capture, sampler
         self.step, self.compiled = (compiled(step), True) if compile else (step, False)
         self.C = model.config.canvas_length
         self._graphs: dict[tuple, _Graph] = {}
@@ -218,7 +227,7 @@ class StepGraphs:
     def _eager(self, g: _Graph, frontier: Frontier | None = None) -> StepOut:
         i = g.inputs
         x = StepInputs(*(i[name] for name in self.INPUTS), rows=i["rows"])
-        return self.step(self.model, self.cache, x, g.view, None, frontier)
+        return self.step(self.model, self.cache, x, g.view, None, frontier, self.sampler)
 
 
 def _pad(t: torch.Tensor, B: int) -> torch.Tensor:

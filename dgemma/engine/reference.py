@@ -2,7 +2,7 @@
 
 One left-padded batch, every row denoised at every step, transformers' kernels and masks (`transformers_kernels`,
 `ReferenceCache`) and its random-number order: with the same seed on CPU in float32 the tokens are identical
-(tests/test_generation.py). It is the oracle the fast path (the engine, sampler.sample_step) is measured against,
+(tests/test_reference.py). It is the oracle the fast path (the engine, sampler.sample_step) is measured against,
 and what `LLM.generate(..., reference_sampling=True)` runs. Only the published recipe is supported: the default
 strategies, no template, infilling or structured output.
 

@@ -10,6 +10,8 @@ rows per step call.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from dgemma.engine.graphs import StepGraphs, bucket
@@ -35,8 +37,10 @@ class Runner:
         sampler_memory: int | None,
         graphs: bool | None,
         compile: bool,
+        sampler: Callable | None = None,
     ):
-        self.model, self.cache, self.max_batch = model, cache, max_batch
+        """`sampler`: the step's sampler where it is not `sample_step` (dgemma/parallel: a vocabulary shard's)."""
+        self.model, self.cache, self.max_batch, self.sampler = model, cache, max_batch, sampler
         # V: the vocabulary rows this model holds (all of them, or a tensor-parallel rank's shard, dgemma/parallel)
         self.C, self.V = model.config.canvas_length, model.embed_tokens.weight.shape[0]
         lowp = 0 if model.dtype == torch.float32 else model.dtype.itemsize  # + a low-precision LM-head output
@@ -50,7 +54,7 @@ class Runner:
         self._workspace: dict[str, torch.Tensor] = {}
         self._masks: tuple[tuple, object] | None = None  # (rows, cache version) -> exact-shape canvas view
         use, capture = (model.device.type == "cuda" if graphs is None else graphs), model.device.type == "cuda"
-        self.graphs = StepGraphs(model, cache, denoise_step, capture, compile) if use else None
+        self.graphs = StepGraphs(model, cache, denoise_step, capture, compile, sampler) if use else None
 
     def describe(self) -> str:
         """Which kernels run the steps (the start-up report)."""
@@ -105,7 +109,7 @@ class Runner:
             self._tile_buffer("logits_lowp", R, self.model.dtype) if lowp else None,
             self._tile_buffer("probs", R, torch.float32),
         )
-        return denoise_step(self.model, self.cache, x, self._masks[1], buffers, frontier)
+        return denoise_step(self.model, self.cache, x, self._masks[1], buffers, frontier, self.sampler)
 
     def commit(self, rows: list[int], canvases: torch.Tensor, n_new: list[int]) -> None:
         """Encode converged canvases (R, C), the first `n_new[i]` tokens of row i, so later canvases see them."""

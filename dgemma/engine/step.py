@@ -55,15 +55,17 @@ def denoise_step(
     masks: CanvasView,
     buffers: StepBuffers | None = None,
     frontier: Frontier | None = None,
+    sampler: Callable | None = None,
 ) -> StepOut:
     """Decoder pass, LM head and sampler for R rows. `masks` from `cache.decoder_masks(C, rows, in_place=True)`
-    (the canvas's keys/values go into their future cache slots, so no per-layer copy of the cache)."""
+    (the canvas's keys/values go into their future cache slots, so no per-layer copy of the cache). `sampler`:
+    `sample_step`'s stand-in for a model whose vocabulary is split over ranks (dgemma/parallel); None: `sample_step`."""
     b = buffers or StepBuffers()
     hidden = model.denoise(x.canvas, cache, soft=x.soft, rows=x.rows, masks=masks, hidden_only=True)
     logits = model.logits(hidden, out=b.logits, scratch=b.lowp)  # (R, C, V) float32
     fixed = x.fixed if frontier is None else frontier(logits)
     V = model.config.vocab_size
-    sample = getattr(model, "sample_step", sample_step)  # a vocabulary-sharded model's own (dgemma/parallel)
+    sample = sample_step if sampler is None else sampler
     return sample(logits, x.canvas, x.temperature, x.bound, x.rule, x.uniforms, V, fixed, probs_out=b.probs)
 
 

@@ -5,7 +5,7 @@ the MLPs' gate/up) and the experts simply become smaller modules of the same cla
 single-device path (fused projections, expert kernels, FP8) applies to the shard as it is. `wire` then adds the
 communication, after the weights are in: the row-parallel linears (o_proj, the MLPs' down_proj) and the experts sum
 their partial outputs over the ranks (`Reduced`, `ExpertShard`), the embedding looks up its own vocabulary rows and
-sums (`VocabEmbedding`), and the model's sampler becomes the vocabulary-sharded one (`sampler.ShardSampler`).
+sums (`VocabEmbedding`). The vocabulary-sharded sampler (`sampler.ShardSampler`) is the shard runner's.
 """
 
 from __future__ import annotations
@@ -126,12 +126,9 @@ def _with_experts(text: TextConfig, n: int) -> TextConfig:
 
 def wire(model: DiffusionGemma, plan: Plan, comm: Comm) -> None:
     """Add the communication to a loaded shard (see the module docstring); its weights stay where they are."""
-    from dgemma.parallel.sampler import ShardSampler
-
     model.embed_tokens = VocabEmbedding(model.embed_tokens.weight, plan.vocab[0], comm)
     for mlp in [model.self_conditioning] + [layer.mlp for layer in model.layers]:
         mlp.down_proj = Reduced(mlp.down_proj, comm)
     for layer in model.layers:
         layer.self_attn.o_proj = Reduced(layer.self_attn.o_proj, comm)
         layer.experts = ExpertShard(layer.experts, plan.experts[0], comm)
-    model.sample_step = ShardSampler(comm, plan.vocab[0], plan.vocab_sizes)

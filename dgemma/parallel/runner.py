@@ -27,14 +27,16 @@ from dgemma.engine.step import Frontier, StepInputs
 from dgemma.model.cache import KVCache
 from dgemma.model.modeling import DiffusionGemma
 from dgemma.parallel.comm import Comm
+from dgemma.parallel.sampler import ShardSampler
 
 
 class ShardRunner(Runner):
     """One rank's runner (see the module docstring). Every rank builds it with the same arguments, in step."""
 
     def __init__(self, model: DiffusionGemma, cache: KVCache, comm: Comm, sizes: list[int], **runner: Any):
-        super().__init__(model, cache, **runner)
-        self.comm, self.sizes = comm, sizes  # sizes: every rank's vocabulary rows, in rank order
+        sampler = ShardSampler(comm, sum(sizes[: comm.rank]), sizes)  # sizes: every rank's vocabulary rows, in order
+        super().__init__(model, cache, sampler=sampler, **runner)
+        self.comm, self.sizes = comm, sizes
         agreed = torch.tensor([self.tile], device=comm.device)  # tiles must agree: every rank runs the same steps
         self.tile = int(comm.all_reduce(agreed, dist.ReduceOp.MIN))
         self.last: StepOut | None = None  # the latest step's output (its probabilities: this rank's shard)
