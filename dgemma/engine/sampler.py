@@ -192,19 +192,43 @@ def sample_step(
     `fixed` (R, C) holds fixed token ids (-1 where free): fixed positions are always accepted and never redrawn.
     `probs_out` (R, C, V) float32 receives the probabilities (a reusable buffer).
     """
-    R, C, V = logits.shape
+    C = logits.shape[1]
     top, argmax = max_argmax(logits)  # (R, C, 1), (R, C): a positive temperature keeps the order
-    inv = temperature.reciprocal()[:, None, None]  # (R, 1, 1)
-    x = torch.addcmul(-top * inv, logits, inv, out=logits)  # (logits - max) / T in one pass: exp cannot overflow
-    probs = torch.exp(x, out=probs_out) if probs_out is not None else x.exp()
+    x, probs = unnormalised(logits, top, temperature, probs_out)
     z = probs.sum(dim=-1)  # (R, C) partition function (relative to the max)
     dot = torch.einsum("rcv,rcv->rc", probs, x)  # sum_v e^(x-m) (x-m)
     probs.div_(z[..., None])
     entropy = z.log() - dot / z  # -sum p log p
     mask = accept_mask(entropy, bound, rule)
-    u = uniforms  # (R, 2C)
-    noise = (u[:, :C] * vocab_size).long().clamp_(max=vocab_size - 1)  # uniform noise tokens
-    nxt = torch.where(mask, inverse_cdf(probs, u[:, C:].float()), noise)
+    drawn = inverse_cdf(probs, uniforms[:, C:].float())
+    return next_canvas(mask, drawn, uniforms, vocab_size, argmax, fixed, probs, entropy)
+
+
+def unnormalised(
+    logits: torch.Tensor, top: torch.Tensor, temperature: torch.Tensor, probs_out: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x = (logits - max) / T written over the logits (R, C, V) in one pass, and exp(x) (into `probs_out` if
+    given): every exp is at most 1, so none overflows. `top` (R, C, 1) is the max over the whole vocabulary."""
+    inv = temperature.reciprocal()[:, None, None]  # (R, 1, 1)
+    x = torch.addcmul(-top * inv, logits, inv, out=logits)
+    return x, (torch.exp(x, out=probs_out) if probs_out is not None else x.exp())
+
+
+def next_canvas(
+    mask: torch.Tensor,
+    drawn: torch.Tensor,
+    uniforms: torch.Tensor,
+    vocab_size: int,
+    argmax: torch.Tensor,
+    fixed: torch.Tensor | None,
+    probs: torch.Tensor,
+    entropy: torch.Tensor,
+) -> StepOut:
+    """The step's result: accepted positions (mask (R, C)) keep their draw, the others are re-noised from the first C
+    uniforms; fixed positions (-1 free) count as accepted and hold their id in the canvas and the argmax."""
+    C = mask.shape[1]
+    noise = (uniforms[:, :C] * vocab_size).long().clamp_(max=vocab_size - 1)  # uniform noise tokens
+    nxt = torch.where(mask, drawn, noise)
     if fixed is not None:
         keep = fixed >= 0
         mask = mask | keep

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from dgemma.engine.sampler import StepOut, accept_mask, inverse_cdf, max_argmax
+from dgemma.engine.sampler import StepOut, accept_mask, inverse_cdf, max_argmax, next_canvas, unnormalised
 from dgemma.parallel.comm import Comm
 
 
@@ -68,19 +68,11 @@ class ShardSampler:
         """As `engine.sampler.sample_step`, on this rank's logits (R, C, V_r); `probs` of the result is its shard."""
         C = logits.shape[1]
         top, argmax = self.max_argmax(logits)
-        inv = temperature.reciprocal()[:, None, None]  # (R, 1, 1)
-        x = torch.addcmul(-top * inv, logits, inv, out=logits)  # (logits - max) / T, the global max
-        probs = torch.exp(x, out=probs_out) if probs_out is not None else x.exp()
+        x, probs = unnormalised(logits, top, temperature, probs_out)  # against the global max
         stats = self.comm.all_gather(torch.stack([probs.sum(dim=-1), torch.einsum("rcv,rcv->rc", probs, x)]))
         z, dot = stats.sum(dim=0).unbind(0)  # (R, C) each, over the whole vocabulary
         probs.div_(z[..., None])
         entropy = z.log() - dot / z
         mask = accept_mask(entropy, bound, rule)
-        noise = (uniforms[:, :C] * vocab_size).long().clamp_(max=vocab_size - 1)  # uniform noise tokens
-        nxt = torch.where(mask, self.draw(probs, uniforms[:, C:].float(), stats[:, 0]), noise)
-        if fixed is not None:
-            keep = fixed >= 0
-            mask = mask | keep
-            nxt = torch.where(keep, fixed, nxt)
-            argmax = torch.where(keep, fixed, argmax)
-        return StepOut(nxt, argmax, probs, mask.sum(-1), entropy.mean(-1))
+        drawn = self.draw(probs, uniforms[:, C:].float(), stats[:, 0])
+        return next_canvas(mask, drawn, uniforms, vocab_size, argmax, fixed, probs, entropy)
