@@ -81,6 +81,23 @@ def _calls(choice) -> list[tuple[str, dict]]:
     return [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls or []]
 
 
+def _streamed(client, kw: dict) -> tuple[dict[int, dict], list, list[str]]:
+    """A streamed chat completion's tool calls assembled by index from their deltas, its finish reasons and its
+    content deltas."""
+    calls: dict[int, dict] = {}
+    reasons, content = [], []
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        for ch in chunk.choices:
+            reasons.append(ch.finish_reason)
+            content.append(ch.delta.content or "")
+            for d in ch.delta.tool_calls or []:
+                c = calls.setdefault(d.index, {"id": "", "name": "", "arguments": ""})
+                c["id"] += d.id or ""
+                c["name"] += d.function.name or "" if d.function else ""
+                c["arguments"] += d.function.arguments or "" if d.function else ""
+    return calls, reasons, content
+
+
 def _check_calls(choice, names) -> None:
     assert choice.finish_reason == "tool_calls", choice
     assert choice.message.tool_calls and choice.message.content is None
@@ -113,16 +130,7 @@ def test_streamed_calls_reassemble(srv):
     _, client = srv
     kw = dict(model=MODEL, messages=MSGS, tools=TOOLS, tool_choice="required", seed=7, max_tokens=160)
     whole = client.chat.completions.create(**kw).choices[0]
-    calls: dict[int, dict] = {}
-    reasons = []
-    for chunk in client.chat.completions.create(stream=True, **kw):
-        for ch in chunk.choices:
-            reasons.append(ch.finish_reason)
-            for d in ch.delta.tool_calls or []:
-                c = calls.setdefault(d.index, {"id": "", "name": "", "arguments": ""})
-                c["id"] += d.id or ""
-                c["name"] += d.function.name or "" if d.function else ""
-                c["arguments"] += d.function.arguments or "" if d.function else ""
+    calls, reasons, _ = _streamed(client, kw)
     got = [(c["name"], json.loads(c["arguments"])) for _, c in sorted(calls.items())]
     assert got == _calls(whole) and reasons[-1] == "tool_calls"
     assert all(c["id"].startswith("call_") for c in calls.values())
@@ -249,17 +257,7 @@ def test_json_calls_stream(plain, choice):
     _, client = plain
     kw = dict(model=MODEL, messages=MSGS, tools=TOOLS, tool_choice=choice, seed=3, max_tokens=200)
     whole = client.chat.completions.create(**kw).choices[0]
-    calls: dict[int, dict] = {}
-    reasons, content = [], []
-    for chunk in client.chat.completions.create(stream=True, **kw):
-        for ch in chunk.choices:
-            reasons.append(ch.finish_reason)
-            content.append(ch.delta.content or "")
-            for d in ch.delta.tool_calls or []:
-                c = calls.setdefault(d.index, {"id": "", "name": "", "arguments": ""})
-                c["id"] += d.id or ""
-                c["name"] += d.function.name or "" if d.function else ""
-                c["arguments"] += d.function.arguments or "" if d.function else ""
+    calls, reasons, content = _streamed(client, kw)
     got = [(c["name"], json.loads(c["arguments"])) for _, c in sorted(calls.items())]
     assert got == _calls(whole) and reasons[-1] == "tool_calls" and not "".join(content)
     assert all(c["id"].startswith("call_") for c in calls.values())
