@@ -151,12 +151,9 @@ class Engine:
             r = new_request(rid, list(request.prompt_ids), params, i, self.limits, self.model.device)
             if r.diffusion is not None:
                 r.diffusion.want_drafts = stream_drafts
-            if constraint is not None and constraint.trigger is not None:
-                r.lazy = constraint  # applies once the model writes the trigger token
-            elif constraint is not None:
-                r.constraint = ConstraintState(
-                    self.guides.guide(constraint), params.max_new_tokens, self.eos, r.generator
-                )
+            r.lazy = constraint  # a trigger's constraint applies once the model writes the trigger token
+            if constraint is not None and constraint.trigger is None:
+                self._activate(r)
             group.append(r)
         self.scheduler.add(group)
         return ids
@@ -366,7 +363,7 @@ class Engine:
         return len(toks)
 
     def _activate(self, r: Request) -> None:
-        """The lazy constraint's trigger was output: from the next token on, the constraint applies."""
+        """The request's constraint applies from the next token on (at once, or once its trigger was output)."""
         c, r.lazy = r.lazy, None
         r.constraint = ConstraintState(self.guides.guide(c), r.params.max_new_tokens, self.eos, r.generator)
 
